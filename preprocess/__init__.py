@@ -1,0 +1,1 @@
+"""Corpora → sentencepiece tokenizer → memory-mapped token shards (see docs/formats.md)."""

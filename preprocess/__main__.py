@@ -1,0 +1,192 @@
+"""python -m preprocess {tokenizer,shards,verify} — see README.md for the tour."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+from .fileio import file_sha256
+from .formats import pretrain_text
+from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
+from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
+from .shards import KINDS, ShardJob, read_manifest, verify
+from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_input_options(sp):
+        sp.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                        help="files, directories or globs: .jsonl .jsonl.gz .json .txt .txt.gz .md .parquet")
+        sp.add_argument("--text-key", default="text", help="field holding the text in jsonl/json/parquet (default: text)")
+        sp.add_argument("--txt-doc", choices=TXT_DOC_MODES, default="file",
+                        help="a .txt file is one document (file, default) or one document per non-blank line (line)")
+
+    t = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer")
+    add_input_options(t)
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--sample-mb", type=float, default=100.0,
+                   help="train on at most this much text, sampled in blocks across the inputs (default: 100)")
+    t.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("shards", help="tokenize corpora into memory-mapped token shards")
+    add_input_options(s)
+    s.add_argument("--kind", choices=KINDS, default="pretrain")
+    s.add_argument("--tokenizer", required=True, metavar="FILE", help="a sentencepiece .model file")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
+    s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    s.add_argument("--unit-mb", type=float, default=None,
+                   help="input per work unit and shard (default: corpus/512, within 4–256 MiB)")
+
+    v = sub.add_parser("verify", help="re-hash every shard and check ids, offsets and eos")
+    v.add_argument("dir", metavar="DIR")
+    v.add_argument("--workers", type=int, default=default_workers())
+
+    w = sub.add_parser("show", help="print one document of a shard directory as ids and as text")
+    w.add_argument("dir", metavar="DIR")
+    w.add_argument("--doc", type=int, default=0, help="document index over the whole directory (default: 0)")
+    w.add_argument("--max-tokens", type=int, default=48, help="how many tokens to print (default: 48)")
+    return p.parse_args(argv)
+
+
+def iter_documents(segments, text_key: str, txt_doc: str, skipped: dict):
+    """Usable document texts from segments; bad records are counted in `skipped`."""
+    for seg in segments:
+        for _, record in SegmentReader(seg, columns=[text_key], txt_doc=txt_doc):
+            text = pretrain_text(record, text_key)
+            if isinstance(text, Bad):
+                skipped[text.reason] = skipped.get(text.reason, 0) + 1
+            else:
+                yield text
+
+
+def cmd_tokenizer(args) -> None:
+    if args.vocab_size < 1:
+        raise UserError(f"--vocab-size must be positive, got {args.vocab_size}")
+    paths = expand_inputs(args.input)
+    segments = plan_segments(paths, 4 * MiB, args.txt_doc)
+    total = sum(s.size for s in segments)
+    skipped: dict[str, int] = {}
+    docs = sample_documents(segments, lambda seg: iter_documents([seg], args.text_key, args.txt_doc, skipped),
+                            int(args.sample_mb * MiB), args.seed)
+    report = train_tokenizer(docs, args.out, args.vocab_size)
+    share = f"{100 * report.bytes_trained / total:.0f}% of" if total else "of"
+    print(f"tokenizer: BPE, {report.vocab_size:,} tokens; trained on {report.bytes_trained / 1e6:,.1f} MB "
+          f"({report.documents:,} documents in {report.chunks:,} chunks; {share} {total / 1e6:,.1f} MB of input) "
+          f"in {report.seconds:.1f} s → {os.path.join(args.out, 'tokenizer.model')}")
+    if skipped:
+        print(f"  skipped records: {_counts(skipped)}")
+    if report.skipped_by_trainer:
+        print(f"warning: sentencepiece skipped {report.skipped_by_trainer} over-long chunks; see tokenizer.log",
+              file=sys.stderr)
+
+
+def cmd_shards(args) -> None:
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    tokenizer = load_tokenizer(args.tokenizer)
+    paths = expand_inputs(args.input)
+    total = sum(os.path.getsize(p) for p in paths)
+    unit_bytes = int(args.unit_mb * MiB) if args.unit_mb else auto_unit_bytes(total)
+    if unit_bytes < 1:
+        raise UserError(f"--unit-mb must be positive, got {args.unit_mb}")
+    segments = plan_segments(paths, unit_bytes, args.txt_doc)
+    job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict)
+    plan = make_plan(job, paths, segments, unit_bytes)
+    os.makedirs(args.out, exist_ok=True)
+    copy_tokenizer(tokenizer.path, args.out, tokenizer.sha256)
+    manifest, stats = build_shards(job, plan, args.workers)
+    print_summary(manifest, stats, args.out)
+    if manifest["totals"]["documents"] == 0:
+        skipped = manifest["skipped"]
+        common = max(skipped, key=skipped.get) if skipped else None
+        raise UserError("no documents were written: " + (f"all {sum(skipped.values()):,} records were skipped, e.g. "
+                        f"{manifest['skipped_examples'][common][0]}" if common else "the inputs hold no records"))
+
+
+def copy_tokenizer(src: str, out_dir: str, sha256: str) -> None:
+    dst = os.path.join(out_dir, "tokenizer.model")
+    if os.path.exists(dst) and file_sha256(dst) == sha256:
+        return
+    from .fileio import atomic_write
+    with open(src, "rb") as f:
+        atomic_write(dst, f.read())
+
+
+def print_summary(manifest: dict, stats: dict, out: str) -> None:
+    t = manifest["totals"]
+    rate = f"{stats['new_tokens'] / stats['seconds'] / 1e6:.2f} M tokens/s" if stats["seconds"] > 0 else "nothing to do"
+    resumed = f", {stats['resumed_units']} resumed" if stats["resumed_units"] else ""
+    print(f"shards: {t['documents']:,} documents, {t['tokens']:,} tokens ({manifest['dtype']}) in {t['shards']:,} shards"
+          f"{resumed}; skipped {t['skipped']:,}{' (' + _counts(manifest['skipped']) + ')' if t['skipped'] else ''}; "
+          f"{rate}, {stats['seconds']:.1f} s → {out}")
+    for examples in manifest["skipped_examples"].values():
+        print(f"  {examples[0]}")
+
+
+def cmd_verify(args) -> None:
+    manifest, problems = verify(args.dir, args.workers)
+    if problems:
+        for p in problems:
+            print(f"{args.dir}: {p}", file=sys.stderr)
+        raise UserError(f"{args.dir}: {len(problems)} problem(s) found")
+    t = manifest["totals"]
+    print(f"verify: {t['shards']:,} shards, {t['documents']:,} documents, {t['tokens']:,} tokens: all sha256 match, "
+          f"ids < {manifest['tokenizer']['vocab_size']}, offsets and eos consistent")
+
+
+def cmd_show(args) -> None:
+    import numpy as np
+    import sentencepiece as spm
+
+    manifest = read_manifest(args.dir)
+    index = args.doc
+    for shard in manifest["shards"]:
+        if index < shard["documents"]:
+            break
+        index -= shard["documents"]
+    else:
+        raise UserError(f"{args.dir}: --doc {args.doc} is out of range ({manifest['totals']['documents']} documents)")
+    tokens = np.load(os.path.join(args.dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
+    offsets = np.load(os.path.join(args.dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
+    start = int(offsets[index - 1]) if index else 0
+    ids = tokens[start:min(int(offsets[index]), start + args.max_tokens)].tolist()
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(args.dir, manifest["tokenizer"]["file"]))
+    print(f"document {args.doc} ({shard['name']} #{index}): {int(offsets[index]) - start:,} tokens; the first {len(ids)}:")
+    print(f"  ids:    {ids}")
+    print(f"  pieces: {[sp.id_to_piece(i) for i in ids]}")
+    print(f"  text:   {sp.decode(ids)!r}")
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{REASONS.get(k, k)}: {v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        {"tokenizer": cmd_tokenizer, "shards": cmd_shards, "verify": cmd_verify, "show": cmd_show}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the environment, not a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Crash-safe file writing: every file is written under a temporary name, fsynced, then renamed, so a final
+name never shows a half-written file. Temporary names carry the process id, so two processes writing the
+same (deterministic) file never interfere."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+
+import numpy as np
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_name(path: str) -> str:
+    return f"{path}{TMP_MARK}{os.getpid()}"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def remove_stale_tmp(directory: str) -> int:
+    """Delete temporary files left by a killed run; returns how many there were."""
+    stale = glob.glob(os.path.join(glob.escape(directory), f"**/*{TMP_MARK}*"), recursive=True)
+    for path in stale:
+        _unlink_quietly(path)
+    return len(stale)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class NpyWriter:
+    """Streams a 1-D array of unknown final length into a .npy file.
+
+    The header of a 1-D .npy is always 128 bytes, so it is written first with length 0 and rewritten with the
+    real length on commit(). Use as a context manager: leaving it without commit() deletes the temporary file.
+    """
+
+    def __init__(self, path: str, dtype):
+        self.path, self.dtype, self.count = path, np.dtype(dtype), 0
+        self.tmp = tmp_name(path)
+        self.file = open(self.tmp, "wb")
+        self._write_header()
+
+    def _write_header(self) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.count,)}
+        start = self.file.tell()
+        np.lib.format.write_array_header_1_0(self.file, header)
+        assert self.file.tell() - start == 128, "unexpected .npy header size"
+
+    def write(self, array: np.ndarray) -> None:
+        if array.dtype != self.dtype:
+            raise TypeError(f"{self.path}: expected {self.dtype}, got {array.dtype}")
+        self.file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        self.count += len(array)
+
+    def commit(self) -> dict:
+        """Make the file visible under its final name; returns its size and sha256."""
+        self.file.seek(0)
+        self._write_header()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        digest = file_sha256(self.tmp)
+        size = os.path.getsize(self.tmp)
+        os.replace(self.tmp, self.path)
+        return {"bytes": size, "sha256": digest}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.file.closed:
+            self.file.close()
+            _unlink_quietly(self.tmp)

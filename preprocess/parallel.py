@@ -1,0 +1,191 @@
+"""Work units and the worker pool: plan → skip completed units → run the rest in N processes → manifest.
+
+Each unit (about `unit_bytes` of input) becomes exactly one shard, written by whichever worker takes it, so the
+output depends only on inputs and options — not on the worker count, nor on a kill and re-run in between.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from .errors import UserError
+from .fileio import atomic_write, remove_stale_tmp
+from .readers import Segment
+from .shards import (MANIFEST, WORK_DIR, ShardJob, build_manifest, shard_files, unit_is_complete, write_manifest,
+                     write_unit)
+from .tokenizer import Encoder
+
+MiB = 1 << 20
+
+
+def auto_unit_bytes(total_bytes: int) -> int:
+    """About 512 units per corpus (even load on many workers), each 4–256 MiB (per-unit costs stay < 1%)."""
+    return min(256 * MiB, max(4 * MiB, -(-total_bytes // 512 // MiB) * MiB))
+
+
+def group_units(segments: list[Segment], unit_bytes: int) -> list[list[Segment]]:
+    """Consecutive segments packed into units of up to unit_bytes (a larger segment is a unit of its own)."""
+    units: list[list[Segment]] = []
+    current, size = [], 0
+    for seg in segments:
+        if current and size + seg.size > unit_bytes:
+            units.append(current)
+            current, size = [], 0
+        current.append(seg)
+        size += seg.size
+    if current:
+        units.append(current)
+    return units
+
+
+@dataclass
+class Plan:
+    units: list[list[Segment]]
+    names: list[str]
+    doc: dict            # what the output depends on; its sha256 goes into the manifest
+    resume_key: dict     # doc + input mtimes: a partial run is resumed only if this matches exactly
+
+
+def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_bytes: int) -> Plan:
+    units = group_units(segments, unit_bytes)
+    width = max(5, len(str(len(units) - 1)))
+    names = [f"shard-{i:0{width}d}" for i in range(len(units))]
+    doc = {
+        "kind": job.kind,
+        "tokenizer_sha256": job.tokenizer.sha256,
+        "options": {"text_key": job.text_key, "txt_doc": job.txt_doc, "unit_bytes": unit_bytes},
+        "inputs": [{"path": p, "bytes": os.path.getsize(p)} for p in paths],
+        "units": [[s.provenance() for s in unit] for unit in units],
+    }
+    doc["sha256"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    resume_key = {"plan_sha256": doc["sha256"],
+                  "inputs": [[os.path.abspath(p), os.stat(p).st_mtime_ns] for p in paths]}
+    return Plan(units, names, doc, resume_key)
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+_worker: dict = {}
+
+
+def _init_worker(job: ShardJob) -> None:
+    if sys.platform.startswith("linux"):  # die with the parent, so a killed job leaves no writers behind
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _worker["job"], _worker["encoder"] = job, Encoder(job.tokenizer)
+
+
+def _run_unit(task: tuple[str, list[Segment]]) -> dict:
+    name, segments = task
+    return write_unit(_worker["job"], _worker["encoder"], name, segments)
+
+
+def run_units(job: ShardJob, tasks: list[tuple[str, list[Segment]]], workers: int, on_done) -> None:
+    """Run tasks (largest first, for an even finish) in `workers` processes; on_done(record) after each."""
+    tasks = sorted(tasks, key=lambda t: -sum(s.size for s in t[1]))
+    workers = max(1, min(workers, len(tasks)))
+    if workers == 1:
+        _init_worker_in_process(job)
+        for task in tasks:
+            on_done(_run_unit(task))
+        return
+    pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,))
+    try:
+        for record in pool.imap_unordered(_run_unit, tasks, chunksize=1):
+            on_done(record)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _init_worker_in_process(job: ShardJob) -> None:
+    _worker["job"], _worker["encoder"] = job, Encoder(job.tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+
+def prepare_out_dir(job: ShardJob, plan: Plan) -> dict | None:
+    """Check the output directory against the plan. Returns the manifest if the job is already complete."""
+    out = job.out_dir
+    manifest_path = os.path.join(out, MANIFEST)
+    plan_path = os.path.join(out, WORK_DIR, "plan.json")
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, "rb") as f:
+            manifest = json.load(f)
+        if manifest.get("plan_sha256") == plan.doc["sha256"]:
+            return manifest
+        raise UserError(f"{out}: already holds shards made from other inputs or options; "
+                        "choose another --out or delete it")
+    if os.path.isfile(plan_path):
+        with open(plan_path, "rb") as f:
+            previous = json.load(f)
+        if previous != plan.resume_key:
+            raise UserError(f"{out}: holds an unfinished run of other inputs or options (or the inputs changed "
+                            "since); delete it or choose another --out")
+    elif os.path.isdir(out) and any(n.startswith("shard-") for n in os.listdir(out)):
+        raise UserError(f"{out}: holds shard files but no manifest or plan; delete it or choose another --out")
+    os.makedirs(os.path.join(out, WORK_DIR, "units"), exist_ok=True)
+    remove_stale_tmp(out)
+    atomic_write(plan_path, json.dumps(plan.resume_key).encode())
+    return None
+
+
+def finish(job: ShardJob, plan: Plan, records_by_name: dict[str, dict]) -> dict:
+    manifest = build_manifest(job, plan.doc, [records_by_name[n] for n in plan.names])
+    write_manifest(job.out_dir, manifest)
+    shutil.rmtree(os.path.join(job.out_dir, WORK_DIR), ignore_errors=True)
+    return manifest
+
+
+def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True) -> tuple[dict, dict]:
+    """Write every missing unit and the manifest. Returns (manifest, stats of this run)."""
+    from tqdm import tqdm
+
+    done = prepare_out_dir(job, plan)
+    if done is not None:
+        return done, {"resumed_units": len(plan.names), "new_tokens": 0, "new_documents": 0, "seconds": 0.0}
+    records: dict[str, dict] = {}
+    todo = []
+    for name, unit in zip(plan.names, plan.units):
+        record = unit_is_complete(job, name)
+        if record is not None:
+            records[name] = record
+        else:
+            todo.append((name, unit))
+    stats = {"resumed_units": len(records), "new_tokens": 0, "new_documents": 0}
+    total_bytes = sum(s.size for u in plan.units for s in u)
+    start = time.perf_counter()
+    bar = tqdm(total=total_bytes, initial=sum(r["input_bytes"] for r in records.values()), unit="B",
+               unit_scale=True, desc="shards", disable=None if progress else True, dynamic_ncols=True)
+
+    def on_done(record: dict) -> None:
+        records[record["name"]] = record
+        stats["new_tokens"] += record["tokens"]
+        stats["new_documents"] += record["documents"]
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{stats['new_documents'] / elapsed:,.0f} docs/s, {stats['new_tokens'] / elapsed:,.0f} tokens/s",
+                            refresh=False)
+        bar.update(record["input_bytes"])
+
+    try:
+        run_units(job, todo, workers, on_done)
+    finally:
+        bar.close()
+    stats["seconds"] = time.perf_counter() - start
+    return finish(job, plan, records), stats
+
+
+def shard_paths(manifest: dict) -> list[str]:
+    return [f for s in manifest["shards"] for f in shard_files(s["name"]).values()]

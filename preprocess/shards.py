@@ -1,0 +1,240 @@
+"""Token shards: writing one work unit, assembling the manifest, verifying a shard directory.
+
+Layout of a shard directory (docs/formats.md is the reference):
+    manifest.json                  what is here, with sizes and sha256 of every file
+    tokenizer.model                copy of the tokenizer the ids belong to
+    shard-NNNNN.tokens.npy         1-D uint16/uint32 token ids; every document ends with eos
+    shard-NNNNN.offsets.npy        1-D int64 cumulative document ends into the tokens
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .fileio import NpyWriter, atomic_write, file_sha256, fsync_dir
+from .formats import pretrain_text
+from .readers import REASONS, Bad, Segment, SegmentReader
+from .tokenizer import Encoder, TokenizerInfo
+
+FORMAT = "shardlm.shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WORK_DIR = ".work"  # plan and per-unit records of an unfinished run; removed when the manifest is written
+KINDS = ("pretrain",)
+EXAMPLES_KEPT = 5  # locations kept per skip reason
+BATCH_CHARS = 1 << 21  # text per sentencepiece call: amortises the call, bounds memory
+BATCH_DOCS = 4096
+
+
+@dataclass
+class ShardJob:
+    """Everything a worker needs to turn a unit into shard files; identical on every worker and rank."""
+    out_dir: str
+    kind: str
+    tokenizer: TokenizerInfo
+    text_key: str = "text"
+    txt_doc: str = "file"
+    strict: bool = False
+
+    def unit_record_path(self, name: str) -> str:
+        return os.path.join(self.out_dir, WORK_DIR, "units", f"{name}.json")
+
+
+def shard_files(name: str) -> dict[str, str]:
+    return {"tokens": f"{name}.tokens.npy", "offsets": f"{name}.offsets.npy"}
+
+
+def format_skip(where: str, bad: Bad) -> str:
+    return f"{bad.where or where}: {REASONS[bad.reason]}" + (f" ({bad.detail})" if bad.detail else "")
+
+
+def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segment]) -> dict:
+    """Tokenize one unit into its shard files and return its record (also saved under .work/units/)."""
+    tokenizer = job.tokenizer
+    files = shard_files(name)
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    doc_lengths: list[np.ndarray] = []
+    num_tokens = 0
+
+    with NpyWriter(os.path.join(job.out_dir, files["tokens"]), tokenizer.dtype) as tokens:
+        batch: list[str] = []
+        batch_chars = 0
+
+        def flush():
+            nonlocal batch, batch_chars, num_tokens
+            ids, lengths = encoder.encode(batch)
+            tokens.write(ids)
+            doc_lengths.append(lengths)
+            num_tokens += len(ids)
+            batch, batch_chars = [], 0
+
+        for seg in segments:
+            reader = SegmentReader(seg, columns=[job.text_key], txt_doc=job.txt_doc)
+            for pos, record in reader:
+                text = pretrain_text(record, job.text_key)
+                if isinstance(text, Bad):
+                    if job.strict:
+                        raise UserError(format_skip(reader.where(pos), text))
+                    skipped[text.reason] = skipped.get(text.reason, 0) + 1
+                    kept = examples.setdefault(text.reason, [])
+                    if len(kept) < EXAMPLES_KEPT:
+                        kept.append(format_skip(reader.where(pos), text))
+                    continue
+                batch.append(text)
+                batch_chars += len(text)
+                if batch_chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+                    flush()
+        if batch:
+            flush()
+        lengths = np.concatenate(doc_lengths) if doc_lengths else np.empty(0, np.int64)
+        with NpyWriter(os.path.join(job.out_dir, files["offsets"]), np.int64) as offsets:
+            offsets.write(np.cumsum(lengths, dtype=np.int64))
+            offsets_meta = offsets.commit()
+        tokens_meta = tokens.commit()
+    fsync_dir(job.out_dir)
+
+    record = {
+        "name": name,
+        "documents": int(len(lengths)),
+        "tokens": int(num_tokens),
+        "files": {"tokens": {"path": files["tokens"], **tokens_meta}, "offsets": {"path": files["offsets"], **offsets_meta}},
+        "sources": [seg.provenance() for seg in segments],
+        "input_bytes": sum(seg.size for seg in segments),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": dict(sorted(examples.items())),
+    }
+    atomic_write(job.unit_record_path(name), json.dumps(record).encode())
+    return record
+
+
+def unit_is_complete(job: ShardJob, name: str) -> dict | None:
+    """The unit's record if its files are all in place (cheap: sizes only), else None."""
+    try:
+        with open(job.unit_record_path(name), "rb") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for meta in record["files"].values():
+        path = os.path.join(job.out_dir, meta["path"])
+        if not os.path.isfile(path) or os.path.getsize(path) != meta["bytes"]:
+            return None
+    return record
+
+
+def build_manifest(job: ShardJob, plan: dict, records: list[dict]) -> dict:
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    for r in records:
+        for reason, n in r["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+            kept = examples.setdefault(reason, [])
+            kept.extend(r["skipped_examples"][reason][: EXAMPLES_KEPT - len(kept)])
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": job.kind,
+        "plan_sha256": plan["sha256"],
+        "tokenizer": {"file": "tokenizer.model", **job.tokenizer.to_json()},
+        "dtype": job.tokenizer.dtype.name,
+        "options": plan["options"],
+        "inputs": plan["inputs"],
+        "totals": {
+            "shards": len(records),
+            "documents": sum(r["documents"] for r in records),
+            "tokens": sum(r["tokens"] for r in records),
+            "input_bytes": sum(r["input_bytes"] for r in records),
+            "skipped": sum(skipped.values()),
+        },
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": dict(sorted(examples.items())),
+        "shards": records,
+    }
+
+
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    atomic_write(os.path.join(out_dir, MANIFEST), (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    fsync_dir(out_dir)
+
+
+def read_manifest(out_dir: str) -> dict:
+    path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (is {out_dir} a shard directory?)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id: int) -> list[str]:
+    """Problems with one shard: missing, truncated or changed files, bad offsets, out-of-range ids."""
+    problems = []
+    for meta in shard["files"].values():
+        path = os.path.join(out_dir, meta["path"])
+        if not os.path.isfile(path):
+            problems.append(f"{meta['path']}: missing")
+        elif (size := os.path.getsize(path)) != meta["bytes"]:
+            problems.append(f"{meta['path']}: {size} bytes, manifest says {meta['bytes']} (truncated or overwritten)")
+        elif file_sha256(path) != meta["sha256"]:
+            problems.append(f"{meta['path']}: sha256 differs from the manifest (file changed)")
+    if problems:
+        return problems
+    tokens = np.load(os.path.join(out_dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
+    offsets = np.load(os.path.join(out_dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
+    name = shard["name"]
+    if tokens.dtype != np.dtype(dtype) or tokens.ndim != 1 or len(tokens) != shard["tokens"]:
+        problems.append(f"{name}: tokens are {tokens.dtype}{list(tokens.shape)}, manifest says {dtype}[{shard['tokens']}]")
+    elif offsets.dtype != np.int64 or len(offsets) != shard["documents"]:
+        problems.append(f"{name}: offsets are {offsets.dtype}[{len(offsets)}], manifest says int64[{shard['documents']}]")
+    elif len(offsets) and (offsets[-1] != len(tokens) or np.any(np.diff(offsets) <= 0) or offsets[0] <= 0):
+        problems.append(f"{name}: document offsets are not increasing up to the token count")
+    elif len(tokens) and (top := int(tokens.max())) >= vocab_size:
+        problems.append(f"{name}: token id {top} is outside the vocabulary (size {vocab_size})")
+    elif len(offsets) and np.any(tokens[offsets - 1] != eos_id):
+        problems.append(f"{name}: a document does not end with eos ({eos_id})")
+    return problems
+
+
+def verify(out_dir: str, workers: int = 1, progress=None) -> tuple[dict, list[str]]:
+    manifest = read_manifest(out_dir)
+    problems = []
+    tok = manifest["tokenizer"]
+    tok_path = os.path.join(out_dir, tok["file"])
+    if not os.path.isfile(tok_path):
+        problems.append(f"{tok['file']}: missing")
+    elif file_sha256(tok_path) != tok["sha256"]:
+        problems.append(f"{tok['file']}: sha256 differs from the manifest")
+    args = [(out_dir, s, manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"]) for s in manifest["shards"]]
+    if workers > 1 and len(args) > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(min(workers, len(args))) as pool:
+            results = pool.starmap(verify_shard, args, chunksize=1)
+    else:
+        results = [verify_shard(*a) for a in args]
+    for r in results:
+        problems.extend(r)
+    return manifest, problems
+
+
+def iter_documents(out_dir: str):
+    """Each document's token ids (ending with eos), in manifest order, read through memory maps."""
+    manifest = read_manifest(out_dir)
+    for shard in manifest["shards"]:
+        tokens = np.load(os.path.join(out_dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
+        offsets = np.load(os.path.join(out_dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
+        start = 0
+        for end in offsets.tolist():
+            yield tokens[start:end]
+            start = end

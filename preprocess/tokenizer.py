@@ -1,0 +1,292 @@
+"""Sentencepiece tokenizer: training (BPE, byte fallback, identity normalisation), loading, batched encoding."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import sentencepiece as spm
+
+from .errors import UserError
+from .fileio import atomic_write, file_sha256
+
+# Reserved as control symbols: sentencepiece never produces them from text, so no input can inject them.
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_OF_TURN = "<|end|>"
+CONTROL_SYMBOLS = [*ROLE_TOKENS.values(), END_OF_TURN]
+
+# The trainer silently drops "sentences" longer than max_sentence_length bytes, so documents are cut into
+# chunks below it (at line ends where possible).
+TRAIN_CHUNK_BYTES = 4000
+TRAIN_MAX_SENTENCE_BYTES = 8192
+
+# Documents longer than this many characters are encoded in pieces, which bounds sentencepiece's memory.
+ENCODE_PIECE_CHARS = 1 << 20
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits, else uint32 — never a signed or silently wrapping type."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+@dataclass
+class TokenizerInfo:
+    path: str
+    sha256: str
+    vocab_size: int
+    special_ids: dict[str, int] = field(default_factory=dict)
+    adds_dummy_prefix: bool = False
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["eos"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def to_json(self) -> dict:
+        return {
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "special_ids": self.special_ids,
+            "adds_dummy_prefix": self.adds_dummy_prefix,
+        }
+
+
+def load_processor(path: str, num_threads: int = 1) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: tokenizer model not found")
+    try:
+        return spm.SentencePieceProcessor(model_file=path, num_threads=num_threads)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(path: str) -> TokenizerInfo:
+    """Inspect any sentencepiece model (ours or e.g. a Llama tokenizer.model) for what shards need."""
+    sp = load_processor(path)
+    special = {}
+    for name, idx in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())):
+        if idx >= 0:
+            special[name] = idx
+    for piece in CONTROL_SYMBOLS:
+        idx = sp.piece_to_id(piece)
+        if idx != sp.unk_id() and sp.is_control(idx):
+            special[piece] = idx
+    if "eos" not in special:
+        raise UserError(f"{path}: the tokenizer has no end-of-sequence token (eos_id is -1)")
+    adds_dummy_prefix = sp.encode("a", out_type=str)[0].startswith("▁")
+    return TokenizerInfo(path, file_sha256(path), sp.vocab_size(), special, adds_dummy_prefix)
+
+
+class Encoder:
+    """Batched encoding of whole documents into one flat id array, each document followed by eos."""
+
+    def __init__(self, info: TokenizerInfo):
+        self.sp = load_processor(info.path, num_threads=1)
+        self.eos = info.eos_id
+        self.dtype = info.dtype
+        self.adds_dummy_prefix = info.adds_dummy_prefix
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (ids, lengths): the concatenated ids of all documents and each document's length incl. eos."""
+        if not texts:
+            return np.empty(0, self.dtype), np.empty(0, np.int64)
+        if all(len(t) <= ENCODE_PIECE_CHARS for t in texts):
+            parts = self.sp.encode(texts, add_eos=True, return_type="numpy")
+        else:
+            parts = [self._encode_long(t) if len(t) > ENCODE_PIECE_CHARS else self.sp.encode(t, add_eos=True, return_type="numpy")
+                     for t in texts]
+        lengths = np.fromiter((len(p) for p in parts), np.int64, count=len(parts))
+        return np.concatenate(parts).astype(self.dtype, copy=False), lengths
+
+    def _encode_long(self, text: str) -> np.ndarray:
+        pieces = split_for_encoding(text, ENCODE_PIECE_CHARS, self.adds_dummy_prefix)
+        ids = self.sp.encode(pieces, return_type="numpy")
+        return np.concatenate([*ids, np.array([self.eos], dtype=ids[0].dtype)])
+
+
+def split_for_encoding(text: str, limit: int, adds_dummy_prefix: bool) -> list[str]:
+    """Cut a long document into pieces whose concatenated encodings decode back to exactly `text`.
+
+    Without a dummy prefix any cut is exact; a line end is preferred so that few merges are lost.
+    A tokenizer with a dummy prefix (Llama) prepends "▁" to every piece, so a piece may only start where a
+    space was, and that space is dropped from the piece: the prefix stands for it. If no space exists, the
+    text is not cut at all (correct, only slower).
+    """
+    pieces, start, n = [], 0, len(text)
+    while n - start > limit:
+        lo, hi = start + limit // 2, start + limit
+        if adds_dummy_prefix:
+            cut = text.rfind(" ", lo, hi)
+            if cut <= start:
+                cut = text.find(" ", hi)
+            if cut <= start:
+                break
+            pieces.append(text[start:cut])
+            start = cut + 1
+        else:
+            cut = text.rfind("\n", lo, hi) + 1 or text.rfind(" ", lo, hi) + 1 or hi
+            pieces.append(text[start:cut])
+            start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def training_chunks(text: str, limit: int = TRAIN_CHUNK_BYTES):
+    """Yield pieces of `text` of at most `limit` UTF-8 bytes, made of whole lines where lines are short enough."""
+    buf, size = [], 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8", "surrogatepass"))
+        if size + n > limit and buf:
+            yield "".join(buf)
+            buf, size = [], 0
+        if n > limit:
+            yield from _split_line(line, limit)
+            continue
+        buf.append(line)
+        size += n
+    if buf:
+        yield "".join(buf)
+
+
+def _split_line(line: str, limit: int):
+    # A character is at most 4 bytes, so limit // 4 characters always fit; prefer to cut after a space.
+    step = max(1, limit // 4)
+    start = 0
+    while start < len(line):
+        end = min(len(line), start + step)
+        if end < len(line):
+            space = line.rfind(" ", start + step // 2, end)
+            if space > start:
+                end = space + 1
+        yield line[start:end]
+        start = end
+
+
+@dataclass
+class TrainReport:
+    vocab_size: int
+    requested_vocab_size: int
+    documents: int
+    chunks: int
+    bytes_trained: int
+    skipped_by_trainer: int
+    seconds: float
+
+
+def train_tokenizer(documents, out_dir: str, vocab_size: int, *, extra_control_symbols=(), threads: int | None = None) -> TrainReport:
+    """Train a BPE model on an iterable of document strings; writes out_dir/tokenizer.{model,vocab,log}."""
+    os.makedirs(out_dir, exist_ok=True)
+    stats = {"chunks": 0, "bytes": 0, "documents": 0}
+
+    chunks = []  # sentencepiece holds its whole input in memory anyway; the caller bounds it by sampling
+    for doc in documents:
+        stats["documents"] += 1
+        for chunk in training_chunks(doc):
+            stats["chunks"] += 1
+            stats["bytes"] += len(chunk.encode("utf-8", "surrogatepass"))
+            chunks.append(chunk)
+    if not chunks:
+        raise UserError("no text to train the tokenizer on (every input document was empty or skipped)")
+
+    log_path = os.path.join(out_dir, "tokenizer.log")
+    options = dict(
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=0.9995,
+        max_sentence_length=TRAIN_MAX_SENTENCE_BYTES,
+        input_sentence_size=0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+        control_symbols=[*CONTROL_SYMBOLS, *extra_control_symbols],
+        num_threads=threads or len(os.sched_getaffinity(0)),
+    )
+    t0 = time.perf_counter()
+    used_vocab = vocab_size
+    model = _train_once(chunks, options, log_path)
+    if isinstance(model, _TooHigh):
+        # Tiny corpora cannot fill a large vocabulary: use the largest size the corpus supports, and say so.
+        used_vocab = model.max_size
+        print(f"warning: the corpus supports at most {used_vocab} tokens; training with --vocab-size {used_vocab} "
+              f"instead of {vocab_size}", file=sys.stderr)
+        model = _train_once(chunks, {**options, "vocab_size": used_vocab}, log_path)
+        if isinstance(model, _TooHigh):
+            raise UserError(f"sentencepiece could not train a vocabulary of {used_vocab} on this corpus; see {log_path}")
+    seconds = time.perf_counter() - t0
+
+    atomic_write(os.path.join(out_dir, "tokenizer.model"), model)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    vocab_lines = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.vocab_size()))
+    atomic_write(os.path.join(out_dir, "tokenizer.vocab"), vocab_lines.encode("utf-8"))
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        skipped = sum(int(m) for m in re.findall(r"Skipped (\d+) too long sentences", f.read()))
+    return TrainReport(sp.vocab_size(), vocab_size, stats["documents"], stats["chunks"], stats["bytes"], skipped, seconds)
+
+
+@dataclass
+class _TooHigh:
+    max_size: int
+
+
+@contextlib.contextmanager
+def _stderr_to(file):
+    """Send file descriptor 2 (sentencepiece's C++ log) to `file`; works whatever sys.stderr is."""
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _train_once(chunks: list[str], options: dict, log_path: str):
+    model = io.BytesIO()
+    with open(log_path, "w", encoding="utf-8") as log, _stderr_to(log):
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(chunks), model_writer=model, **options)
+        except RuntimeError as e:
+            msg = str(e)
+            too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+            if too_high:
+                return _TooHigh(int(too_high.group(2)))
+            too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+            if too_small:
+                raise UserError(f"--vocab-size {too_small.group(1)} is too small for this corpus: it needs at least "
+                                f"{too_small.group(2)} (256 byte pieces, the special tokens and every frequent character)") from None
+            raise UserError(f"sentencepiece training failed: {msg.splitlines()[-1]} (full log: {log_path})") from None
+    return model.getvalue()
+
+
+def sample_documents(segments, read_documents, budget_bytes: int, seed: int):
+    """Stream documents for tokenizer training: everything if the input fits the budget, else random whole
+    segments (about one work unit each) until the budget is reached — the corpus is never held in memory."""
+    total = sum(s.size for s in segments)
+    order = list(segments)
+    if total > budget_bytes:
+        random.Random(seed).shuffle(order)
+    taken = 0
+    for seg in order:
+        if taken >= budget_bytes:
+            break
+        for text in read_documents(seg):
+            taken += len(text)
+            yield text

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="shardlm",
+    version="0.1.0",
+    description="Parallel, resumable, checksummed token shards and one training loop for pretraining, SFT and DPO",
+    python_requires=">=3.11",
+    packages=find_packages(include=["preprocess", "preprocess.*", "training", "training.*"]),
+    install_requires=[
+        # Exactly this version: any other spec makes pip pull a multi-GB CUDA build on CPU machines.
+        "torch==2.13.0",
+        "numpy>=1.26",
+        "sentencepiece>=0.2.0",
+        "pyarrow>=14",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed==0.19.8"],
+        "mpi": ["mpich", "mpi4py>=3.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"],
+    },
+)
