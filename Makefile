@@ -20,6 +20,7 @@ $(STAMP): setup.py
 	touch $@
 
 test: $(STAMP)
+	$(PY) -m ruff check preprocess training tests bench
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -33,7 +34,6 @@ bench: $(STAMP)
 	$(PY) bench/preprocess.py
 
 lint: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check ruff
 	$(PY) -m ruff check preprocess training tests bench
 
 clean:

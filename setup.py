@@ -18,6 +18,6 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "mpi": ["mpich", "mpi4py>=3.1"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "ruff>=0.6"],
     },
 )

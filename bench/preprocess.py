@@ -1,6 +1,6 @@
 """Preprocessing throughput against the tokenizer's ceiling, measured in one run on one corpus.
 
-    python bench/preprocess.py [--mb 120] [--workers 1 2] [--out bench_out]
+    python bench/preprocess.py [--mb 120] [--workers 1 2] [--repeat 3] [--out bench_out/preprocess]
 
 ceiling: sentencepiece batched encode of the corpus, already in memory, one process per worker, no I/O.
 ours:    the whole `python -m preprocess shards` command (start-up, reading, parsing, encoding, writing, hashing).
@@ -20,6 +20,8 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -144,10 +146,10 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=120, help="corpus size in MB (default: 120)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "preprocess"))
     args = ap.parse_args()
 
-    import shutil
     shutil.rmtree(args.out, ignore_errors=True)
     label, docs = source_documents()
     corpus = os.path.join(args.out, "corpus")
@@ -166,15 +168,20 @@ def main() -> None:
                    stdout=subprocess.DEVNULL)
     model = os.path.join(tok_dir, "tokenizer.model")
 
-    rows = []
     for w in args.workers:
-        ceil_rate, ceil_tokens = ceiling(model, corpus, w)
-        ours = run_shards(model, corpus, os.path.join(args.out, f"shards-w{w}"), w)
-        assert ours["tokens"] == ceil_tokens, (ours["tokens"], ceil_tokens)
-        rate = ours["tokens"] / ours["wall"]
-        rows.append((w, ceil_rate, rate, rate / ceil_rate))
-        print(f"workers={w}: ceiling {ceil_rate / 1e6:.2f} M tokens/s, shards command {rate / 1e6:.2f} M tokens/s "
-              f"({ours['wall']:.1f} s for {ours['tokens']:,} tokens) -> ratio {rate / ceil_rate:.2f}", flush=True)
+        ceilings, ours = [], []
+        for _ in range(args.repeat):  # alternate the two, so slow phases of a shared machine hit both
+            rate, ceil_tokens = ceiling(model, corpus, w)
+            ceilings.append(rate)
+            out = os.path.join(args.out, f"shards-w{w}")
+            run = run_shards(model, corpus, out, w)
+            shutil.rmtree(out)
+            assert run["tokens"] == ceil_tokens, (run["tokens"], ceil_tokens)
+            ours.append(run["tokens"] / run["wall"])
+        c, o = statistics.median(ceilings), statistics.median(ours)
+        print(f"workers={w}: ceiling {c / 1e6:.2f} M tokens/s, shards command {o / 1e6:.2f} M tokens/s "
+              f"(medians of {args.repeat}; {ceil_tokens:,} tokens) -> ratio {o / c:.2f} "
+              f"(per run: {', '.join(f'{b / a:.2f}' for a, b in zip(ceilings, ours, strict=True))})", flush=True)
 
     w = max(args.workers)
     one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w)

@@ -95,7 +95,7 @@ def cmd_shards(args) -> None:
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     tokenizer = load_tokenizer(args.tokenizer)
-    paths = expand_inputs(args.input)
+    paths = expand_inputs(args.input, exclude=args.out)
     total = sum(os.path.getsize(p) for p in paths)
     unit_bytes = int(args.unit_mb * MiB) if args.unit_mb else auto_unit_bytes(total)
     if unit_bytes < 1:
@@ -125,8 +125,11 @@ def copy_tokenizer(src: str, out_dir: str, sha256: str) -> None:
 
 def print_summary(manifest: dict, stats: dict, out: str) -> None:
     t = manifest["totals"]
-    rate = f"{stats['new_tokens'] / stats['seconds'] / 1e6:.2f} M tokens/s" if stats["seconds"] > 0 else "nothing to do"
-    resumed = f", {stats['resumed_units']} resumed" if stats["resumed_units"] else ""
+    if stats.get("already_complete"):
+        print(f"shards: {out} is already complete ({t['documents']:,} documents, {t['tokens']:,} tokens); nothing to do")
+        return
+    rate = f"{stats['new_tokens'] / stats['seconds'] / 1e6:.2f} M tokens/s" if stats["seconds"] > 0 else "0 tokens/s"
+    resumed = f" ({stats['resumed_units']} done before)" if stats["resumed_units"] else ""
     print(f"shards: {t['documents']:,} documents, {t['tokens']:,} tokens ({manifest['dtype']}) in {t['shards']:,} shards"
           f"{resumed}; skipped {t['skipped']:,}{' (' + _counts(manifest['skipped']) + ')' if t['skipped'] else ''}; "
           f"{rate}, {stats['seconds']:.1f} s → {out}")

@@ -20,8 +20,16 @@ from dataclasses import dataclass
 from .errors import UserError
 from .fileio import atomic_write, remove_stale_tmp
 from .readers import Segment
-from .shards import (MANIFEST, WORK_DIR, ShardJob, build_manifest, shard_files, unit_is_complete, write_manifest,
-                     write_unit)
+from .shards import (
+    MANIFEST,
+    WORK_DIR,
+    ShardJob,
+    build_manifest,
+    shard_files,
+    unit_is_complete,
+    write_manifest,
+    write_unit,
+)
 from .tokenizer import Encoder
 
 MiB = 1 << 20
@@ -139,6 +147,7 @@ def prepare_out_dir(job: ShardJob, plan: Plan) -> dict | None:
         with open(manifest_path, "rb") as f:
             manifest = json.load(f)
         if manifest.get("plan_sha256") == plan.doc["sha256"]:
+            shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)  # killed just after the manifest
             return manifest
         raise UserError(f"{out}: already holds shards made from other inputs or options; "
                         "choose another --out or delete it")
@@ -169,10 +178,11 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
 
     done = prepare_out_dir(job, plan)
     if done is not None:
-        return done, {"resumed_units": len(plan.names), "new_tokens": 0, "new_documents": 0, "seconds": 0.0}
+        return done, {"already_complete": True, "resumed_units": len(plan.names), "new_tokens": 0,
+                      "new_documents": 0, "seconds": 0.0}
     records: dict[str, dict] = {}
     todo = []
-    for name, unit in zip(plan.names, plan.units):
+    for name, unit in zip(plan.names, plan.units, strict=True):
         record = unit_is_complete(job, name)
         if record is not None:
             records[name] = record

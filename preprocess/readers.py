@@ -12,8 +12,8 @@ import gzip
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import orjson
 
@@ -24,6 +24,7 @@ FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".json": "json", ".txt": 
 TXT_DOC_MODES = ("file", "line")
 READ_BLOCK = 1 << 20
 BOM = "\ufeff"
+BOM_BYTES = BOM.encode()
 
 
 def input_format(path: str) -> str | None:
@@ -34,8 +35,9 @@ def input_format(path: str) -> str | None:
     return None
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files, directories (searched recursively) and globs → a sorted, de-duplicated list of input files."""
+def expand_inputs(patterns: list[str], exclude: str | None = None) -> list[str]:
+    """Files, directories (searched recursively; hidden entries skipped) and globs → a sorted, de-duplicated
+    list of input files. Files under `exclude` (the output directory) are left out."""
     found: list[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -48,8 +50,10 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise UserError(f"{pattern}: no such file or directory")
         for match in matches:
             if os.path.isdir(match):
-                inside = [os.path.join(root, name) for root, dirs, names in os.walk(match)
-                          for name in names if not name.startswith(".") and input_format(name)]
+                inside = []
+                for root, dirs, names in os.walk(match):
+                    dirs[:] = [d for d in dirs if not d.startswith(".")]
+                    inside.extend(os.path.join(root, n) for n in names if not n.startswith(".") and input_format(n))
                 if not inside:
                     raise UserError(f"{match}: directory holds no input file ({', '.join(FORMATS)})")
                 found.extend(sorted(inside))
@@ -57,6 +61,9 @@ def expand_inputs(patterns: list[str]) -> list[str]:
                 found.append(match)
             elif not glob.has_magic(pattern):
                 raise UserError(f"{match}: unsupported input format (expected one of {', '.join(FORMATS)})")
+    if exclude is not None:
+        out = os.path.abspath(exclude) + os.sep
+        found = [f for f in found if not os.path.abspath(f).startswith(out)]
     return list(dict.fromkeys(found))
 
 
@@ -105,7 +112,7 @@ def _line_aligned_ranges(path: str, size: int, max_bytes: int):
                 break
             cuts.append(pos)
     cuts.append(size)
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
 def _parquet_segments(path: str, size: int) -> list[Segment]:
@@ -183,28 +190,19 @@ class SegmentReader:
             raise ValueError(fmt)
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
-        """Non-blank lines of the byte range [start, end), numbered from 0 at `start`."""
+        """Non-blank lines of the byte range [start, end) (line-aligned), numbered from 0 at `start`."""
         seg = self.seg
-        with open(seg.path, "rb") as f:
+        with open(seg.path, "rb", buffering=READ_BLOCK) as f:
             f.seek(seg.start)
-            left, rest, lineno = seg.end - seg.start, b"", 0
-            while left > 0 or rest:
-                block = f.read(min(READ_BLOCK, left)) if left > 0 else b""
-                left -= len(block)
-                if not block:
-                    if rest:
-                        lines, rest = [rest], b""
-                    else:
-                        break
-                else:
-                    lines = (rest + block).split(b"\n")
-                    rest = lines.pop()
-                for line in lines:
-                    if seg.start == 0 and lineno == 0:
-                        line = line.removeprefix(BOM.encode())
-                    if line.strip():
-                        yield lineno, line
-                    lineno += 1
+            pos = seg.start
+            for lineno, line in enumerate(f):
+                if pos >= seg.end:
+                    break
+                pos += len(line)
+                if lineno == 0 and seg.start == 0:
+                    line = line.removeprefix(BOM_BYTES)
+                if line and not line.isspace():
+                    yield lineno, line
 
     def _gzip_lines(self) -> Iterator[tuple[int, bytes | Bad]]:
         lineno = 0
@@ -212,8 +210,8 @@ class SegmentReader:
             with gzip.open(self.seg.path, "rb") as f:
                 for lineno, line in enumerate(f):
                     if lineno == 0:
-                        line = line.removeprefix(BOM.encode())
-                    if line.strip():
+                        line = line.removeprefix(BOM_BYTES)
+                    if line and not line.isspace():
                         yield lineno, line
         except (OSError, EOFError, zlib.error) as e:
             yield lineno, Bad("unreadable", f"corrupt gzip: {e}", f"{self.seg.path}:{lineno + 1}")
@@ -289,7 +287,7 @@ def _parse_json_line(line: bytes) -> object:
         return orjson.loads(line)  # fast path; on any failure the standard library classifies the problem
     except orjson.JSONDecodeError:
         pass
-    text = _decode(line)
+    text = _decode(line.rstrip(b"\r\n"))
     if isinstance(text, Bad):
         return text
     try:

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 import sentencepiece as spm
-
 from conftest import MIXED_TEXTS, REPO, dir_digest, run_cli, shakespeare_plays, shared_data, write_jsonl
+
 from preprocess.__main__ import main
 from preprocess.shards import iter_documents, read_manifest
 from preprocess.tokenizer import train_tokenizer
@@ -114,10 +114,11 @@ def test_kill_9_at_any_moment_then_rerun_gives_identical_bytes(tokenizer_model, 
     rng = random.Random(1234)
     moments = [0] + sorted(rng.sample(range(1, n_units - 2), 4)) + [n_units]  # units done when killed
     out = tmp_path / "killed"
-    for i, moment in enumerate(moments):
+    units_dir = out / ".work" / "units"
+    killed_mid_run = 0
+    for moment in moments:
         proc = subprocess.Popen([sys.executable, "-m", "preprocess", *map(str, args), "--out", str(out)],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        units_dir = out / ".work" / "units"
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             done = len(os.listdir(units_dir)) if units_dir.is_dir() else 0
@@ -126,9 +127,10 @@ def test_kill_9_at_any_moment_then_rerun_gives_identical_bytes(tokenizer_model, 
             time.sleep(0.005)
         children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers must not outlive it
-        proc.wait()
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        killed_mid_run += proc.wait() == -signal.SIGKILL and not (out / "manifest.json").exists()
+        _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, "worker processes outlived the killed parent"
+    assert killed_mid_run >= 4
     run_cli(*args, "--out", out)
     assert dir_digest(out) == reference
 
@@ -225,11 +227,29 @@ def test_rerun_reuses_a_complete_output_and_refuses_other_inputs(tokenizer_model
     out = shards(tokenizer_model, tmp_path / "o", corpus_dir)
     before = dir_digest(out)
     proc = run_cli("shards", "--input", corpus_dir, "--tokenizer", tokenizer_model, "--out", out)
-    assert "nothing to do" in proc.stdout and dir_digest(out) == before
+    assert "already complete" in proc.stdout and dir_digest(out) == before
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "different"}])
     proc = run_cli("shards", "--input", other, "--tokenizer", tokenizer_model, "--out", out, check=False)
     assert proc.returncode == 1 and "already holds shards made from other inputs" in proc.stderr
     assert dir_digest(out) == before
+
+
+def test_output_inside_an_input_directory_is_not_read_back(tokenizer_model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    for _ in range(2):  # the second run must see the same inputs, not the manifest.json written by the first
+        proc = run_cli("shards", "--input", data, "--tokenizer", tokenizer_model, "--out", data / "shards")
+    assert "already complete" in proc.stdout
+    assert [i["path"] for i in read_manifest(data / "shards")["inputs"]] == [str(data / "a.jsonl")]
+
+
+def test_empty_inputs_are_an_error_not_an_empty_dataset(tokenizer_model, tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_bytes(b"\n\n  \n")
+    proc = run_cli("shards", "--input", tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", "--tokenizer",
+                   tokenizer_model, "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: no documents were written: the inputs hold no records\n"
 
 
 def test_verify_catches_a_flipped_byte_and_a_truncation(tokenizer_model, corpus_dir, tmp_path):
@@ -281,13 +301,20 @@ def test_token_dtype_at_the_uint16_boundary(tmp_path, vocab_size, dtype):
     run_cli("verify", out)
 
 
-def test_long_documents_are_encoded_in_pieces_exactly(tokenizer_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+def test_long_documents_are_encoded_in_pieces_exactly(tokenizer_model, tmp_path, monkeypatch, dummy_prefix):
     import preprocess.tokenizer as tok
 
+    if dummy_prefix:  # a Llama-style model: sentencepiece adds "▁" in front of every encoded string
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(MIXED_TEXTS * 30), model_prefix=str(tmp_path / "llama"),
+                                       vocab_size=400, model_type="bpe", byte_fallback=True, minloglevel=2,
+                                       normalization_rule_name="identity", remove_extra_whitespaces=False)
+        tokenizer_model = str(tmp_path / "llama.model")
     monkeypatch.setattr(tok, "ENCODE_PIECE_CHARS", 2000)
-    docs = ["".join(MIXED_TEXTS) * 60, "short one", "".join(reversed(MIXED_TEXTS)) * 45]
+    docs = ["".join(MIXED_TEXTS) * 60, " short one", "".join(reversed(MIXED_TEXTS)) * 45]
     src = write_jsonl(tmp_path / "long.jsonl", [{"text": d} for d in docs])
     out = shards(tokenizer_model, tmp_path / "o", src, workers=2)
+    assert read_manifest(out)["tokenizer"]["adds_dummy_prefix"] is dummy_prefix
     assert decoded_documents(out) == docs
 
 

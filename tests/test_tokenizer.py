@@ -2,11 +2,18 @@ import random
 
 import pytest
 import sentencepiece as spm
-
 from conftest import MIXED_TEXTS, run_cli, shakespeare_plays
+
 from preprocess.errors import UserError
-from preprocess.tokenizer import (CONTROL_SYMBOLS, TRAIN_CHUNK_BYTES, Encoder, load_tokenizer, split_for_encoding,
-                                  train_tokenizer, training_chunks)
+from preprocess.tokenizer import (
+    CONTROL_SYMBOLS,
+    TRAIN_CHUNK_BYTES,
+    Encoder,
+    load_tokenizer,
+    split_for_encoding,
+    train_tokenizer,
+    training_chunks,
+)
 
 
 def test_round_trip_keeps_every_byte(tokenizer_model):
