@@ -15,6 +15,8 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -25,7 +27,6 @@ from .shards import (
     WORK_DIR,
     ShardJob,
     build_manifest,
-    shard_files,
     unit_is_complete,
     write_manifest,
     write_unit,
@@ -36,7 +37,7 @@ MiB = 1 << 20
 
 
 def auto_unit_bytes(total_bytes: int) -> int:
-    """About 512 units per corpus (even load on many workers), each 4–256 MiB (per-unit costs stay < 1%)."""
+    """About 512 units per corpus (even load on many workers), each 4–256 MiB (per-unit costs stay near 1%)."""
     return min(256 * MiB, max(4 * MiB, -(-total_bytes // 512 // MiB) * MiB))
 
 
@@ -85,10 +86,11 @@ def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_byt
 _worker: dict = {}
 
 
-def _init_worker(job: ShardJob) -> None:
-    if sys.platform.startswith("linux"):  # die with the parent, so a killed job leaves no writers behind
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+def _init_worker(job: ShardJob, in_process: bool = False) -> None:
+    if not in_process:
+        if sys.platform.startswith("linux"):  # die with the parent, so a killed job leaves no writers behind
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _worker["job"], _worker["encoder"] = job, Encoder(job.tokenizer)
 
 
@@ -101,39 +103,45 @@ def _run_unit(task: tuple[str, list[Segment]]) -> dict:
 
 def _release_free_memory() -> None:
     """Hand freed heap pages back to the OS after each unit: without it glibc keeps tokenizer buffers and a
-    worker's RSS creeps up by tens of MB over a long run."""
-    if _worker.get("libc") is None:
+    worker's RSS steps up by ~20 MB partway through a long run (docs/benchmarks.md)."""
+    if "libc" not in _worker:
         try:
             _worker["libc"] = ctypes.CDLL("libc.so.6")
         except OSError:
-            _worker["libc"] = False
-    if _worker["libc"]:
+            _worker["libc"] = None
+    if _worker["libc"] is not None:
         _worker["libc"].malloc_trim(0)
 
 
 def run_units(job: ShardJob, tasks: list[tuple[str, list[Segment]]], workers: int, on_done) -> None:
-    """Run tasks (largest first, for an even finish) in `workers` processes; on_done(record) after each."""
+    """Run tasks (largest first, for an even finish) in `workers` processes; on_done(record) after each.
+
+    A worker that dies (OOM killer, kill -9) fails the run with a clear error instead of hanging it."""
     tasks = sorted(tasks, key=lambda t: -sum(s.size for s in t[1]))
     workers = max(1, min(workers, len(tasks)))
     if workers == 1:
-        _init_worker_in_process(job)
+        _init_worker(job, in_process=True)
         for task in tasks:
             on_done(_run_unit(task))
         return
-    pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(job,))
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(job,))
     try:
-        for record in pool.imap_unordered(_run_unit, tasks, chunksize=1):
-            on_done(record)
-        pool.close()
+        for future in as_completed([pool.submit(_run_unit, task) for task in tasks]):
+            on_done(future.result())
+    except BrokenProcessPool:
+        _stop(pool)
+        raise UserError("a worker process died (killed, or out of memory?); re-run the same command to resume") from None
     except BaseException:
-        pool.terminate()
+        _stop(pool)
         raise
-    finally:
-        pool.join()
+    pool.shutdown()
 
 
-def _init_worker_in_process(job: ShardJob) -> None:
-    _worker["job"], _worker["encoder"] = job, Encoder(job.tokenizer)
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop at once: queued units are cancelled and running ones killed (a re-run redoes them)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ orchestration
@@ -209,7 +217,3 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
         bar.close()
     stats["seconds"] = time.perf_counter() - start
     return finish(job, plan, records), stats
-
-
-def shard_paths(manifest: dict) -> list[str]:
-    return [f for s in manifest["shards"] for f in shard_files(s["name"]).values()]

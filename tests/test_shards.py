@@ -97,7 +97,7 @@ def test_output_bytes_do_not_depend_on_worker_count(tokenizer_model, corpus_dir,
 
 
 @pytest.mark.slow
-def test_kill_9_at_any_moment_then_rerun_gives_identical_bytes(tokenizer_model, tmp_path):
+def test_kill_9_of_the_job_or_a_worker_then_rerun_gives_identical_bytes(tokenizer_model, tmp_path):
     import psutil
 
     plays = shakespeare_plays()
@@ -115,6 +115,20 @@ def test_kill_9_at_any_moment_then_rerun_gives_identical_bytes(tokenizer_model, 
     moments = [0] + sorted(rng.sample(range(1, n_units - 2), 4)) + [n_units]  # units done when killed
     out = tmp_path / "killed"
     units_dir = out / ".work" / "units"
+    # a worker killed under a live parent: the run fails at once with a clear message instead of hanging
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *map(str, args), "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and (not units_dir.is_dir() or len(os.listdir(units_dir)) < 3):
+        time.sleep(0.005)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    workers[0].kill()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert stderr == "error: a worker process died (killed, or out of memory?); re-run the same command to resume\n"
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
     killed_mid_run = 0
     for moment in moments:
         proc = subprocess.Popen([sys.executable, "-m", "preprocess", *map(str, args), "--out", str(out)],
@@ -131,6 +145,7 @@ def test_kill_9_at_any_moment_then_rerun_gives_identical_bytes(tokenizer_model, 
         _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, "worker processes outlived the killed parent"
     assert killed_mid_run >= 4
+
     run_cli(*args, "--out", out)
     assert dir_digest(out) == reference
 
