@@ -186,6 +186,7 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
 
     done = prepare_out_dir(job, plan)
     if done is not None:
+        _check_strict(job, done["skipped_examples"])
         return done, {"already_complete": True, "resumed_units": len(plan.names), "new_tokens": 0,
                       "new_documents": 0, "seconds": 0.0}
     records: dict[str, dict] = {}
@@ -196,6 +197,8 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
             records[name] = record
         else:
             todo.append((name, unit))
+    for record in records.values():  # finished by an earlier run without --strict
+        _check_strict(job, record["skipped_examples"])
     stats = {"resumed_units": len(records), "new_tokens": 0, "new_documents": 0}
     total_bytes = sum(s.size for u in plan.units for s in u)
     start = time.perf_counter()
@@ -217,3 +220,8 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
         bar.close()
     stats["seconds"] = time.perf_counter() - start
     return finish(job, plan, records), stats
+
+
+def _check_strict(job: ShardJob, skipped_examples: dict[str, list[str]]) -> None:
+    if job.strict and skipped_examples:
+        raise UserError(min(examples[0] for examples in skipped_examples.values()))

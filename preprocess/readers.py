@@ -99,20 +99,29 @@ def plan_segments(paths: list[str], max_bytes: int, txt_doc: str) -> list[Segmen
 
 
 def _line_aligned_ranges(path: str, size: int, max_bytes: int):
-    """Cut [0, size) near every multiple of max_bytes, each cut moved just past the next newline."""
+    """Cut [0, size) near every multiple of max_bytes, each cut moved to the next line start."""
     cuts = [0]
     with open(path, "rb") as f:
         for target in range(max_bytes, size, max_bytes):
-            if target <= cuts[-1]:
-                continue
-            f.seek(target - 1)
-            f.readline()  # a cut at `target` is already a line start when byte target-1 is a newline
-            pos = f.tell()
-            if pos >= size:
-                break
-            cuts.append(pos)
+            if target > cuts[-1]:
+                cut = _line_start_at_or_after(f, target)
+                if cut >= size:
+                    break
+                cuts.append(cut)
     cuts.append(size)
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def _line_start_at_or_after(f, pos: int) -> int:
+    """Scans in blocks, so a very long line costs no memory."""
+    f.seek(pos - 1)  # `pos` itself is a line start when the byte before it is a newline
+    start = pos - 1
+    while block := f.read(READ_BLOCK):
+        i = block.find(b"\n")
+        if i >= 0:
+            return start + i + 1
+        start += len(block)
+    return start
 
 
 def _parquet_segments(path: str, size: int) -> list[Segment]:

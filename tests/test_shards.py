@@ -203,6 +203,10 @@ def test_strict_stops_at_the_first_bad_record(tokenizer_model, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {bad}:4: invalid JSON") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "o" / "manifest.json").exists()
+    # records skipped by an earlier run without --strict are not forgotten when --strict is added later
+    run_cli("shards", "--input", bad, "--tokenizer", tokenizer_model, "--out", tmp_path / "lax")
+    proc = run_cli("shards", "--input", bad, "--tokenizer", tokenizer_model, "--out", tmp_path / "lax", "--strict", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {bad}:4: invalid JSON")
 
 
 def test_line_numbers_are_exact_deep_inside_a_large_file(tokenizer_model, tmp_path):
