@@ -203,7 +203,7 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
     total_bytes = sum(s.size for u in plan.units for s in u)
     start = time.perf_counter()
     bar = tqdm(total=total_bytes, initial=sum(r["input_bytes"] for r in records.values()), unit="B",
-               unit_scale=True, desc="shards", disable=None if progress else True, dynamic_ncols=True)
+               unit_scale=True, desc="shards", disable=None if progress else True)
 
     def on_done(record: dict) -> None:
         records[record["name"]] = record
