@@ -1,0 +1,1 @@
+"""Training stages (pretraining, SFT, DPO) that read the shard directories written by `preprocess`."""
