@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) -m preprocess show $(DEMO)/shards/pretrain --doc 0
 
 bench: $(STAMP)
-	$(PY) bench/preprocess.py
+	$(PY) bench/preprocessing.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check preprocess training tests bench

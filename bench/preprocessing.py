@@ -1,6 +1,6 @@
 """Preprocessing throughput against the tokenizer's ceiling, measured in one run on one corpus.
 
-    python bench/preprocess.py [--mb 120] [--workers 1 2] [--repeat 3] [--out bench_out/preprocess]
+    python bench/preprocessing.py [--mb 120] [--workers 1 2] [--repeat 3] [--out bench_out/preprocess]
 
 ceiling: sentencepiece batched encode of the corpus, already in memory, one process per worker, no I/O.
 ours:    the whole `python -m preprocess shards` command (start-up, reading, parsing, encoding, writing, hashing).
@@ -141,6 +141,44 @@ def run_shards(model: str, corpus_dir: str, out: str, workers: int) -> dict:
     return {"wall": wall, "tokens": manifest["totals"]["tokens"], "peak_rss": peak}
 
 
+def breakdown(model: str, corpus_dir: str, units: int = 8) -> dict[str, float]:
+    """Where one worker's time goes: the first `units` work units run in this process, each step timed."""
+    from preprocess.formats import pretrain_text
+    from preprocess.parallel import group_units
+    from preprocess.readers import SegmentReader, plan_segments
+    from preprocess.shards import WORK_DIR, ShardJob, write_unit
+    from preprocess.tokenizer import Encoder, load_tokenizer
+
+    out = os.path.join(os.path.dirname(corpus_dir), "breakdown")
+    os.makedirs(os.path.join(out, WORK_DIR, "units"), exist_ok=True)
+    info = load_tokenizer(model)
+    paths = sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl")))
+    todo = group_units(plan_segments(paths, 4 << 20, "file"), 4 << 20)[:units]
+    encoder, encode_time = Encoder(info), [0.0]
+    plain_encode = encoder.encode
+
+    def timed_encode(texts):
+        t = time.perf_counter()
+        result = plain_encode(texts)
+        encode_time[0] += time.perf_counter() - t
+        return result
+
+    encoder.encode = timed_encode
+    start = time.perf_counter()
+    for i, unit in enumerate(todo):
+        write_unit(ShardJob(out, "pretrain", info), encoder, f"shard-{i:05d}", unit)
+    total = time.perf_counter() - start
+    start = time.perf_counter()
+    for unit in todo:
+        for seg in unit:
+            for _, record in SegmentReader(seg, ["text"]):
+                pretrain_text(record, "text")
+    parse = time.perf_counter() - start
+    shutil.rmtree(out)
+    return {"encode": encode_time[0] / total, "read+parse+check": parse / total,
+            "write+fsync+sha256+rest": (total - encode_time[0] - parse) / total}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=120, help="corpus size in MB (default: 120)")
@@ -182,6 +220,9 @@ def main() -> None:
         print(f"workers={w}: ceiling {c / 1e6:.2f} M tokens/s, shards command {o / 1e6:.2f} M tokens/s "
               f"(medians of {args.repeat}; {ceil_tokens:,} tokens) -> ratio {o / c:.2f} "
               f"(per run: {', '.join(f'{b / a:.2f}' for a, b in zip(ceilings, ours, strict=True))})", flush=True)
+
+    shares = breakdown(model, corpus)
+    print("one worker's time, 8 units of 4 MiB: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
 
     w = max(args.workers)
     one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w)
