@@ -286,8 +286,8 @@ def sample_documents(segments, read_documents, budget_bytes: int, seed: int):
         random.Random(seed).shuffle(order)
     taken = 0
     for seg in order:
-        if taken >= budget_bytes:
-            break
         for text in read_documents(seg):
-            taken += len(text)
             yield text
+            taken += len(text.encode("utf-8", "surrogatepass"))
+            if taken >= budget_bytes:
+                return
