@@ -14,6 +14,8 @@ setup(
         "orjson>=3.9",
         "pyarrow>=14",
         "tqdm>=4.66",
+        "omegaconf>=2.3",
+        "tensorboard>=2.14",
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],

@@ -81,8 +81,9 @@ def cmd_tokenizer(args) -> None:
                             int(args.sample_mb * MiB), args.seed)
     report = train_tokenizer(docs, args.out, args.vocab_size)
     share = f"{100 * report.bytes_trained / total:.0f}% of" if total else "of"
+    documents = f"{report.documents:,} document{'s' * (report.documents != 1)}"
     print(f"tokenizer: BPE, {report.vocab_size:,} tokens; trained on {report.bytes_trained / 1e6:,.1f} MB "
-          f"({report.documents:,} document{'s' * (report.documents != 1)} in {report.chunks:,} chunks; {share} {total / 1e6:,.1f} MB of input) "
+          f"({documents} in {report.chunks:,} chunks; {share} {total / 1e6:,.1f} MB of input) "
           f"in {report.seconds:.1f} s → {os.path.join(args.out, 'tokenizer.model')}")
     if skipped:
         print(f"  skipped records: {_counts(skipped)}")

@@ -1,0 +1,363 @@
+import ast
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, shakespeare_plays, write_jsonl
+
+from preprocess.__main__ import main as preprocess_main
+from preprocess.errors import UserError
+from training import distributed as D
+from training.config import TrainConfig, load_config
+from training.data import KeyedPermutation, PretrainData, SampleOrder, ShardSource
+from training.loop import Stage, accumulate_gradients
+from training.losses import IGNORE, lm_loss_sum
+from training.model import KVCache, ModelConfig, Transformer
+from training.optim import lr_at
+
+TINY_CONFIG = os.path.join(REPO, "configs", "pretrain", "tiny.yaml")
+# a very small model and batch, so that runs in tests take seconds
+FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
+        "data.seq_len=32", "train.micro_batch_size=4", "train.eval_every=0", "train.warmup_steps=2",
+        "log.tensorboard=false", "log.every=1", "log.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory, tokenizer_model) -> str:
+    out = tmp_path_factory.mktemp("pretrain-shards")
+    src = write_jsonl(out / "plays.jsonl", [{"text": open(p, encoding="utf-8").read()} for p in shakespeare_plays()[:8]])
+    assert preprocess_main(["shards", "--input", src, "--tokenizer", tokenizer_model, "--out", str(out / "shards"),
+                            "--unit-mb", "0.3"]) == 0
+    return str(out / "shards")
+
+
+def run_training(*overrides, nproc=1, check=True, stage="pretrain") -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    proc = subprocess.run([*launcher, "-m", f"training.{stage}", "--config", TINY_CONFIG, *FAST, *overrides],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(run_dir) -> dict[int, float]:
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+def test_every_shipped_config_loads_and_builds():
+    expected_params = {"tiny": (1e6, 5e6), "125m": (100e6, 160e6), "350m": (300e6, 420e6), "1b": (0.9e9, 1.4e9)}
+    configs = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(path)
+        name = os.path.basename(path).removesuffix(".yaml")
+        if name in expected_params:
+            with torch.device("meta"):
+                model = Transformer(ModelConfig(**{**vars(cfg.model), "vocab_size": 32000 if name != "tiny" else 4032}))
+            low, high = expected_params[name]
+            assert low <= model.num_params() <= high, (name, model.num_params())
+
+
+def test_config_mistakes_are_one_line_errors_naming_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'train\.max_step'"):
+        load_config(TINY_CONFIG, ["train.max_step=5"])
+    with pytest.raises(UserError, match=r"train\.lr: Value 'fast' .*could not be converted"):
+        load_config(TINY_CONFIG, ["train.lr=fast"])
+    with pytest.raises(UserError, match=r"data\.seq_len: 512 is longer than model\.max_seq_len=256"):
+        load_config(TINY_CONFIG, ["data.seq_len=512"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  warmup: 3\n")
+    with pytest.raises(UserError, match=rf"{bad}: unknown key 'train\.warmup'"):
+        load_config(str(bad))
+    proc = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, "dist.backend=nccl"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {TINY_CONFIG} with overrides: dist.backend: 'nccl' is not one of none, ddp, deepspeed\n"
+
+
+def test_the_model_file_knows_nothing_of_distribution():
+    tree = ast.parse(open(os.path.join(REPO, "training", "model.py")).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.startswith("torch.distributed") for m in imported)
+
+
+def test_ranks_come_from_torchrun_slurm_or_mpi_variables():
+    assert D.ranks_from_env({}) == (0, 1, 0, "none")
+    assert D.ranks_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1, "torchrun")
+    assert D.ranks_from_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1"})[:3] == (5, 16, 1)
+    assert D.ranks_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (0, 1, 0, "none")  # sbatch without srun
+    assert D.ranks_from_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                             "OMPI_COMM_WORLD_LOCAL_RANK": "0"})[:3] == (2, 4, 0)
+    assert D.ranks_from_env({"PMI_RANK": "1", "PMI_SIZE": "2"})[:3] == (1, 2, 0)
+    # torchrun inside an srun task wins over the task's own Slurm variables
+    assert D.ranks_from_env({"RANK": "9", "WORLD_SIZE": "16", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"})[0] == 9
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def test_kv_cache_decoding_matches_the_full_forward():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=40)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 97, (2, 30))
+    full = model(tokens)
+    cache = KVCache(cfg, 2, 30, torch.device("cpu"), torch.float32)
+    parts = [model(tokens[:, :12], cache)]  # a prompt, then one token at a time, then a chunk
+    parts += [model(tokens[:, i:i + 1], cache) for i in range(12, 20)]
+    parts.append(model(tokens[:, 20:], cache))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.5)
+    assert lr_at(54, wsd) == 1.0 and lr_at(55, wsd) == 1.0 and lr_at(110, wsd) == pytest.approx(0.0)
+    assert lr_at(82, wsd) == pytest.approx(0.5, abs=0.02)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_keyed_permutation_is_a_bijection_and_depends_on_the_key():
+    for n in (1, 2, 5, 64, 1000, 4099):
+        out = KeyedPermutation(n, (7,))(np.arange(n))
+        assert sorted(out.tolist()) == list(range(n))
+    a, b = KeyedPermutation(1000, (1,))(np.arange(1000)), KeyedPermutation(1000, (2,))(np.arange(1000))
+    assert (a != b).mean() > 0.9
+    big = KeyedPermutation(10**12, (3,))(np.arange(10**6, 10**6 + 1000))
+    assert len(set(big.tolist())) == 1000 and big.max() < 10**12
+
+
+def test_mixing_follows_the_weights_and_reshuffles_each_epoch():
+    order = SampleOrder([30, 7], [0.75, 0.25], seed=5)
+    source, sample = order(np.arange(4000))
+    assert abs((source == 0).mean() - 0.75) < 0.002
+    first = sample[source == 1][:7].tolist()
+    second = sample[source == 1][7:14].tolist()
+    assert sorted(first) == sorted(second) == list(range(7)) and first != second
+    again = order(np.arange(1234, 1300))
+    assert (again[0] == source[1234:1300]).all() and (again[1] == sample[1234:1300]).all()
+
+
+def test_ranks_and_micro_steps_partition_each_global_batch(pretrain_shards):
+    src = [ShardSource(pretrain_shards, 32, 0.05)]
+    single = PretrainData(src, [1.0], 0, 4, 4, rank=0, world=1, vocab_size=1024)
+    pair = [PretrainData(src, [1.0], 0, 4, 2, rank=r, world=2, vocab_size=1024) for r in (0, 1)]
+    for step in (0, 3):
+        one = sorted(i for m in range(4) for i in single.micro_indices(step, m))
+        two = sorted(i for d in pair for m in range(2) for i in d.micro_indices(step, m))
+        assert one == two == list(range(step * 16, step * 16 + 16))
+    x, y = single.batch(0, 0)
+    assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_validation_split_is_disjoint_from_training(pretrain_shards):
+    src = ShardSource(pretrain_shards, 32, 0.1)
+    data = PretrainData([src], [1.0], 0, 4, 1, 0, 1, 1024)
+    val_rows = {tuple(x.flatten().tolist()) for x, _ in data.val_batches(100)}
+    train_positions = set(data.order(np.arange(src.n_train))[1].tolist())
+    assert train_positions == set(range(src.n_train)) and src.n_val > 0
+    train_rows = {tuple(src.sample(j)[:-1].tolist()) for j in range(src.n_train)}
+    assert len(val_rows) > 0 and not val_rows & train_rows
+
+
+def test_shard_and_model_mismatches_are_refused(pretrain_shards, tmp_path, tokenizer_model):
+    proc = run_training(f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'r'}", "model.vocab_size=500",
+                        "train.max_steps=1", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: model.vocab_size=500 is smaller than the vocabulary of the tokenizer of "
+                                   f"{pretrain_shards} (1000)")
+    # a second directory tokenized with another tokenizer
+    from preprocess.tokenizer import train_tokenizer
+
+    train_tokenizer(["other words entirely, in another tokenizer\n" * 50], str(tmp_path / "tok2"), 300)
+    src = write_jsonl(tmp_path / "o.jsonl", [{"text": "other words entirely " * 200}])
+    preprocess_main(["shards", "--input", src, "--tokenizer", str(tmp_path / "tok2" / "tokenizer.model"),
+                     "--out", str(tmp_path / "other")])
+    proc = run_training(f"data.path=[{pretrain_shards},{tmp_path / 'other'}]", f"out_dir={tmp_path / 'r'}",
+                        "train.max_steps=1", check=False)
+    assert proc.returncode == 1 and "mixed sources need one tokenizer" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_out_of_range_token_ids_are_a_clear_error(pretrain_shards, tmp_path):
+    import shutil
+
+    from preprocess.fileio import file_sha256
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pretrain_shards, damaged)
+    manifest = json.load(open(damaged / "manifest.json"))
+    shard = manifest["shards"][0]
+    path = damaged / shard["files"]["tokens"]["path"]
+    tokens = np.load(path)
+    tokens[:] = 1500  # a consistent manifest, but ids the 1000-token model cannot embed
+    np.save(path, tokens)
+    shard["files"]["tokens"]["sha256"] = file_sha256(str(path))
+    json.dump(manifest, open(damaged / "manifest.json", "w"))
+    proc = run_training(f"data.path={damaged}", f"out_dir={tmp_path / 'r'}", "model.vocab_size=1024",
+                        "train.max_steps=2", check=False)
+    assert proc.returncode == 1
+    assert "error: token id 1500 at" in proc.stderr and "is outside the model's vocabulary (model.vocab_size=1024)" in proc.stderr
+
+
+# ------------------------------------------------------------------------------- the loop, end to end
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _uneven_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two micro-batches per rank whose numbers of target tokens differ a lot (like SFT masks)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    batches = []
+    for keep in ((3, 16), (16, 1))[rank]:
+        x = torch.randint(0, 50, (2, 16), generator=g)
+        y = torch.randint(0, 50, (2, 16), generator=g)
+        y[:, keep:] = IGNORE
+        batches.append((x, y))
+    return batches
+
+
+def _lm_stage() -> Stage:
+    return Stage("lm", "pretrain", None, lambda model, b: (lm_loss_sum(model(b[0]), b[1])[0], {}),
+                 units=lambda b: int((b[1] != IGNORE).sum()), tokens=lambda b: b[0].numel())
+
+
+def _small_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, max_seq_len=16))
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    env = D.DistEnv(rank, world, 0, torch.device("cpu"), "test")
+    model = _small_model()
+    ddp = D.wrap(model, env)
+    accumulate_gradients(_lm_stage(), ddp, _uneven_batches(rank), env)
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_path):
+    # reference: the mean over every target token of the global batch, computed in one piece by hand
+    model = _small_model()
+    all_batches = _uneven_batches(0) + _uneven_batches(1)
+    x = torch.cat([b[0] for b in all_batches])
+    y = torch.cat([b[1] for b in all_batches])
+    logits = model(x)
+    keep = y != IGNORE
+    logp = torch.log_softmax(logits.float(), -1)
+    nll = -logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    (nll[keep].sum() / keep.sum()).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    # 2 ranks x 2 micro-batches through DDP (gloo)
+    out = str(tmp_path / "grads.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ddp_grads = torch.load(out, weights_only=True)
+    for name, grad in reference.items():
+        torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+    # what a per-micro-batch mean would have given is measurably different
+    naive = _small_model()
+    for b in all_batches:
+        loss, n = lm_loss_sum(naive(b[0]), b[1])
+        (loss / n / len(all_batches)).backward()
+    diff = max((p.grad - reference[n]).abs().max().item() for n, p in naive.named_parameters())
+    assert diff > 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_with_half_the_accumulation_give_the_same_losses(pretrain_shards, tmp_path):
+    common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.precision=fp32"]
+    run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4")
+    run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    assert one[6] < one[1]
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(pretrain_shards, tmp_path):
+    common = [f"data.path={pretrain_shards}", "train.max_steps=10", "train.ckpt_every=4", "train.eval_every=5",
+              "train.eval_batches=2"]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common, f"out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "step-4"
+    assert max(losses(out)) < 10  # it really stopped part-way
+    run_training(*common, f"out_dir={out}")
+    assert losses(out) == losses(tmp_path / "straight")  # exactly, not approximately
+    a = torch.load(out / "checkpoints" / "step-10" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "checkpoints" / "step-10" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    val = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "val_loss" in line]
+    assert val == [0, 5, 10]  # no evaluation logged twice across the restart
+
+
+@pytest.mark.slow
+def test_generate_continues_a_prompt_from_a_run(pretrain_shards, tmp_path):
+    run_training(f"data.path={pretrain_shards}", "train.max_steps=3", f"out_dir={tmp_path / 'r'}")
+    proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(tmp_path / "r"),
+                           "--prompt", "HAMLET:", "--max-new-tokens", "20", "--greedy"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("HAMLET:") and len(proc.stdout) > len("HAMLET:") + 5
+    again = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint",
+                            str(tmp_path / "r" / "checkpoints" / "step-3"), "--prompt", "HAMLET:",
+                            "--max-new-tokens", "20", "--greedy"], capture_output=True, text=True, cwd=REPO)
+    assert again.stdout == proc.stdout
+
+
+@pytest.mark.slow
+def test_tiny_preset_learns_tiny_shakespeare(tmp_path):
+    from conftest import shared_data
+
+    from preprocess.tokenizer import train_tokenizer
+
+    text_path = shared_data("tinyshakespeare", "input.txt")
+    text = open(text_path, encoding="utf-8").read()
+    train_tokenizer([text], str(tmp_path / "tok"), 2000)
+    speeches = [s + "\n\n" for s in text.split("\n\n") if s.strip()]
+    src = write_jsonl(tmp_path / "speeches.jsonl", [{"text": s} for s in speeches])
+    assert preprocess_main(["shards", "--input", src, "--tokenizer", str(tmp_path / "tok" / "tokenizer.model"),
+                            "--out", str(tmp_path / "shards")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG,
+                           f"data.path={tmp_path / 'shards'}", f"out_dir={tmp_path / 'run'}", "train.max_steps=200",
+                           "train.eval_every=100", "log.tensorboard=false", "log.progress=false"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    val = {r["step"]: r["val_loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "val_loss" in r}
+    assert val[0] > 7.0  # about ln(2048) at initialisation
+    assert val[200] < val[0] - 2.0, val  # 7.7 → 5.0 when this was written

@@ -1,0 +1,176 @@
+"""Typed configuration: a YAML file merged onto the dataclasses below, then dotted command-line overrides.
+
+Each component receives only its own section (model, data, train, dist, log). OmegaConf does the merging and
+the type checks; an unknown key or a wrong type becomes one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from preprocess.errors import UserError
+
+from .model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    path: Any = MISSING          # a shard directory, a list of them (equal weights), or {directory: weight}
+    seq_len: int = 256           # tokens per sample; each sample reads seq_len + 1 (inputs and shifted targets)
+    val_fraction: float = 0.01   # the last share of every dataset's samples: evaluated, never trained on
+    verify: bool = False         # re-hash every shard at start (each rank its share)
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1    # the schedule decays to lr * min_lr_ratio
+    schedule: str = "cosine"     # cosine | constant | wsd (warmup, stable, then linear decay)
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0       # 0 disables clipping
+    precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    device: str = "auto"         # auto | cpu | cuda
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3    # newest checkpoints kept; 0 keeps all
+    eval_every: int = 200        # 0 disables evaluation
+    eval_batches: int = 20       # micro-batches per rank for each validation loss
+    sample_prompt: str = ""      # generated from at every evaluation when not empty
+    sample_tokens: int = 64
+
+
+@dataclass
+class DistConfig:
+    backend: str = "ddp"         # none | ddp | deepspeed
+    zero_stage: int = 0
+    timeout_s: int = 600         # a collective waiting longer than this fails instead of hanging
+
+
+@dataclass
+class LogConfig:
+    every: int = 1               # optimizer steps between metrics lines
+    tensorboard: bool = True
+    progress: bool = True        # tqdm bar on rank 0
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    init_from: str | None = None  # a run or checkpoint directory whose weights start this run
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "train.schedule": ("cosine", "constant", "wsd"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "dist.backend": ("none", "ddp", "deepspeed"),
+}
+POSITIVE = ("train.micro_batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_every", "data.seq_len",
+            "log.every")
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """YAML file + `key.sub=value` overrides → a validated Config."""
+    schema = OmegaConf.structured(Config)
+    try:
+        file_cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except Exception as e:  # YAML syntax
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise UserError(f"override {bad[0]!r} is not of the form key.sub=value")
+    try:
+        merged = OmegaConf.merge(schema, file_cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"{path}: {_describe(e)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise UserError(f"command line: {_describe(e)}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # e.g. a mandatory value given neither in the file nor on the command line
+        raise UserError(f"{path}: {_describe(e)}") from None
+    problems = validate(cfg)
+    if problems:
+        raise UserError(f"{path}{' with overrides' if overrides else ''}: {problems[0]}")
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    problems = []
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) not in choices:
+            problems.append(f"{key}: {getattr(getattr(cfg, section), name)!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            problems.append(f"{key}: must be at least 1")
+    if not 0 <= cfg.data.val_fraction < 1:
+        problems.append("data.val_fraction: must be in [0, 1)")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        problems.append(f"data.seq_len: {cfg.data.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.dist.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"dist.zero_stage: {cfg.dist.zero_stage} is not 0, 1, 2 or 3")
+    problems.extend(cfg.model.validate())
+    return problems
+
+
+def data_sources(cfg: DataConfig) -> list[tuple[str, float]]:
+    """data.path as (directory, weight) pairs with weights summing to 1."""
+    path = cfg.path
+    if isinstance(path, str):
+        pairs = [(path, 1.0)]
+    elif isinstance(path, (list, tuple)) and path and all(isinstance(p, str) for p in path):
+        pairs = [(p, 1.0) for p in path]
+    elif isinstance(path, dict) and path and all(isinstance(w, (int, float)) and w > 0 for w in path.values()):
+        pairs = [(str(p), float(w)) for p, w in path.items()]
+    else:
+        raise UserError(f"data.path: expected a shard directory, a list of them, or {{directory: weight}}; got {path!r}")
+    total = sum(w for _, w in pairs)
+    return [(p, w / total) for p, w in pairs]
+
+
+def save_config(cfg: Config, path: str) -> None:
+    from preprocess.fileio import atomic_write
+
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+
+
+def config_from_yaml(path: str) -> Config:
+    """A saved, fully resolved config (e.g. out_dir/config.yaml), without overrides."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found")
+    return load_config(path)
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if "not in" in msg and key:
+        return f"unknown key {key!r}"
+    if "missing mandatory value" in msg.lower():
+        return f"{key or 'a key'}: no value given (set it in the file or as {key or 'key'}=... on the command line)"
+    return f"{key}: {msg}" if key else msg

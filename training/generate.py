@@ -1,0 +1,96 @@
+"""Text generation with a KV cache.
+
+    python -m training.generate --checkpoint RUN_OR_CKPT_DIR --prompt TEXT [--max-new-tokens N]
+                                [--temperature T] [--top-k K] [--greedy] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from preprocess.errors import UserError
+
+from .model import KVCache, Transformer
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+             greedy: bool = False, eos_id: int | None = None, vocab_limit: int | None = None,
+             generator: torch.Generator | None = None) -> list[int]:
+    """New token ids after `prompt` (stops at eos or the model's context). Ids >= vocab_limit (the padding of a
+    rounded-up vocabulary) are never produced."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    prompt = prompt[-(cfg.max_seq_len - 1):] or [eos_id if eos_id is not None else 0]
+    total = min(cfg.max_seq_len, len(prompt) + max_new_tokens)
+    cache = KVCache(cfg, 1, total, device, next(model.parameters()).dtype)
+    logits = model(torch.tensor([prompt], device=device), cache)[0, -1]
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        logits = logits.float()
+        if vocab_limit is not None:
+            logits[vocab_limit:] = -float("inf")
+        if greedy or temperature <= 0:
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits[logits < kth] = -float("inf")
+            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        if token == eos_id:
+            break
+        out.append(token)
+        if cache.length >= total:
+            break
+        logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+    return out
+
+
+def load_for_inference(checkpoint: str, device: str = "auto"):
+    """(model in eval mode, sentencepiece processor) from a run or checkpoint directory."""
+    import sentencepiece as spm
+
+    from . import checkpoint as ckpt
+    from .config import config_from_yaml
+
+    ckpt_dir = ckpt.resolve(checkpoint)
+    cfg = config_from_yaml(os.path.join(ckpt_dir, "config.yaml"))
+    model = Transformer(cfg.model)
+    ckpt.load_weights(ckpt_dir, model)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(ckpt_dir, "tokenizer.model"))
+    return model.to(dev).eval(), sp
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        model, sp = load_for_inference(args.checkpoint, args.device)
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+        ids = generate(model, sp.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, greedy=args.greedy, eos_id=sp.eos_id(), vocab_limit=sp.vocab_size(),
+                       generator=generator)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(args.prompt + sp.decode(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The one training loop, shared by every stage. A stage supplies its data and a pure loss function; the loop
+does the rest: process group, model, optimizer, accumulation, precision, evaluation, logging, checkpoints.
+
+Read top to bottom: run() → set-up → the step loop → end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from preprocess.errors import UserError
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .config import Config, data_sources, save_config
+from .data import ShardSource, open_sources
+from .generate import generate
+from .model import ModelConfig, Transformer
+from .optim import lr_at, make_optimizer
+
+# bf16 dense peak FLOP/s per GPU, for MFU (matched against torch.cuda.get_device_name)
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+@dataclass
+class Stage:
+    """What differs between pretraining, SFT and DPO."""
+    name: str
+    data_kind: str                                   # the `kind` its shard directories must have
+    make_data: Callable[..., Any]                    # (sources, weights, cfg, env, vocab_size) → data
+    loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # summed over units
+    units: Callable[[Any], int]                      # loss units in a micro-batch: target tokens, or pairs
+    tokens: Callable[[Any], int]                     # tokens processed in a micro-batch, for throughput
+
+
+def run(stage: Stage, cfg: Config) -> None:
+    if cfg.dist.backend == "deepspeed":
+        raise UserError("dist.backend=deepspeed is not available in this version; use ddp")
+    env = D.init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
+    try:
+        train(stage, cfg, env)
+    finally:
+        D.shutdown(env)
+
+
+def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
+    # ---------------------------------------------------------------------------------------------- data
+    paths, weights = zip(*data_sources(cfg.data), strict=True)
+    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind)
+    tokenizer = sources[0].tokenizer
+    model_cfg = resolve_vocab(cfg.model, tokenizer["vocab_size"], sources[0].path)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    if cfg.data.verify:
+        verify_sources(sources, env)
+
+    # -------------------------------------------------------------------------------- model, optimizer
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = Transformer(model_cfg).to(env.device)
+    optimizer = make_optimizer(model, cfg.train, env.device)
+    counters = {"step": 0, "tokens": 0}
+    resume_from = ckpt.latest(cfg.out_dir)
+    if resume_from:
+        check_same_model(resume_from, model_cfg)
+        counters = ckpt.load(resume_from, model, optimizer, env)
+    else:
+        if cfg.init_from:
+            ckpt.load_weights(ckpt.resolve(cfg.init_from), model)
+        torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank randomness (dropout, sampling) from here on
+    if env.is_main:
+        prepare_out_dir(cfg, sources[0], counters["step"])
+    D.barrier(env)
+    config_yaml = open(os.path.join(cfg.out_dir, "config.yaml")).read()
+    if cfg.train.compile:
+        for layer in model.layers:
+            layer.compile()
+    train_model = D.wrap(model, env)
+    data = stage.make_data(sources, list(weights), cfg, env, model_cfg.vocab_size)
+    precision = resolve_precision(cfg.train.precision, env.device)
+    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    log = MetricsLog(cfg, env, model, stage.name, counters["step"])
+    start = counters["step"]
+    if start == 0 and cfg.train.eval_every:
+        evaluate(stage, train_model, data, cfg, env, autocast, log, step=0)
+
+    # ------------------------------------------------------------------------------------------- steps
+    for step in range(start, cfg.train.max_steps):
+        lr = lr_at(step, cfg.train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [data.batch(step, m) for m in range(cfg.train.grad_accum)]
+        loss_sum, metric_sums, units = accumulate_gradients(stage, train_model, batches, env, autocast)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        counters["step"] = done = step + 1
+        counters["tokens"] += log.count_tokens(sum(stage.tokens(b) for b in batches))
+
+        if done % cfg.log.every == 0 or done == cfg.train.max_steps:
+            log.train_step(done, loss_sum, metric_sums, units, lr, grad_norm, counters["tokens"])
+        if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+            evaluate(stage, train_model, data, cfg, env, autocast, log, step=done)
+        if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
+            with log.paused():
+                ckpt.save(env, cfg.out_dir, done, model, optimizer, counters, config_yaml,
+                          os.path.join(cfg.out_dir, "tokenizer.model"), cfg.train.keep_checkpoints)
+    log.close()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, autocast=None):
+    """Forward and backward over this rank's micro-batches of one optimizer step, leaving in .grad the gradient
+    of (sum of the loss over every unit of the global batch) / (number of those units).
+
+    The units are counted before any backward, so every target token (or pair) weighs the same however
+    micro-batches and ranks split them. Returns (local loss sum, local metric sums, global unit count)."""
+    units = D.all_reduce_sum(env, torch.tensor(float(sum(stage.units(b) for b in batches)), device=env.device))
+    loss_sum = torch.zeros((), device=env.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for m, batch in enumerate(batches):
+        batch = to_device(batch, env.device)
+        with D.no_sync(model, m < len(batches) - 1), autocast or contextlib.nullcontext():
+            loss, metrics = stage.loss(model, batch)
+        # DDP averages gradients over ranks: x world_size turns that average back into the global sum
+        (loss * (env.world_size / units)).backward()
+        loss_sum += loss.detach()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+    return loss_sum, metric_sums, units
+
+
+def resolve_vocab(model_cfg: ModelConfig, tokenizer_vocab: int, where: str) -> ModelConfig:
+    if model_cfg.vocab_size == 0:
+        multiple = max(1, model_cfg.vocab_multiple)
+        return dataclasses.replace(model_cfg, vocab_size=multiple * math.ceil(tokenizer_vocab / multiple))
+    if model_cfg.vocab_size < tokenizer_vocab:
+        raise UserError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the vocabulary of the tokenizer "
+                        f"of {where} ({tokenizer_vocab})")
+    return model_cfg
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":  # bf16 autocast pays off on GPUs; on CPUs it is slower than fp32
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def check_same_model(ckpt_dir: str, model_cfg: ModelConfig) -> None:
+    from .config import config_from_yaml
+
+    saved = config_from_yaml(os.path.join(ckpt_dir, "config.yaml")).model
+    if saved != model_cfg:
+        diff = [f"model.{f.name} {getattr(saved, f.name)} → {getattr(model_cfg, f.name)}"
+                for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_cfg, f.name)]
+        raise UserError(f"{ckpt_dir} holds a different model ({', '.join(diff)}); use a new out_dir to start over")
+
+
+def verify_sources(sources: list[ShardSource], env: D.DistEnv) -> None:
+    problems = [p for s in sources for p in s.verify(env.rank, env.world_size)]
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if int(D.all_reduce_sum(env, torch.tensor(len(problems), device=env.device))):
+        raise UserError("data.verify found damaged shards (see above); run `python -m preprocess verify DIR`")
+
+
+def prepare_out_dir(cfg: Config, source: ShardSource, resume_step: int) -> None:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    shutil.copyfile(os.path.join(source.path, source.tokenizer["file"]), os.path.join(cfg.out_dir, "tokenizer.model"))
+    MetricsLog.truncate(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(b, device) for b in batch)
+
+
+@torch.no_grad()
+def evaluate(stage: Stage, model, data, cfg: Config, env: D.DistEnv, autocast, log: MetricsLog, step: int) -> None:
+    with log.paused():
+        model.eval()
+        loss_sum = torch.zeros((), device=env.device)
+        units = torch.zeros((), device=env.device)
+        for batch in data.val_batches(cfg.train.eval_batches):
+            units += stage.units(batch)
+            with autocast:
+                loss_sum += stage.loss(model, to_device(batch, env.device))[0].float()
+        totals = D.all_reduce_sum(env, torch.stack([loss_sum, units]))
+        sample = None
+        if cfg.train.sample_prompt and env.is_main:
+            sample = sample_text(D.unwrap(model), cfg, step, autocast)
+        model.train()
+        if totals[1] > 0:
+            log.eval_step(step, float(totals[0] / totals[1]), sample)
+
+
+def sample_text(model: Transformer, cfg: Config, step: int, autocast) -> str:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(cfg.out_dir, "tokenizer.model"))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed + step)
+    with autocast:  # a private generator: sampling never disturbs the training RNG
+        ids = generate(model, sp.encode(cfg.train.sample_prompt), cfg.train.sample_tokens, temperature=0.8, top_k=50,
+                       eos_id=sp.eos_id(), vocab_limit=sp.vocab_size(), generator=generator)
+    return cfg.train.sample_prompt + sp.decode(ids)
+
+
+class MetricsLog:
+    """metrics.jsonl, TensorBoard and the progress bar, all on rank 0; throughput timed without the pauses."""
+
+    def __init__(self, cfg: Config, env: D.DistEnv, model: Transformer, stage: str, start_step: int):
+        self.cfg, self.env = cfg, env
+        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.peak = gpu_peak_flops(env.device)
+        self.tb = self.bar = None
+        self.interval_tokens, self.interval_start, self.paused_time = 0, time.perf_counter(), 0.0
+        if env.is_main:
+            if cfg.log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=start_step + 1)
+            if cfg.log.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=stage, unit="step", disable=None)
+
+    @staticmethod
+    def truncate(path: str, step: int) -> None:
+        """Forget lines after `step`: a resumed run logs those steps again."""
+        if not os.path.isfile(path):
+            return
+        from preprocess.fileio import atomic_write
+
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(path, "".join(kept).encode())
+
+    def count_tokens(self, local_tokens: int) -> int:
+        """Tokens of this step over all ranks (every rank processes the same shapes)."""
+        tokens = local_tokens * self.env.world_size
+        self.interval_tokens += tokens
+        return tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoints) does not count against throughput."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_time += time.perf_counter() - t
+
+    def train_step(self, step, loss_sum, metric_sums, units, lr, grad_norm, tokens) -> None:
+        values = D.all_reduce_sum(self.env, torch.stack([loss_sum.float(), *[v.float() for v in metric_sums.values()]]))
+        values = (values / units).tolist()
+        elapsed = time.perf_counter() - self.interval_start - self.paused_time
+        rate = self.interval_tokens / max(elapsed, 1e-9)
+        self.interval_tokens, self.interval_start, self.paused_time = 0, time.perf_counter(), 0.0
+        if not self.env.is_main:
+            return
+        record = {"step": step, "loss": values[0], "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+                  "tokens_per_sec": rate}
+        record.update(zip(metric_sums, values[1:], strict=True))
+        if self.peak:
+            record["mfu"] = rate * self.flops_per_token / (self.peak * self.env.world_size)
+        self._write(record)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {values[0]:.4f}, {rate:,.0f} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def eval_step(self, step: int, val_loss: float, sample: str | None) -> None:
+        if not self.env.is_main:
+            return
+        record = {"step": step, "val_loss": val_loss}
+        if sample is not None:
+            record["sample"] = sample
+        self._write(record)
+        message = f"step {step}: val_loss {val_loss:.4f}" + (f"\n{sample}" if sample else "")
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
