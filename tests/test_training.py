@@ -49,9 +49,13 @@ def run_training(*overrides, nproc=1, check=True, stage="pretrain") -> subproces
     return proc
 
 
-def losses(run_dir) -> dict[int, float]:
+def losses(run_dir, key="loss") -> dict[int, float]:
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+    return {r["step"]: r[key] for r in lines if key in r}
+
+
+def val_losses(run_dir) -> dict[int, float]:
+    return losses(run_dir, "val_loss")
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -171,7 +175,7 @@ def test_ranks_and_micro_steps_partition_each_global_batch(pretrain_shards):
 def test_validation_split_is_disjoint_from_training(pretrain_shards):
     src = ShardSource(pretrain_shards, 32, 0.1)
     data = PretrainData([src], [1.0], 0, 4, 1, 0, 1, 1024)
-    val_rows = {tuple(x.flatten().tolist()) for x, _ in data.val_batches(100)}
+    val_rows = {tuple(row.tolist()) for x, _ in data.val_batches(400) for row in x}
     train_positions = set(data.order(np.arange(src.n_train))[1].tolist())
     assert train_positions == set(range(src.n_train)) and src.n_val > 0
     train_rows = {tuple(src.sample(j)[:-1].tolist()) for j in range(src.n_train)}
@@ -291,7 +295,8 @@ def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_p
 
 @pytest.mark.slow
 def test_two_processes_with_half_the_accumulation_give_the_same_losses(pretrain_shards, tmp_path):
-    common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.precision=fp32"]
+    common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.precision=fp32", "train.eval_every=3",
+              "train.eval_samples=21"]
     run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4")
     run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -299,12 +304,16 @@ def test_two_processes_with_half_the_accumulation_give_the_same_losses(pretrain_
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
     assert one[6] < one[1]
+    val_one, val_two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(val_one) == sorted(val_two) == [0, 3, 6]  # 21 samples: uneven shares of 11 and 10 on two ranks
+    for step in val_one:
+        assert val_two[step] == pytest.approx(val_one[step], rel=1e-5)
 
 
 @pytest.mark.slow
 def test_kill_9_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(pretrain_shards, tmp_path):
     common = [f"data.path={pretrain_shards}", "train.max_steps=10", "train.ckpt_every=4", "train.eval_every=5",
-              "train.eval_batches=2"]
+              "train.eval_samples=16"]
     run_training(*common, f"out_dir={tmp_path / 'straight'}")
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common, f"out_dir={out}"]

@@ -47,7 +47,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 3    # newest checkpoints kept; 0 keeps all
     eval_every: int = 200        # 0 disables evaluation
-    eval_batches: int = 20       # micro-batches per rank for each validation loss
+    eval_samples: int = 512      # validation samples per evaluation, split over the ranks (same set for any count)
     sample_prompt: str = ""      # generated from at every evaluation when not empty
     sample_tokens: int = 64
 

@@ -190,12 +190,13 @@ class PretrainData:
         source, sample = self.order(self.micro_indices(step, micro))
         return self._stack([(int(s), int(j)) for s, j in zip(source, sample, strict=True)])
 
-    def val_batches(self, n_batches: int):
-        """This rank's share of a fixed, evenly spread subset of the validation samples."""
+    def val_batches(self, n_samples: int):
+        """This rank's share of `n_samples` validation samples spread evenly over the split: the same subset
+        whatever the number of ranks, so val_loss is comparable across runs."""
         n_val = int(self.val_ends[-1])
         if n_val == 0:
             return
-        want = min(n_val, n_batches * self.micro_batch * self.world)
+        want = min(n_val, n_samples)
         mine = []
         for v in ((np.arange(want) * n_val) // want)[self.rank::self.world]:
             s = int(np.searchsorted(self.val_ends, v, side="right"))

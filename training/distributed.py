@@ -90,7 +90,9 @@ def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # The model's only buffers are rotary tables, identical everywhere: broadcasting them before every forward would
+    # cost a collective per micro-step (and deadlock ranks that run different numbers of forwards).
+    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

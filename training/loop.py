@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from preprocess.errors import UserError
@@ -66,7 +68,7 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
         verify_sources(sources, env)
 
     # -------------------------------------------------------------------------------- model, optimizer
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     model = Transformer(model_cfg).to(env.device)
     optimizer = make_optimizer(model, cfg.train, env.device)
     counters = {"step": 0, "tokens": 0}
@@ -77,7 +79,7 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
     else:
         if cfg.init_from:
             ckpt.load_weights(ckpt.resolve(cfg.init_from), model)
-        torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank randomness (dropout, sampling) from here on
+        seed_everything(cfg.seed + 1 + env.rank)  # per-rank randomness (dropout, sampling) from here on
     if env.is_main:
         prepare_out_dir(cfg, sources[0], counters["step"])
     D.barrier(env)
@@ -93,7 +95,7 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
     log = MetricsLog(cfg, env, model, stage.name, counters["step"])
     start = counters["step"]
     if start == 0 and cfg.train.eval_every:
-        evaluate(stage, train_model, data, cfg, env, autocast, log, step=0)
+        evaluate(stage, model, data, cfg, env, autocast, log, step=0)
 
     # ------------------------------------------------------------------------------------------- steps
     for step in range(start, cfg.train.max_steps):
@@ -111,7 +113,7 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
             log.train_step(done, loss_sum, metric_sums, units, lr, grad_norm, counters["tokens"])
         if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
-            evaluate(stage, train_model, data, cfg, env, autocast, log, step=done)
+            evaluate(stage, model, data, cfg, env, autocast, log, step=done)
         if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
             with log.paused():
                 ckpt.save(env, cfg.out_dir, done, model, optimizer, counters, config_yaml,
@@ -140,6 +142,12 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()
     return loss_sum, metric_sums, units
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def resolve_vocab(model_cfg: ModelConfig, tokenizer_vocab: int, where: str) -> ModelConfig:
@@ -191,18 +199,19 @@ def to_device(batch, device: torch.device):
 
 @torch.no_grad()
 def evaluate(stage: Stage, model, data, cfg: Config, env: D.DistEnv, autocast, log: MetricsLog, step: int) -> None:
+    """Validation loss over a fixed subset, each rank its share; `model` is the bare module (no DDP hooks)."""
     with log.paused():
         model.eval()
         loss_sum = torch.zeros((), device=env.device)
         units = torch.zeros((), device=env.device)
-        for batch in data.val_batches(cfg.train.eval_batches):
+        for batch in data.val_batches(cfg.train.eval_samples):
             units += stage.units(batch)
             with autocast:
                 loss_sum += stage.loss(model, to_device(batch, env.device))[0].float()
         totals = D.all_reduce_sum(env, torch.stack([loss_sum, units]))
         sample = None
         if cfg.train.sample_prompt and env.is_main:
-            sample = sample_text(D.unwrap(model), cfg, step, autocast)
+            sample = sample_text(model, cfg, step, autocast)
         model.train()
         if totals[1] > 0:
             log.eval_step(step, float(totals[0] / totals[1]), sample)
