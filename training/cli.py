@@ -23,7 +23,7 @@ def main(stage, argv=None) -> int:
     args = p.parse_args(argv)
     try:
         run(stage, load_config(args.config, args.overrides))
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: disk full, permissions — the environment, not a bug
         rank, world, _, _ = ranks_from_env()
         print(f"error: {e}" if world == 1 else f"error (rank {rank}): {e}", file=sys.stderr)
         return 1
