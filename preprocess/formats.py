@@ -1,9 +1,29 @@
-"""Records → documents, one function per shard kind. A record that cannot be used becomes a Bad."""
+"""Records → documents, one class per shard kind. A record that cannot be used becomes a Bad.
+
+A kind parses each record on its own (cheap, per record), then builds a batch of parsed records into token ids
+with one batched sentencepiece call. Accepted record shapes:
+
+pretrain  a string, or {"<text-key>": string}
+sft       {"messages" | "conversations": [{"role", "content"}, ...]}   (also ShareGPT's {"from", "value"})
+          {"instruction", "input"?, "output"}                           (alpaca)
+          {"prompt", "response" | "completion"}
+dpo       {"prompt"?, "chosen", "rejected"}: strings, or message lists (the prompt's turns come first; without
+          a prompt, chosen and rejected are whole conversations ending with the compared assistant turns)
+          {"instruction", "input"?, "chosen", "rejected"}               (alpaca with preferences)
+"""
 
 from __future__ import annotations
 
+import numpy as np
+
+from .chat import ChatTemplate, Turn
 from .readers import Bad
 
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                "model": "assistant"}
+
+
+# --------------------------------------------------------------------------------------------- pretrain
 
 def pretrain_text(record: object, text_key: str) -> str | Bad:
     """A pretraining document: a bare string, or the `text_key` field of an object."""
@@ -20,8 +40,8 @@ def pretrain_text(record: object, text_key: str) -> str | Bad:
     return check_text(record)
 
 
-def check_text(text: str) -> str | Bad:
-    if not text or text.isspace():
+def check_text(text: str, allow_empty: bool = False) -> str | Bad:
+    if not allow_empty and (not text or text.isspace()):
         return Bad("empty")
     if "\x00" in text:
         return Bad("binary", "NUL bytes")
@@ -31,3 +51,205 @@ def check_text(text: str) -> str | Bad:
         except UnicodeEncodeError as e:  # a lone surrogate from a JSON "\ud800" escape
             return Bad("invalid_utf8", f"lone surrogate at character {e.start}")
     return text
+
+
+# ------------------------------------------------------------------------------------------ conversations
+
+def messages_to_turns(value: object, key: str) -> list[Turn] | Bad:
+    if not isinstance(value, list) or not value:
+        return Bad("bad_messages", f"{key!r} is not a non-empty list")
+    turns = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            return Bad("bad_messages", f"{key}[{i}] is not an object")
+        role, text = message.get("role", message.get("from")), message.get("content", message.get("value"))
+        if role not in ROLE_ALIASES:
+            return Bad("bad_role", f"{key}[{i}] has role {role!r}")
+        if not isinstance(text, str):
+            return Bad("not_a_string", f"{key}[{i}] content is {type(text).__name__}")
+        turns.append(Turn(ROLE_ALIASES[role], text))
+    return turns
+
+
+def _string(record: dict, key: str) -> str | Bad:
+    value = record[key]
+    return value if isinstance(value, str) else Bad("not_a_string", f"{key!r} is {type(value).__name__}")
+
+
+def _instruction(record: dict) -> str | Bad:
+    """Alpaca: the instruction, then the input (when there is one) after a blank line."""
+    instruction = _string(record, "instruction")
+    extra = _string(record, "input") if "input" in record else ""
+    for part in (instruction, extra):
+        if isinstance(part, Bad):
+            return part
+    return instruction + ("\n\n" + extra if extra.strip() else "")
+
+
+def _completion_turns(record: dict, key: str, prompt: list[Turn]) -> list[Turn] | Bad:
+    value = record[key]
+    if isinstance(value, str):
+        return [*prompt, Turn("assistant", value)]
+    turns = messages_to_turns(value, key)
+    return turns if isinstance(turns, Bad) else [*prompt, *turns]
+
+
+def _check_conversation(turns: list[Turn], last_is_assistant: bool) -> list[Turn] | Bad:
+    assistant = [t for t in turns if t.role == "assistant"]
+    if not assistant or (last_is_assistant and turns[-1].role != "assistant"):
+        return Bad("no_assistant")
+    for t in turns:
+        checked = check_text(t.text, allow_empty=t.role != "assistant")
+        if isinstance(checked, Bad):
+            return checked
+    return turns
+
+
+def sft_turns(record: object) -> list[Turn] | Bad:
+    if isinstance(record, Bad):
+        return record
+    if not isinstance(record, dict):
+        return Bad("not_an_object", type(record).__name__)
+    if "messages" in record or "conversations" in record:
+        key = "messages" if "messages" in record else "conversations"
+        turns = messages_to_turns(record[key], key)
+    elif "instruction" in record and "output" in record:
+        prompt, output = _instruction(record), _string(record, "output")
+        turns = next((x for x in (prompt, output) if isinstance(x, Bad)), None) or [
+            Turn("user", prompt), Turn("assistant", output)]
+    elif "prompt" in record and ("response" in record or "completion" in record):
+        answer = "response" if "response" in record else "completion"
+        prompt, output = _string(record, "prompt"), _string(record, answer)
+        turns = next((x for x in (prompt, output) if isinstance(x, Bad)), None) or [
+            Turn("user", prompt), Turn("assistant", output)]
+    else:
+        return Bad("missing_key", "need messages, conversations, instruction+output or prompt+response")
+    if isinstance(turns, Bad):
+        return turns
+    if isinstance(record.get("system"), str) and turns[0].role != "system":
+        turns = [Turn("system", record["system"]), *turns]
+    return _check_conversation(turns, last_is_assistant=False)
+
+
+def dpo_pair(record: object) -> tuple[list[Turn], list[Turn]] | Bad:
+    """(chosen conversation, rejected conversation), each ending with the assistant turn being compared."""
+    if isinstance(record, Bad):
+        return record
+    if not isinstance(record, dict):
+        return Bad("not_an_object", type(record).__name__)
+    if "chosen" not in record or "rejected" not in record:
+        return Bad("missing_key", "need 'chosen' and 'rejected'")
+    if "prompt" in record:
+        prompt = record["prompt"]
+        prompt = [Turn("user", prompt)] if isinstance(prompt, str) else messages_to_turns(prompt, "prompt")
+    elif "instruction" in record:
+        text = _instruction(record)
+        prompt = text if isinstance(text, Bad) else [Turn("user", text)]
+    elif isinstance(record["chosen"], list):
+        prompt = []  # whole conversations
+    else:
+        return Bad("missing_key", "string 'chosen'/'rejected' need a 'prompt' or an 'instruction'")
+    if isinstance(prompt, Bad):
+        return prompt
+    pair = []
+    for key in ("chosen", "rejected"):
+        turns = _completion_turns(record, key, prompt)
+        if isinstance(turns, Bad):
+            return turns
+        turns = _check_conversation(turns, last_is_assistant=True)
+        if isinstance(turns, Bad):
+            return turns
+        pair.append(turns)
+    if pair[0] == pair[1]:
+        return Bad("identical_pair")
+    return pair[0], pair[1]
+
+
+# ----------------------------------------------------------------------------------------------- kinds
+
+class PretrainKind:
+    """One document per record: its text, then eos. No mask: every token is a target."""
+    name, has_mask = "pretrain", False
+
+    def __init__(self, encoder, text_key: str, max_len: int, template: ChatTemplate | None = None):
+        self.encoder, self.text_key = encoder, text_key
+
+    @property
+    def columns(self) -> list[str] | None:
+        return [self.text_key]
+
+    def parse(self, record):
+        return pretrain_text(record, self.text_key)
+
+    def size(self, parsed: str) -> int:
+        return len(parsed)
+
+    def build(self, batch: list) -> tuple[np.ndarray, None, np.ndarray, list[tuple[int, Bad]]]:
+        ids, lengths = self.encoder.encode(batch)
+        return ids, None, lengths, []
+
+
+class _ChatKind:
+    has_mask, columns = True, None
+
+    def __init__(self, encoder, text_key: str, max_len: int, template: ChatTemplate):
+        self.encoder, self.max_len, self.template = encoder, max_len, template
+
+    def _render_all(self, conversations: list[list[Turn]], learn: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        encoded = iter(self.encoder.encode_each([t.text for conv in conversations for t in conv]))
+        return [self.template.render(conv, [next(encoded) for _ in conv], learn) for conv in conversations]
+
+    def _pack(self, docs: list[tuple[np.ndarray, np.ndarray]]):
+        if not docs:
+            return np.empty(0, self.encoder.dtype), np.empty(0, np.uint8), np.empty(0, np.int64)
+        ids = np.concatenate([d[0] for d in docs]).astype(self.encoder.dtype)
+        mask = np.concatenate([d[1] for d in docs])
+        return ids, mask, np.array([len(d[0]) for d in docs], dtype=np.int64)
+
+
+class SFTKind(_ChatKind):
+    """One document per conversation; the mask covers every assistant turn and its end-of-turn token.
+    Conversations longer than max_len tokens are dropped (counted as too_long), never truncated."""
+    name = "sft"
+
+    def parse(self, record):
+        return sft_turns(record)
+
+    def size(self, parsed: list[Turn]) -> int:
+        return sum(len(t.text) for t in parsed)
+
+    def build(self, batch: list[list[Turn]]):
+        kept, bad = [], []
+        for i, doc in enumerate(self._render_all(batch, learn="assistant")):
+            if len(doc[0]) > self.max_len:
+                bad.append((i, Bad("too_long", f"{len(doc[0])} tokens > --max-len {self.max_len}")))
+            else:
+                kept.append(doc)
+        return *self._pack(kept), bad
+
+
+class DPOKind(_ChatKind):
+    """Two consecutive documents per pair, chosen then rejected, sharing their prompt; each mask covers only the
+    final assistant turn. A pair with either side longer than max_len tokens is dropped (too_long)."""
+    name = "dpo"
+
+    def parse(self, record):
+        return dpo_pair(record)
+
+    def size(self, parsed) -> int:
+        return sum(len(t.text) for conv in parsed for t in conv)
+
+    def build(self, batch: list[tuple[list[Turn], list[Turn]]]):
+        docs = self._render_all([conv for pair in batch for conv in pair], learn="last")
+        kept, bad = [], []
+        for i in range(len(batch)):
+            chosen, rejected = docs[2 * i], docs[2 * i + 1]
+            longest = max(len(chosen[0]), len(rejected[0]))
+            if longest > self.max_len:
+                bad.append((i, Bad("too_long", f"{longest} tokens > --max-len {self.max_len}")))
+            else:
+                kept += [chosen, rejected]
+        return *self._pack(kept), bad
+
+
+KINDS = {"pretrain": PretrainKind, "sft": SFTKind, "dpo": DPOKind}

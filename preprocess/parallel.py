@@ -71,7 +71,8 @@ def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_byt
     doc = {
         "kind": job.kind,
         "tokenizer_sha256": job.tokenizer.sha256,
-        "options": {"text_key": job.text_key, "txt_doc": job.txt_doc, "unit_bytes": unit_bytes},
+        "options": {"text_key": job.text_key, "txt_doc": job.txt_doc, "unit_bytes": unit_bytes,
+                    **({"max_len": job.max_len} if job.kind != "pretrain" else {})},
         "inputs": [{"path": p, "bytes": os.path.getsize(p)} for p in paths],
         "units": [[s.provenance() for s in unit] for unit in units],
     }

@@ -152,6 +152,11 @@ REASONS = {
     "empty": "empty document",
     "binary": "binary data",
     "unreadable": "unreadable file",
+    "bad_messages": "malformed messages",
+    "bad_role": "unknown role",
+    "no_assistant": "no assistant turn",
+    "identical_pair": "chosen and rejected are identical",
+    "too_long": "too long",
 }
 
 

@@ -5,19 +5,22 @@ Layout of a shard directory (docs/formats.md is the reference):
     tokenizer.model                copy of the tokenizer the ids belong to
     shard-NNNNN.tokens.npy         1-D uint16/uint32 token ids; every document ends with eos
     shard-NNNNN.offsets.npy        1-D int64 cumulative document ends into the tokens
+    shard-NNNNN.mask.npy           sft and dpo: 1-D uint8 loss mask aligned with the tokens
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from .chat import TEMPLATE, ChatTemplate
 from .errors import UserError
 from .fileio import NpyWriter, atomic_write, file_sha256, fsync_dir
-from .formats import pretrain_text
+from .formats import KINDS as KIND_CLASSES
 from .readers import REASONS, Bad, Segment, SegmentReader
 from .tokenizer import Encoder, TokenizerInfo
 
@@ -25,7 +28,7 @@ FORMAT = "shardlm.shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"  # plan and per-unit records of an unfinished run; removed when the manifest is written
-KINDS = ("pretrain",)
+KINDS = tuple(KIND_CLASSES)
 EXAMPLES_KEPT = 5  # locations kept per skip reason
 BATCH_CHARS = 1 << 20  # text per sentencepiece call: amortises the call, bounds memory
 BATCH_DOCS = 4096
@@ -40,13 +43,21 @@ class ShardJob:
     text_key: str = "text"
     txt_doc: str = "file"
     strict: bool = False
+    max_len: int = 2048  # sft/dpo: longer examples are dropped and counted
+
+    def make_kind(self, encoder: Encoder):
+        template = ChatTemplate(self.tokenizer) if self.kind != "pretrain" else None
+        return KIND_CLASSES[self.kind](encoder, self.text_key, self.max_len, template)
 
     def unit_record_path(self, name: str) -> str:
         return os.path.join(self.out_dir, WORK_DIR, "units", f"{name}.json")
 
 
-def shard_files(name: str) -> dict[str, str]:
-    return {"tokens": f"{name}.tokens.npy", "offsets": f"{name}.offsets.npy"}
+def shard_files(name: str, has_mask: bool) -> dict[str, str]:
+    files = {"tokens": f"{name}.tokens.npy", "offsets": f"{name}.offsets.npy"}
+    if has_mask:
+        files["mask"] = f"{name}.mask.npy"
+    return files
 
 
 def format_skip(where: str, bad: Bad) -> str:
@@ -55,55 +66,70 @@ def format_skip(where: str, bad: Bad) -> str:
 
 def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segment]) -> dict:
     """Tokenize one unit into its shard files and return its record (also saved under .work/units/)."""
-    tokenizer = job.tokenizer
-    files = shard_files(name)
+    kind = job.make_kind(encoder)
+    files = shard_files(name, kind.has_mask)
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     doc_lengths: list[np.ndarray] = []
     num_tokens = 0
 
-    with NpyWriter(os.path.join(job.out_dir, files["tokens"]), tokenizer.dtype) as tokens:
-        batch: list[str] = []
+    def skip(bad: Bad, where) -> None:
+        if job.strict:
+            raise UserError(format_skip(where(), bad))
+        skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
+        kept = examples.setdefault(bad.reason, [])
+        if len(kept) < EXAMPLES_KEPT:
+            kept.append(format_skip(where(), bad))
+
+    with contextlib.ExitStack() as stack:
+        path = lambda key: os.path.join(job.out_dir, files[key])  # noqa: E731
+        tokens = stack.enter_context(NpyWriter(path("tokens"), job.tokenizer.dtype))
+        masks = stack.enter_context(NpyWriter(path("mask"), np.uint8)) if kind.has_mask else None
+        batch: list = []
+        places: list = []
         batch_chars = 0
 
         def flush():
-            nonlocal batch, batch_chars, num_tokens
-            ids, lengths = encoder.encode(batch)
+            nonlocal batch, places, batch_chars, num_tokens
+            ids, mask, lengths, bad = kind.build(batch)
+            for i, b in bad:
+                skip(b, places[i])
             tokens.write(ids)
+            if masks is not None:
+                masks.write(mask)
             doc_lengths.append(lengths)
             num_tokens += len(ids)
-            batch, batch_chars = [], 0
+            batch, places, batch_chars = [], [], 0
 
         for seg in segments:
-            reader = SegmentReader(seg, columns=[job.text_key], txt_doc=job.txt_doc)
+            reader = SegmentReader(seg, columns=kind.columns, txt_doc=job.txt_doc)
             for pos, record in reader:
-                text = pretrain_text(record, job.text_key)
-                if isinstance(text, Bad):
-                    if job.strict:
-                        raise UserError(format_skip(reader.where(pos), text))
-                    skipped[text.reason] = skipped.get(text.reason, 0) + 1
-                    kept = examples.setdefault(text.reason, [])
-                    if len(kept) < EXAMPLES_KEPT:
-                        kept.append(format_skip(reader.where(pos), text))
+                parsed = kind.parse(record)
+                where = lambda reader=reader, pos=pos: reader.where(pos)  # noqa: E731 (evaluated only when needed)
+                if isinstance(parsed, Bad):
+                    skip(parsed, where)
                     continue
-                batch.append(text)
-                batch_chars += len(text)
+                batch.append(parsed)
+                places.append(where)
+                batch_chars += kind.size(parsed)
                 if batch_chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
                     flush()
         if batch:
             flush()
         lengths = np.concatenate(doc_lengths) if doc_lengths else np.empty(0, np.int64)
-        with NpyWriter(os.path.join(job.out_dir, files["offsets"]), np.int64) as offsets:
+        with NpyWriter(path("offsets"), np.int64) as offsets:
             offsets.write(np.cumsum(lengths, dtype=np.int64))
-            offsets_meta = offsets.commit()
-        tokens_meta = tokens.commit()
+            metas = {"offsets": offsets.commit()}
+        if masks is not None:
+            metas["mask"] = masks.commit()
+        metas["tokens"] = tokens.commit()
     fsync_dir(job.out_dir)
 
     record = {
         "name": name,
         "documents": int(len(lengths)),
         "tokens": int(num_tokens),
-        "files": {"tokens": {"path": files["tokens"], **tokens_meta}, "offsets": {"path": files["offsets"], **offsets_meta}},
+        "files": {key: {"path": files[key], **metas[key]} for key in files},
         "sources": [seg.provenance() for seg in segments],
         "input_bytes": sum(seg.size for seg in segments),
         "skipped": dict(sorted(skipped.items())),
@@ -142,6 +168,7 @@ def build_manifest(job: ShardJob, plan: dict, records: list[dict]) -> dict:
         "plan_sha256": plan["sha256"],
         "tokenizer": {"file": "tokenizer.model", **job.tokenizer.to_json()},
         "dtype": job.tokenizer.dtype.name,
+        **({"template": TEMPLATE} if job.kind != "pretrain" else {}),
         "options": plan["options"],
         "inputs": plan["inputs"],
         "totals": {
@@ -204,6 +231,12 @@ def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id:
         problems.append(f"{name}: token id {top} is outside the vocabulary (size {vocab_size})")
     elif len(offsets) and np.any(tokens[offsets - 1] != eos_id):
         problems.append(f"{name}: a document does not end with eos ({eos_id})")
+    elif "mask" in shard["files"]:
+        mask = np.load(os.path.join(out_dir, shard["files"]["mask"]["path"]), mmap_mode="r")
+        if mask.dtype != np.uint8 or mask.shape != tokens.shape:
+            problems.append(f"{name}: mask is {mask.dtype}[{len(mask)}], expected uint8[{len(tokens)}]")
+        elif len(mask) and int(mask.max()) > 1:
+            problems.append(f"{name}: mask holds values other than 0 and 1")
     return problems
 
 

@@ -101,19 +101,22 @@ class Encoder:
         """Returns (ids, lengths): the concatenated ids of all documents and each document's length incl. eos."""
         if not texts:
             return np.empty(0, self.dtype), np.empty(0, np.int64)
-        if all(len(t) <= ENCODE_PIECE_CHARS for t in texts):
-            parts = self.sp.encode(texts, add_eos=True, return_type="numpy")
-        else:
-            parts = [self._encode_long(t) if len(t) > ENCODE_PIECE_CHARS else self.sp.encode(t, add_eos=True, return_type="numpy")
-                     for t in texts]
+        parts = self.encode_each(texts, add_eos=True)
         lengths = np.fromiter((len(p) for p in parts), np.int64, count=len(parts))
         # ids are < vocab_size, which the dtype holds, so the unchecked cast is exact
         return np.concatenate(parts, dtype=self.dtype, casting="unsafe"), lengths
 
-    def _encode_long(self, text: str) -> np.ndarray:
+    def encode_each(self, texts: list[str], add_eos: bool = False) -> list[np.ndarray]:
+        """The ids of every text, in one batched call; very long texts are encoded in pieces."""
+        if all(len(t) <= ENCODE_PIECE_CHARS for t in texts):
+            return self.sp.encode(texts, add_eos=add_eos, return_type="numpy")
+        return [self._encode_long(t, add_eos) if len(t) > ENCODE_PIECE_CHARS
+                else self.sp.encode(t, add_eos=add_eos, return_type="numpy") for t in texts]
+
+    def _encode_long(self, text: str, add_eos: bool) -> np.ndarray:
         pieces = split_for_encoding(text, ENCODE_PIECE_CHARS, self.adds_dummy_prefix)
         ids = self.sp.encode(pieces, return_type="numpy")
-        return np.concatenate([*ids, np.array([self.eos], dtype=ids[0].dtype)])
+        return np.concatenate([*ids, np.array([self.eos] if add_eos else [], dtype=ids[0].dtype)])
 
 
 def split_for_encoding(text: str, limit: int, adds_dummy_prefix: bool) -> list[str]:

@@ -86,3 +86,60 @@ def corpus_dir(tmp_path_factory) -> str:
     write_jsonl(out / "a.jsonl", [{"text": d} for d in docs[: len(docs) // 2]])
     write_jsonl(out / "b.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs[len(docs) // 2:])])
     return str(out)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+TINY_CONFIG = os.path.join(REPO, "configs", "pretrain", "tiny.yaml")
+# a very small model and batch, so that runs in tests take seconds
+FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
+        "data.seq_len=32", "train.micro_batch_size=4", "train.eval_every=0", "train.warmup_steps=2",
+        "log.tensorboard=false", "log.every=1", "log.progress=false", "train.sample_prompt=null"]
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory, tokenizer_model) -> str:
+    from preprocess.__main__ import main as preprocess_main
+
+    out = tmp_path_factory.mktemp("pretrain-shards")
+    src = write_jsonl(out / "plays.jsonl", [{"text": open(p, encoding="utf-8").read()} for p in shakespeare_plays()[:8]])
+    assert preprocess_main(["shards", "--input", src, "--tokenizer", tokenizer_model, "--out", str(out / "shards"),
+                            "--unit-mb", "0.3"]) == 0
+    return str(out / "shards")
+
+
+def training_command(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return [*launcher, "-m", f"training.{stage}", "--config", config, *FAST, *overrides]
+
+
+def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_CONFIG) -> subprocess.CompletedProcess:
+    proc = subprocess.run(training_command(*overrides, nproc=nproc, stage=stage, config=config),
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def kill_after_first_checkpoint(command: list[str], out_dir) -> None:
+    """Start a training run and kill -9 it as soon as its first checkpoint is in place."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = os.path.join(out_dir, "checkpoints", "latest")
+    deadline = time.time() + 300
+    while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def losses(run_dir, key="loss") -> dict[int, float]:
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {r["step"]: r[key] for r in lines if key in r}
+
+
+def val_losses(run_dir) -> dict[int, float]:
+    return losses(run_dir, "val_loss")

@@ -352,6 +352,6 @@ def test_show_prints_ids_and_text(tokenizer_model, tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": "alpha beta"}, {"text": "gamma\ndelta"}])
     out = shards(tokenizer_model, tmp_path / "o", src)
     proc = run_cli("show", out, "--doc", 1)
-    assert "ids:" in proc.stdout and "'gamma\\ndelta'" in proc.stdout
+    assert "ids:" in proc.stdout and "'gamma\\ndelta</s>'" in proc.stdout  # control symbols written out
     assert run_cli("show", out, "--doc", 2, check=False).returncode == 1
     shutil.rmtree(out)

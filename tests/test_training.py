@@ -2,16 +2,14 @@ import ast
 import glob
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, shakespeare_plays, write_jsonl
+from conftest import FAST, REPO, TINY_CONFIG, kill_after_first_checkpoint, losses, run_training, val_losses, write_jsonl
 
 from preprocess.__main__ import main as preprocess_main
 from preprocess.errors import UserError
@@ -22,41 +20,6 @@ from training.loop import Stage, accumulate_gradients
 from training.losses import IGNORE, lm_loss_sum
 from training.model import KVCache, ModelConfig, Transformer
 from training.optim import lr_at
-
-TINY_CONFIG = os.path.join(REPO, "configs", "pretrain", "tiny.yaml")
-# a very small model and batch, so that runs in tests take seconds
-FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
-        "data.seq_len=32", "train.micro_batch_size=4", "train.eval_every=0", "train.warmup_steps=2",
-        "log.tensorboard=false", "log.every=1", "log.progress=false"]
-
-
-@pytest.fixture(scope="session")
-def pretrain_shards(tmp_path_factory, tokenizer_model) -> str:
-    out = tmp_path_factory.mktemp("pretrain-shards")
-    src = write_jsonl(out / "plays.jsonl", [{"text": open(p, encoding="utf-8").read()} for p in shakespeare_plays()[:8]])
-    assert preprocess_main(["shards", "--input", src, "--tokenizer", tokenizer_model, "--out", str(out / "shards"),
-                            "--unit-mb", "0.3"]) == 0
-    return str(out / "shards")
-
-
-def run_training(*overrides, nproc=1, check=True, stage="pretrain") -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", f"training.{stage}", "--config", TINY_CONFIG, *FAST, *overrides],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def losses(run_dir, key="loss") -> dict[int, float]:
-    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r[key] for r in lines if key in r}
-
-
-def val_losses(run_dir) -> dict[int, float]:
-    return losses(run_dir, "val_loss")
-
 
 # ------------------------------------------------------------------------------------------- configs
 
@@ -316,14 +279,9 @@ def test_kill_9_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(pretra
               "train.eval_samples=16"]
     run_training(*common, f"out_dir={tmp_path / 'straight'}")
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common, f"out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after_first_checkpoint([sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common,
+                                 f"out_dir={out}"], out)
     latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     assert latest.read_text().strip() == "step-4"
     assert max(losses(out)) < 10  # it really stopped part-way
     run_training(*common, f"out_dir={out}")

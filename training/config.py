@@ -48,7 +48,7 @@ class TrainConfig:
     keep_checkpoints: int = 3    # newest checkpoints kept; 0 keeps all
     eval_every: int = 200        # 0 disables evaluation
     eval_samples: int = 512      # validation samples per evaluation, split over the ranks (same set for any count)
-    sample_prompt: str = ""      # generated from at every evaluation when not empty
+    sample_prompt: str | None = None  # text continued at every evaluation (none: no sample)
     sample_tokens: int = 64
 
 
@@ -67,15 +67,22 @@ class LogConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1            # strength of the pull towards the reference
+    precompute_ref: bool = False  # compute the reference log-probs once, into an array next to the shards
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
-    init_from: str | None = None  # a run or checkpoint directory whose weights start this run
+    init_from: str | None = None  # a run or checkpoint directory whose weights (and model shape) start this run
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 CHOICES = {

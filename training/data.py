@@ -1,4 +1,5 @@
-"""Shard directories → fixed-length samples in a deterministic global order, sliced by data-parallel rank.
+"""Shard directories → samples (pretraining) or examples (SFT, DPO) in a deterministic global order, sliced by
+data-parallel rank.
 
 Every sample is addressed by a global index, so the loader has no state: step t of any run, on any number of
 processes, reads the same samples, and resuming needs only the step number. Memory stays constant in the corpus
@@ -20,18 +21,17 @@ from preprocess.shards import read_manifest, verify_shard
 PERIOD = 10_000  # mixing pattern length: weights are honoured to 1/PERIOD
 
 
-class ShardSource:
-    """One shard directory as a single token stream, cut into samples of seq_len + 1 tokens (consecutive samples
-    share one token). The last val_fraction of the samples is the validation split."""
+class ShardDir:
+    """A shard directory checked cheaply against its manifest (every file present, with the recorded size) and
+    read through memory maps, as one token stream over its shards."""
 
-    def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str = "pretrain"):
+    def __init__(self, path: str, kind: str):
         self.path = path
         self.manifest = read_manifest(path)
         if self.manifest["kind"] != kind:
             raise UserError(f"{path}: holds {self.manifest['kind']} shards, this stage needs {kind} shards")
         self.shards = self.manifest["shards"]
-        self.dtype = np.dtype(self.manifest["dtype"])
-        for shard in self.shards:  # cheap checks: presence and size of every file
+        for shard in self.shards:
             for meta in shard["files"].values():
                 file = os.path.join(path, meta["path"])
                 if not os.path.isfile(file):
@@ -39,46 +39,40 @@ class ShardSource:
                 if os.path.getsize(file) != meta["bytes"]:
                     raise UserError(f"{file}: {os.path.getsize(file)} bytes, manifest says {meta['bytes']}; "
                                     f"run `python -m preprocess verify {path}`")
-        counts = [s["tokens"] for s in self.shards]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self.shards])]).astype(np.int64)
         self.total_tokens = int(self.starts[-1])
-        self.seq_len = seq_len
-        n = max(0, (self.total_tokens - 1) // seq_len)
-        n_val = int(np.ceil(n * val_fraction)) if n > 1 else 0
-        self.n_train, self.n_val = n - n_val, n_val
         # memory maps opened on demand, a bounded number at a time: thousands of shards never hold thousands of files
-        self._tokens = functools.lru_cache(maxsize=64)(self._open_tokens)
-        if self.n_train < 1:
-            raise UserError(f"{path}: {self.total_tokens:,} tokens make no training sample of data.seq_len={seq_len} "
-                            f"(+1) after holding out data.val_fraction={val_fraction}")
+        self._maps = functools.lru_cache(maxsize=128)(self._open)
 
-    @property
-    def tokenizer(self) -> dict:
-        return self.manifest["tokenizer"]
+    def _open(self, i: int, key: str) -> np.ndarray:
+        return np.load(os.path.join(self.path, self.shards[i]["files"][key]["path"]), mmap_mode="r")
 
-    def _open_tokens(self, i: int) -> np.ndarray:
-        return np.load(os.path.join(self.path, self.shards[i]["files"]["tokens"]["path"]), mmap_mode="r")
-
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of the whole directory, across shard boundaries."""
+    def read(self, start: int, length: int, key: str = "tokens") -> np.ndarray:
+        """Positions [start, start + length) of the directory's tokens (or mask), across shard boundaries."""
         out = np.empty(length, dtype=np.int64)
         filled = 0
         i = bisect.bisect_right(self.starts, start) - 1
         while filled < length:
             offset = start + filled - int(self.starts[i])
-            piece = self._tokens(i)[offset:offset + length - filled]
+            piece = self._maps(i, key)[offset:offset + length - filled]
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             i += 1
         return out
 
-    def sample(self, j: int) -> np.ndarray:
-        """Sample j (train: 0..n_train-1, validation: n_train..n_train+n_val-1)."""
-        return self.read(j * self.seq_len, self.seq_len + 1)
+    def document_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end positions of every document in the token stream."""
+        ends = np.concatenate([self._maps(i, "offsets") + self.starts[i] for i in range(len(self.shards))] or [[]])
+        ends = ends.astype(np.int64)
+        return np.concatenate([[0], ends[:-1]]).astype(np.int64), ends
 
     def locate(self, position: int) -> str:
         i = bisect.bisect_right(self.starts, position) - 1
         return f"{self.path}/{self.shards[i]['files']['tokens']['path']}[{position - int(self.starts[i])}]"
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.manifest["tokenizer"]
 
     def verify(self, rank: int, world: int) -> list[str]:
         """Re-hash this rank's share of the shards."""
@@ -87,11 +81,28 @@ class ShardSource:
                 for p in verify_shard(self.path, s, self.manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"])]
 
 
+class ShardSource(ShardDir):
+    """Pretraining: the token stream cut into samples of seq_len + 1 tokens (consecutive samples share one token).
+    The last val_fraction of the samples is the validation split."""
+
+    def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str = "pretrain"):
+        super().__init__(path, kind)
+        self.seq_len = seq_len
+        n = max(0, (self.total_tokens - 1) // seq_len)
+        n_val = int(np.ceil(n * val_fraction)) if n > 1 else 0
+        self.n_train, self.n_val = n - n_val, n_val
+        if self.n_train < 1:
+            raise UserError(f"{path}: {self.total_tokens:,} tokens make no training sample of data.seq_len={seq_len} "
+                            f"(+1) after holding out data.val_fraction={val_fraction}")
+
+    def sample(self, j: int) -> np.ndarray:
+        """Sample j (train: 0..n_train-1, validation: n_train..n_train+n_val-1)."""
+        return self.read(j * self.seq_len, self.seq_len + 1)
+
+
 class KeyedPermutation:
     """A pseudo-random bijection of range(n) from a key, computed per index: a 4-round Feistel network over
     the next even power of two, with cycle walking back into range. O(1) memory for any n."""
-
-    MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
     def __init__(self, n: int, key: tuple[int, ...]):
         self.n = n
@@ -169,29 +180,55 @@ class SampleOrder:
         return self._perms[(s, epoch)]
 
 
-class PretrainData:
-    """Train and validation micro-batches (inputs, targets) of a rank, addressed by step and micro-step."""
+class ExampleSource(ShardDir):
+    """SFT and DPO: whole examples, each `group` consecutive documents (1: a conversation; 2: a chosen and a
+    rejected conversation). Examples that do not fit data.seq_len + 1 tokens are left out and counted; the last
+    val_fraction of the rest is the validation split."""
 
-    def __init__(self, sources: list[ShardSource], weights: list[float], seed: int, micro_batch: int,
-                 grad_accum: int, rank: int, world: int, vocab_size: int):
+    def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str, group: int):
+        super().__init__(path, kind)
+        starts, ends = self.document_bounds()
+        n = len(starts) // group
+        self.doc_starts, self.doc_ends = starts[: n * group].reshape(n, group), ends[: n * group].reshape(n, group)
+        fits = np.flatnonzero((self.doc_ends - self.doc_starts).max(axis=1, initial=0) <= seq_len + 1)
+        self.too_long = n - len(fits)
+        n_val = int(np.ceil(len(fits) * val_fraction)) if len(fits) > 1 else 0
+        self.ids = fits  # train examples first, then validation ones
+        self.n_train, self.n_val = len(fits) - n_val, n_val
+        if self.n_train < 1:
+            raise UserError(f"{path}: no training example of at most data.seq_len+1={seq_len + 1} tokens "
+                            f"({self.too_long:,} longer ones left out)")
+
+    def example(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(tokens, mask) of each document of example j (train: 0..n_train-1, then validation)."""
+        e = int(self.ids[j])
+        return [(self.read(int(a), int(b - a)), self.read(int(a), int(b - a), "mask"))
+                for a, b in zip(self.doc_starts[e], self.doc_ends[e], strict=True)]
+
+
+class GlobalBatches:
+    """Micro-batches of a rank, addressed by (step, micro-step): each optimizer step consumes `global_batch`
+    consecutive entries of the global order, and micro-step m of rank r takes a contiguous slice of them.
+    Subclasses turn a list of (source, index) picks into tensors."""
+
+    def __init__(self, sources, weights: list[float], seed: int, micro_batch: int, grad_accum: int, rank: int,
+                 world: int, vocab_size: int):
         self.sources, self.vocab_size = sources, vocab_size
         self.micro_batch, self.grad_accum, self.rank, self.world = micro_batch, grad_accum, rank, world
         self.order = SampleOrder([s.n_train for s in sources], weights, seed)
         self.global_batch = micro_batch * grad_accum * world
-        self.val_ends = np.cumsum([s.n_val for s in sources])  # validation samples of all sources, end to end
+        self.val_ends = np.cumsum([s.n_val for s in sources])  # validation entries of all sources, end to end
 
     def micro_indices(self, step: int, micro: int) -> np.ndarray:
-        """Global sample indices of this rank's micro-batch: each optimizer step consumes global_batch samples,
-        micro-step m of rank r takes a contiguous slice of them."""
         first = step * self.global_batch + (micro * self.world + self.rank) * self.micro_batch
         return np.arange(first, first + self.micro_batch)
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int):
         source, sample = self.order(self.micro_indices(step, micro))
-        return self._stack([(int(s), int(j)) for s, j in zip(source, sample, strict=True)])
+        return self.collate([(int(s), int(j)) for s, j in zip(source, sample, strict=True)])
 
     def val_batches(self, n_samples: int):
-        """This rank's share of `n_samples` validation samples spread evenly over the split: the same subset
+        """This rank's share of `n_samples` validation entries spread evenly over the split: the same subset
         whatever the number of ranks, so val_loss is comparable across runs."""
         n_val = int(self.val_ends[-1])
         if n_val == 0:
@@ -203,9 +240,22 @@ class PretrainData:
             first = int(self.val_ends[s - 1]) if s else 0
             mine.append((s, self.sources[s].n_train + int(v) - first))
         for i in range(0, len(mine), self.micro_batch):
-            yield self._stack(mine[i:i + self.micro_batch])
+            yield self.collate(mine[i:i + self.micro_batch])
 
-    def _stack(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_vocab(self, rows: list[np.ndarray], picks: list[tuple[int, int]]) -> None:
+        for row, (s, j) in zip(rows, picks, strict=True):
+            if len(row) and (top := int(row.max())) >= self.vocab_size:
+                raise UserError(f"token id {top} in {self.sources[s].path} (sample {j}) is outside the model's "
+                                f"vocabulary (model.vocab_size={self.vocab_size})")
+
+    def collate(self, picks: list[tuple[int, int]]):
+        raise NotImplementedError
+
+
+class PretrainData(GlobalBatches):
+    """(inputs, targets) of seq_len tokens: every token is a target."""
+
+    def collate(self, picks):
         rows = np.stack([self.sources[s].sample(j) for s, j in picks])
         if rows.size and (top := int(rows.max())) >= self.vocab_size:
             s, j = picks[int(np.argmax(rows.max(axis=1)))]
@@ -217,8 +267,57 @@ class PretrainData:
         return tokens[:, :-1], tokens[:, 1:]
 
 
-def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str = "pretrain") -> list[ShardSource]:
-    sources = [ShardSource(p, seq_len, val_fraction, kind) for p in paths]
+def pad_sequences(docs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, multiple: int = 8):
+    """Right-padded (inputs, targets): the target of position i is token i+1 where its mask is 1, else IGNORE.
+    Padding sits after each sequence, so under causal attention no real token ever sees it or another example."""
+    from .losses import IGNORE
+
+    width = -(-max(len(t) - 1 for t, _ in docs) // multiple) * multiple
+    inputs = np.full((len(docs), width), pad_id, dtype=np.int64)
+    targets = np.full((len(docs), width), IGNORE, dtype=np.int64)
+    for row, (tokens, mask) in enumerate(docs):
+        n = len(tokens) - 1
+        inputs[row, :n] = tokens[:-1]
+        targets[row, :n] = np.where(mask[1:] == 1, tokens[1:], IGNORE)
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+class SFTData(GlobalBatches):
+    """(inputs, targets) of whole conversations padded to the longest in the micro-batch; targets are the
+    learned (assistant) tokens only."""
+
+    def __init__(self, *args, pad_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad_id = pad_id
+
+    def collate(self, picks):
+        docs = [doc for s, j in picks for doc in self.sources[s].example(j)]
+        self.check_vocab([t for t, _ in docs], [p for p in picks for _ in range(len(docs) // len(picks))])
+        return pad_sequences(docs, self.pad_id)
+
+
+class DPOData(GlobalBatches):
+    """(inputs, targets, reference log-probs) of pairs: the chosen sequences of the micro-batch, then their
+    rejected sequences, padded together for one forward pass. Reference log-probs come from a precomputed
+    array or from the frozen reference model."""
+
+    def __init__(self, *args, pad_id: int, reference, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad_id, self.reference = pad_id, reference
+
+    def collate(self, picks):
+        pairs = [self.sources[s].example(j) for s, j in picks]
+        docs = [p[0] for p in pairs] + [p[1] for p in pairs]
+        self.check_vocab([t for t, _ in docs], picks + picks)
+        inputs, targets = pad_sequences(docs, self.pad_id)
+        return inputs, targets, self.reference(picks, inputs, targets)
+
+
+def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str = "pretrain"):
+    if kind == "pretrain":
+        sources = [ShardSource(p, seq_len, val_fraction) for p in paths]
+    else:
+        sources = [ExampleSource(p, seq_len, val_fraction, kind, group=2 if kind == "dpo" else 1) for p in paths]
     first = sources[0]
     for other in sources[1:]:
         if other.tokenizer["sha256"] != first.tokenizer["sha256"]:

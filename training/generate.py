@@ -1,7 +1,7 @@
 """Text generation with a KV cache.
 
     python -m training.generate --checkpoint RUN_OR_CKPT_DIR --prompt TEXT [--max-new-tokens N]
-                                [--temperature T] [--top-k K] [--greedy] [--seed S]
+                                [--temperature T] [--top-k K] [--greedy] [--seed S] [--chat]
 """
 
 from __future__ import annotations
@@ -51,6 +51,21 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temp
     return out
 
 
+def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, temperature: float = 0.8,
+               top_k: int = 50, greedy: bool = False, seed: int = 0) -> str:
+    """The assistant's reply to one user turn, rendered with the chat template; stops at <|end|>."""
+    import numpy as np
+
+    from preprocess.chat import ChatTemplate, Turn
+
+    template = ChatTemplate.from_processor(sp)
+    prompt = template.prompt([Turn("user", text)], [np.array(sp.encode(text))])
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    ids = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                   eos_id=template.end_id, vocab_limit=sp.vocab_size(), generator=generator)
+    return sp.decode(ids)
+
+
 def load_for_inference(checkpoint: str, device: str = "auto"):
     """(model in eval mode, sentencepiece processor) from a run or checkpoint directory."""
     import sentencepiece as spm
@@ -76,11 +91,16 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--greedy", action="store_true")
+    p.add_argument("--chat", action="store_true", help="treat the prompt as a user turn and print the assistant's reply")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
         model, sp = load_for_inference(args.checkpoint, args.device)
+        if args.chat:
+            print(chat_reply(model, sp, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.greedy,
+                             args.seed))
+            return 0
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
         ids = generate(model, sp.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, greedy=args.greedy, eos_id=sp.eos_id(), vocab_limit=sp.vocab_size(),

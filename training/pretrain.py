@@ -29,4 +29,4 @@ STAGE = Stage(name="pretrain", data_kind="pretrain", make_data=make_data, loss=l
               units=lambda batch: batch[1].numel(), tokens=lambda batch: batch[0].numel())
 
 if __name__ == "__main__":
-    sys.exit(main(STAGE))
+    sys.exit(main("pretrain", lambda cfg: STAGE))

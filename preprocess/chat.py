@@ -1,0 +1,70 @@
+"""The chat template: conversations → token ids and a loss mask, built from the tokenizer's reserved control
+symbols, so that no text can forge a role marker.
+
+    <|system|> text <|end|>  <|user|> text <|end|>  <|assistant|> text <|end|>  ...  </s>
+
+Each turn's text is encoded on its own and placed between ids that only this template can produce. The mask
+is 1 on the tokens the model learns to write — an assistant turn's text and its <|end|> — and 0 elsewhere
+(role markers, user and system text, the final </s>). Generation starts from the ids of the conversation so far
+followed by <|assistant|>, and stops at <|end|>.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .tokenizer import END_OF_TURN, ROLE_TOKENS, TokenizerInfo
+
+TEMPLATE = "shardlm-chat-v1"
+ROLES = tuple(ROLE_TOKENS)  # system, user, assistant
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str
+    text: str
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer: TokenizerInfo):
+        missing = [t for t in (*ROLE_TOKENS.values(), END_OF_TURN) if t not in tokenizer.special_ids]
+        if missing:
+            raise UserError(f"{tokenizer.path}: the tokenizer lacks the chat control symbols {', '.join(missing)}; "
+                            "train one with `python -m preprocess tokenizer` (it reserves them)")
+        self.role_ids = {role: tokenizer.special_ids[tok] for role, tok in ROLE_TOKENS.items()}
+        self.end_id = tokenizer.special_ids[END_OF_TURN]
+        self.eos_id = tokenizer.eos_id
+
+    @classmethod
+    def from_processor(cls, sp, where: str = "tokenizer") -> ChatTemplate:
+        """The template of a loaded sentencepiece processor."""
+        from .tokenizer import TokenizerInfo
+
+        special = {t: sp.piece_to_id(t) for t in (*ROLE_TOKENS.values(), END_OF_TURN)
+                   if sp.piece_to_id(t) != sp.unk_id() and sp.is_control(sp.piece_to_id(t))}
+        special["eos"] = sp.eos_id()
+        return cls(TokenizerInfo(where, "", sp.vocab_size(), special))
+
+    def render(self, turns: list[Turn], texts: list[np.ndarray], learn: str) -> tuple[np.ndarray, np.ndarray]:
+        """ids and mask of a whole conversation; texts[i] are the ids of turns[i].text.
+
+        learn="assistant": every assistant turn is learned (SFT); "last": only the final turn (DPO completions)."""
+        ids, mask = [], []
+        last = len(turns) - 1
+        for i, (turn, text) in enumerate(zip(turns, texts, strict=True)):
+            learned = turn.role == "assistant" and (learn == "assistant" or i == last)
+            ids += [self.role_ids[turn.role], *text.tolist(), self.end_id]
+            mask += [0] + [int(learned)] * (len(text) + 1)
+        ids.append(self.eos_id)
+        mask.append(0)
+        return np.array(ids, dtype=np.int64), np.array(mask, dtype=np.uint8)
+
+    def prompt(self, turns: list[Turn], texts: list[np.ndarray]) -> list[int]:
+        """ids that ask the model for the next assistant turn."""
+        ids = []
+        for turn, text in zip(turns, texts, strict=True):
+            ids += [self.role_ids[turn.role], *text.tolist(), self.end_id]
+        return ids + [self.role_ids["assistant"]]

@@ -1,0 +1,91 @@
+"""The Tang-poem recipe (`make demo DEMO=tang TANG_DIR=.../全唐诗`), after the TutorialLLM tutorial.
+
+    python recipes/tang.py data --poems DIR --out DIR [--limit N]
+    python recipes/tang.py samples --run RUN --prompts FILE
+    python recipes/tang.py compare --reference RUN --aligned RUN --prompts FILE
+
+From chinese-poetry's poet.tang.*.json: keep the poems TutorialLLM keeps (no '□', no parentheses, at least two
+couplets, couplets of one length), shuffle them with seed 2024 and split them 5:3:2 into
+- pretraining text (title, then the couplets, one per line),
+- instructions: "請用以下題目寫一首詩" + a title → that poem,
+- preferences: for a five-character poem's title, that poem (every couplet 12 characters: 5 + punctuation +
+  5 + punctuation) is chosen over a random poem that is not five-character.
+Measured: the share of five-character poems among replies for 50 held-out titles, from the SFT model (the
+reference) and from the DPO model (aligned).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+
+from common import main, write_jsonl
+
+INSTRUCTION = "請用以下題目寫一首詩"
+HELD_OUT = 50
+
+
+def load_poems(poems_dir: str, limit: int | None) -> list[dict]:
+    paths = sorted(glob.glob(os.path.join(poems_dir, "poet.tang.*.json")),
+                   key=lambda p: int(re.search(r"poet\.tang\.(\d+)\.json$", p).group(1)))
+    if not paths:
+        raise SystemExit(f"error: {poems_dir}: no poet.tang.*.json files")
+    poems = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            poems.extend(json.load(f))
+        if limit and len(poems) >= limit:
+            break
+    return poems[:limit] if limit else poems
+
+
+def keep(poem: dict) -> bool:
+    """TutorialLLM's filters."""
+    title, paragraphs = poem.get("title", ""), poem.get("paragraphs") or []
+    text = title + "".join(paragraphs)
+    return (len(paragraphs) >= 2 and len({len(p) for p in paragraphs}) == 1
+            and not any(c in text for c in "□(（"))
+
+
+def is_five_character(poem_text: str) -> bool:
+    lines = [line.strip() for line in poem_text.split("\n") if line.strip()]
+    return len(lines) >= 2 and all(len(line) == 12 for line in lines)
+
+
+def cmd_data(args) -> None:
+    poems = [p for p in load_poems(args.poems, args.limit) if keep(p)]
+    random.Random(2024).shuffle(poems)
+    a, b = len(poems) * 5 // 10, len(poems) * 8 // 10
+    pretrain, instruct, prefer = poems[:a], poems[a:b], poems[b:]
+    body = lambda p: "\n".join(p["paragraphs"])  # noqa: E731
+    os.makedirs(args.out, exist_ok=True)
+
+    write_jsonl(os.path.join(args.out, "pretrain.jsonl"), [{"text": p["title"] + "\n" + body(p) + "\n"} for p in pretrain])
+    write_jsonl(os.path.join(args.out, "sft.jsonl"),
+                [{"instruction": INSTRUCTION, "input": p["title"], "output": body(p)} for p in instruct])
+    held_out, prefer = prefer[:HELD_OUT], prefer[HELD_OUT:]
+    five = [p for p in prefer if is_five_character(body(p))]
+    others = [p for p in prefer if not is_five_character(body(p))]
+    rng = random.Random(2024)
+    pairs = [{"instruction": INSTRUCTION, "input": p["title"], "chosen": body(p), "rejected": body(rng.choice(others))}
+             for p in five] if others else []
+    write_jsonl(os.path.join(args.out, "dpo.jsonl"), pairs)
+    with open(os.path.join(args.out, "eval_prompts.json"), "w", encoding="utf-8") as f:
+        json.dump([INSTRUCTION + "\n\n" + p["title"] for p in held_out], f, ensure_ascii=False, indent=1)
+    share = sum(is_five_character(body(p)) for p in instruct) / max(1, len(instruct))
+    print(f"recipe: {len(poems):,} poems kept; {len(pretrain):,} for pretraining, {len(instruct):,} instructions "
+          f"({100 * share:.0f}% five-character), {len(pairs):,} preference pairs, {len(held_out)} held-out titles")
+
+
+def add_data_arguments(parser) -> None:
+    parser.add_argument("--poems", required=True, help="the folder holding poet.tang.*.json")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--limit", type=int, default=None, help="read only the first N poems (for quick runs)")
+
+
+if __name__ == "__main__":
+    main(__doc__, add_data_arguments, cmd_data, is_five_character, "are five-character poems", max_new_tokens=120,
+         samples=1)

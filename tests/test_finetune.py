@@ -1,0 +1,202 @@
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    REPO,
+    kill_after_first_checkpoint,
+    losses,
+    run_training,
+    shakespeare_plays,
+    training_command,
+    val_losses,
+    write_jsonl,
+)
+
+from preprocess.__main__ import main as preprocess_main
+from training.data import pad_sequences
+from training.losses import IGNORE, dpo_loss, sequence_logps
+
+SFT_CONFIG = os.path.join(REPO, "configs", "sft", "tiny.yaml")
+DPO_CONFIG = os.path.join(REPO, "configs", "dpo", "tiny.yaml")
+CHAT = ["data.seq_len=63", "train.micro_batch_size=4"]
+
+sys.path.insert(0, os.path.join(REPO, "recipes"))
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+
+
+def test_dpo_loss_and_gradients_equal_a_hand_computed_reference():
+    g = torch.Generator().manual_seed(0)
+    pc, pr = (torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(2))
+    beta = 0.3
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta)
+    loss.backward()
+    z = beta * ((pc.detach() - rc) - (pr.detach() - rr))
+    sig = 1 / (1 + torch.exp(-z))
+    assert loss.item() == pytest.approx(float(torch.mean(-torch.log(sig))), rel=1e-12)
+    torch.testing.assert_close(pc.grad, -beta * (1 - sig) / 6)  # d/dπ_c of the mean of −log σ(z)
+    torch.testing.assert_close(pr.grad, beta * (1 - sig) / 6)
+    assert metrics["rewards/margins"].item() == pytest.approx(float((z).mean()), rel=1e-12)
+    assert metrics["rewards/accuracies"].item() == pytest.approx(float((z > 0).double().mean()))
+    same = torch.tensor([-12.5, -3.0], dtype=torch.float64)
+    at_start, start_metrics = dpo_loss(same, same - 1, same, same - 1, 0.1)  # policy == reference
+    assert at_start.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert start_metrics["rewards/chosen"].item() == 0 and start_metrics["rewards/margins"].item() == 0
+
+
+def test_sequence_log_probs_sum_only_the_completion_tokens():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.tensor([[3, IGNORE, 4, 1, IGNORE], [IGNORE] * 4 + [7]])
+    logp = torch.log_softmax(logits, -1)
+    expected = torch.stack([logp[0, 0, 3] + logp[0, 2, 4] + logp[0, 3, 1], logp[1, 4, 7]])
+    torch.testing.assert_close(sequence_logps(logits, targets), expected)
+
+
+def test_padding_leaves_targets_only_on_learned_tokens():
+    docs = [(np.array([5, 10, 11, 7, 2]), np.array([0, 1, 1, 1, 0], dtype=np.uint8)),
+            (np.array([5, 12, 7]), np.array([0, 1, 1], dtype=np.uint8))]
+    inputs, targets = pad_sequences(docs, pad_id=3, multiple=8)
+    assert inputs.tolist() == [[5, 10, 11, 7, 3, 3, 3, 3], [5, 12, 3, 3, 3, 3, 3, 3]]
+    assert targets.tolist() == [[10, 11, 7, IGNORE] + [IGNORE] * 4, [12, 7] + [IGNORE] * 6]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="session")
+def chat_shards(tmp_path_factory, tokenizer_model) -> dict[str, str]:
+    """SFT and DPO shards from Shakespeare's short speeches (the demo recipe's task, smaller)."""
+    from shakespeare import is_question, speeches
+
+    out = tmp_path_factory.mktemp("chat")
+    plays_dir = os.path.dirname(os.path.dirname(shakespeare_plays()[0]))
+    lines = speeches(plays_dir)[:3000]
+    sft = [{"prompt": f"Write a line spoken by {name}.", "response": text} for name, text in lines[:800]]
+    questions = [(n, t) for n, t in lines if is_question(t)]
+    others = [(n, t) for n, t in lines if not is_question(t)]
+    dpo = [{"prompt": f"Write a line spoken by {q[0]}.", "chosen": q[1], "rejected": o[1]}
+           for q, o in zip(questions, others, strict=False)][:400]
+    paths = {}
+    for kind, records in (("sft", sft), ("dpo", dpo)):
+        src = write_jsonl(out / f"{kind}.jsonl", records)
+        paths[kind] = str(out / kind)
+        assert preprocess_main(["shards", "--kind", kind, "--input", src, "--tokenizer", tokenizer_model,
+                                "--out", paths[kind], "--max-len", "64"]) == 0
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, pretrain_shards, chat_shards) -> str:
+    """A pretrained then fine-tuned tiny model: the starting point of DPO."""
+    out = tmp_path_factory.mktemp("runs")
+    run_training(f"data.path={pretrain_shards}", "train.max_steps=3", f"out_dir={out / 'pretrain'}")
+    run_training(f"data.path={chat_shards['sft']}", f"init_from={out / 'pretrain'}", "train.max_steps=3",
+                 f"out_dir={out / 'sft'}", *CHAT, stage="sft", config=SFT_CONFIG)
+    return str(out / "sft")
+
+
+@pytest.mark.slow
+def test_sft_two_processes_with_half_the_accumulation_give_the_same_losses(chat_shards, sft_run, tmp_path):
+    common = [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=4", "train.eval_every=2",
+              "train.eval_samples=13", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)
+    run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2, stage="sft", config=SFT_CONFIG)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    for step, value in val_losses(tmp_path / "one").items():
+        assert val_losses(tmp_path / "two")[step] == pytest.approx(value, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_starts_at_ln2_with_zero_rewards_and_is_the_same_on_two_processes(chat_shards, sft_run, tmp_path):
+    common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=4", "train.eval_every=4",
+              "train.eval_samples=8", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4", stage="dpo", config=DPO_CONFIG)
+    run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2, stage="dpo", config=DPO_CONFIG)
+    first = losses(tmp_path / "one", "rewards/chosen")
+    assert losses(tmp_path / "one")[1] == pytest.approx(math.log(2), abs=1e-6)  # before any update: policy == reference
+    assert first[1] == 0 and losses(tmp_path / "one", "rewards/margins")[1] == 0
+    assert val_losses(tmp_path / "one")[0] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        one, two = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (key, step)
+    assert losses(tmp_path / "one")[4] < math.log(2)
+
+
+@pytest.mark.slow
+def test_dpo_resumes_exactly_after_kill_9(chat_shards, sft_run, tmp_path):
+    common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=7", "train.ckpt_every=3",
+              *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", stage="dpo", config=DPO_CONFIG)
+    out = tmp_path / "killed"
+    kill_after_first_checkpoint(training_command(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG), out)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
+    run_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG)
+    for key in ("loss", "rewards/chosen", "rewards/rejected"):
+        assert losses(out, key) == losses(tmp_path / "straight", key)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_log_probs_give_the_live_reference_losses(chat_shards, sft_run, tmp_path):
+    common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=3", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'live'}", "train.grad_accum=2", stage="dpo", config=DPO_CONFIG)
+    proc = run_training(*common, f"out_dir={tmp_path / 'pre'}", "dpo.precompute_ref=true", nproc=2, stage="dpo",
+                        config=DPO_CONFIG)  # the same global batch: 2 processes x 1 micro-step
+    saved = [f for f in os.listdir(chat_shards["dpo"]) if f.startswith("ref_logps-")]
+    assert len(saved) == 1 and "reference log-probs of" in proc.stdout
+    live, pre = losses(tmp_path / "live"), losses(tmp_path / "pre")
+    for step in live:
+        assert pre[step] == pytest.approx(live[step], rel=1e-4)
+    again = run_training(*common, f"out_dir={tmp_path / 'again'}", "dpo.precompute_ref=true", "train.grad_accum=2",
+                         stage="dpo", config=DPO_CONFIG)
+    assert "reference log-probs of" not in again.stdout  # reused, not recomputed
+
+
+def test_dpo_needs_a_starting_checkpoint(chat_shards, tmp_path):
+    proc = run_training(f"data.path={chat_shards['dpo']}", "init_from=null", f"out_dir={tmp_path / 'x'}", *CHAT,
+                        stage="dpo", config=DPO_CONFIG, check=False)
+    assert proc.returncode == 1 and "DPO starts from a fine-tuned model: set init_from=" in proc.stderr
+
+
+@pytest.mark.slow
+def test_make_demo_runs_the_five_stages_and_the_model_learns_the_preference(tmp_path):
+    python = os.path.join(REPO, ".venv", "bin", "python")
+    if not os.path.exists(python):
+        pytest.skip("make demo runs in .venv, which `make test` creates")
+    proc = subprocess.run(["make", "--no-print-directory", "demo", f"OUT={tmp_path / 'demo'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for n in range(1, 6):
+        assert f"=== {n}/5 " in proc.stdout
+    shares = dict(re.findall(r"^(reference \(SFT\)|aligned \(DPO\)): \d+/\d+ replies end with '\?' \((\d+)%\)$",
+                             proc.stdout, re.M))
+    assert int(shares["aligned (DPO)"]) >= 80 and int(shares["aligned (DPO)"]) >= int(shares["reference (SFT)"]) + 40
+
+
+@pytest.mark.slow
+def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
+    from conftest import shared_data
+
+    poems = shared_data("tang_poems")
+    python = os.path.join(REPO, ".venv", "bin", "python")
+    if not os.path.exists(python):
+        pytest.skip("make demo runs in .venv, which `make test` creates")
+    proc = subprocess.run(["make", "--no-print-directory", "demo", "DEMO=tang", f"TANG_DIR={poems}",
+                           f"OUT={tmp_path / 'tang'}", "GET_DATA_LIMIT=--limit 6000",
+                           "STEPS=train.max_steps=40 train.eval_every=20 train.sample_prompt=春",
+                           "SFT_STEPS=train.max_steps=20", "DPO_STEPS=train.max_steps=10"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^recipe: [\d,]+ poems kept", proc.stdout, re.M)
+    assert re.search(r"^aligned \(DPO\): \d+/50 replies are five-character poems", proc.stdout, re.M)

@@ -1,0 +1,62 @@
+"""Print what a config resolves to: the model's shape and size, the batch, the schedule.
+
+    python -m training.describe --config FILE [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from preprocess.errors import UserError
+from preprocess.shards import read_manifest
+
+from . import checkpoint as ckpt
+from .config import config_from_yaml, data_sources, load_config
+from .loop import resolve_vocab
+from .model import Transformer
+
+
+def describe(cfg) -> str:
+    path = data_sources(cfg.data)[0][0]
+    vocab = read_manifest(path)["tokenizer"]["vocab_size"]
+    model_cfg = cfg.model
+    if cfg.init_from:  # fine-tuning: the shape is the starting checkpoint's
+        model_cfg = config_from_yaml(os.path.join(ckpt.resolve(cfg.init_from), "config.yaml")).model
+    model_cfg = resolve_vocab(model_cfg, vocab, path)
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    m, t = model_cfg, cfg.train
+    per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len
+    return "\n".join([
+        f"model: {model.num_params() / 1e6:.2f} M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f} M "
+        f"without the embedding); dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.kv_heads} key/value), "
+        f"feed-forward {m.hidden}, vocabulary {m.vocab_size} (tokenizer: {vocab}), context {m.max_seq_len}, "
+        f"{'tied' if m.tie_embeddings else 'separate'} embeddings",
+        f"compute: {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP per trained token",
+        f"batch: {t.micro_batch_size} x {cfg.data.seq_len} tokens per micro-step x {t.grad_accum} micro-steps "
+        f"= {per_step:,} tokens per optimizer step per process",
+        f"schedule: {t.max_steps:,} steps, lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup), "
+        f"precision {t.precision}, checkpoints every {t.ckpt_every}",
+    ])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.describe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        print(describe(load_config(args.config, args.overrides)))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

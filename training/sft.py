@@ -1,0 +1,37 @@
+"""Supervised fine-tuning: the loss on assistant tokens only, normalised by the number of those tokens in the
+whole global batch. Conversations are padded, never packed: no example attends to another.
+
+    python -m training.sft --config configs/sft/tiny.yaml init_from=RUN_OR_CKPT_DIR [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+from .data import SFTData
+from .loop import Stage
+from .losses import IGNORE, lm_loss_sum
+
+
+def pad_id(sources) -> int:
+    special = sources[0].tokenizer["special_ids"]
+    return special.get("pad", special["eos"])
+
+
+def make_data(sources, weights, cfg, env, vocab_size):
+    return SFTData(sources, weights, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum, env.rank,
+                   env.world_size, vocab_size, pad_id=pad_id(sources))
+
+
+def loss(model, batch):
+    inputs, targets = batch
+    total, _ = lm_loss_sum(model(inputs), targets)
+    return total, {}
+
+
+STAGE = Stage(name="sft", data_kind="sft", make_data=make_data, loss=loss,
+              units=lambda batch: int((batch[1] != IGNORE).sum()), tokens=lambda batch: batch[0].numel(), chat=True)
+
+if __name__ == "__main__":
+    sys.exit(main("sft", lambda cfg: STAGE))
