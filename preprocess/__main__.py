@@ -11,6 +11,7 @@ from .errors import UserError
 from .fileio import file_sha256
 from .formats import pretrain_text
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
+from .ranks import ranks_from_env
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
 from .shards import KINDS, ShardJob, read_manifest, verify
 from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
@@ -46,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
     s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    s.add_argument("--rank", type=int, default=None,
+                   help="this process's share of the units when several split one job (default: from mpirun, "
+                        "srun or a Slurm array; 0 alone)")
+    s.add_argument("--world", type=int, default=None, help="how many processes split the job (see --rank)")
     s.add_argument("--max-len", type=int, default=2048,
                    help="sft/dpo: drop (and count) examples longer than this many tokens (default: 2048)")
     s.add_argument("--unit-mb", type=float, default=None,
@@ -111,7 +116,17 @@ def cmd_shards(args) -> None:
     plan = make_plan(job, paths, segments, unit_bytes)
     os.makedirs(args.out, exist_ok=True)
     copy_tokenizer(tokenizer.path, args.out, tokenizer.sha256)
-    manifest, stats = build_shards(job, plan, args.workers)
+    rank, world, _, launcher = ranks_from_env(arrays=True)
+    if args.rank is not None or args.world is not None:
+        rank, world = args.rank or 0, args.world or 1
+    if not 0 <= rank < world:
+        raise UserError(f"--rank {rank} is not in 0..{world - 1} (--world {world})")
+    manifest, stats = build_shards(job, plan, args.workers, rank=rank, world=world)
+    if manifest is None:
+        print(f"shards (rank {rank} of {world}): {stats['new_documents']:,} documents, {stats['new_tokens']:,} tokens "
+              f"in {stats['seconds']:.1f} s; {stats['units_left']} units of other ranks unfinished — the last rank to "
+              f"finish writes the manifest")
+        return
     print_summary(manifest, stats, args.out)
     if manifest["totals"]["documents"] == 0:
         skipped = manifest["skipped"]

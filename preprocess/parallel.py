@@ -169,8 +169,7 @@ def prepare_out_dir(job: ShardJob, plan: Plan) -> dict | None:
     elif os.path.isdir(out) and any(n.startswith("shard-") for n in os.listdir(out)):
         raise UserError(f"{out}: holds shard files but no manifest or plan; delete it or choose another --out")
     os.makedirs(os.path.join(out, WORK_DIR, "units"), exist_ok=True)
-    remove_stale_tmp(out)
-    atomic_write(plan_path, json.dumps(plan.resume_key).encode())
+    atomic_write(plan_path, json.dumps(plan.resume_key).encode())  # every rank writes the same bytes
     return None
 
 
@@ -178,11 +177,15 @@ def finish(job: ShardJob, plan: Plan, records_by_name: dict[str, dict]) -> dict:
     manifest = build_manifest(job, plan.doc, [records_by_name[n] for n in plan.names])
     write_manifest(job.out_dir, manifest)
     shutil.rmtree(os.path.join(job.out_dir, WORK_DIR), ignore_errors=True)
+    remove_stale_tmp(job.out_dir)  # left by killed runs; every unit is final now
     return manifest
 
 
-def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True) -> tuple[dict, dict]:
-    """Write every missing unit and the manifest. Returns (manifest, stats of this run)."""
+def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True, rank: int = 0,
+                 world: int = 1) -> tuple[dict | None, dict]:
+    """Write the missing units of this rank (unit i belongs to rank i % world), then the manifest if every
+    unit of the plan is done — so whichever rank finishes last writes it, with no communication between ranks
+    beyond the shared output directory. Returns (manifest or None, stats of this run)."""
     from tqdm import tqdm
 
     done = prepare_out_dir(job, plan)
@@ -192,19 +195,19 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
                       "new_documents": 0, "seconds": 0.0}
     records: dict[str, dict] = {}
     todo = []
-    for name, unit in zip(plan.names, plan.units, strict=True):
+    for i, (name, unit) in enumerate(zip(plan.names, plan.units, strict=True)):
         record = unit_is_complete(job, name)
         if record is not None:
             records[name] = record
-        else:
+        elif i % world == rank:
             todo.append((name, unit))
     for record in records.values():  # finished by an earlier run without --strict
         _check_strict(job, record["skipped_examples"])
     stats = {"resumed_units": len(records), "new_tokens": 0, "new_documents": 0}
-    total_bytes = sum(s.size for u in plan.units for s in u)
     start = time.perf_counter()
-    bar = tqdm(total=total_bytes, initial=sum(r["input_bytes"] for r in records.values()), unit="B",
-               unit_scale=True, desc="shards", disable=None if progress else True)
+    mine = sum(s.size for _, unit in todo for s in unit)
+    bar = tqdm(total=mine, unit="B", unit_scale=True, desc="shards" if world == 1 else f"shards (rank {rank}/{world})",
+               disable=None if progress and rank == 0 else True)
 
     def on_done(record: dict) -> None:
         records[record["name"]] = record
@@ -220,6 +223,15 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True)
     finally:
         bar.close()
     stats["seconds"] = time.perf_counter() - start
+    if world > 1:  # the other ranks' units: complete only if every record is there
+        for name in plan.names:
+            if name not in records and (record := unit_is_complete(job, name)) is not None:
+                records[name] = record
+        if len(records) < len(plan.names):
+            stats["units_left"] = len(plan.names) - len(records)
+            return None, stats
+        if os.path.isfile(os.path.join(job.out_dir, MANIFEST)):  # another rank got there first
+            return prepare_out_dir(job, plan), stats
     return finish(job, plan, records), stats
 
 

@@ -11,6 +11,7 @@ Layout of a shard directory (docs/formats.md is the reference):
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 
 from .chat import TEMPLATE, ChatTemplate
 from .errors import UserError
-from .fileio import NpyWriter, atomic_write, file_sha256, fsync_dir
+from .fileio import TMP_MARK, NpyWriter, atomic_write, file_sha256, fsync_dir
 from .formats import KINDS as KIND_CLASSES
 from .readers import REASONS, Bad, Segment, SegmentReader
 from .tokenizer import Encoder, TokenizerInfo
@@ -68,6 +69,9 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
     """Tokenize one unit into its shard files and return its record (also saved under .work/units/)."""
     kind = job.make_kind(encoder)
     files = shard_files(name, kind.has_mask)
+    for path in files.values():  # left by a killed run (this unit is only ever written by this rank)
+        for stale in glob.glob(os.path.join(glob.escape(job.out_dir), glob.escape(path) + TMP_MARK + "*")):
+            os.unlink(stale)
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     doc_lengths: list[np.ndarray] = []

@@ -10,10 +10,16 @@ from preprocess.errors import UserError
 from .config import load_config
 from .distributed import ranks_from_env
 
+# what gloo and NCCL say when a peer process is gone or a collective timed out
+COMMUNICATION_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL",
+                        "gloo")
+
 
 def main(name: str, make_stage, argv=None) -> int:
     """make_stage(config) → the Stage to run (a stage's loss may depend on its config section)."""
-    from .loop import run
+    import torch.distributed as dist
+
+    from .loop import Stopped, run
 
     p = argparse.ArgumentParser(prog=f"python -m training.{name}",
                                 description=f"{name}: --config FILE, then dotted overrides such as "
@@ -22,12 +28,24 @@ def main(name: str, make_stage, argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by some launchers
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
+    rank, world, _, _ = ranks_from_env()
+    who = "" if world == 1 else f" (rank {rank})"
     try:
         cfg = load_config(args.config, args.overrides)
         run(make_stage(cfg), cfg)
     except (UserError, OSError) as e:  # OSError: disk full, permissions — the environment, not a bug
-        rank, world, _, _ = ranks_from_env()
-        print(f"error: {e}" if world == 1 else f"error (rank {rank}): {e}", file=sys.stderr)
+        print(f"error{who}: {e}", file=sys.stderr)
+        return 1
+    except Stopped as e:
+        if rank == 0:
+            print(e, file=sys.stderr)
+        return 128 + e.signum
+    except RuntimeError as e:  # a peer died or a collective timed out: say so instead of a C++ trace
+        if not (isinstance(e, dist.DistError) or any(m in str(e) for m in COMMUNICATION_ERRORS)):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(f"error{who}: lost contact with another process: it died, or a collective waited longer than "
+              f"dist.timeout_s ({first[:160]})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the latest checkpoint", file=sys.stderr)

@@ -12,14 +12,7 @@ import torch
 import torch.distributed as dist
 
 from preprocess.errors import UserError
-
-# (rank, world size, local rank) variables of each launcher, most specific first
-LAUNCHERS = [
-    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("MPICH", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("Slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),  # STEP_: set by srun, not by sbatch alone
-]
+from preprocess.ranks import ranks_from_env
 
 
 @dataclass
@@ -37,13 +30,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def ranks_from_env(environ=os.environ) -> tuple[int, int, int, str]:
-    for name, rank, size, local in LAUNCHERS:
-        if rank in environ and size in environ:
-            return int(environ[rank]), int(environ[size]), int(environ.get(local, 0)), name
-    return 0, 1, 0, "none"
 
 
 def init(backend: str, device: str, timeout_s: int) -> DistEnv:
@@ -90,9 +76,9 @@ def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # The model's only buffers are rotary tables, identical everywhere: broadcasting them before every forward would
+    # The model's only buffers are rotary tables, identical everywhere: syncing them before every forward would
     # cost a collective per micro-step (and deadlock ranks that run different numbers of forwards).
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, forward_sync_buffers=False)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -108,6 +109,7 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
         evaluate(stage, model, data, cfg, env, autocast, log, step=0)
 
     # ------------------------------------------------------------------------------------------- steps
+    stop = StopSignal()
     for step in range(start, cfg.train.max_steps):
         lr = lr_at(step, cfg.train)
         for group in optimizer.param_groups:
@@ -124,11 +126,50 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
             log.train_step(done, loss_sum, metric_sums, units, lr, grad_norm, counters["tokens"])
         if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
             evaluate(stage, model, data, cfg, env, autocast, log, step=done)
-        if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
+        signum = stop.agreed(env)  # every rank stops at the same step boundary
+        if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
             with log.paused():
                 ckpt.save(env, cfg.out_dir, done, model, optimizer, counters, config_yaml,
                           os.path.join(cfg.out_dir, "tokenizer.model"), cfg.train.keep_checkpoints)
+        if signum and done < cfg.train.max_steps:
+            log.close()
+            raise Stopped(signum, done)
+    stop.restore()
     log.close()
+
+
+class Stopped(Exception):
+    """A stop requested by a signal (preemption notice, scancel, kill): a checkpoint of `step` was written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint saved; "
+                         "run the same command again to resume")
+        self.signum, self.step = signum, step
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1 (Slurm's notice before a time limit or preemption) only set a flag; the loop acts on
+    it at the next step boundary, once every rank has agreed, so no rank is left waiting in a collective."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self, env: D.DistEnv) -> int:
+        if not env.distributed:
+            return self.signum
+        flag = torch.tensor(self.signum, device=env.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
