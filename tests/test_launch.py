@@ -225,6 +225,56 @@ def test_sigterm_stops_at_a_step_boundary_and_the_rerun_resumes_exactly(pretrain
     assert losses(out) == losses(tmp_path / "straight")
 
 
+@pytest.fixture
+def two_nodes():
+    """Two network namespaces joined by a veth pair: two hosts, 10.77.0.1 and 10.77.0.2, on one machine."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    tag = str(os.getpid())[-5:]
+    names = [f"shardlm{tag}a", f"shardlm{tag}b"]
+    links = [f"sl{tag}a", f"sl{tag}b"]
+    commands = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
+                ["ip", "link", "add", links[0], "type", "veth", "peer", "name", links[1]]]
+    for i in (0, 1):
+        commands += [["ip", "link", "set", links[i], "netns", names[i]],
+                     ["ip", "netns", "exec", names[i], "ip", "addr", "add", f"10.77.0.{i + 1}/24", "dev", links[i]],
+                     ["ip", "netns", "exec", names[i], "ip", "link", "set", links[i], "up"],
+                     ["ip", "netns", "exec", names[i], "ip", "link", "set", "lo", "up"]]
+    try:
+        for command in commands:
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.skip(f"cannot create network namespaces here: {result.stderr.strip()}")
+        yield list(zip(names, links, ["10.77.0.1", "10.77.0.2"], strict=True))
+    finally:
+        for name in names:  # deleting a namespace deletes its end of the veth pair, and with it the pair
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_torchrun_across_two_hosts_gives_the_single_process_losses(two_nodes, pretrain_shards, tmp_path):
+    common = [*FAST, f"data.path={pretrain_shards}", "train.max_steps=4", "dist.timeout_s=120"]
+    run_training(*common[len(FAST):], "train.grad_accum=2", f"out_dir={tmp_path / 'one'}")
+    procs = []
+    for i, (namespace, link, address) in enumerate(two_nodes):
+        env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": f"10.77.0.1:{free_port()}"
+               if i == 0 else procs[0][1]["RDZV_ENDPOINT"], "LOCAL_ADDR": address,
+               "RDZV_CONF": f"is_host={'true' if i == 0 else 'false'}", "RDZV_ID": f"test{os.getpid()}",
+               "GLOO_SOCKET_IFNAME": link, "PYTHON": sys.executable}
+        command = ["ip", "netns", "exec", namespace, "env", *(f"{k}={v}" for k, v in env.items() if k != "PATH"),
+                   f"PATH={env.get('PATH', '')}", os.path.join(LAUNCH, "torchrun.sh"), "pretrain", TINY_CONFIG,
+                   *common, "train.grad_accum=1", f"out_dir={tmp_path / 'two'}"]
+        procs.append((subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                      env))
+    for proc, _ in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+
+
 def test_launch_scripts_are_valid_executable_shell():
     for path in ["torchrun.sh", "slurm/train.sbatch", "slurm/preprocess.sbatch", "mpi/preprocess.sh"]:
         full = os.path.join(LAUNCH, path)
