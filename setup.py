@@ -20,6 +20,6 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "mpi": ["mpich"],  # mpirun; ranks come from its environment variables, so mpi4py is not needed
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "ruff>=0.6", "mpich"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "ruff>=0.6", "mpich", "deepspeed==0.19.8"],
     },
 )

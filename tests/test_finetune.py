@@ -2,32 +2,24 @@ import math
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
+    CHAT,
+    DPO_CONFIG,
     REPO,
+    SFT_CONFIG,
     kill_after_first_checkpoint,
     losses,
     run_training,
-    shakespeare_plays,
     training_command,
     val_losses,
-    write_jsonl,
 )
 
-from preprocess.__main__ import main as preprocess_main
 from training.data import pad_sequences
 from training.losses import IGNORE, dpo_loss, sequence_logps
-
-SFT_CONFIG = os.path.join(REPO, "configs", "sft", "tiny.yaml")
-DPO_CONFIG = os.path.join(REPO, "configs", "dpo", "tiny.yaml")
-CHAT = ["data.seq_len=63", "train.micro_batch_size=4"]
-
-sys.path.insert(0, os.path.join(REPO, "recipes"))
-
 
 # ------------------------------------------------------------------------------------------ pure functions
 
@@ -69,38 +61,6 @@ def test_padding_leaves_targets_only_on_learned_tokens():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="session")
-def chat_shards(tmp_path_factory, tokenizer_model) -> dict[str, str]:
-    """SFT and DPO shards from Shakespeare's short speeches (the demo recipe's task, smaller)."""
-    from shakespeare import is_question, speeches
-
-    out = tmp_path_factory.mktemp("chat")
-    plays_dir = os.path.dirname(os.path.dirname(shakespeare_plays()[0]))
-    lines = speeches(plays_dir)[:3000]
-    sft = [{"prompt": f"Write a line spoken by {name}.", "response": text} for name, text in lines[:800]]
-    questions = [(n, t) for n, t in lines if is_question(t)]
-    others = [(n, t) for n, t in lines if not is_question(t)]
-    dpo = [{"prompt": f"Write a line spoken by {q[0]}.", "chosen": q[1], "rejected": o[1]}
-           for q, o in zip(questions, others, strict=False)][:400]
-    paths = {}
-    for kind, records in (("sft", sft), ("dpo", dpo)):
-        src = write_jsonl(out / f"{kind}.jsonl", records)
-        paths[kind] = str(out / kind)
-        assert preprocess_main(["shards", "--kind", kind, "--input", src, "--tokenizer", tokenizer_model,
-                                "--out", paths[kind], "--max-len", "64"]) == 0
-    return paths
-
-
-@pytest.fixture(scope="session")
-def sft_run(tmp_path_factory, pretrain_shards, chat_shards) -> str:
-    """A pretrained then fine-tuned tiny model: the starting point of DPO."""
-    out = tmp_path_factory.mktemp("runs")
-    run_training(f"data.path={pretrain_shards}", "train.max_steps=3", f"out_dir={out / 'pretrain'}")
-    run_training(f"data.path={chat_shards['sft']}", f"init_from={out / 'pretrain'}", "train.max_steps=3",
-                 f"out_dir={out / 'sft'}", *CHAT, stage="sft", config=SFT_CONFIG)
-    return str(out / "sft")
 
 
 @pytest.mark.slow

@@ -55,8 +55,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(env: D.DistEnv, out_dir: str, step: int, model: torch.nn.Module, optimizer, counters: dict,
-         config_yaml: str, tokenizer_path: str, keep: int) -> str:
-    """Every rank calls this; rank 0 writes the shared files, every rank its RNG state."""
+         config_yaml: str, tokenizer_path: str, keep: int, engine=None) -> str:
+    """Every rank calls this; rank 0 writes the shared files, every rank its RNG state. With a DeepSpeed
+    engine, the engine writes the model and optimizer (each rank its partitions)."""
     root = checkpoints_dir(out_dir)
     final = os.path.join(root, f"step-{step}")
     tmp = final + ".tmp"
@@ -65,10 +66,15 @@ def save(env: D.DistEnv, out_dir: str, step: int, model: torch.nn.Module, optimi
         os.makedirs(tmp)
     D.barrier(env)
     _save_file(rng_state(), os.path.join(tmp, f"rng-rank{env.rank}.pt"))
+    if engine is not None:
+        from .deepspeed_backend import save as deepspeed_save
+
+        deepspeed_save(engine, env, root, os.path.basename(tmp))
     D.barrier(env)
     if env.is_main:
-        _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
-        _save_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if engine is None:
+            _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
+            _save_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
         atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
         atomic_write(os.path.join(tmp, "state.json"),
@@ -106,9 +112,16 @@ def latest(out_dir: str) -> str | None:
     return path
 
 
+def saved_step(ckpt_dir: str | None) -> int:
+    if ckpt_dir is None:
+        return 0
+    with open(os.path.join(ckpt_dir, "state.json")) as f:
+        return json.load(f)["step"]
+
+
 def resolve(path: str) -> str:
     """A run directory (its latest checkpoint) or a checkpoint directory → the checkpoint directory."""
-    if os.path.isfile(os.path.join(path, "model.pt")):
+    if os.path.isfile(os.path.join(path, "model.pt")) or os.path.isfile(os.path.join(path, "state.json")):
         return path
     found = latest(path) if os.path.isdir(path) else None
     if found is None:
@@ -126,16 +139,28 @@ def _load(path: str):
 
 
 def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
-    state = _load(os.path.join(ckpt_dir, "model.pt"))
+    """The weights of a checkpoint; those of a DeepSpeed one are consolidated into a plain fp32 model.pt first."""
+    from .deepspeed_backend import consolidated_state_dict, is_deepspeed_checkpoint
+
+    path = os.path.join(ckpt_dir, "model.pt")
+    if not os.path.isfile(path) and is_deepspeed_checkpoint(ckpt_dir):
+        _save_file(consolidated_state_dict(ckpt_dir), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    state = _load(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{ckpt_dir}/model.pt does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
 
 
-def load(ckpt_dir: str, model: torch.nn.Module, optimizer, env: D.DistEnv) -> dict:
+def load(ckpt_dir: str, model: torch.nn.Module, optimizer, env: D.DistEnv, engine=None) -> dict:
     """Restore model, optimizer and this rank's RNG states; returns the saved counters (step, tokens, ...)."""
-    load_weights(ckpt_dir, model)
-    optimizer.load_state_dict(_load(os.path.join(ckpt_dir, "optimizer.pt")))
+    if engine is not None:
+        from .deepspeed_backend import load as deepspeed_load
+
+        deepspeed_load(engine, ckpt_dir)
+    else:
+        load_weights(ckpt_dir, model)
+        optimizer.load_state_dict(_load(os.path.join(ckpt_dir, "optimizer.pt")))
     with open(os.path.join(ckpt_dir, "state.json")) as f:
         counters = json.load(f)
     rng_path = os.path.join(ckpt_dir, f"rng-rank{env.rank}.pt")

@@ -55,7 +55,10 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     backend: str = "ddp"         # none | ddp | deepspeed
-    zero_stage: int = 0
+    zero_stage: int = 0          # deepspeed: 0 (data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ weights)
+    offload_optimizer: bool = False  # deepspeed: optimizer states and step on the CPU (ZeRO 1-3)
+    offload_params: bool = False     # deepspeed: weights on the CPU between uses (ZeRO 3)
+    deepspeed_config: str | None = None  # deepspeed: a JSON template (configs/deepspeed/); batch sizes come from here
     timeout_s: int = 600         # a collective waiting longer than this fails instead of hanging
 
 

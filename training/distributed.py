@@ -46,7 +46,7 @@ def init(backend: str, device: str, timeout_s: int) -> DistEnv:
     else:
         dev = torch.device("cpu")
     env = DistEnv(rank, world, local_rank, dev, launcher)
-    if world > 1:
+    if world > 1 or backend == "deepspeed":  # DeepSpeed wants a process group even for one process
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # torchrun sets both; MPI and Slurm single-node runs may not
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,

@@ -27,6 +27,7 @@ import torch
 from preprocess.errors import UserError
 
 from . import checkpoint as ckpt
+from . import deepspeed_backend
 from . import distributed as D
 from .config import Config, data_sources, save_config
 from .data import ShardSource, open_sources
@@ -51,18 +52,23 @@ class Stage:
 
 
 def run(stage: Stage, cfg: Config) -> None:
-    if cfg.dist.backend == "deepspeed":
-        raise UserError("dist.backend=deepspeed is not available in this version; use ddp")
     env = D.init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     if env.device.type == "cpu":
         keep_freed_memory()
     try:
-        train(stage, cfg, env)
+        engine = train(stage, cfg, env)
+        # Tear down in a fixed order while every rank is still here: the engine's hooks and buffers, then the
+        # process group. Left to interpreter exit, a communication thread can outlive its owner and abort the
+        # process after all the work is done ("terminate called without an active exception").
+        D.barrier(env)
+        if engine is not None:
+            engine.destroy()
     finally:
         D.shutdown(env)
 
 
-def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
+def train(stage: Stage, cfg: Config, env: D.DistEnv):
+    """Returns the DeepSpeed engine when there is one, for run() to release."""
     # ---------------------------------------------------------------------------------------------- data
     paths, weights = zip(*data_sources(cfg.data), strict=True)
     sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind)
@@ -83,24 +89,30 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
     resume_from = ckpt.latest(cfg.out_dir)
     if resume_from:
         check_same_model(resume_from, model_cfg)
-        counters = ckpt.load(resume_from, model, optimizer, env)
+    elif init_dir:
+        ckpt.load_weights(init_dir, model)
+    precision = resolve_precision(cfg.train.precision, env.device)
+    log = MetricsLog(cfg, env, model, stage.name, ckpt.saved_step(resume_from))  # FLOPs from the whole model
+    if cfg.train.compile:
+        for layer in model.layers:
+            layer.compile()
+    engine = None
+    if cfg.dist.backend == "deepspeed":  # the engine steps, clips and accumulates; our loop keeps the rest
+        engine = train_model = deepspeed_backend.initialize(model, optimizer, cfg, env, precision)
+        optimizer = engine.optimizer
     else:
-        if init_dir:
-            ckpt.load_weights(init_dir, model)
+        train_model = D.wrap(model, env)
+    if resume_from:
+        counters = ckpt.load(resume_from, model, optimizer, env, engine)
+    else:
         seed_everything(cfg.seed + 1 + env.rank)  # per-rank randomness (dropout, sampling) from here on
     if env.is_main:
         prepare_out_dir(cfg, sources[0], counters["step"])
     D.barrier(env)
     config_yaml = open(os.path.join(cfg.out_dir, "config.yaml")).read()
-    if cfg.train.compile:
-        for layer in model.layers:
-            layer.compile()
-    train_model = D.wrap(model, env)
     data = stage.make_data(sources, list(weights), cfg, env, model_cfg.vocab_size)
-    precision = resolve_precision(cfg.train.precision, env.device)
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
-    log = MetricsLog(cfg, env, model, stage.name, counters["step"])
     start = counters["step"]
     if start >= cfg.train.max_steps and env.is_main:
         print(f"{cfg.out_dir}: already at step {start} of train.max_steps={cfg.train.max_steps}; nothing to do "
@@ -116,9 +128,13 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
             group["lr"] = lr
         batches = [data.batch(step, m) for m in range(cfg.train.grad_accum)]
         loss_sum, metric_sums, units = accumulate_gradients(stage, train_model, batches, env, autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if engine is not None:  # it stepped at the last micro-batch, after clipping
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         counters["step"] = done = step + 1
         counters["tokens"] += log.count_tokens(sum(stage.tokens(b) for b in batches))
 
@@ -130,12 +146,13 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv) -> None:
         if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
             with log.paused():
                 ckpt.save(env, cfg.out_dir, done, model, optimizer, counters, config_yaml,
-                          os.path.join(cfg.out_dir, "tokenizer.model"), cfg.train.keep_checkpoints)
+                          os.path.join(cfg.out_dir, "tokenizer.model"), cfg.train.keep_checkpoints, engine)
         if signum and done < cfg.train.max_steps:
             log.close()
             raise Stopped(signum, done)
     stop.restore()
     log.close()
+    return engine
 
 
 class Stopped(Exception):
@@ -183,12 +200,19 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
     units = D.all_reduce_sum(env, torch.tensor(float(sum(stage.units(b) for b in batches)), device=env.device))
     loss_sum = torch.zeros((), device=env.device)
     metric_sums: dict[str, torch.Tensor] = {}
+    engine = deepspeed_backend.is_engine(model)
     for m, batch in enumerate(batches):
         batch = to_device(batch, env.device)
-        with D.no_sync(model, m < len(batches) - 1), autocast or contextlib.nullcontext():
+        skip_sync = m < len(batches) - 1 and not engine  # DeepSpeed knows its accumulation boundaries itself
+        with D.no_sync(model, skip_sync), autocast or contextlib.nullcontext():
             loss, metrics = stage.loss(model, batch)
-        # DDP averages gradients over ranks: x world_size turns that average back into the global sum
-        (loss * (env.world_size / units)).backward()
+        # DDP and DeepSpeed average gradients over ranks: x world_size turns that average back into the global sum
+        scaled = loss * (env.world_size / units)
+        if engine:
+            model.backward(scaled, scale_wrt_gas=False)  # our scaling already accounts for the micro-steps
+            model.step()  # applies the update (and clipping) only at the last micro-step
+        else:
+            scaled.backward()
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()

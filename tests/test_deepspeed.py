@@ -1,0 +1,130 @@
+"""dist.backend=deepspeed on CPU (gloo), two processes: ZeRO 1-3 against DDP, resume, offload and bf16, DPO,
+the deepspeed launcher. The first run compiles DeepSpeed's CPU communication op (once per environment)."""
+
+import glob
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CHAT, DPO_CONFIG, REPO, TINY_CONFIG, kill_after_first_checkpoint, losses, run_training, training_command
+
+from preprocess.errors import UserError
+from training.config import load_config
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="deepspeed is not installed (the dev extra installs it)")
+STEPS = ["train.max_steps=8", "train.grad_accum=2", "train.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(pretrain_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    run_training(f"data.path={pretrain_shards}", *STEPS, f"out_dir={out}", nproc=2)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_give_the_ddp_losses(stage, pretrain_shards, ddp_run, tmp_path):
+    run_training(f"data.path={pretrain_shards}", *STEPS, "dist.backend=deepspeed", f"dist.zero_stage={stage}",
+                 f"dist.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json", f"out_dir={tmp_path}", nproc=2)
+    ours, ddp = losses(tmp_path), losses(ddp_run)
+    assert sorted(ours) == list(range(1, 9))
+    for step in ddp:
+        assert ours[step] == pytest.approx(ddp[step], rel=1e-4)
+    # the checkpoint converts to the plain fp32 state dict that generate, export and init_from read
+    from training.checkpoint import load_weights
+    from training.model import Transformer
+
+    reference = torch.load(ddp_run / "checkpoints" / "step-8" / "model.pt", weights_only=True)
+    model = Transformer(load_config(str(tmp_path / "config.yaml")).model)
+    load_weights(str(tmp_path / "checkpoints" / "step-8"), model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_resumes_exactly_after_kill_9(pretrain_shards, tmp_path):
+    common = [f"data.path={pretrain_shards}", "train.max_steps=7", "train.ckpt_every=3", "dist.backend=deepspeed",
+              "dist.zero_stage=2"]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
+    out = tmp_path / "killed"
+    kill_after_first_checkpoint(training_command(*common, f"out_dir={out}", nproc=2), out)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
+    run_training(*common, f"out_dir={out}", nproc=2)
+    assert losses(out) == losses(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_bf16_with_optimizer_and_parameter_offload(pretrain_shards, tmp_path):
+    run_training(f"data.path={pretrain_shards}", "train.max_steps=4", "train.precision=bf16", "dist.backend=deepspeed",
+                 "dist.zero_stage=3", "dist.offload_optimizer=true", "dist.offload_params=true", f"out_dir={tmp_path}",
+                 nproc=2)
+    values = list(losses(tmp_path).values())
+    assert len(values) == 4 and all(v == v and v < 9 for v in values) and values[-1] < values[0]
+    proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(tmp_path), "--prompt",
+                           "HAMLET:", "--max-new-tokens", "5", "--greedy"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("HAMLET:"), proc.stderr
+
+
+@pytest.mark.slow
+def test_dpo_under_deepspeed_gives_the_ddp_losses(chat_shards, sft_run, tmp_path):
+    common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=4", "train.grad_accum=2",
+              "train.precision=fp32", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'ddp'}", nproc=2, stage="dpo", config=DPO_CONFIG)
+    run_training(*common, f"out_dir={tmp_path / 'zero2'}", "dist.backend=deepspeed", "dist.zero_stage=2", nproc=2,
+                 stage="dpo", config=DPO_CONFIG)
+    for key in ("loss", "rewards/margins"):
+        ddp, ds = losses(tmp_path / "ddp", key), losses(tmp_path / "zero2", key)
+        for step in ddp:
+            assert ds[step] == pytest.approx(ddp[step], rel=1e-4, abs=1e-6), (key, step)
+
+
+@pytest.mark.slow
+def test_the_deepspeed_launcher(pretrain_shards, tmp_path):
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from conftest import FAST
+
+    env = {**os.environ, "NUM_GPUS": "2", "MASTER_PORT": str(port), "DEEPSPEED": launcher}
+    proc = subprocess.run([os.path.join(REPO, "launch", "deepspeed.sh"), "pretrain", TINY_CONFIG, *FAST,
+                           f"data.path={pretrain_shards}", "train.max_steps=3", "dist.backend=deepspeed",
+                           "dist.zero_stage=1", f"out_dir={tmp_path}"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+def test_templates_never_set_what_our_config_sets(tmp_path):
+    from training.deepspeed_backend import build_config
+    from training.distributed import DistEnv
+
+    cfg = load_config(TINY_CONFIG, ["train.micro_batch_size=3", "train.grad_accum=5", "train.grad_clip=0.5"])
+    env = DistEnv(world_size=4)
+    templates = sorted(glob.glob(os.path.join(REPO, "configs", "deepspeed", "*.json")))
+    assert len(templates) == 3
+    for path in templates:
+        stage = json.load(open(path))["zero_optimization"]["stage"]
+        ds = build_config(load_config(TINY_CONFIG, ["dist.backend=deepspeed", f"dist.zero_stage={stage}",
+                                                    f"dist.deepspeed_config={path}", "train.micro_batch_size=3",
+                                                    "train.grad_accum=5"]), env, "bf16")
+        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+            (60, 3, 5)
+        assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == stage
+    assert build_config(cfg, env, "fp32")["gradient_clipping"] == 0.5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(UserError, match=r"'train_batch_size' is set from our config"):
+        build_config(load_config(TINY_CONFIG, [f"dist.deepspeed_config={bad}", "dist.zero_stage=1"]), env, "fp32")
+    with pytest.raises(UserError, match="zero_optimization.stage=1 but dist.zero_stage=2"):
+        build_config(load_config(TINY_CONFIG, [f"dist.deepspeed_config={REPO}/configs/deepspeed/zero1.json",
+                                               "dist.zero_stage=2"]), env, "fp32")
+    with pytest.raises(UserError, match="dist.offload_params needs dist.zero_stage=3"):
+        build_config(load_config(TINY_CONFIG, ["dist.zero_stage=2", "dist.offload_params=true"]), env, "fp32")

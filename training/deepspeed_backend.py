@@ -1,0 +1,123 @@
+"""dist.backend=deepspeed: the model and optimizer wrapped by a DeepSpeed engine (ZeRO stage 0-3, optional CPU
+offload), checkpoints through the engine's own save and load in our layout, and their conversion to a plain
+fp32 state dict for `generate`, export and `init_from`.
+
+Batch sizes, accumulation, clipping and precision come from our config only: a template in configs/deepspeed/
+that sets any of them is refused, so a value is never given twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import torch
+
+from preprocess.errors import UserError
+
+from . import distributed as D
+
+OURS = {  # DeepSpeed key → the config key that sets it
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x processes",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "train.lr, train.weight_decay, train.beta1/beta2",
+    "scheduler": "train.schedule",
+}
+
+
+def prepare_environment(device: torch.device) -> None:
+    """Before deepspeed is imported: its accelerator, and a per-environment cache for the C++ ops it compiles
+    on first use (minutes, once)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def build_config(cfg, env: D.DistEnv, precision: str) -> dict:
+    dist = cfg.dist
+    if dist.deepspeed_config:
+        try:
+            with open(dist.deepspeed_config) as f:
+                ds = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"dist.deepspeed_config: {dist.deepspeed_config}: {e}") from None
+        for key, ours in OURS.items():
+            if key in ds:
+                raise UserError(f"{dist.deepspeed_config}: {key!r} is set from our config ({ours}); remove it there")
+    else:
+        ds = {}
+    zero = ds.setdefault("zero_optimization", {})
+    if "stage" in zero and zero["stage"] != dist.zero_stage:
+        raise UserError(f"{dist.deepspeed_config}: zero_optimization.stage={zero['stage']} but dist.zero_stage="
+                        f"{dist.zero_stage}; set it in one place (dist.zero_stage)")
+    zero["stage"] = dist.zero_stage
+    if dist.offload_optimizer:
+        if dist.zero_stage < 1:
+            raise UserError("dist.offload_optimizer needs dist.zero_stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": env.device.type == "cuda"}
+    if dist.offload_params:
+        if dist.zero_stage != 3:
+            raise UserError("dist.offload_params needs dist.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": env.device.type == "cuda"}
+    t = cfg.train
+    ds.update({
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * env.world_size,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_force_ds_cpu_optimizer": False,  # our AdamW, also when offloaded
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })
+    return ds
+
+
+def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, precision: str):
+    prepare_environment(env.device)
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_config(cfg, env, precision),
+                                           dist_init_required=False)
+    return engine
+
+
+def is_engine(model) -> bool:
+    return hasattr(model, "is_gradient_accumulation_boundary") and hasattr(model, "save_checkpoint")
+
+
+def save(engine, env: D.DistEnv, root: str, tmp_name: str) -> None:
+    """The engine's own files (model, optimizer partitions, ZeRO layout) into root/tmp_name."""
+    engine.save_checkpoint(root, tag=tmp_name, save_latest=False)
+
+
+def load(engine, ckpt_dir: str) -> None:
+    root, tag = os.path.split(ckpt_dir.rstrip("/"))
+    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise UserError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
+
+
+def is_deepspeed_checkpoint(ckpt_dir: str) -> bool:
+    return any(name.endswith("mp_rank_00_model_states.pt") for name in os.listdir(ckpt_dir))
+
+
+def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    """A plain fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage (the fp32 master weights where the
+    optimizer holds them). DeepSpeed's own files need its full unpickler; they are files this program wrote."""
+    prepare_environment(torch.device("cpu"))
+    root, tag = os.path.split(ckpt_dir.rstrip("/"))
+    if any("zero_pp_rank_" in name and name.endswith("optim_states.pt") for name in os.listdir(ckpt_dir)):
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; keep it for the program's output
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    else:  # stage 0: the module's weights are whole in the model file
+        state = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                           weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
