@@ -82,9 +82,22 @@ def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, precision
     prepare_environment(env.device)
     import deepspeed
 
+    if env.device.type == "cpu":
+        skip_shared_memory_op(deepspeed)
+
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_config(cfg, env, precision),
                                            dist_init_required=False)
     return engine
+
+
+def skip_shared_memory_op(deepspeed) -> None:
+    """On CPU, DeepSpeed compiles and starts a shared-memory all-reduce that only its inference (tensor-parallel)
+    path uses: it costs minutes of compilation on first use, and every run leaves a 66 MB segment per rank in
+    /dev/shm, named after MASTER_ADDR and MASTER_PORT, that a later run on the same port reopens with stale
+    contents. Training never calls it, so it is marked unavailable; deepspeed.comm then skips it."""
+    compatible = deepspeed.ops.__compatible_ops__
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def is_engine(model) -> bool:
