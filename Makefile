@@ -25,7 +25,7 @@ VOCAB   := 4000
 endif
 TOKENIZER = $(OUT)/tokenizer/tokenizer.model
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench faults lint clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ endif
 bench: $(STAMP)
 	$(PY) bench/preprocessing.py
 	$(PY) bench/train.py
+
+# the randomised fault campaign of docs/reliability.md (about 15 min on 2 cores)
+faults: $(STAMP)
+	$(PY) tests/fault_campaign.py $(FAULT_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check preprocess training tests bench recipes

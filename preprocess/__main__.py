@@ -7,7 +7,7 @@ import os
 import sys
 
 from .chat import ChatTemplate
-from .errors import UserError
+from .errors import UserError, environment_error
 from .fileio import file_sha256
 from .formats import pretrain_text
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: the environment, not a bug
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {environment_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)

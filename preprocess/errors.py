@@ -1,2 +1,25 @@
+import contextlib
+import errno
+
+
 class UserError(Exception):
     """A problem with the user's input or options: reported as one line, never as a traceback."""
+
+
+def environment_error(e: OSError) -> str:
+    """An OSError (disk full, permissions, a vanished file) as one line naming the file."""
+    where = f"{e.filename}: " if e.filename else ""
+    hint = ("; free some space and run the same command again (finished work is kept)"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    return f"{where}{e.strerror or e}{hint}"
+
+
+@contextlib.contextmanager
+def naming(path: str):
+    """An OSError raised inside that does not say which file (a failed write, flush or close) gets `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from None

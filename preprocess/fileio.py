@@ -4,11 +4,14 @@ same (deterministic) file never interfere."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 
 import numpy as np
+
+from .errors import naming
 
 TMP_MARK = ".tmp-"
 
@@ -36,7 +39,7 @@ def fsync_dir(path: str) -> None:
 def atomic_write(path: str, data: bytes) -> None:
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -83,16 +86,18 @@ class NpyWriter:
     def write(self, array: np.ndarray) -> None:
         if array.dtype != self.dtype:
             raise TypeError(f"{self.path}: expected {self.dtype}, got {array.dtype}")
-        self.file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        with naming(self.path):
+            self.file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
         self.count += len(array)
 
     def commit(self) -> dict:
         """Make the file visible under its final name; returns its size and sha256."""
-        self.file.seek(0)
-        self._write_header()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with naming(self.path):
+            self.file.seek(0)
+            self._write_header()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         digest = file_sha256(self.tmp)
         size = os.path.getsize(self.tmp)
         os.replace(self.tmp, self.path)
@@ -103,5 +108,7 @@ class NpyWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if not self.file.closed:
-            self.file.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self.file.close()
+        if os.path.exists(self.tmp):  # not committed
             _unlink_quietly(self.tmp)

@@ -1,3 +1,4 @@
+import contextlib
 import glob
 import hashlib
 import importlib.util
@@ -124,15 +125,22 @@ def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_
 
 def kill_after_first_checkpoint(command: list[str], out_dir) -> None:
     """Start a training run and kill -9 it as soon as its first checkpoint is in place."""
-    import signal
     import time
+
+    import psutil
 
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = os.path.join(out_dir, "checkpoints", "latest")
     deadline = time.time() + 300
     while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
+    # the launcher and every worker (torchrun's workers run in sessions of their own and would outlive it)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=30)
     proc.wait()
 
 

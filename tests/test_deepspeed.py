@@ -1,5 +1,5 @@
 """dist.backend=deepspeed on CPU (gloo), two processes: ZeRO 1-3 against DDP, resume, offload and bf16, DPO,
-the deepspeed launcher. The first run compiles DeepSpeed's CPU communication op (once per environment)."""
+the deepspeed launcher."""
 
 import glob
 import importlib.util

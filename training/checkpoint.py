@@ -1,27 +1,34 @@
 """Checkpoints: out_dir/checkpoints/step-N/ with the model, the optimizer, each rank's RNG states, the loop's
 counters, the resolved config and the tokenizer; `checkpoints/latest` names the newest complete one.
 
-A checkpoint is written into step-N.tmp/, fsynced, then renamed, and only then does `latest` move: a crash at
-any moment leaves the previous checkpoint in charge. Everything is loaded with torch.load(weights_only=True).
+A checkpoint is written into step-N.tmp/, fsynced, given a checksums.json (size and sha256 of every file, the
+ranks hashing in parallel), then renamed, and only then does `latest` move: a crash at any moment leaves the
+previous checkpoint in charge. Before a resume the checksums are checked; a damaged checkpoint (a flipped byte, a
+file cut short or lost) is moved aside to step-N.damaged with a warning naming it, and the newest intact one is
+used. Everything is loaded with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
 import random
 import re
 import shutil
+import sys
 
 import numpy as np
 import torch
 
-from preprocess.errors import UserError
-from preprocess.fileio import atomic_write, fsync_dir
+from preprocess.errors import UserError, naming
+from preprocess.fileio import atomic_write, file_sha256, fsync_dir
 
 from . import distributed as D
 
 LATEST = "latest"
+CHECKSUMS = "checksums.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -29,9 +36,33 @@ def checkpoints_dir(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
 
 
+class _Writes:
+    """A file's write() for torch.save, keeping the OSError that torch then reports only as an opaque
+    RuntimeError (a full disk reads "unexpected pos 704 vs 598")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_file(obj, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    with naming(path), open(path, "wb") as f:
+        writes = _Writes(f)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -64,51 +95,136 @@ def save(env: D.DistEnv, out_dir: str, step: int, model: torch.nn.Module, optimi
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    D.barrier(env)
-    _save_file(rng_state(), os.path.join(tmp, f"rng-rank{env.rank}.pt"))
-    if engine is not None:
-        from .deepspeed_backend import save as deepspeed_save
+    try:
+        D.barrier(env)
+        _save_file(rng_state(), os.path.join(tmp, f"rng-rank{env.rank}.pt"))
+        if engine is not None:
+            from .deepspeed_backend import save as deepspeed_save
 
-        deepspeed_save(engine, env, root, os.path.basename(tmp))
-    D.barrier(env)
-    if env.is_main:
-        if engine is None:
-            _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
-            _save_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-        atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
-        atomic_write(os.path.join(tmp, "state.json"),
-                     json.dumps({"step": step, "world_size": env.world_size, **counters}).encode())
-        fsync_dir(tmp)
-        if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write(os.path.join(root, LATEST), f"step-{step}\n".encode())
-        fsync_dir(root)
-        _prune(root, keep)
+            deepspeed_save(engine, env, root, os.path.basename(tmp))
+        if env.is_main:
+            if engine is None:
+                _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
+                _save_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
+            atomic_write(os.path.join(tmp, "state.json"),
+                         json.dumps({"step": step, "world_size": env.world_size, **counters}).encode())
+        D.barrier(env)
+        checksums = _hash_share(tmp, env)
+        if env.is_main:
+            atomic_write(os.path.join(tmp, CHECKSUMS), json.dumps(checksums, indent=1, sort_keys=True).encode())
+            fsync_dir(tmp)
+            if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write(os.path.join(root, LATEST), f"step-{step}\n".encode())
+            fsync_dir(root)
+            _prune(root, keep)
+    except OSError:  # a full disk: the previous checkpoint stays in charge, and this one's space is given back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     D.barrier(env)
     return final
+
+
+def _files(ckpt_dir: str) -> list[str]:
+    found = []
+    for parent, _, names in os.walk(ckpt_dir):
+        found += [os.path.relpath(os.path.join(parent, n), ckpt_dir) for n in names]
+    return sorted(f for f in found if f != CHECKSUMS)
+
+
+def _hash_share(ckpt_dir: str, env: D.DistEnv) -> dict:
+    """{file: {size, sha256}} of every file in ckpt_dir, each rank hashing every world_size-th; on rank 0."""
+    mine = {f: {"size": os.path.getsize(os.path.join(ckpt_dir, f)), "sha256": file_sha256(os.path.join(ckpt_dir, f))}
+            for f in _files(ckpt_dir)[env.rank::env.world_size]}
+    if not env.distributed:
+        return mine
+    gathered = [None] * env.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def damage(ckpt_dir: str, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with this rank's share of a checkpoint's files, per its checksums.json (empty: intact).
+    A checkpoint from before checksums were written only needs its state.json."""
+    if not os.path.isfile(os.path.join(ckpt_dir, "state.json")):
+        return ["state.json is missing"]
+    try:
+        with open(os.path.join(ckpt_dir, CHECKSUMS)) as f:
+            checksums = json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        return [f"{CHECKSUMS} is unreadable ({e})"]
+    problems = []
+    for name in sorted(checksums)[rank::world]:
+        path, want = os.path.join(ckpt_dir, name), checksums[name]
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(path) != want["size"]:
+            problems.append(f"{name} has {os.path.getsize(path):,} bytes instead of {want['size']:,}")
+        elif file_sha256(path) != want["sha256"]:
+            problems.append(f"{name} does not match its sha256")
+    return problems
 
 
 def _prune(root: str, keep: int) -> None:
     if keep <= 0:
         return
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
-    for _, name in steps[:-keep]:
+    for name in _step_dirs(root)[keep:]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def latest(out_dir: str) -> str | None:
-    """The checkpoint directory to resume from, or None for a fresh run."""
+def _step_dirs(root: str) -> list[str]:
+    """Complete checkpoint directories, newest first."""
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if STEP_DIR.match(n)]
+    return sorted(names, key=lambda n: int(STEP_DIR.match(n).group(1)), reverse=True)
+
+
+def latest(out_dir: str, env: D.DistEnv | None = None) -> str | None:
+    """The checkpoint directory to resume from: the newest intact one, or None for a fresh run. The training run
+    passes env: its ranks check the checksums in parallel, and damaged checkpoints are moved aside to
+    step-N.damaged (kept for inspection, out of the way of the step that will be saved again). Readers of a run
+    (generate, init_from) pass none and move nothing."""
+    training = env is not None
+    env = env or D.DistEnv()
     root = checkpoints_dir(out_dir)
-    try:
-        with open(os.path.join(root, LATEST)) as f:
-            name = f.read().strip()
-    except FileNotFoundError:
+    names = _step_dirs(root)
+    if not names:
+        if os.path.isfile(os.path.join(root, LATEST)):
+            raise UserError(f"{root}/{LATEST} exists but no step-N checkpoint directory does")
         return None
-    path = os.path.join(root, name)
-    if not os.path.isfile(os.path.join(path, "state.json")):
-        raise UserError(f"{root}/{LATEST} names {name}, which is missing or incomplete")
+    if training and env.is_main:  # left by a run killed while saving
+        for stale in glob.glob(os.path.join(glob.escape(root), "step-*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+    damaged = []
+    for name in names:
+        path = os.path.join(root, name)
+        problems = damage(path, env.rank, env.world_size)
+        if env.distributed:
+            gathered = [None] * env.world_size
+            torch.distributed.all_gather_object(gathered, problems)
+            problems = [p for part in gathered for p in part]
+        if not problems:
+            break
+        damaged.append((path, problems))
+    else:
+        raise UserError(f"{root}: every checkpoint is damaged ({damaged[0][0]}: {damaged[0][1][0]}); "
+                        f"nothing to resume from")
+    if env.is_main:
+        for bad, problems in damaged:
+            moved = ""
+            if training:
+                aside, n = bad + ".damaged", 1
+                while os.path.exists(aside):
+                    aside, n = f"{bad}.damaged{n}", n + 1
+                os.replace(bad, aside)
+                moved = f"; moved to {os.path.basename(aside)}"
+            print(f"warning: checkpoint {bad} is damaged ({'; '.join(problems[:3])}){moved}; using {path}",
+                  file=sys.stderr, flush=True)
+    D.barrier(env)
     return path
 
 
@@ -119,9 +235,13 @@ def saved_step(ckpt_dir: str | None) -> int:
         return json.load(f)["step"]
 
 
+@functools.cache
 def resolve(path: str) -> str:
-    """A run directory (its latest checkpoint) or a checkpoint directory → the checkpoint directory."""
+    """A run directory (its newest intact checkpoint) or a checkpoint directory → the checkpoint directory."""
     if os.path.isfile(os.path.join(path, "model.pt")) or os.path.isfile(os.path.join(path, "state.json")):
+        problems = damage(path)
+        if problems:
+            raise UserError(f"{path}: damaged checkpoint ({'; '.join(problems[:3])})")
         return path
     found = latest(path) if os.path.isdir(path) else None
     if found is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from preprocess.errors import UserError
+from preprocess.errors import UserError, environment_error
 
 from .config import load_config
 from .distributed import ranks_from_env
@@ -33,8 +33,11 @@ def main(name: str, make_stage, argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         run(make_stage(cfg), cfg)
-    except (UserError, OSError) as e:  # OSError: disk full, permissions — the environment, not a bug
+    except UserError as e:
         print(f"error{who}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the environment, not a bug
+        print(f"error{who}: {environment_error(e)}", file=sys.stderr)
         return 1
     except Stopped as e:
         if rank == 0:

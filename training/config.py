@@ -23,7 +23,7 @@ class DataConfig:
     path: Any = MISSING          # a shard directory, a list of them (equal weights), or {directory: weight}
     seq_len: int = 256           # tokens per sample; each sample reads seq_len + 1 (inputs and shifted targets)
     val_fraction: float = 0.01   # the last share of every dataset's samples: evaluated, never trained on
-    verify: bool = False         # re-hash every shard at start (each rank its share)
+    verify: bool = True          # before a fresh run's first step, re-hash the shards (each rank its share)
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0       # 0 disables clipping
+    max_nonfinite_steps: int = 5  # steps in a row with a NaN/inf loss or gradient (each skipped) before the run stops
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     device: str = "auto"         # auto | cpu | cuda

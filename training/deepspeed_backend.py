@@ -9,8 +9,10 @@ that sets any of them is refused, so a value is never given twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -87,7 +89,24 @@ def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, precision
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_config(cfg, env, precision),
                                            dist_init_required=False)
+    if engine.optimizer is optimizer:  # no ZeRO or bf16 wrapper: nothing else would skip a non-finite step
+        skip_nonfinite_steps(optimizer)
     return engine
+
+
+def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
+    """ZeRO stage 0 in fp32 hands our optimizer the all-reduced gradients (the same on every rank) and steps it
+    whatever they hold; DeepSpeed's own optimizers skip a step whose gradients are not finite and say so in
+    `overflow`, which the engine reads (was_step_applied). Give ours the same behaviour."""
+    step = optimizer.step
+    optimizer.overflow = False
+
+    def step_if_finite(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    optimizer.step = step_if_finite
 
 
 def skip_shared_memory_op(deepspeed) -> None:
@@ -106,7 +125,15 @@ def is_engine(model) -> bool:
 
 def save(engine, env: D.DistEnv, root: str, tmp_name: str) -> None:
     """The engine's own files (model, optimizer partitions, ZeRO layout) into root/tmp_name."""
-    engine.save_checkpoint(root, tag=tmp_name, save_latest=False)
+    try:
+        engine.save_checkpoint(root, tag=tmp_name, save_latest=False)
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) only as a RuntimeError
+        if "write" not in str(e) and "unexpected pos" not in str(e):
+            raise
+        full = shutil.disk_usage(root).free < 64 * 2**20
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                      f"DeepSpeed could not write its checkpoint ({str(e).splitlines()[0][:120]})",
+                      os.path.join(root, tmp_name)) from None
 
 
 def load(engine, ckpt_dir: str) -> None:
@@ -132,5 +159,5 @@ def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
             state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     else:  # stage 0: the module's weights are whole in the model file
         state = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                           weights_only=False)["module"]
+                           weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in state.items()}

@@ -78,7 +78,8 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv):
         cfg = dataclasses.replace(cfg, model=starting_model(init_dir, sources[0], env))
     model_cfg = resolve_vocab(cfg.model, tokenizer["vocab_size"], sources[0].path)
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    if cfg.data.verify:
+    resume_from = ckpt.latest(cfg.out_dir, env)
+    if cfg.data.verify and not resume_from:
         verify_sources(sources, env)
 
     # -------------------------------------------------------------------------------- model, optimizer
@@ -86,7 +87,6 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv):
     model = Transformer(model_cfg).to(env.device)
     optimizer = make_optimizer(model, cfg.train, env.device)
     counters = {"step": 0, "tokens": 0}
-    resume_from = ckpt.latest(cfg.out_dir)
     if resume_from:
         check_same_model(resume_from, model_cfg)
     elif init_dir:
@@ -128,18 +128,27 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv):
             group["lr"] = lr
         batches = [data.batch(step, m) for m in range(cfg.train.grad_accum)]
         loss_sum, metric_sums, units = accumulate_gradients(stage, train_model, batches, env, autocast)
-        if engine is not None:  # it stepped at the last micro-batch, after clipping
+        means = global_means(env, {"loss": loss_sum, **metric_sums}, units)  # all ranks agree on what counts
+        if engine is not None:  # it stepped at the last micro-batch, after clipping; it skips non-finite gradients
             grad_norm = engine.get_global_grad_norm()
-            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+            grad_norm = float("inf") if grad_norm is None else float(grad_norm)
+            applied = engine.was_step_applied()
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
-            optimizer.step()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf))
+            applied = math.isfinite(means["loss"]) and math.isfinite(grad_norm)
+            if applied:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         counters["step"] = done = step + 1
         counters["tokens"] += log.count_tokens(sum(stage.tokens(b) for b in batches))
+        skipped = not (applied and math.isfinite(means["loss"]))
+        if skipped:
+            check_nonfinite(counters, done, means["loss"], grad_norm, cfg.train.max_nonfinite_steps, env)
+        else:
+            counters["nonfinite_in_a_row"] = 0
 
-        if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            log.train_step(done, loss_sum, metric_sums, units, lr, grad_norm, counters["tokens"])
+        if skipped or done % cfg.log.every == 0 or done == cfg.train.max_steps:
+            log.train_step(done, means, lr, grad_norm, counters["tokens"], skipped)
         if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
             evaluate(stage, model, data, cfg, env, autocast, log, step=done)
         signum = stop.agreed(env)  # every rank stops at the same step boundary
@@ -191,6 +200,21 @@ class StopSignal:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
+def check_nonfinite(counters: dict, step: int, loss: float, grad_norm: float, limit: int, env: D.DistEnv) -> None:
+    """A step whose loss or gradient is not finite was not applied (the weights are those before it; its data
+    is passed over). It is counted; `limit` of them in a row stop the run."""
+    counters["nonfinite_steps"] = counters.get("nonfinite_steps", 0) + 1
+    counters["nonfinite_in_a_row"] = in_a_row = counters.get("nonfinite_in_a_row", 0) + 1
+    if env.is_main:
+        print(f"warning: step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "
+              f"({in_a_row} in a row, {counters['nonfinite_steps']} in this run; train.max_nonfinite_steps={limit})",
+              file=sys.stderr, flush=True)
+    if in_a_row >= limit:
+        raise UserError(f"step {step}: the loss or gradient was not finite for {in_a_row} steps in a row "
+                        f"(train.max_nonfinite_steps={limit}); the weights are those of step {step - in_a_row}. "
+                        "Lower train.lr or check the data, then resume from a checkpoint")
+
+
 def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, autocast=None):
     """Forward and backward over this rank's micro-batches of one optimizer step, leaving in .grad the gradient
     of (sum of the loss over every unit of the global batch) / (number of those units).
@@ -217,6 +241,11 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()
     return loss_sum, metric_sums, units
+
+
+def global_means(env: D.DistEnv, sums: dict[str, torch.Tensor], units: torch.Tensor) -> dict[str, float]:
+    totals = D.all_reduce_sum(env, torch.stack([v.float() for v in sums.values()])) / units
+    return dict(zip(sums, totals.tolist(), strict=True))
 
 
 def keep_freed_memory() -> None:
@@ -385,26 +414,24 @@ class MetricsLog:
         finally:
             self.paused_time += time.perf_counter() - t
 
-    def train_step(self, step, loss_sum, metric_sums, units, lr, grad_norm, tokens) -> None:
-        values = D.all_reduce_sum(self.env, torch.stack([loss_sum.float(), *[v.float() for v in metric_sums.values()]]))
-        values = (values / units).tolist()
+    def train_step(self, step: int, means: dict, lr: float, grad_norm: float, tokens: int, skipped: bool) -> None:
         elapsed = time.perf_counter() - self.interval_start - self.paused_time
         rate = self.interval_tokens / max(elapsed, 1e-9)
         self.interval_tokens, self.interval_start, self.paused_time = 0, time.perf_counter(), 0.0
         if not self.env.is_main:
             return
-        record = {"step": step, "loss": values[0], "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                  "tokens_per_sec": rate}
-        record.update(zip(metric_sums, values[1:], strict=True))
+        record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": rate}
+        if skipped:
+            record["skipped"] = True
         if self.peak:
             record["mfu"] = rate * self.flops_per_token / (self.peak * self.env.world_size)
         self._write(record)
         if self.bar is not None and not self.bar.disable:
-            self.bar.set_postfix_str(f"loss {values[0]:.4f}, {rate:,.0f} tok/s", refresh=False)
+            self.bar.set_postfix_str(f"loss {means['loss']:.4f}, {rate:,.0f} tok/s", refresh=False)
             self.bar.update(step - self.bar.n)
         elif self.cfg.log.progress:  # no terminal (a log file, CI): one line per logged step instead of a bar
-            extra = "".join(f", {k} {v:.3f}" for k, v in zip(metric_sums, values[1:], strict=True) if "rewards" in k)
-            print(f"step {step}: loss {values[0]:.4f}{extra}, lr {lr:.2e}, {rate:,.0f} tokens/s", flush=True)
+            extra = "".join(f", {k} {v:.3f}" for k, v in means.items() if "rewards" in k)
+            print(f"step {step}: loss {means['loss']:.4f}{extra}, lr {lr:.2e}, {rate:,.0f} tokens/s", flush=True)
 
     def eval_step(self, step: int, val_loss: float, sample: str | None) -> None:
         if not self.env.is_main:

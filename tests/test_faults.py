@@ -1,0 +1,293 @@
+"""Faults and bad inputs: a full disk, NaN steps, damaged checkpoints and shards, runs without a network, and what
+the code must never do with user input. The long randomised campaign is tests/fault_campaign.py (make faults)."""
+
+import ast
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import FAST, REPO, TINY_CONFIG, dir_digest, losses, run_cli, run_training, write_jsonl
+
+NAN_STEPS = os.path.join(REPO, "tests", "nan_steps.py")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+# ------------------------------------------------------------------------------------------- preprocessing
+
+@pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs needs root")
+def test_a_full_disk_is_a_clear_error_and_a_rerun_after_freeing_space_succeeds(tokenizer_model, corpus_dir, tmp_path):
+    args = ["shards", "--input", corpus_dir, "--tokenizer", tokenizer_model, "--workers", 2, "--unit-mb", 0.2]
+    reference = dir_digest(run_cli(*args, "--out", tmp_path / "ref") and tmp_path / "ref")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "out"
+        proc = run_cli(*args, "--out", out, check=False)
+        assert proc.returncode == 1
+        line = proc.stderr.strip()
+        assert "\n" not in line and line.startswith(f"error: {out}/shard-") and line.endswith(
+            "No space left on device; free some space and run the same command again (finished work is kept)")
+        assert not (out / "manifest.json").exists()
+        for path in glob.glob(str(out / "shard-*.npy")):  # whatever is visible under a final name is whole
+            np.load(path)
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        run_cli(*args, "--out", out)
+        assert "all sha256 match" in run_cli("verify", out).stdout
+        assert dir_digest(out) == reference
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_truncated_parquet_is_a_counted_skip_naming_the_file(tokenizer_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"document number {i} " * 20 for i in range(3000)]}), tmp_path / "whole.parquet",
+                   row_group_size=500)
+    data = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    write_jsonl(tmp_path / "ok.jsonl", [{"text": "a good document"}])
+    out = tmp_path / "out"
+    proc = run_cli("shards", "--input", tmp_path / "cut.parquet", tmp_path / "ok.jsonl", "--tokenizer",
+                   tokenizer_model, "--out", out)
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["skipped"] == {"unreadable": 1} and manifest["totals"]["documents"] == 1
+    assert manifest["skipped_examples"]["unreadable"][0].startswith(f"{tmp_path / 'cut.parquet'}: unreadable file")
+    assert "skipped 1" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_50_mb_document_is_encoded_whole(tokenizer_model, tmp_path):
+    line = "Now is the winter of our discontent made glorious summer by this sun of York. "
+    text = (line * (50 * 2**20 // len(line) + 1))[: 50 * 2**20]
+    write_jsonl(tmp_path / "big.jsonl", [{"text": text}, {"text": "and a small one"}])
+    out = tmp_path / "out"
+    run_cli("shards", "--input", tmp_path / "big.jsonl", "--tokenizer", tokenizer_model, "--out", out, "--workers", 2)
+    import sentencepiece as spm
+
+    from preprocess.shards import iter_documents
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    docs = list(iter_documents(str(out)))
+    assert len(docs) == 2 and sp.decode(docs[0][:-1].tolist()) == text
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def nan_run(bad_steps: str, *overrides, nproc=1, stage="pretrain", config=TINY_CONFIG) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return subprocess.run([*launcher, NAN_STEPS, bad_steps, f"training.{stage}", "--config", config, *FAST, *overrides],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_a_nan_step_is_skipped_and_counted_and_k_in_a_row_stop_the_run(pretrain_shards, tmp_path):
+    common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.ckpt_every=6"]
+    proc = nan_run("3", *common, f"out_dir={tmp_path / 'one'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("warning: step 3: loss nan, gradient norm nan: update skipped (1 in a row, 1 in this run; "
+            "train.max_nonfinite_steps=5)") in proc.stderr
+    records = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    assert [r["step"] for r in records if r.get("skipped")] == [3]
+    assert all(np.isfinite(r["loss"]) for r in records if r["step"] != 3)
+    state = json.load(open(tmp_path / "one" / "checkpoints" / "step-6" / "state.json"))
+    assert state["nonfinite_steps"] == 1 and state["nonfinite_in_a_row"] == 0
+
+    proc = nan_run("2,3,4", *common, "train.max_nonfinite_steps=3", f"out_dir={tmp_path / 'three'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: step 4: the loss or gradient was not finite for 3 steps in a row (train.max_nonfinite_steps=3); the "
+        "weights are those of step 1. Lower train.lr or check the data, then resume from a checkpoint")
+
+
+@pytest.mark.slow
+def test_ddp_and_every_deepspeed_stage_skip_a_nan_step_alike(pretrain_shards, tmp_path):
+    pytest.importorskip("deepspeed")
+    common = [f"data.path={pretrain_shards}", "train.max_steps=5", "train.grad_accum=2", "train.ckpt_every=100"]
+    runs = {"ddp": []}
+    runs.update({f"zero{z}": ["dist.backend=deepspeed", f"dist.zero_stage={z}"] for z in (0, 2)})
+    curves = {}
+    for name, extra in runs.items():
+        proc = nan_run("3", *common, *extra, f"out_dir={tmp_path / name}", nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        curves[name] = losses(tmp_path / name)
+    for name, curve in curves.items():
+        assert np.isnan(curve[3]) and all(np.isfinite(curve[s]) for s in (1, 2, 4, 5))
+        # after the skipped step every backend continues from the same weights
+        assert curve[5] == pytest.approx(curves["ddp"][5], rel=1e-4), name
+
+
+def damage_byte(path, offset_fraction=0.5) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[int(len(data) * offset_fraction)] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(pretrain_shards, tmp_path):
+    common = [f"data.path={pretrain_shards}", "train.ckpt_every=2", "train.keep_checkpoints=0"]
+    run_training(*common, "train.max_steps=8", f"out_dir={tmp_path / 'straight'}")
+    out = tmp_path / "damaged"
+    run_training(*common, "train.max_steps=6", f"out_dir={out}")
+    ckpts = out / "checkpoints"
+    damage_byte(ckpts / "step-6" / "model.pt")                             # a flipped byte
+    os.truncate(ckpts / "step-4" / "optimizer.pt", 100)                   # a file cut short
+    proc = run_training(*common, "train.max_steps=8", f"out_dir={out}")
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: checkpoint")]
+    assert warnings == [
+        f"warning: checkpoint {ckpts}/step-6 is damaged (model.pt does not match its sha256); moved to "
+        f"step-6.damaged; using {ckpts}/step-2",
+        f"warning: checkpoint {ckpts}/step-4 is damaged (optimizer.pt has 100 bytes instead of "
+        f"{os.path.getsize(tmp_path / 'straight' / 'checkpoints' / 'step-4' / 'optimizer.pt'):,}); moved to "
+        f"step-4.damaged; using {ckpts}/step-2"]
+    assert (ckpts / "step-6.damaged").is_dir() and (ckpts / "step-4.damaged").is_dir()
+    assert losses(out) == losses(tmp_path / "straight")  # resumed from step 2: the same curve, exactly
+    # a reader (generate, init_from) of a run dir also skips the damaged newest checkpoint, moving nothing
+    damage_byte(ckpts / "step-8" / "model.pt")
+    from training.checkpoint import resolve
+
+    assert resolve(str(out)) == f"{ckpts}/step-6" and (ckpts / "step-8").is_dir()
+    proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(ckpts / "step-8"),
+                           "--prompt", "To be", "--max-new-tokens", "4"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and proc.stderr == (f"error: {ckpts}/step-8: damaged checkpoint (model.pt does not "
+                                                    f"match its sha256)\n")
+
+
+@pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs needs root")
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(pretrain_shards, tmp_path, backend):
+    common = [f"data.path={pretrain_shards}", "train.ckpt_every=2", "train.keep_checkpoints=0", "train.max_steps=6"]
+    nproc = 1
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+        common, nproc = [*common, "dist.backend=deepspeed", "dist.zero_stage=2"], 2
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=nproc)
+    one = sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "straight" / "checkpoints" / "step-2" / "**"),
+                                                    recursive=True) if os.path.isfile(p))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(one * 1.5) + 200_000}", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "run"
+        proc = run_training(*common, f"out_dir={out}", check=False, nproc=nproc)
+        assert proc.returncode == 1, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        # no traceback of ours (torchrun prints its own when a worker fails)
+        assert errors and proc.stderr.count("Traceback") == proc.stderr.count("raise ChildFailedError(")
+        assert f"{out}/checkpoints/step-4.tmp" in errors[0] and errors[0].endswith(
+            "No space left on device; free some space and run the same command again (finished work is kept)")
+        # no half-written step-4 left (DeepSpeed also puts its conversion scripts there)
+        assert sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("step-")) == ["step-2"]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        run_training(*common, f"out_dir={out}", nproc=nproc)
+        assert losses(out) == losses(tmp_path / "straight")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_damaged_shard_is_caught_before_the_first_step(pretrain_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, copy)
+    victim = sorted(glob.glob(str(copy / "shard-*.tokens.npy")))[0]
+    damage_byte(victim, 0.7)
+    proc = run_training(f"data.path={copy}", "train.max_steps=2", f"out_dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: {copy}: {os.path.basename(victim)}: sha256 differs" in proc.stderr
+    assert proc.stderr.strip().endswith("data.verify found damaged shards (see above); run `python -m preprocess "
+                                        "verify DIR`")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    os.truncate(victim, os.path.getsize(victim) // 2)  # cut short: refused when the directory is opened
+    proc = run_training(f"data.path={copy}", "train.max_steps=2", f"out_dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and os.path.basename(victim) in proc.stderr
+
+
+def test_init_from_a_model_of_another_tokenizer_is_refused(sft_run, tmp_path):
+    from preprocess.__main__ import main as preprocess_main
+    from preprocess.tokenizer import train_tokenizer
+
+    train_tokenizer(["other words entirely, in another tokenizer\n" * 50], str(tmp_path / "tok2"), 300)
+    src = write_jsonl(tmp_path / "o.jsonl", [{"text": "other words entirely " * 200}])
+    assert preprocess_main(["shards", "--input", src, "--tokenizer", str(tmp_path / "tok2" / "tokenizer.model"),
+                            "--out", str(tmp_path / "other")]) == 0
+    proc = run_training(f"data.path={tmp_path / 'other'}", f"init_from={sft_run}", "train.max_steps=1",
+                        f"out_dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: init_from {sft_run}/checkpoints/step-3 was trained with tokenizer ")
+    assert proc.stderr.endswith(f"but {tmp_path / 'other'} was tokenized with "
+                                f"{json.load(open(tmp_path / 'other' / 'manifest.json'))['tokenizer']['sha256'][:12]}…; "
+                                "write the shards with its tokenizer.model\n")
+
+
+def test_a_missing_init_from_is_a_one_line_error(chat_shards, tmp_path):
+    from conftest import SFT_CONFIG
+
+    proc = run_training(f"data.path={chat_shards['sft']}", f"init_from={tmp_path / 'nowhere'}",
+                        f"out_dir={tmp_path / 'r'}", stage="sft", config=SFT_CONFIG, check=False)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: {tmp_path / 'nowhere'}: neither a checkpoint directory (with model.pt) nor a run directory with "
+        "checkpoints\n")
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+CODE_DIRS = ["preprocess", "training", "recipes", "bench"]
+
+
+def python_files() -> list[str]:
+    return sorted(p for d in CODE_DIRS for p in glob.glob(os.path.join(REPO, d, "**", "*.py"), recursive=True))
+
+
+def test_no_code_path_evaluates_or_unpickles_user_input():
+    problems = []
+    for path in python_files():
+        tree = ast.parse(open(path).read(), path)
+        for node in ast.walk(tree):
+            where = f"{os.path.relpath(path, REPO)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                problems += [f"{where}: imports {n}" for n in names if n.split(".")[0] in ("pickle", "dill", "marshal")]
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            keywords = {k.arg: k.value for k in node.keywords}
+            if name in ("eval", "exec") and isinstance(node.func, ast.Name):
+                problems.append(f"{where}: {name}()")
+            if name == "load" and ast.unparse(node.func) in ("torch.load",):
+                safe = keywords.get("weights_only")
+                if not (isinstance(safe, ast.Constant) and safe.value is True):
+                    problems.append(f"{where}: torch.load without weights_only=True")
+            if name == "load" and ast.unparse(node.func) == "np.load" and isinstance(
+                    keywords.get("allow_pickle"), ast.Constant) and keywords["allow_pickle"].value:
+                problems.append(f"{where}: np.load(allow_pickle=True)")
+            if name in ("run", "Popen", "check_call", "check_output") and isinstance(
+                    keywords.get("shell"), ast.Constant) and keywords["shell"].value:
+                problems.append(f"{where}: a shell command line")
+    assert problems == []
+    # and the check itself can fail: it sees torch.load in the code it scans
+    assert any("torch.load" in open(p).read() for p in python_files())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not is_root() or not shutil.which("unshare"), reason="a network namespace needs root and unshare")
+def test_preprocessing_training_and_generation_work_without_a_network(tokenizer_model, corpus_dir, tmp_path):
+    script = f"""
+set -e
+ip link set lo down 2>/dev/null || true
+{sys.executable} -c "import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)" 2>/dev/null && exit 99
+{sys.executable} -m preprocess shards --input {corpus_dir} --tokenizer {tokenizer_model} --out {tmp_path}/s
+{sys.executable} -m training.pretrain --config {TINY_CONFIG} {' '.join(FAST)} data.path={tmp_path}/s \
+    out_dir={tmp_path}/r train.max_steps=2 log.tensorboard=true
+{sys.executable} -m training.generate --checkpoint {tmp_path}/r --prompt "To be" --max-new-tokens 4
+"""
+    proc = subprocess.run(["unshare", "--net", "bash", "-c", script], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "r" / "checkpoints" / "step-2").is_dir() and proc.stdout.strip()
