@@ -179,8 +179,14 @@ def test_out_of_range_token_ids_are_a_clear_error(pretrain_shards, tmp_path):
     np.save(path, tokens)
     shard["files"]["tokens"]["sha256"] = file_sha256(str(path))
     json.dump(manifest, open(damaged / "manifest.json", "w"))
+    # the re-hash before a fresh run's first step finds them ...
     proc = run_training(f"data.path={damaged}", f"out_dir={tmp_path / 'r'}", "model.vocab_size=1024",
                         "train.max_steps=2", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: {damaged}: shard-00000: token id 1500 is outside the vocabulary")
+    # ... and without it, the read of a batch does
+    proc = run_training(f"data.path={damaged}", f"out_dir={tmp_path / 'r'}", "model.vocab_size=1024",
+                        "train.max_steps=2", "data.verify=false", check=False)
     assert proc.returncode == 1
     assert "error: token id 1500 at" in proc.stderr and "is outside the model's vocabulary (model.vocab_size=1024)" in proc.stderr
 
