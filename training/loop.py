@@ -126,7 +126,8 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv):
         lr = lr_at(step, cfg.train)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [data.batch(step, m) for m in range(cfg.train.grad_accum)]
+        with log.data_wait():
+            batches = [data.batch(step, m) for m in range(cfg.train.grad_accum)]
         loss_sum, metric_sums, units = accumulate_gradients(stage, train_model, batches, env, autocast)
         means = global_means(env, {"loss": loss_sum, **metric_sums}, units)  # all ranks agree on what counts
         if engine is not None:  # it stepped at the last micro-batch, after clipping; it skips non-finite gradients
@@ -377,7 +378,7 @@ class MetricsLog:
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.peak = gpu_peak_flops(env.device)
         self.tb = self.bar = None
-        self.interval_tokens, self.interval_start, self.paused_time = 0, time.perf_counter(), 0.0
+        self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
         if env.is_main:
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -405,22 +406,30 @@ class MetricsLog:
         self.interval_tokens += tokens
         return tokens
 
-    @contextlib.contextmanager
+    def data_wait(self):
+        """Time the loop waits for its batches (reading and assembling samples): its share of the step time."""
+        return self._timed("data_time")
+
     def paused(self):
         """Time spent inside (evaluation, checkpoints) does not count against throughput."""
+        return self._timed("paused_time")
+
+    @contextlib.contextmanager
+    def _timed(self, counter: str):
         t = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_time += time.perf_counter() - t
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - t)
 
     def train_step(self, step: int, means: dict, lr: float, grad_norm: float, tokens: int, skipped: bool) -> None:
-        elapsed = time.perf_counter() - self.interval_start - self.paused_time
-        rate = self.interval_tokens / max(elapsed, 1e-9)
-        self.interval_tokens, self.interval_start, self.paused_time = 0, time.perf_counter(), 0.0
+        elapsed = max(time.perf_counter() - self.interval_start - self.paused_time, 1e-9)
+        rate, data_share = self.interval_tokens / elapsed, self.data_time / elapsed
+        self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
         if not self.env.is_main:
             return
-        record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": rate}
+        record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": rate,
+                  "data_wait_share": data_share}
         if skipped:
             record["skipped"] = True
         if self.peak:
