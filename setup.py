@@ -16,6 +16,7 @@ setup(
         "tqdm>=4.66",
         "omegaconf>=2.3",
         "tensorboard>=2.14",
+        "matplotlib>=3.8",          # training.report
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
