@@ -7,7 +7,7 @@ import os
 import sys
 
 from .chat import ChatTemplate
-from .errors import UserError, environment_error
+from .errors import UserError, exit_code
 from .fileio import file_sha256
 from .formats import pretrain_text
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
@@ -217,18 +217,12 @@ def _counts(counts: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    command = {"tokenizer": cmd_tokenizer, "shards": cmd_shards, "verify": cmd_verify, "show": cmd_show}[args.command]
     try:
-        {"tokenizer": cmd_tokenizer, "shards": cmd_shards, "verify": cmd_verify, "show": cmd_show}[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: the environment, not a bug
-        print(f"error: {environment_error(e)}", file=sys.stderr)
-        return 1
+        return exit_code(lambda: command(args))
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

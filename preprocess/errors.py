@@ -1,5 +1,6 @@
 import contextlib
 import errno
+import sys
 
 
 class UserError(Exception):
@@ -12,6 +13,19 @@ def environment_error(e: OSError) -> str:
     hint = ("; free some space and run the same command again (finished work is kept)"
             if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
     return f"{where}{e.strerror or e}{hint}"
+
+
+def exit_code(action, who: str = "") -> int:
+    """Run a command's action; a user mistake or a problem of the environment becomes one line and exit 1."""
+    try:
+        action()
+    except UserError as e:
+        print(f"error{who}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the environment, not a bug
+        print(f"error{who}: {environment_error(e)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -44,6 +45,13 @@ def run_cli(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous or a daemon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def dir_digest(path: str) -> dict[str, str]:

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from collections import defaultdict
 
 import psutil
-from conftest import dir_digest  # tests/ is this script's directory
+from conftest import dir_digest, free_port  # tests/ is this script's directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -74,12 +73,6 @@ def last_step(run_dir: str) -> int:
         return 0
     steps = [json.loads(line)["step"] for line in open(path) if line.strip() and '"loss"' in line]
     return max(steps, default=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -11,15 +11,9 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, REPO, TINY_CONFIG, dir_digest, losses, run_training
+from conftest import FAST, REPO, TINY_CONFIG, dir_digest, free_port, losses, run_training
 
 LAUNCH = os.path.join(REPO, "launch")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str):

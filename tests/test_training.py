@@ -2,14 +2,13 @@ import ast
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, REPO, TINY_CONFIG, kill_after_first_checkpoint, losses, run_training, val_losses, write_jsonl
+from conftest import FAST, REPO, TINY_CONFIG, free_port, kill_after_first_checkpoint, losses, run_training, val_losses, write_jsonl
 
 from preprocess.__main__ import main as preprocess_main
 from preprocess.errors import UserError
@@ -194,12 +193,6 @@ def test_out_of_range_token_ids_are_a_clear_error(pretrain_shards, tmp_path):
 # ------------------------------------------------------------------------------- the loop, end to end
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _uneven_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Two micro-batches per rank whose numbers of target tokens differ a lot (like SFT masks)."""
     g = torch.Generator().manual_seed(100 + rank)
@@ -248,7 +241,7 @@ def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_p
 
     # 2 ranks x 2 micro-batches through DDP (gloo)
     out = str(tmp_path / "grads.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
     ddp_grads = torch.load(out, weights_only=True)
     for name, grad in reference.items():
         torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-5, atol=1e-7)

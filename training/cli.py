@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from preprocess.errors import UserError, environment_error
+from preprocess.errors import exit_code
 
 from .config import load_config
 from .distributed import ranks_from_env
@@ -30,15 +30,12 @@ def main(name: str, make_stage, argv=None) -> int:
     args = p.parse_args(argv)
     rank, world, _, _ = ranks_from_env()
     who = "" if world == 1 else f" (rank {rank})"
-    try:
+    def load_and_run():
         cfg = load_config(args.config, args.overrides)
         run(make_stage(cfg), cfg)
-    except UserError as e:
-        print(f"error{who}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: the environment, not a bug
-        print(f"error{who}: {environment_error(e)}", file=sys.stderr)
-        return 1
+
+    try:
+        return exit_code(load_and_run, who)  # user mistakes and the environment: one line
     except Stopped as e:
         if rank == 0:
             print(e, file=sys.stderr)
@@ -53,4 +50,3 @@ def main(name: str, make_stage, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the latest checkpoint", file=sys.stderr)
         return 130
-    return 0

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from preprocess.errors import UserError
+from preprocess.errors import exit_code
 from preprocess.shards import read_manifest
 
 from . import checkpoint as ckpt
@@ -50,12 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    try:
-        print(describe(load_config(args.config, args.overrides)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(lambda: print(describe(load_config(args.config, args.overrides))))
 
 
 if __name__ == "__main__":

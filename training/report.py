@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from preprocess.errors import UserError
+from preprocess.errors import UserError, exit_code
 
 PANELS = [  # (title, metric keys drawn in it)
     ("loss", ["loss", "val_loss"]),
@@ -127,30 +127,23 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="where compare.png and compare.md go when several runs are given")
     args = p.parse_args(argv)
-    try:
-        runs = {run: read_metrics(run) for run in args.runs}
-        for run, series in runs.items():
-            plot({run: series}, os.path.join(run, "report.png"))
-            with open(os.path.join(run, "report.md"), "w") as f:
-                f.write("\n".join(summary(run, series)))
-            print(f"{run}/report.png, {run}/report.md")
-        if len(runs) > 1:
-            out = args.out or args.runs[0]
-            os.makedirs(out, exist_ok=True)
-            plot(runs, os.path.join(out, "compare.png"))
-            with open(os.path.join(out, "compare.md"), "w") as f:
-                f.write("\n".join(line for run, series in runs.items() for line in summary(run, series)))
-            print(f"{out}/compare.png, {out}/compare.md")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        from preprocess.errors import environment_error
+    return exit_code(lambda: write_reports(args.runs, args.out))
 
-        print(f"error: {environment_error(e)}", file=sys.stderr)
-        return 1
-    return 0
 
+def write_reports(run_dirs: list[str], out: str | None) -> None:
+    runs = {run: read_metrics(run) for run in run_dirs}
+    for run, series in runs.items():
+        plot({run: series}, os.path.join(run, "report.png"))
+        with open(os.path.join(run, "report.md"), "w") as f:
+            f.write("\n".join(summary(run, series)))
+        print(f"{run}/report.png, {run}/report.md")
+    if len(runs) > 1:
+        out = out or run_dirs[0]
+        os.makedirs(out, exist_ok=True)
+        plot(runs, os.path.join(out, "compare.png"))
+        with open(os.path.join(out, "compare.md"), "w") as f:
+            f.write("\n".join(line for run, series in runs.items() for line in summary(run, series)))
+        print(f"{out}/compare.png, {out}/compare.md")
 
 if __name__ == "__main__":
     sys.exit(main())
