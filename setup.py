@@ -17,10 +17,14 @@ setup(
         "omegaconf>=2.3",
         "tensorboard>=2.14",
         "matplotlib>=3.8",          # training.report
+        "safetensors>=0.4",         # init_from a transformers directory
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "mpi": ["mpich"],  # mpirun; ranks come from its environment variables, so mpi4py is not needed
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "ruff>=0.6", "mpich", "deepspeed==0.19.8"],
+        "hf": ["transformers>=5.0"],  # training.export_hf
+        "lora": ["peft>=0.17"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "ruff>=0.6", "mpich", "deepspeed==0.19.8",
+                "transformers>=5.0", "peft>=0.17"],
     },
 )

@@ -29,14 +29,16 @@ def ddp_run(pretrain_shards, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_give_the_ddp_losses(stage, pretrain_shards, ddp_run, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_give_the_ddp_losses_and_gradient_norms(stage, pretrain_shards, ddp_run, tmp_path):
+    template = [f"dist.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json"] if stage else []
     run_training(f"data.path={pretrain_shards}", *STEPS, "dist.backend=deepspeed", f"dist.zero_stage={stage}",
-                 f"dist.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json", f"out_dir={tmp_path}", nproc=2)
-    ours, ddp = losses(tmp_path), losses(ddp_run)
-    assert sorted(ours) == list(range(1, 9))
-    for step in ddp:
-        assert ours[step] == pytest.approx(ddp[step], rel=1e-4)
+                 *template, f"out_dir={tmp_path}", nproc=2)
+    for key in ("loss", "grad_norm"):  # the norm before clipping, as DDP reports it
+        ours, ddp = losses(tmp_path, key), losses(ddp_run, key)
+        assert sorted(ours) == list(range(1, 9))
+        for step in ddp:
+            assert ours[step] == pytest.approx(ddp[step], rel=1e-4), (key, step)
     # the checkpoint converts to the plain fp32 state dict that generate, export and init_from read
     from training.checkpoint import load_weights
     from training.model import Transformer
@@ -128,3 +130,29 @@ def test_templates_never_set_what_our_config_sets(tmp_path):
                                                "dist.zero_stage=2"]), env, "fp32")
     with pytest.raises(UserError, match="dist.offload_params needs dist.zero_stage=3"):
         build_config(load_config(TINY_CONFIG, ["dist.zero_stage=2", "dist.offload_params=true"]), env, "fp32")
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shards, sft_run, tmp_path):
+    pytest.importorskip("peft")
+    from conftest import SFT_CONFIG
+
+    from training import checkpoint as ckpt
+    from training.model import Transformer
+
+    common = [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=3", "train.grad_accum=2",
+              "train.precision=fp32", "lora.rank=4", "train.lr=3e-3", "train.warmup_steps=1", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'ddp'}", nproc=2, stage="sft", config=SFT_CONFIG)
+    run_training(*common, f"out_dir={tmp_path / 'zero3'}", "dist.backend=deepspeed", "dist.zero_stage=3", nproc=2,
+                 stage="sft", config=SFT_CONFIG)
+    for key in ("loss", "grad_norm"):
+        ddp, ds = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
+        for step in ddp:
+            assert ds[step] == pytest.approx(ddp[step], rel=1e-4), (key, step)
+    merged = {}
+    for name in ("ddp", "zero3"):  # DeepSpeed's frozen and trainable partitions, consolidated and merged
+        path = ckpt.resolve(str(tmp_path / name))
+        merged[name] = Transformer(ckpt.model_config(path))
+        ckpt.load_weights(path, merged[name])
+    for key, value in merged["zero3"].state_dict().items():
+        torch.testing.assert_close(value, merged["ddp"].state_dict()[key], rtol=1e-4, atol=1e-6)

@@ -232,8 +232,8 @@ def test_a_missing_init_from_is_a_one_line_error(chat_shards, tmp_path):
     proc = run_training(f"data.path={chat_shards['sft']}", f"init_from={tmp_path / 'nowhere'}",
                         f"out_dir={tmp_path / 'r'}", stage="sft", config=SFT_CONFIG, check=False)
     assert proc.returncode == 1 and proc.stderr == (
-        f"error: {tmp_path / 'nowhere'}: neither a checkpoint directory (with model.pt) nor a run directory with "
-        "checkpoints\n")
+        f"error: {tmp_path / 'nowhere'}: neither a run directory with checkpoints, a checkpoint directory (with "
+        "model.pt), nor a transformers model directory (with config.json)\n")
 
 
 # ------------------------------------------------------------------------------------------------ security

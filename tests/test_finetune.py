@@ -130,15 +130,16 @@ def test_dpo_needs_a_starting_checkpoint(chat_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_make_demo_runs_the_five_stages_and_the_model_learns_the_preference(tmp_path):
+def test_make_demo_runs_the_six_stages_and_the_model_learns_the_preference(tmp_path):
     python = os.path.join(REPO, ".venv", "bin", "python")
     if not os.path.exists(python):
         pytest.skip("make demo runs in .venv, which `make test` creates")
     proc = subprocess.run(["make", "--no-print-directory", "demo", f"OUT={tmp_path / 'demo'}"], cwd=REPO,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for n in range(1, 6):
-        assert f"=== {n}/5 " in proc.stdout
+    for n in range(1, 7):
+        assert f"=== {n}/6 " in proc.stdout
+    assert os.path.isfile(tmp_path / "demo" / "hf" / "dpo" / "model.safetensors")
     shares = dict(re.findall(r"^(reference \(SFT\)|aligned \(DPO\)): \d+/\d+ replies end with '\?' \((\d+)%\)$",
                              proc.stdout, re.M))
     assert int(shares["aligned (DPO)"]) >= 80 and int(shares["aligned (DPO)"]) >= int(shares["reference (SFT)"]) + 40

@@ -1,9 +1,10 @@
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-from conftest import CHAT, DPO_CONFIG, REPO, run_training
+from conftest import CHAT, DPO_CONFIG, FAST, REPO, TINY_CONFIG, losses, run_training
 
 
 def report(*args) -> subprocess.CompletedProcess:
@@ -41,3 +42,58 @@ def test_report_of_a_directory_without_metrics_is_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss"\n')
     proc = report(tmp_path)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {tmp_path}/metrics.jsonl:2: not JSON")
+
+
+# A stand-in for the wandb package (not a dependency): records every call in a JSON lines file, so the test sees
+# exactly what a run sends to Weights & Biases.
+FAKE_WANDB = '''
+import json, os, uuid
+
+class util:
+    @staticmethod
+    def generate_id():
+        return uuid.uuid4().hex[:8]
+
+def _record(**kw):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(kw) + "\\n")
+
+class _Run:
+    def log(self, data, step=None):
+        _record(call="log", data=data, step=step)
+    def finish(self):
+        _record(call="finish")
+
+def init(**kw):
+    _record(call="init", **{k: v for k, v in kw.items() if k != "config"}, config_keys=sorted(kw["config"]))
+    return _Run()
+'''
+
+
+def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_the_same_wandb_run(pretrain_shards, tmp_path):
+    (tmp_path / "fake" / "wandb").mkdir(parents=True)
+    (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    calls_file = tmp_path / "calls.jsonl"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'fake'}", "FAKE_WANDB_LOG": str(calls_file)}
+    out = tmp_path / "run"
+    common = [f"data.path={pretrain_shards}", f"out_dir={out}", "log.wandb=true", "log.wandb_project=test-proj"]
+    for steps in (2, 4):  # a second invocation resumes at step 2
+        command = [sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common,
+                   f"train.max_steps={steps}"]
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    calls = [json.loads(line) for line in open(calls_file)]
+    inits = [c for c in calls if c["call"] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
+    assert inits[0]["project"] == "test-proj" and {"model", "train", "data"} <= set(inits[0]["config_keys"])
+    logged = {c["step"]: c["data"]["loss"] for c in calls if c["call"] == "log"}
+    assert logged == {step: loss for step, loss in losses(out).items()} and set(logged) == {1, 2, 3, 4}
+    assert [c["call"] for c in calls].count("finish") == 2
+
+    # without the package: one line before any work, and W&B stays off by default
+    if importlib.util.find_spec("wandb") is None:
+        proc = run_training(f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'none'}", "log.wandb=true",
+                            "train.max_steps=1", check=False)
+        assert proc.returncode == 1 and "log.wandb=true needs the wandb package" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    run_training(f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'default'}", "train.max_steps=1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from preprocess.errors import UserError, naming
 from preprocess.fileio import atomic_write, file_sha256, fsync_dir
 
 from . import distributed as D
+from . import lora
 
 LATEST = "latest"
 CHECKSUMS = "checksums.json"
@@ -237,7 +239,12 @@ def saved_step(ckpt_dir: str | None) -> int:
 
 @functools.cache
 def resolve(path: str) -> str:
-    """A run directory (its newest intact checkpoint) or a checkpoint directory → the checkpoint directory."""
+    """A run directory (its newest intact checkpoint), a checkpoint directory, or a transformers Llama directory
+    (config.json + safetensors, e.g. one written by training.export_hf) → the directory to load from."""
+    from . import hf
+
+    if hf.is_hf_dir(path):
+        return path
     if os.path.isfile(os.path.join(path, "model.pt")) or os.path.isfile(os.path.join(path, "state.json")):
         problems = damage(path)
         if problems:
@@ -245,8 +252,30 @@ def resolve(path: str) -> str:
         return path
     found = latest(path) if os.path.isdir(path) else None
     if found is None:
-        raise UserError(f"{path}: neither a checkpoint directory (with model.pt) nor a run directory with checkpoints")
+        raise UserError(f"{path}: neither a run directory with checkpoints, a checkpoint directory (with model.pt), "
+                        "nor a transformers model directory (with config.json)")
     return found
+
+
+def model_config(ckpt_dir: str):
+    """The ModelConfig of a resolved checkpoint or transformers directory."""
+    from . import hf
+    from .config import config_from_yaml
+
+    if hf.is_hf_dir(ckpt_dir):
+        return hf.model_config(ckpt_dir)
+    return config_from_yaml(os.path.join(ckpt_dir, "config.yaml")).model
+
+
+def weights_fingerprint(ckpt_dir: str) -> str:
+    """A short hash that changes whenever the weights of a resolved directory do (names cached results)."""
+    from . import hf
+
+    files = hf.weight_files(ckpt_dir) if hf.is_hf_dir(ckpt_dir) else [os.path.join(ckpt_dir, "model.pt")]
+    if not os.path.isfile(files[0]):  # a DeepSpeed checkpoint: its consolidated model.pt is written on first use
+        load_weights(ckpt_dir, None)
+    digests = "".join(file_sha256(f) for f in files)
+    return hashlib.sha256(digests.encode()).hexdigest()[:16] if len(files) > 1 else digests[:16]
 
 
 def _load(path: str):
@@ -258,15 +287,28 @@ def _load(path: str):
         raise UserError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None
 
 
-def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
-    """The weights of a checkpoint; those of a DeepSpeed one are consolidated into a plain fp32 model.pt first."""
+def load_weights(ckpt_dir: str, model: torch.nn.Module | None) -> None:
+    """The weights of a checkpoint (those of a DeepSpeed one are consolidated into a plain fp32 model.pt first)
+    or of a transformers directory. model None: only the consolidation."""
+    from . import hf
     from .deepspeed_backend import consolidated_state_dict, is_deepspeed_checkpoint
 
+    if hf.is_hf_dir(ckpt_dir):
+        if model is not None:
+            model.load_state_dict(hf.load_state_dict(ckpt_dir, model.cfg))
+        return
     path = os.path.join(ckpt_dir, "model.pt")
     if not os.path.isfile(path) and is_deepspeed_checkpoint(ckpt_dir):
         _save_file(consolidated_state_dict(ckpt_dir), path + ".tmp")
         os.replace(path + ".tmp", path)
+    if model is None:
+        return
     state = _load(path)
+    if lora.is_adapted_state(state) and not lora.has_adapters(model):  # a LoRA run's checkpoint into a plain model
+        from .config import config_from_yaml
+
+        lora.load_merged(model, state, config_from_yaml(os.path.join(ckpt_dir, "config.yaml")).lora, path)
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{ckpt_dir}/model.pt does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")

@@ -67,7 +67,17 @@ class DistConfig:
 class LogConfig:
     every: int = 1               # optimizer steps between metrics lines
     tensorboard: bool = True
+    wandb: bool = False          # Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account)
+    wandb_project: str = "shardlm"
     progress: bool = True        # tqdm bar on rank 0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0                # 0: every weight trains; > 0: only low-rank adapters on `targets` train (peft)
+    alpha: float = 16.0          # adapters are scaled by alpha / rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
 
 
 @dataclass
@@ -87,6 +97,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 CHOICES = {
@@ -143,6 +154,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append("data.val_fraction: must be in [0, 1)")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         problems.append(f"data.seq_len: {cfg.data.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.lora.rank < 0:
+        problems.append("lora.rank: must be 0 (off) or positive")
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
         problems.append(f"dist.zero_stage: {cfg.dist.zero_stage} is not 0, 1, 2 or 3")
     problems.extend(cfg.model.validate())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -90,22 +91,32 @@ def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, precision
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_config(cfg, env, precision),
                                            dist_init_required=False)
     if engine.optimizer is optimizer:  # no ZeRO or bf16 wrapper: nothing else would skip a non-finite step
-        skip_nonfinite_steps(optimizer)
+        skip_nonfinite_steps(engine, optimizer, cfg.train.grad_clip)
     return engine
 
 
-def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
+def skip_nonfinite_steps(engine, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
     """ZeRO stage 0 in fp32 hands our optimizer the all-reduced gradients (the same on every rank) and steps it
     whatever they hold; DeepSpeed's own optimizers skip a step whose gradients are not finite and say so in
-    `overflow`, which the engine reads (was_step_applied). Give ours the same behaviour."""
+    `overflow`, which the engine reads (was_step_applied). Give ours the same behaviour. Nor does the engine keep
+    the gradient norm on this path (get_global_grad_norm() is None): the norm before clipping goes into
+    `_global_grad_norm`, where the engine reads it after the step."""
     step = optimizer.step
     optimizer.overflow = False
 
+    def with_grads():
+        return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def clip():  # called by the engine before the step when clipping is on
+        optimizer._global_grad_norm = torch.nn.utils.clip_grad_norm_(with_grads(), max_norm).item()
+
     def step_if_finite(*args, **kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        optimizer.overflow = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        if max_norm <= 0:  # no clipping: the norm is measured here
+            optimizer._global_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads()]).item()
+        optimizer.overflow = not math.isfinite(optimizer._global_grad_norm)
         return None if optimizer.overflow else step(*args, **kwargs)
 
+    engine.clip_fp32_gradients = clip
     optimizer.step = step_if_finite
 
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -15,7 +14,8 @@ from preprocess.errors import exit_code
 from preprocess.shards import read_manifest
 
 from . import checkpoint as ckpt
-from .config import config_from_yaml, data_sources, load_config
+from . import lora
+from .config import data_sources, load_config
 from .loop import resolve_vocab
 from .model import Transformer
 
@@ -25,7 +25,7 @@ def describe(cfg) -> str:
     vocab = read_manifest(path)["tokenizer"]["vocab_size"]
     model_cfg = cfg.model
     if cfg.init_from:  # fine-tuning: the shape is the starting checkpoint's
-        model_cfg = config_from_yaml(os.path.join(ckpt.resolve(cfg.init_from), "config.yaml")).model
+        model_cfg = ckpt.model_config(ckpt.resolve(cfg.init_from))
     model_cfg = resolve_vocab(model_cfg, vocab, path)
     with torch.device("meta"):
         model = Transformer(model_cfg)
@@ -41,7 +41,17 @@ def describe(cfg) -> str:
         f"= {per_step:,} tokens per optimizer step per process",
         f"schedule: {t.max_steps:,} steps, lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup), "
         f"precision {t.precision}, checkpoints every {t.ckpt_every}",
+        *([lora_line(model, cfg.lora)] if lora.enabled(cfg.lora) else []),
     ])
+
+
+def lora_line(model: Transformer, cfg) -> str:
+    """Adapters of rank r on a (out x in) linear layer add r * (in + out) parameters, and only those train."""
+    adapted = [m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
+    trainable = sum(cfg.rank * (m.in_features + m.out_features) for m in adapted)
+    return (f"lora: rank {cfg.rank} (alpha {cfg.alpha:g}) on {len(adapted)} layers ({', '.join(cfg.targets)}): "
+            f"{trainable / 1e6:.3f} M trainable parameters, {100 * trainable / model.num_params():.2f}% of the model")
 
 
 def main(argv=None) -> int:

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from preprocess.errors import UserError
-from preprocess.fileio import atomic_write, file_sha256
+from preprocess.fileio import atomic_write
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import lora
 from .cli import main
 from .data import DPOData, pad_sequences
 from .loop import Stage, resolve_precision
@@ -32,14 +33,16 @@ from .sft import pad_id
 
 
 class LiveReference:
-    """Reference log-probs from the frozen starting model, computed with each batch."""
+    """Reference log-probs from the frozen starting model, computed with each batch. With LoRA the model is the
+    policy itself, run with its adapters switched off."""
 
-    def __init__(self, model: Transformer, device: torch.device, autocast):
-        self.model, self.device, self.autocast = model, device, autocast
+    def __init__(self, model: Transformer, device: torch.device, autocast, adapters_off: bool = False):
+        self.model, self.device, self.autocast, self.adapters_off = model, device, autocast, adapters_off
 
     @torch.no_grad()
     def __call__(self, picks, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with self.autocast:
+        base = lora.adapters_disabled(self.model) if self.adapters_off else contextlib.nullcontext()
+        with base, self.autocast:
             logits = self.model(inputs.to(self.device))
         return sequence_logps(logits, targets.to(self.device))
 
@@ -63,10 +66,9 @@ def reference_model(cfg, env) -> Transformer:
     return model.to(env.device).eval().requires_grad_(False)
 
 
-def precompute(sources, model: Transformer, cfg, env, autocast) -> list[np.ndarray]:
+def precompute(sources, reference: LiveReference, cfg, env) -> list[np.ndarray]:
     """Each rank computes its share of every source's examples; the sum over ranks is the full array."""
-    key = f"{file_sha256(os.path.join(ckpt.resolve(cfg.init_from), 'model.pt'))[:16]}-L{cfg.data.seq_len}"
-    reference = LiveReference(model, env.device, autocast)
+    key = f"{ckpt.weights_fingerprint(ckpt.resolve(cfg.init_from))}-L{cfg.data.seq_len}"
     arrays = []
     for source in sources:
         path = os.path.join(source.path, f"ref_logps-{key}.npy")
@@ -93,17 +95,19 @@ def precompute(sources, model: Transformer, cfg, env, autocast) -> list[np.ndarr
     return arrays
 
 
-def make_data(sources, weights, cfg, env, vocab_size):
+def make_data(sources, weights, cfg, env, model):
     precision = resolve_precision(cfg.train.precision, env.device)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    model = reference_model(cfg, env)
-    if cfg.dpo.precompute_ref:
-        reference = PrecomputedReference(precompute(sources, model, cfg, env, autocast))
-        del model  # no reference forward during training: its memory is freed
+    if lora.enabled(cfg.lora):  # the policy's base weights are the starting model's: no copy needed
+        if not cfg.init_from:
+            raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
+        reference = LiveReference(model, env.device, autocast, adapters_off=True)
     else:
-        reference = LiveReference(model, env.device, autocast)
+        reference = LiveReference(reference_model(cfg, env), env.device, autocast)
+    if cfg.dpo.precompute_ref:  # no reference forward during training: a separate reference model is freed
+        reference = PrecomputedReference(precompute(sources, reference, cfg, env))
     return DPOData(sources, weights, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum, env.rank,
-                   env.world_size, vocab_size, pad_id=pad_id(sources), reference=reference)
+                   env.world_size, model.cfg.vocab_size, pad_id=pad_id(sources), reference=reference)
 
 
 def make_stage(cfg) -> Stage:

@@ -71,11 +71,9 @@ def load_for_inference(checkpoint: str, device: str = "auto"):
     import sentencepiece as spm
 
     from . import checkpoint as ckpt
-    from .config import config_from_yaml
 
     ckpt_dir = ckpt.resolve(checkpoint)
-    cfg = config_from_yaml(os.path.join(ckpt_dir, "config.yaml"))
-    model = Transformer(cfg.model)
+    model = Transformer(ckpt.model_config(ckpt_dir))
     ckpt.load_weights(ckpt_dir, model)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(ckpt_dir, "tokenizer.model"))

@@ -27,7 +27,7 @@ import torch
 from preprocess.errors import UserError
 
 from . import checkpoint as ckpt
-from . import deepspeed_backend
+from . import deepspeed_backend, lora
 from . import distributed as D
 from .config import Config, data_sources, save_config
 from .data import ShardSource, open_sources
@@ -44,7 +44,7 @@ class Stage:
     """What differs between pretraining, SFT and DPO."""
     name: str
     data_kind: str                                   # the `kind` its shard directories must have
-    make_data: Callable[..., Any]                    # (sources, weights, cfg, env, vocab_size) → data
+    make_data: Callable[..., Any]                    # (sources, weights, cfg, env, model) → data
     loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # summed over units
     units: Callable[[Any], int]                      # loss units in a micro-batch: target tokens, or pairs
     tokens: Callable[[Any], int]                     # tokens processed in a micro-batch, for throughput
@@ -83,14 +83,17 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv):
         verify_sources(sources, env)
 
     # -------------------------------------------------------------------------------- model, optimizer
-    seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = Transformer(model_cfg).to(env.device)
-    optimizer = make_optimizer(model, cfg.train, env.device)
-    counters = {"step": 0, "tokens": 0}
+    seed_everything(cfg.seed)  # the same initial weights (and adapters) on every rank
+    model = Transformer(model_cfg)
     if resume_from:
         check_same_model(resume_from, model_cfg)
     elif init_dir:
         ckpt.load_weights(init_dir, model)
+    if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
+        lora.apply(model, cfg.lora)
+    model.to(env.device)
+    optimizer = make_optimizer(model, cfg.train, env.device)
+    counters = {"step": 0, "tokens": 0}
     precision = resolve_precision(cfg.train.precision, env.device)
     log = MetricsLog(cfg, env, model, stage.name, ckpt.saved_step(resume_from))  # FLOPs from the whole model
     if cfg.train.compile:
@@ -110,7 +113,7 @@ def train(stage: Stage, cfg: Config, env: D.DistEnv):
         prepare_out_dir(cfg, sources[0], counters["step"])
     D.barrier(env)
     config_yaml = open(os.path.join(cfg.out_dir, "config.yaml")).read()
-    data = stage.make_data(sources, list(weights), cfg, env, model_cfg.vocab_size)
+    data = stage.make_data(sources, list(weights), cfg, env, model)
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     start = counters["step"]
@@ -271,13 +274,15 @@ def seed_everything(seed: int) -> None:
 def starting_model(init_dir: str, source: ShardSource, env: D.DistEnv) -> ModelConfig:
     from preprocess.fileio import file_sha256
 
-    from .config import config_from_yaml
-
-    sha = file_sha256(os.path.join(init_dir, "tokenizer.model"))
+    tokenizer = os.path.join(init_dir, "tokenizer.model")
+    if not os.path.isfile(tokenizer):
+        raise UserError(f"init_from {init_dir} has no tokenizer.model: fine-tuning needs the sentencepiece model "
+                        "the shards were written with")
+    sha = file_sha256(tokenizer)
     if sha != source.tokenizer["sha256"]:
         raise UserError(f"init_from {init_dir} was trained with tokenizer {sha[:12]}…, but {source.path} was "
                         f"tokenized with {source.tokenizer['sha256'][:12]}…; write the shards with its tokenizer.model")
-    model_cfg = config_from_yaml(os.path.join(init_dir, "config.yaml")).model
+    model_cfg = ckpt.model_config(init_dir)
     if env.is_main:
         print(f"model: from {init_dir} (model.* of this config is not used)", flush=True)
     return model_cfg
@@ -370,16 +375,20 @@ def sample_text(model: Transformer, cfg: Config, step: int, autocast, chat: bool
 
 
 class MetricsLog:
-    """metrics.jsonl, TensorBoard and the progress bar, all on rank 0; throughput timed without the pauses."""
+    """metrics.jsonl, TensorBoard, Weights & Biases (optional) and the progress bar, all on rank 0; throughput
+    timed without the pauses."""
 
     def __init__(self, cfg: Config, env: D.DistEnv, model: Transformer, stage: str, start_step: int):
         self.cfg, self.env = cfg, env
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.peak = gpu_peak_flops(env.device)
-        self.tb = self.bar = None
+        self.tb = self.bar = self.wandb = None
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
+        wandb = require_wandb() if cfg.log.wandb else None  # every rank: all stop together when it is missing
         if env.is_main:
+            if wandb is not None:
+                self.wandb = start_wandb(wandb, cfg, stage)
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -458,16 +467,45 @@ class MetricsLog:
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def require_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("log.wandb=true needs the wandb package: pip install wandb (or set log.wandb=false)") from None
+    return wandb
+
+
+def start_wandb(wandb, cfg: Config, stage: str):
+    """One W&B run per out_dir: its id is kept there, so a resumed run continues the same W&B run."""
+    from omegaconf import OmegaConf
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    id_file = os.path.join(cfg.out_dir, "wandb_id")
+    if os.path.isfile(id_file):
+        run_id = open(id_file).read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_file, "w") as f:
+            f.write(run_id + "\n")
+    return wandb.init(project=cfg.log.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
+                      name=os.path.basename(os.path.abspath(cfg.out_dir)), job_type=stage,
+                      config=OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
 def gpu_peak_flops(device: torch.device) -> float | None:

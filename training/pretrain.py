@@ -14,9 +14,9 @@ from .loop import Stage
 from .losses import lm_loss_sum
 
 
-def make_data(sources, weights, cfg, env, vocab_size):
+def make_data(sources, weights, cfg, env, model):
     return PretrainData(sources, weights, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum,
-                        env.rank, env.world_size, vocab_size)
+                        env.rank, env.world_size, model.cfg.vocab_size)
 
 
 def loss(model, batch):

@@ -19,9 +19,9 @@ def pad_id(sources) -> int:
     return special.get("pad", special["eos"])
 
 
-def make_data(sources, weights, cfg, env, vocab_size):
+def make_data(sources, weights, cfg, env, model):
     return SFTData(sources, weights, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum, env.rank,
-                   env.world_size, vocab_size, pad_id=pad_id(sources))
+                   env.world_size, model.cfg.vocab_size, pad_id=pad_id(sources))
 
 
 def loss(model, batch):

@@ -1,0 +1,180 @@
+"""Hugging Face transformers: export (model, tokenizer, chat template, generation) and import (init_from a
+transformers Llama directory), checked against transformers itself."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHAT, DPO_CONFIG, MIXED_TEXTS, REPO, SFT_CONFIG, losses, run_training, shakespeare_plays
+
+transformers = pytest.importorskip("transformers")
+
+
+def export(checkpoint, out, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.export_hf", "--checkpoint", str(checkpoint), "--out",
+                           str(out), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def exported(sft_run, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("hf") / "model"
+    proc = export(sft_run, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "transformers reproduces our logits" in proc.stdout
+    return str(out)
+
+
+def real_texts() -> list[str]:
+    texts = list(MIXED_TEXTS)
+    for path in shakespeare_plays()[:3]:
+        texts += [t for t in open(path, encoding="utf-8").read().split("\n\n") if t.strip()]
+    return texts
+
+
+def test_transformers_gives_our_logits_token_ids_chat_prompt_and_greedy_text(sft_run, exported):
+    from preprocess.chat import ChatTemplate, Turn
+    from training.generate import generate, load_for_inference
+
+    ours, sp = load_for_inference(sft_run, "cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+
+    # the tokenizer: the same ids for every paragraph of three plays and the mixed-script samples, and back
+    texts = real_texts()
+    assert len(texts) > 1000
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == sp.encode(text), text
+        assert tokenizer.decode(ids) == text
+
+    # logits on real text, fp32
+    ids = sp.encode("\n".join(texts[200:260]))
+    batch = torch.tensor([ids[:64], ids[64:128]])
+    with torch.no_grad():
+        diff = (theirs(batch).logits - ours(batch)).abs().max().item()
+    assert diff < 1e-4
+
+    # the chat template renders the prompt our ChatTemplate builds
+    request = "Write a line spoken by ROMEO."
+    prompt = ChatTemplate.from_processor(sp).prompt([Turn("user", request)], [np.array(sp.encode(request))])
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    assert rendered == prompt
+
+    # greedy generation: the same ids and text, for a plain prompt and for the chat prompt (stopping at <|end|>)
+    end_id = sp.piece_to_id("<|end|>")
+    for prompt_ids, stop in ((sp.encode("ROMEO:"), sp.eos_id()), (prompt, end_id)):
+        mine = generate(ours, prompt_ids, 24, greedy=True, eos_id=stop, vocab_limit=sp.vocab_size())
+        out = theirs.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False)[0, len(prompt_ids):]
+        out = out.tolist()
+        if out and out[-1] in (sp.eos_id(), end_id):
+            out = out[:-1]
+        if stop == sp.eos_id() and end_id in out:  # transformers also stops at <|end|>; ours only at eos here
+            mine = mine[:len(out)]
+        assert out == mine
+        assert tokenizer.decode(out, skip_special_tokens=True) == sp.decode(mine)
+
+
+def test_greedy_generation_agrees_token_for_token_on_a_model_that_varies_its_output(sft_run):
+    """A 3-step model repeats one token; weights with added noise make every step's argmax a real choice."""
+    from training import hf
+    from training.generate import generate, load_for_inference
+
+    ours, sp = load_for_inference(sft_run, "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.15)
+    info_ids = {"eos": sp.eos_id(), "bos": sp.bos_id(), "pad": sp.pad_id()}
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf.to_hf_config(ours.cfg, info_ids))).eval()
+    theirs.load_state_dict(hf.to_hf_state_dict(ours.state_dict(), ours.cfg), strict=False)
+    theirs.tie_weights()
+    for prompt in ("ROMEO:", "To be, or not", "First Citizen:\n"):
+        ids = sp.encode(prompt)
+        mine = generate(ours, ids, 40, greedy=True, vocab_limit=ours.cfg.vocab_size)
+        out = theirs.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                              pad_token_id=sp.pad_id())[0, len(ids):].tolist()
+        assert out == mine
+        assert len(set(mine)) > 10
+
+
+def test_bfloat16_export_halves_the_weights_and_loads(sft_run, exported, tmp_path):
+    proc = export(sft_run, tmp_path / "bf16", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    fp32 = os.path.getsize(os.path.join(exported, "model.safetensors"))
+    bf16 = os.path.getsize(tmp_path / "bf16" / "model.safetensors")
+    assert 0.45 < bf16 / fp32 < 0.55
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_export_refuses_a_non_empty_directory_and_a_missing_checkpoint(sft_run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    proc = export(sft_run, tmp_path / "taken")
+    assert proc.returncode == 1 and "exists and is not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
+    proc = export(tmp_path / "nothing", tmp_path / "new")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not (tmp_path / "new").exists()
+
+
+def test_fine_tuning_from_the_export_equals_fine_tuning_from_the_run(sft_run, exported, chat_shards, tmp_path):
+    for stage, config, data in (("sft", SFT_CONFIG, chat_shards["sft"]), ("dpo", DPO_CONFIG, chat_shards["dpo"])):
+        runs = {}
+        for name, start in (("run", sft_run), ("hf", exported)):
+            out = tmp_path / f"{stage}-{name}"
+            run_training(f"data.path={data}", f"init_from={start}", "train.max_steps=3", f"out_dir={out}", *CHAT,
+                         stage=stage, config=config)
+            runs[name] = losses(out)
+        assert runs["hf"] == runs["run"]  # bit for bit: the layout change is a permutation
+        if stage == "dpo":
+            assert math.isclose(runs["hf"][1], math.log(2), rel_tol=1e-5)
+
+
+def save_foreign_llama(path, tokenizer_model, **config):
+    """A transformers Llama with a shape of its own, saved by transformers (no part of our code involved)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False, **config)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    shutil.copyfile(tokenizer_model, os.path.join(path, "tokenizer.model"))
+    return model
+
+
+def test_a_transformers_llama_directory_loads_into_our_model(tokenizer_model, tmp_path):
+    from training import checkpoint as ckpt
+    from training.model import Transformer
+
+    theirs = save_foreign_llama(tmp_path / "llama", tokenizer_model)
+    path = ckpt.resolve(str(tmp_path / "llama"))
+    cfg = ckpt.model_config(path)
+    assert (cfg.n_kv_heads, cfg.ffn_hidden, cfg.rope_theta, cfg.tie_embeddings) == (1, 96, 500000.0, False)
+    ours = Transformer(cfg)
+    ckpt.load_weights(path, ours)
+    tokens = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - theirs(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_unsupported_or_incomplete_transformers_directories_are_one_line_errors(tokenizer_model, chat_shards, tmp_path):
+    save_foreign_llama(tmp_path / "biased", tokenizer_model, attention_bias=True)
+    save_foreign_llama(tmp_path / "untokenized", tokenizer_model)
+    os.remove(tmp_path / "untokenized" / "tokenizer.model")
+    for name, message in (("biased", "config.json: attention_bias=True is not supported"),
+                          ("untokenized", "has no tokenizer.model")):
+        proc = run_training(f"data.path={chat_shards['sft']}", f"init_from={tmp_path / name}", "train.max_steps=1",
+                            f"out_dir={tmp_path / ('out-' + name)}", *CHAT, stage="sft", config=SFT_CONFIG, check=False)
+        assert proc.returncode == 1
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    with open(tmp_path / "biased" / "config.json") as f:
+        assert json.load(f)["attention_bias"] is True

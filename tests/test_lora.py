@@ -1,0 +1,106 @@
+"""LoRA through peft: only the adapters train; checkpoints resume exactly and load merged into a plain model;
+DPO's reference is the base model with its adapters off."""
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import CHAT, DPO_CONFIG, SFT_CONFIG, kill_after_first_checkpoint, losses, run_training, training_command
+
+pytest.importorskip("peft")
+
+LORA = ["lora.rank=4", "lora.alpha=8", "train.lr=3e-3", "train.warmup_steps=1"]
+
+
+def load_raw(ckpt_dir):
+    return torch.load(os.path.join(ckpt_dir, "model.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lora_sft(sft_run, chat_shards, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("lora") / "sft"
+    run_training(f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=4", f"out_dir={out}",
+                 *CHAT, *LORA, stage="sft", config=SFT_CONFIG)
+    return str(out)
+
+
+def test_only_the_adapters_change_and_the_merged_model_computes_the_adapted_one(sft_run, lora_sft):
+    from training import checkpoint as ckpt
+    from training import lora
+    from training.config import config_from_yaml
+    from training.model import Transformer
+
+    start = load_raw(ckpt.resolve(sft_run))
+    trained_dir = ckpt.resolve(lora_sft)
+    trained = load_raw(trained_dir)
+    adapters = [k for k in trained if ".lora_" in k]
+    assert len(adapters) == 2 * 7 * 2  # A and B of seven projections in two layers
+    for key, value in trained.items():  # frozen: every base weight is bit-identical to the start
+        if ".lora_" not in key:
+            assert torch.equal(value, start[key.replace(".base_layer", "")]), key
+    assert any(k.endswith("lora_B.default.weight") and trained[k].abs().max() > 0 for k in adapters)
+
+    cfg = config_from_yaml(os.path.join(trained_dir, "config.yaml"))
+    adapted = lora.apply(Transformer(cfg.model), cfg.lora)
+    adapted.load_state_dict(trained)
+    merged = Transformer(cfg.model)
+    ckpt.load_weights(trained_dir, merged)  # a plain model gets the adapters merged
+    base = Transformer(cfg.model)
+    ckpt.load_weights(ckpt.resolve(sft_run), base)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(tokens) - adapted(tokens)).abs().max() < 1e-5
+        assert (merged(tokens) - base(tokens)).abs().max() > 1e-3
+        with lora.adapters_disabled(adapted):  # adapters off: the starting model exactly
+            assert torch.equal(adapted(tokens), base(tokens))
+
+
+def test_lora_optimizer_holds_only_the_adapters(lora_sft):
+    from training import checkpoint as ckpt
+
+    state = torch.load(os.path.join(ckpt.resolve(lora_sft), "optimizer.pt"), weights_only=True)
+    n_tensors = sum(len(g["params"]) for g in state["param_groups"])
+    assert n_tensors == 2 * 7 * 2
+
+
+def test_lora_on_two_processes_equals_one_with_double_accumulation(sft_run, chat_shards, tmp_path):
+    common = [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=3", *CHAT, *LORA]
+    run_training(*common, "train.grad_accum=2", f"out_dir={tmp_path / 'one'}", stage="sft", config=SFT_CONFIG)
+    run_training(*common, f"out_dir={tmp_path / 'two'}", nproc=2, stage="sft", config=SFT_CONFIG)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3}
+    for step in one:
+        assert math.isclose(one[step], two[step], rel_tol=1e-5), (step, one[step], two[step])
+
+
+def test_lora_resumes_exactly_after_kill_9(sft_run, chat_shards, tmp_path):
+    common = [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=6", *CHAT, *LORA]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", stage="sft", config=SFT_CONFIG)
+    killed = tmp_path / "killed"
+    kill_after_first_checkpoint(training_command(*common, f"out_dir={killed}", "train.ckpt_every=2", stage="sft",
+                                                 config=SFT_CONFIG), killed)
+    run_training(*common, f"out_dir={killed}", "train.ckpt_every=2", stage="sft", config=SFT_CONFIG)
+    assert losses(killed) == losses(tmp_path / "straight")
+
+
+def test_lora_dpo_reference_is_the_base_model_and_precomputing_it_gives_the_same_losses(lora_sft, chat_shards,
+                                                                                         tmp_path):
+    common = [f"data.path={chat_shards['dpo']}", f"init_from={lora_sft}", "train.max_steps=3", *CHAT, *LORA]
+    run_training(*common, f"out_dir={tmp_path / 'live'}", stage="dpo", config=DPO_CONFIG)
+    run_training(*common, "dpo.precompute_ref=true", f"out_dir={tmp_path / 'pre'}", stage="dpo", config=DPO_CONFIG)
+    live, pre = losses(tmp_path / "live"), losses(tmp_path / "pre")
+    # new adapters start at zero: the policy is its reference, so the first loss is ln 2 and the margin 0
+    assert math.isclose(live[1], math.log(2), rel_tol=1e-6)
+    assert losses(tmp_path / "live", "rewards/margins")[1] == 0
+    assert losses(tmp_path / "live", "rewards/margins")[3] != 0
+    for step in live:
+        assert math.isclose(live[step], pre[step], rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_lora_targets_must_name_linear_layers(sft_run, chat_shards, tmp_path):
+    proc = run_training(f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=1", *CHAT,
+                        "lora.rank=4", "lora.targets=[wq,attention_norm]", f"out_dir={tmp_path}", stage="sft",
+                        config=SFT_CONFIG, check=False)
+    assert proc.returncode == 1 and "lora.targets: ['attention_norm'] names no linear layer" in proc.stderr
+    assert "Traceback" not in proc.stderr

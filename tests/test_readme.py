@@ -1,0 +1,102 @@
+"""The README's tour runs as written: every sh and python block of it, in order, in a fresh directory holding
+`data/`, `chats.jsonl` and `prefs.jsonl` made from a few plays. Training commands get smaller models and fewer
+steps appended; nothing else is changed."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import CHAT, FAST, REPO, shakespeare_plays, write_jsonl
+
+SHORT = {  # appended to the training commands: the tour's stages in seconds
+    "pretrain": [*FAST, "train.max_steps=3"],
+    "sft": [*FAST, *CHAT, "train.max_steps=2"],
+    "dpo": [*FAST, *CHAT, "train.max_steps=2"],
+}
+
+
+def tour_blocks() -> list[tuple[str, str]]:
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    tour = text[text.index("## Tour"):]
+    tour = tour[:tour.index("\n## ", 1)]
+    return re.findall(r"```(sh|python)\n(.*?)```", tour, flags=re.S)
+
+
+def commands(block: str) -> list[str]:
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def shortened(command: str) -> str:
+    command = re.sub(r"\s+#\s.*$", "", command)  # a trailing comment
+    stage = re.search(r"-m training\.(pretrain|sft|dpo)\b", command)
+    return command + (" " + " ".join(map(shlex.quote, SHORT[stage.group(1)])) if stage else "")
+
+
+def make_inputs(root) -> None:
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    from shakespeare import is_question, speeches
+
+    plays = shakespeare_plays()
+    os.makedirs(root / "data")
+    write_jsonl(root / "data" / "plays.jsonl", [{"text": open(p, encoding="utf-8").read()} for p in plays[:4]])
+    lines = speeches(os.path.dirname(os.path.dirname(plays[0])))[:2000]
+    write_jsonl(root / "chats.jsonl", [{"messages": [{"role": "user", "content": f"Write a line spoken by {n}."},
+                                                    {"role": "assistant", "content": t}]} for n, t in lines[:300]])
+    questions = [(n, t) for n, t in lines if is_question(t)]
+    others = [t for _, t in lines if not is_question(t)]
+    write_jsonl(root / "prefs.jsonl", [{"prompt": f"Write a line spoken by {n}.", "chosen": q, "rejected": o}
+                                       for (n, q), o in zip(questions, others, strict=False)][:200])
+
+
+@pytest.mark.slow
+def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
+    blocks = tour_blocks()
+    assert sum(kind == "python" for kind, _ in blocks) >= 1 and len(blocks) >= 6
+    make_inputs(tmp_path)
+    os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")
+    os.makedirs(tmp_path / ".venv" / "bin")  # the tour's .venv/bin/python is this interpreter
+    with open(tmp_path / ".venv" / "bin" / "python", "w") as f:
+        f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    os.chmod(tmp_path / ".venv" / "bin" / "python", 0o755)
+    env = {**os.environ, "PYTHONPATH": REPO}
+
+    ran = []
+    for kind, block in blocks:
+        steps = [shortened(c) for c in commands(block)] if kind == "sh" else [block]
+        for step in steps:
+            argv = ["bash", "-c", step] if kind == "sh" else [sys.executable, "-c", step]
+            proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, f"{step}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            ran.append((step, proc.stdout))
+
+    assert len(ran) >= 15
+    # what the tour promises is there at the end: shards, runs of every stage, a report, an export that loads
+    for path in ("shards/pretrain/manifest.json", "runs/tiny/report.png", "runs/sft-lora/checkpoints/latest",
+                 "runs/dpo-lora/checkpoints/latest", "hf/dpo/model.safetensors", "runs/sft-from-hf/checkpoints/latest"):
+        assert os.path.exists(tmp_path / path), path
+    assert any("AutoModelForCausalLM.from_pretrained" in step for step, _ in ran)
+
+    # the shard format section describes the shards the tour wrote
+    shards = tmp_path / "shards" / "pretrain"
+    tokens = np.load(shards / "shard-00000.tokens.npy", mmap_mode="r")
+    offsets = np.load(shards / "shard-00000.offsets.npy", mmap_mode="r")
+    assert tokens.ndim == offsets.ndim == 1 and tokens.dtype == np.uint16 and offsets.dtype == np.int64
+    assert offsets[-1] == len(tokens) and tokens[offsets[0] - 1] == 2  # documents end with </s>
+    assert (shards / "tokenizer.model").is_file()
+
+
+def test_the_launch_recipes_name_scripts_and_configs_that_exist():
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## Launching"):]
+    block = re.search(r"```sh\n(.*?)```", section, flags=re.S).group(1)
+    named = re.findall(r"(?:launch|configs)/[\w./-]+", block)
+    assert len(named) >= 8
+    for path in named:
+        assert os.path.exists(os.path.join(REPO, path)), path
+    for script in {p for p in named if p.endswith((".sh", ".sbatch"))}:
+        assert os.access(os.path.join(REPO, script), os.X_OK) or script.endswith(".sbatch"), script

@@ -1,0 +1,236 @@
+"""Hugging Face transformers Llama ↔ our Transformer: configs, weights and the tokenizer.
+
+The two models compute the same function; they differ in names and in one layout: our rotary embedding turns
+interleaved pairs (x0, x1), (x2, x3), … of each head, transformers' turns the two halves (x_i, x_{i+d/2}). The
+query and key projections are permuted row-wise between the layouts, which is exact.
+
+Reading a transformers directory needs only safetensors; writing one (training.export_hf) needs transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from preprocess.errors import UserError
+
+from .model import ModelConfig
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"  # the sentencepiece model, which our shards are written with
+
+# our parameter names → transformers' ({i}: the layer)
+LAYER_NAMES = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+
+# the chat template of preprocess/chat.py for transformers' apply_chat_template: each turn between its role
+# marker and <|end|>, nothing in between; the generation prompt is <|assistant|>
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('roles are system, user and assistant, not ' + message['role']) }}"
+    "{%- endif -%}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG)) and not os.path.isfile(os.path.join(path, "state.json"))
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+def to_hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
+    """The keyword arguments of transformers.LlamaConfig for our model."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        initializer_range=cfg.init_std, bos_token_id=special_ids.get("bos"), eos_token_id=special_ids["eos"],
+        pad_token_id=special_ids.get("pad"),
+    )
+
+
+def read_hf_config(path: str) -> dict:
+    file = os.path.join(path, CONFIG)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: unreadable ({e})") from None
+
+
+def model_config(path: str) -> ModelConfig:
+    """Our ModelConfig for a transformers Llama directory; anything our model cannot compute is refused by key."""
+    hf = read_hf_config(path)
+    where = os.path.join(path, CONFIG)
+    if hf.get("model_type") != "llama":
+        raise UserError(f"{where}: model_type {hf.get('model_type')!r}: only Llama models can be imported")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    unsupported = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": bool(hf.get("attention_bias")),
+        "mlp_bias": bool(hf.get("mlp_bias")),
+        "rope_parameters.rope_type": rope.get("rope_type", rope.get("type", "default")) != "default",
+        "pretraining_tp": hf.get("pretraining_tp", 1) not in (1, None),
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise UserError(f"{where}: {key}={_get(hf, key)!r} is not supported by our model")
+    try:
+        heads = hf["num_attention_heads"]
+        cfg = ModelConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
+            max_seq_len=hf["max_position_embeddings"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            init_std=hf.get("initializer_range", 0.02),
+        )
+    except KeyError as e:
+        raise UserError(f"{where}: no {e.args[0]!r}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise UserError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads "
+                        f"({cfg.head_dim}), which our model requires")
+    if problems := cfg.validate():
+        raise UserError(f"{where}: {problems[0]}")
+    return cfg
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = (d or {}).get(part) if isinstance(d, dict) else None
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["output.weight"]
+    for i in range(cfg.n_layers):
+        for ours, theirs in LAYER_NAMES.items():
+            w = state[f"layers.{i}.{ours}"]
+            if ours == "attention.wq.weight":
+                w = _interleaved_to_halves(w, cfg.n_heads)
+            elif ours == "attention.wk.weight":
+                w = _interleaved_to_halves(w, cfg.kv_heads)
+            out[f"model.layers.{i}.{theirs}"] = w.contiguous()
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
+    def take(name):
+        if name not in hf:
+            raise UserError(f"{where}: no tensor {name!r}")
+        return hf[name]
+
+    state = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    state["output.weight"] = state["tok_embeddings.weight"] if cfg.tie_embeddings else take("lm_head.weight")
+    for i in range(cfg.n_layers):
+        for ours, theirs in LAYER_NAMES.items():
+            w = take(f"model.layers.{i}.{theirs}")
+            if ours == "attention.wq.weight":
+                w = _halves_to_interleaved(w, cfg.n_heads)
+            elif ours == "attention.wk.weight":
+                w = _halves_to_interleaved(w, cfg.kv_heads)
+            state[f"layers.{i}.{ours}"] = w
+    return state
+
+
+def weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise UserError(f"{path}: no model.safetensors (or model.safetensors.index.json); save the model with "
+                    "safetensors (transformers' default)")
+
+
+def load_state_dict(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict (fp32) from a transformers Llama directory."""
+    from safetensors.torch import load_file
+
+    hf = {}
+    for file in weight_files(path):
+        try:
+            hf.update(load_file(file))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise UserError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    state = from_hf_state_dict(hf, cfg, path)
+    return {k: v.float() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+def bpe_merges(sp) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and the merge list of a sentencepiece BPE model: every way of writing a piece as two pieces,
+    ranked by the merged piece's id (sentencepiece merges by piece score, which falls with the id)."""
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    mergeable = {p: i for p, i in vocab.items()
+                 if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
+    merges = []
+    for piece, _ in sorted(mergeable.items(), key=lambda item: item[1]):
+        splits = [(mergeable[piece[:k]], mergeable[piece[k:]], piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in mergeable and piece[k:] in mergeable]
+        merges += [(left, right) for *_, left, right in sorted(splits)]
+    return vocab, merges
+
+
+def hf_tokenizer(sp_path: str):
+    """A transformers fast tokenizer that gives the ids of our sentencepiece model (BPE, byte fallback, identity
+    normalisation, no dummy prefix), with the chat template and its role markers as special tokens."""
+    import sentencepiece as spm
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    from preprocess.tokenizer import CONTROL_SYMBOLS, load_tokenizer
+
+    info = load_tokenizer(sp_path)
+    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    if sp.encode("a", out_type=str)[0].startswith("▁") or sp.id_to_piece(sp.unk_id()) != "<unk>":
+        raise UserError(f"{sp_path}: only tokenizers made by `python -m preprocess tokenizer` can be exported")
+    vocab, merges = bpe_merges(sp)
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    # Spaces become "▁"; a word is a run of "▁" and the text up to the next "▁", as sentencepiece splits with
+    # allow_whitespace_only_pieces (merges never cross a word).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False),
+        pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated"),
+    ])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    chat = [t for t in CONTROL_SYMBOLS if t in info.special_ids]
+    names = {"bos": "bos_token", "eos": "eos_token", "unk": "unk_token", "pad": "pad_token"}
+    special = {names[k]: sp.id_to_piece(v) for k, v in info.special_ids.items() if k in names}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special, additional_special_tokens=chat,
+                                   chat_template=CHAT_TEMPLATE if len(chat) == 4 else None,
+                                   clean_up_tokenization_spaces=False, model_max_length=1 << 30)

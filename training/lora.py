@@ -1,0 +1,83 @@
+"""Low-rank adapters (LoRA), through peft, applied to a built model from outside (the model file knows nothing
+of them). Only the adapters train; the base weights stay frozen, so DPO's reference is the same model with its
+adapters switched off, and no second copy of the weights is needed.
+
+Checkpoints hold the whole state (base weights and adapters), so a run resumes exactly; whoever loads one into a
+plain model (generate, init_from, export_hf) gets the adapters merged into the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from preprocess.errors import UserError
+
+ADAPTER_KEY = ".lora_A."  # in the state-dict names of adapted layers
+
+
+def enabled(cfg) -> bool:
+    return cfg.rank > 0
+
+
+def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """Wrap every nn.Linear whose name ends with one of cfg.targets in a LoRA layer; freeze everything else."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UserError("lora.rank > 0 needs peft: pip install 'shardlm[lora]'") from None
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = sorted(set(cfg.targets) - names)
+    if unknown or not cfg.targets:
+        raise UserError(f"lora.targets: {unknown or '[]'} names no linear layer; choose from {sorted(names)}")
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets))
+    inject_adapter_in_model(config, model)
+    return model
+
+
+def _adapted_layers(model: torch.nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    return any(ADAPTER_KEY in name for name, _ in model.named_parameters())
+
+
+def is_adapted_state(state: dict) -> bool:
+    return any(ADAPTER_KEY in key for key in state)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The base model: every adapter bypassed (DPO's reference forward)."""
+    layers = [m for _, m in _adapted_layers(model)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+@torch.no_grad()
+def merge(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every adapter into its base weight (W + scale·B·A, as peft computes it) and put the plain layer back."""
+    for name, layer in _adapted_layers(model):
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+    return model
+
+
+def load_merged(model: torch.nn.Module, state: dict, cfg, where: str) -> None:
+    """Load an adapted state dict (a LoRA run's checkpoint) into a plain model, adapters merged."""
+    apply(model, cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{where} does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    merge(model)
+    model.requires_grad_(True)
