@@ -178,3 +178,24 @@ def test_unsupported_or_incomplete_transformers_directories_are_one_line_errors(
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     with open(tmp_path / "biased" / "config.json") as f:
         assert json.load(f)["attention_bias"] is True
+
+
+def test_the_exported_tokenizer_gives_our_ids_on_chinese_poetry_and_books(tmp_path):
+    """A larger vocabulary trained on real CJK and English text (../shared/data), both tokenizers over all of it."""
+    from conftest import shared_data
+
+    from preprocess.tokenizer import train_tokenizer
+    from training.hf import hf_tokenizer
+
+    poems = json.load(open(os.path.join(shared_data("tang_poems"), "poet.tang.0.json"), encoding="utf-8"))
+    texts = [p["title"] + "\n" + "\n".join(p["paragraphs"]) + "\n" for p in poems]
+    book = open(shared_data("war_and_peace", "warpeace_input.txt"), encoding="utf-8", errors="replace").read()
+    texts += [t for t in book.split("\n\n") if t.strip()][:3000]
+    train_tokenizer(texts, str(tmp_path), 6000)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    theirs = hf_tokenizer(str(tmp_path / "tokenizer.model"))
+    assert len(texts) > 3000
+    mismatched = [t for t in texts if theirs(t)["input_ids"] != sp.encode(t)]
+    assert mismatched == []
