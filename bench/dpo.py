@@ -1,12 +1,16 @@
-"""The cost of a DPO step against an SFT step on the same sequences, and of a live reference model against
-reference log-probs computed once, in one run.
+"""The cost of a DPO step against an SFT step on the same sequences, of a live reference model against
+reference log-probs computed once, and of LoRA against full fine-tuning, in one run.
 
-    python bench/dpo.py [--steps 60] [--repeat 3] [--out bench_out/dpo]
+    python bench/dpo.py [--steps 60] [--repeat 3] [--memory-steps 3] [--out bench_out/dpo]
 
 Data: the demo's Shakespeare preference pairs. DPO trains on the pairs (8 pairs = 16 sequences per micro-batch);
 SFT trains on the same chosen and rejected conversations as 16 separate examples per micro-batch, so both
 process the same sequences, padded the same way. Rates are the tokens/s each stage logs (padded tokens of the
-sequences it runs), after the first logging interval.
+sequences it runs), after the first logging interval. LoRA rows: rank 16 on every projection; in DPO its
+reference is the policy with the adapters off (no second model).
+Memory: peak RSS of the DPO process, full against LoRA (both with a live reference), on a model of the 125M
+preset's shape (dim 768, 12 layers; 88 M parameters with this 4,000-token vocabulary), where weights, gradients,
+optimizer states and the reference copy dominate the memory rather than the runtime.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
+
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import REPO, ours  # noqa: E402
@@ -51,13 +58,53 @@ def prepare(out: str) -> dict:
     subprocess.run([*py, "-m", "training.pretrain", "--config", "configs/pretrain/tiny.yaml", f"data.path={pre}",
                     f"out_dir={start}", "train.max_steps=5", "log.progress=false", "train.sample_prompt=null"],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return {"shards": shards, "start": start}
+    return {"shards": shards, "start": start, "pretrain": pre}
+
+
+LORA = ["lora.rank=16", "lora.alpha=32"]
+
+
+def peak_rss(command: list[str]) -> int:
+    """Peak resident memory of a command (sampled every 20 ms), in bytes."""
+    proc = psutil.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr.read()[-2000:]}")
+    return peak
+
+
+def memory(setup: dict, out: str, steps: int) -> dict:
+    """Peak RSS of full DPO and LoRA DPO from an 88 M-parameter starting model."""
+    shape = ["model.dim=768", "model.n_layers=12", "model.n_heads=12", "model.max_seq_len=256", "data.seq_len=256"]
+    start = os.path.join(out, "start-88m")
+    subprocess.run([sys.executable, "-m", "training.pretrain", "--config", "configs/pretrain/tiny.yaml",
+                    f"data.path={setup['pretrain']}", f"out_dir={start}", "train.max_steps=1", "train.micro_batch_size=1",
+                    "train.eval_every=0", "log.progress=false", "train.sample_prompt=null", "log.tensorboard=false",
+                    "data.verify=false", *shape], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    peaks = {}
+    for name, extra in (("full", []), ("lora", LORA)):
+        run = os.path.join(out, f"mem-{name}")
+        shutil.rmtree(run, ignore_errors=True)
+        peaks[name] = peak_rss([sys.executable, "-m", "training.dpo", "--config", "configs/dpo/tiny.yaml",
+                                f"data.path={setup['shards']['dpo']}", f"init_from={start}", f"out_dir={run}",
+                                f"train.max_steps={steps}", "train.micro_batch_size=4", "train.eval_every=0",
+                                f"train.ckpt_every={10 * steps}", "log.progress=false", "train.sample_prompt=null",
+                                "log.tensorboard=false", *extra])
+        shutil.rmtree(run, ignore_errors=True)  # its final checkpoint
+    return peaks
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--memory-steps", type=int, default=3, help="DPO steps of each memory run (0: skip them)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "dpo"))
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -69,22 +116,36 @@ def main() -> None:
         return ours("configs/sft/tiny.yaml", setup["shards"]["sft"], run, args.steps,
                     [*common, "train.micro_batch_size=16"], stage="sft")["rate"]
 
-    def dpo(precompute: bool):
+    def dpo(precompute: bool, extra=()):
         return ours("configs/dpo/tiny.yaml", setup["shards"]["dpo"], run, args.steps,
-                    [*common, "train.micro_batch_size=8", f"dpo.precompute_ref={str(precompute).lower()}"],
+                    [*common, "train.micro_batch_size=8", f"dpo.precompute_ref={str(precompute).lower()}", *extra],
                     stage="dpo")["rate"]
 
     dpo(True)  # the reference log-probs are computed once and cached next to the shards: not timed here
-    rates = {"sft": [], "dpo": [], "dpo_live": []}
-    for _ in range(args.repeat):  # alternating, so a noisy phase of the machine hits all three
+    lora = importlib.util.find_spec("peft") is not None
+    rates = {"sft": [], "dpo": [], "dpo_live": [], **({"sft_lora": [], "dpo_lora": []} if lora else {})}
+    for _ in range(args.repeat):  # alternating, so a noisy phase of the machine hits all of them
         rates["sft"].append(sft())
         rates["dpo"].append(dpo(True))
         rates["dpo_live"].append(dpo(False))
+        if lora:
+            rates["sft_lora"].append(ours("configs/sft/tiny.yaml", setup["shards"]["sft"], run, args.steps,
+                                          [*common, "train.micro_batch_size=16", *LORA], stage="sft")["rate"])
+            rates["dpo_lora"].append(dpo(False, LORA))
     m = {k: statistics.median(v) for k, v in rates.items()}
     print(f"tokens/s (medians of {args.repeat}): SFT {m['sft']:,.0f}, DPO with precomputed reference "
           f"{m['dpo']:,.0f}, DPO with a live reference {m['dpo_live']:,.0f}")
     print(f"DPO step / SFT step on the same sequences: x{m['sft'] / m['dpo']:.3f} (precomputed reference), "
           f"x{m['sft'] / m['dpo_live']:.3f} (live reference); live / precomputed: x{m['dpo'] / m['dpo_live']:.2f}")
+    if lora:
+        print(f"LoRA (rank 16, every projection): SFT {m['sft_lora']:,.0f} tokens/s (x{m['sft'] / m['sft_lora']:.3f} "
+              f"the full SFT step), DPO with the adapters-off reference {m['dpo_lora']:,.0f} tokens/s "
+              f"(x{m['dpo_live'] / m['dpo_lora']:.3f} the full DPO step with a live reference model)")
+        if args.memory_steps:
+            peaks = memory(setup, args.out, args.memory_steps)
+            print(f"peak RSS of DPO on an 88 M-parameter model ({args.memory_steps} steps, live reference): full "
+                  f"{peaks['full'] / 2**20:,.0f} MiB, LoRA {peaks['lora'] / 2**20:,.0f} MiB -> LoRA / full "
+                  f"{peaks['lora'] / peaks['full']:.2f}")
 
 
 if __name__ == "__main__":
