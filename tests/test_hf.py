@@ -138,10 +138,10 @@ def test_fine_tuning_from_the_export_equals_fine_tuning_from_the_run(sft_run, ex
             assert math.isclose(runs["hf"][1], math.log(2), rel_tol=1e-5)
 
 
-def save_foreign_llama(path, tokenizer_model, **config):
+def save_foreign_llama(path, tokenizer_model, vocab_size=1024, **config):
     """A transformers Llama with a shape of its own, saved by transformers (no part of our code involved)."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
                                    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                                    rms_norm_eps=1e-6, tie_word_embeddings=False, **config)
@@ -199,3 +199,59 @@ def test_the_exported_tokenizer_gives_our_ids_on_chinese_poetry_and_books(tmp_pa
     assert len(texts) > 3000
     mismatched = [t for t in texts if theirs(t)["input_ids"] != sp.encode(t)]
     assert mismatched == []
+
+
+@pytest.fixture(scope="module")
+def llama_style_tokenizer(tmp_path_factory) -> str:
+    """A sentencepiece model set up as Llama 2's: a dummy prefix, no whitespace-only pieces, no pad id."""
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("llama-tokenizer")
+    texts = [t for p in shakespeare_plays()[:6] for t in open(p, encoding="utf-8").read().split("\n\n") if t.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts + MIXED_TEXTS * 20), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=1500, model_type="bpe", byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return str(out / "tokenizer.model")
+
+
+def test_a_llama_style_tokenizer_exports_with_the_same_ids(llama_style_tokenizer, tmp_path):
+    import sentencepiece as spm
+
+    from preprocess.errors import UserError
+    from training.hf import hf_tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=llama_style_tokenizer)
+    theirs = hf_tokenizer(llama_style_tokenizer)
+    texts = real_texts() + ["", " ", "  two leading spaces", "x  y", "\n\nnewlines first", "tail  "]
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ids == sp.encode(text), text
+        assert theirs.decode(ids) == sp.decode(ids)
+    assert sp.encode("  two")[:2] == [sp.piece_to_id("▁")] * 2  # the dummy prefix is really there
+
+    texts = [t for t in real_texts() if len(t) < 2000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "unigram"),
+                                   vocab_size=600, model_type="unigram", minloglevel=2)
+    with pytest.raises(UserError, match="model_type='UNIGRAM' cannot be exported"):
+        hf_tokenizer(str(tmp_path / "unigram.model"))
+
+
+@pytest.mark.slow
+def test_continued_pretraining_of_a_transformers_llama_exports_back(llama_style_tokenizer, tmp_path):
+    """The import-train-export round trip of a model that is not ours: its own tokenizer, shape and rope theta."""
+    from conftest import run_cli, write_jsonl
+
+    save_foreign_llama(tmp_path / "llama", llama_style_tokenizer, vocab_size=1536)
+    src = write_jsonl(tmp_path / "plays.jsonl", [{"text": open(p, encoding="utf-8").read()} for p in shakespeare_plays()[:2]])
+    run_cli("shards", "--input", src, "--tokenizer", llama_style_tokenizer, "--out", tmp_path / "shards")
+    run_training(f"data.path={tmp_path / 'shards'}", f"init_from={tmp_path / 'llama'}", "train.max_steps=2",
+                 f"out_dir={tmp_path / 'run'}")
+    proc = export(tmp_path / "run", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert "transformers reproduces our logits" in proc.stdout
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["tie_word_embeddings"], config["num_key_value_heads"], config["intermediate_size"],
+            config["rope_parameters"]["rope_theta"]) == (False, 1, 96, 500000.0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.decode(tokenizer("  Two households, both alike")["input_ids"]) == "  Two households, both alike"

@@ -205,29 +205,56 @@ def bpe_merges(sp) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
+def sentencepiece_spec(sp_path: str) -> dict:
+    """What decides how a sentencepiece BPE model splits text, read from its protobuf; what a transformers
+    tokenizer cannot reproduce exactly is refused by name."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    with open(sp_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    unsupported = {  # key: (its value, whether it is unsupported)
+        "model_type": (pb.TrainerSpec.ModelType.Name(trainer.model_type), trainer.model_type != pb.TrainerSpec.BPE),
+        "normalization_rule_name": (normalizer.name, normalizer.name not in ("identity", "")
+                                    or bool(normalizer.precompiled_charsmap)),
+        "remove_extra_whitespaces": (True, normalizer.remove_extra_whitespaces),
+        "treat_whitespace_as_suffix": (True, trainer.treat_whitespace_as_suffix),
+    }
+    for key, (value, bad) in unsupported.items():
+        if bad:
+            raise UserError(f"{sp_path}: sentencepiece {key}={value!r} cannot be exported as a transformers tokenizer "
+                            "(BPE with identity normalisation only)")
+    return {"dummy_prefix": normalizer.add_dummy_prefix, "whitespace_only_pieces": trainer.allow_whitespace_only_pieces,
+            "split_by_whitespace": trainer.split_by_whitespace, "byte_fallback": trainer.byte_fallback}
+
+
 def hf_tokenizer(sp_path: str):
-    """A transformers fast tokenizer that gives the ids of our sentencepiece model (BPE, byte fallback, identity
-    normalisation, no dummy prefix), with the chat template and its role markers as special tokens."""
+    """A transformers fast tokenizer that gives the ids of a sentencepiece BPE model with identity normalisation
+    (ours, or e.g. Llama 2's), with the chat template and its role markers as special tokens when it has them."""
     import sentencepiece as spm
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
     from preprocess.tokenizer import CONTROL_SYMBOLS, load_tokenizer
 
     info = load_tokenizer(sp_path)
+    spec = sentencepiece_spec(sp_path)
     sp = spm.SentencePieceProcessor(model_file=sp_path)
-    if sp.encode("a", out_type=str)[0].startswith("▁") or sp.id_to_piece(sp.unk_id()) != "<unk>":
-        raise UserError(f"{sp_path}: only tokenizers made by `python -m preprocess tokenizer` can be exported")
     vocab, merges = bpe_merges(sp)
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    # Spaces become "▁"; a word is a run of "▁" and the text up to the next "▁", as sentencepiece splits with
-    # allow_whitespace_only_pieces (merges never cross a word).
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False),
-        pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated"),
-    ])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    unk = sp.id_to_piece(sp.unk_id())
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=spec["byte_fallback"]))
+    # As sentencepiece: spaces become "▁" (and one is put in front when the model adds a dummy prefix); then the
+    # text is cut into words, each starting at a "▁" — a run of them stays together when whitespace-only pieces
+    # are allowed — and merges never cross a word.
+    replace = [normalizers.Replace(" ", "▁")]
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), *replace] if spec["dummy_prefix"] else replace)
+    if spec["split_by_whitespace"]:
+        words = "▁*[^▁]+|▁+" if spec["whitespace_only_pieces"] else "▁[^▁]*|[^▁]+"
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(words), behavior="isolated")
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence([*decode, decoders.Strip(" ", 1, 0)] if spec["dummy_prefix"] else decode)
     chat = [t for t in CONTROL_SYMBOLS if t in info.special_ids]
     names = {"bos": "bos_token", "eos": "eos_token", "unk": "unk_token", "pad": "pad_token"}
     special = {names[k]: sp.id_to_piece(v) for k, v in info.special_ids.items() if k in names}
