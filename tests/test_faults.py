@@ -3,6 +3,7 @@ the code must never do with user input. The long randomised campaign is tests/fa
 
 import ast
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -277,7 +278,7 @@ def test_no_code_path_evaluates_or_unpickles_user_input():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not is_root() or not shutil.which("unshare"), reason="a network namespace needs root and unshare")
-def test_preprocessing_training_and_generation_work_without_a_network(tokenizer_model, corpus_dir, tmp_path):
+def test_preprocessing_training_generation_and_export_work_without_a_network(tokenizer_model, corpus_dir, tmp_path):
     script = f"""
 set -e
 ip link set lo down 2>/dev/null || true
@@ -286,8 +287,15 @@ ip link set lo down 2>/dev/null || true
 {sys.executable} -m training.pretrain --config {TINY_CONFIG} {' '.join(FAST)} data.path={tmp_path}/s \
     out_dir={tmp_path}/r train.max_steps=2 log.tensorboard=true
 {sys.executable} -m training.generate --checkpoint {tmp_path}/r --prompt "To be" --max-new-tokens 4
+if {sys.executable} -c "import transformers" 2>/dev/null; then  # the export and a start from it: no hub either
+  {sys.executable} -m training.export_hf --checkpoint {tmp_path}/r --out {tmp_path}/hf
+  {sys.executable} -m training.pretrain --config {TINY_CONFIG} {' '.join(FAST)} data.path={tmp_path}/s \
+      init_from={tmp_path}/hf out_dir={tmp_path}/r2 train.max_steps=1
+fi
 """
     proc = subprocess.run(["unshare", "--net", "bash", "-c", script], capture_output=True, text=True, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "r" / "checkpoints" / "step-2").is_dir() and proc.stdout.strip()
+    if importlib.util.find_spec("transformers"):
+        assert (tmp_path / "r2" / "checkpoints" / "step-1").is_dir()
