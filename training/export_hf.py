@@ -53,7 +53,10 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     with torch.device("meta"):
         hf_model = transformers.LlamaForCausalLM(config)
     state = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(model.state_dict(), cfg).items()}
-    hf_model.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]  # tied: set just below
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete (missing {missing[:3]}, unexpected {unexpected[:3]})")
     hf_model.tie_weights()
     end = [info.special_ids[t] for t in ("<|end|>",) if t in info.special_ids]
     hf_model.generation_config = transformers.GenerationConfig(
