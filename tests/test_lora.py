@@ -3,6 +3,7 @@ DPO's reference is the base model with its adapters off."""
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -86,12 +87,15 @@ def test_lora_resumes_exactly_after_kill_9(sft_run, chat_shards, tmp_path):
 
 def test_lora_dpo_reference_is_the_base_model_and_precomputing_it_gives_the_same_losses(lora_sft, chat_shards,
                                                                                          tmp_path):
-    common = [f"data.path={chat_shards['dpo']}", f"init_from={lora_sft}", "train.max_steps=3", *CHAT, *LORA]
+    dpo = tmp_path / "dpo"  # a copy: the reference log-probs are cached next to the shards, not in the shared ones
+    shutil.copytree(chat_shards["dpo"], dpo)
+    common = [f"data.path={dpo}", f"init_from={lora_sft}", "train.max_steps=3", *CHAT, *LORA]
     run_training(*common, f"out_dir={tmp_path / 'live'}", stage="dpo", config=DPO_CONFIG)
     run_training(*common, "dpo.precompute_ref=true", f"out_dir={tmp_path / 'pre'}", stage="dpo", config=DPO_CONFIG)
     live, pre = losses(tmp_path / "live"), losses(tmp_path / "pre")
     # new adapters start at zero: the policy is its reference, so the first loss is ln 2 and the margin 0
     assert math.isclose(live[1], math.log(2), rel_tol=1e-6)
+    assert len([f for f in os.listdir(dpo) if f.startswith("ref_logps-")]) == 1
     assert losses(tmp_path / "live", "rewards/margins")[1] == 0
     assert losses(tmp_path / "live", "rewards/margins")[3] != 0
     for step in live:
@@ -104,3 +108,19 @@ def test_lora_targets_must_name_linear_layers(sft_run, chat_shards, tmp_path):
                         config=SFT_CONFIG, check=False)
     assert proc.returncode == 1 and "lora.targets: ['attention_norm'] names no linear layer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_describe_counts_the_adapters_the_run_trains(sft_run, lora_sft, chat_shards):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from training import checkpoint as ckpt
+
+    trained = sum(v.numel() for k, v in load_raw(ckpt.resolve(lora_sft)).items() if ".lora_" in k)
+    proc = subprocess.run([sys.executable, "-m", "training.describe", "--config", SFT_CONFIG,
+                           f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *LORA], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert f"on 14 layers (wq, wk, wv, wo, w1, w2, w3): {trained / 1e6:.3f} M trainable parameters" in proc.stdout

@@ -271,9 +271,7 @@ def weights_fingerprint(ckpt_dir: str) -> str:
     """A short hash that changes whenever the weights of a resolved directory do (names cached results)."""
     from . import hf
 
-    files = hf.weight_files(ckpt_dir) if hf.is_hf_dir(ckpt_dir) else [os.path.join(ckpt_dir, "model.pt")]
-    if not os.path.isfile(files[0]):  # a DeepSpeed checkpoint: its consolidated model.pt is written on first use
-        load_weights(ckpt_dir, None)
+    files = hf.weight_files(ckpt_dir) if hf.is_hf_dir(ckpt_dir) else [model_file(ckpt_dir)]
     digests = "".join(file_sha256(f) for f in files)
     return hashlib.sha256(digests.encode()).hexdigest()[:16] if len(files) > 1 else digests[:16]
 
@@ -287,22 +285,25 @@ def _load(path: str):
         raise UserError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None
 
 
-def load_weights(ckpt_dir: str, model: torch.nn.Module | None) -> None:
-    """The weights of a checkpoint (those of a DeepSpeed one are consolidated into a plain fp32 model.pt first)
-    or of a transformers directory. model None: only the consolidation."""
-    from . import hf
+def model_file(ckpt_dir: str) -> str:
+    """ckpt_dir/model.pt; a DeepSpeed checkpoint's is consolidated into a plain fp32 state dict on first use."""
     from .deepspeed_backend import consolidated_state_dict, is_deepspeed_checkpoint
 
-    if hf.is_hf_dir(ckpt_dir):
-        if model is not None:
-            model.load_state_dict(hf.load_state_dict(ckpt_dir, model.cfg))
-        return
     path = os.path.join(ckpt_dir, "model.pt")
     if not os.path.isfile(path) and is_deepspeed_checkpoint(ckpt_dir):
         _save_file(consolidated_state_dict(ckpt_dir), path + ".tmp")
         os.replace(path + ".tmp", path)
-    if model is None:
+    return path
+
+
+def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
+    """The weights of a checkpoint (DeepSpeed's consolidated) or of a transformers directory."""
+    from . import hf
+
+    if hf.is_hf_dir(ckpt_dir):
+        model.load_state_dict(hf.load_state_dict(ckpt_dir, model.cfg))
         return
+    path = model_file(ckpt_dir)
     state = _load(path)
     if lora.is_adapted_state(state) and not lora.has_adapters(model):  # a LoRA run's checkpoint into a plain model
         from .config import config_from_yaml

@@ -91,11 +91,11 @@ def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, precision
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_config(cfg, env, precision),
                                            dist_init_required=False)
     if engine.optimizer is optimizer:  # no ZeRO or bf16 wrapper: nothing else would skip a non-finite step
-        skip_nonfinite_steps(engine, optimizer, cfg.train.grad_clip)
+        behave_as_deepspeed_optimizers(engine, optimizer, cfg.train.grad_clip)
     return engine
 
 
-def skip_nonfinite_steps(engine, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+def behave_as_deepspeed_optimizers(engine, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
     """ZeRO stage 0 in fp32 hands our optimizer the all-reduced gradients (the same on every rank) and steps it
     whatever they hold; DeepSpeed's own optimizers skip a step whose gradients are not finite and say so in
     `overflow`, which the engine reads (was_step_applied). Give ours the same behaviour. Nor does the engine keep

@@ -46,12 +46,14 @@ def describe(cfg) -> str:
 
 
 def lora_line(model: Transformer, cfg) -> str:
-    """Adapters of rank r on a (out x in) linear layer add r * (in + out) parameters, and only those train."""
-    adapted = [m for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
-    trainable = sum(cfg.rank * (m.in_features + m.out_features) for m in adapted)
-    return (f"lora: rank {cfg.rank} (alpha {cfg.alpha:g}) on {len(adapted)} layers ({', '.join(cfg.targets)}): "
-            f"{trainable / 1e6:.3f} M trainable parameters, {100 * trainable / model.num_params():.2f}% of the model")
+    """The adapters as peft builds them (on a meta copy of the model: no memory), counted."""
+    base = model.num_params()
+    with torch.device("meta"):
+        adapted = lora.apply(Transformer(model.cfg), cfg)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    layers = sum(1 for name, _ in adapted.named_modules() if name.endswith(".lora_A"))
+    return (f"lora: rank {cfg.rank} (alpha {cfg.alpha:g}) on {layers} layers ({', '.join(cfg.targets)}): "
+            f"{trainable / 1e6:.3f} M trainable parameters, {100 * trainable / base:.2f}% of the model")
 
 
 def main(argv=None) -> int:

@@ -59,8 +59,6 @@ class PrecomputedReference:
 
 
 def reference_model(cfg, env) -> Transformer:
-    if not cfg.init_from:
-        raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
     model = Transformer(cfg.model)
     ckpt.load_weights(ckpt.resolve(cfg.init_from), model)
     return model.to(env.device).eval().requires_grad_(False)
@@ -98,9 +96,9 @@ def precompute(sources, reference: LiveReference, cfg, env) -> list[np.ndarray]:
 def make_data(sources, weights, cfg, env, model):
     precision = resolve_precision(cfg.train.precision, env.device)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    if not cfg.init_from:
+        raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
     if lora.enabled(cfg.lora):  # the policy's base weights are the starting model's: no copy needed
-        if not cfg.init_from:
-            raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
         reference = LiveReference(model, env.device, autocast, adapters_off=True)
     else:
         reference = LiveReference(reference_model(cfg, env), env.device, autocast)

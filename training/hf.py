@@ -82,16 +82,17 @@ def model_config(path: str) -> ModelConfig:
     if hf.get("model_type") != "llama":
         raise UserError(f"{where}: model_type {hf.get('model_type')!r}: only Llama models can be imported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    unsupported = {
-        "hidden_act": hf.get("hidden_act", "silu") != "silu",
-        "attention_bias": bool(hf.get("attention_bias")),
-        "mlp_bias": bool(hf.get("mlp_bias")),
-        "rope_parameters.rope_type": rope.get("rope_type", rope.get("type", "default")) != "default",
-        "pretraining_tp": hf.get("pretraining_tp", 1) not in (1, None),
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unsupported = {  # key: (its value, whether our model cannot compute it)
+        "hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu"),
+        "attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias"))),
+        "mlp_bias": (hf.get("mlp_bias"), bool(hf.get("mlp_bias"))),
+        "rope_type": (rope_type, rope_type != "default"),
+        "pretraining_tp": (hf.get("pretraining_tp"), hf.get("pretraining_tp", 1) not in (1, None)),
     }
-    for key, bad in unsupported.items():
+    for key, (value, bad) in unsupported.items():
         if bad:
-            raise UserError(f"{where}: {key}={_get(hf, key)!r} is not supported by our model")
+            raise UserError(f"{where}: {key}={value!r} is not supported by our model")
     try:
         heads = hf["num_attention_heads"]
         cfg = ModelConfig(
@@ -111,22 +112,17 @@ def model_config(path: str) -> ModelConfig:
     return cfg
 
 
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = (d or {}).get(part) if isinstance(d, dict) else None
-    return d
-
-
 # ------------------------------------------------------------------------------------------------ weights
 
-def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+def _rope_layout(name: str, w: torch.Tensor, cfg: ModelConfig, to_hf: bool) -> torch.Tensor:
+    """The query/key projections, rows reordered per head between interleaved pairs (ours) and halves (theirs);
+    every other weight unchanged."""
+    heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.kv_heads}.get(name)
+    if heads is None:
+        return w
     rows, cols = w.shape
-    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    pairs = (rows // heads // 2, 2) if to_hf else (2, rows // heads // 2)
+    return w.reshape(heads, *pairs, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -135,12 +131,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         out["lm_head.weight"] = state["output.weight"]
     for i in range(cfg.n_layers):
         for ours, theirs in LAYER_NAMES.items():
-            w = state[f"layers.{i}.{ours}"]
-            if ours == "attention.wq.weight":
-                w = _interleaved_to_halves(w, cfg.n_heads)
-            elif ours == "attention.wk.weight":
-                w = _interleaved_to_halves(w, cfg.kv_heads)
-            out[f"model.layers.{i}.{theirs}"] = w.contiguous()
+            out[f"model.layers.{i}.{theirs}"] = _rope_layout(ours, state[f"layers.{i}.{ours}"], cfg, to_hf=True)
     return out
 
 
@@ -154,12 +145,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, where: str
     state["output.weight"] = state["tok_embeddings.weight"] if cfg.tie_embeddings else take("lm_head.weight")
     for i in range(cfg.n_layers):
         for ours, theirs in LAYER_NAMES.items():
-            w = take(f"model.layers.{i}.{theirs}")
-            if ours == "attention.wq.weight":
-                w = _halves_to_interleaved(w, cfg.n_heads)
-            elif ours == "attention.wk.weight":
-                w = _halves_to_interleaved(w, cfg.kv_heads)
-            state[f"layers.{i}.{ours}"] = w
+            state[f"layers.{i}.{ours}"] = _rope_layout(ours, take(f"model.layers.{i}.{theirs}"), cfg, to_hf=False)
     return state
 
 

@@ -495,14 +495,15 @@ def start_wandb(wandb, cfg: Config, stage: str):
     """One W&B run per out_dir: its id is kept there, so a resumed run continues the same W&B run."""
     from omegaconf import OmegaConf
 
+    from preprocess.fileio import atomic_write
+
     os.makedirs(cfg.out_dir, exist_ok=True)
     id_file = os.path.join(cfg.out_dir, "wandb_id")
     if os.path.isfile(id_file):
         run_id = open(id_file).read().strip()
     else:
         run_id = wandb.util.generate_id()
-        with open(id_file, "w") as f:
-            f.write(run_id + "\n")
+        atomic_write(id_file, (run_id + "\n").encode())
     return wandb.init(project=cfg.log.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
                       name=os.path.basename(os.path.abspath(cfg.out_dir)), job_type=stage,
                       config=OmegaConf.to_container(OmegaConf.structured(cfg)))
