@@ -88,7 +88,7 @@ def test_lora_resumes_exactly_after_kill_9(sft_run, chat_shards, tmp_path):
 def test_lora_dpo_reference_is_the_base_model_and_precomputing_it_gives_the_same_losses(lora_sft, chat_shards,
                                                                                          tmp_path):
     dpo = tmp_path / "dpo"  # a copy: the reference log-probs are cached next to the shards, not in the shared ones
-    shutil.copytree(chat_shards["dpo"], dpo)
+    shutil.copytree(chat_shards["dpo"], dpo, ignore=shutil.ignore_patterns("ref_logps-*"))  # nor others' caches
     common = [f"data.path={dpo}", f"init_from={lora_sft}", "train.max_steps=3", *CHAT, *LORA]
     run_training(*common, f"out_dir={tmp_path / 'live'}", stage="dpo", config=DPO_CONFIG)
     run_training(*common, "dpo.precompute_ref=true", f"out_dir={tmp_path / 'pre'}", stage="dpo", config=DPO_CONFIG)
