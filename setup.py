@@ -7,8 +7,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["preprocess", "preprocess.*", "training", "training.*"]),
     install_requires=[
-        # Exactly this version: any other spec makes pip pull a multi-GB CUDA build on CPU machines.
-        "torch==2.13.0",
+        # A range, so that the CUDA build a cluster already has is kept; the Makefile installs the exact CPU build
+        # first on machines without one (left to pip alone, a plain install pulls a multi-GB CUDA build).
+        "torch>=2.6,<3",
         "numpy>=1.26",
         "sentencepiece>=0.2.0",
         "orjson>=3.9",

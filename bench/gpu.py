@@ -71,7 +71,7 @@ class GPT(nn.Module):
 def baseline(preset: str, steps: int, grad_accum: int, compile_: bool, micro: int | None) -> dict:
     sys.path.insert(0, REPO)
     from training.config import load_config
-    from training.loop import gpu_peak_flops
+    from training.metrics import gpu_peak_flops
 
     cfg = load_config(os.path.join(REPO, "configs", "pretrain", f"{preset}.yaml"), ["data.path=unused"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

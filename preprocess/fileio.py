@@ -1,6 +1,6 @@
 """Crash-safe file writing: every file is written under a temporary name, fsynced, then renamed, so a final
-name never shows a half-written file. Temporary names carry the process id, so two processes writing the
-same (deterministic) file never interfere."""
+name never shows a half-written file. Temporary names carry the host and process id, so two processes writing
+the same (deterministic) file — also from two machines onto a shared filesystem — never interfere."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import contextlib
 import glob
 import hashlib
 import os
+import shutil
+import socket
 
 import numpy as np
 
@@ -17,7 +19,7 @@ TMP_MARK = ".tmp-"
 
 
 def tmp_name(path: str) -> str:
-    return f"{path}{TMP_MARK}{os.getpid()}"
+    return f"{path}{TMP_MARK}{socket.gethostname()}-{os.getpid()}"
 
 
 def file_sha256(path: str) -> str:
@@ -44,6 +46,28 @@ def atomic_write(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def fsync_file(path: str) -> None:
+    """Flush a file another writer (DeepSpeed, a copy) left in the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_durably(src: str, dst: str) -> None:
+    """Copy src to dst through a temporary name, fsynced before the rename."""
+    tmp = tmp_name(dst)
+    try:
+        with naming(dst):
+            shutil.copyfile(src, tmp)
+            fsync_file(tmp)
+        os.replace(tmp, dst)
     except BaseException:
         _unlink_quietly(tmp)
         raise

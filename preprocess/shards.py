@@ -263,15 +263,3 @@ def verify(out_dir: str, workers: int = 1, progress=None) -> tuple[dict, list[st
     for r in results:
         problems.extend(r)
     return manifest, problems
-
-
-def iter_documents(out_dir: str):
-    """Each document's token ids (ending with eos), in manifest order, read through memory maps."""
-    manifest = read_manifest(out_dir)
-    for shard in manifest["shards"]:
-        tokens = np.load(os.path.join(out_dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
-        offsets = np.load(os.path.join(out_dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
-        start = 0
-        for end in offsets.tolist():
-            yield tokens[start:end]
-            start = end

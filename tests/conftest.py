@@ -65,6 +65,16 @@ def dir_digest(path: str) -> dict[str, str]:
     return out
 
 
+def shard_documents(out_dir: str) -> list:
+    """Each document's token ids (ending with eos), in manifest order, read as training reads them."""
+    from preprocess.shards import read_manifest
+    from training.data import ShardDir
+
+    shards = ShardDir(out_dir, read_manifest(out_dir)["kind"])
+    starts, ends = shards.document_bounds()
+    return [shards.read(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+
+
 def write_jsonl(path, records) -> str:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
@@ -117,17 +127,23 @@ def pretrain_shards(tmp_path_factory, tokenizer_model) -> str:
     return str(out / "shards")
 
 
-def training_command(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG) -> list[str]:
+HOOKED_RUN = os.path.join(REPO, "tests", "hooked_run.py")
+
+
+def training_command(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[str]:
+    """The command of a training run; hooks: a tests/hooked_run.py spec (e.g. "nan@3", "stop@4,picks=FILE")."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return [*launcher, "-m", f"training.{stage}", "--config", config, *FAST, *overrides]
+    entry = [HOOKED_RUN, hooks, stage] if hooks else ["-m", f"training.{stage}"]
+    return [*launcher, *entry, "--config", config, *FAST, *overrides]
 
 
-def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_CONFIG) -> subprocess.CompletedProcess:
-    proc = subprocess.run(training_command(*overrides, nproc=nproc, stage=stage, config=config),
+def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_CONFIG, hooks=None,
+                 expect=0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(training_command(*overrides, nproc=nproc, stage=stage, config=config, hooks=hooks),
                           capture_output=True, text=True, cwd=REPO, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    if check and proc.returncode != expect:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 

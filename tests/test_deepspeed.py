@@ -106,30 +106,30 @@ def test_the_deepspeed_launcher(pretrain_shards, tmp_path):
 
 def test_templates_never_set_what_our_config_sets(tmp_path):
     from training.deepspeed_backend import build_config
-    from training.distributed import DistEnv
+    from training.plan import BatchPlan
 
     cfg = load_config(TINY_CONFIG, ["train.micro_batch_size=3", "train.grad_accum=5", "train.grad_clip=0.5"])
-    env = DistEnv(world_size=4)
+    plan = BatchPlan.of(cfg.train, world=4)
     templates = sorted(glob.glob(os.path.join(REPO, "configs", "deepspeed", "*.json")))
     assert len(templates) == 3
     for path in templates:
         stage = json.load(open(path))["zero_optimization"]["stage"]
         ds = build_config(load_config(TINY_CONFIG, ["dist.backend=deepspeed", f"dist.zero_stage={stage}",
                                                     f"dist.deepspeed_config={path}", "train.micro_batch_size=3",
-                                                    "train.grad_accum=5"]), env, "bf16")
+                                                    "train.grad_accum=5"]), plan, "bf16")
         assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
             (60, 3, 5)
         assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == stage
-    assert build_config(cfg, env, "fp32")["gradient_clipping"] == 0.5
+    assert build_config(cfg, plan, "fp32")["gradient_clipping"] == 0.5
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 1}}))
     with pytest.raises(UserError, match=r"'train_batch_size' is set from our config"):
-        build_config(load_config(TINY_CONFIG, [f"dist.deepspeed_config={bad}", "dist.zero_stage=1"]), env, "fp32")
+        build_config(load_config(TINY_CONFIG, [f"dist.deepspeed_config={bad}", "dist.zero_stage=1"]), plan, "fp32")
     with pytest.raises(UserError, match="zero_optimization.stage=1 but dist.zero_stage=2"):
         build_config(load_config(TINY_CONFIG, [f"dist.deepspeed_config={REPO}/configs/deepspeed/zero1.json",
-                                               "dist.zero_stage=2"]), env, "fp32")
+                                               "dist.zero_stage=2"]), plan, "fp32")
     with pytest.raises(UserError, match="dist.offload_params needs dist.zero_stage=3"):
-        build_config(load_config(TINY_CONFIG, ["dist.zero_stage=2", "dist.offload_params=true"]), env, "fp32")
+        build_config(load_config(TINY_CONFIG, ["dist.zero_stage=2", "dist.offload_params=true"]), plan, "fp32")
 
 
 @pytest.mark.slow

@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 from conftest import FAST, REPO, TINY_CONFIG, dir_digest, losses, run_cli, run_training, write_jsonl
 
-NAN_STEPS = os.path.join(REPO, "tests", "nan_steps.py")
-
 
 def is_root() -> bool:
     return os.geteuid() == 0
@@ -74,21 +72,17 @@ def test_a_50_mb_document_is_encoded_whole(tokenizer_model, tmp_path):
     out = tmp_path / "out"
     run_cli("shards", "--input", tmp_path / "big.jsonl", "--tokenizer", tokenizer_model, "--out", out, "--workers", 2)
     import sentencepiece as spm
-
-    from preprocess.shards import iter_documents
+    from conftest import shard_documents
 
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    docs = list(iter_documents(str(out)))
+    docs = list(shard_documents(str(out)))
     assert len(docs) == 2 and sp.decode(docs[0][:-1].tolist()) == text
 
 
 # ------------------------------------------------------------------------------------------------ training
 
-def nan_run(bad_steps: str, *overrides, nproc=1, stage="pretrain", config=TINY_CONFIG) -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    return subprocess.run([*launcher, NAN_STEPS, bad_steps, f"training.{stage}", "--config", config, *FAST, *overrides],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+def nan_run(bad_steps: str, *overrides, nproc=1) -> subprocess.CompletedProcess:
+    return run_training(*overrides, nproc=nproc, hooks=f"nan@{bad_steps}", check=False)
 
 
 def test_a_nan_step_is_skipped_and_counted_and_k_in_a_row_stop_the_run(pretrain_shards, tmp_path):
@@ -103,7 +97,7 @@ def test_a_nan_step_is_skipped_and_counted_and_k_in_a_row_stop_the_run(pretrain_
     state = json.load(open(tmp_path / "one" / "checkpoints" / "step-6" / "state.json"))
     assert state["nonfinite_steps"] == 1 and state["nonfinite_in_a_row"] == 0
 
-    proc = nan_run("2,3,4", *common, "train.max_nonfinite_steps=3", f"out_dir={tmp_path / 'three'}")
+    proc = nan_run("2+3+4", *common, "train.max_nonfinite_steps=3", f"out_dir={tmp_path / 'three'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: step 4: the loss or gradient was not finite for 3 steps in a row (train.max_nonfinite_steps=3); the "

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 import sentencepiece as spm
-from conftest import MIXED_TEXTS, REPO, dir_digest, run_cli, shakespeare_plays, shared_data, write_jsonl
+from conftest import MIXED_TEXTS, REPO, dir_digest, run_cli, shakespeare_plays, shard_documents, shared_data, write_jsonl
 
 from preprocess.__main__ import main
-from preprocess.shards import iter_documents, read_manifest
+from preprocess.shards import read_manifest
 from preprocess.tokenizer import train_tokenizer
 
 
@@ -22,7 +22,7 @@ def decoded_documents(out_dir) -> list[str]:
     sp = spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
     eos = read_manifest(out_dir)["tokenizer"]["special_ids"]["eos"]
     docs = []
-    for ids in iter_documents(out_dir):
+    for ids in shard_documents(out_dir):
         assert ids[-1] == eos
         docs.append(sp.decode(ids[:-1].tolist()))
     return docs

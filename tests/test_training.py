@@ -19,6 +19,7 @@ from training.loop import Stage, accumulate_gradients
 from training.losses import IGNORE, lm_loss_sum
 from training.model import KVCache, ModelConfig, Transformer
 from training.optim import lr_at
+from training.plan import BatchPlan
 
 # ------------------------------------------------------------------------------------------- configs
 
@@ -123,20 +124,34 @@ def test_mixing_follows_the_weights_and_reshuffles_each_epoch():
 
 
 def test_ranks_and_micro_steps_partition_each_global_batch(pretrain_shards):
-    src = [ShardSource(pretrain_shards, 32, 0.05)]
-    single = PretrainData(src, [1.0], 0, 4, 4, rank=0, world=1, vocab_size=1024)
-    pair = [PretrainData(src, [1.0], 0, 4, 2, rank=r, world=2, vocab_size=1024) for r in (0, 1)]
-    for step in (0, 3):
-        one = sorted(i for m in range(4) for i in single.micro_indices(step, m))
-        two = sorted(i for d in pair for m in range(2) for i in d.micro_indices(step, m))
-        assert one == two == list(range(step * 16, step * 16 + 16))
-    x, y = single.batch(0, 0)
+    single = BatchPlan(4, 4, world=1)
+    pair = [BatchPlan(4, 2, world=2, rank=r) for r in (0, 1)]
+    for consumed in (0, 48):
+        one = sorted(i for m in range(4) for i in single.micro_indices(consumed, m))
+        two = sorted(i for p in pair for m in range(2) for i in p.micro_indices(consumed, m))
+        assert one == two == list(range(consumed, consumed + 16))
+    data = PretrainData([ShardSource(pretrain_shards, 32, 0.05)], [1.0], 0, single, vocab_size=1024)
+    x, y = data.batch(0, 0)
     assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_every_rank_evaluates_in_as_many_forwards_and_the_subset_does_not_depend_on_them(pretrain_shards):
+    """17 validation entries, micro-batch 8: 2 batches on rank 0 and 1 (+ a filler that counts no target) on
+    rank 1 of 2; the union is the one-process subset."""
+    src = [ShardSource(pretrain_shards, 32, 0.2)]
+    one = PretrainData(src, [1.0], 0, BatchPlan(8, 1, 1), vocab_size=1024)
+    two = [PretrainData(src, [1.0], 0, BatchPlan(8, 1, 2, r), vocab_size=1024) for r in (0, 1)]
+    batches = [list(d.val_batches(17)) for d in two]
+    assert [len(b) for b in batches] == [2, 2]
+    counted = [[int((y != IGNORE).sum()) for _, y in b] for b in batches]
+    assert counted == [[8 * 32, 1 * 32], [8 * 32, 0]]
+    rows = lambda bs: sorted(tuple(x[i].tolist()) for x, y in bs for i in range(len(x)) if (y[i] != IGNORE).any())
+    assert rows(batches[0] + batches[1]) == rows(list(one.val_batches(17)))
 
 
 def test_validation_split_is_disjoint_from_training(pretrain_shards):
     src = ShardSource(pretrain_shards, 32, 0.1)
-    data = PretrainData([src], [1.0], 0, 4, 1, 0, 1, 1024)
+    data = PretrainData([src], [1.0], 0, BatchPlan(4, 1, 1), 1024)
     val_rows = {tuple(row.tolist()) for x, _ in data.val_batches(400) for row in x}
     train_positions = set(data.order(np.arange(src.n_train))[1].tolist())
     assert train_positions == set(range(src.n_train)) and src.n_val > 0
@@ -223,7 +238,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     accumulate_gradients(_lm_stage(), ddp, _uneven_batches(rank), env)
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
-    torch.distributed.destroy_process_group()
+    D.shutdown(env)
+    D.exit_process(0)  # as the training commands end (see its docstring): no abort in gloo's teardown
 
 
 def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_path):

@@ -1,11 +1,12 @@
-"""Checkpoints: out_dir/checkpoints/step-N/ with the model, the optimizer, each rank's RNG states, the loop's
-counters, the resolved config and the tokenizer; `checkpoints/latest` names the newest complete one.
+"""Checkpoints: out_dir/checkpoints/step-N/ with the model, the optimizer, each rank's RNG states, the train
+state (state.json), the resolved config and the tokenizer; `checkpoints/latest` names the newest complete one.
 
-A checkpoint is written into step-N.tmp/, fsynced, given a checksums.json (size and sha256 of every file, the
-ranks hashing in parallel), then renamed, and only then does `latest` move: a crash at any moment leaves the
-previous checkpoint in charge. Before a resume the checksums are checked; a damaged checkpoint (a flipped byte, a
-file cut short or lost) is moved aside to step-N.damaged with a warning naming it, and the newest intact one is
-used. Everything is loaded with torch.load(weights_only=True).
+A checkpoint is written into step-N.tmp/, every file fsynced (DeepSpeed's too, each rank its share), given a
+checksums.json (size and sha256 of every file, the ranks hashing in parallel), then renamed, and only then does
+`latest` move and are old checkpoints pruned: a crash at any moment leaves the previous checkpoint in charge.
+Before a resume the checksums are checked; a damaged checkpoint (a flipped byte, a file cut short or lost, no
+checksums.json) is moved aside to step-N.damaged with a warning naming it, and the newest intact one is used.
+Everything is loaded with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import numpy as np
 import torch
 
 from preprocess.errors import UserError, naming
-from preprocess.fileio import atomic_write, file_sha256, fsync_dir
+from preprocess.fileio import atomic_write, copy_durably, file_sha256, fsync_dir, fsync_file, tmp_name
 
 from . import distributed as D
 from . import lora
+from .state import STATE, TrainState
 
 LATEST = "latest"
 CHECKSUMS = "checksums.json"
+UNIVERSAL = ".universal"  # step-N.universal/: DeepSpeed's world-size-free conversion of step-N, made on demand
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -87,12 +90,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(env: D.DistEnv, out_dir: str, step: int, model: torch.nn.Module, optimizer, counters: dict,
-         config_yaml: str, tokenizer_path: str, keep: int, engine=None) -> str:
+def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module, optimizer, config_yaml: str,
+         tokenizer_path: str, keep: int, engine=None) -> str:
     """Every rank calls this; rank 0 writes the shared files, every rank its RNG state. With a DeepSpeed
     engine, the engine writes the model and optimizer (each rank its partitions)."""
     root = checkpoints_dir(out_dir)
-    final = os.path.join(root, f"step-{step}")
+    final = os.path.join(root, f"step-{state.step}")
     tmp = final + ".tmp"
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,19 +111,20 @@ def save(env: D.DistEnv, out_dir: str, step: int, model: torch.nn.Module, optimi
             if engine is None:
                 _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
                 _save_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            copy_durably(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
             atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
-            atomic_write(os.path.join(tmp, "state.json"),
-                         json.dumps({"step": step, "world_size": env.world_size, **counters}).encode())
+            atomic_write(os.path.join(tmp, STATE), state.save_json())
         D.barrier(env)
-        checksums = _hash_share(tmp, env)
+        checksums = _hash_share(tmp, env)  # each rank fsyncs and hashes its share of the files
         if env.is_main:
             atomic_write(os.path.join(tmp, CHECKSUMS), json.dumps(checksums, indent=1, sort_keys=True).encode())
-            fsync_dir(tmp)
+            for parent, _, _ in os.walk(tmp):
+                fsync_dir(parent)
             if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
                 shutil.rmtree(final)
+            shutil.rmtree(final + UNIVERSAL, ignore_errors=True)  # a conversion of that earlier save
             os.replace(tmp, final)
-            atomic_write(os.path.join(root, LATEST), f"step-{step}\n".encode())
+            atomic_write(os.path.join(root, LATEST), f"step-{state.step}\n".encode())
             fsync_dir(root)
             _prune(root, keep)
     except OSError:  # a full disk: the previous checkpoint stays in charge, and this one's space is given back
@@ -138,9 +142,13 @@ def _files(ckpt_dir: str) -> list[str]:
 
 
 def _hash_share(ckpt_dir: str, env: D.DistEnv) -> dict:
-    """{file: {size, sha256}} of every file in ckpt_dir, each rank hashing every world_size-th; on rank 0."""
-    mine = {f: {"size": os.path.getsize(os.path.join(ckpt_dir, f)), "sha256": file_sha256(os.path.join(ckpt_dir, f))}
-            for f in _files(ckpt_dir)[env.rank::env.world_size]}
+    """{file: {size, sha256}} of every file in ckpt_dir, each rank fsyncing and hashing every world_size-th; on
+    rank 0. (fsync flushes a file whoever wrote it: DeepSpeed's own writes are never fsynced.)"""
+    mine = {}
+    for f in _files(ckpt_dir)[env.rank::env.world_size]:
+        path = os.path.join(ckpt_dir, f)
+        fsync_file(path)
+        mine[f] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
     if not env.distributed:
         return mine
     gathered = [None] * env.world_size
@@ -150,14 +158,14 @@ def _hash_share(ckpt_dir: str, env: D.DistEnv) -> dict:
 
 def damage(ckpt_dir: str, rank: int = 0, world: int = 1) -> list[str]:
     """What is wrong with this rank's share of a checkpoint's files, per its checksums.json (empty: intact).
-    A checkpoint from before checksums were written only needs its state.json."""
-    if not os.path.isfile(os.path.join(ckpt_dir, "state.json")):
-        return ["state.json is missing"]
+    Every checkpoint is written with one, so one without it is not trusted."""
+    if not os.path.isfile(os.path.join(ckpt_dir, STATE)):
+        return [f"{STATE} is missing"]
     try:
         with open(os.path.join(ckpt_dir, CHECKSUMS)) as f:
             checksums = json.load(f)
     except FileNotFoundError:
-        return []
+        return [f"{CHECKSUMS} is missing"]
     except (OSError, ValueError) as e:
         return [f"{CHECKSUMS} is unreadable ({e})"]
     problems = []
@@ -177,6 +185,7 @@ def _prune(root: str, keep: int) -> None:
         return
     for name in _step_dirs(root)[keep:]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        shutil.rmtree(os.path.join(root, name + UNIVERSAL), ignore_errors=True)
 
 
 def _step_dirs(root: str) -> list[str]:
@@ -230,11 +239,10 @@ def latest(out_dir: str, env: D.DistEnv | None = None) -> str | None:
     return path
 
 
-def saved_step(ckpt_dir: str | None) -> int:
-    if ckpt_dir is None:
-        return 0
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        return json.load(f)["step"]
+def saved_state(ckpt_dir: str) -> TrainState:
+    from .config import config_from_yaml
+
+    return TrainState.load(ckpt_dir, config_from_yaml(os.path.join(ckpt_dir, "config.yaml")))
 
 
 @functools.cache
@@ -245,7 +253,7 @@ def resolve(path: str) -> str:
 
     if hf.is_hf_dir(path):
         return path
-    if os.path.isfile(os.path.join(path, "model.pt")) or os.path.isfile(os.path.join(path, "state.json")):
+    if os.path.isfile(os.path.join(path, "model.pt")) or os.path.isfile(os.path.join(path, STATE)):
         problems = damage(path)
         if problems:
             raise UserError(f"{path}: damaged checkpoint ({'; '.join(problems[:3])})")
@@ -286,13 +294,20 @@ def _load(path: str):
 
 
 def model_file(ckpt_dir: str) -> str:
-    """ckpt_dir/model.pt; a DeepSpeed checkpoint's is consolidated into a plain fp32 state dict on first use."""
+    """ckpt_dir/model.pt; a DeepSpeed checkpoint's is consolidated into a plain fp32 state dict on first use.
+    The conversion is written under a name of this process's own and renamed: several processes (the ranks of
+    a job, two jobs) converting at once each produce the same file, and none ever sees a half-written one."""
     from .deepspeed_backend import consolidated_state_dict, is_deepspeed_checkpoint
 
     path = os.path.join(ckpt_dir, "model.pt")
     if not os.path.isfile(path) and is_deepspeed_checkpoint(ckpt_dir):
-        _save_file(consolidated_state_dict(ckpt_dir), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = tmp_name(path)
+        try:
+            _save_file(consolidated_state_dict(ckpt_dir), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 
@@ -315,18 +330,58 @@ def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
         raise UserError(f"{ckpt_dir}/model.pt does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
 
 
-def load(ckpt_dir: str, model: torch.nn.Module, optimizer, env: D.DistEnv, engine=None) -> dict:
-    """Restore model, optimizer and this rank's RNG states; returns the saved counters (step, tokens, ...)."""
+def load(ckpt_dir: str, model: torch.nn.Module, optimizer, env: D.DistEnv, state: TrainState, seed: int,
+         engine=None, engine_dir: str | None = None) -> None:
+    """Restore model and optimizer, and this rank's RNG states: those it saved when the run had as many
+    processes as now; otherwise every rank's are derived from (seed, rank, step), never copied from another
+    rank. engine_dir: where the DeepSpeed engine loads from (its universal conversion, on another world size)."""
     if engine is not None:
         from .deepspeed_backend import load as deepspeed_load
 
-        deepspeed_load(engine, ckpt_dir)
+        deepspeed_load(engine, engine_dir or ckpt_dir, universal=engine_dir is not None)
     else:
         load_weights(ckpt_dir, model)
         optimizer.load_state_dict(_load(os.path.join(ckpt_dir, "optimizer.pt")))
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        counters = json.load(f)
     rng_path = os.path.join(ckpt_dir, f"rng-rank{env.rank}.pt")
-    if os.path.isfile(rng_path):
+    if state.world_size == env.world_size and os.path.isfile(rng_path):
         set_rng_state(_load(rng_path))
-    return counters
+    else:
+        seed_rng(derived_seed(seed, env.rank, state.step))
+
+
+def derived_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pin(init_dir: str, dest: str) -> str:
+    """A copy of a starting checkpoint's weights that no later change of its run can touch (a newer checkpoint,
+    pruning): hard links where the filesystem allows (no space used; the SFT run only ever adds and deletes
+    whole files), else copies. Holds what load_weights and weights_fingerprint read. Returns dest."""
+    from . import hf
+
+    if hf.is_hf_dir(init_dir):
+        names = [hf.CONFIG, *(os.path.basename(f) for f in hf.weight_files(init_dir))]
+        names += [n for n in os.listdir(init_dir) if n.endswith(".index.json")]
+    else:
+        model_file(init_dir)
+        names = ["model.pt", "config.yaml"]
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in names:
+        src, dst = os.path.join(init_dir, name), os.path.join(tmp, name)
+        try:
+            os.link(src, dst)
+        except OSError:
+            copy_durably(src, dst)
+    fsync_dir(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    return dest

@@ -15,8 +15,26 @@ COMMUNICATION_ERRORS = ("Connection closed by peer", "Connection reset by peer",
                         "gloo")
 
 
-def main(name: str, make_stage, argv=None) -> int:
-    """make_stage(config) → the Stage to run (a stage's loss may depend on its config section)."""
+def main(name: str, make_stage, argv=None, hooks=None) -> int:
+    """make_stage(config) → the Stage to run (a stage's loss may depend on its config section). A process that
+    used a process group ends here, without the interpreter's teardown (distributed.exit_process)."""
+    from .distributed import exit_process, used_process_group
+
+    try:
+        code = _main(name, make_stage, argv, hooks)
+    except Exception:  # a bug: its traceback, then the same ending
+        if not used_process_group():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if used_process_group():
+        exit_process(code)
+    return code
+
+
+def _main(name: str, make_stage, argv, hooks) -> int:
     import torch.distributed as dist
 
     from .loop import Stopped, run
@@ -32,7 +50,7 @@ def main(name: str, make_stage, argv=None) -> int:
     who = "" if world == 1 else f" (rank {rank})"
     def load_and_run():
         cfg = load_config(args.config, args.overrides)
-        run(make_stage(cfg), cfg)
+        run(make_stage(cfg), cfg, hooks)
 
     try:
         return exit_code(load_and_run, who)  # user mistakes and the environment: one line

@@ -1,15 +1,17 @@
 """Shard directories → samples (pretraining) or examples (SFT, DPO) in a deterministic global order, sliced by
 data-parallel rank.
 
-Every sample is addressed by a global index, so the loader has no state: step t of any run, on any number of
-processes, reads the same samples, and resuming needs only the step number. Memory stays constant in the corpus
-size: shards are memory-mapped and the shuffle is a keyed permutation computed on the fly.
+Every sample is addressed by its position in the global order, so the loader has no state: a step reads the
+positions its BatchPlan names from the consumed-sample count, on any number of processes, and resuming needs
+only that count. Memory stays constant in the corpus size: shards are memory-mapped and the shuffle is a keyed
+permutation computed on the fly.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import os
 
 import numpy as np
@@ -17,6 +19,9 @@ import torch
 
 from preprocess.errors import UserError
 from preprocess.shards import read_manifest, verify_shard
+
+from .losses import IGNORE
+from .plan import BatchPlan
 
 PERIOD = 10_000  # mixing pattern length: weights are honoured to 1/PERIOD
 
@@ -73,6 +78,14 @@ class ShardDir:
     @property
     def tokenizer(self) -> dict:
         return self.manifest["tokenizer"]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What the directory holds, independent of where it lies (a copy on node-local disk has the same):
+        its kind, tokenizer and the sha256 of every shard file, in order."""
+        parts = [self.manifest["kind"], self.tokenizer["sha256"]]
+        parts += [meta["sha256"] for shard in self.shards for _, meta in sorted(shard["files"].items())]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def verify(self, rank: int, world: int) -> list[str]:
         """Re-hash this rank's share of the shards."""
@@ -207,40 +220,40 @@ class ExampleSource(ShardDir):
 
 
 class GlobalBatches:
-    """Micro-batches of a rank, addressed by (step, micro-step): each optimizer step consumes `global_batch`
-    consecutive entries of the global order, and micro-step m of rank r takes a contiguous slice of them.
-    Subclasses turn a list of (source, index) picks into tensors."""
+    """Micro-batches of a rank: the positions its BatchPlan names, through the global order, to (source, index)
+    picks, and those to tensors by a subclass's collate(). collate([]) is a filler batch of one row that counts
+    no unit, for ranks with less to evaluate than others."""
 
-    def __init__(self, sources, weights: list[float], seed: int, micro_batch: int, grad_accum: int, rank: int,
-                 world: int, vocab_size: int):
-        self.sources, self.vocab_size = sources, vocab_size
-        self.micro_batch, self.grad_accum, self.rank, self.world = micro_batch, grad_accum, rank, world
+    def __init__(self, sources, weights: list[float], seed: int, plan: BatchPlan, vocab_size: int):
+        self.sources, self.vocab_size, self.plan = sources, vocab_size, plan
         self.order = SampleOrder([s.n_train for s in sources], weights, seed)
-        self.global_batch = micro_batch * grad_accum * world
         self.val_ends = np.cumsum([s.n_val for s in sources])  # validation entries of all sources, end to end
 
-    def micro_indices(self, step: int, micro: int) -> np.ndarray:
-        first = step * self.global_batch + (micro * self.world + self.rank) * self.micro_batch
-        return np.arange(first, first + self.micro_batch)
+    def picks(self, positions: np.ndarray) -> list[tuple[int, int]]:
+        source, sample = self.order(positions)
+        return [(int(s), int(j)) for s, j in zip(source, sample, strict=True)]
 
-    def batch(self, step: int, micro: int):
-        source, sample = self.order(self.micro_indices(step, micro))
-        return self.collate([(int(s), int(j)) for s, j in zip(source, sample, strict=True)])
+    def batch(self, consumed: int, micro: int):
+        return self.collate(self.picks(self.plan.micro_indices(consumed, micro)))
 
-    def val_batches(self, n_samples: int):
-        """This rank's share of `n_samples` validation entries spread evenly over the split: the same subset
-        whatever the number of ranks, so val_loss is comparable across runs."""
+    def val_picks(self, n_samples: int) -> list[tuple[int, int]]:
+        """`n_samples` validation entries spread evenly over the split: the same subset whatever the number of
+        ranks, so val_loss is comparable across runs."""
         n_val = int(self.val_ends[-1])
         if n_val == 0:
-            return
+            return []
         want = min(n_val, n_samples)
-        mine = []
-        for v in ((np.arange(want) * n_val) // want)[self.rank::self.world]:
+        picks = []
+        for v in (np.arange(want) * n_val) // want:
             s = int(np.searchsorted(self.val_ends, v, side="right"))
             first = int(self.val_ends[s - 1]) if s else 0
-            mine.append((s, self.sources[s].n_train + int(v) - first))
-        for i in range(0, len(mine), self.micro_batch):
-            yield self.collate(mine[i:i + self.micro_batch])
+            picks.append((s, self.sources[s].n_train + int(v) - first))
+        return picks
+
+    def val_batches(self, n_samples: int):
+        """This rank's share of the validation subset; every rank gets the same number of batches."""
+        for picks in self.plan.share(self.val_picks(n_samples)):
+            yield self.collate(picks)
 
     def check_vocab(self, rows: list[np.ndarray], picks: list[tuple[int, int]]) -> None:
         for row, (s, j) in zip(rows, picks, strict=True):
@@ -256,6 +269,9 @@ class PretrainData(GlobalBatches):
     """(inputs, targets) of seq_len tokens: every token is a target."""
 
     def collate(self, picks):
+        if not picks:  # filler: targets that count nothing
+            seq_len = self.sources[0].seq_len
+            return torch.zeros(1, seq_len, dtype=torch.int64), torch.full((1, seq_len), IGNORE, dtype=torch.int64)
         rows = np.stack([self.sources[s].sample(j) for s, j in picks])
         if rows.size and (top := int(rows.max())) >= self.vocab_size:
             s, j = picks[int(np.argmax(rows.max(axis=1)))]
@@ -267,12 +283,14 @@ class PretrainData(GlobalBatches):
         return tokens[:, :-1], tokens[:, 1:]
 
 
-def pad_sequences(docs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, multiple: int = 8):
+def pad_sequences(docs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, multiple: int = 8, limit: int | None = None):
     """Right-padded (inputs, targets): the target of position i is token i+1 where its mask is 1, else IGNORE.
-    Padding sits after each sequence, so under causal attention no real token ever sees it or another example."""
-    from .losses import IGNORE
-
-    width = -(-max(len(t) - 1 for t, _ in docs) // multiple) * multiple
+    Padding sits after each sequence, so under causal attention no real token ever sees it or another example.
+    The width is the longest input rounded up to `multiple`, but never past `limit` (the model's context)."""
+    longest = max(len(t) - 1 for t, _ in docs)
+    width = -(-longest // multiple) * multiple
+    if limit is not None:
+        width = max(longest, min(width, limit))
     inputs = np.full((len(docs), width), pad_id, dtype=np.int64)
     targets = np.full((len(docs), width), IGNORE, dtype=np.int64)
     for row, (tokens, mask) in enumerate(docs):
@@ -286,31 +304,49 @@ class SFTData(GlobalBatches):
     """(inputs, targets) of whole conversations padded to the longest in the micro-batch; targets are the
     learned (assistant) tokens only."""
 
-    def __init__(self, *args, pad_id: int, **kwargs):
+    def __init__(self, *args, pad_id: int, seq_len: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pad_id = pad_id
+        self.pad_id, self.seq_len = pad_id, seq_len
+
+    def filler(self) -> tuple[np.ndarray, np.ndarray]:
+        """A two-token document that is no target anywhere."""
+        return np.full(2, self.pad_id, dtype=np.int64), np.zeros(2, dtype=np.uint8)
+
+    def pad(self, docs):
+        return pad_sequences(docs, self.pad_id, limit=self.seq_len)
 
     def collate(self, picks):
+        if not picks:
+            return self.pad([self.filler()])
         docs = [doc for s, j in picks for doc in self.sources[s].example(j)]
         self.check_vocab([t for t, _ in docs], [p for p in picks for _ in range(len(docs) // len(picks))])
-        return pad_sequences(docs, self.pad_id)
+        return self.pad(docs)
 
 
-class DPOData(GlobalBatches):
-    """(inputs, targets, reference log-probs) of pairs: the chosen sequences of the micro-batch, then their
-    rejected sequences, padded together for one forward pass. Reference log-probs come from a precomputed
-    array or from the frozen reference model."""
+class DPOData(SFTData):
+    """(inputs, targets, reference log-probs, real) of pairs: the chosen sequences of the micro-batch, then their
+    rejected sequences, padded together for one forward pass; `real` is 1 per pair (0 for a filler pair).
+    Reference log-probs come from a precomputed array or from the frozen reference model."""
 
-    def __init__(self, *args, pad_id: int, reference, **kwargs):
+    def __init__(self, *args, reference, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pad_id, self.reference = pad_id, reference
+        self.reference = reference
 
     def collate(self, picks):
+        if not picks:  # a filler pair; the reference still runs its forward, as on every other rank
+            inputs, targets = self.pad([self.filler(), self.filler()])
+            return inputs, targets, self.reference(None, inputs, targets), torch.zeros(1)
         pairs = [self.sources[s].example(j) for s, j in picks]
         docs = [p[0] for p in pairs] + [p[1] for p in pairs]
         self.check_vocab([t for t, _ in docs], picks + picks)
-        inputs, targets = pad_sequences(docs, self.pad_id)
-        return inputs, targets, self.reference(picks, inputs, targets)
+        inputs, targets = self.pad(docs)
+        return inputs, targets, self.reference(picks, inputs, targets), torch.ones(len(picks))
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(b, device) for b in batch)
 
 
 def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str = "pretrain"):

@@ -1,6 +1,7 @@
 """dist.backend=deepspeed: the model and optimizer wrapped by a DeepSpeed engine (ZeRO stage 0-3, optional CPU
-offload), checkpoints through the engine's own save and load in our layout, and their conversion to a plain
-fp32 state dict for `generate`, export and `init_from`.
+offload), checkpoints through the engine's own save and load in our layout, their conversion to a plain fp32
+state dict for `generate`, export and `init_from`, and — to resume on another number of processes — to
+DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal), loaded with `load_universal`.
 
 Batch sizes, accumulation, clipping and precision come from our config only: a template in configs/deepspeed/
 that sets any of them is refused, so a value is never given twice.
@@ -8,19 +9,23 @@ that sets any of them is refused, so a value is never given twice.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
+import glob
 import json
 import math
 import os
 import shutil
 import sys
+import time
 
 import torch
 
 from preprocess.errors import UserError
 
 from . import distributed as D
+from .plan import BatchPlan
 
 OURS = {  # DeepSpeed key → the config key that sets it
     "train_batch_size": "train.micro_batch_size x train.grad_accum x processes",
@@ -41,7 +46,7 @@ def prepare_environment(device: torch.device) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
-def build_config(cfg, env: D.DistEnv, precision: str) -> dict:
+def build_config(cfg, plan: BatchPlan, precision: str, device_type: str = "cpu", load_universal: bool = False) -> dict:
     dist = cfg.dist
     if dist.deepspeed_config:
         try:
@@ -62,34 +67,34 @@ def build_config(cfg, env: D.DistEnv, precision: str) -> dict:
     if dist.offload_optimizer:
         if dist.zero_stage < 1:
             raise UserError("dist.offload_optimizer needs dist.zero_stage 1, 2 or 3")
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": env.device.type == "cuda"}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if dist.offload_params:
         if dist.zero_stage != 3:
             raise UserError("dist.offload_params needs dist.zero_stage=3")
-        zero["offload_param"] = {"device": "cpu", "pin_memory": env.device.type == "cuda"}
-    t = cfg.train
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     ds.update({
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * env.world_size,
-        "gradient_clipping": t.grad_clip,
+        **plan.deepspeed_batch(),
+        "gradient_clipping": cfg.train.grad_clip,
         "bf16": {"enabled": precision == "bf16"},
         "zero_force_ds_cpu_optimizer": False,  # our AdamW, also when offloaded
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     })
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
 
 
-def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, precision: str):
+def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, plan: BatchPlan, precision: str,
+               load_universal: bool = False):
     prepare_environment(env.device)
     import deepspeed
 
     if env.device.type == "cpu":
         skip_shared_memory_op(deepspeed)
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_config(cfg, env, precision),
-                                           dist_init_required=False)
+    config = build_config(cfg, plan, precision, env.device.type, load_universal)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     if engine.optimizer is optimizer:  # no ZeRO or bf16 wrapper: nothing else would skip a non-finite step
         behave_as_deepspeed_optimizers(engine, optimizer, cfg.train.grad_clip)
     return engine
@@ -147,11 +152,68 @@ def save(engine, env: D.DistEnv, root: str, tmp_name: str) -> None:
                       os.path.join(root, tmp_name)) from None
 
 
-def load(engine, ckpt_dir: str) -> None:
+def load(engine, ckpt_dir: str, universal: bool = False) -> None:
+    """The engine's state from ckpt_dir (a checkpoint of this run, or its universal conversion)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # our AdamW, inside ZeRO's wrapper
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise UserError(f"{ckpt_dir}: DeepSpeed could not load this checkpoint")
+    if universal:  # two slips of DeepSpeed 0.19.8's ZeRO-3 universal load, each measurable in the loss curve:
+        # it gives every parameter group the hyperparameters of the first (weight decay on the norm gains) ...
+        for group, kept in zip(inner.param_groups, groups, strict=True):
+            group.update(kept)
+        # ... and one shared `step` tensor to every group's state, which AdamW then advances once per group
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def is_partitioned(ckpt_dir: str) -> bool:
+    """Whether the optimizer state is split over the ranks that wrote it (ZeRO 1-3, or bf16 at stage 0): such a
+    checkpoint loads only on as many ranks, unless converted."""
+    return bool(glob.glob(os.path.join(glob.escape(ckpt_dir), "*zero_pp_rank_*optim_states.pt")))
+
+
+def universal_checkpoint(ckpt_dir: str, env: D.DistEnv) -> str:
+    """ckpt_dir converted to DeepSpeed's universal format, once, cached beside it as step-N.universal/ (written
+    to a temporary name, renamed when complete). Rank 0 converts while the others wait for it on the (shared)
+    checkpoint directory; a failure is one line on every rank."""
+    out = ckpt_dir.rstrip("/") + ".universal"
+    failed = out + ".failed"
+    if env.is_main and os.path.exists(failed):  # from an earlier attempt
+        os.unlink(failed)
+    D.barrier(env)
+    if env.is_main and not os.path.isdir(out):
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"deepspeed: converting {ckpt_dir} to a universal checkpoint to resume on {env.world_size} "
+              f"process{'es' if env.world_size > 1 else ''} (once; kept as {os.path.basename(out)})", flush=True)
+        try:
+            _convert(ckpt_dir, tmp)
+            os.replace(tmp, out)
+        except Exception as e:  # DeepSpeed raises what it likes (AssertionError, ValueError, ...)
+            shutil.rmtree(tmp, ignore_errors=True)
+            with open(failed, "w") as f:
+                f.write(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+    while env.distributed and not env.is_main and not (os.path.isdir(out) or os.path.exists(failed)):
+        time.sleep(0.5)  # no collective: a conversion may take longer than dist.timeout_s
+    D.barrier(env)
+    if not os.path.isdir(out):
+        reason = open(failed).read().strip() if os.path.exists(failed) else "its output is missing"
+        raise UserError(f"{ckpt_dir}: DeepSpeed could not convert this checkpoint to resume it on another number of "
+                        f"processes ({reason}); resume on as many processes as wrote it")
+    return out
+
+
+def _convert(ckpt_dir: str, out: str) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=ckpt_dir, output_folder=out, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress, kept out of the program's output
+        ds_to_universal.main(args)
 
 
 def is_deepspeed_checkpoint(ckpt_dir: str) -> bool:

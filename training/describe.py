@@ -1,6 +1,6 @@
 """Print what a config resolves to: the model's shape and size, the batch, the schedule.
 
-    python -m training.describe --config FILE [key.sub=value ...]
+    python -m training.describe --config FILE [--processes N] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 import torch
 
 from preprocess.errors import exit_code
+from preprocess.ranks import ranks_from_env
 from preprocess.shards import read_manifest
 
 from . import checkpoint as ckpt
@@ -18,11 +19,15 @@ from . import lora
 from .config import data_sources, load_config
 from .loop import resolve_vocab
 from .model import Transformer
+from .plan import BatchPlan
+
+UNITS = {"pretrain": "samples", "sft": "conversations", "dpo": "pairs"}
 
 
-def describe(cfg) -> str:
+def describe(cfg, processes: int = 1) -> str:
     path = data_sources(cfg.data)[0][0]
-    vocab = read_manifest(path)["tokenizer"]["vocab_size"]
+    manifest = read_manifest(path)
+    vocab = manifest["tokenizer"]["vocab_size"]
     model_cfg = cfg.model
     if cfg.init_from:  # fine-tuning: the shape is the starting checkpoint's
         model_cfg = ckpt.model_config(ckpt.resolve(cfg.init_from))
@@ -30,15 +35,14 @@ def describe(cfg) -> str:
     with torch.device("meta"):
         model = Transformer(model_cfg)
     m, t = model_cfg, cfg.train
-    per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len
+    plan = BatchPlan.of(t, processes)
     return "\n".join([
         f"model: {model.num_params() / 1e6:.2f} M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f} M "
         f"without the embedding); dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.kv_heads} key/value), "
         f"feed-forward {m.hidden}, vocabulary {m.vocab_size} (tokenizer: {vocab}), context {m.max_seq_len}, "
         f"{'tied' if m.tie_embeddings else 'separate'} embeddings",
         f"compute: {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP per trained token",
-        f"batch: {t.micro_batch_size} x {cfg.data.seq_len} tokens per micro-step x {t.grad_accum} micro-steps "
-        f"= {per_step:,} tokens per optimizer step per process",
+        plan.describe(cfg.data.seq_len, UNITS.get(manifest["kind"], "samples")),
         f"schedule: {t.max_steps:,} steps, lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup), "
         f"precision {t.precision}, checkpoints every {t.ckpt_every}",
         *([lora_line(model, cfg.lora)] if lora.enabled(cfg.lora) else []),
@@ -60,9 +64,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.describe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
+    p.add_argument("--processes", type=int, default=ranks_from_env()[1],
+                   help="data-parallel processes of the run (default: this launcher's world size, or 1)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    return exit_code(lambda: print(describe(load_config(args.config, args.overrides))))
+    return exit_code(lambda: print(describe(load_config(args.config, args.overrides), args.processes)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from preprocess.errors import UserError
 from preprocess.ranks import ranks_from_env
 
+_started_process_group = False
+
 
 @dataclass
 class DistEnv:
@@ -49,20 +51,69 @@ def init(backend: str, device: str, timeout_s: int) -> DistEnv:
     if world > 1 or backend == "deepspeed":  # DeepSpeed wants a process group even for one process
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # torchrun sets both; MPI and Slurm single-node runs may not
         os.environ.setdefault("MASTER_PORT", "29500")
+        if backend == "deepspeed":
+            os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed asks for it, whatever the launcher
+        global _started_process_group
+        _started_process_group = True
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
     return env
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a process that used a process group, skipping the interpreter's final teardown.
+
+    gloo's worker threads outlive destroy_process_group (torch 2.13), and a worker that releases the last
+    reference to a finished collective takes the GIL to drop the Python state captured with it. If that happens
+    while the interpreter is finalizing, Python 3.11 exits the thread with pthread_exit, whose unwinding
+    through C++ aborts the process ("terminate called without an active exception", exit -6) after all the
+    work is done — seen in about 1 run in 10 on some machines. So: what a normal exit does before finalizing
+    (join our threads, run atexit handlers, flush), then os._exit."""
+    import atexit
+    import sys
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def used_process_group() -> bool:
+    """Whether this process started a process group (whose threads outlive it: see exit_process)."""
+    return _started_process_group
 
 
 def all_reduce_sum(env: DistEnv, tensor: torch.Tensor) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_min(env: DistEnv, value: int) -> int:
+    """The smallest of every rank's value: e.g. whether every rank has a file (1) or one lacks it (0)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor(value, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+def broadcast_object(env: DistEnv, obj):
+    """Rank 0's value of obj on every rank (a decision taken once, e.g. which checkpoint to start from)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(env: DistEnv) -> None:
@@ -79,10 +130,6 @@ def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     # The model's only buffers are rotary tables, identical everywhere: syncing them before every forward would
     # cost a collective per micro-step (and deadlock ranks that run different numbers of forwards).
     return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, forward_sync_buffers=False)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def no_sync(model: torch.nn.Module, skip_sync: bool):

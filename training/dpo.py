@@ -4,8 +4,13 @@ log-probs of the completion tokens, averaged over the pairs of the global batch.
 
     python -m training.dpo --config configs/dpo/tiny.yaml init_from=SFT_RUN [dpo.beta=0.1] [dpo.precompute_ref=true]
 
+The reference is pinned when the run starts: its weights are linked (or copied) into out_dir/reference/, so a
+resumed run optimises against the same reference even after the SFT run has written newer checkpoints or pruned
+that one. It computes in the policy's precision (bf16 weights under DeepSpeed bf16, autocast otherwise), so at
+step 0 every log-ratio is exactly 0. With LoRA the reference is the policy with its adapters switched off.
+
 With dpo.precompute_ref=true the reference log-probs are computed once, by all ranks, and kept in
-ref_logps-<weights sha>-L<seq_len>.npy next to the shards: training then runs no reference forward at all.
+ref_logps-<weights sha>-L<seq_len>-<precision>.npy next to the shards: training then runs no reference forward.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import lora
 from .cli import main
-from .data import DPOData, pad_sequences
-from .loop import Stage, resolve_precision
+from .data import DPOData
+from .loop import Stage
 from .losses import dpo_losses, sequence_logps
 from .model import Transformer
 from .sft import pad_id
@@ -54,72 +59,81 @@ class PrecomputedReference:
         self.arrays = arrays
 
     def __call__(self, picks, inputs, targets) -> torch.Tensor:
+        if picks is None:  # a filler pair
+            return torch.zeros(len(inputs))
         rows = np.stack([self.arrays[s][j] for s, j in picks])
         return torch.from_numpy(np.concatenate([rows[:, 0], rows[:, 1]]))
 
 
-def reference_model(cfg, env) -> Transformer:
-    model = Transformer(cfg.model)
-    ckpt.load_weights(ckpt.resolve(cfg.init_from), model)
-    return model.to(env.device).eval().requires_grad_(False)
+def reference_model(run) -> Transformer:
+    """The pinned starting weights, in the policy's dtype."""
+    model = Transformer(run.model.cfg)
+    ckpt.load_weights(run.reference_dir, model)
+    dtype = next(run.model.parameters()).dtype  # DeepSpeed bf16 casts the policy itself to bf16
+    return model.to(device=run.env.device, dtype=dtype).eval().requires_grad_(False)
 
 
-def precompute(sources, reference: LiveReference, cfg, env) -> list[np.ndarray]:
-    """Each rank computes its share of every source's examples; the sum over ranks is the full array."""
-    key = f"{ckpt.weights_fingerprint(ckpt.resolve(cfg.init_from))}-L{cfg.data.seq_len}"
+def precompute(run, reference: LiveReference) -> list[np.ndarray]:
+    """Each rank computes its share of every source's examples (every rank the same number of forwards); the
+    sum over ranks is the full array. Whether a cache file is there is decided by all ranks together: with
+    node-local copies of the shards, one node may have it and another not."""
+    env, cfg = run.env, run.cfg
+    key = f"{run.state.init_from['fingerprint']}-L{cfg.data.seq_len}-{run.compute_precision}"
+    data = DPOData(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size, pad_id=pad_id(run.sources),
+                   seq_len=cfg.data.seq_len, reference=reference)
     arrays = []
-    for source in sources:
+    for s, source in enumerate(run.sources):
         path = os.path.join(source.path, f"ref_logps-{key}.npy")
         n = source.n_train + source.n_val
-        if os.path.isfile(path) and np.load(path, mmap_mode="r").shape == (n, 2):
+        have = os.path.isfile(path) and np.load(path, mmap_mode="r").shape == (n, 2)
+        if D.all_reduce_min(env, int(have)):
             arrays.append(np.load(path))
             continue
         values = torch.zeros(n, 2, dtype=torch.float64, device=env.device)
-        mine = list(range(env.rank, n, env.world_size))
-        for i in range(0, len(mine), cfg.train.micro_batch_size):
-            chunk = mine[i:i + cfg.train.micro_batch_size]
-            pairs = [source.example(j) for j in chunk]
-            inputs, targets = pad_sequences([p[0] for p in pairs] + [p[1] for p in pairs], pad_id(sources))
-            logps = reference(None, inputs, targets).double()
-            values[chunk] = torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1)
+        for chunk in run.plan.share(list(range(n))):
+            _, _, logps, _ = data.collate([(s, j) for j in chunk])
+            if chunk:
+                values[chunk] = torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1).double()
         array = D.all_reduce_sum(env, values).cpu().numpy().astype(np.float32)
-        if env.is_main:
+        if env.local_rank == 0:  # one writer per machine: the shards may be a node-local copy
             buffer = io.BytesIO()
             np.save(buffer, array)
             atomic_write(path, buffer.getvalue())
-            print(f"dpo: reference log-probs of {n:,} pairs saved to {path}", flush=True)
+            if env.is_main:
+                print(f"dpo: reference log-probs of {n:,} pairs saved to {path}", flush=True)
         arrays.append(array)
     D.barrier(env)
     return arrays
 
 
-def make_data(sources, weights, cfg, env, model):
-    precision = resolve_precision(cfg.train.precision, env.device)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    if not cfg.init_from:
-        raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
+def make_data(run):
+    cfg, env = run.cfg, run.env
     if lora.enabled(cfg.lora):  # the policy's base weights are the starting model's: no copy needed
-        reference = LiveReference(model, env.device, autocast, adapters_off=True)
+        reference = LiveReference(run.model, env.device, run.autocast, adapters_off=True)
     else:
-        reference = LiveReference(reference_model(cfg, env), env.device, autocast)
+        reference = LiveReference(reference_model(run), env.device, run.autocast)
     if cfg.dpo.precompute_ref:  # no reference forward during training: a separate reference model is freed
-        reference = PrecomputedReference(precompute(sources, reference, cfg, env))
-    return DPOData(sources, weights, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum, env.rank,
-                   env.world_size, model.cfg.vocab_size, pad_id=pad_id(sources), reference=reference)
+        reference = PrecomputedReference(precompute(run, reference))
+    return DPOData(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size, pad_id=pad_id(run.sources),
+                   seq_len=cfg.data.seq_len, reference=reference)
 
 
 def make_stage(cfg) -> Stage:
+    if not cfg.init_from:
+        raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
     beta = cfg.dpo.beta
 
     def loss(model, batch):
-        inputs, targets, ref = batch
+        inputs, targets, ref, real = batch
         logps = sequence_logps(model(inputs), targets)
         n = len(logps) // 2
         losses, metrics = dpo_losses(logps[:n], logps[n:], ref[:n].to(logps), ref[n:].to(logps), beta)
-        return losses.sum(), {k: v.sum() for k, v in metrics.items()}
+        real = real.to(losses)
+        return (losses * real).sum(), {k: (v * real).sum() for k, v in metrics.items()}
 
     return Stage(name="dpo", data_kind="dpo", make_data=make_data, loss=loss,
-                 units=lambda batch: batch[0].shape[0] // 2, tokens=lambda batch: batch[0].numel(), chat=True)
+                 units=lambda batch: int(batch[3].sum()), tokens=lambda batch: batch[0].numel(), chat=True,
+                 pins_reference=not lora.enabled(cfg.lora))
 
 
 if __name__ == "__main__":

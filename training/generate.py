@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from preprocess.errors import UserError
+from preprocess.errors import exit_code
 
 from .model import KVCache, Transformer
 
@@ -20,9 +20,10 @@ from .model import KVCache, Transformer
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              greedy: bool = False, eos_id: int | None = None, vocab_limit: int | None = None,
-             generator: torch.Generator | None = None) -> list[int]:
+             generator: torch.Generator | None = None, follow=None) -> list[int]:
     """New token ids after `prompt` (stops at eos or the model's context). Ids >= vocab_limit (the padding of a
-    rounded-up vocabulary) are never produced."""
+    rounded-up vocabulary) are never produced. `follow(token) -> token` replaces each chosen token, e.g. by
+    another process's choice, so that several processes generate the same ids step by step."""
     cfg = model.cfg
     device = next(model.parameters()).device
     prompt = prompt[-(cfg.max_seq_len - 1):] or [eos_id if eos_id is not None else 0]
@@ -42,6 +43,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temp
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits[logits < kth] = -float("inf")
             token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        if follow is not None:
+            token = follow(token)
         if token == eos_id:
             break
         out.append(token)
@@ -93,21 +96,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    try:
-        model, sp = load_for_inference(args.checkpoint, args.device)
-        if args.chat:
-            print(chat_reply(model, sp, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.greedy,
-                             args.seed))
-            return 0
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-        ids = generate(model, sp.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, greedy=args.greedy, eos_id=sp.eos_id(), vocab_limit=sp.vocab_size(),
-                       generator=generator)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(args.prompt + sp.decode(ids))
-    return 0
+    return exit_code(lambda: print(run_generate(args)))
+
+
+def run_generate(args) -> str:
+    model, sp = load_for_inference(args.checkpoint, args.device)
+    if args.chat:
+        return chat_reply(model, sp, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.greedy,
+                          args.seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    ids = generate(model, sp.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, greedy=args.greedy, eos_id=sp.eos_id(), vocab_limit=sp.vocab_size(),
+                   generator=generator)
+    return args.prompt + sp.decode(ids)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ import sys
 from .cli import main
 from .data import PretrainData
 from .loop import Stage
-from .losses import lm_loss_sum
+from .losses import IGNORE, lm_loss_sum
 
 
-def make_data(sources, weights, cfg, env, model):
-    return PretrainData(sources, weights, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum,
-                        env.rank, env.world_size, model.cfg.vocab_size)
+def make_data(run):
+    return PretrainData(run.sources, run.weights, run.cfg.seed, run.plan, run.model.cfg.vocab_size)
 
 
 def loss(model, batch):
@@ -25,8 +24,11 @@ def loss(model, batch):
     return total, {}
 
 
-STAGE = Stage(name="pretrain", data_kind="pretrain", make_data=make_data, loss=loss,
-              units=lambda batch: batch[1].numel(), tokens=lambda batch: batch[0].numel())
+def make_stage(cfg) -> Stage:
+    # every target counts; only the filler rows of an evaluation (ranks with less to evaluate) hold IGNORE
+    return Stage(name="pretrain", data_kind="pretrain", make_data=make_data, loss=loss,
+                 units=lambda batch: int((batch[1] != IGNORE).sum()), tokens=lambda batch: batch[0].numel())
+
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain", lambda cfg: STAGE))
+    sys.exit(main("pretrain", make_stage))

@@ -19,9 +19,9 @@ def pad_id(sources) -> int:
     return special.get("pad", special["eos"])
 
 
-def make_data(sources, weights, cfg, env, model):
-    return SFTData(sources, weights, cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum, env.rank,
-                   env.world_size, model.cfg.vocab_size, pad_id=pad_id(sources))
+def make_data(run):
+    return SFTData(run.sources, run.weights, run.cfg.seed, run.plan, run.model.cfg.vocab_size,
+                   pad_id=pad_id(run.sources), seq_len=run.cfg.data.seq_len)
 
 
 def loss(model, batch):
@@ -30,8 +30,10 @@ def loss(model, batch):
     return total, {}
 
 
-STAGE = Stage(name="sft", data_kind="sft", make_data=make_data, loss=loss,
-              units=lambda batch: int((batch[1] != IGNORE).sum()), tokens=lambda batch: batch[0].numel(), chat=True)
+def make_stage(cfg) -> Stage:
+    return Stage(name="sft", data_kind="sft", make_data=make_data, loss=loss,
+                 units=lambda batch: int((batch[1] != IGNORE).sum()), tokens=lambda batch: batch[0].numel(), chat=True)
+
 
 if __name__ == "__main__":
-    sys.exit(main("sft", lambda cfg: STAGE))
+    sys.exit(main("sft", make_stage))

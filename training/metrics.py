@@ -1,0 +1,161 @@
+"""What a run reports: metrics.jsonl, TensorBoard, Weights & Biases (optional) and the progress bar, all written
+by rank 0, with throughput timed without the pauses (evaluation, checkpoints)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import torch
+
+from preprocess.errors import UserError
+
+from . import distributed as D
+from .config import Config
+from .model import Transformer
+
+# bf16 dense peak FLOP/s per GPU, for MFU (matched against torch.cuda.get_device_name)
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+class MetricsLog:
+    """metrics.jsonl, TensorBoard, Weights & Biases (optional) and the progress bar, all on rank 0; throughput
+    timed without the pauses."""
+
+    def __init__(self, cfg: Config, env: D.DistEnv, model: Transformer, stage: str, start_step: int):
+        self.cfg, self.env = cfg, env
+        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.peak = gpu_peak_flops(env.device)
+        self.tb = self.bar = self.wandb = None
+        self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
+        wandb = require_wandb() if cfg.log.wandb else None  # every rank: all stop together when it is missing
+        if env.is_main:
+            if wandb is not None:
+                self.wandb = start_wandb(wandb, cfg, stage)
+            if cfg.log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=start_step + 1)
+            if cfg.log.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=stage, unit="step", disable=None)
+
+    @staticmethod
+    def truncate(path: str, step: int) -> None:
+        """Forget lines after `step`: a resumed run logs those steps again."""
+        if not os.path.isfile(path):
+            return
+        from preprocess.fileio import atomic_write
+
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(path, "".join(kept).encode())
+
+    def count_tokens(self, tokens: int) -> int:
+        """Tokens of this step over all ranks (padding included: every position the model computes)."""
+        self.interval_tokens += tokens
+        return tokens
+
+    def data_wait(self):
+        """Time the loop waits for its batches (reading and assembling samples): its share of the step time."""
+        return self._timed("data_time")
+
+    def paused(self):
+        """Time spent inside (evaluation, checkpoints) does not count against throughput."""
+        return self._timed("paused_time")
+
+    @contextlib.contextmanager
+    def _timed(self, counter: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - t)
+
+    def train_step(self, step: int, means: dict, lr: float, grad_norm: float, tokens: int, skipped: bool) -> None:
+        elapsed = max(time.perf_counter() - self.interval_start - self.paused_time, 1e-9)
+        rate, data_share = self.interval_tokens / elapsed, self.data_time / elapsed
+        self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
+        if not self.env.is_main:
+            return
+        record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": rate,
+                  "data_wait_share": data_share}
+        if skipped:
+            record["skipped"] = True
+        if self.peak:
+            record["mfu"] = rate * self.flops_per_token / (self.peak * self.env.world_size)
+        self._write(record)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_postfix_str(f"loss {means['loss']:.4f}, {rate:,.0f} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif self.cfg.log.progress:  # no terminal (a log file, CI): one line per logged step instead of a bar
+            extra = "".join(f", {k} {v:.3f}" for k, v in means.items() if "rewards" in k)
+            print(f"step {step}: loss {means['loss']:.4f}{extra}, lr {lr:.2e}, {rate:,.0f} tokens/s", flush=True)
+
+    def eval_step(self, step: int, val_loss: float, sample: str | None) -> None:
+        if not self.env.is_main:
+            return
+        record = {"step": step, "val_loss": val_loss}
+        if sample is not None:
+            record["sample"] = sample
+        self._write(record)
+        message = f"step {step}: val_loss {val_loss:.4f}" + (f"\n{sample}" if sample else "")
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def require_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("log.wandb=true needs the wandb package: pip install wandb (or set log.wandb=false)") from None
+    return wandb
+
+
+def start_wandb(wandb, cfg: Config, stage: str):
+    """One W&B run per out_dir: its id is kept there, so a resumed run continues the same W&B run."""
+    from omegaconf import OmegaConf
+
+    from preprocess.fileio import atomic_write
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    id_file = os.path.join(cfg.out_dir, "wandb_id")
+    if os.path.isfile(id_file):
+        run_id = open(id_file).read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        atomic_write(id_file, (run_id + "\n").encode())
+    return wandb.init(project=cfg.log.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
+                      name=os.path.basename(os.path.abspath(cfg.out_dir)), job_type=stage,
+                      config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)

@@ -1,0 +1,89 @@
+"""What a checkpoint records about the run besides weights and optimizer: the typed train state (counters, the
+data position, the plan that wrote it, the pinned starting point) and the run's identity — the settings a
+resumed run must share with the one that wrote the checkpoint.
+
+Resuming changes nothing the user did not ask for: anything that would change the meaning of the run (stage,
+seed, data, seq_len, val_fraction, LoRA, init_from, the model's shape) is refused with one line naming the old and
+new values; the batch split (micro-batch, accumulation, processes) may change, and the run continues from the
+consumed-sample position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from preprocess.errors import UserError
+
+STATE = "state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0                     # optimizer steps done
+    consumed_samples: int = 0         # global order positions read (samples, examples or pairs)
+    tokens: int = 0                   # tokens processed, padding included (as tokens_per_sec counts them)
+    nonfinite_steps: int = 0          # steps skipped for a NaN/inf loss or gradient
+    nonfinite_in_a_row: int = 0
+    world_size: int = 1               # processes of the run that wrote it
+    plan: dict = field(default_factory=dict)      # its BatchPlan (micro_batch, grad_accum, world)
+    identity: dict = field(default_factory=dict)  # see run_identity()
+    init_from: dict | None = None     # the resolved starting checkpoint: {"path", "fingerprint"}, pinned at the start
+
+    def save_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=1).encode()
+
+    @classmethod
+    def load(cls, ckpt_dir: str, saved_config) -> TrainState:
+        """A checkpoint's state; one written before the data position was saved gets it derived from its step,
+        world size and saved config (the rule those runs followed)."""
+        with open(os.path.join(ckpt_dir, STATE)) as f:
+            raw = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in raw.items() if k in known})
+        if "consumed_samples" not in raw:
+            t = saved_config.train
+            state.consumed_samples = state.step * t.micro_batch_size * t.grad_accum * state.world_size
+            state.plan = {"micro_batch": t.micro_batch_size, "grad_accum": t.grad_accum, "world": state.world_size}
+        return state
+
+
+def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
+    """The settings that give a run its meaning, as flat {key: value} (JSON types), compared on resume."""
+    identity = {
+        "stage": stage,
+        "seed": cfg.seed,
+        "data": [{"path": os.path.abspath(s.path), "weight": round(w, 12), "content": s.fingerprint}
+                 for s, w in sources],
+        "data.seq_len": cfg.data.seq_len,
+        "data.val_fraction": cfg.data.val_fraction,
+        "init_from": os.path.abspath(cfg.init_from) if cfg.init_from else None,
+    }
+    lora = dataclasses.asdict(cfg.lora) if cfg.lora.rank else {"rank": 0}  # the rest matters only with adapters
+    identity.update({f"lora.{k}": v for k, v in lora.items()})
+    identity.update({f"model.{k}": v for k, v in dataclasses.asdict(model_cfg).items()})
+    return identity
+
+
+def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str) -> None:
+    """One line naming the first setting that differs from the checkpoint's, old → new, and the way out."""
+    for key, new in current.items():
+        if key not in saved:  # a checkpoint from before this setting was recorded
+            continue
+        old = saved[key]
+        if key == "data":
+            same = [(d["content"], d["weight"]) for d in old] == [(d["content"], d["weight"]) for d in new]
+            if same:
+                continue
+            old, new = _describe_data(old), _describe_data(new)
+        elif old == new or (isinstance(old, list) and isinstance(new, list) and sorted(old) == sorted(new)):
+            continue
+        name = "data.path (directories, weights or their contents)" if key == "data" else key
+        raise UserError(f"{ckpt_dir} was trained with {name} {old}, this run has {new}; resuming would change "
+                        f"what the run means — put it back, or start a new run in another out_dir (not {out_dir})")
+
+
+def _describe_data(data: list[dict]) -> str:
+    return "[" + ", ".join(f"{d['path']} (weight {d['weight']:g}, content {d['content'][:8]})" for d in data) + "]"
