@@ -127,20 +127,22 @@ def pretrain_shards(tmp_path_factory, tokenizer_model) -> str:
     return str(out / "shards")
 
 
+# FAST with the shipped config's evaluation and sampling left on (every tiny config samples at each evaluation)
+FAST_WITH_EVAL = [o for o in FAST if not o.startswith(("train.eval_every=", "train.sample_prompt="))]
 HOOKED_RUN = os.path.join(REPO, "tests", "hooked_run.py")
 
 
-def training_command(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[str]:
+def training_command(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG, hooks=None, fast=FAST) -> list[str]:
     """The command of a training run; hooks: a tests/hooked_run.py spec (e.g. "nan@3", "stop@4,picks=FILE")."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     entry = [HOOKED_RUN, hooks, stage] if hooks else ["-m", f"training.{stage}"]
-    return [*launcher, *entry, "--config", config, *FAST, *overrides]
+    return [*launcher, *entry, "--config", config, *fast, *overrides]
 
 
-def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_CONFIG, hooks=None,
+def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_CONFIG, hooks=None, fast=FAST,
                  expect=0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(training_command(*overrides, nproc=nproc, stage=stage, config=config, hooks=hooks),
+    proc = subprocess.run(training_command(*overrides, nproc=nproc, stage=stage, config=config, hooks=hooks, fast=fast),
                           capture_output=True, text=True, cwd=REPO, timeout=600)
     if check and proc.returncode != expect:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -166,6 +168,14 @@ def kill_after_first_checkpoint(command: list[str], out_dir) -> None:
                 p.kill()
         psutil.wait_procs(tree, timeout=30)
     proc.wait()
+
+
+def private_copy(shards: str, dest) -> str:
+    """A copy of a shard directory without the reference caches other tests wrote next to it."""
+    import shutil
+
+    shutil.copytree(shards, dest, ignore=shutil.ignore_patterns("ref_logps-*"))
+    return str(dest)
 
 
 def losses(run_dir, key="loss") -> dict[int, float]:

@@ -4,14 +4,28 @@ the deepspeed launcher."""
 import glob
 import importlib.util
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import CHAT, DPO_CONFIG, REPO, TINY_CONFIG, kill_after_first_checkpoint, losses, run_training, training_command
+from conftest import (
+    CHAT,
+    DPO_CONFIG,
+    FAST_WITH_EVAL,
+    REPO,
+    SFT_CONFIG,
+    TINY_CONFIG,
+    kill_after_first_checkpoint,
+    losses,
+    private_copy,
+    run_training,
+    training_command,
+)
 
 from preprocess.errors import UserError
 from training.config import load_config
@@ -157,3 +171,71 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
         ckpt.load_weights(path, merged[name])
     for key, value in merged["zero3"].state_dict().items():
         torch.testing.assert_close(value, merged["ddp"].state_dict()[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(stage, pretrain_shards, chat_shards,
+                                                                                 sft_run, tmp_path):
+    """ZeRO-3 gathers its sharded weights in every forward, so evaluation, the sample at every evaluation (every
+    tiny config sets sample_prompt) and DPO's reference precompute must run on every rank alike. The validation
+    subsets are uneven on purpose: 249 pretraining samples, and eval_samples=17 for SFT and DPO, give the two
+    ranks unequal shares; DPO runs LoRA (its reference is the sharded model with adapters off) with the reference
+    precomputed over 377 pairs (data.seq_len=58), 48 micro-batches on one rank and 47 on the other."""
+    config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG}[stage]
+    common = ["train.max_steps=4", "train.grad_accum=2", "train.precision=fp32", "dist.timeout_s=120"]
+    if stage == "pretrain":
+        common.append(f"data.path={pretrain_shards}")
+    elif stage == "sft":
+        common += [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT]
+    else:
+        dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
+        common += [f"data.path={dpo}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58",
+                   "lora.rank=4", "dpo.precompute_ref=true"]
+    for name, extra in (("ddp", []), ("zero3", ["dist.backend=deepspeed", "dist.zero_stage=3"])):
+        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage=stage, config=config,
+                     fast=FAST_WITH_EVAL)
+    for key in ("loss", "val_loss"):
+        ddp, zero3 = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
+        assert sorted(zero3) == sorted(ddp) and len(ddp) >= 2
+        for step in ddp:
+            assert zero3[step] == pytest.approx(ddp[step], rel=1e-4), (key, step)
+    samples = losses(tmp_path / "zero3", "sample")
+    assert sorted(samples) == [0, 4] and all(len(s) > 10 for s in samples.values())
+
+
+@pytest.mark.slow
+def test_dpo_under_deepspeed_bf16_starts_with_zero_log_ratios(chat_shards, sft_run, tmp_path):
+    """DeepSpeed bf16 casts the policy's weights to bf16: the reference must compute in that precision too, or
+    the log-ratios are not 0 before the first update."""
+    dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
+    common = [f"data.path={dpo}", f"init_from={sft_run}", "train.max_steps=1", "train.precision=bf16",
+              "dist.backend=deepspeed", "dist.zero_stage=2", *CHAT]
+    for name, extra in (("live", []), ("pre", ["dpo.precompute_ref=true"])):
+        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage="dpo", config=DPO_CONFIG)
+        first = {k: losses(tmp_path / name, k)[1] for k in ("loss", "rewards/chosen", "rewards/margins")}
+        assert first == {"loss": pytest.approx(math.log(2), abs=1e-6), "rewards/chosen": 0, "rewards/margins": 0}, name
+    # the cache of a bf16 run is its own: its name says the precision
+    assert [f for f in os.listdir(dpo) if f.startswith("ref_logps-")][0].endswith("-bf16.npy")
+
+
+@pytest.mark.slow
+def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly_five_times(chat_shards, pretrain_shards,
+                                                                                   tmp_path):
+    """The first use of a DeepSpeed checkpoint converts it to model.pt; every rank used to write the same
+    model.pt.tmp at once. Each try starts from a fresh copy of the run, never converted. Steps are kept to one:
+    the race is at the start."""
+    run_training(f"data.path={pretrain_shards}", "train.max_steps=2", "dist.backend=deepspeed", "dist.zero_stage=2",
+                 f"out_dir={tmp_path / 'pre'}", nproc=2)
+    sft_start = shutil.copytree(tmp_path / "pre", tmp_path / "pre-for-sft")  # keep pre unconverted
+    run_training(f"data.path={chat_shards['sft']}", f"init_from={sft_start}", "train.max_steps=2",
+                 "dist.backend=deepspeed", "dist.zero_stage=2", f"out_dir={tmp_path / 'sft'}", *CHAT, nproc=2,
+                 stage="sft", config=SFT_CONFIG)
+    assert not glob.glob(str(tmp_path / "[ps][rf][et]" / "checkpoints" / "step-2" / "model.pt"))  # pre/, sft/
+    for i in range(5):
+        for stage, config, source in (("sft", SFT_CONFIG, "pre"), ("dpo", DPO_CONFIG, "sft")):
+            start = shutil.copytree(tmp_path / source, tmp_path / f"{source}-copy{i}")
+            run_training(f"data.path={chat_shards[stage]}", f"init_from={start}", "train.max_steps=1",
+                         f"out_dir={tmp_path / f'{stage}{i}'}", *CHAT, nproc=2, stage=stage, config=config)
+            assert os.path.isfile(start / "checkpoints" / "step-2" / "model.pt")
+            assert not glob.glob(str(start / "checkpoints" / "step-2" / "model.pt.tmp*"))

@@ -156,6 +156,63 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(pretrain_sh
                                                     f"match its sha256)\n")
 
 
+def test_a_checkpoint_without_its_checksums_is_not_trusted(pretrain_shards, tmp_path):
+    common = [f"data.path={pretrain_shards}", "train.ckpt_every=2", "train.keep_checkpoints=0"]
+    run_training(*common, "train.max_steps=6", f"out_dir={tmp_path / 'straight'}")
+    out = tmp_path / "run"
+    run_training(*common, "train.max_steps=4", f"out_dir={out}")
+    os.unlink(out / "checkpoints" / "step-4" / "checksums.json")
+    proc = run_training(*common, "train.max_steps=6", f"out_dir={out}")
+    assert (f"warning: checkpoint {out}/checkpoints/step-4 is damaged (checksums.json is missing); moved to "
+            f"step-4.damaged; using {out}/checkpoints/step-2") in proc.stderr
+    assert losses(out) == losses(tmp_path / "straight")
+
+
+def test_every_checkpoint_file_is_fsynced_before_the_checkpoint_is_renamed_into_place(tmp_path, monkeypatch):
+    """DeepSpeed writes its files without fsync, and a copied file is not flushed either: a machine going down
+    right after the rename could leave a checkpoint that `latest` names with files of zeros. A stand-in engine
+    writes like DeepSpeed (plain writes); every file of the checkpoint must be fsynced before the rename."""
+    import torch
+
+    from preprocess.fileio import TMP_MARK
+    from training import checkpoint as ckpt
+    from training.distributed import DistEnv
+    from training.state import TrainState
+
+    class Engine:  # DeepSpeed's save_checkpoint: files in root/tag, nothing fsynced
+        def save_checkpoint(self, root, tag, save_latest):
+            for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+                with open(os.path.join(root, tag, name), "wb") as f:
+                    f.write(os.urandom(1000))
+
+    synced, events = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.add(path)
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        if str(dst).endswith("step-5"):
+            events.append(set(synced))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"not a real tokenizer, only bytes to copy")
+    model = torch.nn.Linear(2, 2)
+    final = ckpt.save(DistEnv(), str(tmp_path / "run"), TrainState(step=5), model, None, "a: 1\n", str(tokenizer),
+                      keep=3, engine=Engine())
+    assert len(events) == 1
+    files = [os.path.join(final + ".tmp", f) for f in os.listdir(final)]
+    # synced under its name, or under the temporary name it was renamed from (atomic_write)
+    unsynced = [f for f in files if f not in events[0] and not any(p.startswith(f + TMP_MARK) for p in events[0])]
+    assert len(files) == 7 and not unsynced  # 2 DeepSpeed files, rng, tokenizer, config, state, checksums
+    assert final + ".tmp" in events[0]  # the directory itself, for the names in it
+
+
 @pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs needs root")
 @pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(pretrain_shards, tmp_path, backend):

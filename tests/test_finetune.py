@@ -52,6 +52,13 @@ def test_sequence_log_probs_sum_only_the_completion_tokens():
     torch.testing.assert_close(sequence_logps(logits, targets), expected)
 
 
+def test_padding_never_goes_past_the_context():
+    docs = [(np.arange(64), np.ones(64, dtype=np.uint8))]  # 63 inputs: a multiple of 8 would be 64
+    inputs, targets = pad_sequences(docs, pad_id=3, multiple=8, limit=63)
+    assert inputs.shape == targets.shape == (1, 63)
+    assert pad_sequences(docs, pad_id=3, multiple=8)[0].shape == (1, 64)
+
+
 def test_padding_leaves_targets_only_on_learned_tokens():
     docs = [(np.array([5, 10, 11, 7, 2]), np.array([0, 1, 1, 1, 0], dtype=np.uint8)),
             (np.array([5, 12, 7]), np.array([0, 1, 1], dtype=np.uint8))]
@@ -87,10 +94,17 @@ def test_dpo_starts_at_ln2_with_zero_rewards_and_is_the_same_on_two_processes(ch
     assert losses(tmp_path / "one")[1] == pytest.approx(math.log(2), abs=1e-6)  # before any update: policy == reference
     assert first[1] == 0 and losses(tmp_path / "one", "rewards/margins")[1] == 0
     assert val_losses(tmp_path / "one")[0] == pytest.approx(math.log(2), abs=1e-6)
-    for key in ("loss", "rewards/margins", "logps/chosen"):
+    for key in ("loss", "logps/chosen", "rewards/chosen", "rewards/rejected"):
         one, two = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (key, step)
+    # a margin is a difference of two rewards (of opposite signs), so its last digits are those of the rewards:
+    # compared at the rewards' own scale (once, at rel 1e-5, this failed by reduction order alone)
+    one, two = losses(tmp_path / "one", "rewards/margins"), losses(tmp_path / "two", "rewards/margins")
+    for step in one:
+        scale = abs(losses(tmp_path / "one", "rewards/chosen")[step]) + abs(losses(tmp_path / "one", "rewards/rejected")[step])
+        assert abs(two[step] - one[step]) <= 1e-5 * scale + 1e-7, (step, one[step], two[step])
+        assert one[step] == 0 or abs(one[step]) > 10 * (1e-5 * scale + 1e-7) or step == 1  # a meaningful margin
     assert losses(tmp_path / "one")[4] < math.log(2)
 
 

@@ -66,11 +66,14 @@ class PrecomputedReference:
 
 
 def reference_model(run) -> Transformer:
-    """The pinned starting weights, in the policy's dtype."""
+    """The pinned starting weights, in the policy's dtype: DeepSpeed bf16 casts the policy's parameters (not its
+    buffers, the rotary tables) to bf16."""
     model = Transformer(run.model.cfg)
     ckpt.load_weights(run.reference_dir, model)
-    dtype = next(run.model.parameters()).dtype  # DeepSpeed bf16 casts the policy itself to bf16
-    return model.to(device=run.env.device, dtype=dtype).eval().requires_grad_(False)
+    dtype = next(run.model.parameters()).dtype
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model.to(run.env.device).eval().requires_grad_(False)
 
 
 def precompute(run, reference: LiveReference) -> list[np.ndarray]:

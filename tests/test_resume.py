@@ -1,0 +1,204 @@
+"""Resuming as cluster users do: on another number of processes (DDP and DeepSpeed ZeRO), with another global
+batch, after the starting run moved on; what a resume refuses; one run per out_dir."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import (
+    CHAT,
+    DPO_CONFIG,
+    REPO,
+    SFT_CONFIG,
+    kill_after_first_checkpoint,
+    losses,
+    private_copy,
+    run_training,
+    shakespeare_plays,
+    training_command,
+    write_jsonl,
+)
+
+from preprocess.__main__ import main as preprocess_main
+
+STOPPED = 128 + signal.SIGTERM  # exit code of a run stopped by a preemption notice (its checkpoint is written)
+BACKENDS = {"ddp": [], "zero2": ["dist.backend=deepspeed", "dist.zero_stage=2"],
+            "zero3": ["dist.backend=deepspeed", "dist.zero_stage=3"]}
+
+
+def state(run_dir, step: int) -> dict:
+    return json.load(open(os.path.join(run_dir, "checkpoints", f"step-{step}", "state.json")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uninterrupted_run(
+        backend, pretrain_shards, tmp_path):
+    """Each segment is stopped as a preemption stops it (SIGTERM: checkpoint at the step boundary), then run
+    again on another number of processes; DeepSpeed converts its partitioned checkpoint to a universal one."""
+    if backend != "ddp" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (the dev extra installs it)")
+    common = [f"data.path={pretrain_shards}", "train.max_steps=8", "train.precision=fp32", "train.ckpt_every=100",
+              *BACKENDS[backend]]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
+    out = tmp_path / "resumed"
+    run_training(*common, f"out_dir={out}", nproc=2, hooks="stop@3", check=False)  # torchrun says 1 for 143
+    assert (out / "checkpoints" / "latest").read_text() == "step-3\n" and state(out, 3)["world_size"] == 2
+    one = run_training(*common, f"out_dir={out}", "train.grad_accum=2", hooks="stop@6", check=False)
+    assert one.returncode == STOPPED, one.stderr[-2000:]
+    assert ("resuming at step 3: 4 x 1 x 2 processes → 4 x 2 x 1 (micro-batch x accumulation x processes), the same "
+            "global batch of 8") in one.stdout
+    assert state(out, 6)["world_size"] == 1 and state(out, 6)["consumed_samples"] == 48
+    run_training(*common, f"out_dir={out}", nproc=2)
+    if backend != "ddp":
+        assert os.path.isdir(out / "checkpoints" / "step-3.universal")  # cached beside the checkpoint
+    straight, resumed = losses(tmp_path / "straight"), losses(out)
+    assert sorted(resumed) == list(range(1, 9))
+    for step, value in straight.items():
+        assert resumed[step] == pytest.approx(value, rel=1e-5 if backend == "ddp" else 1e-4), step
+
+
+@pytest.mark.slow
+def test_a_changed_global_batch_continues_with_the_next_unread_sample(tokenizer_model, tmp_path):
+    """8 samples per step, then 12 on two processes: every sample of the first epoch is read exactly once."""
+    from training.data import SampleOrder, ShardSource
+
+    text = open(shakespeare_plays()[0], encoding="utf-8").read()[:12000]  # a scene or two: a short epoch
+    src = write_jsonl(tmp_path / "small.jsonl", [{"text": text}])
+    assert preprocess_main(["shards", "--input", src, "--tokenizer", tokenizer_model, "--out",
+                            str(tmp_path / "shards")]) == 0
+    source = ShardSource(str(tmp_path / "shards"), 32, 0.02)
+    n = source.n_train
+    assert 60 < n < 8 * 4 + 12 * 36, n  # the run reads past the end of the first epoch
+    common = [f"data.path={tmp_path / 'shards'}", "train.max_steps=40", "train.ckpt_every=100",
+              f"out_dir={tmp_path / 'run'}"]
+    picks = f"picks={tmp_path / 'picks'}"
+    run_training(*common, "train.grad_accum=2", hooks=f"stop@4,{picks}", expect=STOPPED)
+    proc = run_training(*common, "train.micro_batch_size=6", nproc=2, hooks=picks)
+    assert ("resuming at step 4 with another global batch, 8 → 12 (4 x 2 x 1 processes → 6 x 1 x 2 (micro-batch x "
+            "accumulation x processes)): the data continues at sample 32") in proc.stdout
+    read = []
+    for rank in (0, 1):
+        path = tmp_path / f"picks.rank-{rank}.jsonl"
+        if path.exists():
+            read += [tuple(p) for line in open(path) for p in json.loads(line)["picks"]]
+    assert len(read) == 4 * 8 + 36 * 12
+    order = SampleOrder([n], [1.0], seed=1337)
+    expected = list(zip(*(a.tolist() for a in order(list(range(len(read))))), strict=True))
+    assert sorted(read) == sorted(expected)  # positions 0 … 463 of the global order, no more, no fewer
+    first_epoch = [s for _, s in expected[:n]]
+    assert sorted(first_epoch) == list(range(n))
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_what_would_change_the_run(pretrain_shards, chat_shards, sft_run, tmp_path):
+    out = tmp_path / "run"
+    run_training(f"data.path={pretrain_shards}", "train.max_steps=2", f"out_dir={out}")
+    other = tmp_path / "other"
+    shutil.copytree(pretrain_shards, other)
+    refused = {
+        "seed=2": "seed 1337, this run has 2",
+        "data.seq_len=16": "data.seq_len 32, this run has 16",
+        "data.val_fraction=0.1": "data.val_fraction 0.02, this run has 0.1",
+        "model.dim=32": "model.dim 64, this run has 32",
+        f"data.path=[{pretrain_shards},{other}]": "data.path (directories, weights or their contents)",
+    }
+    for override, message in refused.items():
+        proc = run_training(f"data.path={pretrain_shards}", "train.max_steps=4", f"out_dir={out}", override,
+                            check=False)
+        assert proc.returncode == 1, (override, proc.stderr[-1000:])
+        line = proc.stderr.strip()
+        assert "\n" not in line and line.startswith(f"error: {out}/checkpoints/step-2 was trained with "), line
+        assert message in line and f"another out_dir (not {out})" in line, line
+    # the same shards in another place (a node-local copy) are the same data
+    run_training(f"data.path={other}", "train.max_steps=3", f"out_dir={out}")
+    assert max(losses(out)) == 3
+
+    sft = tmp_path / "sft"
+    common = [f"data.path={chat_shards['sft']}", "train.max_steps=2", f"out_dir={sft}", *CHAT]
+    run_training(*common, f"init_from={sft_run}", stage="sft", config=SFT_CONFIG)
+    for override, message in ((f"init_from={tmp_path / 'run'}", "init_from"), ("lora.rank=4", "lora.rank 0")):
+        init = [] if override.startswith("init_from") else [f"init_from={sft_run}"]
+        proc = run_training(*common, *init, override, "train.max_steps=3", stage="sft", config=SFT_CONFIG,
+                            check=False)
+        assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_live_out_dir_is_refused_and_a_dead_one_never_blocks(pretrain_shards, tmp_path):
+    out = tmp_path / "run"
+    common = [f"data.path={pretrain_shards}", "train.ckpt_every=1000", f"out_dir={out}"]
+    first = subprocess.Popen(training_command(*common, "train.max_steps=100000"), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = run_training(*common, "seed=2", "train.max_steps=3", check=False)
+        assert second.returncode == 1
+        assert second.stderr == (f"error: {out} is in use by another training run (host {os.uname().nodename}, pid "
+                                 f"{first.pid}); wait for it to end, or give this run another out_dir\n")
+        assert first.poll() is None  # and the first one goes on
+    finally:
+        first.kill()
+        first.wait()
+    run_training(*common, "train.max_steps=2")  # the kernel released the dead holder's lock
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_killed_dpo_run_keeps_its_reference_after_the_sft_run_moved_on(pretrain_shards, chat_shards, sft_run,
+                                                                         tmp_path):
+    """The SFT run writes a newer checkpoint (and prunes the one DPO started from) while DPO is down: the
+    resumed DPO run still optimises against the reference it started with."""
+    sft = tmp_path / "sft"
+    shutil.copytree(sft_run, sft)
+    dpo_shards = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
+    common = [f"data.path={dpo_shards}", f"init_from={sft}", "train.max_steps=6", "train.ckpt_every=3", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", stage="dpo", config=DPO_CONFIG)
+    out = tmp_path / "killed"
+    kill_after_first_checkpoint(training_command(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG), out)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
+    pretrain = os.path.join(os.path.dirname(sft_run), "pretrain")
+    run_training(f"data.path={chat_shards['sft']}", f"init_from={pretrain}", "train.max_steps=6",
+                 "train.keep_checkpoints=1", f"out_dir={sft}", *CHAT, stage="sft", config=SFT_CONFIG)
+    assert sorted(os.listdir(sft / "checkpoints")) == ["latest", "step-6"]
+    run_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG)
+    for key in ("loss", "rewards/margins"):
+        assert losses(out, key) == losses(tmp_path / "straight", key)
+    assert state(out, 6)["init_from"]["path"] == str(sft / "checkpoints" / "step-3")
+
+
+def test_init_from_a_model_with_a_shorter_context_than_data_seq_len_is_a_one_line_error(chat_shards, sft_run, tmp_path):
+    # model.max_seq_len of the config (256 here) is not the model's: with init_from, the shape is the checkpoint's
+    proc = run_training(f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "data.seq_len=100",
+                        "model.max_seq_len=256",
+                        "train.max_steps=1", f"out_dir={tmp_path / 'r'}", stage="sft", config=SFT_CONFIG, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"error: data.seq_len=100 is longer than the context of the model of init_from {sft_run} "
+                           "(64 tokens); lower data.seq_len\n")
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_on_a_cached_reference_compute_it_together(chat_shards, sft_run, tmp_path):
+    """Node-local copies of the shards: one has the precomputed reference log-probs, the other not. The ranks
+    decide together (and compute), instead of one loading while the other waits in a collective."""
+    for i in (0, 1):
+        private_copy(chat_shards["dpo"], tmp_path / f"copy{i}")
+    common = [f"init_from={sft_run}", "train.max_steps=2", "dpo.precompute_ref=true", "dist.timeout_s=60", *CHAT]
+    run_training(f"data.path={tmp_path / 'copy0'}", *common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=2",
+                 stage="dpo", config=DPO_CONFIG)
+    assert [f for f in os.listdir(tmp_path / "copy0") if f.startswith("ref_logps-")]
+    assert not [f for f in os.listdir(tmp_path / "copy1") if f.startswith("ref_logps-")]
+    local = str(tmp_path / "copy${oc.env:LOCAL_RANK}")  # each rank its own copy, as on two nodes
+    run_training(f"data.path={local}", *common, f"out_dir={tmp_path / 'two'}", nproc=2, stage="dpo",
+                 config=DPO_CONFIG)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for step, value in one.items():
+        assert two[step] == pytest.approx(value, rel=1e-5)
