@@ -187,6 +187,18 @@ def val_losses(run_dir) -> dict[int, float]:
     return losses(run_dir, "val_loss")
 
 
+@pytest.fixture(scope="session")
+def zero3(tmp_path_factory) -> list[str]:
+    """Overrides for ZeRO-3 that really shards the test models: the shipped template, except that parameters
+    below 100,000 elements (every one of FAST's model) would stay whole on every rank, and a forward would then
+    gather nothing — hiding exactly what ZeRO-3 tests must see."""
+    template = json.load(open(os.path.join(REPO, "configs", "deepspeed", "zero3.json")))
+    template["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("deepspeed") / "zero3-every-parameter.json"
+    path.write_text(json.dumps(template))
+    return ["dist.backend=deepspeed", "dist.zero_stage=3", f"dist.deepspeed_config={path}"]
+
+
 # --------------------------------------------------------------------------------------------- fine-tuning
 
 SFT_CONFIG = os.path.join(REPO, "configs", "sft", "tiny.yaml")

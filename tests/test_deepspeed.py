@@ -44,10 +44,10 @@ def ddp_run(pretrain_shards, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_give_the_ddp_losses_and_gradient_norms(stage, pretrain_shards, ddp_run, tmp_path):
+def test_zero_stages_give_the_ddp_losses_and_gradient_norms(stage, pretrain_shards, ddp_run, zero3, tmp_path):
     template = [f"dist.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json"] if stage else []
-    run_training(f"data.path={pretrain_shards}", *STEPS, "dist.backend=deepspeed", f"dist.zero_stage={stage}",
-                 *template, f"out_dir={tmp_path}", nproc=2)
+    backend = zero3 if stage == 3 else ["dist.backend=deepspeed", f"dist.zero_stage={stage}", *template]
+    run_training(f"data.path={pretrain_shards}", *STEPS, *backend, f"out_dir={tmp_path}", nproc=2)
     for key in ("loss", "grad_norm"):  # the norm before clipping, as DDP reports it
         ours, ddp = losses(tmp_path, key), losses(ddp_run, key)
         assert sorted(ours) == list(range(1, 9))
@@ -147,7 +147,7 @@ def test_templates_never_set_what_our_config_sets(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shards, sft_run, tmp_path):
+def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shards, sft_run, zero3, tmp_path):
     """The hardest LoRA case for DeepSpeed: partitioned weights, frozen base, and a reference forward through the
     same partitioned model with its adapters off."""
     pytest.importorskip("peft")
@@ -157,7 +157,7 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
     common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=3", "train.grad_accum=2",
               "train.precision=fp32", "lora.rank=4", "train.lr=3e-3", "train.warmup_steps=1", *CHAT]
     run_training(*common, f"out_dir={tmp_path / 'ddp'}", nproc=2, stage="dpo", config=DPO_CONFIG)
-    run_training(*common, f"out_dir={tmp_path / 'zero3'}", "dist.backend=deepspeed", "dist.zero_stage=3", nproc=2,
+    run_training(*common, f"out_dir={tmp_path / 'zero3'}", *zero3, nproc=2,
                  stage="dpo", config=DPO_CONFIG)
     for key in ("loss", "grad_norm", "rewards/margins"):
         ddp, ds = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
@@ -176,7 +176,7 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
 def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(stage, pretrain_shards, chat_shards,
-                                                                                 sft_run, tmp_path):
+                                                                                 sft_run, zero3, tmp_path):
     """ZeRO-3 gathers its sharded weights in every forward, so evaluation, the sample at every evaluation (every
     tiny config sets sample_prompt) and DPO's reference precompute must run on every rank alike. The validation
     subsets are uneven on purpose: 249 pretraining samples, and eval_samples=17 for SFT and DPO, give the two
@@ -192,7 +192,7 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
         dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
         common += [f"data.path={dpo}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58",
                    "lora.rank=4", "dpo.precompute_ref=true"]
-    for name, extra in (("ddp", []), ("zero3", ["dist.backend=deepspeed", "dist.zero_stage=3"])):
+    for name, extra in (("ddp", []), ("zero3", zero3)):
         run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage=stage, config=config,
                      fast=FAST_WITH_EVAL)
     for key in ("loss", "val_loss"):
