@@ -74,14 +74,16 @@ def loader_rate(config: str, shards: str, overrides: list[str], steps: int = 200
     sys.path.insert(0, REPO)
     from training.config import load_config
     from training.data import PretrainData, ShardSource
+    from training.plan import BatchPlan
 
     cfg = load_config(config, [f"data.path={shards}", *overrides])
     source = ShardSource(shards, cfg.data.seq_len, cfg.data.val_fraction)
-    data = PretrainData([source], [1.0], cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum, 0, 1, 10**9)
+    plan = BatchPlan.of(cfg.train)
+    data = PretrainData([source], [1.0], cfg.seed, plan, 10**9)
     start = time.perf_counter()
     for step in range(steps):
         for m in range(cfg.train.grad_accum):
-            data.batch(step, m)
+            data.micro_batch(step * plan.global_batch, m)
     return steps * cfg.train.grad_accum * cfg.train.micro_batch_size / (time.perf_counter() - start)
 
 
@@ -106,6 +108,7 @@ def bare(config: str, shards: str, steps: int, overrides: list[str], fused: bool
     from training.data import PretrainData, ShardSource
     from training.loop import resolve_precision, resolve_vocab
     from training.model import Transformer
+    from training.plan import BatchPlan
 
     cfg = load_config(config, [f"data.path={shards}", *overrides])
     source = ShardSource(shards, cfg.data.seq_len, cfg.data.val_fraction)
@@ -124,8 +127,10 @@ def bare(config: str, shards: str, steps: int, overrides: list[str], fused: bool
             layer.compile()
     fused = device.type == "cuda" if fused is None else fused  # as training/optim.py chooses, unless asked
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=fused)
-    data = PretrainData([source], [1.0], cfg.seed, cfg.train.micro_batch_size, cfg.train.grad_accum, 0, 1, 10**9)
-    batches = [[tuple(t.to(device) for t in data.batch(s, m)) for m in range(cfg.train.grad_accum)] for s in range(steps)]
+    plan = BatchPlan.of(cfg.train)
+    data = PretrainData([source], [1.0], cfg.seed, plan, 10**9)
+    batches = [[tuple(t.to(device) for t in data.micro_batch(s * plan.global_batch, m)[1])
+                for m in range(cfg.train.grad_accum)] for s in range(steps)]
     bf16 = resolve_precision(cfg.train.precision, device) == "bf16"
     tokens_per_step = cfg.train.grad_accum * cfg.train.micro_batch_size * cfg.data.seq_len
     warmup = cfg.log.every  # ours is timed from its second logging interval on: the same steps here

@@ -232,6 +232,15 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly_five_ti
                  "dist.backend=deepspeed", "dist.zero_stage=2", f"out_dir={tmp_path / 'sft'}", *CHAT, nproc=2,
                  stage="sft", config=SFT_CONFIG)
     assert not glob.glob(str(tmp_path / "[ps][rf][et]" / "checkpoints" / "step-2" / "model.pt"))  # pre/, sft/
+    # two jobs converting the same checkpoint at the same moment both get a whole file
+    convert = "import sys; from training.checkpoint import model_file; model_file(sys.argv[1])"
+    for i in range(3):
+        step = shutil.copytree(tmp_path / "pre" / "checkpoints" / "step-2", tmp_path / f"step-2-copy{i}")
+        jobs = [subprocess.Popen([sys.executable, "-c", convert, str(step)], cwd=REPO) for _ in range(2)]
+        assert [job.wait(timeout=300) for job in jobs] == [0, 0]
+        assert sorted(os.listdir(step)) == sorted([*os.listdir(tmp_path / "pre" / "checkpoints" / "step-2"),
+                                                   "model.pt"])
+        assert torch.load(step / "model.pt", weights_only=True).keys()
     for i in range(5):
         for stage, config, source in (("sft", SFT_CONFIG, "pre"), ("dpo", DPO_CONFIG, "sft")):
             start = shutil.copytree(tmp_path / source, tmp_path / f"{source}-copy{i}")

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import CHAT, DPO_CONFIG, FAST, REPO, TINY_CONFIG, losses, run_training
+from conftest import CHAT, DPO_CONFIG, FAST, REPO, TINY_CONFIG, losses, run_training, training_command
 
 
 def report(*args) -> subprocess.CompletedProcess:
@@ -61,8 +61,8 @@ def _record(**kw):
 class _Run:
     def log(self, data, step=None):
         _record(call="log", data=data, step=step)
-    def finish(self):
-        _record(call="finish")
+    def finish(self, exit_code=None):
+        _record(call="finish", exit_code=exit_code)
 
 def init(**kw):
     _record(call="init", **{k: v for k, v in kw.items() if k != "config"}, config_keys=sorted(kw["config"]))
@@ -88,7 +88,14 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_the_sam
     assert inits[0]["project"] == "test-proj" and {"model", "train", "data"} <= set(inits[0]["config_keys"])
     logged = {c["step"]: c["data"]["loss"] for c in calls if c["call"] == "log"}
     assert logged == losses(out) and set(logged) == {1, 2, 3, 4}
-    assert [c["call"] for c in calls].count("finish") == 2
+    assert [c.get("exit_code") for c in calls if c["call"] == "finish"] == [0, 0]
+    # a run that fails is finished as failed (W&B shows it crashed, not finished)
+    failing = training_command(f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'failing'}", "log.wandb=true",
+                               "train.max_steps=3", "train.max_nonfinite_steps=1", hooks="nan@1")
+    proc = subprocess.run(failing, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 1 and "not finite for 1 steps in a row" in proc.stderr
+    calls = [json.loads(line) for line in open(calls_file)]
+    assert [c.get("exit_code") for c in calls if c["call"] == "finish"] == [0, 0, 1]
 
     # without the package: one line before any work, and W&B stays off by default
     if importlib.util.find_spec("wandb") is None:

@@ -53,9 +53,11 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
     assert ("resuming at step 3: 4 x 1 x 2 processes → 4 x 2 x 1 (micro-batch x accumulation x processes), the same "
             "global batch of 8") in one.stdout
     assert state(out, 6)["world_size"] == 1 and state(out, 6)["consumed_samples"] == 48
-    run_training(*common, f"out_dir={out}", nproc=2)
+    run_training(*common, f"out_dir={out}", nproc=2, hooks="stop@7", check=False)
+    run_training(*common, f"out_dir={out}", nproc=2)  # and on as many processes as the last segment: no conversion
     if backend != "ddp":
-        assert os.path.isdir(out / "checkpoints" / "step-3.universal")  # cached beside the checkpoint
+        assert os.path.isdir(out / "checkpoints" / "step-6.universal")  # cached beside the checkpoint (step-3 pruned)
+        assert not os.path.exists(out / "checkpoints" / "step-7.universal")
     straight, resumed = losses(tmp_path / "straight"), losses(out)
     assert sorted(resumed) == list(range(1, 9))
     for step, value in straight.items():
@@ -105,6 +107,7 @@ def test_a_resume_refuses_what_would_change_the_run(pretrain_shards, chat_shards
         "data.seq_len=16": "data.seq_len 32, this run has 16",
         "data.val_fraction=0.1": "data.val_fraction 0.02, this run has 0.1",
         "model.dim=32": "model.dim 64, this run has 32",
+        "dist.backend=deepspeed": "dist.backend ddp, this run has deepspeed",
         f"data.path=[{pretrain_shards},{other}]": "data.path (directories, weights or their contents)",
     }
     for override, message in refused.items():
@@ -128,6 +131,24 @@ def test_a_resume_refuses_what_would_change_the_run(pretrain_shards, chat_shards
         assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_init_from_may_name_the_starting_run_another_way_and_beta_is_part_of_a_dpo_run(tmp_path):
+    from preprocess.errors import UserError
+    from training.state import check_identity
+
+    run = tmp_path / "sft"
+    step = run / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(run)
+    saved = {"init_from": str(run), "dpo.beta": 0.1}
+    started = {"path": str(step), "fingerprint": "0123"}
+    for name in (run, step, tmp_path / "link", tmp_path / "link" / "checkpoints" / "step-3"):
+        check_identity(saved, {"init_from": os.path.realpath(name), "dpo.beta": 0.1}, "CKPT", "OUT", started)
+    with pytest.raises(UserError, match=r"CKPT was trained with init_from .*sft, this run has .*other"):
+        check_identity(saved, {"init_from": str(tmp_path / "other"), "dpo.beta": 0.1}, "CKPT", "OUT", started)
+    with pytest.raises(UserError, match=r"dpo.beta 0.1, this run has 0.5"):
+        check_identity(saved, {"init_from": str(run), "dpo.beta": 0.5}, "CKPT", "OUT", started)
+
+
 @pytest.mark.slow
 def test_a_second_run_into_a_live_out_dir_is_refused_and_a_dead_one_never_blocks(pretrain_shards, tmp_path):
     out = tmp_path / "run"
@@ -136,7 +157,8 @@ def test_a_second_run_into_a_live_out_dir_is_refused_and_a_dead_one_never_blocks
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        while f"pid {first.pid}" not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+            assert time.time() < deadline and first.poll() is None, "the first run did not take the lock"
             time.sleep(0.1)
         second = run_training(*common, "seed=2", "train.max_steps=3", check=False)
         assert second.returncode == 1

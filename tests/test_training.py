@@ -131,7 +131,7 @@ def test_ranks_and_micro_steps_partition_each_global_batch(pretrain_shards):
         two = sorted(i for p in pair for m in range(2) for i in p.micro_indices(consumed, m))
         assert one == two == list(range(consumed, consumed + 16))
     data = PretrainData([ShardSource(pretrain_shards, 32, 0.05)], [1.0], 0, single, vocab_size=1024)
-    x, y = data.batch(0, 0)
+    _, (x, y) = data.micro_batch(0, 0)
     assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
 
 
@@ -147,6 +147,19 @@ def test_every_rank_evaluates_in_as_many_forwards_and_the_subset_does_not_depend
     assert counted == [[8 * 32, 1 * 32], [8 * 32, 0]]
     rows = lambda bs: sorted(tuple(x[i].tolist()) for x, y in bs for i in range(len(x)) if (y[i] != IGNORE).any())
     assert rows(batches[0] + batches[1]) == rows(list(one.val_batches(17)))
+
+
+def test_describe_gives_the_global_batch_of_the_plan(pretrain_shards):
+    proc = subprocess.run([sys.executable, "-m", "training.describe", "--config", TINY_CONFIG, "--processes", "4",
+                           f"data.path={pretrain_shards}", "train.grad_accum=2"], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "WORLD_SIZE": "3", "RANK": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert ("batch: 16 samples (≤ 128 tokens each) per micro-step x 2 micro-steps x 4 processes = 128 samples per "
+            "optimizer step") in proc.stdout
+    under_a_launcher = subprocess.run([sys.executable, "-m", "training.describe", "--config", TINY_CONFIG,
+                                       f"data.path={pretrain_shards}"], capture_output=True, text=True, cwd=REPO,
+                                      env={**os.environ, "WORLD_SIZE": "3", "RANK": "0"})
+    assert "x 3 processes = 48 samples per optimizer step" in under_a_launcher.stdout
 
 
 def test_validation_split_is_disjoint_from_training(pretrain_shards):
@@ -271,6 +284,21 @@ def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_p
     assert diff > 1e-3
 
 
+def test_the_end_of_a_process_waits_for_its_thread_pools_and_keeps_the_exit_code(tmp_path):
+    """distributed.exit_process: what the interpreter does before finalizing (thread pools stopped, threads
+    joined, atexit handlers, streams flushed), then os._exit with the code. A pool's idle worker (torch.compile
+    keeps one) is not a thread to wait for forever."""
+    script = ("import atexit, concurrent.futures, sys\n"
+              "from training.distributed import exit_process\n"
+              "pool = concurrent.futures.ThreadPoolExecutor(2)\n"
+              "pool.submit(lambda: 1).result()\n"
+              "atexit.register(lambda: print('atexit ran'))\n"
+              "sys.stdout.write('buffered, no newline')\n"
+              "exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 3 and proc.stdout == "buffered, no newlineatexit ran\n", (proc.stdout, proc.stderr)
+
+
 @pytest.mark.slow
 def test_two_processes_with_half_the_accumulation_give_the_same_losses(pretrain_shards, tmp_path):
     common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.precision=fp32", "train.eval_every=3",
@@ -343,3 +371,16 @@ def test_tiny_preset_learns_tiny_shakespeare(tmp_path):
     val = {r["step"]: r["val_loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "val_loss" in r}
     assert val[0] > 7.0  # about ln(2048) at initialisation
     assert val[200] < val[0] - 2.0, val  # 7.7 → 5.0 when this was written
+
+
+def test_the_training_benchmark_runs_its_data_path_and_its_baseline(pretrain_shards):
+    """bench/ is not in make test; its helpers use the training package's own API, so an API change must not
+    leave `make bench` broken."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(REPO, "bench", "train.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = [o for o in FAST if o.startswith(("model.", "data.", "train.micro"))] + ["log.every=1", "train.device=cpu"]
+    assert bench.loader_rate(TINY_CONFIG, pretrain_shards, small, steps=3) > 0
+    assert bench.bare(TINY_CONFIG, pretrain_shards, 3, small) > 0

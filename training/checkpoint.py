@@ -103,10 +103,13 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module
     try:
         D.barrier(env)
         _save_file(rng_state(), os.path.join(tmp, f"rng-rank{env.rank}.pt"))
-        if engine is not None:
+        if engine is not None:  # DeepSpeed never fsyncs: each rank flushes what it wrote (on its own machine)
+            from .deepspeed_backend import files_written_by
             from .deepspeed_backend import save as deepspeed_save
 
             deepspeed_save(engine, env, root, os.path.basename(tmp))
+            for path in files_written_by(tmp, env.rank):
+                fsync_file(path)
         if env.is_main:
             if engine is None:
                 _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
@@ -115,7 +118,7 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module
             atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
             atomic_write(os.path.join(tmp, STATE), state.save_json())
         D.barrier(env)
-        checksums = _hash_share(tmp, env)  # each rank fsyncs and hashes its share of the files
+        checksums = _hash_share(tmp, env)  # each rank hashes its share of the files
         if env.is_main:
             atomic_write(os.path.join(tmp, CHECKSUMS), json.dumps(checksums, indent=1, sort_keys=True).encode())
             for parent, _, _ in os.walk(tmp):
@@ -142,12 +145,10 @@ def _files(ckpt_dir: str) -> list[str]:
 
 
 def _hash_share(ckpt_dir: str, env: D.DistEnv) -> dict:
-    """{file: {size, sha256}} of every file in ckpt_dir, each rank fsyncing and hashing every world_size-th; on
-    rank 0. (fsync flushes a file whoever wrote it: DeepSpeed's own writes are never fsynced.)"""
+    """{file: {size, sha256}} of every file in ckpt_dir, each rank hashing every world_size-th; on rank 0."""
     mine = {}
     for f in _files(ckpt_dir)[env.rank::env.world_size]:
         path = os.path.join(ckpt_dir, f)
-        fsync_file(path)
         mine[f] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
     if not env.distributed:
         return mine
@@ -161,6 +162,23 @@ def damage(ckpt_dir: str, rank: int = 0, world: int = 1) -> list[str]:
     Every checkpoint is written with one, so one without it is not trusted."""
     if not os.path.isfile(os.path.join(ckpt_dir, STATE)):
         return [f"{STATE} is missing"]
+    return checksum_problems(ckpt_dir, rank, world)
+
+
+def seal(directory: str) -> None:
+    """One process's finished tree (DeepSpeed's universal conversion): every file and directory fsynced, then a
+    checksums.json, as for a checkpoint."""
+    checksums = {}
+    for f in _files(directory):
+        path = os.path.join(directory, f)
+        fsync_file(path)
+        checksums[f] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+    atomic_write(os.path.join(directory, CHECKSUMS), json.dumps(checksums, indent=1, sort_keys=True).encode())
+    for parent, _, _ in os.walk(directory):
+        fsync_dir(parent)
+
+
+def checksum_problems(ckpt_dir: str, rank: int = 0, world: int = 1) -> list[str]:
     try:
         with open(os.path.join(ckpt_dir, CHECKSUMS)) as f:
             checksums = json.load(f)
@@ -239,10 +257,12 @@ def latest(out_dir: str, env: D.DistEnv | None = None) -> str | None:
     return path
 
 
-def saved_state(ckpt_dir: str) -> TrainState:
+def saved_run(ckpt_dir: str):
+    """(config, TrainState) of a checkpoint."""
     from .config import config_from_yaml
 
-    return TrainState.load(ckpt_dir, config_from_yaml(os.path.join(ckpt_dir, "config.yaml")))
+    cfg = config_from_yaml(os.path.join(ckpt_dir, "config.yaml"))
+    return cfg, TrainState.load(ckpt_dir, cfg)
 
 
 @functools.cache

@@ -233,8 +233,10 @@ class GlobalBatches:
         source, sample = self.order(positions)
         return [(int(s), int(j)) for s, j in zip(source, sample, strict=True)]
 
-    def batch(self, consumed: int, micro: int):
-        return self.collate(self.picks(self.plan.micro_indices(consumed, micro)))
+    def micro_batch(self, consumed: int, micro: int):
+        """(picks, tensors) of this rank's micro-step `micro` of the step that starts at `consumed`."""
+        picks = self.picks(self.plan.micro_indices(consumed, micro))
+        return picks, self.collate(picks)
 
     def val_picks(self, n_samples: int) -> list[tuple[int, int]]:
         """`n_samples` validation entries spread evenly over the split: the same subset whatever the number of

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import sys
-import time
 
 import torch
 
@@ -170,6 +169,18 @@ def load(engine, ckpt_dir: str, universal: bool = False) -> None:
                 state["step"] = state["step"].clone()
 
 
+def files_written_by(ckpt_dir: str, rank: int) -> list[str]:
+    """The files of a DeepSpeed checkpoint that this rank wrote: its ZeRO partitions (zero_pp_rank_R_…), and on
+    rank 0 the rest of DeepSpeed's (the model states of stages 0-2; ours are fsynced by whoever writes them)."""
+    mine = []
+    for name in os.listdir(ckpt_dir):
+        partition = name.split("zero_pp_rank_")[1].split("_")[0] if "zero_pp_rank_" in name else None
+        ours = name.startswith("rng-rank") or name in ("model.pt", "optimizer.pt", "tokenizer.model", "config.yaml")
+        if partition == str(rank) or (rank == 0 and partition is None and not ours):
+            mine.append(os.path.join(ckpt_dir, name))
+    return mine
+
+
 def is_partitioned(ckpt_dir: str) -> bool:
     """Whether the optimizer state is split over the ranks that wrote it (ZeRO 1-3, or bf16 at stage 0): such a
     checkpoint loads only on as many ranks, unless converted."""
@@ -177,41 +188,43 @@ def is_partitioned(ckpt_dir: str) -> bool:
 
 
 def universal_checkpoint(ckpt_dir: str, env: D.DistEnv) -> str:
-    """ckpt_dir converted to DeepSpeed's universal format, once, cached beside it as step-N.universal/ (written
-    to a temporary name, renamed when complete). Rank 0 converts while the others wait for it on the (shared)
-    checkpoint directory; a failure is one line on every rank."""
+    """ckpt_dir converted to DeepSpeed's universal format, once, cached beside it as step-N.universal/: written
+    to a temporary name by rank 0, fsynced, checksummed and renamed when complete; a cached one whose checksums
+    fail is converted again. A failure is one line on every rank."""
+    from .checkpoint import checksum_problems, seal
+
     out = ckpt_dir.rstrip("/") + ".universal"
-    failed = out + ".failed"
-    if env.is_main and os.path.exists(failed):  # from an earlier attempt
-        os.unlink(failed)
-    D.barrier(env)
-    if env.is_main and not os.path.isdir(out):
+
+    def convert() -> None:
+        if os.path.isdir(out) and not checksum_problems(out):
+            return
         tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in (out, tmp):
+            shutil.rmtree(stale, ignore_errors=True)
         print(f"deepspeed: converting {ckpt_dir} to a universal checkpoint to resume on {env.world_size} "
               f"process{'es' if env.world_size > 1 else ''} (once; kept as {os.path.basename(out)})", flush=True)
         try:
             _convert(ckpt_dir, tmp)
-            os.replace(tmp, out)
         except Exception as e:  # DeepSpeed raises what it likes (AssertionError, ValueError, ...)
             shutil.rmtree(tmp, ignore_errors=True)
-            with open(failed, "w") as f:
-                f.write(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
-    while env.distributed and not env.is_main and not (os.path.isdir(out) or os.path.exists(failed)):
-        time.sleep(0.5)  # no collective: a conversion may take longer than dist.timeout_s
-    D.barrier(env)
-    if not os.path.isdir(out):
-        reason = open(failed).read().strip() if os.path.exists(failed) else "its output is missing"
-        raise UserError(f"{ckpt_dir}: DeepSpeed could not convert this checkpoint to resume it on another number of "
-                        f"processes ({reason}); resume on as many processes as wrote it")
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            raise UserError(f"{ckpt_dir}: DeepSpeed could not convert this checkpoint to resume it on another "
+                            f"number of processes ({reason}); resume on as many processes as wrote it") from None
+        finally:  # DeepSpeed's pointer to its output, which we never read (it names the temporary directory)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(os.path.dirname(out), "latest_universal"))
+        seal(tmp)
+        os.replace(tmp, out)
+
+    D.from_rank0(env, convert)  # the others wait without dist.timeout_s: a conversion can take long
     return out
 
 
 def _convert(ckpt_dir: str, out: str) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(input_folder=ckpt_dir, output_folder=out, num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(input_folder=ckpt_dir, output_folder=out, num_extract_workers=4, num_merge_workers=2,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)  # DeepSpeed's defaults
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress, kept out of the program's output
         ds_to_universal.main(args)
 
@@ -225,7 +238,7 @@ def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
     optimizer holds them). DeepSpeed's own files need its full unpickler; they are files this program wrote."""
     prepare_environment(torch.device("cpu"))
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
-    if any("zero_pp_rank_" in name and name.endswith("optim_states.pt") for name in os.listdir(ckpt_dir)):
+    if is_partitioned(ckpt_dir):
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; keep it for the program's output
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

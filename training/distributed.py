@@ -11,8 +11,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from preprocess.errors import UserError
+from preprocess.errors import UserError, environment_error
 from preprocess.ranks import ranks_from_env
+
+# how long ranks wait for rank 0's one-rank work (resolving and hashing a starting checkpoint, converting one):
+# longer than any collective should take, but a dead rank 0 is noticed at once (its connections close)
+PATIENCE = timedelta(hours=6)
 
 _started_process_group = False
 
@@ -24,6 +28,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     launcher: str = "none"
+    patient_group: object = None  # a gloo group with PATIENCE as its timeout, for from_rank0
 
     @property
     def is_main(self) -> bool:
@@ -57,6 +62,8 @@ def init(backend: str, device: str, timeout_s: int) -> DistEnv:
         _started_process_group = True
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
+        if world > 1:
+            env.patient_group = dist.new_group(backend="gloo", timeout=max(PATIENCE, timedelta(seconds=timeout_s)))
     return env
 
 
@@ -73,14 +80,12 @@ def exit_process(code: int) -> None:
     while the interpreter is finalizing, Python 3.11 exits the thread with pthread_exit, whose unwinding
     through C++ aborts the process ("terminate called without an active exception", exit -6) after all the
     work is done — seen in about 1 run in 10 on some machines. So: what a normal exit does before finalizing
-    (join our threads, run atexit handlers, flush), then os._exit."""
+    (stop thread pools and join Python threads, run atexit handlers, flush), then os._exit."""
     import atexit
     import sys
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # what the interpreter does first: stop thread pools (their atexit hooks), join threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -107,13 +112,26 @@ def all_reduce_min(env: DistEnv, value: int) -> int:
     return int(t)
 
 
-def broadcast_object(env: DistEnv, obj):
-    """Rank 0's value of obj on every rank (a decision taken once, e.g. which checkpoint to start from)."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def from_rank0(env: DistEnv, work):
+    """work() on rank 0 alone (a decision taken once, or a file only one rank may write), its result on every
+    rank. A user or environment error there stops every rank with rank 0's line, instead of leaving the others
+    in a collective. They wait up to PATIENCE, not dist.timeout_s: the work may be long (hashing or converting a
+    large checkpoint)."""
+    result = error = None
+    if env.is_main:
+        try:
+            result = work()
+        except UserError as e:
+            error = str(e)
+        except OSError as e:
+            error = environment_error(e)
+    if env.distributed:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0, group=env.patient_group)
+        result, error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def barrier(env: DistEnv) -> None:

@@ -7,7 +7,8 @@ log-probs of the completion tokens, averaged over the pairs of the global batch.
 The reference is pinned when the run starts: its weights are linked (or copied) into out_dir/reference/, so a
 resumed run optimises against the same reference even after the SFT run has written newer checkpoints or pruned
 that one. It computes in the policy's precision (bf16 weights under DeepSpeed bf16, autocast otherwise), so at
-step 0 every log-ratio is exactly 0. With LoRA the reference is the policy with its adapters switched off.
+step 0 every log-ratio is 0 (exactly with the live reference; a precomputed one pads its batches differently).
+With LoRA the reference is the policy with its adapters switched off.
 
 With dpo.precompute_ref=true the reference log-probs are computed once, by all ranks, and kept in
 ref_logps-<weights sha>-L<seq_len>-<precision>.npy next to the shards: training then runs no reference forward.

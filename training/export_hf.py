@@ -82,7 +82,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"source": source, "step": ckpt.saved_state(source).step if not hf.is_hf_dir(source) else None, **report}
+    return {"source": source, "step": ckpt.saved_run(source)[1].step if not hf.is_hf_dir(source) else None, **report}
 
 
 @torch.no_grad()

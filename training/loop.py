@@ -93,17 +93,25 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
     env = D.init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     if env.device.type == "cpu":
         keep_freed_memory()
-    lock = None
+    lock = r = None
+    exit_code = 1
     try:
         lock = rundir.lock(cfg.out_dir, env)  # before anything in out_dir is read or written
         r = build_run(stage, cfg, env, hooks or Hooks())
-        train(r)
+        try:
+            train(r)
+            exit_code = 0
+        except Stopped as e:
+            exit_code = 128 + e.signum
+            raise
         # Tear down in a fixed order while every rank is still here: the engine's hooks and buffers, then the
         # process group (and cli.main ends the process without the interpreter's teardown: D.exit_process).
         D.barrier(env)
         if r.engine is not None:
             r.engine.destroy()
     finally:
+        if r is not None:
+            r.log.close(exit_code)  # also after an error: TensorBoard's buffered events, W&B's run state
         if lock is not None:
             lock.release()
         D.shutdown(env)
@@ -114,12 +122,7 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     paths, weights = zip(*data_sources(cfg.data), strict=True)
     sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind)
     resume_from = ckpt.latest(cfg.out_dir, env)
-    saved_cfg = saved = None
-    if resume_from:
-        from .config import config_from_yaml
-
-        saved_cfg = config_from_yaml(os.path.join(resume_from, "config.yaml"))
-        saved = TrainState.load(resume_from, saved_cfg)
+    saved_cfg, saved = ckpt.saved_run(resume_from) if resume_from else (None, None)
 
     # the starting point of fine-tuning is resolved once, by rank 0, and kept: a resume never re-resolves it
     init_from = saved.init_from if saved else None
@@ -141,13 +144,13 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     identity = run_identity(stage.name, cfg, list(zip(sources, weights, strict=True)), model_cfg)
     plan = BatchPlan.of(cfg.train, env.world_size, env.rank)
     if saved:
-        check_identity(saved.identity, identity, resume_from, cfg.out_dir)
+        check_identity(saved.identity, identity, resume_from, cfg.out_dir, saved.init_from)
         announce_resume(saved, plan, env)
     elif cfg.data.verify:
         verify_sources(sources, env)
     # the state this run will save: the saved one's counters with this run's plan (`saved` keeps what was)
-    state = dataclasses.replace(saved or TrainState(init_from=init_from), world_size=env.world_size,
-                                plan=plan.as_dict(), identity=identity)
+    state = dataclasses.replace(saved or TrainState(), world_size=env.world_size, plan=plan.as_dict(),
+                                identity=identity, init_from=init_from)
     reference_dir = pinned_reference(cfg.out_dir, init_from, env, fresh=not saved) if stage.pins_reference else None
 
     # ----------------------------------------------------------------------------------- model, optimizer
@@ -160,10 +163,8 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     model.to(env.device)
     optimizer = make_optimizer(model, cfg.train, env.device)
     precision = resolve_precision(cfg.train.precision, env.device)
-    if env.is_main:
-        rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]))
-        MetricsLog.truncate(os.path.join(cfg.out_dir, "metrics.jsonl"), state.step)
-    D.barrier(env)
+    D.from_rank0(env, lambda: rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]),
+                                            state.step))
     log = MetricsLog(cfg, env, model, stage.name, state.step)  # FLOPs from the whole model
     if cfg.train.compile:
         for layer in model.layers:
@@ -207,9 +208,9 @@ def train(r: Run) -> None:
         with r.log.data_wait():
             batches = []
             for m in range(cfg.train.grad_accum):
-                picks = r.data.picks(r.plan.micro_indices(state.consumed_samples, m))
+                picks, batch = r.data.micro_batch(state.consumed_samples, m)
                 r.hooks.on_picks(done, m, picks)
-                batches.append(r.data.collate(picks))
+                batches.append(batch)
         loss_sum, metric_sums, units, tokens = accumulate_gradients(r.stage, r.train_model, batches, env, r.autocast,
                                                                     functools.partial(r.hooks.loss, done))
         means = global_means(env, {"loss": loss_sum, **metric_sums}, units)  # all ranks agree on what counts
@@ -232,10 +233,8 @@ def train(r: Run) -> None:
                 ckpt.save(env, cfg.out_dir, state, r.model, r.optimizer, r.config_yaml,
                           os.path.join(cfg.out_dir, "tokenizer.model"), cfg.train.keep_checkpoints, r.engine)
         if signum and done < cfg.train.max_steps:
-            r.log.close()
             raise Stopped(signum, done)
     stop.restore()
-    r.log.close()
 
 
 def optimizer_step(r: Run, loss: float) -> tuple[float, bool]:
@@ -355,45 +354,46 @@ def keep_freed_memory() -> None:
 
 
 def starting_point(init_from: str, source: ShardSource, env: D.DistEnv) -> dict:
-    """init_from resolved to one checkpoint (rank 0 decides: its run may be writing a newer one right now), its
-    tokenizer checked against the shards', a DeepSpeed checkpoint consolidated by rank 0 alone; the
+    """init_from resolved to one checkpoint by rank 0 (its run may be writing a newer one right now), its
+    tokenizer checked against the shards', a DeepSpeed checkpoint consolidated (by rank 0 alone); the
     {"path", "fingerprint"} that the run records and keeps."""
     from preprocess.fileio import file_sha256
 
-    point = None
-    if env.is_main:
+    def resolve() -> dict:
         path = ckpt.resolve(init_from)
-        point = {"path": path, "fingerprint": ckpt.weights_fingerprint(path)}  # consolidates DeepSpeed weights
-    point = D.broadcast_object(env, point)
-    tokenizer = os.path.join(point["path"], "tokenizer.model")
-    if not os.path.isfile(tokenizer):
-        raise UserError(f"init_from {point['path']} has no tokenizer.model: fine-tuning needs the sentencepiece model "
-                        "the shards were written with")
-    sha = file_sha256(tokenizer)
-    if sha != source.tokenizer["sha256"]:
-        raise UserError(f"init_from {point['path']} was trained with tokenizer {sha[:12]}…, but {source.path} was "
-                        f"tokenized with {source.tokenizer['sha256'][:12]}…; write the shards with its tokenizer.model")
-    return point
+        tokenizer = os.path.join(path, "tokenizer.model")
+        if not os.path.isfile(tokenizer):
+            raise UserError(f"init_from {path} has no tokenizer.model: fine-tuning needs the sentencepiece model "
+                            "the shards were written with")
+        sha = file_sha256(tokenizer)
+        if sha != source.tokenizer["sha256"]:
+            raise UserError(f"init_from {path} was trained with tokenizer {sha[:12]}…, but {source.path} was "
+                            f"tokenized with {source.tokenizer['sha256'][:12]}…; write the shards with its "
+                            "tokenizer.model")
+        return {"path": path, "fingerprint": ckpt.weights_fingerprint(path)}  # consolidates DeepSpeed weights
+
+    return D.from_rank0(env, resolve)
 
 
 def pinned_reference(out_dir: str, init_from: dict, env: D.DistEnv, fresh: bool) -> str:
     """out_dir/reference: the starting weights, pinned by rank 0 when the run starts; on a resume, checked
     against the fingerprint recorded then."""
     dest = os.path.join(out_dir, "reference")
-    problem = None
-    if env.is_main and fresh:
-        ckpt.pin(init_from["path"], dest)
-    elif env.is_main:
+
+    def pin_or_check() -> None:
+        if fresh:
+            ckpt.pin(init_from["path"], dest)
+            return
         try:
             found = ckpt.weights_fingerprint(dest)
         except (OSError, UserError):
             found = None
         if found != init_from["fingerprint"]:
-            problem = (f"{dest}: the reference this run started from ({init_from['path']}, weights "
-                       f"{init_from['fingerprint']}) is {'changed' if found else 'missing'}; resuming would optimise "
-                       "against another reference — start a new out_dir")
-    if problem := D.broadcast_object(env, problem):
-        raise UserError(problem)
+            raise UserError(f"{dest}: the reference this run started from ({init_from['path']}, weights "
+                            f"{init_from['fingerprint']}) is {'changed' if found else 'missing'}; resuming would "
+                            "optimise against another reference — start a new out_dir")
+
+    D.from_rank0(env, pin_or_check)
     return dest
 
 

@@ -119,13 +119,15 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Once, at the end of the run, whatever ended it (exit_code: the process's, for W&B's run state)."""
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
+        self.bar = self.tb = self.wandb = None
 
 
 def require_wandb():

@@ -8,9 +8,11 @@ the next; the file names the holder's host and pid for the message of whoever is
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import sys
 
 from preprocess.errors import UserError, naming
 from preprocess.fileio import copy_durably
@@ -36,6 +38,13 @@ class RunDirLock:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             return holder
+        except OSError as e:  # a filesystem without locks (Lustre mounted without flock): say so, train anyway
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                raise
+            os.close(fd)
+            print(f"warning: {self.path}: this filesystem cannot lock files ({e.strerror}); nothing stops a second "
+                  "job from training into the same out_dir", file=sys.stderr, flush=True)
+            return None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -50,18 +59,24 @@ class RunDirLock:
 def lock(out_dir: str, env: D.DistEnv) -> RunDirLock:
     """Rank 0 takes the run directory's lock; every rank learns whether it got it and stops together if not."""
     held = RunDirLock(out_dir)
-    holder = None
-    if env.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        holder = held.acquire()
-    holder = D.broadcast_object(env, holder)
+
+    def take() -> str | None:
+        with naming(out_dir):
+            os.makedirs(out_dir, exist_ok=True)
+        return held.acquire()
+
+    holder = D.from_rank0(env, take)
     if holder is not None:
         raise UserError(f"{out_dir} is in use by another training run ({holder}); wait for it to end, or give this "
                         "run another out_dir")
     return held
 
 
-def prepare(cfg: Config, tokenizer_path: str) -> None:
-    """Rank 0: the resolved config and the tokenizer, next to the checkpoints."""
+def prepare(cfg: Config, tokenizer_path: str, step: int) -> None:
+    """Rank 0: the resolved config and the tokenizer next to the checkpoints; metrics after `step` forgotten
+    (a resumed run logs them again)."""
+    from .metrics import MetricsLog
+
     save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
     copy_durably(tokenizer_path, os.path.join(cfg.out_dir, "tokenizer.model"))
+    MetricsLog.truncate(os.path.join(cfg.out_dir, "metrics.jsonl"), step)

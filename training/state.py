@@ -44,9 +44,10 @@ class TrainState:
         known = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in raw.items() if k in known})
         if "consumed_samples" not in raw:
-            t = saved_config.train
-            state.consumed_samples = state.step * t.micro_batch_size * t.grad_accum * state.world_size
-            state.plan = {"micro_batch": t.micro_batch_size, "grad_accum": t.grad_accum, "world": state.world_size}
+            from .plan import BatchPlan
+
+            plan = BatchPlan.of(saved_config.train, state.world_size)
+            state.consumed_samples, state.plan = state.step * plan.global_batch, plan.as_dict()
         return state
 
 
@@ -59,20 +60,29 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
                  for s, w in sources],
         "data.seq_len": cfg.data.seq_len,
         "data.val_fraction": cfg.data.val_fraction,
-        "init_from": os.path.abspath(cfg.init_from) if cfg.init_from else None,
+        "init_from": os.path.realpath(cfg.init_from) if cfg.init_from else None,
+        "dist.backend": "deepspeed" if cfg.dist.backend == "deepspeed" else "ddp",  # none and ddp save alike
+        "dist.zero_stage": cfg.dist.zero_stage if cfg.dist.backend == "deepspeed" else None,
     }
+    if stage == "dpo":
+        identity["dpo.beta"] = cfg.dpo.beta
     lora = dataclasses.asdict(cfg.lora) if cfg.lora.rank else {"rank": 0}  # the rest matters only with adapters
     identity.update({f"lora.{k}": v for k, v in lora.items()})
     identity.update({f"model.{k}": v for k, v in dataclasses.asdict(model_cfg).items()})
     return identity
 
 
-def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str) -> None:
-    """One line naming the first setting that differs from the checkpoint's, old → new, and the way out."""
+def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None) -> None:
+    """One line naming the first setting that differs from the checkpoint's, old → new, and the way out.
+    init_from may name the starting run another way: its run directory or the checkpoint the run started from."""
     for key, new in current.items():
         if key not in saved:  # a checkpoint from before this setting was recorded
             continue
         old = saved[key]
+        if key == "init_from" and old and new and init_from:
+            started = os.path.realpath(init_from["path"])
+            if new in (old, started) or started.startswith(new.rstrip("/") + os.sep):
+                continue
         if key == "data":
             same = [(d["content"], d["weight"]) for d in old] == [(d["content"], d["weight"]) for d in new]
             if same:
