@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -233,10 +234,14 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly_five_ti
                  stage="sft", config=SFT_CONFIG)
     assert not glob.glob(str(tmp_path / "[ps][rf][et]" / "checkpoints" / "step-2" / "model.pt"))  # pre/, sft/
     # two jobs converting the same checkpoint at the same moment both get a whole file
-    convert = "import sys; from training.checkpoint import model_file; model_file(sys.argv[1])"
+    convert = ("import os, sys, time\nfrom training.checkpoint import model_file\n"
+               "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\nmodel_file(sys.argv[1])\n")
     for i in range(3):
         step = shutil.copytree(tmp_path / "pre" / "checkpoints" / "step-2", tmp_path / f"step-2-copy{i}")
-        jobs = [subprocess.Popen([sys.executable, "-c", convert, str(step)], cwd=REPO) for _ in range(2)]
+        go = tmp_path / f"go{i}"
+        jobs = [subprocess.Popen([sys.executable, "-c", convert, str(step), str(go)], cwd=REPO) for _ in range(2)]
+        time.sleep(8)  # both imported and waiting
+        go.touch()
         assert [job.wait(timeout=300) for job in jobs] == [0, 0]
         assert sorted(os.listdir(step)) == sorted([*os.listdir(tmp_path / "pre" / "checkpoints" / "step-2"),
                                                    "model.pt"])
@@ -248,3 +253,20 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly_five_ti
                          f"out_dir={tmp_path / f'{stage}{i}'}", *CHAT, nproc=2, stage=stage, config=config)
             assert os.path.isfile(start / "checkpoints" / "step-2" / "model.pt")
             assert not glob.glob(str(start / "checkpoints" / "step-2" / "model.pt.tmp*"))
+
+
+def test_each_rank_knows_the_deepspeed_files_it_wrote(tmp_path):
+    """Each rank fsyncs what it wrote (an fsync on another machine does not flush this one's cache)."""
+    from training.deepspeed_backend import files_written_by
+
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_10_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+             "rng-rank0.pt", "rng-rank1.pt", "zero_to_fp32.py"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    mine = {r: sorted(os.path.basename(p) for p in files_written_by(str(tmp_path), r)) for r in (0, 1, 10)}
+    assert mine[0] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_to_fp32.py"]
+    assert mine[1] == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+                       "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert mine[10] == ["zero_pp_rank_10_mp_rank_00_optim_states.pt"]

@@ -54,9 +54,12 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
             "global batch of 8") in one.stdout
     assert state(out, 6)["world_size"] == 1 and state(out, 6)["consumed_samples"] == 48
     run_training(*common, f"out_dir={out}", nproc=2, hooks="stop@7", check=False)
-    run_training(*common, f"out_dir={out}", nproc=2)  # and on as many processes as the last segment: no conversion
+    assert (out / "checkpoints" / "latest").read_text() == "step-7\n"
+    last = run_training(*common, f"out_dir={out}", nproc=2)  # on as many processes as the last segment
+    assert "converting" not in last.stdout and "resuming at step 7" not in last.stdout
     if backend != "ddp":
-        assert os.path.isdir(out / "checkpoints" / "step-6.universal")  # cached beside the checkpoint (step-3 pruned)
+        universal = out / "checkpoints" / "step-6.universal"  # cached beside its checkpoint (step-3's was pruned)
+        assert (universal / "checksums.json").is_file() and not (out / "checkpoints" / "latest_universal").exists()
         assert not os.path.exists(out / "checkpoints" / "step-7.universal")
     straight, resumed = losses(tmp_path / "straight"), losses(out)
     assert sorted(resumed) == list(range(1, 9))
@@ -194,6 +197,19 @@ def test_a_killed_dpo_run_keeps_its_reference_after_the_sft_run_moved_on(pretrai
     for key in ("loss", "rewards/margins"):
         assert losses(out, key) == losses(tmp_path / "straight", key)
     assert state(out, 6)["init_from"]["path"] == str(sft / "checkpoints" / "step-3")
+
+
+@pytest.mark.slow
+def test_a_mistake_found_by_rank_0_alone_stops_every_rank_at_once(chat_shards, tmp_path):
+    """Rank 0 alone resolves init_from (the others must not each pick a checkpoint of a run that is moving on);
+    its error is every rank's, at once — not a wait for dist.timeout_s in a collective."""
+    start = time.time()
+    proc = run_training(f"data.path={chat_shards['sft']}", f"init_from={tmp_path / 'nowhere'}", "train.max_steps=1",
+                        f"out_dir={tmp_path / 'r'}", "dist.timeout_s=300", *CHAT, nproc=2, stage="sft",
+                        config=SFT_CONFIG, check=False)
+    assert proc.returncode != 0 and time.time() - start < 120
+    message = f"{tmp_path / 'nowhere'}: neither a run directory with checkpoints"
+    assert f"error (rank 0): {message}" in proc.stderr and f"error (rank 1): {message}" in proc.stderr
 
 
 def test_init_from_a_model_with_a_shorter_context_than_data_seq_len_is_a_one_line_error(chat_shards, sft_run, tmp_path):

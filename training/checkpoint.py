@@ -178,7 +178,7 @@ def seal(directory: str) -> None:
         fsync_dir(parent)
 
 
-def checksum_problems(ckpt_dir: str, rank: int = 0, world: int = 1) -> list[str]:
+def checksum_problems(ckpt_dir: str, rank: int = 0, world: int = 1, sizes_only: bool = False) -> list[str]:
     try:
         with open(os.path.join(ckpt_dir, CHECKSUMS)) as f:
             checksums = json.load(f)
@@ -193,7 +193,7 @@ def checksum_problems(ckpt_dir: str, rank: int = 0, world: int = 1) -> list[str]
             problems.append(f"{name} is missing")
         elif os.path.getsize(path) != want["size"]:
             problems.append(f"{name} has {os.path.getsize(path):,} bytes instead of {want['size']:,}")
-        elif file_sha256(path) != want["sha256"]:
+        elif not sizes_only and file_sha256(path) != want["sha256"]:
             problems.append(f"{name} does not match its sha256")
     return problems
 

@@ -9,7 +9,6 @@ that sets any of them is refused, so a value is never given twice.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import glob
@@ -17,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import torch
@@ -35,6 +35,10 @@ OURS = {  # DeepSpeed key → the config key that sets it
     "fp16": "train.precision",
     "optimizer": "train.lr, train.weight_decay, train.beta1/beta2",
     "scheduler": "train.schedule",
+    # checkpoints are ours: written synchronously by DeepSpeed's own writer, fsynced and checksummed before the
+    # rename; an asynchronous or node-local writer would leave files unflushed or half-written when we hash them
+    "checkpoint": "train.ckpt_every (resumes on another number of processes convert by themselves)",
+    "nebula": "train.ckpt_every",
 }
 
 
@@ -189,44 +193,37 @@ def is_partitioned(ckpt_dir: str) -> bool:
 
 def universal_checkpoint(ckpt_dir: str, env: D.DistEnv) -> str:
     """ckpt_dir converted to DeepSpeed's universal format, once, cached beside it as step-N.universal/: written
-    to a temporary name by rank 0, fsynced, checksummed and renamed when complete; a cached one whose checksums
-    fail is converted again. A failure is one line on every rank."""
+    to a temporary name by rank 0 (in a process of its own), fsynced, checksummed and renamed when complete; a
+    cached one whose files do not have their recorded sizes is converted again. A failure is one line on every
+    rank."""
     from .checkpoint import checksum_problems, seal
 
     out = ckpt_dir.rstrip("/") + ".universal"
 
     def convert() -> None:
-        if os.path.isdir(out) and not checksum_problems(out):
+        if os.path.isdir(out) and not checksum_problems(out, sizes_only=True):
             return
         tmp = out + ".tmp"
         for stale in (out, tmp):
             shutil.rmtree(stale, ignore_errors=True)
         print(f"deepspeed: converting {ckpt_dir} to a universal checkpoint to resume on {env.world_size} "
               f"process{'es' if env.world_size > 1 else ''} (once; kept as {os.path.basename(out)})", flush=True)
-        try:
-            _convert(ckpt_dir, tmp)
-        except Exception as e:  # DeepSpeed raises what it likes (AssertionError, ValueError, ...)
+        # a process of its own: DeepSpeed's tool forks workers, which a process holding CUDA and NCCL state must not
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               ckpt_dir, "--output_folder", tmp, "--inject_missing_state"],
+                              env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True)
+        with contextlib.suppress(FileNotFoundError):  # DeepSpeed's pointer to its output (the temporary name)
+            os.unlink(os.path.join(os.path.dirname(out), "latest_universal"))
+        if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:300]
             raise UserError(f"{ckpt_dir}: DeepSpeed could not convert this checkpoint to resume it on another "
-                            f"number of processes ({reason}); resume on as many processes as wrote it") from None
-        finally:  # DeepSpeed's pointer to its output, which we never read (it names the temporary directory)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(os.path.dirname(out), "latest_universal"))
+                            f"number of processes ({last}); resume on as many processes as wrote it")
         seal(tmp)
         os.replace(tmp, out)
 
     D.from_rank0(env, convert)  # the others wait without dist.timeout_s: a conversion can take long
     return out
-
-
-def _convert(ckpt_dir: str, out: str) -> None:
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(input_folder=ckpt_dir, output_folder=out, num_extract_workers=4, num_merge_workers=2,
-                              keep_temp_folder=False, strict=True, inject_missing_state=True)  # DeepSpeed's defaults
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress, kept out of the program's output
-        ds_to_universal.main(args)
 
 
 def is_deepspeed_checkpoint(ckpt_dir: str) -> bool:
@@ -236,7 +233,8 @@ def is_deepspeed_checkpoint(ckpt_dir: str) -> bool:
 def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """A plain fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage (the fp32 master weights where the
     optimizer holds them). DeepSpeed's own files need its full unpickler; they are files this program wrote."""
-    prepare_environment(torch.device("cpu"))
+    # the accelerator DeepSpeed fixes when first imported: this process may go on to train on a GPU
+    prepare_environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
     if is_partitioned(ckpt_dir):
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; keep it for the program's output

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,8 +17,9 @@ from preprocess.errors import UserError, environment_error
 from preprocess.ranks import ranks_from_env
 
 # how long ranks wait for rank 0's one-rank work (resolving and hashing a starting checkpoint, converting one):
-# longer than any collective should take, but a dead rank 0 is noticed at once (its connections close)
+# longer than any collective should take; a rank 0 that dies ends the job through its launcher
 PATIENCE = timedelta(hours=6)
+_from_rank0_calls = itertools.count()
 
 _started_process_group = False
 
@@ -28,7 +31,6 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     launcher: str = "none"
-    patient_group: object = None  # a gloo group with PATIENCE as its timeout, for from_rank0
 
     @property
     def is_main(self) -> bool:
@@ -62,8 +64,6 @@ def init(backend: str, device: str, timeout_s: int) -> DistEnv:
         _started_process_group = True
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-        if world > 1:
-            env.patient_group = dist.new_group(backend="gloo", timeout=max(PATIENCE, timedelta(seconds=timeout_s)))
     return env
 
 
@@ -85,11 +85,14 @@ def exit_process(code: int) -> None:
     import sys
     import threading
 
-    threading._shutdown()  # what the interpreter does first: stop thread pools (their atexit hooks), join threads
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    try:
+        if threading.current_thread() is threading.main_thread():
+            threading._shutdown()  # what the interpreter does first: stop thread pools, join Python threads
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    finally:
+        os._exit(code)
 
 
 def used_process_group() -> bool:
@@ -113,11 +116,12 @@ def all_reduce_min(env: DistEnv, value: int) -> int:
 
 
 def from_rank0(env: DistEnv, work):
-    """work() on rank 0 alone (a decision taken once, or a file only one rank may write), its result on every
-    rank. A user or environment error there stops every rank with rank 0's line, instead of leaving the others
-    in a collective. They wait up to PATIENCE, not dist.timeout_s: the work may be long (hashing or converting a
-    large checkpoint)."""
+    """work() on rank 0 alone (a decision taken once, or a file only one rank may write), its result (JSON
+    types) on every rank. An error there stops every rank with rank 0's line, instead of leaving the others in
+    a collective. They wait on the process group's store up to PATIENCE, not dist.timeout_s: the work may be
+    long (hashing or converting a large checkpoint)."""
     result = error = None
+    failure = None
     if env.is_main:
         try:
             result = work()
@@ -125,10 +129,19 @@ def from_rank0(env: DistEnv, work):
             error = str(e)
         except OSError as e:
             error = environment_error(e)
+        except Exception as e:  # a bug, or a library's own error: its traceback on rank 0, one line elsewhere
+            failure = e
+            error = f"rank 0 failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; its traceback is there)"
     if env.distributed:
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0, group=env.patient_group)
-        result, error = box[0]
+        store = dist.distributed_c10d._get_default_store()
+        key = f"shardlm/from_rank0/{next(_from_rank0_calls)}"
+        if env.is_main:
+            store.set(key, json.dumps([result, error]))
+        else:
+            store.wait([key], PATIENCE)
+            result, error = json.loads(store.get(key))
+    if failure is not None:
+        raise failure
     if error is not None:
         raise UserError(error)
     return result

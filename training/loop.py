@@ -28,7 +28,7 @@ from . import distributed as D
 from .config import Config, data_sources
 from .data import ShardSource, open_sources, to_device
 from .evaluation import evaluate
-from .metrics import MetricsLog
+from .metrics import MetricsLog, require_wandb
 from .model import ModelConfig, Transformer
 from .optim import lr_at, make_optimizer
 from .plan import BatchPlan
@@ -75,7 +75,7 @@ class Run:
     engine: Any                           # the DeepSpeed engine, or None
     precision: str                        # fp32 | bf16
     autocast: Any
-    log: MetricsLog
+    log: MetricsLog | None
     config_yaml: str
     reference_dir: str | None             # the pinned init_from weights (DPO's reference)
     hooks: Hooks
@@ -94,27 +94,31 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
     if env.device.type == "cpu":
         keep_freed_memory()
     lock = r = None
-    exit_code = 1
+    exit_code = 1  # what W&B is told if the run ends any other way than these
     try:
         lock = rundir.lock(cfg.out_dir, env)  # before anything in out_dir is read or written
         r = build_run(stage, cfg, env, hooks or Hooks())
-        try:
-            train(r)
-            exit_code = 0
-        except Stopped as e:
-            exit_code = 128 + e.signum
-            raise
+        train(r)
         # Tear down in a fixed order while every rank is still here: the engine's hooks and buffers, then the
         # process group (and cli.main ends the process without the interpreter's teardown: D.exit_process).
         D.barrier(env)
         if r.engine is not None:
             r.engine.destroy()
+        exit_code = 0
+    except Stopped as e:
+        exit_code = 128 + e.signum
+        raise
+    except KeyboardInterrupt:
+        exit_code = 130
+        raise
     finally:
-        if r is not None:
-            r.log.close(exit_code)  # also after an error: TensorBoard's buffered events, W&B's run state
-        if lock is not None:
-            lock.release()
-        D.shutdown(env)
+        try:
+            if r is not None:
+                r.log.close(exit_code)  # also after an error: TensorBoard's buffered events, W&B's run state
+        finally:
+            if lock is not None:
+                lock.release()
+            D.shutdown(env)
 
 
 def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
@@ -165,7 +169,8 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     precision = resolve_precision(cfg.train.precision, env.device)
     D.from_rank0(env, lambda: rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]),
                                             state.step))
-    log = MetricsLog(cfg, env, model, stage.name, state.step)  # FLOPs from the whole model
+    if cfg.log.wandb:
+        require_wandb()  # on every rank, before any work: all stop together when it is missing
     if cfg.train.compile:
         for layer in model.layers:
             layer.compile()
@@ -186,8 +191,9 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
                 else contextlib.nullcontext())
     config_yaml = open(os.path.join(cfg.out_dir, "config.yaml")).read()
     r = Run(stage, cfg, env, plan, state, sources, list(weights), model, train_model, optimizer, engine, precision,
-            autocast, log, config_yaml, reference_dir, hooks)
+            autocast, None, config_yaml, reference_dir, hooks)
     r.data = stage.make_data(r)
+    r.log = MetricsLog(cfg, env, model, stage.name, state.step)  # last: nothing after it can fail and leave it open
     return r
 
 

@@ -31,10 +31,9 @@ class MetricsLog:
         self.peak = gpu_peak_flops(env.device)
         self.tb = self.bar = self.wandb = None
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
-        wandb = require_wandb() if cfg.log.wandb else None  # every rank: all stop together when it is missing
         if env.is_main:
-            if wandb is not None:
-                self.wandb = start_wandb(wandb, cfg, stage)
+            if cfg.log.wandb:
+                self.wandb = start_wandb(require_wandb(), cfg, stage)
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
