@@ -30,7 +30,8 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush a file or a directory (its names) to the disk, whoever wrote it on this machine."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,39 +39,30 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def write_then_rename(path: str, write) -> None:
+    """write(tmp) fills a temporary name of this process, which is fsynced and renamed to path: path is either
+    absent, the old file, or the whole new one."""
     tmp = tmp_name(path)
     try:
-        with naming(path), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        with naming(path):
+            write(tmp)
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
 
 
-def fsync_file(path: str) -> None:
-    """Flush a file another writer (DeepSpeed, a copy) left in the page cache to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def atomic_write(path: str, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_then_rename(path, write)
 
 
 def copy_durably(src: str, dst: str) -> None:
-    """Copy src to dst through a temporary name, fsynced before the rename."""
-    tmp = tmp_name(dst)
-    try:
-        with naming(dst):
-            shutil.copyfile(src, tmp)
-            fsync_file(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    write_then_rename(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def remove_stale_tmp(directory: str) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .chat import TEMPLATE, ChatTemplate
 from .errors import UserError
-from .fileio import TMP_MARK, NpyWriter, atomic_write, file_sha256, fsync_dir
+from .fileio import TMP_MARK, NpyWriter, atomic_write, file_sha256, fsync_path
 from .formats import KINDS as KIND_CLASSES
 from .readers import REASONS, Bad, Segment, SegmentReader
 from .tokenizer import Encoder, TokenizerInfo
@@ -127,7 +127,7 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
         if masks is not None:
             metas["mask"] = masks.commit()
         metas["tokens"] = tokens.commit()
-    fsync_dir(job.out_dir)
+    fsync_path(job.out_dir)
 
     record = {
         "name": name,
@@ -190,7 +190,7 @@ def build_manifest(job: ShardJob, plan: dict, records: list[dict]) -> dict:
 
 def write_manifest(out_dir: str, manifest: dict) -> None:
     atomic_write(os.path.join(out_dir, MANIFEST), (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
-    fsync_dir(out_dir)
+    fsync_path(out_dir)
 
 
 def read_manifest(out_dir: str) -> dict:

@@ -36,8 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
         "train.micro_batch_size=4", "train.eval_every=4", "train.eval_samples=16", "train.warmup_steps=2",
-        "log.tensorboard=false", "log.every=1", "log.progress=false", "train.sample_prompt=null",
-        "train.ckpt_every=2", "train.keep_checkpoints=3"]
+        "log.every=1", "train.ckpt_every=2", "train.keep_checkpoints=3"]  # sampling, TensorBoard on, as shipped
 CONFIGS = {"pretrain": "configs/pretrain/tiny.yaml", "sft": "configs/sft/tiny.yaml", "dpo": "configs/dpo/tiny.yaml"}
 BACKENDS = {"ddp": [], "deepspeed": ["dist.backend=deepspeed", "dist.zero_stage=2"]}
 STEPS = 16

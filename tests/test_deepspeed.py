@@ -17,7 +17,6 @@ import torch
 from conftest import (
     CHAT,
     DPO_CONFIG,
-    FAST_WITH_EVAL,
     REPO,
     SFT_CONFIG,
     TINY_CONFIG,
@@ -194,8 +193,7 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
         common += [f"data.path={dpo}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58",
                    "lora.rank=4", "dpo.precompute_ref=true"]
     for name, extra in (("ddp", []), ("zero3", zero3)):
-        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage=stage, config=config,
-                     fast=FAST_WITH_EVAL)
+        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage=stage, config=config)
     for key in ("loss", "val_loss"):
         ddp, zero3 = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
         assert sorted(zero3) == sorted(ddp) and len(ddp) >= 2

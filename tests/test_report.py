@@ -86,8 +86,10 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_the_sam
     inits = [c for c in calls if c["call"] == "init"]
     assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
     assert inits[0]["project"] == "test-proj" and {"model", "train", "data"} <= set(inits[0]["config_keys"])
-    logged = {c["step"]: c["data"]["loss"] for c in calls if c["call"] == "log"}
+    logged = {c["step"]: c["data"]["loss"] for c in calls if c["call"] == "log" and "loss" in c["data"]}
     assert logged == losses(out) and set(logged) == {1, 2, 3, 4}
+    val = {c["step"]: c["data"]["val_loss"] for c in calls if c["call"] == "log" and "val_loss" in c["data"]}
+    assert val == losses(out, "val_loss") and set(val) == {0, 2, 4}
     assert [c.get("exit_code") for c in calls if c["call"] == "finish"] == [0, 0]
     # a run that fails is finished as failed (W&B shows it crashed, not finished)
     failing = training_command(f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'failing'}", "log.wandb=true",

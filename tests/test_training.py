@@ -365,7 +365,7 @@ def test_tiny_preset_learns_tiny_shakespeare(tmp_path):
                             "--out", str(tmp_path / "shards")]) == 0
     proc = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG,
                            f"data.path={tmp_path / 'shards'}", f"out_dir={tmp_path / 'run'}", "train.max_steps=200",
-                           "train.eval_every=100", "log.tensorboard=false", "log.progress=false"],
+                           "train.eval_every=100"],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     val = {r["step"]: r["val_loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "val_loss" in r}

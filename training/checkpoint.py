@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from preprocess.errors import UserError, naming
-from preprocess.fileio import atomic_write, copy_durably, file_sha256, fsync_dir, fsync_file, tmp_name
+from preprocess.fileio import atomic_write, copy_durably, file_sha256, fsync_path, write_then_rename
 
 from . import distributed as D
 from . import lora
@@ -109,7 +109,7 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module
 
             deepspeed_save(engine, env, root, os.path.basename(tmp))
             for path in files_written_by(tmp, env.rank):
-                fsync_file(path)
+                fsync_path(path)
         if env.is_main:
             if engine is None:
                 _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
@@ -120,15 +120,13 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module
         D.barrier(env)
         checksums = _hash_share(tmp, env)  # each rank hashes its share of the files
         if env.is_main:
-            atomic_write(os.path.join(tmp, CHECKSUMS), json.dumps(checksums, indent=1, sort_keys=True).encode())
-            for parent, _, _ in os.walk(tmp):
-                fsync_dir(parent)
+            _write_checksums(tmp, checksums)
             if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
                 shutil.rmtree(final)
             shutil.rmtree(final + UNIVERSAL, ignore_errors=True)  # a conversion of that earlier save
             os.replace(tmp, final)
             atomic_write(os.path.join(root, LATEST), f"step-{state.step}\n".encode())
-            fsync_dir(root)
+            fsync_path(root)
             _prune(root, keep)
     except OSError:  # a full disk: the previous checkpoint stays in charge, and this one's space is given back
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,14 +166,16 @@ def damage(ckpt_dir: str, rank: int = 0, world: int = 1) -> list[str]:
 def seal(directory: str) -> None:
     """One process's finished tree (DeepSpeed's universal conversion): every file and directory fsynced, then a
     checksums.json, as for a checkpoint."""
-    checksums = {}
     for f in _files(directory):
-        path = os.path.join(directory, f)
-        fsync_file(path)
-        checksums[f] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+        fsync_path(os.path.join(directory, f))
+    _write_checksums(directory, _hash_share(directory, D.DistEnv()))
+
+
+def _write_checksums(directory: str, checksums: dict) -> None:
+    """checksums.json, then every directory of the tree fsynced (the names in them): ready to be renamed."""
     atomic_write(os.path.join(directory, CHECKSUMS), json.dumps(checksums, indent=1, sort_keys=True).encode())
     for parent, _, _ in os.walk(directory):
-        fsync_dir(parent)
+        fsync_path(parent)
 
 
 def checksum_problems(ckpt_dir: str, rank: int = 0, world: int = 1, sizes_only: bool = False) -> list[str]:
@@ -321,13 +321,8 @@ def model_file(ckpt_dir: str) -> str:
 
     path = os.path.join(ckpt_dir, "model.pt")
     if not os.path.isfile(path) and is_deepspeed_checkpoint(ckpt_dir):
-        tmp = tmp_name(path)
-        try:
-            _save_file(consolidated_state_dict(ckpt_dir), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        state = consolidated_state_dict(ckpt_dir)
+        write_then_rename(path, lambda tmp: _save_file(state, tmp))
     return path
 
 
@@ -400,8 +395,8 @@ def pin(init_dir: str, dest: str) -> str:
             os.link(src, dst)
         except OSError:
             copy_durably(src, dst)
-    fsync_dir(tmp)
+    fsync_path(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    fsync_path(os.path.dirname(os.path.abspath(dest)))
     return dest

@@ -174,13 +174,12 @@ def load(engine, ckpt_dir: str, universal: bool = False) -> None:
 
 
 def files_written_by(ckpt_dir: str, rank: int) -> list[str]:
-    """The files of a DeepSpeed checkpoint that this rank wrote: its ZeRO partitions (zero_pp_rank_R_…), and on
-    rank 0 the rest of DeepSpeed's (the model states of stages 0-2; ours are fsynced by whoever writes them)."""
+    """The files of a DeepSpeed checkpoint that this rank wrote: its ZeRO partitions (…zero_pp_rank_R_…), and on
+    rank 0 the rest of DeepSpeed's (the model states of stages 0-2). Our rng-rank*.pt are fsynced as written."""
     mine = []
     for name in os.listdir(ckpt_dir):
         partition = name.split("zero_pp_rank_")[1].split("_")[0] if "zero_pp_rank_" in name else None
-        ours = name.startswith("rng-rank") or name in ("model.pt", "optimizer.pt", "tokenizer.model", "config.yaml")
-        if partition == str(rank) or (rank == 0 and partition is None and not ours):
+        if partition == str(rank) or (rank == 0 and partition is None and not name.startswith("rng-rank")):
             mine.append(os.path.join(ckpt_dir, name))
     return mine
 

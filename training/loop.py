@@ -153,8 +153,8 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     elif cfg.data.verify:
         verify_sources(sources, env)
     # the state this run will save: the saved one's counters with this run's plan (`saved` keeps what was)
-    state = dataclasses.replace(saved or TrainState(), world_size=env.world_size, plan=plan.as_dict(),
-                                identity=identity, init_from=init_from)
+    state = dataclasses.replace(saved or TrainState(), world_size=env.world_size, micro_batch=plan.micro_batch,
+                                grad_accum=plan.grad_accum, identity=identity, init_from=init_from)
     reference_dir = pinned_reference(cfg.out_dir, init_from, env, fresh=not saved) if stage.pins_reference else None
 
     # ----------------------------------------------------------------------------------- model, optimizer
@@ -405,8 +405,8 @@ def pinned_reference(out_dir: str, init_from: dict, env: D.DistEnv, fresh: bool)
 
 def announce_resume(saved: TrainState, plan: BatchPlan, env: D.DistEnv) -> None:
     """One line when the batch split changed: what changed, and that the data continues where it stopped."""
-    old = BatchPlan(saved.plan["micro_batch"], saved.plan["grad_accum"], saved.plan["world"])
-    if not env.is_main or (old.micro_batch, old.grad_accum, old.world) == (plan.micro_batch, plan.grad_accum, plan.world):
+    old = saved.plan()
+    if not env.is_main or old == dataclasses.replace(plan, rank=0):
         return
     split = (f"{old.micro_batch} x {old.grad_accum} x {old.world} processes → "
              f"{plan.micro_batch} x {plan.grad_accum} x {plan.world} (micro-batch x accumulation x processes)")

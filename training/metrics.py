@@ -45,13 +45,14 @@ class MetricsLog:
 
     @staticmethod
     def truncate(path: str, step: int) -> None:
-        """Forget lines after `step`: a resumed run logs those steps again."""
+        """Forget lines after `step`, which a resumed run logs again; a fresh run (step 0) forgets every line,
+        its evaluation at step 0 included."""
         if not os.path.isfile(path):
             return
         from preprocess.fileio import atomic_write
 
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in f if step and line.strip() and json.loads(line)["step"] <= step]
         atomic_write(path, "".join(kept).encode())
 
     def count_tokens(self, tokens: int) -> int:

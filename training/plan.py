@@ -52,6 +52,3 @@ class BatchPlan:
         return (f"batch: {self.micro_batch} {unit} (≤ {seq_len} tokens each) per micro-step x {self.grad_accum} "
                 f"micro-steps x {self.world} process{'es' if self.world != 1 else ''} = {self.global_batch:,} {unit} "
                 f"per optimizer step")
-
-    def as_dict(self) -> dict:
-        return {"micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "world": self.world}

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from preprocess.errors import UserError
 
+from .plan import BatchPlan
+
 STATE = "state.json"
 
 
@@ -27,8 +29,9 @@ class TrainState:
     tokens: int = 0                   # tokens processed, padding included (as tokens_per_sec counts them)
     nonfinite_steps: int = 0          # steps skipped for a NaN/inf loss or gradient
     nonfinite_in_a_row: int = 0
-    world_size: int = 1               # processes of the run that wrote it
-    plan: dict = field(default_factory=dict)      # its BatchPlan (micro_batch, grad_accum, world)
+    world_size: int = 1               # the batch split of the run that wrote it: processes,
+    micro_batch: int = 0              # samples per micro-step
+    grad_accum: int = 0               # and micro-steps per optimizer step
     identity: dict = field(default_factory=dict)  # see run_identity()
     init_from: dict | None = None     # the resolved starting checkpoint: {"path", "fingerprint"}, pinned at the start
 
@@ -44,11 +47,13 @@ class TrainState:
         known = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in raw.items() if k in known})
         if "consumed_samples" not in raw:
-            from .plan import BatchPlan
-
-            plan = BatchPlan.of(saved_config.train, state.world_size)
-            state.consumed_samples, state.plan = state.step * plan.global_batch, plan.as_dict()
+            t = saved_config.train
+            state.micro_batch, state.grad_accum = t.micro_batch_size, t.grad_accum
+            state.consumed_samples = state.step * state.plan().global_batch
         return state
+
+    def plan(self) -> BatchPlan:
+        return BatchPlan(self.micro_batch, self.grad_accum, self.world_size)
 
 
 def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
