@@ -129,7 +129,7 @@ def bare(config: str, shards: str, steps: int, overrides: list[str], fused: bool
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=fused)
     plan = BatchPlan.of(cfg.train)
     data = PretrainData([source], [1.0], cfg.seed, plan, 10**9)
-    batches = [[tuple(t.to(device) for t in data.micro_batch(s * plan.global_batch, m)[1])
+    batches = [[data.micro_batch(s * plan.global_batch, m)[1].to(device)
                 for m in range(cfg.train.grad_accum)] for s in range(steps)]
     bf16 = resolve_precision(cfg.train.precision, device) == "bf16"
     tokens_per_step = cfg.train.grad_accum * cfg.train.micro_batch_size * cfg.data.seq_len
@@ -139,7 +139,8 @@ def bare(config: str, shards: str, steps: int, overrides: list[str], fused: bool
         if step == warmup:
             torch.cuda.synchronize() if device.type == "cuda" else None
             start = time.perf_counter()
-        for x, y in micro:
+        for batch in micro:
+            x, y = batch.inputs, batch.targets
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()) / len(micro)
             loss.backward()

@@ -88,6 +88,21 @@ def load_tokenizer(path: str) -> TokenizerInfo:
     return TokenizerInfo(path, file_sha256(path), sp.vocab_size(), special, adds_dummy_prefix)
 
 
+def token_bytes(path: str) -> np.ndarray:
+    """Per id, the UTF-8 bytes of the text it stands for: a byte piece (<0x0A>) 1, a control symbol (eos,
+    <|end|>) 0, any other piece its text with "▁" read as a space. With the identity normalisation
+    and no dummy prefix (tokenizers trained here), the bytes of a text are exactly the sum over its ids; a dummy
+    prefix adds one byte per encoded text, which the sum counts."""
+    sp = load_processor(path)
+    sizes = np.zeros(sp.vocab_size(), dtype=np.int64)
+    for i in range(sp.vocab_size()):
+        if sp.is_byte(i):
+            sizes[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            sizes[i] = len(sp.id_to_piece(i).replace("▁", " ").encode())
+    return sizes
+
+
 class Encoder:
     """Batched encoding of whole documents into one flat id array, each document followed by eos."""
 

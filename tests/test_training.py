@@ -14,8 +14,8 @@ from preprocess.__main__ import main as preprocess_main
 from preprocess.errors import UserError
 from training import distributed as D
 from training.config import TrainConfig, load_config
-from training.data import KeyedPermutation, PretrainData, SampleOrder, ShardSource
-from training.loop import Stage, accumulate_gradients
+from training.data import Batch, KeyedPermutation, PretrainData, SampleOrder, ShardSource
+from training.loop import Stage, accumulate_gradients, target_tokens
 from training.losses import IGNORE, lm_loss_sum
 from training.model import KVCache, ModelConfig, Transformer
 from training.optim import lr_at
@@ -131,7 +131,8 @@ def test_ranks_and_micro_steps_partition_each_global_batch(pretrain_shards):
         two = sorted(i for p in pair for m in range(2) for i in p.micro_indices(consumed, m))
         assert one == two == list(range(consumed, consumed + 16))
     data = PretrainData([ShardSource(pretrain_shards, 32, 0.05)], [1.0], 0, single, vocab_size=1024)
-    _, (x, y) = data.micro_batch(0, 0)
+    _, batch = data.micro_batch(0, 0)
+    x, y = batch.inputs, batch.targets
     assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
 
 
@@ -141,12 +142,13 @@ def test_every_rank_evaluates_in_as_many_forwards_and_the_subset_does_not_depend
     src = [ShardSource(pretrain_shards, 32, 0.2)]
     one = PretrainData(src, [1.0], 0, BatchPlan(8, 1, 1), vocab_size=1024)
     two = [PretrainData(src, [1.0], 0, BatchPlan(8, 1, 2, r), vocab_size=1024) for r in (0, 1)]
-    batches = [list(d.val_batches(17)) for d in two]
+    batches = [[b for _, b in d.val_batches(17)] for d in two]
     assert [len(b) for b in batches] == [2, 2]
-    counted = [[int((y != IGNORE).sum()) for _, y in b] for b in batches]
+    counted = [[int((b.targets != IGNORE).sum()) for b in bs] for bs in batches]
     assert counted == [[8 * 32, 1 * 32], [8 * 32, 0]]
-    rows = lambda bs: sorted(tuple(x[i].tolist()) for x, y in bs for i in range(len(x)) if (y[i] != IGNORE).any())
-    assert rows(batches[0] + batches[1]) == rows(list(one.val_batches(17)))
+    rows = lambda bs: sorted(tuple(b.inputs[i].tolist()) for b in bs for i in range(len(b.inputs))
+                             if (b.targets[i] != IGNORE).any())
+    assert rows(batches[0] + batches[1]) == rows([b for _, b in one.val_batches(17)])
 
 
 def test_describe_gives_the_global_batch_of_the_plan(pretrain_shards):
@@ -165,7 +167,7 @@ def test_describe_gives_the_global_batch_of_the_plan(pretrain_shards):
 def test_validation_split_is_disjoint_from_training(pretrain_shards):
     src = ShardSource(pretrain_shards, 32, 0.1)
     data = PretrainData([src], [1.0], 0, BatchPlan(4, 1, 1), 1024)
-    val_rows = {tuple(row.tolist()) for x, _ in data.val_batches(400) for row in x}
+    val_rows = {tuple(row.tolist()) for _, b in data.val_batches(400) for row in b.inputs}
     train_positions = set(data.order(np.arange(src.n_train))[1].tolist())
     assert train_positions == set(range(src.n_train)) and src.n_val > 0
     train_rows = {tuple(src.sample(j)[:-1].tolist()) for j in range(src.n_train)}
@@ -221,7 +223,7 @@ def test_out_of_range_token_ids_are_a_clear_error(pretrain_shards, tmp_path):
 # ------------------------------------------------------------------------------- the loop, end to end
 
 
-def _uneven_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _uneven_batches(rank: int) -> list[Batch]:
     """Two micro-batches per rank whose numbers of target tokens differ a lot (like SFT masks)."""
     g = torch.Generator().manual_seed(100 + rank)
     batches = []
@@ -229,13 +231,13 @@ def _uneven_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         x = torch.randint(0, 50, (2, 16), generator=g)
         y = torch.randint(0, 50, (2, 16), generator=g)
         y[:, keep:] = IGNORE
-        batches.append((x, y))
+        batches.append(Batch(x, y, real_tokens=x.numel()))
     return batches
 
 
 def _lm_stage() -> Stage:
-    return Stage("lm", "pretrain", None, lambda model, b: (lm_loss_sum(model(b[0]), b[1])[0], {}),
-                 units=lambda b: int((b[1] != IGNORE).sum()), tokens=lambda b: b[0].numel())
+    return Stage("lm", "pretrain", None, lambda model, b: (lm_loss_sum(model(b.inputs), b.targets)[0], {}),
+                 units=target_tokens)
 
 
 def _small_model() -> Transformer:
@@ -259,8 +261,8 @@ def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_p
     # reference: the mean over every target token of the global batch, computed in one piece by hand
     model = _small_model()
     all_batches = _uneven_batches(0) + _uneven_batches(1)
-    x = torch.cat([b[0] for b in all_batches])
-    y = torch.cat([b[1] for b in all_batches])
+    x = torch.cat([b.inputs for b in all_batches])
+    y = torch.cat([b.targets for b in all_batches])
     logits = model(x)
     keep = y != IGNORE
     logp = torch.log_softmax(logits.float(), -1)
@@ -278,7 +280,7 @@ def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_p
     # what a per-micro-batch mean would have given is measurably different
     naive = _small_model()
     for b in all_batches:
-        loss, n = lm_loss_sum(naive(b[0]), b[1])
+        loss, n = lm_loss_sum(naive(b.inputs), b.targets)
         (loss / n / len(all_batches)).backward()
     diff = max((p.grad - reference[n]).abs().max().item() for n, p in naive.named_parameters())
     assert diff > 1e-3

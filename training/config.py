@@ -20,10 +20,15 @@ from .model import ModelConfig
 
 @dataclass
 class DataConfig:
-    path: Any = MISSING          # a shard directory, a list of them (equal weights), or {directory: weight}
-    seq_len: int = 256           # tokens per sample; each sample reads seq_len + 1 (inputs and shifted targets)
+    path: Any = MISSING          # a shard directory, a list of them (equal weights), {directory: weight} or
+                                 # {name: {path: directory, weight: w}}
+    seq_len: int = 256           # positions per sample or row; a pretraining sample reads seq_len + 1 tokens
     val_fraction: float = 0.01   # the last share of every dataset's samples: evaluated, never trained on
     verify: bool = True          # before a fresh run's first step, re-hash the shards (each rank its share)
+    packing: bool = False        # SFT, DPO: several examples per row of seq_len positions, each attending to itself;
+                                 # the batch counts rows
+    pack_window: int = 1024      # packing: examples of the global order packed together (best fit, longest first)
+    document_mask: bool = False  # pretraining: attention (and positions) restart at every document of a sample
 
 
 @dataclass
@@ -51,6 +56,7 @@ class TrainConfig:
     eval_samples: int = 512      # validation samples per evaluation, split over the ranks (same set for any count)
     sample_prompt: str | None = None  # text continued at every evaluation (none: no sample)
     sample_tokens: int = 64
+    attention: str = "auto"      # packed rows and document masks: auto (sdpa) | sdpa (boolean mask) | flex (CUDA)
 
 
 @dataclass
@@ -105,9 +111,10 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("none", "ddp", "deepspeed"),
+    "train.attention": ("auto", "sdpa", "flex"),
 }
 POSITIVE = ("train.micro_batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_every", "data.seq_len",
-            "log.every")
+            "data.pack_window", "log.every")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
@@ -162,19 +169,42 @@ def validate(cfg: Config) -> list[str]:
     return problems
 
 
-def data_sources(cfg: DataConfig) -> list[tuple[str, float]]:
-    """data.path as (directory, weight) pairs with weights summing to 1."""
+def data_sources(cfg: DataConfig) -> list[tuple[str, str, float]]:
+    """data.path as (name, directory, weight) with weights summing to 1. A source is named as given, or by the
+    last components of its directory that tell it from the others (val_loss/<name>)."""
     path = cfg.path
+    named = None
     if isinstance(path, str):
         pairs = [(path, 1.0)]
     elif isinstance(path, (list, tuple)) and path and all(isinstance(p, str) for p in path):
         pairs = [(p, 1.0) for p in path]
     elif isinstance(path, dict) and path and all(isinstance(w, (int, float)) and w > 0 for w in path.values()):
         pairs = [(str(p), float(w)) for p, w in path.items()]
+    elif isinstance(path, dict) and path and all(isinstance(v, dict) for v in path.values()):
+        named, pairs = [str(n) for n in path], []
+        for name, entry in path.items():
+            weight = entry.get("weight", 1.0)
+            if not isinstance(entry.get("path"), str) or set(entry) - {"path", "weight"} or \
+                    not isinstance(weight, (int, float)) or weight <= 0:
+                raise UserError(f"data.path.{name}: expected {{path: DIRECTORY, weight: POSITIVE_NUMBER}}; got {entry!r}")
+            pairs.append((entry["path"], float(weight)))
     else:
-        raise UserError(f"data.path: expected a shard directory, a list of them, or {{directory: weight}}; got {path!r}")
+        raise UserError(f"data.path: expected a shard directory, a list of them, {{directory: weight}} or "
+                        f"{{name: {{path: directory, weight: w}}}}; got {path!r}")
     total = sum(w for _, w in pairs)
-    return [(p, w / total) for p, w in pairs]
+    names = named or source_names([p for p, _ in pairs])
+    return [(n, p, w / total) for n, (p, w) in zip(names, pairs, strict=True)]
+
+
+def source_names(paths: list[str]) -> list[str]:
+    """Each directory's shortest trailing part that no other one ends with (data/a/shards → a/shards)."""
+    parts = [os.path.normpath(p).split(os.sep) for p in paths]
+    names = []
+    for i, mine in enumerate(parts):
+        others = [p for k, p in enumerate(parts) if k != i]
+        depth = next((d for d in range(1, len(mine) + 1) if all(o[-d:] != mine[-d:] for o in others)), None)
+        names.append("/".join(mine[-depth:]) if depth else f"{i}:{paths[i]}")  # None: the same directory twice
+    return names
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -10,9 +10,11 @@ permutation computed on the fly.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import hashlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -101,6 +103,7 @@ class ShardSource(ShardDir):
     def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str = "pretrain"):
         super().__init__(path, kind)
         self.seq_len = seq_len
+        self.docs_before = np.concatenate([[0], np.cumsum([s["documents"] for s in self.shards])]).astype(np.int64)
         n = max(0, (self.total_tokens - 1) // seq_len)
         n_val = int(np.ceil(n * val_fraction)) if n > 1 else 0
         self.n_train, self.n_val = n - n_val, n_val
@@ -111,6 +114,18 @@ class ShardSource(ShardDir):
     def sample(self, j: int) -> np.ndarray:
         """Sample j (train: 0..n_train-1, validation: n_train..n_train+n_val-1)."""
         return self.read(j * self.seq_len, self.seq_len + 1)
+
+    def documents(self, j: int) -> np.ndarray:
+        """Per input position of sample j, its document, counted from the sample's first (0, 0, 1, 1, 1, ...):
+        found in each shard's offsets (memory-mapped), so no table of every document is held."""
+        positions = j * self.seq_len + np.arange(self.seq_len, dtype=np.int64)
+        shard = np.searchsorted(self.starts, positions, side="right") - 1
+        before = np.empty_like(positions)  # documents that end at or before each position
+        for i in np.unique(shard):
+            at = shard == i
+            local = np.searchsorted(self._maps(int(i), "offsets"), positions[at] - self.starts[i], side="right")
+            before[at] = self.docs_before[i] + local
+        return before - before[0]
 
 
 class KeyedPermutation:
@@ -195,21 +210,25 @@ class SampleOrder:
 
 class ExampleSource(ShardDir):
     """SFT and DPO: whole examples, each `group` consecutive documents (1: a conversation; 2: a chosen and a
-    rejected conversation). Examples that do not fit data.seq_len + 1 tokens are left out and counted; the last
-    val_fraction of the rest is the validation split."""
+    rejected conversation). An example needs one position per token but its last for each document; examples
+    that do not fit data.seq_len positions (each document, or with `packed` the whole example, as it shares one
+    row) are left out and counted. The last val_fraction of the rest is the validation split."""
 
-    def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str, group: int):
+    def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str, group: int, packed: bool = False):
         super().__init__(path, kind)
         starts, ends = self.document_bounds()
         n = len(starts) // group
         self.doc_starts, self.doc_ends = starts[: n * group].reshape(n, group), ends[: n * group].reshape(n, group)
-        fits = np.flatnonzero((self.doc_ends - self.doc_starts).max(axis=1, initial=0) <= seq_len + 1)
+        positions = self.doc_ends - self.doc_starts - 1
+        need = positions.sum(axis=1) if packed else positions.max(axis=1, initial=0)
+        fits = np.flatnonzero(need <= seq_len)
         self.too_long = n - len(fits)
         n_val = int(np.ceil(len(fits) * val_fraction)) if len(fits) > 1 else 0
         self.ids = fits  # train examples first, then validation ones
+        self.lengths = positions.sum(axis=1)[fits]  # positions of each example, in the order of ids
         self.n_train, self.n_val = len(fits) - n_val, n_val
         if self.n_train < 1:
-            raise UserError(f"{path}: no training example of at most data.seq_len+1={seq_len + 1} tokens "
+            raise UserError(f"{path}: no training example of at most data.seq_len={seq_len} positions "
                             f"({self.too_long:,} longer ones left out)")
 
     def example(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -219,24 +238,98 @@ class ExampleSource(ShardDir):
                 for a, b in zip(self.doc_starts[e], self.doc_ends[e], strict=True)]
 
 
+@dataclass
+class Batch:
+    """A micro-batch as the model and the loss functions see it."""
+    inputs: torch.Tensor                   # (rows, width) token ids
+    targets: torch.Tensor                  # (rows, width): the next token where it is learned, else IGNORE
+    segments: torch.Tensor | None = None   # (rows, width): the sequence of each position in packed rows, -1 for
+                                           # padding (see model.py); None: one causal sequence per row
+    real_tokens: int = 0                   # positions holding a token of some sequence; the rest is padding
+    reference: torch.Tensor | None = None  # DPO: the reference's log-probs, every chosen sequence then every rejected
+    pairs: torch.Tensor | None = None      # DPO: 1 per pair, 0 for a filler pair
+
+    def to(self, device: torch.device) -> Batch:
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Indices of `lengths` packed into bins of `capacity`, best-fit decreasing: longest first, each into the
+    fullest bin it fits (ties: the earlier bin, then the earlier item), so the result depends on the lengths alone."""
+    room: list[tuple[int, int]] = []  # (space left, bin), sorted
+    bins: list[list[int]] = []
+    for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
+        at = bisect.bisect_left(room, (int(lengths[i]), -1))
+        if at < len(room):
+            left, b = room.pop(at)
+        else:
+            left, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if left - int(lengths[i]) > 0:
+            bisect.insort(room, (left - int(lengths[i]), b))
+    return bins
+
+
+class PackingPlan:
+    """Rows of `capacity` positions from the global order: the examples at positions [w * window, (w+1) * window)
+    are packed by best_fit, window after window, and row r of the run is the r-th row of that sequence. Rows depend
+    on the global order and the example lengths alone, so step t reads the same rows on any number of processes and
+    any accumulation, and a resume (a row count) continues exactly."""
+
+    def __init__(self, picks, lengths: list[np.ndarray], capacity: int, window: int):
+        self.picks, self.lengths, self.capacity, self.window = picks, lengths, capacity, window
+        self.row_ends = [0]  # rows of windows 0..w-1, for the windows packed so far
+        self._windows = functools.lru_cache(maxsize=8)(self._pack)
+
+    def _pack(self, w: int) -> list[list[tuple[int, int]]]:
+        picks = self.picks(np.arange(w * self.window, (w + 1) * self.window))
+        sizes = np.array([self.lengths[s][j] for s, j in picks])
+        return [[picks[i] for i in row] for row in best_fit(sizes, self.capacity)]
+
+    def rows(self, indices: np.ndarray) -> list[list[tuple[int, int]]]:
+        """The (source, example) picks of rows `indices`."""
+        out = []
+        for r in np.asarray(indices).tolist():
+            while self.row_ends[-1] <= r:  # a resume far into the run packs every earlier window once
+                self.row_ends.append(self.row_ends[-1] + len(self._windows(len(self.row_ends) - 1)))
+            w = bisect.bisect_right(self.row_ends, r) - 1
+            out.append(self._windows(w)[r - self.row_ends[w]])
+        return out
+
+    def stats(self, windows: int = 4) -> tuple[float, float]:
+        """Over the first `windows` windows: examples per row, and the share of the rows' positions they fill."""
+        rows = [row for w in range(windows) for row in self._windows(w)]
+        filled = sum(int(self.lengths[s][j]) for row in rows for s, j in row)
+        return sum(len(row) for row in rows) / len(rows), filled / (len(rows) * self.capacity)
+
+
 class GlobalBatches:
-    """Micro-batches of a rank: the positions its BatchPlan names, through the global order, to (source, index)
-    picks, and those to tensors by a subclass's collate(). collate([]) is a filler batch of one row that counts
-    no unit, for ranks with less to evaluate than others."""
+    """Micro-batches of a rank: the positions its BatchPlan names, through the global order, to rows of (source,
+    index) picks, and those to a Batch by a subclass's collate(). A row holds one pick, or with packing several.
+    collate([]) is a filler batch of one row that counts no unit, for ranks with less to evaluate than others."""
 
     def __init__(self, sources, weights: list[float], seed: int, plan: BatchPlan, vocab_size: int):
         self.sources, self.vocab_size, self.plan = sources, vocab_size, plan
         self.order = SampleOrder([s.n_train for s in sources], weights, seed)
         self.val_ends = np.cumsum([s.n_val for s in sources])  # validation entries of all sources, end to end
+        self.packing: PackingPlan | None = None
 
     def picks(self, positions: np.ndarray) -> list[tuple[int, int]]:
         source, sample = self.order(positions)
         return [(int(s), int(j)) for s, j in zip(source, sample, strict=True)]
 
-    def micro_batch(self, consumed: int, micro: int):
-        """(picks, tensors) of this rank's micro-step `micro` of the step that starts at `consumed`."""
-        picks = self.picks(self.plan.micro_indices(consumed, micro))
-        return picks, self.collate(picks)
+    def rows(self, positions: np.ndarray) -> list[list[tuple[int, int]]]:
+        if self.packing is not None:
+            return self.packing.rows(positions)
+        return [[pick] for pick in self.picks(positions)]
+
+    def micro_batch(self, consumed: int, micro: int) -> tuple[list[tuple[int, int]], Batch]:
+        """(picks, batch) of this rank's micro-step `micro` of the step that starts at `consumed`."""
+        rows = self.rows(self.plan.micro_indices(consumed, micro))
+        return [p for row in rows for p in row], self.collate(rows)
 
     def val_picks(self, n_samples: int) -> list[tuple[int, int]]:
         """`n_samples` validation entries spread evenly over the split: the same subset whatever the number of
@@ -253,9 +346,18 @@ class GlobalBatches:
         return picks
 
     def val_batches(self, n_samples: int):
-        """This rank's share of the validation subset; every rank gets the same number of batches."""
-        for picks in self.plan.share(self.val_picks(n_samples)):
-            yield self.collate(picks)
+        """(source, batch): this rank's share of the validation subset, source by source; every rank gets the
+        same number of batches of each source."""
+        picks = self.val_picks(n_samples)
+        for s in range(len(self.sources)):
+            mine = [p for p in picks if p[0] == s]
+            if self.packing is not None:
+                rows = [[mine[i] for i in row] for row in best_fit(self.sources[s].lengths[[j for _, j in mine]],
+                                                                   self.packing.capacity)]
+            else:
+                rows = [[p] for p in mine]
+            for group in self.plan.share(rows):
+                yield s, self.collate(group)
 
     def check_vocab(self, rows: list[np.ndarray], picks: list[tuple[int, int]]) -> None:
         for row, (s, j) in zip(rows, picks, strict=True):
@@ -263,99 +365,136 @@ class GlobalBatches:
                 raise UserError(f"token id {top} in {self.sources[s].path} (sample {j}) is outside the model's "
                                 f"vocabulary (model.vocab_size={self.vocab_size})")
 
-    def collate(self, picks: list[tuple[int, int]]):
+    def collate(self, rows: list[list[tuple[int, int]]]) -> Batch:
         raise NotImplementedError
 
 
 class PretrainData(GlobalBatches):
-    """(inputs, targets) of seq_len tokens: every token is a target."""
+    """Samples of seq_len positions: every token is a target. With document_mask, attention stays inside each
+    document of a sample (and positions restart at each), from the shards' document offsets."""
 
-    def collate(self, picks):
-        if not picks:  # filler: targets that count nothing
+    def __init__(self, *args, document_mask: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.document_mask = document_mask
+
+    def collate(self, rows):
+        if not rows:  # filler: targets that count nothing
             seq_len = self.sources[0].seq_len
-            return torch.zeros(1, seq_len, dtype=torch.int64), torch.full((1, seq_len), IGNORE, dtype=torch.int64)
-        rows = np.stack([self.sources[s].sample(j) for s, j in picks])
-        if rows.size and (top := int(rows.max())) >= self.vocab_size:
-            s, j = picks[int(np.argmax(rows.max(axis=1)))]
+            return Batch(torch.zeros(1, seq_len, dtype=torch.int64), torch.full((1, seq_len), IGNORE, dtype=torch.int64))
+        picks = [row[0] for row in rows]
+        samples = np.stack([self.sources[s].sample(j) for s, j in picks])
+        if samples.size and (top := int(samples.max())) >= self.vocab_size:
+            s, j = picks[int(np.argmax(samples.max(axis=1)))]
             src = self.sources[s]
             position = j * src.seq_len + int(np.argmax(src.sample(j)))
             raise UserError(f"token id {top} at {src.locate(position)} is outside the model's vocabulary "
                             f"(model.vocab_size={self.vocab_size})")
-        tokens = torch.from_numpy(rows)
-        return tokens[:, :-1], tokens[:, 1:]
+        tokens = torch.from_numpy(samples)
+        segments = None
+        if self.document_mask:
+            docs = np.stack([self.sources[s].documents(j) for s, j in picks])
+            if (docs[:, -1] != docs[:, 0]).any():  # else every row is one causal sequence: the plain path
+                segments = torch.from_numpy(docs)
+        return Batch(tokens[:, :-1], tokens[:, 1:], segments, real_tokens=tokens[:, :-1].numel())
 
 
-def pad_sequences(docs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, multiple: int = 8, limit: int | None = None):
-    """Right-padded (inputs, targets): the target of position i is token i+1 where its mask is 1, else IGNORE.
-    Padding sits after each sequence, so under causal attention no real token ever sees it or another example.
-    The width is the longest input rounded up to `multiple`, but never past `limit` (the model's context)."""
-    longest = max(len(t) - 1 for t, _ in docs)
+def layout_rows(rows: list[list[tuple[np.ndarray, np.ndarray, int]]], pad_id: int, multiple: int = 8,
+                limit: int | None = None):
+    """Rows of sequences (tokens, mask, slot) → (inputs, targets, segments, real positions). A sequence of n
+    tokens fills n-1 positions: position i holds token i, its target is token i+1 where the mask of i+1 is 1,
+    else IGNORE; its segment is the sequence's slot. Padding (pad_id, IGNORE, segment -1) fills each row up to the
+    longest row rounded up to `multiple`, never past `limit` (the model's context)."""
+    fills = [sum(len(t) - 1 for t, _, _ in row) for row in rows]
+    longest = max(fills)
     width = -(-longest // multiple) * multiple
     if limit is not None:
         width = max(longest, min(width, limit))
-    inputs = np.full((len(docs), width), pad_id, dtype=np.int64)
-    targets = np.full((len(docs), width), IGNORE, dtype=np.int64)
-    for row, (tokens, mask) in enumerate(docs):
-        n = len(tokens) - 1
-        inputs[row, :n] = tokens[:-1]
-        targets[row, :n] = np.where(mask[1:] == 1, tokens[1:], IGNORE)
-    return torch.from_numpy(inputs), torch.from_numpy(targets)
+    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    segments = np.full((len(rows), width), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for tokens, mask, slot in row:
+            n = len(tokens) - 1
+            inputs[r, at:at + n] = tokens[:-1]
+            targets[r, at:at + n] = np.where(mask[1:] == 1, tokens[1:], IGNORE)
+            segments[r, at:at + n] = slot
+            at += n
+    return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(segments), sum(fills)
+
+
+def pad_sequences(docs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, multiple: int = 8, limit: int | None = None):
+    """One sequence per row, right-padded: (inputs, targets). Padding sits after each sequence, so under causal
+    attention no real token ever sees it."""
+    inputs, targets, _, _ = layout_rows([[(t, m, 0)] for t, m in docs], pad_id, multiple, limit)
+    return inputs, targets
+
+
+def numbered(rows: list[list]) -> list[list[int]]:
+    """Each row's entries as their indices in the flattened order (an example may come twice: each is its own)."""
+    starts = np.cumsum([0] + [len(row) for row in rows]).tolist()
+    return [list(range(a, a + len(row))) for a, row in zip(starts, rows, strict=False)]
 
 
 class SFTData(GlobalBatches):
-    """(inputs, targets) of whole conversations padded to the longest in the micro-batch; targets are the
-    learned (assistant) tokens only."""
+    """Whole conversations; targets are the learned (assistant) tokens only. Padded: one conversation per row, rows
+    as wide as the longest. Packed (`pack_window` > 0): rows of seq_len positions holding several conversations,
+    each attending only to itself; the unit of the batch plan is then a row."""
 
-    def __init__(self, *args, pad_id: int, seq_len: int, **kwargs):
+    def __init__(self, *args, pad_id: int, seq_len: int, pack_window: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.pad_id, self.seq_len = pad_id, seq_len
+        if pack_window:
+            self.packing = PackingPlan(self.picks, [s.lengths for s in self.sources], seq_len, pack_window)
 
     def filler(self) -> tuple[np.ndarray, np.ndarray]:
         """A two-token document that is no target anywhere."""
         return np.full(2, self.pad_id, dtype=np.int64), np.zeros(2, dtype=np.uint8)
 
-    def pad(self, docs):
-        return pad_sequences(docs, self.pad_id, limit=self.seq_len)
+    def lay_out(self, rows: list[list[tuple[np.ndarray, np.ndarray, int]]]) -> Batch:
+        inputs, targets, segments, real = layout_rows(rows, self.pad_id, limit=self.seq_len)
+        return Batch(inputs, targets, segments if self.packing is not None else None, real_tokens=real)
 
-    def collate(self, picks):
-        if not picks:
-            return self.pad([self.filler()])
-        docs = [doc for s, j in picks for doc in self.sources[s].example(j)]
-        self.check_vocab([t for t, _ in docs], [p for p in picks for _ in range(len(docs) // len(picks))])
-        return self.pad(docs)
+    def collate(self, rows):
+        if not rows:
+            return self.lay_out([[(*self.filler(), 0)]])
+        picks = [p for row in rows for p in row]
+        docs = [self.sources[s].example(j)[0] for s, j in picks]
+        self.check_vocab([t for t, _ in docs], picks)
+        return self.lay_out([[(*docs[i], i) for i in row] for row in numbered(rows)])
 
 
 class DPOData(SFTData):
-    """(inputs, targets, reference log-probs, real) of pairs: the chosen sequences of the micro-batch, then their
-    rejected sequences, padded together for one forward pass; `real` is 1 per pair (0 for a filler pair).
-    Reference log-probs come from a precomputed array or from the frozen reference model."""
+    """Pairs: every chosen sequence of the micro-batch, then every rejected one (slots i and n + i for pair i), in
+    one forward pass. Padded: one sequence per row. Packed: a pair's two sequences share a row. The reference's
+    log-probs come from a precomputed array or from the frozen reference model."""
 
     def __init__(self, *args, reference, **kwargs):
         super().__init__(*args, **kwargs)
         self.reference = reference
 
-    def collate(self, picks):
-        if not picks:  # a filler pair; the reference still runs its forward, as on every other rank
-            inputs, targets = self.pad([self.filler(), self.filler()])
-            return inputs, targets, self.reference(None, inputs, targets), torch.zeros(1)
+    def collate(self, rows):
+        if not rows:  # a filler pair; the reference still runs its forward, as on every other rank
+            batch = self.lay_out([[(*self.filler(), 0)], [(*self.filler(), 1)]])
+            return dataclasses.replace(batch, reference=self.reference(None, batch), pairs=torch.zeros(1))
+        picks = [p for row in rows for p in row]
+        n = len(picks)
         pairs = [self.sources[s].example(j) for s, j in picks]
-        docs = [p[0] for p in pairs] + [p[1] for p in pairs]
-        self.check_vocab([t for t, _ in docs], picks + picks)
-        inputs, targets = self.pad(docs)
-        return inputs, targets, self.reference(picks, inputs, targets), torch.ones(len(picks))
+        self.check_vocab([t for pair in pairs for t, _ in pair], [p for p in picks for _ in range(2)])
+        if self.packing is not None:
+            laid = [[seq for i in row for seq in ((*pairs[i][0], i), (*pairs[i][1], n + i))] for row in numbered(rows)]
+        else:  # chosen rows, then rejected rows
+            laid = [[(*pairs[i][0], i)] for i in range(n)] + [[(*pairs[i][1], n + i)] for i in range(n)]
+        batch = self.lay_out(laid)
+        return dataclasses.replace(batch, reference=self.reference(picks, batch), pairs=torch.ones(n))
 
 
-def to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(b, device) for b in batch)
-
-
-def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str = "pretrain"):
+def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str = "pretrain", packed: bool = False):
     if kind == "pretrain":
         sources = [ShardSource(p, seq_len, val_fraction) for p in paths]
     else:
-        sources = [ExampleSource(p, seq_len, val_fraction, kind, group=2 if kind == "dpo" else 1) for p in paths]
+        sources = [ExampleSource(p, seq_len, val_fraction, kind, group=2 if kind == "dpo" else 1, packed=packed)
+                   for p in paths]
     first = sources[0]
     for other in sources[1:]:
         if other.tokenizer["sha256"] != first.tokenizer["sha256"]:

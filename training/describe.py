@@ -17,6 +17,7 @@ from preprocess.shards import read_manifest
 from . import checkpoint as ckpt
 from . import lora
 from .config import data_sources, load_config
+from .data import GlobalBatches, PackingPlan, open_sources
 from .loop import resolve_vocab
 from .model import Transformer
 from .plan import BatchPlan
@@ -25,7 +26,7 @@ UNITS = {"pretrain": "samples", "sft": "conversations", "dpo": "pairs"}
 
 
 def describe(cfg, processes: int = 1) -> str:
-    path = data_sources(cfg.data)[0][0]
+    path = data_sources(cfg.data)[0][1]
     manifest = read_manifest(path)
     vocab = manifest["tokenizer"]["vocab_size"]
     model_cfg = cfg.model
@@ -36,17 +37,37 @@ def describe(cfg, processes: int = 1) -> str:
         model = Transformer(model_cfg)
     m, t = model_cfg, cfg.train
     plan = BatchPlan.of(t, processes)
+    unit = UNITS.get(manifest["kind"], "samples")
+    packing = []
+    if cfg.data.packing and manifest["kind"] != "pretrain":
+        packing, unit = [packing_line(cfg, plan, unit)], "rows"
     return "\n".join([
         f"model: {model.num_params() / 1e6:.2f} M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f} M "
         f"without the embedding); dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.kv_heads} key/value), "
         f"feed-forward {m.hidden}, vocabulary {m.vocab_size} (tokenizer: {vocab}), context {m.max_seq_len}, "
         f"{'tied' if m.tie_embeddings else 'separate'} embeddings",
         f"compute: {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP per trained token",
-        plan.describe(cfg.data.seq_len, UNITS.get(manifest["kind"], "samples")),
+        plan.describe(cfg.data.seq_len, unit),
+        *packing,
         f"schedule: {t.max_steps:,} steps, lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup), "
         f"precision {t.precision}, checkpoints every {t.ckpt_every}",
         *([lora_line(model, cfg.lora)] if lora.enabled(cfg.lora) else []),
     ])
+
+
+def packing_line(cfg, plan: BatchPlan, unit: str) -> str:
+    """How many examples a packed row holds, measured on the run's own first windows."""
+    _, paths, weights = zip(*data_sources(cfg.data), strict=True)
+    kind = read_manifest(paths[0])["kind"]
+    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, kind, packed=True)
+    order = GlobalBatches(sources, list(weights), cfg.seed, plan, vocab_size=0)
+    windows = 4
+    per_row, filled = PackingPlan(order.picks, [s.lengths for s in sources], cfg.data.seq_len,
+                                  cfg.data.pack_window).stats(windows)
+    left_out = sum(s.too_long for s in sources)
+    return (f"packing: {per_row:.2f} {unit} per row on average ({100 * filled:.1f}% of the positions filled; first "
+            f"{windows} windows of {cfg.data.pack_window}), {plan.global_batch * per_row:,.0f} {unit} per optimizer "
+            f"step; {left_out:,} longer than data.seq_len={cfg.data.seq_len} left out")
 
 
 def lora_line(model: Transformer, cfg) -> str:

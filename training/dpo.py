@@ -1,6 +1,7 @@
 """Direct preference optimisation: the policy starts from an SFT checkpoint (init_from), a frozen copy of the
 same weights is the reference, and the loss per pair is −log σ(β·[(π_c − r_c) − (π_r − r_r)]) over the summed
-log-probs of the completion tokens, averaged over the pairs of the global batch.
+log-probs of the completion tokens, averaged over the pairs of the global batch. With data.packing=true a pair's
+chosen and rejected sequences share a row of data.seq_len positions with other pairs, each attending only to itself.
 
     python -m training.dpo --config configs/dpo/tiny.yaml init_from=SFT_RUN [dpo.beta=0.1] [dpo.precompute_ref=true]
 
@@ -31,7 +32,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import lora
 from .cli import main
-from .data import DPOData
+from .data import Batch, DPOData
 from .loop import Stage
 from .losses import dpo_losses, sequence_logps
 from .model import Transformer
@@ -46,11 +47,13 @@ class LiveReference:
         self.model, self.device, self.autocast, self.adapters_off = model, device, autocast, adapters_off
 
     @torch.no_grad()
-    def __call__(self, picks, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, picks, batch: Batch) -> torch.Tensor:
         base = lora.adapters_disabled(self.model) if self.adapters_off else contextlib.nullcontext()
+        batch = batch.to(self.device)
         with base, self.autocast:
-            logits = self.model(inputs.to(self.device))
-        return sequence_logps(logits, targets.to(self.device))
+            logits = self.model(batch.inputs, segments=batch.segments)
+        pairs = len(picks) if picks else 1  # None: a filler pair
+        return sequence_logps(logits, batch.targets, batch.segments, 2 * pairs)
 
 
 class PrecomputedReference:
@@ -59,9 +62,9 @@ class PrecomputedReference:
     def __init__(self, arrays: list[np.ndarray]):
         self.arrays = arrays
 
-    def __call__(self, picks, inputs, targets) -> torch.Tensor:
+    def __call__(self, picks, batch: Batch) -> torch.Tensor:
         if picks is None:  # a filler pair
-            return torch.zeros(len(inputs))
+            return torch.zeros(2)
         rows = np.stack([self.arrays[s][j] for s, j in picks])
         return torch.from_numpy(np.concatenate([rows[:, 0], rows[:, 1]]))
 
@@ -70,6 +73,7 @@ def reference_model(run) -> Transformer:
     """The pinned starting weights, in the policy's dtype: DeepSpeed bf16 casts the policy's parameters (not its
     buffers, the rotary tables) to bf16."""
     model = Transformer(run.model.cfg)
+    model.attention_impl = run.model.attention_impl
     ckpt.load_weights(run.reference_dir, model)
     dtype = next(run.model.parameters()).dtype
     for p in model.parameters():
@@ -82,9 +86,11 @@ def precompute(run, reference: LiveReference) -> list[np.ndarray]:
     sum over ranks is the full array. Whether a cache file is there is decided by all ranks together: with
     node-local copies of the shards, one node may have it and another not."""
     env, cfg = run.env, run.cfg
-    key = f"{run.state.init_from['fingerprint']}-L{cfg.data.seq_len}-{run.compute_precision}"
+    # the array's rows are the examples that fit, which packing counts differently (a pair shares one row)
+    key = (f"{run.state.init_from['fingerprint']}-L{cfg.data.seq_len}{'-packed' if cfg.data.packing else ''}-"
+           f"{run.compute_precision}")
     data = DPOData(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size, pad_id=pad_id(run.sources),
-                   seq_len=cfg.data.seq_len, reference=reference)
+                   seq_len=cfg.data.seq_len, reference=reference)  # padded: the values do not depend on the layout
     arrays = []
     for s, source in enumerate(run.sources):
         path = os.path.join(source.path, f"ref_logps-{key}.npy")
@@ -95,7 +101,7 @@ def precompute(run, reference: LiveReference) -> list[np.ndarray]:
             continue
         values = torch.zeros(n, 2, dtype=torch.float64, device=env.device)
         for chunk in run.plan.share(list(range(n))):
-            _, _, logps, _ = data.collate([(s, j) for j in chunk])
+            logps = data.collate([[(s, j)] for j in chunk]).reference
             if chunk:
                 values[chunk] = torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1).double()
         array = D.all_reduce_sum(env, values).cpu().numpy().astype(np.float32)
@@ -119,25 +125,28 @@ def make_data(run):
     if cfg.dpo.precompute_ref:  # no reference forward during training: a separate reference model is freed
         reference = PrecomputedReference(precompute(run, reference))
     return DPOData(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size, pad_id=pad_id(run.sources),
-                   seq_len=cfg.data.seq_len, reference=reference)
+                   seq_len=cfg.data.seq_len, pack_window=cfg.data.pack_window if cfg.data.packing else 0,
+                   reference=reference)
 
 
 def make_stage(cfg) -> Stage:
+    if cfg.data.document_mask:
+        raise UserError("data.document_mask is for pretraining; DPO sequences attend only to themselves already "
+                        "(data.packing=true packs them)")
     if not cfg.init_from:
         raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
     beta = cfg.dpo.beta
 
     def loss(model, batch):
-        inputs, targets, ref, real = batch
-        logps = sequence_logps(model(inputs), targets)
-        n = len(logps) // 2
-        losses, metrics = dpo_losses(logps[:n], logps[n:], ref[:n].to(logps), ref[n:].to(logps), beta)
-        real = real.to(losses)
+        n = len(batch.pairs)
+        logps = sequence_logps(model(batch.inputs, segments=batch.segments), batch.targets, batch.segments, 2 * n)
+        ref = batch.reference.to(logps)
+        losses, metrics = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta)
+        real = batch.pairs.to(losses)
         return (losses * real).sum(), {k: (v * real).sum() for k, v in metrics.items()}
 
-    return Stage(name="dpo", data_kind="dpo", make_data=make_data, loss=loss,
-                 units=lambda batch: int(batch[3].sum()), tokens=lambda batch: batch[0].numel(), chat=True,
-                 pins_reference=not lora.enabled(cfg.lora))
+    return Stage(name="dpo", data_kind="dpo", make_data=make_data, loss=loss, units=lambda batch: int(batch.pairs.sum()),
+                 chat=True, pins_reference=not lora.enabled(cfg.lora))
 
 
 if __name__ == "__main__":

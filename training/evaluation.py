@@ -1,4 +1,5 @@
-"""Evaluation inside a run: the validation loss over a fixed subset, and a sample of text.
+"""Evaluation inside a run: the validation loss over a fixed subset (pooled, and per source when there are
+several), bits per UTF-8 byte of the validation text (comparable across tokenizers), and a sample of text.
 
 Both are rank-symmetric: every rank runs the same number of forwards (ranks with fewer validation entries run
 filler batches that count nothing), and every rank generates the sample, following rank 0's choice of each
@@ -8,33 +9,63 @@ forward on one rank alone would wait for the others until dist.timeout_s.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import numpy as np
 import torch
 
+from preprocess.tokenizer import token_bytes
+
 from . import distributed as D
-from .data import to_device
 from .generate import generate
+from .losses import IGNORE
 
 
 @torch.no_grad()
 def evaluate(run, step: int) -> None:
-    """val_loss (and a sample) at `step`; `run.model` is the bare module (no DDP hooks)."""
+    """val_loss, val_loss/<source>, val_bpb (and a sample) at `step`; `run.model` is the bare module (no DDP
+    hooks)."""
     stage, cfg, env, model = run.stage, run.cfg, run.env, run.model
     with run.log.paused():
         model.eval()
-        loss_sum = torch.zeros((), device=env.device)
-        units = torch.zeros((), device=env.device)
-        for batch in run.data.val_batches(cfg.train.eval_samples):
-            units += stage.units(batch)
+        sizes = torch.from_numpy(text_bytes(os.path.join(cfg.out_dir, "tokenizer.model")))
+        sums = torch.zeros(len(run.sources), 3, dtype=torch.float64)  # per source: loss, units, bytes of the targets
+        for s, batch in run.data.val_batches(cfg.train.eval_samples):
+            targets = batch.targets[batch.targets != IGNORE]
+            sums[s, 1] += stage.units(batch)
+            sums[s, 2] += int(sizes[targets.clamp(max=len(sizes) - 1)].sum())
             with run.autocast:
-                loss_sum += stage.loss(model, to_device(batch, env.device))[0].float()
-        totals = D.all_reduce_sum(env, torch.stack([loss_sum, units]))
+                sums[s, 0] += float(stage.loss(model, batch.to(env.device))[0])
+        sums = D.all_reduce_sum(env, sums.to(env.device)).cpu()
         sample = sample_text(run, step) if cfg.train.sample_prompt else None
         model.train()
-        if totals[1] > 0:
-            run.log.eval_step(step, float(totals[0] / totals[1]), sample)
+        values = validation_metrics(sums, run.names, stage.token_loss)
+        if values:
+            run.log.eval_step(step, values, sample)
+
+
+def validation_metrics(sums: torch.Tensor, names: list[str], token_loss: bool) -> dict[str, float]:
+    """From per-source (loss sum, units, bytes): val_loss pooled over every unit, and with several sources
+    val_loss/<name>; for a loss in nats per token also val_bpb (and val_bpb/<name>): bits per UTF-8 byte."""
+    def of(rows: torch.Tensor, suffix: str) -> dict[str, float]:
+        loss, units, size = rows.sum(dim=0).tolist()
+        out = {f"val_loss{suffix}": loss / units} if units else {}
+        if token_loss and size:
+            out[f"val_bpb{suffix}"] = loss / math.log(2) / size
+        return out
+
+    values = of(sums, "")
+    if len(names) > 1 and values:
+        for s, name in enumerate(names):
+            values.update(of(sums[s:s + 1], f"/{name}"))
+    return values
+
+
+@functools.cache
+def text_bytes(tokenizer_path: str) -> np.ndarray:
+    return token_bytes(tokenizer_path)
 
 
 def sample_text(run, step: int) -> str:

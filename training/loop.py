@@ -26,8 +26,9 @@ from . import checkpoint as ckpt
 from . import deepspeed_backend, lora, rundir
 from . import distributed as D
 from .config import Config, data_sources
-from .data import ShardSource, open_sources, to_device
+from .data import Batch, ShardSource, open_sources
 from .evaluation import evaluate
+from .losses import IGNORE
 from .metrics import MetricsLog, require_wandb
 from .model import ModelConfig, Transformer
 from .optim import lr_at, make_optimizer
@@ -42,10 +43,14 @@ class Stage:
     data_kind: str                                   # the `kind` its shard directories must have
     make_data: Callable[[Run], Any]                  # the run (sources, plan, model, ...) → its data
     loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # summed over units
-    units: Callable[[Any], int]                      # loss units in a micro-batch: target tokens, or pairs
-    tokens: Callable[[Any], int]                     # tokens processed in a micro-batch, for throughput
+    units: Callable[[Batch], int]                    # loss units in a micro-batch: target tokens, or pairs
     chat: bool = False                               # samples are generated as assistant replies
     pins_reference: bool = False                     # keeps the init_from weights for the whole run (DPO)
+    token_loss: bool = False                         # the loss is nats per target token (val_bpb is meaningful)
+
+
+def target_tokens(batch: Batch) -> int:
+    return int((batch.targets != IGNORE).sum())
 
 
 class Hooks:
@@ -68,6 +73,7 @@ class Run:
     plan: BatchPlan
     state: TrainState
     sources: list[ShardSource]
+    names: list[str]                      # of the sources, for val_loss/<name>
     weights: list[float]
     model: Transformer                    # the bare module: evaluation, sampling, checkpoints
     train_model: torch.nn.Module          # what the steps run through: the model, DDP or the DeepSpeed engine
@@ -123,8 +129,13 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
 
 def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     """Data, starting point, model, optimizer, engine and train state of a fresh or resumed run."""
-    paths, weights = zip(*data_sources(cfg.data), strict=True)
-    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind)
+    names, paths, weights = zip(*data_sources(cfg.data), strict=True)
+    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind, cfg.data.packing)
+    for source in sources:
+        if getattr(source, "too_long", 0) and env.is_main:
+            print(f"data: {source.too_long:,} examples of {source.path} do not fit data.seq_len={cfg.data.seq_len} "
+                  f"positions{' (a packed pair shares one row)' if cfg.data.packing and stage.data_kind == 'dpo' else ''}"
+                  " and are left out", flush=True)
     resume_from = ckpt.latest(cfg.out_dir, env)
     saved_cfg, saved = ckpt.saved_run(resume_from) if resume_from else (None, None)
 
@@ -160,6 +171,7 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     # ----------------------------------------------------------------------------------- model, optimizer
     ckpt.seed_rng(cfg.seed)  # the same initial weights (and adapters) on every rank
     model = Transformer(model_cfg)
+    model.attention_impl = resolve_attention(cfg.train.attention, env.device)
     if init_from and not saved:
         ckpt.load_weights(init_from["path"], model)
     if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
@@ -190,8 +202,8 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     config_yaml = open(os.path.join(cfg.out_dir, "config.yaml")).read()
-    r = Run(stage, cfg, env, plan, state, sources, list(weights), model, train_model, optimizer, engine, precision,
-            autocast, None, config_yaml, reference_dir, hooks)
+    r = Run(stage, cfg, env, plan, state, sources, list(names), list(weights), model, train_model, optimizer, engine,
+            precision, autocast, None, config_yaml, reference_dir, hooks)
     r.data = stage.make_data(r)
     r.log = MetricsLog(cfg, env, model, stage.name, state.step)  # last: nothing after it can fail and leave it open
     return r
@@ -217,9 +229,10 @@ def train(r: Run) -> None:
                 picks, batch = r.data.micro_batch(state.consumed_samples, m)
                 r.hooks.on_picks(done, m, picks)
                 batches.append(batch)
-        loss_sum, metric_sums, units, tokens = accumulate_gradients(r.stage, r.train_model, batches, env, r.autocast,
-                                                                    functools.partial(r.hooks.loss, done))
+        loss_sum, metric_sums, units, tokens, real = accumulate_gradients(r.stage, r.train_model, batches, env,
+                                                                          r.autocast, functools.partial(r.hooks.loss, done))
         means = global_means(env, {"loss": loss_sum, **metric_sums}, units)  # all ranks agree on what counts
+        means["padding_share"] = 1 - real / tokens
         grad_norm, applied = optimizer_step(r, means["loss"])
         state.step, state.consumed_samples = done, state.consumed_samples + r.plan.global_batch
         state.tokens += r.log.count_tokens(tokens)
@@ -314,15 +327,16 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
 
     The units are counted before any backward, so every target token (or pair) weighs the same however
     micro-batches and ranks split them. Returns (local loss sum, local metric sums, global unit count, global
-    token count)."""
-    counts = torch.tensor([float(sum(stage.units(b) for b in batches)), float(sum(stage.tokens(b) for b in batches))],
-                          device=env.device)
-    units, tokens = D.all_reduce_sum(env, counts)
+    count of positions computed, global count of those that held a token rather than padding)."""
+    counts = torch.tensor([[stage.units(b), b.inputs.numel(), b.real_tokens] for b in batches], dtype=torch.float64,
+                          device=env.device).sum(dim=0)
+    units, tokens, real = D.all_reduce_sum(env, counts)
+    units = units.float()  # the scale of the backward stays in the loss's dtype
     loss_sum = torch.zeros((), device=env.device)
     metric_sums: dict[str, torch.Tensor] = {}
     engine = deepspeed_backend.is_engine(model)
     for m, batch in enumerate(batches):
-        batch = to_device(batch, env.device)
+        batch = batch.to(env.device)
         skip_sync = m < len(batches) - 1 and not engine  # DeepSpeed knows its accumulation boundaries itself
         with D.no_sync(model, skip_sync), autocast or contextlib.nullcontext():
             loss, metrics = stage.loss(model, batch)
@@ -338,7 +352,7 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()
-    return loss_sum, metric_sums, units, int(tokens)
+    return loss_sum, metric_sums, units, int(tokens), int(real)
 
 
 def global_means(env: D.DistEnv, sums: dict[str, torch.Tensor], units: torch.Tensor) -> dict[str, float]:
@@ -432,6 +446,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":  # bf16 autocast pays off on GPUs; on CPUs it is slower than fp32
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """How packed rows and document masks attend. SDPA with a boolean mask runs everywhere; FlexAttention has no
+    backward on CPU (torch 2.13), and auto keeps SDPA until FlexAttention is measured faster (docs/benchmarks.md)."""
+    if attention == "flex" and device.type != "cuda":
+        raise UserError("train.attention=flex: FlexAttention has no backward pass on CPU; use train.attention=sdpa")
+    return "sdpa" if attention == "auto" else attention
 
 
 def verify_sources(sources: list[ShardSource], env: D.DistEnv) -> None:

@@ -16,12 +16,18 @@ def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return loss, (targets != IGNORE).sum()
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per sequence, the sum of log p(target) over its targets != IGNORE, from an fp32 log-softmax."""
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None,
+                   sequences: int = 0) -> torch.Tensor:
+    """Per sequence, the sum of log p(target) over its targets != IGNORE, from an fp32 log-softmax: one sequence
+    per row, or with `segments` (packed rows) the `sequences` slots 0..sequences-1 that segments name."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     keep = targets != IGNORE
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * keep).sum(dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    if segments is None:
+        return picked.sum(dim=-1)
+    # summed in fp64: the order of additions then changes nothing an fp32 result can show
+    sums = torch.zeros(sequences, dtype=torch.float64, device=logits.device)
+    return sums.index_add_(0, segments.clamp(min=0).flatten(), picked.flatten().double()).float()
 
 
 def dpo_losses(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,

@@ -82,6 +82,8 @@ class MetricsLog:
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
         if not self.env.is_main:
             return
+        # tokens_per_sec counts every position computed (padding too, as MFU must); padding_share (in means)
+        # is the share of those that was padding: useful tokens/s = tokens_per_sec * (1 - padding_share)
         record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": rate,
                   "data_wait_share": data_share}
         if skipped:
@@ -96,14 +98,16 @@ class MetricsLog:
             extra = "".join(f", {k} {v:.3f}" for k, v in means.items() if "rewards" in k)
             print(f"step {step}: loss {means['loss']:.4f}{extra}, lr {lr:.2e}, {rate:,.0f} tokens/s", flush=True)
 
-    def eval_step(self, step: int, val_loss: float, sample: str | None) -> None:
+    def eval_step(self, step: int, values: dict[str, float], sample: str | None) -> None:
+        """values: val_loss and its kin (val_loss/<source>, val_bpb)."""
         if not self.env.is_main:
             return
-        record = {"step": step, "val_loss": val_loss}
+        record = {"step": step, **values}
         if sample is not None:
             record["sample"] = sample
         self._write(record)
-        message = f"step {step}: val_loss {val_loss:.4f}" + (f"\n{sample}" if sample else "")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k)
+        message = f"step {step}: {shown}" + (f"\n{sample}" if sample else "")
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message)
         else:

@@ -1,8 +1,13 @@
 """A Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU, grouped-query attention through
-F.scaled_dot_product_attention, optional tied embeddings. Plain PyTorch: nothing distributed in here."""
+F.scaled_dot_product_attention, optional tied embeddings. Plain PyTorch: nothing distributed in here.
+
+Packed rows: `segments` (batch, seq) names the sequence each position belongs to (any ids, equal within a
+sequence, each sequence contiguous). A position then attends only to earlier positions of its own sequence and
+its rotary position restarts at 0 where the sequence starts: a sequence computes as it would alone in its row."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -71,7 +76,8 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); rotates interleaved pairs (x0, x1), (x2, x3), ..."""
+    """x: (batch, heads, seq, head_dim); rotates interleaved pairs (x0, x1), (x2, x3), ... by cos/sin of shape
+    (seq, head_dim / 2) or, per row, (batch, 1, seq, head_dim / 2)."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return rotated.type_as(x)
@@ -86,13 +92,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
+        gqa = self.kv_heads != self.n_heads
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            out = flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+            return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        causal = mask is None
         if cache is not None:  # new tokens see every cached position, and each other causally
             k, v = cache.update(layer, k, v)
             past = k.shape[2] - t
@@ -100,9 +110,39 @@ class Attention(nn.Module):
                 causal = False
             elif past > 0:
                 mask, causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past), False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Per position, its distance from the start of its sequence (rotary positions restart per sequence)."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def document_mask(segments: torch.Tensor, impl: str = "sdpa"):
+    """Causal attention within each sequence of a row: a boolean (batch, 1, seq, seq) mask for SDPA, or a
+    FlexAttention BlockMask (whose kernels skip the blocks that are all masked)."""
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_sequence_causal(b, h, q, k):
+            return (segments[b, q] == segments[b, k]) & (k <= q)
+
+        b, t = segments.shape
+        return create_block_mask(same_sequence_causal, b, None, t, t, device=segments.device)
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    return ((segments.unsqueeze(2) == segments.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+@functools.cache
+def flex_attention():
+    """FlexAttention compiled once: uncompiled it computes the whole score matrix (its reference path)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex)
 
 
 class FeedForward(nn.Module):
@@ -124,8 +164,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -153,6 +193,7 @@ class Transformer(nn.Module):
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (0 is resolved from the tokenizer before building)")
         self.cfg = cfg
+        self.attention_impl = "sdpa"  # how packed rows are masked: sdpa (a boolean mask) | flex (FlexAttention)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -177,16 +218,21 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens: (batch, seq) → logits (batch, seq, vocab)."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (batch, seq) → logits (batch, seq, vocab); segments: see the module's docstring."""
         start = cache.length if cache is not None else 0
         end = start + tokens.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        cos, sin, mask = self.rope_cos[start:end], self.rope_sin[start:end], None
+        if segments is not None:
+            positions = segment_positions(segments)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            mask = document_mask(segments, self.attention_impl)
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length = end
         return self.output(self.norm(x))

@@ -17,8 +17,11 @@ import sys
 
 from preprocess.errors import UserError, exit_code
 
-PANELS = [  # (title, metric keys drawn in it)
+PANELS = [  # (title, metric keys drawn in it; "key/" stands for every key it begins, e.g. each source's)
     ("loss", ["loss", "val_loss"]),
+    ("validation loss per source", ["val_loss/"]),
+    ("validation bits per byte", ["val_bpb", "val_bpb/"]),
+    ("padding share", ["padding_share"]),
     ("learning rate", ["lr"]),
     ("gradient norm", ["grad_norm"]),
     ("tokens/s", ["tokens_per_sec"]),
@@ -65,6 +68,11 @@ def summary(run_dir: str, series: dict) -> list[str]:
     if "val_loss" in series:
         step, best = min(series["val_loss"], key=lambda p: p[1])
         lines.append(f"- val_loss: {series['val_loss'][0][1]:.4f} → {last('val_loss'):.4f} (best {best:.4f} at step {step})")
+    for key in sorted(k for k in series if k.startswith(("val_loss/", "val_bpb"))):
+        lines.append(f"- {key}: {series[key][0][1]:.4f} → {last(key):.4f}")
+    if "padding_share" in series:
+        shares = [v for _, v in series["padding_share"]]
+        lines.append(f"- padding: {100 * sum(shares) / len(shares):.1f}% of the positions computed")
     if "tokens_per_sec" in series:
         rates = [v for _, v in series["tokens_per_sec"][1:]] or [series["tokens_per_sec"][0][1]]
         lines.append(f"- throughput: {sum(rates) / len(rates):,.0f} tokens/s on average after the first interval"
@@ -93,7 +101,10 @@ def plot(runs: dict[str, dict], path: str) -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    panels = [(t, keys) for t, keys in PANELS if any(k in s for s in runs.values() for k in keys)]
+    present = sorted({k for series in runs.values() for k in series})
+    panels = [(t, [k for pattern in keys for k in present if k == pattern or (pattern[-1] == "/" and
+                                                                             k.startswith(pattern))]) for t, keys in PANELS]
+    panels = [(t, keys) for t, keys in panels if keys]
     cols = 2
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
@@ -106,7 +117,7 @@ def plot(runs: dict[str, dict], path: str) -> None:
                     steps, values = zip(*series[key], strict=True)
                     label = (f"{names[run]}: {key}" if len(keys) > 1 else names[run]) if several else key
                     ax.plot(steps, values, color=f"C{i if several else j}", linestyle=["-", "--", ":"][j % 3],
-                            marker="o" if key == "val_loss" else None, markersize=3, label=label)
+                            marker="o" if key.startswith("val_") else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

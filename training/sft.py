@@ -1,5 +1,6 @@
 """Supervised fine-tuning: the loss on assistant tokens only, normalised by the number of those tokens in the
-whole global batch. Conversations are padded, never packed: no example attends to another.
+whole global batch. Conversations are padded one per row, or packed (data.packing=true) several per row of
+data.seq_len positions; either way no conversation attends to another.
 
     python -m training.sft --config configs/sft/tiny.yaml init_from=RUN_OR_CKPT_DIR [key.sub=value ...]
 """
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import sys
 
+from preprocess.errors import UserError
+
 from .cli import main
 from .data import SFTData
-from .loop import Stage
-from .losses import IGNORE, lm_loss_sum
+from .loop import Stage, target_tokens
+from .losses import lm_loss_sum
 
 
 def pad_id(sources) -> int:
@@ -20,19 +23,22 @@ def pad_id(sources) -> int:
 
 
 def make_data(run):
+    data = run.cfg.data
     return SFTData(run.sources, run.weights, run.cfg.seed, run.plan, run.model.cfg.vocab_size,
-                   pad_id=pad_id(run.sources), seq_len=run.cfg.data.seq_len)
+                   pad_id=pad_id(run.sources), seq_len=data.seq_len, pack_window=data.pack_window if data.packing else 0)
 
 
 def loss(model, batch):
-    inputs, targets = batch
-    total, _ = lm_loss_sum(model(inputs), targets)
+    total, _ = lm_loss_sum(model(batch.inputs, segments=batch.segments), batch.targets)
     return total, {}
 
 
 def make_stage(cfg) -> Stage:
-    return Stage(name="sft", data_kind="sft", make_data=make_data, loss=loss,
-                 units=lambda batch: int((batch[1] != IGNORE).sum()), tokens=lambda batch: batch[0].numel(), chat=True)
+    if cfg.data.document_mask:
+        raise UserError("data.document_mask is for pretraining; conversations attend only to themselves already "
+                        "(data.packing=true packs them)")
+    return Stage(name="sft", data_kind="sft", make_data=make_data, loss=loss, units=target_tokens, chat=True,
+                 token_loss=True)
 
 
 if __name__ == "__main__":

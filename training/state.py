@@ -65,6 +65,8 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
                  for s, w in sources],
         "data.seq_len": cfg.data.seq_len,
         "data.val_fraction": cfg.data.val_fraction,
+        "data.packing": cfg.data.pack_window if cfg.data.packing else False,  # which rows the position counts
+        "data.document_mask": cfg.data.document_mask,
         "init_from": os.path.realpath(cfg.init_from) if cfg.init_from else None,
         "dist.backend": "deepspeed" if cfg.dist.backend == "deepspeed" else "ddp",  # none and ddp save alike
         "dist.zero_stage": cfg.dist.zero_stage if cfg.dist.backend == "deepspeed" else None,
