@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(PY) bench/preprocessing.py
 	$(PY) bench/train.py --variants
 	$(PY) bench/dpo.py
+	$(PY) bench/packing.py
 
 # the randomised fault campaign of docs/reliability.md (about 15 min on 2 cores)
 faults: $(STAMP)

@@ -174,20 +174,24 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo"])
 def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(stage, pretrain_shards, chat_shards,
                                                                                  sft_run, zero3, tmp_path):
     """ZeRO-3 gathers its sharded weights in every forward, so evaluation, the sample at every evaluation (every
     tiny config sets sample_prompt) and DPO's reference precompute must run on every rank alike. The validation
     subsets are uneven on purpose: 249 pretraining samples, and eval_samples=17 for SFT and DPO, give the two
     ranks unequal shares; DPO runs LoRA (its reference is the sharded model with adapters off) with the reference
-    precomputed over 377 pairs (data.seq_len=58), 48 micro-batches on one rank and 47 on the other."""
+    precomputed over 377 pairs (data.seq_len=58), 48 micro-batches on one rank and 47 on the other. sft-packed packs
+    the conversations (rows of 63 positions take one or two of them) and masks attention per conversation."""
+    packed = stage == "sft-packed"
+    stage = "sft" if packed else stage
     config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG}[stage]
     common = ["train.max_steps=4", "train.grad_accum=2", "train.precision=fp32", "dist.timeout_s=120"]
     if stage == "pretrain":
         common.append(f"data.path={pretrain_shards}")
     elif stage == "sft":
-        common += [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT]
+        common += [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT,
+                   *(["data.packing=true"] if packed else [])]
     else:
         dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
         common += [f"data.path={dpo}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58",

@@ -106,3 +106,22 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_the_sam
         assert proc.returncode == 1 and "log.wandb=true needs the wandb package" in proc.stderr
         assert "Traceback" not in proc.stderr
     run_training(f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'default'}", "train.max_steps=1")
+
+
+def test_report_draws_and_summarises_each_source_and_bits_per_byte(tmp_path):
+    from PIL import Image
+
+    lines = [{"step": 0, "val_loss": 5.0, "val_loss/web": 4.0, "val_loss/code": 6.0, "val_bpb": 2.5},
+             {"step": 1, "loss": 5.5, "lr": 1e-3, "grad_norm": 1.0, "tokens": 64, "tokens_per_sec": 10.0,
+              "padding_share": 0.25},
+             {"step": 1, "val_loss": 4.5, "val_loss/web": 3.5, "val_loss/code": 5.5, "val_bpb": 2.25}]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run, records in ((one, lines), (two, [r for r in lines if "val_loss/web" not in r])):
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert report(run).returncode == 0
+    md = (one / "report.md").read_text()
+    assert "- val_loss/web: 4.0000 → 3.5000" in md and "- val_loss/code: 6.0000 → 5.5000" in md
+    assert "- val_bpb: 2.5000 → 2.2500" in md and "padding: 25.0% of the positions" in md
+    # the per-source panel is drawn only where there are sources
+    assert Image.open(one / "report.png").size[1] > Image.open(two / "report.png").size[1]
