@@ -10,11 +10,15 @@ baseline: a GPT in the style of nanoGPT (LayerNorm, learned positions, GELU MLP 
           heads, vocabulary, sequence length, micro-batch and accumulation, on random tokens already on the GPU.
 MFU counts 6 FLOPs per matmul weight per token plus attention (12 * layers * dim * seq_len), for both models,
 against the GPU's dense bf16 peak. Runs on CPU too (slowly, without MFU), so the code is checked without a GPU.
+--attention: forward + backward of the 125M preset's model (bf16 autocast) on rows packed with documents of
+          64-1,024 tokens, its three ways to attend: causal over the whole row (the cost without a mask, wrong for
+          packing), SDPA with a boolean document mask, and FlexAttention with a block mask (CUDA only).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -108,6 +112,41 @@ def ours(preset: str, shards: str, out: str, steps: int, grad_accum: int, compil
     return run_ours(os.path.join(REPO, "configs", "pretrain", f"{preset}.yaml"), shards, out, steps, overrides)
 
 
+def attention_paths(steps: int) -> None:
+    """Time per forward + backward of packed rows, each way our model can attend."""
+    sys.path.insert(0, REPO)
+    from training.config import load_config
+    from training.model import Transformer
+
+    cfg = load_config(os.path.join(REPO, "configs", "pretrain", "125m.yaml"), ["data.path=unused"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seq, micro = cfg.data.seq_len, cfg.train.micro_batch_size if device.type == "cuda" else 1
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(cfg.model, vocab_size=VOCAB)).to(device)
+    tokens = torch.randint(0, VOCAB, (micro, seq), device=device)
+    lengths = torch.randint(64, 1025, (micro, seq // 64 + 1))
+    segments = torch.stack([torch.repeat_interleave(torch.arange(len(row)), row)[:seq] for row in lengths]).to(device)
+    ways = {"causal, no mask": ("sdpa", None), "SDPA, boolean mask": ("sdpa", segments)}
+    if device.type == "cuda":
+        ways["FlexAttention, block mask"] = ("flex", segments)
+    times = {}
+    for name, (impl, segs) in ways.items():
+        model.attention_impl = impl
+        for step in range(steps + 3):
+            if step == 3:
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(tokens, segments=segs).float().logsumexp(-1).mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        times[name] = (time.perf_counter() - start) / steps
+    base = times["causal, no mask"]
+    for name, t in times.items():
+        print(f"{name}: {1e3 * t:.1f} ms per forward + backward of {micro} x {seq} tokens, x{t / base:.2f} causal")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["125m", "350m", "1b"])
@@ -117,7 +156,11 @@ def main() -> None:
     ap.add_argument("--compile", nargs="+", choices=["on", "off"], default=["off", "on"])
     ap.add_argument("--baseline-worker", nargs=2, metavar=("PRESET", "COMPILE"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "gpu"))
+    ap.add_argument("--attention", action="store_true", help="only the packed-row attention paths (see above)")
     args = ap.parse_args()
+    if args.attention:
+        attention_paths(args.steps)
+        return
     if args.baseline_worker:
         preset, on = args.baseline_worker
         print(json.dumps(baseline(preset, args.steps, args.grad_accum, on == "on", args.micro_batch)))

@@ -18,7 +18,7 @@ from conftest import (
     val_losses,
 )
 
-from training.data import pad_sequences
+from training.data import layout_rows
 from training.losses import IGNORE, dpo_loss, sequence_logps
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -52,17 +52,23 @@ def test_sequence_log_probs_sum_only_the_completion_tokens():
     torch.testing.assert_close(sequence_logps(logits, targets), expected)
 
 
+def pad_sequences(docs, **kwargs):
+    """One sequence per row, as the padded layout lays them out."""
+    inputs, targets, _, _ = layout_rows([[(t, m, 0)] for t, m in docs], pad_id=3, **kwargs)
+    return inputs, targets
+
+
 def test_padding_never_goes_past_the_context():
     docs = [(np.arange(64), np.ones(64, dtype=np.uint8))]  # 63 inputs: a multiple of 8 would be 64
-    inputs, targets = pad_sequences(docs, pad_id=3, multiple=8, limit=63)
+    inputs, targets = pad_sequences(docs, multiple=8, limit=63)
     assert inputs.shape == targets.shape == (1, 63)
-    assert pad_sequences(docs, pad_id=3, multiple=8)[0].shape == (1, 64)
+    assert pad_sequences(docs, multiple=8)[0].shape == (1, 64)
 
 
 def test_padding_leaves_targets_only_on_learned_tokens():
     docs = [(np.array([5, 10, 11, 7, 2]), np.array([0, 1, 1, 1, 0], dtype=np.uint8)),
             (np.array([5, 12, 7]), np.array([0, 1, 1], dtype=np.uint8))]
-    inputs, targets = pad_sequences(docs, pad_id=3, multiple=8)
+    inputs, targets = pad_sequences(docs, multiple=8)
     assert inputs.tolist() == [[5, 10, 11, 7, 3, 3, 3, 3], [5, 12, 3, 3, 3, 3, 3, 3]]
     assert targets.tolist() == [[10, 11, 7, IGNORE] + [IGNORE] * 4, [12, 7] + [IGNORE] * 6]
 

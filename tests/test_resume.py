@@ -85,7 +85,7 @@ def test_a_changed_global_batch_continues_with_the_next_unread_sample(tokenizer_
     run_training(*common, "train.grad_accum=2", hooks=f"stop@4,{picks}", expect=STOPPED)
     proc = run_training(*common, "train.micro_batch_size=6", nproc=2, hooks=picks)
     assert ("resuming at step 4 with another global batch, 8 → 12 (4 x 2 x 1 processes → 6 x 1 x 2 (micro-batch x "
-            "accumulation x processes)): the data continues at sample 32") in proc.stdout
+            "accumulation x processes)): the data continues at position 32 of the global order") in proc.stdout
     read = []
     for rank in (0, 1):
         path = tmp_path / f"picks.rank-{rank}.jsonl"

@@ -30,6 +30,10 @@ class DataConfig:
     pack_window: int = 1024      # packing: examples of the global order packed together (best fit, longest first)
     document_mask: bool = False  # pretraining: attention (and positions) restart at every document of a sample
 
+    def packing_window(self) -> int:
+        """Examples packed together, or 0 without packing."""
+        return self.pack_window if self.packing else 0
+
 
 @dataclass
 class TrainConfig:

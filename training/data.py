@@ -275,29 +275,47 @@ def best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 class PackingPlan:
     """Rows of `capacity` positions from the global order: the examples at positions [w * window, (w+1) * window)
-    are packed by best_fit, window after window, and row r of the run is the r-th row of that sequence. Rows depend
-    on the global order and the example lengths alone, so step t reads the same rows on any number of processes and
-    any accumulation, and a resume (a row count) continues exactly."""
+    are packed by best_fit, the rows of the window put in a keyed random order (best fit makes them longest
+    first, and a step would otherwise see only long or only short examples), and row r of the run is the r-th row
+    of that sequence, window after window. Rows depend on the seed, the global order and the example lengths
+    alone, so step t reads the same rows on any number of processes and any accumulation, and a resume (a row
+    count) continues exactly."""
 
-    def __init__(self, picks, lengths: list[np.ndarray], capacity: int, window: int):
-        self.picks, self.lengths, self.capacity, self.window = picks, lengths, capacity, window
-        self.row_ends = [0]  # rows of windows 0..w-1, for the windows packed so far
+    def __init__(self, picks, lengths: list[np.ndarray], capacity: int, window: int, seed: int):
+        self.picks, self.lengths, self.capacity, self.window, self.seed = picks, lengths, capacity, window, seed
+        self.first_window, self.row_ends = 0, [0]  # rows before windows first_window, first_window + 1, ...
         self._windows = functools.lru_cache(maxsize=8)(self._pack)
 
     def _pack(self, w: int) -> list[list[tuple[int, int]]]:
         picks = self.picks(np.arange(w * self.window, (w + 1) * self.window))
         sizes = np.array([self.lengths[s][j] for s, j in picks])
-        return [[picks[i] for i in row] for row in best_fit(sizes, self.capacity)]
+        rows = best_fit(sizes, self.capacity)
+        order = KeyedPermutation(len(rows), (self.seed, 0x9ac, w))(np.arange(len(rows)))
+        return [[picks[i] for i in rows[k]] for k in order.tolist()]
 
     def rows(self, indices: np.ndarray) -> list[list[tuple[int, int]]]:
-        """The (source, example) picks of rows `indices`."""
+        """The (source, example) picks of rows `indices` (from the cursor on, see start_at)."""
         out = []
         for r in np.asarray(indices).tolist():
-            while self.row_ends[-1] <= r:  # a resume far into the run packs every earlier window once
-                self.row_ends.append(self.row_ends[-1] + len(self._windows(len(self.row_ends) - 1)))
-            w = bisect.bisect_right(self.row_ends, r) - 1
-            out.append(self._windows(w)[r - self.row_ends[w]])
+            if r < self.row_ends[0]:
+                raise ValueError(f"row {r} lies before the packing cursor (row {self.row_ends[0]})")
+            while self.row_ends[-1] <= r:  # a fresh plan packs every window up to r once
+                w = self.first_window + len(self.row_ends) - 1
+                self.row_ends.append(self.row_ends[-1] + len(self._windows(w)))
+            k = bisect.bisect_right(self.row_ends, r) - 1
+            out.append(self._windows(self.first_window + k)[r - self.row_ends[k]])
         return out
+
+    def cursor(self, row: int) -> list[int]:
+        """[window, its first row] of the window holding `row`: where a resumed run's plan can start."""
+        self.rows([row])
+        k = bisect.bisect_right(self.row_ends, row) - 1
+        return [self.first_window + k, self.row_ends[k]]
+
+    def start_at(self, cursor: list[int]) -> None:
+        """Continue from a saved cursor instead of packing every earlier window again."""
+        self.first_window, self.row_ends = cursor[0], [cursor[1]]
+        self._windows.cache_clear()
 
     def stats(self, windows: int = 4) -> tuple[float, float]:
         """Over the first `windows` windows: examples per row, and the share of the rows' positions they fill."""
@@ -312,7 +330,7 @@ class GlobalBatches:
     collate([]) is a filler batch of one row that counts no unit, for ranks with less to evaluate than others."""
 
     def __init__(self, sources, weights: list[float], seed: int, plan: BatchPlan, vocab_size: int):
-        self.sources, self.vocab_size, self.plan = sources, vocab_size, plan
+        self.sources, self.vocab_size, self.plan, self.seed = sources, vocab_size, plan, seed
         self.order = SampleOrder([s.n_train for s in sources], weights, seed)
         self.val_ends = np.cumsum([s.n_val for s in sources])  # validation entries of all sources, end to end
         self.packing: PackingPlan | None = None
@@ -399,16 +417,18 @@ class PretrainData(GlobalBatches):
 
 
 def layout_rows(rows: list[list[tuple[np.ndarray, np.ndarray, int]]], pad_id: int, multiple: int = 8,
-                limit: int | None = None):
+                limit: int | None = None, width: int | None = None):
     """Rows of sequences (tokens, mask, slot) → (inputs, targets, segments, real positions). A sequence of n
     tokens fills n-1 positions: position i holds token i, its target is token i+1 where the mask of i+1 is 1,
-    else IGNORE; its segment is the sequence's slot. Padding (pad_id, IGNORE, segment -1) fills each row up to the
-    longest row rounded up to `multiple`, never past `limit` (the model's context)."""
+    else IGNORE; its segment is the sequence's slot. Padding (pad_id, IGNORE, segment -1) fills each row up to
+    `width`, or else the longest row rounded up to `multiple`, never past `limit` (the model's context). Padding
+    sits after each sequence, so under causal attention no real token ever sees it."""
     fills = [sum(len(t) - 1 for t, _, _ in row) for row in rows]
     longest = max(fills)
-    width = -(-longest // multiple) * multiple
-    if limit is not None:
-        width = max(longest, min(width, limit))
+    if width is None:
+        width = -(-longest // multiple) * multiple
+        if limit is not None:
+            width = max(longest, min(width, limit))
     inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
     segments = np.full((len(rows), width), -1, dtype=np.int64)
@@ -421,13 +441,6 @@ def layout_rows(rows: list[list[tuple[np.ndarray, np.ndarray, int]]], pad_id: in
             segments[r, at:at + n] = slot
             at += n
     return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(segments), sum(fills)
-
-
-def pad_sequences(docs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, multiple: int = 8, limit: int | None = None):
-    """One sequence per row, right-padded: (inputs, targets). Padding sits after each sequence, so under causal
-    attention no real token ever sees it."""
-    inputs, targets, _, _ = layout_rows([[(t, m, 0)] for t, m in docs], pad_id, multiple, limit)
-    return inputs, targets
 
 
 def numbered(rows: list[list]) -> list[list[int]]:
@@ -445,15 +458,19 @@ class SFTData(GlobalBatches):
         super().__init__(*args, **kwargs)
         self.pad_id, self.seq_len = pad_id, seq_len
         if pack_window:
-            self.packing = PackingPlan(self.picks, [s.lengths for s in self.sources], seq_len, pack_window)
+            self.packing = PackingPlan(self.picks, [s.lengths for s in self.sources], seq_len, pack_window, self.seed)
 
     def filler(self) -> tuple[np.ndarray, np.ndarray]:
         """A two-token document that is no target anywhere."""
         return np.full(2, self.pad_id, dtype=np.int64), np.zeros(2, dtype=np.uint8)
 
     def lay_out(self, rows: list[list[tuple[np.ndarray, np.ndarray, int]]]) -> Batch:
-        inputs, targets, segments, real = layout_rows(rows, self.pad_id, limit=self.seq_len)
-        return Batch(inputs, targets, segments if self.packing is not None else None, real_tokens=real)
+        if self.packing is None:
+            inputs, targets, _, real = layout_rows(rows, self.pad_id, limit=self.seq_len)
+            return Batch(inputs, targets, real_tokens=real)
+        # packed rows are nearly full: one width for every batch and rank, so compiled kernels see one shape
+        inputs, targets, segments, real = layout_rows(rows, self.pad_id, width=self.seq_len)
+        return Batch(inputs, targets, segments, real_tokens=real)
 
     def collate(self, rows):
         if not rows:

@@ -63,7 +63,7 @@ def packing_line(cfg, plan: BatchPlan, unit: str) -> str:
     order = GlobalBatches(sources, list(weights), cfg.seed, plan, vocab_size=0)
     windows = 4
     per_row, filled = PackingPlan(order.picks, [s.lengths for s in sources], cfg.data.seq_len,
-                                  cfg.data.pack_window).stats(windows)
+                                  cfg.data.pack_window, cfg.seed).stats(windows)
     left_out = sum(s.too_long for s in sources)
     return (f"packing: {per_row:.2f} {unit} per row on average ({100 * filled:.1f}% of the positions filled; first "
             f"{windows} windows of {cfg.data.pack_window}), {plan.global_batch * per_row:,.0f} {unit} per optimizer "

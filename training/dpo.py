@@ -125,14 +125,10 @@ def make_data(run):
     if cfg.dpo.precompute_ref:  # no reference forward during training: a separate reference model is freed
         reference = PrecomputedReference(precompute(run, reference))
     return DPOData(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size, pad_id=pad_id(run.sources),
-                   seq_len=cfg.data.seq_len, pack_window=cfg.data.pack_window if cfg.data.packing else 0,
-                   reference=reference)
+                   seq_len=cfg.data.seq_len, pack_window=cfg.data.packing_window(), reference=reference)
 
 
 def make_stage(cfg) -> Stage:
-    if cfg.data.document_mask:
-        raise UserError("data.document_mask is for pretraining; DPO sequences attend only to themselves already "
-                        "(data.packing=true packs them)")
     if not cfg.init_from:
         raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
     beta = cfg.dpo.beta
@@ -146,7 +142,7 @@ def make_stage(cfg) -> Stage:
         return (losses * real).sum(), {k: (v * real).sum() for k, v in metrics.items()}
 
     return Stage(name="dpo", data_kind="dpo", make_data=make_data, loss=loss, units=lambda batch: int(batch.pairs.sum()),
-                 chat=True, pins_reference=not lora.enabled(cfg.lora))
+                 chat=True, pins_reference=not lora.enabled(cfg.lora), packs=True)
 
 
 if __name__ == "__main__":

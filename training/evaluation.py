@@ -30,15 +30,17 @@ def evaluate(run, step: int) -> None:
     stage, cfg, env, model = run.stage, run.cfg, run.env, run.model
     with run.log.paused():
         model.eval()
-        sizes = torch.from_numpy(text_bytes(os.path.join(cfg.out_dir, "tokenizer.model")))
-        sums = torch.zeros(len(run.sources), 3, dtype=torch.float64)  # per source: loss, units, bytes of the targets
+        sizes = text_bytes(os.path.join(cfg.out_dir, "tokenizer.model"))
+        sizes = torch.from_numpy(np.pad(sizes, (0, max(0, model.cfg.vocab_size - len(sizes)))))  # ids of no text
+        counts = torch.zeros(len(run.sources), 2, dtype=torch.float64)  # per source: units, bytes of the targets
+        loss_sums = torch.zeros(len(run.sources), dtype=torch.float64, device=env.device)
         for s, batch in run.data.val_batches(cfg.train.eval_samples):
-            targets = batch.targets[batch.targets != IGNORE]
-            sums[s, 1] += stage.units(batch)
-            sums[s, 2] += int(sizes[targets.clamp(max=len(sizes) - 1)].sum())
+            counts[s, 0] += stage.units(batch)
+            if stage.token_loss:
+                counts[s, 1] += int(sizes[batch.targets[batch.targets != IGNORE]].sum())
             with run.autocast:
-                sums[s, 0] += float(stage.loss(model, batch.to(env.device))[0])
-        sums = D.all_reduce_sum(env, sums.to(env.device)).cpu()
+                loss_sums[s] += stage.loss(model, batch.to(env.device))[0].double()
+        sums = D.all_reduce_sum(env, torch.cat([loss_sums.unsqueeze(1), counts.to(env.device)], dim=1)).cpu()
         sample = sample_text(run, step) if cfg.train.sample_prompt else None
         model.train()
         values = validation_metrics(sums, run.names, stage.token_loss)

@@ -47,6 +47,16 @@ class Stage:
     chat: bool = False                               # samples are generated as assistant replies
     pins_reference: bool = False                     # keeps the init_from weights for the whole run (DPO)
     token_loss: bool = False                         # the loss is nats per target token (val_bpb is meaningful)
+    packs: bool = False                              # examples that data.packing packs into rows (SFT, DPO)
+
+    def check(self, cfg: Config) -> None:
+        """The data options that mean something for this stage."""
+        if cfg.data.packing and not self.packs:
+            raise UserError("data.packing: pretraining samples are already full rows of data.seq_len tokens; "
+                            "data.document_mask=true keeps attention inside each document")
+        if cfg.data.document_mask and self.packs:
+            raise UserError(f"data.document_mask is for pretraining; {self.name} examples attend only to themselves "
+                            "already (data.packing=true packs them)")
 
 
 def target_tokens(batch: Batch) -> int:
@@ -129,6 +139,7 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
 
 def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     """Data, starting point, model, optimizer, engine and train state of a fresh or resumed run."""
+    stage.check(cfg)
     names, paths, weights = zip(*data_sources(cfg.data), strict=True)
     sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind, cfg.data.packing)
     for source in sources:
@@ -205,6 +216,8 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     r = Run(stage, cfg, env, plan, state, sources, list(names), list(weights), model, train_model, optimizer, engine,
             precision, autocast, None, config_yaml, reference_dir, hooks)
     r.data = stage.make_data(r)
+    if saved and saved.packing_cursor and r.data.packing is not None:
+        r.data.packing.start_at(saved.packing_cursor)
     r.log = MetricsLog(cfg, env, model, stage.name, state.step)  # last: nothing after it can fail and leave it open
     return r
 
@@ -248,6 +261,8 @@ def train(r: Run) -> None:
             evaluate(r, step=done)
         signum = stop.agreed(env)  # every rank stops at the same step boundary
         if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
+            if r.data.packing is not None:
+                state.packing_cursor = r.data.packing.cursor(state.consumed_samples)
             with r.log.paused():
                 ckpt.save(env, cfg.out_dir, state, r.model, r.optimizer, r.config_yaml,
                           os.path.join(cfg.out_dir, "tokenizer.model"), cfg.train.keep_checkpoints, r.engine)
@@ -428,7 +443,8 @@ def announce_resume(saved: TrainState, plan: BatchPlan, env: D.DistEnv) -> None:
         print(f"resuming at step {saved.step}: {split}, the same global batch of {plan.global_batch}", flush=True)
     else:
         print(f"resuming at step {saved.step} with another global batch, {old.global_batch} → {plan.global_batch} "
-              f"({split}): the data continues at sample {saved.consumed_samples:,}, none skipped or repeated; the "
+              f"({split}): the data continues at position {saved.consumed_samples:,} of the global order, none "
+              f"skipped or repeated; the "
               f"learning rate stays a function of the step", flush=True)
 
 

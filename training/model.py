@@ -110,6 +110,10 @@ class Attention(nn.Module):
                 causal = False
             elif past > 0:
                 mask, causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past), False
+        if mask is not None and gqa:  # on CUDA only the flash and math kernels group heads, and flash takes no mask:
+            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # shared heads copied, the memory-
+            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # efficient kernel then takes the mask
+            gqa = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -126,15 +130,21 @@ def document_mask(segments: torch.Tensor, impl: str = "sdpa"):
     """Causal attention within each sequence of a row: a boolean (batch, 1, seq, seq) mask for SDPA, or a
     FlexAttention BlockMask (whose kernels skip the blocks that are all masked)."""
     if impl == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def same_sequence_causal(b, h, q, k):
             return (segments[b, q] == segments[b, k]) & (k <= q)
 
         b, t = segments.shape
-        return create_block_mask(same_sequence_causal, b, None, t, t, device=segments.device)
+        return flex_block_mask()(same_sequence_causal, b, None, t, t, device=segments.device)
     causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
     return ((segments.unsqueeze(2) == segments.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+@functools.cache
+def flex_block_mask():
+    """create_block_mask compiled once: uncompiled it materialises the whole (batch, seq, seq) mask on the way."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 @functools.cache
@@ -227,6 +237,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin, mask = self.rope_cos[start:end], self.rope_sin[start:end], None
         if segments is not None:
+            if cache is not None:
+                raise ValueError("packed rows (segments) are a training layout: decoding with a cache takes one sequence per row")
             positions = segment_positions(segments)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
             mask = document_mask(segments, self.attention_impl)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 
-from preprocess.errors import UserError
-
 from .cli import main
 from .data import PretrainData
 from .loop import Stage, target_tokens
@@ -28,9 +26,6 @@ def loss(model, batch):
 
 
 def make_stage(cfg) -> Stage:
-    if cfg.data.packing:
-        raise UserError("data.packing: pretraining samples are already full rows of data.seq_len tokens; "
-                        "data.document_mask=true keeps attention inside each document")
     # every target counts; only the filler rows of an evaluation (ranks with less to evaluate) hold IGNORE
     return Stage(name="pretrain", data_kind="pretrain", make_data=make_data, loss=loss, units=target_tokens,
                  token_loss=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 
-from preprocess.errors import UserError
-
 from .cli import main
 from .data import SFTData
 from .loop import Stage, target_tokens
@@ -25,7 +23,7 @@ def pad_id(sources) -> int:
 def make_data(run):
     data = run.cfg.data
     return SFTData(run.sources, run.weights, run.cfg.seed, run.plan, run.model.cfg.vocab_size,
-                   pad_id=pad_id(run.sources), seq_len=data.seq_len, pack_window=data.pack_window if data.packing else 0)
+                   pad_id=pad_id(run.sources), seq_len=data.seq_len, pack_window=data.packing_window())
 
 
 def loss(model, batch):
@@ -34,11 +32,8 @@ def loss(model, batch):
 
 
 def make_stage(cfg) -> Stage:
-    if cfg.data.document_mask:
-        raise UserError("data.document_mask is for pretraining; conversations attend only to themselves already "
-                        "(data.packing=true packs them)")
     return Stage(name="sft", data_kind="sft", make_data=make_data, loss=loss, units=target_tokens, chat=True,
-                 token_loss=True)
+                 token_loss=True, packs=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ STATE = "state.json"
 @dataclass
 class TrainState:
     step: int = 0                     # optimizer steps done
-    consumed_samples: int = 0         # global order positions read (samples, examples or pairs)
+    consumed_samples: int = 0         # global order positions read (samples, examples, pairs, or packed rows)
     tokens: int = 0                   # tokens processed, padding included (as tokens_per_sec counts them)
     nonfinite_steps: int = 0          # steps skipped for a NaN/inf loss or gradient
     nonfinite_in_a_row: int = 0
@@ -34,6 +34,8 @@ class TrainState:
     grad_accum: int = 0               # and micro-steps per optimizer step
     identity: dict = field(default_factory=dict)  # see run_identity()
     init_from: dict | None = None     # the resolved starting checkpoint: {"path", "fingerprint"}, pinned at the start
+    packing_cursor: list | None = None  # data.packing: [window, its first row] holding the next row to read, so a
+                                        # resume packs from there rather than from the first window
 
     def save_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=1).encode()
@@ -65,7 +67,7 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
                  for s, w in sources],
         "data.seq_len": cfg.data.seq_len,
         "data.val_fraction": cfg.data.val_fraction,
-        "data.packing": cfg.data.pack_window if cfg.data.packing else False,  # which rows the position counts
+        "data.packing": cfg.data.packing_window(),  # what the position counts: rows of which packing, or examples
         "data.document_mask": cfg.data.document_mask,
         "init_from": os.path.realpath(cfg.init_from) if cfg.init_from else None,
         "dist.backend": "deepspeed" if cfg.dist.backend == "deepspeed" else "ddp",  # none and ddp save alike
@@ -79,9 +81,14 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
     return identity
 
 
+# settings recorded since a version that could only run them one way: a checkpoint without them ran that way
+RECORDED_LATER = {"data.packing": 0, "data.document_mask": False}
+
+
 def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None) -> None:
     """One line naming the first setting that differs from the checkpoint's, old → new, and the way out.
     init_from may name the starting run another way: its run directory or the checkpoint the run started from."""
+    saved = {**RECORDED_LATER, **saved}
     for key, new in current.items():
         if key not in saved:  # a checkpoint from before this setting was recorded
             continue
