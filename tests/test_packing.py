@@ -282,8 +282,9 @@ def long_context_sft(tmp_path_factory, pretrain_shards, chat_shards) -> str:
 @pytest.mark.slow
 def test_packed_sft_is_the_same_on_two_processes_and_resumes_exactly_after_kill_9(chat_shards, long_context_sft,
                                                                                   tmp_path):
+    # windows of 16 conversations make ~5 rows: the checkpoint of step 3 (24 rows) lies in a later window
     common = [f"data.path={chat_shards['sft']}", f"init_from={long_context_sft}", "train.max_steps=6",
-              "train.eval_every=3", "train.ckpt_every=3", *PACKED]
+              "train.eval_every=3", "train.ckpt_every=3", "data.pack_window=16", *PACKED]
     run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)
     run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2, stage="sft", config=SFT_CONFIG)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -297,20 +298,22 @@ def test_packed_sft_is_the_same_on_two_processes_and_resumes_exactly_after_kill_
     command = training_command(*common, f"out_dir={out}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)
     kill_after_first_checkpoint(command, out)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
+    cursor = json.loads((out / "checkpoints" / "step-3" / "state.json").read_text())["packing_cursor"]
+    assert cursor[0] > 0 and 0 < cursor[1] <= 24  # the resume starts packing there, not at window 0
     run_training(*common, f"out_dir={out}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)
     assert losses(out) == one and val_losses(out) == val_losses(tmp_path / "one")
-    assert json.loads((out / "checkpoints" / "step-6" / "state.json").read_text())["packing_cursor"][1] >= 0
     # the position counts packed rows: resuming without packing (or with another window) would misread it
     proc = run_training(*common, f"out_dir={out}", "train.max_steps=8", "data.packing=false", stage="sft",
                         config=SFT_CONFIG, expect=1)
     assert "data.packing" in proc.stderr and "Traceback" not in proc.stderr
 
-    # the same examples padded: far more positions computed for the same conversations
-    padded = tmp_path / "padded"
-    run_training(*common[:-len(PACKED)], "train.micro_batch_size=6", f"out_dir={padded}", "train.grad_accum=4",
-                 "train.max_steps=2", stage="sft", config=SFT_CONFIG)
-    share = {run: np.mean(list(losses(run, "padding_share").values())) for run in (tmp_path / "one", padded)}
-    assert share[tmp_path / "one"] < min(0.1, share[padded]), share  # rows of 127 hold ~3 conversations of 24-63
+    # padded, the same conversations take far more positions than packed with the default window
+    short = [*common[:-len(PACKED) - 1], "train.max_steps=2", "train.grad_accum=4"]
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    run_training(*short, "train.micro_batch_size=6", f"out_dir={padded}", stage="sft", config=SFT_CONFIG)
+    run_training(*short, *PACKED, f"out_dir={packed}", stage="sft", config=SFT_CONFIG)
+    share = {run: np.mean(list(losses(run, "padding_share").values())) for run in (packed, padded)}
+    assert share[packed] < min(0.1, share[padded]), share  # rows of 127 hold ~3 conversations of 24-63
 
 
 @pytest.mark.slow

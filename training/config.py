@@ -27,7 +27,7 @@ class DataConfig:
     verify: bool = True          # before a fresh run's first step, re-hash the shards (each rank its share)
     packing: bool = False        # SFT, DPO: several examples per row of seq_len positions, each attending to itself;
                                  # the batch counts rows
-    pack_window: int = 1024      # packing: examples of the global order packed together (best fit, longest first)
+    pack_window: int = 1024      # packing: examples of the global order packed together (best fit)
     document_mask: bool = False  # pretraining: attention (and positions) restart at every document of a sample
 
     def packing_window(self) -> int:

@@ -106,6 +106,7 @@ class Run:
 
 
 def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
+    stage.check(cfg)  # before any process group or out_dir exists
     env = D.init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     if env.device.type == "cpu":
         keep_freed_memory()
@@ -139,7 +140,6 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
 
 def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     """Data, starting point, model, optimizer, engine and train state of a fresh or resumed run."""
-    stage.check(cfg)
     names, paths, weights = zip(*data_sources(cfg.data), strict=True)
     sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind, cfg.data.packing)
     for source in sources:
