@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 import torch
@@ -129,10 +130,20 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module
             fsync_path(root)
             _prune(root, keep)
     except OSError:  # a full disk: the previous checkpoint stays in charge, and this one's space is given back
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     D.barrier(env)
     return final
+
+
+def discard(tmp: str, patience_s: float = 10.0) -> None:
+    """Remove a half-written checkpoint directory. Every rank does, after its own write failed: while another rank
+    is still failing to write into it, or removing it too, one pass can leave the directory behind."""
+    deadline = time.monotonic() + patience_s
+    shutil.rmtree(tmp, ignore_errors=True)
+    while os.path.exists(tmp) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _files(ckpt_dir: str) -> list[str]:
