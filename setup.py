@@ -22,10 +22,12 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
-        "mpi": ["mpich"],  # mpirun; ranks come from its environment variables, so mpi4py is not needed
+        "fast": ["gigatoken>=0.10"],  # preprocessing: the same ids as sentencepiece, several times faster
+        "mpi": ["mpich", "mpi4py>=4"],  # mpirun, and MPI's own coordination for preprocessing
         "hf": ["transformers>=5.0"],  # training.export_hf
         "lora": ["peft>=0.17"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "ruff>=0.6", "mpich", "deepspeed==0.19.8",
-                "transformers>=5.0", "peft>=0.17"],
+        "dedup": ["datasketch>=1.6"],  # preprocess shards --dedup near
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9", "ruff>=0.6", "mpich", "mpi4py>=4",
+                "deepspeed==0.19.8", "transformers>=5.0", "peft>=0.17", "gigatoken>=0.10", "datasketch>=1.6"],
     },
 )

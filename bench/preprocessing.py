@@ -172,11 +172,12 @@ def run_megatron_style(model: str, corpus_dir: str, out: str, workers: int, docs
 
 def breakdown(model: str, corpus_dir: str, units: int = 8) -> dict[str, float]:
     """Where one worker's time goes: the first `units` work units run in this process, each step timed."""
+    from preprocess.encoders import Encoder
     from preprocess.formats import pretrain_text
     from preprocess.parallel import group_units
     from preprocess.readers import SegmentReader, plan_segments
     from preprocess.shards import WORK_DIR, ShardJob, write_unit
-    from preprocess.tokenizer import Encoder, load_tokenizer
+    from preprocess.tokenizer import load_tokenizer
 
     out = os.path.join(os.path.dirname(corpus_dir), "breakdown")
     os.makedirs(os.path.join(out, WORK_DIR, "units"), exist_ok=True)

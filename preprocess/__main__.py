@@ -7,13 +7,14 @@ import os
 import sys
 
 from .chat import ChatTemplate
+from .encoders import ENCODERS, choose_encoder
 from .errors import UserError, exit_code
 from .fileio import file_sha256
 from .formats import pretrain_text
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
 from .ranks import ranks_from_env
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
-from .shards import KINDS, ShardJob, read_manifest, verify
+from .shards import KINDS, ShardJob, encoder_sample, read_manifest, verify
 from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
 
 
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--sample-mb", type=float, default=100.0,
                    help="train on at most this much text, sampled in blocks across the inputs (default: 100)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of the text's characters that get pieces of their own; the rarest rest is written as "
+                        "UTF-8 bytes (default: 0.9995; e.g. 0.98 for a few-thousand-piece Chinese vocabulary)")
 
     s = sub.add_parser("shards", help="tokenize corpora into memory-mapped token shards")
     add_input_options(s)
@@ -53,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--world", type=int, default=None, help="how many processes split the job (see --rank)")
     s.add_argument("--max-len", type=int, default=2048,
                    help="sft/dpo: drop (and count) examples longer than this many tokens (default: 2048)")
+    s.add_argument("--encoder", choices=ENCODERS, default="auto",
+                   help="what computes the ids: gigatoken when installed and it gives sentencepiece's ids on a "
+                        "sample of this job's input (auto, default), or always sentencepiece; the shards are the "
+                        "same bytes either way")
     s.add_argument("--unit-mb", type=float, default=None,
                    help="input per work unit and shard (default: corpus/512, within 4–256 MiB)")
 
@@ -87,7 +95,7 @@ def cmd_tokenizer(args) -> None:
     skipped: dict[str, int] = {}
     docs = sample_documents(segments, lambda seg: iter_documents([seg], args.text_key, args.txt_doc, skipped),
                             int(args.sample_mb * MiB), args.seed)
-    report = train_tokenizer(docs, args.out, args.vocab_size)
+    report = train_tokenizer(docs, args.out, args.vocab_size, character_coverage=args.character_coverage)
     share = f"{100 * report.bytes_trained / total:.0f}% of" if total else "of"
     documents = f"{report.documents:,} document{'s' * (report.documents != 1)}"
     print(f"tokenizer: BPE, {report.vocab_size:,} tokens; trained on {report.bytes_trained / 1e6:,.1f} MB "
@@ -114,6 +122,9 @@ def cmd_shards(args) -> None:
     if args.kind != "pretrain":
         ChatTemplate(tokenizer)  # the tokenizer must have the chat control symbols: fail before any work
     plan = make_plan(job, paths, segments, unit_bytes)
+    job.encoder, note = choose_encoder(args.encoder, tokenizer, lambda: encoder_sample(job, segments))
+    if note:
+        print(note, file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     copy_tokenizer(tokenizer.path, args.out, tokenizer.sha256)
     rank, world, _, launcher = ranks_from_env(arrays=True)
@@ -122,6 +133,7 @@ def cmd_shards(args) -> None:
     if not 0 <= rank < world:
         raise UserError(f"--rank {rank} is not in 0..{world - 1} (--world {world})")
     manifest, stats = build_shards(job, plan, args.workers, rank=rank, world=world)
+    stats["encoder"] = job.encoder
     if manifest is None:
         print(f"shards (rank {rank} of {world}): {stats['new_documents']:,} documents, {stats['new_tokens']:,} tokens "
               f"in {stats['seconds']:.1f} s; {stats['units_left']} units of other ranks unfinished — the last rank to "
@@ -153,7 +165,7 @@ def print_summary(manifest: dict, stats: dict, out: str) -> None:
     resumed = f" ({stats['resumed_units']} done before)" if stats["resumed_units"] else ""
     print(f"shards: {t['documents']:,} documents, {t['tokens']:,} tokens ({manifest['dtype']}) in {t['shards']:,} shards"
           f"{resumed}; skipped {t['skipped']:,}{' (' + _counts(manifest['skipped']) + ')' if t['skipped'] else ''}; "
-          f"{rate}, {stats['seconds']:.1f} s → {out}")
+          f"{rate} ({stats['encoder']}), {stats['seconds']:.1f} s → {out}")
     for examples in manifest["skipped_examples"].values():
         print(f"  {examples[0]}")
 

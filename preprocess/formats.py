@@ -1,7 +1,7 @@
 """Records → documents, one class per shard kind. A record that cannot be used becomes a Bad.
 
 A kind parses each record on its own (cheap, per record), then builds a batch of parsed records into token ids
-with one batched sentencepiece call. Accepted record shapes:
+with one batched encoder call. Accepted record shapes:
 
 pretrain  a string, or {"<text-key>": string}
 sft       {"messages" | "conversations": [{"role", "content"}, ...]}   (also ShareGPT's {"from", "value"})
@@ -184,6 +184,10 @@ class PretrainKind:
     def size(self, parsed: str) -> int:
         return len(parsed)
 
+    def texts(self, parsed: str) -> list[str]:
+        """What the encoder sees of a parsed record."""
+        return [parsed]
+
     def build(self, batch: list) -> tuple[np.ndarray, None, np.ndarray, list[tuple[int, Bad]]]:
         ids, lengths = self.encoder.encode(batch)
         return ids, None, lengths, []
@@ -218,6 +222,9 @@ class SFTKind(_ChatKind):
     def size(self, parsed: list[Turn]) -> int:
         return sum(len(t.text) for t in parsed)
 
+    def texts(self, parsed: list[Turn]) -> list[str]:
+        return [t.text for t in parsed]
+
     def build(self, batch: list[list[Turn]]):
         kept, bad = [], []
         for i, doc in enumerate(self._render_all(batch, learn="assistant")):
@@ -238,6 +245,9 @@ class DPOKind(_ChatKind):
 
     def size(self, parsed) -> int:
         return sum(len(t.text) for conv in parsed for t in conv)
+
+    def texts(self, parsed) -> list[str]:
+        return [t.text for conv in parsed for t in conv]
 
     def build(self, batch: list[tuple[list[Turn], list[Turn]]]):
         docs = self._render_all([conv for pair in batch for conv in pair], learn="last")

@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from .encoders import Encoder
 from .errors import UserError
 from .fileio import atomic_write, remove_stale_tmp
 from .readers import Segment
@@ -31,7 +32,6 @@ from .shards import (
     write_manifest,
     write_unit,
 )
-from .tokenizer import Encoder
 
 MiB = 1 << 20
 
@@ -92,7 +92,7 @@ def _init_worker(job: ShardJob, in_process: bool = False) -> None:
         if sys.platform.startswith("linux"):  # die with the parent, so a killed job leaves no writers behind
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _worker["job"], _worker["encoder"] = job, Encoder(job.tokenizer)
+    _worker["job"], _worker["encoder"] = job, Encoder(job.tokenizer, job.encoder)
 
 
 def _run_unit(task: tuple[str, list[Segment]]) -> dict:

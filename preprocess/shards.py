@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .chat import TEMPLATE, ChatTemplate
+from .encoders import Encoder
 from .errors import UserError
 from .fileio import TMP_MARK, NpyWriter, atomic_write, file_sha256, fsync_path
 from .formats import KINDS as KIND_CLASSES
 from .readers import REASONS, Bad, Segment, SegmentReader
-from .tokenizer import Encoder, TokenizerInfo
+from .tokenizer import TokenizerInfo
 
 FORMAT = "shardlm.shards"
 FORMAT_VERSION = 1
@@ -45,8 +46,9 @@ class ShardJob:
     txt_doc: str = "file"
     strict: bool = False
     max_len: int = 2048  # sft/dpo: longer examples are dropped and counted
+    encoder: str = "sentencepiece"  # which backend computes the ids (the same ids: not part of the plan)
 
-    def make_kind(self, encoder: Encoder):
+    def make_kind(self, encoder: Encoder | None = None):
         template = ChatTemplate(self.tokenizer) if self.kind != "pretrain" else None
         return KIND_CLASSES[self.kind](encoder, self.text_key, self.max_len, template)
 
@@ -63,6 +65,28 @@ def shard_files(name: str, has_mask: bool) -> dict[str, str]:
 
 def format_skip(where: str, bad: Bad) -> str:
     return f"{bad.where or where}: {REASONS[bad.reason]}" + (f" ({bad.detail})" if bad.detail else "")
+
+
+def encoder_sample(job: ShardJob, segments: list[Segment], budget_chars: int = 1 << 20,
+                   spread: int = 16) -> list[tuple[str, object]]:
+    """(text, where) pairs the encoder would see, from up to `spread` segments evenly spaced over the job (where()
+    names the record's file and line): what an encoder is checked on before it may write this job's shards."""
+    kind = job.make_kind()
+    picked = segments if len(segments) <= spread else [segments[i * len(segments) // spread] for i in range(spread)]
+    sample = []
+    for seg in picked:
+        taken = 0
+        reader = SegmentReader(seg, columns=kind.columns, txt_doc=job.txt_doc)
+        for pos, record in reader:
+            parsed = kind.parse(record)
+            if isinstance(parsed, Bad):
+                continue
+            where = lambda reader=reader, pos=pos: reader.where(pos)  # noqa: E731 (line numbers cost a scan)
+            sample += [(text, where) for text in kind.texts(parsed)]
+            taken += kind.size(parsed)
+            if taken >= budget_chars // len(picked):
+                break
+    return sample
 
 
 def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segment]) -> dict:

@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizer: training (BPE, byte fallback, identity normalisation), loading, batched encoding."""
+"""Sentencepiece tokenizer: training (BPE, byte fallback, identity normalisation) and loading; encoding is in
+encoders.py."""
 
 from __future__ import annotations
 
@@ -27,9 +28,6 @@ CONTROL_SYMBOLS = [*ROLE_TOKENS.values(), END_OF_TURN]
 # chunks below it (at line ends where possible).
 TRAIN_CHUNK_BYTES = 4000
 TRAIN_MAX_SENTENCE_BYTES = 8192
-
-# Documents longer than this many characters are encoded in pieces, which bounds sentencepiece's memory.
-ENCODE_PIECE_CHARS = 1 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -103,64 +101,6 @@ def token_bytes(path: str) -> np.ndarray:
     return sizes
 
 
-class Encoder:
-    """Batched encoding of whole documents into one flat id array, each document followed by eos."""
-
-    def __init__(self, info: TokenizerInfo):
-        self.sp = load_processor(info.path, num_threads=1)
-        self.eos = info.eos_id
-        self.dtype = info.dtype
-        self.adds_dummy_prefix = info.adds_dummy_prefix
-
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (ids, lengths): the concatenated ids of all documents and each document's length incl. eos."""
-        if not texts:
-            return np.empty(0, self.dtype), np.empty(0, np.int64)
-        parts = self.encode_each(texts, add_eos=True)
-        lengths = np.fromiter((len(p) for p in parts), np.int64, count=len(parts))
-        # ids are < vocab_size, which the dtype holds, so the unchecked cast is exact
-        return np.concatenate(parts, dtype=self.dtype, casting="unsafe"), lengths
-
-    def encode_each(self, texts: list[str], add_eos: bool = False) -> list[np.ndarray]:
-        """The ids of every text, in one batched call; very long texts are encoded in pieces."""
-        if all(len(t) <= ENCODE_PIECE_CHARS for t in texts):
-            return self.sp.encode(texts, add_eos=add_eos, return_type="numpy")
-        return [self._encode_long(t, add_eos) if len(t) > ENCODE_PIECE_CHARS
-                else self.sp.encode(t, add_eos=add_eos, return_type="numpy") for t in texts]
-
-    def _encode_long(self, text: str, add_eos: bool) -> np.ndarray:
-        pieces = split_for_encoding(text, ENCODE_PIECE_CHARS, self.adds_dummy_prefix)
-        ids = self.sp.encode(pieces, return_type="numpy")
-        return np.concatenate([*ids, np.array([self.eos] if add_eos else [], dtype=ids[0].dtype)])
-
-
-def split_for_encoding(text: str, limit: int, adds_dummy_prefix: bool) -> list[str]:
-    """Cut a long document into pieces whose concatenated encodings decode back to exactly `text`.
-
-    Without a dummy prefix any cut is exact; a line end is preferred so that few merges are lost.
-    A tokenizer with a dummy prefix (Llama) prepends "▁" to every piece, so a piece may only start where a
-    space was, and that space is dropped from the piece: the prefix stands for it. If no space exists, the
-    text is not cut at all (correct, only slower).
-    """
-    pieces, start, n = [], 0, len(text)
-    while n - start > limit:
-        lo, hi = start + limit // 2, start + limit
-        if adds_dummy_prefix:
-            cut = text.rfind(" ", lo, hi)
-            if cut <= start:
-                cut = text.find(" ", hi)
-            if cut <= start:
-                break
-            pieces.append(text[start:cut])
-            start = cut + 1
-        else:
-            cut = text.rfind("\n", lo, hi) + 1 or text.rfind(" ", lo, hi) + 1 or hi
-            pieces.append(text[start:cut])
-            start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 def training_chunks(text: str, limit: int = TRAIN_CHUNK_BYTES):
@@ -205,8 +145,14 @@ class TrainReport:
     seconds: float
 
 
-def train_tokenizer(documents, out_dir: str, vocab_size: int, *, extra_control_symbols=(), threads: int | None = None) -> TrainReport:
-    """Train a BPE model on an iterable of document strings; writes out_dir/tokenizer.{model,vocab,log}."""
+def train_tokenizer(documents, out_dir: str, vocab_size: int, *, character_coverage: float = 0.9995,
+                    extra_control_symbols=(), threads: int | None = None) -> TrainReport:
+    """Train a BPE model on an iterable of document strings; writes out_dir/tokenizer.{model,vocab,log}.
+
+    Characters outside the most frequent `character_coverage` share of the text get no piece of their own and
+    are written as their UTF-8 bytes (byte fallback): small vocabularies on Chinese need a lower coverage."""
+    if not 0.98 <= character_coverage <= 1:  # sentencepiece's own limits
+        raise UserError(f"--character-coverage must be between 0.98 and 1, got {character_coverage}")
     os.makedirs(out_dir, exist_ok=True)
     stats = {"chunks": 0, "bytes": 0, "documents": 0}
 
@@ -230,7 +176,7 @@ def train_tokenizer(documents, out_dir: str, vocab_size: int, *, extra_control_s
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
         split_digits=True,
-        character_coverage=0.9995,
+        character_coverage=character_coverage,
         max_sentence_length=TRAIN_MAX_SENTENCE_BYTES,
         input_sentence_size=0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3,
@@ -290,7 +236,9 @@ def _train_once(chunks: list[str], options: dict, log_path: str):
             too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
             if too_small:
                 raise UserError(f"--vocab-size {too_small.group(1)} is too small for this corpus: it needs at least "
-                                f"{too_small.group(2)} (256 byte pieces, the special tokens and every frequent character)") from None
+                                f"{too_small.group(2)} (256 byte pieces, the special tokens and every character within "
+                                f"--character-coverage {options['character_coverage']}; lower it to write rarer "
+                                "characters as bytes)") from None
             raise UserError(f"sentencepiece training failed: {msg.splitlines()[-1]} (full log: {log_path})") from None
     return model.getvalue()
 

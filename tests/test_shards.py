@@ -322,7 +322,7 @@ def test_token_dtype_at_the_uint16_boundary(tmp_path, vocab_size, dtype):
 
 @pytest.mark.parametrize("dummy_prefix", [False, True])
 def test_long_documents_are_encoded_in_pieces_exactly(tokenizer_model, tmp_path, monkeypatch, dummy_prefix):
-    import preprocess.tokenizer as tok
+    import preprocess.encoders as tok
 
     if dummy_prefix:  # a Llama-style model: sentencepiece adds "▁" in front of every encoded string
         spm.SentencePieceTrainer.train(sentence_iterator=iter(MIXED_TEXTS * 30), model_prefix=str(tmp_path / "llama"),

@@ -4,13 +4,12 @@ import pytest
 import sentencepiece as spm
 from conftest import MIXED_TEXTS, run_cli, shakespeare_plays
 
+from preprocess.encoders import Encoder, split_for_encoding
 from preprocess.errors import UserError
 from preprocess.tokenizer import (
     CONTROL_SYMBOLS,
     TRAIN_CHUNK_BYTES,
-    Encoder,
     load_tokenizer,
-    split_for_encoding,
     train_tokenizer,
     training_chunks,
 )
@@ -97,7 +96,8 @@ def test_llama_style_dummy_prefix_tokenizer_splits_long_documents_exactly(tmp_pa
     pieces = split_for_encoding(text, 500, adds_dummy_prefix=True)
     assert len(pieces) > 5
     encoder = Encoder(info)
-    ids = [i for p in encoder.sp.encode(pieces) for i in p]
-    assert encoder.sp.decode(ids) == text
+    sp = encoder.backend.sp
+    ids = [i for p in sp.encode(pieces) for i in p]
+    assert sp.decode(ids) == text
     no_space = "床前明月光" * 300
     assert split_for_encoding(no_space, 500, adds_dummy_prefix=True) == [no_space]
