@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import socket
+import time
 
 import numpy as np
 
@@ -65,12 +66,40 @@ def copy_durably(src: str, dst: str) -> None:
     write_then_rename(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def remove_stale_tmp(directory: str) -> int:
-    """Delete temporary files left by a killed run; returns how many there were."""
-    stale = glob.glob(os.path.join(glob.escape(directory), f"**/*{TMP_MARK}*"), recursive=True)
-    for path in stale:
-        _unlink_quietly(path)
-    return len(stale)
+def remove_stale_tmp(directory: str, finished=lambda final: False, max_age_s: float = 3600.0) -> int:
+    """Delete temporary files left by killed runs; returns how many there were.
+
+    Another process may be writing one right now (two ranks finishing together both write the manifest), so a
+    temporary file goes only if its final name is `finished(final)` (nobody writes it again), its process is
+    gone from this host, or it comes from another host and has not changed for `max_age_s`."""
+    host = socket.gethostname()
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(directory), f"**/*{TMP_MARK}*"), recursive=True):
+        final, _, owner = path.rpartition(TMP_MARK)
+        owner_host, _, pid = owner.rpartition("-")
+        if finished(final):
+            stale = True
+        elif owner_host == host and pid.isdigit():
+            stale = not _process_exists(int(pid))
+        else:
+            try:
+                stale = time.time() - os.path.getmtime(path) > max_age_s
+            except FileNotFoundError:
+                continue
+        if stale:
+            _unlink_quietly(path)
+            removed += 1
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _unlink_quietly(path: str) -> None:

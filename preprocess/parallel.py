@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .encoders import Encoder
 from .errors import UserError
-from .fileio import atomic_write, remove_stale_tmp
+from .fileio import atomic_write, file_sha256, remove_stale_tmp
 from .readers import Segment
 from .shards import (
     MANIFEST,
@@ -61,7 +61,31 @@ class Plan:
     units: list[list[Segment]]
     names: list[str]
     doc: dict            # what the output depends on; its sha256 goes into the manifest
-    resume_key: dict     # doc + input mtimes: a partial run is resumed only if this matches exactly
+    stamps: list[dict]   # each input's path, size and modification time (and sha256 with --strict)
+
+    @property
+    def resume_key(self) -> dict:
+        """A partial run is resumed, and a finished one reused, only if this matches exactly."""
+        return {"plan_sha256": self.doc["sha256"], "inputs": self.stamps}
+
+
+def input_stamp(path: str, content: bool) -> dict:
+    st = os.stat(path)
+    return {"path": path, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            **({"sha256": file_sha256(path)} if content else {})}
+
+
+def changed_input(old: list[dict], new: list[dict]) -> str | None:
+    """The first input whose stamp differs: by content where both stamps have it, else by size and time."""
+    for a, b in zip(old, new, strict=True):
+        if not isinstance(a, dict):
+            return "the run was planned by an older version of this tool"
+        if "sha256" in a and "sha256" in b:
+            if a["sha256"] != b["sha256"]:
+                return f"{b['path']} has other content"
+        elif (a["bytes"], a.get("mtime_ns", b["mtime_ns"])) != (b["bytes"], b["mtime_ns"]):  # older: no time
+            return f"{b['path']} was modified"
+    return None
 
 
 def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_bytes: int) -> Plan:
@@ -77,9 +101,7 @@ def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_byt
         "units": [[s.provenance() for s in unit] for unit in units],
     }
     doc["sha256"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-    resume_key = {"plan_sha256": doc["sha256"],
-                  "inputs": [[os.path.abspath(p), os.stat(p).st_mtime_ns] for p in paths]}
-    return Plan(units, names, doc, resume_key)
+    return Plan(units, names, doc, [input_stamp(p, content=job.strict) for p in paths])
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -156,6 +178,9 @@ def prepare_out_dir(job: ShardJob, plan: Plan) -> dict | None:
         with open(manifest_path, "rb") as f:
             manifest = json.load(f)
         if manifest.get("plan_sha256") == plan.doc["sha256"]:
+            if (changed := changed_input(manifest["inputs"], plan.stamps)) is not None:
+                raise UserError(f"{out}: holds shards of an earlier version of the inputs ({changed} since); "
+                                "delete it or choose another --out")
             shutil.rmtree(os.path.join(out, WORK_DIR), ignore_errors=True)  # killed just after the manifest
             return manifest
         raise UserError(f"{out}: already holds shards made from other inputs or options; "
@@ -163,8 +188,11 @@ def prepare_out_dir(job: ShardJob, plan: Plan) -> dict | None:
     if os.path.isfile(plan_path):
         with open(plan_path, "rb") as f:
             previous = json.load(f)
-        if previous != plan.resume_key:
-            raise UserError(f"{out}: holds an unfinished run of other inputs or options (or the inputs changed "
+        if previous.get("plan_sha256") != plan.doc["sha256"]:
+            raise UserError(f"{out}: holds an unfinished run of other inputs or options; delete it or choose "
+                            "another --out")
+        if (changed := changed_input(previous["inputs"], plan.stamps)) is not None:
+            raise UserError(f"{out}: holds an unfinished run of an earlier version of the inputs ({changed} "
                             "since); delete it or choose another --out")
     elif os.path.isdir(out) and any(n.startswith("shard-") for n in os.listdir(out)):
         raise UserError(f"{out}: holds shard files but no manifest or plan; delete it or choose another --out")
@@ -174,10 +202,11 @@ def prepare_out_dir(job: ShardJob, plan: Plan) -> dict | None:
 
 
 def finish(job: ShardJob, plan: Plan, records_by_name: dict[str, dict]) -> dict:
-    manifest = build_manifest(job, plan.doc, [records_by_name[n] for n in plan.names])
+    manifest = build_manifest(job, plan.doc, plan.stamps, [records_by_name[n] for n in plan.names])
     write_manifest(job.out_dir, manifest)
     shutil.rmtree(os.path.join(job.out_dir, WORK_DIR), ignore_errors=True)
-    remove_stale_tmp(job.out_dir)  # left by killed runs; every unit is final now
+    # left by killed runs: every shard file is final now, but another rank may still be writing the manifest
+    remove_stale_tmp(job.out_dir, finished=lambda final: os.path.basename(final).startswith("shard-"))
     return manifest
 
 
@@ -227,11 +256,11 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True,
         for name in plan.names:
             if name not in records and (record := unit_is_complete(job, name)) is not None:
                 records[name] = record
+        if os.path.isfile(os.path.join(job.out_dir, MANIFEST)):  # another rank finished (and may be removing .work)
+            return prepare_out_dir(job, plan), stats
         if len(records) < len(plan.names):
             stats["units_left"] = len(plan.names) - len(records)
             return None, stats
-        if os.path.isfile(os.path.join(job.out_dir, MANIFEST)):  # another rank got there first
-            return prepare_out_dir(job, plan), stats
     return finish(job, plan, records), stats
 
 

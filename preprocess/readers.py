@@ -11,6 +11,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,7 +91,8 @@ def plan_segments(paths: list[str], max_bytes: int, txt_doc: str) -> list[Segmen
         fmt = input_format(path)
         size = os.path.getsize(path)
         if fmt == "jsonl" or (fmt == "txt" and txt_doc == "line"):
-            segments.extend(Segment(path, fmt, a, b, b - a) for a, b in _line_aligned_ranges(path, size, max_bytes))
+            ranges = _line_aligned_ranges(path, size, max_bytes, universal=fmt == "txt")
+            segments.extend(Segment(path, fmt, a, b, b - a) for a, b in ranges)
         elif fmt == "parquet":
             segments.extend(_parquet_segments(path, size))
         else:
@@ -98,13 +100,14 @@ def plan_segments(paths: list[str], max_bytes: int, txt_doc: str) -> list[Segmen
     return segments
 
 
-def _line_aligned_ranges(path: str, size: int, max_bytes: int):
-    """Cut [0, size) near every multiple of max_bytes, each cut moved to the next line start."""
+def _line_aligned_ranges(path: str, size: int, max_bytes: int, universal: bool = False):
+    """Cut [0, size) near every multiple of max_bytes, each cut moved to the next line start (after a "\n", or
+    with `universal` also after a lone "\r": text files from old Macs end lines with CR only)."""
     cuts = [0]
     with open(path, "rb") as f:
         for target in range(max_bytes, size, max_bytes):
             if target > cuts[-1]:
-                cut = _line_start_at_or_after(f, target)
+                cut = _line_start_at_or_after(f, target, universal)
                 if cut >= size:
                     break
                 cuts.append(cut)
@@ -112,16 +115,52 @@ def _line_aligned_ranges(path: str, size: int, max_bytes: int):
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-def _line_start_at_or_after(f, pos: int) -> int:
+def _line_start_at_or_after(f, pos: int, universal: bool = False) -> int:
     """Scans in blocks, so a very long line costs no memory."""
-    f.seek(pos - 1)  # `pos` itself is a line start when the byte before it is a newline
+    f.seek(pos - 1)  # `pos` itself is a line start when the byte before it ends a line
     start = pos - 1
     while block := f.read(READ_BLOCK):
-        i = block.find(b"\n")
-        if i >= 0:
+        match = (_EOL_BYTE if universal else _LF).search(block)
+        if match:
+            i = match.start()
+            if block[i] == 0x0D:  # "\r": a line end of its own unless "\n" follows
+                after = block[i + 1:i + 2] or f.read(1)
+                return start + i + 1 + (after == b"\n")
             return start + i + 1
         start += len(block)
     return start
+
+
+_LF = re.compile(rb"\n")
+_EOL_BYTE = re.compile(rb"[\r\n]")
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+def _universal_lines(f, limit: int | None = None) -> Iterator[bytes]:
+    """The lines of a binary file (at most `limit` bytes of it), split at "\r\n", "\r" or "\n" and without them;
+    read in blocks, so that a file with CR line ends is not one line held in memory."""
+    pending: list[bytes] = []
+    left = limit
+    while True:
+        block = f.read(READ_BLOCK if left is None else min(READ_BLOCK, left))
+        if not block:
+            break
+        while block.endswith(b"\r") and (left is None or left > len(block)):  # keep "\r\n" in one block
+            extra = f.read(1)
+            if not extra:
+                break
+            block += extra
+        if left is not None:
+            left -= len(block)
+        parts = _EOL.split(block)
+        if len(parts) == 1:
+            pending.append(block)
+            continue
+        parts[0] = b"".join(pending) + parts[0]
+        pending = [parts.pop()]
+        yield from parts
+    if rest := b"".join(pending):
+        yield rest
 
 
 def _parquet_segments(path: str, size: int) -> list[Segment]:
@@ -174,7 +213,7 @@ class SegmentReader:
         seg = self.seg
         if seg.fmt in ("jsonl", "txt") and seg.end is not None:
             if self._line_base is None:  # counted only when a message needs it
-                self._line_base = _count_newlines(seg.path, seg.start)
+                self._line_base = _count_lines(seg.path, seg.start, universal=seg.fmt == "txt")
             return f"{seg.path}:{self._line_base + pos + 1}"
         if seg.fmt in ("jsonl.gz", "txt.gz"):
             return f"{seg.path}:{pos + 1}"
@@ -190,10 +229,8 @@ class SegmentReader:
             yield from ((i, _parse_json_line(line)) for i, line in self._lines())
         elif fmt == "jsonl.gz":
             yield from ((i, line if isinstance(line, Bad) else _parse_json_line(line)) for i, line in self._gzip_lines())
-        elif fmt == "txt" and self.txt_lines:
-            yield from ((i, _decode(line.rstrip(b"\r\n"))) for i, line in self._lines())
-        elif fmt == "txt.gz" and self.txt_lines:
-            yield from ((i, line if isinstance(line, Bad) else _decode(line.rstrip(b"\r\n"))) for i, line in self._gzip_lines())
+        elif fmt in ("txt", "txt.gz") and self.txt_lines:
+            yield from ((i, line if isinstance(line, Bad) else _decode(line)) for i, line in self._text_lines())
         elif fmt in ("txt", "txt.gz"):
             yield 0, self._whole_text()
         elif fmt == "json":
@@ -217,6 +254,22 @@ class SegmentReader:
                     line = line.removeprefix(BOM_BYTES)
                 if line and not line.isspace():
                     yield lineno, line
+
+    def _text_lines(self) -> Iterator[tuple[int, bytes | Bad]]:
+        """Non-blank lines of a text file or segment at any line end (LF, CRLF, CR), numbered from 0."""
+        seg = self.seg
+        try:
+            with (gzip.open(seg.path, "rb") if seg.fmt == "txt.gz" else open(seg.path, "rb")) as f:
+                f.seek(seg.start)
+                limit = None if seg.end is None else seg.end - seg.start
+                lineno = -1
+                for lineno, line in enumerate(_universal_lines(f, limit)):
+                    if lineno == 0 and seg.start == 0:
+                        line = line.removeprefix(BOM_BYTES)
+                    if line and not line.isspace():
+                        yield lineno, line
+        except (OSError, EOFError, zlib.error) as e:
+            yield lineno + 1, Bad("unreadable", f"corrupt gzip: {e}", f"{seg.path}:{lineno + 2}")
 
     def _gzip_lines(self) -> Iterator[tuple[int, bytes | Bad]]:
         lineno = 0
@@ -317,13 +370,17 @@ def _decode(data: bytes) -> str | Bad:
         return Bad("invalid_utf8", f"byte 0x{data[e.start]:02x} at column {e.start + 1}")
 
 
-def _count_newlines(path: str, end: int) -> int:
-    count = 0
+def _count_lines(path: str, end: int, universal: bool = False) -> int:
+    """Line ends in the first `end` bytes: "\n", and with `universal` also a "\r" not followed by "\n"."""
+    count, last = 0, b""
     with open(path, "rb") as f:
         while end > 0:
             block = f.read(min(READ_BLOCK, end))
             if not block:
                 break
             count += block.count(b"\n")
+            if universal:
+                count += block.count(b"\r") - block.count(b"\r\n") - (last == b"\r" and block[:1] == b"\n")
+                last = block[-1:]
             end -= len(block)
     return count

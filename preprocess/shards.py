@@ -181,7 +181,7 @@ def unit_is_complete(job: ShardJob, name: str) -> dict | None:
     return record
 
 
-def build_manifest(job: ShardJob, plan: dict, records: list[dict]) -> dict:
+def build_manifest(job: ShardJob, plan: dict, stamps: list[dict], records: list[dict]) -> dict:
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     for r in records:
@@ -198,7 +198,7 @@ def build_manifest(job: ShardJob, plan: dict, records: list[dict]) -> dict:
         "dtype": job.tokenizer.dtype.name,
         **({"template": TEMPLATE} if job.kind != "pretrain" else {}),
         "options": plan["options"],
-        "inputs": plan["inputs"],
+        "inputs": stamps,  # path, bytes, mtime_ns (and sha256 with --strict): a re-run sees what changed
         "totals": {
             "shards": len(records),
             "documents": sum(r["documents"] for r in records),

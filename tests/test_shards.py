@@ -355,3 +355,53 @@ def test_show_prints_ids_and_text(tokenizer_model, tmp_path):
     assert "ids:" in proc.stdout and "'gamma\\ndelta</s>'" in proc.stdout  # control symbols written out
     assert run_cli("show", out, "--doc", 2, check=False).returncode == 1
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_input_edited_in_place_is_not_taken_for_the_finished_output(tokenizer_model, tmp_path, strict):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": "the first document"}, {"text": "the second one"}])
+    extra = ["--strict"] if strict else []
+    out = shards(tokenizer_model, tmp_path / "o", src, extra=extra)
+    assert ("sha256" in read_manifest(out)["inputs"][0]) is strict
+    stat = os.stat(src)
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same content
+    proc = run_cli("shards", "--input", src, "--tokenizer", tokenizer_model, "--out", out, *extra, check=False)
+    if strict:  # contents are compared, and they are the same
+        assert proc.returncode == 0 and "already complete" in proc.stdout
+    else:
+        assert proc.returncode == 1 and f"{src} was modified since" in proc.stderr
+    with open(src, "r+b") as f:  # the same length, other text, the old time: only a content hash sees it
+        f.seek(10)
+        f.write(b"X")
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    proc = run_cli("shards", "--input", src, "--tokenizer", tokenizer_model, "--out", out, "--strict", check=False)
+    if strict:
+        assert proc.returncode == 1 and f"{src} has other content since" in proc.stderr
+    assert decoded_documents(out) == ["the first document", "the second one"]  # nothing was overwritten
+
+
+def test_a_finishing_rank_spares_temporary_files_still_being_written(tmp_path):
+    import socket
+
+    from preprocess.fileio import remove_stale_tmp
+
+    host = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        names = {
+            "live": f"manifest.json.tmp-{host}-{sleeper.pid}",           # another rank writing the manifest now
+            "dead": f"manifest.json.tmp-{host}-{dead.stdout.strip()}",  # left by a killed run here
+            "young": "manifest.json.tmp-other-node-12-4242",             # another host, just written
+            "old": "manifest.json.tmp-other-node-12-4343",               # another host, long untouched
+            "shard": f"shard-00003.tokens.npy.tmp-other-node-12-{sleeper.pid}",  # a finished unit's leftover
+        }
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"partial")
+        os.utime(tmp_path / names["old"], (time.time() - 7200, time.time() - 7200))
+        removed = remove_stale_tmp(str(tmp_path), finished=lambda final: os.path.basename(final).startswith("shard-"))
+        assert removed == 3
+        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], names["young"]])
+    finally:
+        sleeper.kill()
+        sleeper.wait()

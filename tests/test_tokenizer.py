@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -101,3 +102,24 @@ def test_llama_style_dummy_prefix_tokenizer_splits_long_documents_exactly(tmp_pa
     assert sp.decode(ids) == text
     no_space = "床前明月光" * 300
     assert split_for_encoding(no_space, 500, adds_dummy_prefix=True) == [no_space]
+
+
+def test_character_coverage_makes_a_small_chinese_vocabulary_possible(tmp_path):
+    from conftest import shared_data, write_jsonl
+
+    poems = []
+    for i in range(6):
+        poems += [p["title"] + "\n" + "\n".join(p["paragraphs"]) + "\n"
+                  for p in json.load(open(shared_data("tang_poems", f"poet.tang.{i * 1000}.json"), encoding="utf-8"))]
+    src = write_jsonl(tmp_path / "poems.jsonl", [{"text": p} for p in poems])
+    proc = run_cli("tokenizer", "--input", src, "--vocab-size", 4000, "--out", tmp_path / "default", check=False)
+    assert proc.returncode == 1 and "--character-coverage 0.9995; lower it" in proc.stderr
+    run_cli("tokenizer", "--input", src, "--vocab-size", 4000, "--out", tmp_path / "tok", "--character-coverage", 0.98)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model"))
+    assert sp.vocab_size() == 4000
+    ids = [sp.encode(p) for p in poems[:2000]]
+    assert all(sp.decode(i) == p for i, p in zip(ids, poems, strict=False))  # rare characters as bytes, exactly
+    assert sum(sp.is_byte(t) for i in ids for t in i) > 1000
+    proc = run_cli("tokenizer", "--input", src, "--vocab-size", 4000, "--out", tmp_path / "x", "--character-coverage",
+                   0.5, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --character-coverage must be between 0.98 and 1, got 0.5"
