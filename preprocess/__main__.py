@@ -6,13 +6,14 @@ import argparse
 import os
 import sys
 
+from . import dedup
 from .chat import ChatTemplate
 from .encoders import ENCODERS, choose_encoder
 from .errors import UserError, exit_code
 from .fileio import file_sha256
 from .formats import pretrain_text
+from .group import job_group
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
-from .ranks import ranks_from_env
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
 from .shards import KINDS, ShardJob, encoder_sample, read_manifest, verify
 from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
@@ -52,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
     s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     s.add_argument("--rank", type=int, default=None,
-                   help="this process's share of the units when several split one job (default: from mpirun, "
-                        "srun or a Slurm array; 0 alone)")
+                   help="this process's share of the units when several split one job (default: from srun or a "
+                        "Slurm array; under mpirun with mpi4py, rank 0 hands units out instead; 0 alone)")
     s.add_argument("--world", type=int, default=None, help="how many processes split the job (see --rank)")
     s.add_argument("--max-len", type=int, default=2048,
                    help="sft/dpo: drop (and count) examples longer than this many tokens (default: 2048)")
@@ -61,6 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what computes the ids: gigatoken when installed and it gives sentencepiece's ids on a "
                         "sample of this job's input (auto, default), or always sentencepiece; the shards are the "
                         "same bytes either way")
+    s.add_argument("--dedup", choices=dedup.MODES, default="none",
+                   help="drop repeated documents: exact (the same text) or near (MinHash similarity, also exact); "
+                        "the first of each group in input order is kept (default: none)")
+    s.add_argument("--dedup-threshold", type=float, default=0.8,
+                   help="near: estimated Jaccard similarity of two documents' shingles that makes them duplicates "
+                        "(default: 0.8)")
+    s.add_argument("--dedup-shingles", choices=dedup.SHINGLES, default="words",
+                   help="near: compare word n-grams (default) or character n-grams (for text without spaces)")
+    s.add_argument("--dedup-ngram", type=int, default=5, help="near: n of the n-grams (default: 5)")
     s.add_argument("--unit-mb", type=float, default=None,
                    help="input per work unit and shard (default: corpus/512, within 4–256 MiB)")
 
@@ -118,26 +128,34 @@ def cmd_shards(args) -> None:
     if unit_bytes < 1:
         raise UserError(f"--unit-mb must be positive, got {args.unit_mb}")
     segments = plan_segments(paths, unit_bytes, args.txt_doc)
-    job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict, args.max_len)
+    job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict, args.max_len,
+                   dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram))
     if args.kind != "pretrain":
         ChatTemplate(tokenizer)  # the tokenizer must have the chat control symbols: fail before any work
+    group = job_group(args.rank, args.world)
     plan = make_plan(job, paths, segments, unit_bytes)
     job.encoder, note = choose_encoder(args.encoder, tokenizer, lambda: encoder_sample(job, segments))
-    if note:
+    if note and group.rank == 0:
         print(note, file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     copy_tokenizer(tokenizer.path, args.out, tokenizer.sha256)
-    rank, world, _, launcher = ranks_from_env(arrays=True)
-    if args.rank is not None or args.world is not None:
-        rank, world = args.rank or 0, args.world or 1
-    if not 0 <= rank < world:
-        raise UserError(f"--rank {rank} is not in 0..{world - 1} (--world {world})")
-    manifest, stats = build_shards(job, plan, args.workers, rank=rank, world=world)
+    try:
+        manifest, stats = build_shards(job, plan, args.workers, group=group)
+    except BaseException as e:
+        if not group.dynamic:
+            raise
+        # the other ranks would wait for this one forever: say why once, then end them all
+        what = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        print(f"error (rank {group.rank}): {what}", file=sys.stderr, flush=True)
+        group.abort(1)
+        os._exit(1)  # MPICH's MPI_Abort can return in the calling process
     stats["encoder"] = job.encoder
+    if manifest is not None and "rank" in manifest:  # MPI: rank 0 prints the job's summary
+        return
     if manifest is None:
-        print(f"shards (rank {rank} of {world}): {stats['new_documents']:,} documents, {stats['new_tokens']:,} tokens "
-              f"in {stats['seconds']:.1f} s; {stats['units_left']} units of other ranks unfinished — the last rank to "
-              f"finish writes the manifest")
+        print(f"shards (rank {group.rank} of {group.world}): {stats['new_documents']:,} documents, "
+              f"{stats['new_tokens']:,} tokens in {stats['seconds']:.1f} s; {stats['units_left']} units of other "
+              f"ranks unfinished — the last rank to finish writes the manifest")
         return
     print_summary(manifest, stats, args.out)
     if manifest["totals"]["documents"] == 0:
@@ -165,9 +183,13 @@ def print_summary(manifest: dict, stats: dict, out: str) -> None:
     resumed = f" ({stats['resumed_units']} done before)" if stats["resumed_units"] else ""
     print(f"shards: {t['documents']:,} documents, {t['tokens']:,} tokens ({manifest['dtype']}) in {t['shards']:,} shards"
           f"{resumed}; skipped {t['skipped']:,}{' (' + _counts(manifest['skipped']) + ')' if t['skipped'] else ''}; "
-          f"{rate} ({stats['encoder']}), {stats['seconds']:.1f} s → {out}")
+          f"{rate} ({stats['encoder']}{', ' + str(stats['ranks']) + ' MPI ranks' if 'ranks' in stats else ''}), "
+          f"{stats['seconds']:.1f} s → {out}")
     for examples in manifest["skipped_examples"].values():
         print(f"  {examples[0]}")
+    if "duplicates" in manifest:
+        counts = ", ".join(f"{k} {v:,}" for k, v in manifest["duplicates"].items())
+        print(f"  duplicates dropped: {counts}" + "".join(f"\n  {e[0]}" for e in manifest["duplicate_examples"].values()))
 
 
 def cmd_verify(args) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -15,13 +16,15 @@ import shutil
 import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from . import dedup as dd
 from .encoders import Encoder
 from .errors import UserError
 from .fileio import atomic_write, file_sha256, remove_stale_tmp
+from .group import StaticGroup
 from .readers import Segment
 from .shards import (
     MANIFEST,
@@ -96,7 +99,8 @@ def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_byt
         "kind": job.kind,
         "tokenizer_sha256": job.tokenizer.sha256,
         "options": {"text_key": job.text_key, "txt_doc": job.txt_doc, "unit_bytes": unit_bytes,
-                    **({"max_len": job.max_len} if job.kind != "pretrain" else {})},
+                    **({"max_len": job.max_len} if job.kind != "pretrain" else {}),
+                    **({"dedup": job.dedup.options()} if job.dedup.on else {})},
         "inputs": [{"path": p, "bytes": os.path.getsize(p)} for p in paths],
         "units": [[s.provenance() for s in unit] for unit in units],
     }
@@ -124,6 +128,11 @@ def _run_unit(task: tuple[str, list[Segment]]) -> dict:
     return record
 
 
+def _sign_unit(task: tuple[str, list[Segment]]) -> dict:
+    name, segments = task
+    return {"name": name, "input_bytes": dd.sign_unit(_worker["job"], name, segments)}
+
+
 def _release_free_memory() -> None:
     """Hand freed heap pages back to the OS after each unit: without it glibc keeps tokenizer buffers and a
     worker's RSS steps up by ~20 MB partway through a long run (docs/benchmarks.md)."""
@@ -136,21 +145,25 @@ def _release_free_memory() -> None:
         _worker["libc"].malloc_trim(0)
 
 
-def run_units(job: ShardJob, tasks: list[tuple[str, list[Segment]]], workers: int, on_done) -> None:
-    """Run tasks (largest first, for an even finish) in `workers` processes; on_done(record) after each.
+def run_units(job: ShardJob, tasks, workers: int, on_done, work=_run_unit) -> None:
+    """Run work(task) for every task of the iterable in `workers` processes, keeping each busy; on_done(result)
+    after each. The iterable is read only as workers free up, so it can hand out units on demand.
 
     A worker that dies (OOM killer, kill -9) fails the run with a clear error instead of hanging it."""
-    tasks = sorted(tasks, key=lambda t: -sum(s.size for s in t[1]))
-    workers = max(1, min(workers, len(tasks)))
+    tasks = iter(tasks)
     if workers == 1:
         _init_worker(job, in_process=True)
         for task in tasks:
-            on_done(_run_unit(task))
+            on_done(work(task))
         return
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(job,))
     try:
-        for future in as_completed([pool.submit(_run_unit, task) for task in tasks]):
-            on_done(future.result())
+        running = {pool.submit(work, task) for task in itertools.islice(tasks, workers)}
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                on_done(future.result())
+                running |= {pool.submit(work, task) for task in itertools.islice(tasks, 1)}
     except BrokenProcessPool:
         _stop(pool)
         raise UserError("a worker process died (killed, or out of memory?); re-run the same command to resume") from None
@@ -202,7 +215,8 @@ def prepare_out_dir(job: ShardJob, plan: Plan) -> dict | None:
 
 
 def finish(job: ShardJob, plan: Plan, records_by_name: dict[str, dict]) -> dict:
-    manifest = build_manifest(job, plan.doc, plan.stamps, [records_by_name[n] for n in plan.names])
+    duplicates = dd.load_summary(job.out_dir) if job.dedup.on else None
+    manifest = build_manifest(job, plan.doc, plan.stamps, [records_by_name[n] for n in plan.names], duplicates)
     write_manifest(job.out_dir, manifest)
     shutil.rmtree(os.path.join(job.out_dir, WORK_DIR), ignore_errors=True)
     # left by killed runs: every shard file is final now, but another rank may still be writing the manifest
@@ -210,49 +224,77 @@ def finish(job: ShardJob, plan: Plan, records_by_name: dict[str, dict]) -> dict:
     return manifest
 
 
-def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True, rank: int = 0,
-                 world: int = 1) -> tuple[dict | None, dict]:
-    """Write the missing units of this rank (unit i belongs to rank i % world), then the manifest if every
-    unit of the plan is done — so whichever rank finishes last writes it, with no communication between ranks
-    beyond the shared output directory. Returns (manifest or None, stats of this run)."""
+def _ordered(tasks: list) -> list:
+    return sorted(tasks, key=lambda t: -sum(s.size for s in t[1]))  # largest first, for an even finish
+
+
+def find_duplicates(job: ShardJob, plan: Plan, workers: int, group, bar) -> None:
+    """The first two passes of --dedup: every unit's signatures, then one resolution (by rank 0; the others
+    wait for it), unless an earlier run got that far."""
+    if os.path.isfile(dd.drops_path(job.out_dir)):
+        return
+    position = {n: i for i, n in enumerate(plan.names)}
+    todo = [(n, u) for n, u in zip(plan.names, plan.units, strict=True) if not dd.signature_done(job.out_dir, n)]
+    bar.reset(total=sum(s.size for _, u in todo for s in u) // max(1, group.world))
+    bar.set_description("signatures")
+    mine = group.tasks(_ordered(todo), position, "signatures")
+    run_units(job, mine, workers, lambda r: bar.update(r["input_bytes"]), work=_sign_unit)
+    group.wait_for(lambda: all(dd.signature_done(job.out_dir, n) for n in plan.names), "unit signatures")
+    if group.rank == 0 and not os.path.isfile(dd.drops_path(job.out_dir)):
+        bar.set_description("resolving duplicates")
+        dd.resolve(job, plan.names, plan.units)
+    group.wait_for(lambda: os.path.isfile(dd.drops_path(job.out_dir)), "duplicate resolution")
+
+
+def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True,
+                 group=None) -> tuple[dict | None, dict]:
+    """Write the missing units (this rank's share: see preprocess.group), then the manifest once every unit of
+    the plan is done. Returns (manifest, or None if other ranks are still at work; stats of this run)."""
     from tqdm import tqdm
 
+    group = group or StaticGroup()
     done = prepare_out_dir(job, plan)
     if done is not None:
         _check_strict(job, done["skipped_examples"])
         return done, {"already_complete": True, "resumed_units": len(plan.names), "new_tokens": 0,
                       "new_documents": 0, "seconds": 0.0}
-    records: dict[str, dict] = {}
-    todo = []
-    for i, (name, unit) in enumerate(zip(plan.names, plan.units, strict=True)):
-        record = unit_is_complete(job, name)
-        if record is not None:
-            records[name] = record
-        elif i % world == rank:
-            todo.append((name, unit))
-    for record in records.values():  # finished by an earlier run without --strict
-        _check_strict(job, record["skipped_examples"])
-    stats = {"resumed_units": len(records), "new_tokens": 0, "new_documents": 0}
     start = time.perf_counter()
-    mine = sum(s.size for _, unit in todo for s in unit)
-    bar = tqdm(total=mine, unit="B", unit_scale=True, desc="shards" if world == 1 else f"shards (rank {rank}/{world})",
-               disable=None if progress and rank == 0 else True)
-
-    def on_done(record: dict) -> None:
-        records[record["name"]] = record
-        stats["new_tokens"] += record["tokens"]
-        stats["new_documents"] += record["documents"]
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix_str(f"{stats['new_documents'] / elapsed:,.0f} docs/s, {stats['new_tokens'] / elapsed:,.0f} tokens/s",
-                            refresh=False)
-        bar.update(record["input_bytes"])
-
+    desc = "shards" if group.world == 1 else f"shards (rank {group.rank}/{group.world})"
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, disable=None if progress and group.rank == 0 else True)
     try:
-        run_units(job, todo, workers, on_done)
+        if job.dedup.on:
+            find_duplicates(job, plan, workers, group, bar)
+        records: dict[str, dict] = {}
+        todo = []
+        for name, unit in zip(plan.names, plan.units, strict=True):
+            if (record := unit_is_complete(job, name)) is not None:
+                records[name] = record
+            else:
+                todo.append((name, unit))
+        for record in records.values():  # finished by an earlier run without --strict
+            _check_strict(job, record["skipped_examples"])
+        stats = {"resumed_units": len(records), "new_tokens": 0, "new_documents": 0}
+        mine = group.tasks(_ordered(todo), {n: i for i, n in enumerate(plan.names)}, "shards")
+        bar.reset(total=sum(s.size for _, u in todo for s in u) // (1 if group.dynamic else max(1, group.world)))
+        bar.set_description(desc)
+        written = time.perf_counter()
+
+        def on_done(record: dict) -> None:
+            records[record["name"]] = record
+            stats["new_tokens"] += record["tokens"]
+            stats["new_documents"] += record["documents"]
+            elapsed = max(time.perf_counter() - written, 1e-9)
+            bar.set_postfix_str(f"{stats['new_documents'] / elapsed:,.0f} docs/s, "
+                                f"{stats['new_tokens'] / elapsed:,.0f} tokens/s", refresh=False)
+            bar.update(record["input_bytes"])
+
+        run_units(job, mine, workers, on_done)
     finally:
         bar.close()
     stats["seconds"] = time.perf_counter() - start
-    if world > 1:  # the other ranks' units: complete only if every record is there
+    if group.dynamic:
+        return _finish_together(job, plan, group, stats)
+    if group.world > 1:  # the other ranks' units: complete only if every record is there
         for name in plan.names:
             if name not in records and (record := unit_is_complete(job, name)) is not None:
                 records[name] = record
@@ -262,6 +304,25 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True,
             stats["units_left"] = len(plan.names) - len(records)
             return None, stats
     return finish(job, plan, records), stats
+
+
+def _finish_together(job: ShardJob, plan: Plan, group, stats: dict) -> tuple[dict | None, dict]:
+    """MPI: every rank is done after the barrier; rank 0 writes the manifest and prints the one summary, with
+    the totals of every rank's run."""
+    group.barrier()
+    every = group.gather(stats)
+    manifest = None
+    if group.rank == 0:
+        records = {n: unit_is_complete(job, n) for n in plan.names}
+        if missing := [n for n, r in records.items() if r is None]:
+            raise UserError(f"{job.out_dir}: {missing[0]} and {len(missing) - 1} other units are missing after every "
+                            "rank finished: is the output directory on a filesystem every rank shares?")
+        manifest = finish(job, plan, records)
+        stats = {**stats, "new_tokens": sum(s["new_tokens"] for s in every),
+                 "new_documents": sum(s["new_documents"] for s in every),
+                 "seconds": max(s["seconds"] for s in every), "ranks": group.world}
+    group.barrier()  # the manifest exists before any rank returns
+    return (manifest if group.rank == 0 else {"rank": group.rank}), stats
 
 
 def _check_strict(job: ShardJob, skipped_examples: dict[str, list[str]]) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import dedup as dd
 from .chat import TEMPLATE, ChatTemplate
 from .encoders import Encoder
 from .errors import UserError
@@ -47,6 +48,7 @@ class ShardJob:
     strict: bool = False
     max_len: int = 2048  # sft/dpo: longer examples are dropped and counted
     encoder: str = "sentencepiece"  # which backend computes the ids (the same ids: not part of the plan)
+    dedup: dd.Dedup = dd.Dedup()
 
     def make_kind(self, encoder: Encoder | None = None):
         template = ChatTemplate(self.tokenizer) if self.kind != "pretrain" else None
@@ -100,6 +102,9 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
     examples: dict[str, list[str]] = {}
     doc_lengths: list[np.ndarray] = []
     num_tokens = 0
+    drops = dd.unit_drops(job.out_dir, int(name.rpartition("-")[2])) if job.dedup.on else {}
+    duplicates = dict.fromkeys(dd.KINDS[:1 + (job.dedup.mode == "near")], 0)
+    ordinal = -1  # of the usable documents, as the signature pass counts them
 
     def skip(bad: Bad, where) -> None:
         if job.strict:
@@ -137,6 +142,10 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
                 if isinstance(parsed, Bad):
                     skip(parsed, where)
                     continue
+                ordinal += 1
+                if ordinal in drops:
+                    duplicates[drops[ordinal]] += 1
+                    continue
                 batch.append(parsed)
                 places.append(where)
                 batch_chars += kind.size(parsed)
@@ -162,6 +171,7 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
         "input_bytes": sum(seg.size for seg in segments),
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": dict(sorted(examples.items())),
+        **({"duplicates": duplicates} if job.dedup.on else {}),
     }
     atomic_write(job.unit_record_path(name), json.dumps(record).encode())
     return record
@@ -181,7 +191,9 @@ def unit_is_complete(job: ShardJob, name: str) -> dict | None:
     return record
 
 
-def build_manifest(job: ShardJob, plan: dict, stamps: list[dict], records: list[dict]) -> dict:
+def build_manifest(job: ShardJob, plan: dict, stamps: list[dict], records: list[dict],
+                   duplicates: dict | None = None) -> dict:
+    """`duplicates`: the dedup resolution's counts and examples, when --dedup is on."""
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     for r in records:
@@ -208,6 +220,8 @@ def build_manifest(job: ShardJob, plan: dict, stamps: list[dict], records: list[
         },
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": dict(sorted(examples.items())),
+        **({"duplicates": {k: sum(r["duplicates"][k] for r in records) for k in duplicates["duplicates"]},
+            "duplicate_examples": duplicates["duplicate_examples"]} if duplicates else {}),
         "shards": records,
     }
 

@@ -184,8 +184,42 @@ def test_mpirun_ranks_write_the_same_shards_as_one_process(tokenizer_model, corp
     proc = subprocess.run([os.path.join(LAUNCH, "mpi", "preprocess.sh"), *args, "--out", str(tmp_path / "mpi")],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "(rank 1 of 2)" in proc.stdout or "(rank 0 of 2)" in proc.stdout
+    assert proc.stdout.count("shards: ") == 1 and "2 MPI ranks)" in proc.stdout  # one summary, rank 0's
     assert dir_digest(tmp_path / "mpi") == dir_digest(tmp_path / "one")
+
+
+def mpirun_preprocess(ranks: int, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    if not shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")):
+        pytest.skip("no mpirun (the `mpi` extra installs MPICH)")
+    env = {**os.environ, "RANKS": str(ranks), "PYTHON": sys.executable,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
+    return subprocess.run([os.path.join(LAUNCH, "mpi", "preprocess.sh"), *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_mpi_ranks_deduplicate_as_one_process_and_one_failing_rank_ends_the_job(tokenizer_model, corpus_dir,
+                                                                                  tmp_path):
+    pytest.importorskip("mpi4py")
+    from preprocess.__main__ import main as preprocess_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.loads(line) for name in ("a.jsonl", "b.jsonl") for line in open(os.path.join(corpus_dir, name))]
+    for i in range(3):  # every document three times, across files and units
+        with open(src / f"{i}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": r["text"]}) + "\n" for r in lines)
+    args = ["--input", src, "--tokenizer", tokenizer_model, "--unit-mb", "0.1", "--workers", "1", "--dedup", "near"]
+    assert preprocess_main(["shards", *map(str, args), "--out", str(tmp_path / "one")]) == 0
+    proc = mpirun_preprocess(3, *args, "--out", tmp_path / "mpi")
+    assert proc.returncode == 0, proc.stderr
+    assert dir_digest(tmp_path / "mpi") == dir_digest(tmp_path / "one")
+    assert f"duplicates dropped: exact {2 * len(lines)}" in proc.stdout
+    # a bad record under --strict stops one rank: mpirun ends the others instead of leaving them in a barrier
+    with open(src / "1.jsonl", "a") as f:
+        f.write('{"text": 5}\n')
+    proc = mpirun_preprocess(2, *args, "--strict", "--out", tmp_path / "strict", timeout=120)
+    assert proc.returncode != 0 and f"{src / '1.jsonl'}:{len(lines) + 1}: not a string" in proc.stderr
+    assert not (tmp_path / "strict" / "manifest.json").exists()
 
 
 @pytest.mark.slow
