@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = sub.add_parser("shards", help="tokenize corpora into memory-mapped token shards")
     add_input_options(s)
     s.add_argument("--kind", choices=KINDS, default="pretrain")
-    s.add_argument("--tokenizer", required=True, metavar="FILE", help="a sentencepiece .model file")
+    s.add_argument("--tokenizer", required=True, metavar="FILE",
+                   help="a sentencepiece .model file, or a Hugging Face tokenizer.json (byte-level BPE) or a directory "
+                        "holding one")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
     s.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -59,9 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--max-len", type=int, default=2048,
                    help="sft/dpo: drop (and count) examples longer than this many tokens (default: 2048)")
     s.add_argument("--encoder", choices=ENCODERS, default="auto",
-                   help="what computes the ids: gigatoken when installed and it gives sentencepiece's ids on a "
-                        "sample of this job's input (auto, default), or always sentencepiece; the shards are the "
-                        "same bytes either way")
+                   help="what computes the ids: gigatoken when installed and it gives the reference's ids on a "
+                        "sample of this job's input (auto, default), or always the reference (sentencepiece for a "
+                        ".model, tokenizers for a tokenizer.json); the shards are the same bytes either way")
     s.add_argument("--dedup", choices=dedup.MODES, default="none",
                    help="drop repeated documents: exact (the same text) or near (MinHash similarity, also exact); "
                         "the first of each group in input order is kept (default: none)")
@@ -138,7 +140,7 @@ def cmd_shards(args) -> None:
     if note and group.rank == 0:
         print(note, file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    copy_tokenizer(tokenizer.path, args.out, tokenizer.sha256)
+    copy_tokenizer(tokenizer, args.out)
     try:
         manifest, stats = build_shards(job, plan, args.workers, group=group)
     except BaseException as e:
@@ -165,13 +167,12 @@ def cmd_shards(args) -> None:
                         f"{manifest['skipped_examples'][common][0]}" if common else "the inputs hold no records"))
 
 
-def copy_tokenizer(src: str, out_dir: str, sha256: str) -> None:
-    dst = os.path.join(out_dir, "tokenizer.model")
-    if os.path.exists(dst) and file_sha256(dst) == sha256:
+def copy_tokenizer(tokenizer, out_dir: str) -> None:
+    dst = os.path.join(out_dir, tokenizer.file)
+    if os.path.exists(dst) and file_sha256(dst) == tokenizer.sha256:
         return
-    from .fileio import atomic_write
-    with open(src, "rb") as f:
-        atomic_write(dst, f.read())
+    from .fileio import copy_durably
+    copy_durably(tokenizer.path, dst)
 
 
 def print_summary(manifest: dict, stats: dict, out: str) -> None:
@@ -205,7 +206,8 @@ def cmd_verify(args) -> None:
 
 def cmd_show(args) -> None:
     import numpy as np
-    import sentencepiece as spm
+
+    from .tokenizer import TextTokenizer
 
     manifest = read_manifest(args.dir)
     index = args.doc
@@ -220,26 +222,26 @@ def cmd_show(args) -> None:
     start = int(offsets[index - 1]) if index else 0
     end = min(int(offsets[index]), start + args.max_tokens)
     ids = tokens[start:end].tolist()
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(args.dir, manifest["tokenizer"]["file"]))
+    tok = TextTokenizer(os.path.join(args.dir, manifest["tokenizer"]["file"]))
     print(f"document {args.doc} ({shard['name']} #{index}): {int(offsets[index]) - start:,} tokens; the first {len(ids)}:")
     print(f"  ids:    {ids}")
-    print(f"  pieces: {[sp.id_to_piece(i) for i in ids]}")
-    print(f"  text:   {decode_showing_controls(sp, ids)!r}")
+    print(f"  pieces: {[tok.piece(i) for i in ids]}")
+    print(f"  text:   {decode_showing_controls(tok, ids)!r}")
     if "mask" in shard["files"]:
         mask = np.load(os.path.join(args.dir, shard["files"]["mask"]["path"]), mmap_mode="r")[start:end].tolist()
         print(f"  mask:   {mask}")
-        print(f"  learned (mask 1): {sp.decode([i for i, m in zip(ids, mask, strict=True) if m])!r}")
+        print(f"  learned (mask 1): {tok.decode([i for i, m in zip(ids, mask, strict=True) if m])!r}")
 
 
-def decode_showing_controls(sp, ids: list[int]) -> str:
+def decode_showing_controls(tok, ids: list[int]) -> str:
     """Decoded text with control symbols (<|user|>, </s>, ...) written out instead of dropped."""
     out, run = [], []
     for i in ids + [None]:
-        if i is None or sp.is_control(i):
-            out.append(sp.decode(run))
+        if i is None or tok.is_control(i):
+            out.append(tok.decode(run))
             run = []
             if i is not None:
-                out.append(sp.id_to_piece(i))
+                out.append(tok.piece(i))
         else:
             run.append(i)
     return "".join(out)

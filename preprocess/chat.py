@@ -31,22 +31,16 @@ class Turn:
 class ChatTemplate:
     def __init__(self, tokenizer: TokenizerInfo):
         missing = [t for t in (*ROLE_TOKENS.values(), END_OF_TURN) if t not in tokenizer.special_ids]
+        if missing and tokenizer.kind == "hf":
+            raise UserError(f"{tokenizer.path}: chat shards need shardlm's chat control symbols, and a Hugging Face "
+                            "tokenizer.json comes with its model's own chat template, which is not applied yet: write "
+                            "pretraining shards with it, or chat shards with a `python -m preprocess tokenizer` one")
         if missing:
             raise UserError(f"{tokenizer.path}: the tokenizer lacks the chat control symbols {', '.join(missing)}; "
                             "train one with `python -m preprocess tokenizer` (it reserves them)")
         self.role_ids = {role: tokenizer.special_ids[tok] for role, tok in ROLE_TOKENS.items()}
         self.end_id = tokenizer.special_ids[END_OF_TURN]
         self.eos_id = tokenizer.eos_id
-
-    @classmethod
-    def from_processor(cls, sp, where: str = "tokenizer") -> ChatTemplate:
-        """The template of a loaded sentencepiece processor."""
-        from .tokenizer import TokenizerInfo
-
-        special = {t: sp.piece_to_id(t) for t in (*ROLE_TOKENS.values(), END_OF_TURN)
-                   if sp.piece_to_id(t) != sp.unk_id() and sp.is_control(sp.piece_to_id(t))}
-        special["eos"] = sp.eos_id()
-        return cls(TokenizerInfo(where, "", sp.vocab_size(), special))
 
     def render(self, turns: list[Turn], texts: list[np.ndarray], learn: str) -> tuple[np.ndarray, np.ndarray]:
         """ids and mask of a whole conversation; texts[i] are the ids of turns[i].text.

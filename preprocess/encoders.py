@@ -1,5 +1,6 @@
-"""Text → token ids. sentencepiece is the reference; gigatoken (an optional extra) computes the same function
-several times faster, and is used only where a check on the job's own text finds identical ids.
+"""Text → token ids. The reference is sentencepiece for a .model file and Hugging Face `tokenizers` for a
+tokenizer.json; gigatoken (an optional extra) computes the same function several times faster, and is used only
+where a check on the job's own text finds identical ids.
 
 Both sit behind one `Encoder`: it cuts very long documents the same way for either backend and appends eos, so
 a shard's bytes never depend on which backend ran."""
@@ -13,7 +14,7 @@ import numpy as np
 from .errors import UserError
 from .tokenizer import TokenizerInfo, load_processor
 
-ENCODERS = ("auto", "sentencepiece", "gigatoken")
+ENCODERS = ("auto", "sentencepiece", "tokenizers", "gigatoken")
 
 # Documents longer than this many characters are encoded in pieces, which bounds the encoder's memory.
 ENCODE_PIECE_CHARS = 1 << 20
@@ -32,6 +33,20 @@ class SentencepieceBackend:
         return (np.concatenate(parts) if parts else np.empty(0, np.int32)), lengths
 
 
+class TokenizersBackend:
+    """Hugging Face `tokenizers` on a tokenizer.json, with no text read as a special token (hf_tokenizer.py)."""
+    name = "tokenizers"
+
+    def __init__(self, info: TokenizerInfo):
+        from .hf_tokenizer import load_reference
+        self.tok = load_reference(info.path)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [np.array(e.ids, dtype=np.uint32) for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        lengths = np.fromiter((len(p) for p in parts), np.int64, count=len(parts))
+        return (np.concatenate(parts) if parts else np.empty(0, np.uint32)), lengths
+
+
 class GigatokenBackend:
     """gigatoken's sentencepiece-BPE implementation, single-threaded (one process per worker, as the job runs).
 
@@ -46,6 +61,10 @@ class GigatokenBackend:
             from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
         except ImportError:
             raise UserError("--encoder gigatoken: gigatoken is not installed (pip install 'shardlm[fast]')") from None
+        if info.kind == "hf":  # the same file the reference encodes with
+            from .hf_tokenizer import encoding_spec
+            self.tok = gigatoken.Tokenizer.from_json(encoding_spec(info.path))
+            return
         sp = load_processor(info.path)
         control = {sp.id_to_piece(i) for i in range(sp.vocab_size()) if sp.is_control(i)}
         with open(info.path, "rb") as f:
@@ -63,7 +82,11 @@ class GigatokenBackend:
         return np.asarray(layout.content.data)[offsets[0]:offsets[-1]], np.diff(offsets)
 
 
-BACKENDS = {"sentencepiece": SentencepieceBackend, "gigatoken": GigatokenBackend}
+BACKENDS = {"sentencepiece": SentencepieceBackend, "tokenizers": TokenizersBackend, "gigatoken": GigatokenBackend}
+
+
+def reference_backend(info: TokenizerInfo) -> str:
+    return "tokenizers" if info.kind == "hf" else "sentencepiece"
 
 
 def gigatoken_available() -> bool:
@@ -74,8 +97,8 @@ def gigatoken_available() -> bool:
 class Encoder:
     """Batched encoding of whole documents: one flat id array, each document followed by eos."""
 
-    def __init__(self, info: TokenizerInfo, backend: str = "sentencepiece"):
-        self.backend = BACKENDS[backend](info)
+    def __init__(self, info: TokenizerInfo, backend: str | None = None):
+        self.backend = BACKENDS[backend or reference_backend(info)](info)
         self.name = self.backend.name
         self.eos = info.eos_id
         self.dtype = info.dtype
@@ -151,27 +174,30 @@ def first_difference(texts: list[str], places: list, fast: Encoder, reference: E
             k = next((k for k in range(min(n, m)) if x[k] != y[k]), min(n, m))
             got = int(x[k]) if k < n else "the end"
             want = int(y[k]) if k < m else "the end"
-            return f"{places[i]()}: token {k} is {got}, sentencepiece gives {want}"
+            return f"{places[i]()}: token {k} is {got}, {reference.name} gives {want}"
     return None
 
 
 def choose_encoder(requested: str, info: TokenizerInfo, sample) -> tuple[str, str | None]:
-    """The backend to run, and a note for the user when `auto` falls back. gigatoken runs only if it gives
-    sentencepiece's ids on every (text, where) of sample() — the job's own input; an explicit request that
-    fails the check is an error."""
-    if requested == "sentencepiece" or (requested == "auto" and not gigatoken_available()):
-        return "sentencepiece", None
+    """The backend to run, and a note for the user when `auto` falls back. gigatoken runs only if it gives the
+    reference's ids on every (text, where) of sample() — the job's own input; an explicit request that fails the
+    check is an error."""
+    reference = reference_backend(info)
+    if requested in ("sentencepiece", "tokenizers") and requested != reference:
+        raise UserError(f"--encoder {requested} cannot read {info.path}; its encoder is {reference}")
+    if requested == reference or (requested == "auto" and not gigatoken_available()):
+        return reference, None
     try:
         fast = Encoder(info, "gigatoken")
     except UserError as e:
         if requested == "gigatoken":
             raise
-        return "sentencepiece", f"note: {e}; encoding with sentencepiece"
+        return reference, f"note: {e}; encoding with {reference}"
     pairs = sample()
     texts, places = [t for t, _ in pairs], [w for _, w in pairs]
-    diff = first_difference(texts, places, fast, Encoder(info, "sentencepiece"))
+    diff = first_difference(texts, places, fast, Encoder(info, reference))
     if diff is None:
         return "gigatoken", None
     if requested == "gigatoken":
-        raise UserError(f"--encoder gigatoken gives other ids than sentencepiece: {diff}")
-    return "sentencepiece", f"note: gigatoken gives other ids than sentencepiece ({diff}); encoding with sentencepiece"
+        raise UserError(f"--encoder gigatoken gives other ids than {reference}: {diff}")
+    return reference, f"note: gigatoken gives other ids than {reference} ({diff}); encoding with {reference}"

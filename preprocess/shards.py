@@ -206,7 +206,7 @@ def build_manifest(job: ShardJob, plan: dict, stamps: list[dict], records: list[
         "format_version": FORMAT_VERSION,
         "kind": job.kind,
         "plan_sha256": plan["sha256"],
-        "tokenizer": {"file": "tokenizer.model", **job.tokenizer.to_json()},
+        "tokenizer": {"file": job.tokenizer.file, **job.tokenizer.to_json()},
         "dtype": job.tokenizer.dtype.name,
         **({"template": TEMPLATE} if job.kind != "pretrain" else {}),
         "options": plan["options"],

@@ -1,5 +1,6 @@
-"""Sentencepiece tokenizer: training (BPE, byte fallback, identity normalisation) and loading; encoding is in
-encoders.py."""
+"""Tokenizers: training ours (sentencepiece BPE, byte fallback, identity normalisation), and loading a sentencepiece
+model or a Hugging Face tokenizer.json (hf_tokenizer.py) for what shards, training and generation need; encoding
+in bulk is in encoders.py."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ CONTROL_SYMBOLS = [*ROLE_TOKENS.values(), END_OF_TURN]
 TRAIN_CHUNK_BYTES = 4000
 TRAIN_MAX_SENTENCE_BYTES = 8192
 
+SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"  # the name a tokenizer of each kind has next to shards
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits, else uint32 — never a signed or silently wrapping type."""
@@ -42,6 +45,11 @@ class TokenizerInfo:
     vocab_size: int
     special_ids: dict[str, int] = field(default_factory=dict)
     adds_dummy_prefix: bool = False
+    kind: str = "sentencepiece"  # or "hf": a Hugging Face tokenizer.json
+
+    @property
+    def file(self) -> str:
+        return HF_FILE if self.kind == "hf" else SP_FILE
 
     @property
     def eos_id(self) -> int:
@@ -53,6 +61,7 @@ class TokenizerInfo:
 
     def to_json(self) -> dict:
         return {
+            "kind": self.kind,
             "sha256": self.sha256,
             "vocab_size": self.vocab_size,
             "special_ids": self.special_ids,
@@ -69,8 +78,30 @@ def load_processor(path: str, num_threads: int = 1) -> spm.SentencePieceProcesso
         raise UserError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
 
 
+def is_hf(path: str) -> bool:
+    return path.endswith(".json") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, HF_FILE))
+                                      and not os.path.isfile(os.path.join(path, SP_FILE)))
+
+
+def tokenizer_file(directory: str) -> str | None:
+    """The tokenizer of a run, checkpoint or model directory: its sentencepiece model when it has one (our
+    exports carry both), else its tokenizer.json."""
+    for name in (SP_FILE, HF_FILE):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
 def load_tokenizer(path: str) -> TokenizerInfo:
-    """Inspect any sentencepiece model (ours or e.g. a Llama tokenizer.model) for what shards need."""
+    """Inspect a sentencepiece model (ours, or e.g. a Llama tokenizer.model) or a Hugging Face tokenizer.json (or
+    a directory holding one) for what shards need."""
+    if is_hf(path):
+        from . import hf_tokenizer as hf
+
+        path = hf.find_file(path)
+        return TokenizerInfo(path, file_sha256(path), hf.vocab_size(path), hf.special_ids(path), False, "hf")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: holds neither a {SP_FILE} nor a {HF_FILE}")
     sp = load_processor(path)
     special = {}
     for name, idx in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())):
@@ -90,7 +121,10 @@ def token_bytes(path: str) -> np.ndarray:
     """Per id, the UTF-8 bytes of the text it stands for: a byte piece (<0x0A>) 1, a control symbol (eos,
     <|end|>) 0, any other piece its text with "▁" read as a space. With the identity normalisation
     and no dummy prefix (tokenizers trained here), the bytes of a text are exactly the sum over its ids; a dummy
-    prefix adds one byte per encoded text, which the sum counts."""
+    prefix adds one byte per encoded text, which the sum counts. A tokenizer.json: see hf_tokenizer.token_bytes."""
+    if is_hf(path):
+        from . import hf_tokenizer as hf
+        return hf.token_bytes(path)
     sp = load_processor(path)
     sizes = np.zeros(sp.vocab_size(), dtype=np.int64)
     for i in range(sp.vocab_size()):
@@ -99,6 +133,49 @@ def token_bytes(path: str) -> np.ndarray:
         elif not (sp.is_control(i) or sp.is_unknown(i)):
             sizes[i] = len(sp.id_to_piece(i).replace("▁", " ").encode())
     return sizes
+
+
+class TextTokenizer:
+    """One text at a time, for training's samples, generation and `show`: encode, decode, and which ids are
+    control symbols; the same for either kind of tokenizer file."""
+
+    def __init__(self, path: str):
+        self.info = load_tokenizer(path)
+        if self.info.kind == "hf":
+            from .hf_tokenizer import HFText
+            self._impl = HFText(self.info.path)
+        else:
+            self._impl = _SPText(self.info.path)
+        self.vocab_size, self.eos_id = self.info.vocab_size, self.info.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._impl.encode(text)
+
+    def decode(self, ids) -> str:
+        return self._impl.decode(ids)
+
+    def piece(self, i: int) -> str:
+        return self._impl.piece(i)
+
+    def is_control(self, i: int) -> bool:
+        return self._impl.is_control(i)
+
+
+class _SPText:
+    def __init__(self, path: str):
+        self.sp = load_processor(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def is_control(self, i: int) -> bool:
+        return self.sp.is_control(int(i))
 
 
 # ---------------------------------------------------------------------------------------------- training

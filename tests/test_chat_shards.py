@@ -9,12 +9,13 @@ from conftest import run_cli, shared_data, write_jsonl
 from preprocess.__main__ import decode_showing_controls
 from preprocess.__main__ import main as preprocess_main
 from preprocess.shards import read_manifest
+from preprocess.tokenizer import TextTokenizer
 
 
 def documents(out_dir) -> list[tuple[str, str]]:
     """(whole document, learned part) of every document, control symbols written out."""
     manifest = read_manifest(out_dir)
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
+    sp = TextTokenizer(os.path.join(out_dir, "tokenizer.model"))
     docs = []
     for shard in manifest["shards"]:
         tokens = np.load(os.path.join(out_dir, shard["files"]["tokens"]["path"]))

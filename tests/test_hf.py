@@ -62,20 +62,20 @@ def test_transformers_gives_our_logits_token_ids_chat_prompt_and_greedy_text(sft
 
     # the chat template renders the prompt our ChatTemplate builds
     request = "Write a line spoken by ROMEO."
-    prompt = ChatTemplate.from_processor(sp).prompt([Turn("user", request)], [np.array(sp.encode(request))])
+    prompt = ChatTemplate(sp.info).prompt([Turn("user", request)], [np.array(sp.encode(request))])
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
                                              tokenize=True, return_dict=True)["input_ids"]
     assert rendered == prompt
 
     # greedy generation: the same ids and text, for a plain prompt and for the chat prompt (stopping at <|end|>)
-    end_id = sp.piece_to_id("<|end|>")
-    for prompt_ids, stop in ((sp.encode("ROMEO:"), sp.eos_id()), (prompt, end_id)):
-        mine = generate(ours, prompt_ids, 24, greedy=True, eos_id=stop, vocab_limit=sp.vocab_size())
+    end_id = sp.info.special_ids["<|end|>"]
+    for prompt_ids, stop in ((sp.encode("ROMEO:"), sp.eos_id), (prompt, end_id)):
+        mine = generate(ours, prompt_ids, 24, greedy=True, eos_id=stop, vocab_limit=sp.vocab_size)
         out = theirs.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False)[0, len(prompt_ids):]
         out = out.tolist()
-        if out and out[-1] in (sp.eos_id(), end_id):
+        if out and out[-1] in (sp.eos_id, end_id):
             out = out[:-1]
-        if stop == sp.eos_id() and end_id in out:  # transformers also stops at <|end|>; ours only at eos here
+        if stop == sp.eos_id and end_id in out:  # transformers also stops at <|end|>; ours only at eos here
             mine = mine[:len(out)]
         assert out == mine
         assert tokenizer.decode(out, skip_special_tokens=True) == sp.decode(mine)
@@ -92,7 +92,7 @@ def test_greedy_generation_agrees_token_for_token_on_a_model_that_varies_its_out
         for p in ours.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn_like(p) * 0.15)
-    info_ids = {"eos": sp.eos_id(), "bos": sp.bos_id(), "pad": sp.pad_id()}
+    info_ids = {key: sp.info.special_ids[key] for key in ("eos", "bos", "pad")}
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf.to_hf_config(ours.cfg, info_ids))).eval()
     theirs.load_state_dict(hf.to_hf_state_dict(ours.state_dict(), ours.cfg), strict=False)
     theirs.tie_weights()
@@ -100,7 +100,7 @@ def test_greedy_generation_agrees_token_for_token_on_a_model_that_varies_its_out
         ids = sp.encode(prompt)
         mine = generate(ours, ids, 40, greedy=True, vocab_limit=ours.cfg.vocab_size)
         out = theirs.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                              pad_token_id=sp.pad_id())[0, len(ids):].tolist()
+                              pad_token_id=sp.info.special_ids["pad"])[0, len(ids):].tolist()
         assert out == mine
         assert len(set(mine)) > 10
 
@@ -147,7 +147,8 @@ def save_foreign_llama(path, tokenizer_model, vocab_size=1024, **config):
                                    rms_norm_eps=1e-6, tie_word_embeddings=False, **config)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)
-    shutil.copyfile(tokenizer_model, os.path.join(path, "tokenizer.model"))
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, os.path.join(path, "tokenizer.model"))
     return model
 
 

@@ -115,7 +115,7 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module
             if engine is None:
                 _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
                 _save_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            copy_durably(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            copy_durably(tokenizer_path, os.path.join(tmp, os.path.basename(tokenizer_path)))
             atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
             atomic_write(os.path.join(tmp, STATE), state.save_json())
         D.barrier(env)

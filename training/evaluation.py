@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy as np
 import torch
 
-from preprocess.tokenizer import token_bytes
+from preprocess.tokenizer import TextTokenizer, token_bytes, tokenizer_file
 
 from . import distributed as D
 from .generate import generate
@@ -30,7 +29,7 @@ def evaluate(run, step: int) -> None:
     stage, cfg, env, model = run.stage, run.cfg, run.env, run.model
     with run.log.paused():
         model.eval()
-        sizes = text_bytes(os.path.join(cfg.out_dir, "tokenizer.model"))
+        sizes = text_bytes(tokenizer_file(cfg.out_dir))
         sizes = torch.from_numpy(np.pad(sizes, (0, max(0, model.cfg.vocab_size - len(sizes)))))  # ids of no text
         counts = torch.zeros(len(run.sources), 2, dtype=torch.float64)  # per source: units, bytes of the targets
         loss_sums = torch.zeros(len(run.sources), dtype=torch.float64, device=env.device)
@@ -70,18 +69,19 @@ def text_bytes(tokenizer_path: str) -> np.ndarray:
     return token_bytes(tokenizer_path)
 
 
-def sample_text(run, step: int) -> str:
-    import sentencepiece as spm
+@functools.cache
+def text_tokenizer(tokenizer_path: str) -> TextTokenizer:
+    return TextTokenizer(tokenizer_path)
 
+
+def sample_text(run, step: int) -> str:
     from preprocess.chat import ChatTemplate, Turn
-    from preprocess.tokenizer import load_tokenizer
 
     cfg, env = run.cfg, run.env
-    path = os.path.join(cfg.out_dir, "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=path)
-    prompt, stop = sp.encode(cfg.train.sample_prompt), sp.eos_id()
+    sp = text_tokenizer(tokenizer_file(cfg.out_dir))
+    prompt, stop = sp.encode(cfg.train.sample_prompt), sp.eos_id
     if run.stage.chat:  # the prompt as a user turn; the reply ends at <|end|>
-        template = ChatTemplate(load_tokenizer(path))
+        template = ChatTemplate(sp.info)
         prompt, stop = template.prompt([Turn("user", cfg.train.sample_prompt)], [np.array(prompt)]), template.end_id
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed + step)
     follow = None
@@ -92,5 +92,5 @@ def sample_text(run, step: int) -> str:
             return int(t)
     with run.autocast:  # a private generator: sampling never disturbs the training RNG
         ids = generate(run.model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=50, eos_id=stop,
-                       vocab_limit=sp.vocab_size(), generator=generator, follow=follow)
+                       vocab_limit=sp.vocab_size, generator=generator, follow=follow)
     return cfg.train.sample_prompt + (" → " if run.stage.chat else "") + sp.decode(ids)

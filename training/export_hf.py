@@ -36,7 +36,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
         import transformers
     except ImportError:
         raise UserError("exporting needs transformers: pip install 'shardlm[hf]'") from None
-    from preprocess.tokenizer import load_tokenizer
+    from preprocess.tokenizer import load_tokenizer, tokenizer_file
 
     transformers.utils.logging.disable_progress_bar()
     if os.path.exists(out) and os.listdir(out):
@@ -46,7 +46,9 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     model = Transformer(cfg)
     ckpt.load_weights(source, model)  # LoRA adapters, if any, are merged into the weights here
     model.eval()
-    sp_path = os.path.join(source, hf.TOKENIZER)
+    sp_path = tokenizer_file(source)
+    if sp_path is None:
+        raise UserError(f"{source}: has no tokenizer.model or tokenizer.json to export")
     info = load_tokenizer(sp_path)
 
     config = transformers.LlamaConfig(**hf.to_hf_config(cfg, info.special_ids), dtype=dtype)
@@ -69,8 +71,11 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf_model.save_pretrained(tmp, max_shard_size="5GB")
-        hf.hf_tokenizer(sp_path).save_pretrained(tmp)
-        shutil.copyfile(sp_path, os.path.join(tmp, hf.TOKENIZER))
+        if info.kind == "hf":  # the run's own tokenizer.json, byte for byte (its sha256 is what shards record)
+            hf.hf_json_tokenizer(info).save_pretrained(tmp)
+        else:
+            hf.hf_tokenizer(sp_path).save_pretrained(tmp)
+        shutil.copyfile(sp_path, os.path.join(tmp, os.path.basename(sp_path)))
         report = check(tmp, model, sp_path, DTYPES[dtype]) if verify else {}
         umask = os.umask(0)
         os.umask(umask)
@@ -88,17 +93,18 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
 @torch.no_grad()
 def check(path: str, model: Transformer, sp_path: str, dtype: torch.dtype) -> dict:
     """Load the export with transformers and compare: logits (fp32 compute) and tokenizer ids."""
-    import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preprocess.tokenizer import TextTokenizer
 
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference = model
     if dtype != torch.float32:  # compare against our weights rounded as the export stores them
         reference = Transformer(model.cfg).eval()
         reference.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
-    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    sp = TextTokenizer(sp_path)
     length = min(64, model.cfg.max_seq_len)
-    tokens = torch.randint(0, sp.vocab_size(), (2, length), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, sp.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
     ours = reference(tokens)
     diff = float((theirs(tokens).logits - ours).abs().max())
     scale = float(ours.abs().max())
@@ -107,7 +113,7 @@ def check(path: str, model: Transformer, sp_path: str, dtype: torch.dtype) -> di
                         "the export is not kept")
     tokenizer = AutoTokenizer.from_pretrained(path)
     for text in CHECK_TEXTS:
-        if tokenizer(text)["input_ids"] != sp.encode(text):
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != sp.encode(text):
             raise UserError(f"{path}: transformers' tokenizer encodes {text!r} differently from ours; the export is "
                             "not kept")
     return {"max_logit_diff": diff, "texts_checked": len(CHECK_TEXTS)}

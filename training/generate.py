@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-from preprocess.errors import exit_code
+from preprocess.errors import UserError, exit_code
 
 from .model import KVCache, Transformer
 
@@ -61,17 +60,17 @@ def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, tem
 
     from preprocess.chat import ChatTemplate, Turn
 
-    template = ChatTemplate.from_processor(sp)
+    template = ChatTemplate(sp.info)
     prompt = template.prompt([Turn("user", text)], [np.array(sp.encode(text))])
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     ids = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
-                   eos_id=template.end_id, vocab_limit=sp.vocab_size(), generator=generator)
+                   eos_id=template.end_id, vocab_limit=sp.vocab_size, generator=generator)
     return sp.decode(ids)
 
 
 def load_for_inference(checkpoint: str, device: str = "auto"):
-    """(model in eval mode, sentencepiece processor) from a run or checkpoint directory."""
-    import sentencepiece as spm
+    """(model in eval mode, its tokenizer) from a run or checkpoint directory."""
+    from preprocess.tokenizer import TextTokenizer, tokenizer_file
 
     from . import checkpoint as ckpt
 
@@ -79,7 +78,10 @@ def load_for_inference(checkpoint: str, device: str = "auto"):
     model = Transformer(ckpt.model_config(ckpt_dir))
     ckpt.load_weights(ckpt_dir, model)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(ckpt_dir, "tokenizer.model"))
+    path = tokenizer_file(ckpt_dir)
+    if path is None:
+        raise UserError(f"{ckpt_dir}: has no tokenizer.model or tokenizer.json")
+    sp = TextTokenizer(path)
     return model.to(dev).eval(), sp
 
 
@@ -106,7 +108,7 @@ def run_generate(args) -> str:
                           args.seed)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     ids = generate(model, sp.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, greedy=args.greedy, eos_id=sp.eos_id(), vocab_limit=sp.vocab_size(),
+                   top_k=args.top_k, greedy=args.greedy, eos_id=sp.eos_id, vocab_limit=sp.vocab_size,
                    generator=generator)
     return args.prompt + sp.decode(ids)
 

@@ -19,7 +19,6 @@ from preprocess.errors import UserError
 from .model import ModelConfig
 
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.model"  # the sentencepiece model, which our shards are written with
 
 # our parameter names → transformers' ({i}: the layer)
 LAYER_NAMES = {
@@ -247,3 +246,13 @@ def hf_tokenizer(sp_path: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special, additional_special_tokens=chat,
                                    chat_template=CHAT_TEMPLATE if len(chat) == 4 else None,
                                    clean_up_tokenization_spaces=False, model_max_length=1 << 30)
+
+
+def hf_json_tokenizer(info):
+    """A transformers fast tokenizer on a run's own tokenizer.json, with its eos (and bos) named."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(info.path)
+    names = {key: tok.id_to_token(info.special_ids[key]) for key in ("eos", "bos") if key in info.special_ids}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **{f"{k}_token": v for k, v in names.items()})

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from preprocess.errors import UserError
+from preprocess.tokenizer import tokenizer_file
 
 from . import checkpoint as ckpt
 from . import deepspeed_backend, lora, rundir
@@ -265,7 +266,7 @@ def train(r: Run) -> None:
                 state.packing_cursor = r.data.packing.cursor(state.consumed_samples)
             with r.log.paused():
                 ckpt.save(env, cfg.out_dir, state, r.model, r.optimizer, r.config_yaml,
-                          os.path.join(cfg.out_dir, "tokenizer.model"), cfg.train.keep_checkpoints, r.engine)
+                          tokenizer_file(cfg.out_dir), cfg.train.keep_checkpoints, r.engine)
         if signum and done < cfg.train.max_steps:
             raise Stopped(signum, done)
     stop.restore()
@@ -396,15 +397,15 @@ def starting_point(init_from: str, source: ShardSource, env: D.DistEnv) -> dict:
 
     def resolve() -> dict:
         path = ckpt.resolve(init_from)
-        tokenizer = os.path.join(path, "tokenizer.model")
-        if not os.path.isfile(tokenizer):
-            raise UserError(f"init_from {path} has no tokenizer.model: fine-tuning needs the sentencepiece model "
-                            "the shards were written with")
+        tokenizer = tokenizer_file(path)
+        if tokenizer is None:
+            raise UserError(f"init_from {path} has no tokenizer.model or tokenizer.json: fine-tuning needs the "
+                            "tokenizer the shards were written with")
         sha = file_sha256(tokenizer)
         if sha != source.tokenizer["sha256"]:
             raise UserError(f"init_from {path} was trained with tokenizer {sha[:12]}…, but {source.path} was "
                             f"tokenized with {source.tokenizer['sha256'][:12]}…; write the shards with its "
-                            "tokenizer.model")
+                            f"{os.path.basename(tokenizer)}")
         return {"path": path, "fingerprint": ckpt.weights_fingerprint(path)}  # consolidates DeepSpeed weights
 
     return D.from_rank0(env, resolve)

@@ -78,5 +78,5 @@ def prepare(cfg: Config, tokenizer_path: str, step: int) -> None:
     from .metrics import MetricsLog
 
     save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
-    copy_durably(tokenizer_path, os.path.join(cfg.out_dir, "tokenizer.model"))
+    copy_durably(tokenizer_path, os.path.join(cfg.out_dir, os.path.basename(tokenizer_path)))
     MetricsLog.truncate(os.path.join(cfg.out_dir, "metrics.jsonl"), step)

@@ -1,0 +1,168 @@
+"""Hugging Face tokenizer.json files with byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen): what shards need of them.
+
+Text never becomes a special token: the model's special tokens (<|endoftext|>, <|begin_of_text|>, ...) are taken
+out of the added tokens that `tokenizers` would match in the text, as sentencepiece never produces a control
+symbol from text. Encoding adds nothing either (no BOS from the post-processor); shards append eos themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+
+from .errors import UserError
+
+FILE = "tokenizer.json"
+# when tokenizer_config.json does not say, the first of these that is a special token is the end of a document
+EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+
+
+def find_file(path: str) -> str:
+    """A tokenizer.json, or the one in a directory."""
+    candidate = os.path.join(path, FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(candidate):
+        raise UserError(f"{path}: no {FILE} here")
+    return candidate
+
+
+@functools.cache
+def read_spec(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable tokenizer.json ({e})") from None
+    model = spec.get("model") or {}
+    byte_level = any(_has_byte_level(spec.get(k)) for k in ("pre_tokenizer", "decoder"))
+    if model.get("type") != "BPE" or not byte_level:
+        raise UserError(f"{path}: only byte-level BPE tokenizer.json files are supported (GPT-2, Llama 3, Qwen "
+                        f"style); this one is {model.get('type')} without a ByteLevel step")
+    return spec
+
+
+def _has_byte_level(step) -> bool:
+    if not isinstance(step, dict):
+        return False
+    return step.get("type") == "ByteLevel" or any(_has_byte_level(s) for s in step.get("pretokenizers", [])
+                                                  + step.get("decoders", []))
+
+
+def special_tokens(spec: dict) -> dict[str, int]:
+    return {t["content"]: int(t["id"]) for t in spec.get("added_tokens", []) if t.get("special")}
+
+
+def _config_token(path: str, key: str) -> str | None:
+    """eos_token / bos_token from the tokenizer_config.json next to the file, if there is one."""
+    config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config, encoding="utf-8") as f:
+            value = json.load(f).get(key)
+    except (OSError, ValueError):
+        return None
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def special_ids(path: str) -> dict[str, int]:
+    spec = read_spec(path)
+    specials = special_tokens(spec)
+    ids = {}
+    eos = _config_token(path, "eos_token") or next((n for n in EOS_NAMES if n in specials), None)
+    if eos not in specials:
+        raise UserError(f"{path}: cannot tell its end-of-sequence token (no tokenizer_config.json eos_token, and "
+                        f"none of {', '.join(EOS_NAMES)} is a special token); put a tokenizer_config.json with "
+                        "\"eos_token\" next to it")
+    ids["eos"] = specials[eos]
+    if (bos := _config_token(path, "bos_token")) in specials:
+        ids["bos"] = specials[bos]
+    return ids
+
+
+def vocab_size(path: str) -> int:
+    """One past the largest id of the model's vocabulary and its added tokens."""
+    spec = read_spec(path)
+    ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
+    return max(ids) + 1
+
+
+@functools.cache
+def encoding_spec(path: str) -> str:
+    """The tokenizer.json that encodes text exactly as the file does, except that no text becomes a special token
+    and nothing is added around it."""
+    spec = json.loads(json.dumps(read_spec(path)))
+    specials = set(special_tokens(spec))
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if not t.get("special")]
+    spec["model"]["merges"] = [m for m in spec["model"].get("merges", [])
+                               if ("".join(m) if isinstance(m, list) else m.replace(" ", "")) not in specials]
+    spec["post_processor"] = None
+    spec["truncation"] = spec["padding"] = None
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def load_reference(path: str):
+    """The `tokenizers` library on encoding_spec(): the reference encoder for these files."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per worker; no pool to fork
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise UserError(f"{path}: reading a tokenizer.json needs the tokenizers library (pip install tokenizers)") from None
+    return Tokenizer.from_str(encoding_spec(path))
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character each byte is written as, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(path: str) -> np.ndarray:
+    """Per id, how many bytes of text it stands for (0 for special tokens and unused ids)."""
+    spec = read_spec(path)
+    sizes = np.zeros(vocab_size(path), dtype=np.int64)
+    decoder = _byte_decoder()
+    specials = set(special_tokens(spec).values())
+    for piece, i in spec["model"]["vocab"].items():
+        if i not in specials:
+            sizes[i] = sum(1 if c in decoder else len(c.encode()) for c in piece)
+    for t in spec.get("added_tokens", []):
+        if not t.get("special"):
+            sizes[t["id"]] = len(t["content"].encode())
+    return sizes
+
+
+class HFText:
+    """encode/decode for training, generation and `show`."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.encoder = load_reference(path)
+        with open(path, encoding="utf-8") as f:
+            self.full = Tokenizer.from_str(f.read())  # decodes special ids too
+        self.specials = set(special_tokens(read_spec(path)).values())
+        self.vocab_size = vocab_size(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoder.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.full.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def piece(self, i: int) -> str:
+        return self.full.id_to_token(int(i)) or f"<unused {i}>"
+
+    def is_control(self, i: int) -> bool:
+        return int(i) in self.specials

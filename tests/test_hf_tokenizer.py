@@ -1,0 +1,144 @@
+"""Hugging Face tokenizer.json (byte-level BPE, trained here with the `tokenizers` library): shards decode back
+byte for byte, no text becomes a special token, and a transformers Llama with that tokenizer trains and exports
+back."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import MIXED_TEXTS, REPO, dir_digest, run_cli, run_training, shakespeare_plays, shard_documents, write_jsonl
+from test_encoders import hostile_texts
+
+from preprocess.shards import read_manifest
+from preprocess.tokenizer import TextTokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def train_byte_level_bpe(out_dir, *, vocab_size=1500, llama3=False, extra_specials=0) -> str:
+    """GPT-2's kind (<|endoftext|> ends documents), or Llama 3's (<|begin_of_text|> put in front by the
+    post-processor, eos named by tokenizer_config.json); extra_specials pads the ids past 65,535."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    os.makedirs(out_dir, exist_ok=True)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama3 else ["<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [open(p, encoding="utf-8").read() for p in shakespeare_plays()[:4]] + MIXED_TEXTS * 20
+    tok.train_from_iterator(texts, trainer)
+    if llama3:
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+            ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>"}, f)
+    if extra_specials:
+        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(extra_specials)])
+    path = os.path.join(out_dir, "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_style(tmp_path_factory) -> str:
+    return train_byte_level_bpe(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def llama3_style(tmp_path_factory) -> str:
+    return train_byte_level_bpe(tmp_path_factory.mktemp("llama3"), llama3=True, extra_specials=66000)
+
+
+def texts_to_shard() -> list[str]:
+    texts = [*MIXED_TEXTS, "a literal <|endoftext|> and <|begin_of_text|><|end_of_text|> in the text", "x" * 3000]
+    texts += [t for t in hostile_texts() if t.strip() and "\x00" not in t]
+    for path in shakespeare_plays()[4:6]:
+        texts += [s for s in open(path, encoding="utf-8").read().split("\n\n") if s.strip()]
+    return texts
+
+
+@pytest.mark.parametrize("style", ["gpt2_style", "llama3_style"])
+def test_shards_decode_back_byte_for_byte_and_text_never_becomes_a_special_token(style, request, tmp_path):
+    path = request.getfixturevalue(style)
+    texts = texts_to_shard()
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    given = os.path.dirname(path) if style == "llama3_style" else path  # a directory holding it, or the file
+    outs = {}
+    for encoder in ("tokenizers", "gigatoken"):
+        proc = run_cli("shards", "--input", src, "--tokenizer", given, "--out", tmp_path / encoder, "--encoder",
+                       encoder, "--unit-mb", "0.05")
+        assert f"({encoder})" in proc.stdout
+        outs[encoder] = dir_digest(tmp_path / encoder)
+    assert outs["tokenizers"] == outs["gigatoken"]
+    out = tmp_path / "tokenizers"
+    manifest = read_manifest(out)
+    tok = manifest["tokenizer"]
+    assert (tok["kind"], tok["file"]) == ("hf", "tokenizer.json")
+    assert open(out / "tokenizer.json", "rb").read() == open(path, "rb").read()
+    assert manifest["dtype"] == ("uint32" if style == "llama3_style" else "uint16")
+    text = TextTokenizer(str(out / "tokenizer.json"))
+    specials = {i for i in range(text.vocab_size) if text.is_control(i)}
+    eos = tok["special_ids"]["eos"]
+    assert text.piece(eos) == ("<|end_of_text|>" if style == "llama3_style" else "<|endoftext|>")
+    docs = shard_documents(str(out))
+    assert len(docs) == len(texts)
+    for ids, original in zip(docs, texts, strict=True):
+        assert ids[-1] == eos and not specials & set(ids[:-1].tolist())  # no BOS added, no special from text
+        assert text.decode(ids[:-1]) == original
+    run_cli("verify", out)
+    shown = run_cli("show", out, "--doc", len(MIXED_TEXTS), "--max-tokens", 200)
+    assert f"text:   {texts[len(MIXED_TEXTS)] + text.piece(eos)!r}" in shown.stdout  # the literal, then eos
+
+
+def test_chat_shards_with_a_tokenizer_json_are_refused_in_one_line(gpt2_style, tmp_path):
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "hi", "response": "hello"}])
+    proc = run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", gpt2_style, "--out", tmp_path / "o",
+                   check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "chat shards need shardlm's chat control symbols" in proc.stderr
+    not_bpe = tmp_path / "wordlevel.json"
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(not_bpe))
+    proc = run_cli("shards", "--input", src, "--tokenizer", not_bpe, "--out", tmp_path / "w", check=False)
+    assert proc.returncode == 1 and "only byte-level BPE tokenizer.json files are supported" in proc.stderr
+
+
+@pytest.mark.slow
+def test_continued_pretraining_of_a_transformers_llama_with_its_tokenizer_json_exports_back(llama3_style, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from test_hf import export, save_foreign_llama
+
+    vocab = TextTokenizer(llama3_style).vocab_size
+    save_foreign_llama(tmp_path / "llama", None, vocab_size=vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(os.path.dirname(llama3_style), name), tmp_path / "llama" / name)
+    src = write_jsonl(tmp_path / "plays.jsonl", [{"text": open(p, encoding="utf-8").read()} for p in shakespeare_plays()[:2]])
+    run_cli("shards", "--input", src, "--tokenizer", tmp_path / "llama", "--out", tmp_path / "shards")
+    # the shipped config's evaluation (bits per byte from this tokenizer) and sample stay on
+    run_training(f"data.path={tmp_path / 'shards'}", f"init_from={tmp_path / 'llama'}", "train.max_steps=2",
+                 "train.eval_every=2", "train.sample_prompt=Two households", f"out_dir={tmp_path / 'run'}")
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [m for m in metrics if "val_bpb" in m]
+    assert evals and all(np.isfinite(m["val_bpb"]) for m in evals)
+    proc = export(tmp_path / "run", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert "transformers reproduces our logits" in proc.stdout
+    assert open(tmp_path / "hf" / "tokenizer.json", "rb").read() == open(llama3_style, "rb").read()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "  Two households, both alike in dignity"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == TextTokenizer(llama3_style).encode(text)
+    assert tokenizer.eos_token == "<|end_of_text|>"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert theirs.config.eos_token_id in (TextTokenizer(llama3_style).eos_id, [TextTokenizer(llama3_style).eos_id])
+    proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(tmp_path / "run"), "--prompt",
+                           "Two households", "--max-new-tokens", "8"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("Two households"), proc.stderr
+    # and the export is itself a starting point for the same shards (its tokenizer.json has their sha256)
+    run_training(f"data.path={tmp_path / 'shards'}", f"init_from={tmp_path / 'hf'}", "train.max_steps=1",
+                 f"out_dir={tmp_path / 'again'}")
