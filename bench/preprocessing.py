@@ -2,10 +2,13 @@
 
     python bench/preprocessing.py [--mb 120] [--workers 1 2] [--repeat 3] [--out bench_out/preprocess]
 
-ceiling:  sentencepiece batched encode of the corpus, already in memory, one process per worker, no I/O.
-ours:     the whole `python -m preprocess shards` command (start-up, reading, parsing, encoding, writing, hashing).
+ceiling:  sentencepiece batched encode of the corpus, already in memory, one process per worker, no I/O; the
+          same for gigatoken (one single-threaded process per worker, and one process with a thread per worker).
+ours:     the whole `python -m preprocess shards` command (start-up, reading, parsing, encoding, writing,
+          hashing), with --encoder sentencepiece and with --encoder gigatoken.
 baseline: bench/megatron_style.py, a pool mapping over documents feeding one writer (Megatron-LM's structure),
           with and without its torch import; whole commands, and steady state (10% to 90% of the work).
+dedup:    the whole command with --dedup exact and --dedup near against none.
 memory:   peak RSS of the shards command's process tree on the corpus and on 5x it (should not grow).
 Run it on an otherwise idle machine: other load lowers both rates, but not always equally.
 
@@ -89,8 +92,22 @@ def write_corpus(docs: list[str], target_bytes: int, out_dir: str, files: int = 
     return total, count
 
 
-def _ceiling_worker(model: str, paths: list[str], rank: int, procs: int, barrier, results) -> None:
-    sp = spm.SentencePieceProcessor(model_file=model, num_threads=1)
+def _ceiling_worker(model: str, paths: list[str], rank: int, procs: int, barrier, results, encoder: str,
+                    threads: int) -> None:
+    if encoder == "gigatoken":
+        os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when its pool starts, on the first parallel call
+        from preprocess.encoders import Encoder
+        from preprocess.tokenizer import load_tokenizer
+
+        fast = Encoder(load_tokenizer(model), "gigatoken").backend.tok
+
+        def encode(texts):
+            return len(texts) + int(fast.encode_batch(texts, parallel=threads > 1).layout.offsets.data[-1])
+    else:
+        sp = spm.SentencePieceProcessor(model_file=model, num_threads=1)
+
+        def encode(texts):
+            return sum(len(ids) for ids in sp.encode(texts, add_eos=True, return_type="numpy"))
     batches, batch, size = [], [], 0
     for p in paths:
         for line in open(p, encoding="utf-8"):
@@ -103,16 +120,18 @@ def _ceiling_worker(model: str, paths: list[str], rank: int, procs: int, barrier
     batches = batches[rank::procs]  # interleaved, so every process gets the same mix of text
     barrier.wait()
     start = time.perf_counter()
-    tokens = sum(sum(len(ids) for ids in sp.encode(b, add_eos=True, return_type="numpy")) for b in batches)
+    tokens = sum(encode(b) for b in batches)
     results.put((start, time.perf_counter(), tokens))
 
 
-def ceiling(model: str, corpus_dir: str, procs: int) -> tuple[float, int]:
-    """Tokens/s of pure in-memory batched encode, the corpus split evenly over `procs` processes."""
+def ceiling(model: str, corpus_dir: str, procs: int, encoder: str = "sentencepiece", threads: int = 1) -> tuple[float, int]:
+    """Tokens/s of pure in-memory batched encode, the corpus split evenly over `procs` processes (each with
+    `threads` threads: gigatoken only)."""
     files = sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl")))
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
-    workers = [ctx.Process(target=_ceiling_worker, args=(model, files, i, procs, barrier, results)) for i in range(procs)]
+    workers = [ctx.Process(target=_ceiling_worker, args=(model, files, i, procs, barrier, results, encoder, threads))
+               for i in range(procs)]
     for w in workers:
         w.start()
     out = [results.get() for _ in workers]
@@ -122,12 +141,12 @@ def ceiling(model: str, corpus_dir: str, procs: int) -> tuple[float, int]:
     return tokens / (max(o[1] for o in out) - min(o[0] for o in out)), tokens
 
 
-def run_shards(model: str, corpus_dir: str, out: str, workers: int, measure: str = "rate") -> dict:
+def run_shards(model: str, corpus_dir: str, out: str, workers: int, measure: str = "rate", extra=()) -> dict:
     """The whole shards command: wall time and tokens, and either (measure="rate") its steady-state rate, the
     tokens written between 10% and 90% of the total, sampled every 0.1 s; or (measure="rss") the peak RSS summed
     over the process tree, sampled every 20 ms. One at a time: sampling takes CPU from the workers."""
     cmd = [sys.executable, "-m", "preprocess", "shards", "--input", corpus_dir, "--tokenizer", model, "--out", out,
-           "--workers", str(workers)]
+           "--workers", str(workers), *extra]
     start = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, progress = 0, []
@@ -170,7 +189,7 @@ def run_megatron_style(model: str, corpus_dir: str, out: str, workers: int, docs
     return {"wall": wall, "tokens": result["tokens"], "steady": result["steady_tokens_per_sec"]}
 
 
-def breakdown(model: str, corpus_dir: str, units: int = 8) -> dict[str, float]:
+def breakdown(model: str, corpus_dir: str, units: int = 8, encoder: str = "sentencepiece") -> dict[str, float]:
     """Where one worker's time goes: the first `units` work units run in this process, each step timed."""
     from preprocess.encoders import Encoder
     from preprocess.formats import pretrain_text
@@ -184,7 +203,8 @@ def breakdown(model: str, corpus_dir: str, units: int = 8) -> dict[str, float]:
     info = load_tokenizer(model)
     paths = sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl")))
     todo = group_units(plan_segments(paths, 4 << 20, "file"), 4 << 20)[:units]
-    encoder, encode_time = Encoder(info), [0.0]
+    encoder, encode_time = Encoder(info, encoder), [0.0]
+    encoder.encode(["warm up: the first call imports what the encoder needs"])
     plain_encode = encoder.encode
 
     def timed_encode(texts):
@@ -236,41 +256,73 @@ def main() -> None:
                    stdout=subprocess.DEVNULL)
     model = os.path.join(tok_dir, "tokenizer.model")
 
+    have_fast = importlib.util.find_spec("gigatoken") is not None
+    encoders = ["sentencepiece", *(["gigatoken"] if have_fast else [])]
+    if not have_fast:
+        print("gigatoken is not installed (pip install 'shardlm[fast]'): its rows are left out")
     for w in args.workers:
-        rates = {k: [] for k in ("ceiling", "ours", "ours_steady", "base", "base_steady", "base_nt", "base_nt_steady")}
+        keys = ["ceiling", "base", "base_steady", "base_nt", "base_nt_steady"]
+        keys += [f"ours_{e}" for e in encoders] + [f"ours_{e}_steady" for e in encoders]
+        keys += ["ceiling_fast", "ceiling_fast_threads"] if have_fast else []
+        rates = {k: [] for k in keys}
         for _ in range(args.repeat):  # alternate them, so slow phases of a shared machine hit all
             rate, ceil_tokens = ceiling(model, corpus, w)
             rates["ceiling"].append(rate)
-            out = os.path.join(args.out, f"shards-w{w}")
-            run = run_shards(model, corpus, out, w)
-            shutil.rmtree(out)
-            assert run["tokens"] == ceil_tokens, (run["tokens"], ceil_tokens)
-            rates["ours"].append(run["tokens"] / run["wall"])
-            rates["ours_steady"].append(run["steady"])
+            if have_fast:
+                for key, procs, threads in (("ceiling_fast", w, 1), ("ceiling_fast_threads", 1, w)):
+                    rate, tokens = ceiling(model, corpus, procs, "gigatoken", threads)
+                    assert tokens == ceil_tokens, (key, tokens, ceil_tokens)
+                    rates[key].append(rate)
+            for e in encoders:
+                out = os.path.join(args.out, f"shards-w{w}")
+                run = run_shards(model, corpus, out, w, extra=["--encoder", e])
+                shutil.rmtree(out)
+                assert run["tokens"] == ceil_tokens, (run["tokens"], ceil_tokens)
+                rates[f"ours_{e}"].append(run["tokens"] / run["wall"])
+                rates[f"ours_{e}_steady"].append(run["steady"])
             for key, torch in (("base", True), ("base_nt", False)):
                 base = run_megatron_style(model, corpus, os.path.join(args.out, f"megatron-w{w}"), w, ndocs, torch)
                 assert base["tokens"] == ceil_tokens, (base["tokens"], ceil_tokens)
                 rates[key].append(base["tokens"] / base["wall"])
                 rates[f"{key}_steady"].append(base["steady"])
         m = {k: statistics.median(v) for k, v in rates.items()}
-        per_run = ", ".join(f"{b / a:.2f}" for a, b in zip(rates["ceiling"], rates["ours"], strict=True))
-        print(f"workers={w}: ceiling {m['ceiling'] / 1e6:.2f} M tokens/s, shards command {m['ours'] / 1e6:.2f} M "
-              f"tokens/s (medians of {args.repeat}; {ceil_tokens:,} tokens) -> ratio {m['ours'] / m['ceiling']:.2f} "
-              f"(per run: {per_run})", flush=True)
+        for e in encoders:
+            ours = m[f"ours_{e}"]
+            per_run = ", ".join(f"{b / a:.2f}" for a, b in zip(rates["ceiling"], rates[f"ours_{e}"], strict=True))
+            print(f"workers={w}: shards command --encoder {e}: {ours / 1e6:.2f} M tokens/s -> {ours / m['ceiling']:.2f} "
+                  f"of the sentencepiece ceiling ({m['ceiling'] / 1e6:.2f} M tokens/s; medians of {args.repeat}, "
+                  f"{ceil_tokens:,} tokens; per run: {per_run}); against the Megatron-style baseline: whole command "
+                  f"{ours / m['base']:.2f} ({ours / m['base_nt']:.2f} without its torch import), steady state "
+                  f"{m[f'ours_{e}_steady'] / m['base_steady']:.2f}", flush=True)
         print(f"workers={w}: Megatron-style baseline, whole command {m['base'] / 1e6:.2f} M tokens/s "
               f"({m['base'] / m['ceiling']:.2f} of the ceiling; without its torch import {m['base_nt'] / 1e6:.2f}), "
-              f"steady state {m['base_steady'] / 1e6:.2f}; ours in steady state {m['ours_steady'] / 1e6:.2f} -> "
-              f"ours/baseline: whole command {m['ours'] / m['base']:.2f} ({m['ours'] / m['base_nt']:.2f} against "
-              f"the baseline without torch), steady state {m['ours_steady'] / m['base_steady']:.2f}", flush=True)
+              f"steady state {m['base_steady'] / 1e6:.2f}", flush=True)
+        if have_fast:
+            print(f"workers={w}: gigatoken in memory: {m['ceiling_fast'] / m['ceiling']:.2f}x the sentencepiece "
+                  f"ceiling with {w} single-threaded processes, {m['ceiling_fast_threads'] / m['ceiling']:.2f}x with one "
+                  f"process of {w} threads", flush=True)
 
-    shares = breakdown(model, corpus)
-    print("one worker's time, 8 units of 4 MiB: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+    for e in encoders:
+        shares = breakdown(model, corpus, encoder=e)
+        print(f"one worker's time with {e}, 8 units of 4 MiB: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
 
     w = max(args.workers)
-    one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w, measure="rss")
-    five = run_shards(model, corpus5, os.path.join(args.out, "rss-x5"), w, measure="rss")
-    print(f"peak RSS (process tree, workers={w}): {one['peak_rss'] / 2**20:.0f} MiB on {args.mb} MB, "
-          f"{five['peak_rss'] / 2**20:.0f} MiB on {5 * args.mb} MB -> ratio {five['peak_rss'] / one['peak_rss']:.2f}")
+    walls = {}
+    for mode in ("none", "exact", "near"):
+        run = run_shards(model, corpus, os.path.join(args.out, f"dedup-{mode}"), w, extra=["--dedup", mode])
+        shutil.rmtree(os.path.join(args.out, f"dedup-{mode}"))
+        walls[mode] = run["wall"]
+    print(f"dedup (workers={w}, default encoder): whole command {walls['none']:.1f} s without, "
+          f"{walls['exact']:.1f} s exact ({(walls['exact'] - walls['none']) / walls['exact']:.0%} of the job), "
+          f"{walls['near']:.1f} s near ({(walls['near'] - walls['none']) / walls['near']:.0%} of the job)")
+
+    for e in encoders:
+        one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w, measure="rss", extra=["--encoder", e])
+        five = run_shards(model, corpus5, os.path.join(args.out, "rss-x5"), w, measure="rss", extra=["--encoder", e])
+        shutil.rmtree(os.path.join(args.out, "rss-x1"))
+        shutil.rmtree(os.path.join(args.out, "rss-x5"))
+        print(f"peak RSS with {e} (process tree, workers={w}): {one['peak_rss'] / 2**20:.0f} MiB on {args.mb} MB, "
+              f"{five['peak_rss'] / 2**20:.0f} MiB on {5 * args.mb} MB -> ratio {five['peak_rss'] / one['peak_rss']:.2f}")
 
 
 if __name__ == "__main__":
