@@ -69,6 +69,7 @@ endif
 
 bench: $(STAMP)
 	$(PY) bench/preprocessing.py
+	$(PY) bench/mpi_skew.py
 	$(PY) bench/train.py --variants
 	$(PY) bench/dpo.py
 	$(PY) bench/packing.py

@@ -229,6 +229,26 @@ def breakdown(model: str, corpus_dir: str, units: int = 8, encoder: str = "sente
             "write+fsync+sha256+rest": (total - encode_time[0] - parse) / total}
 
 
+def encoder_growth(model: str, encoder: str, mb: int = 100) -> tuple[float, float]:
+    """RSS of one encoder process after 20 MB and after `mb` MB of words it has never seen (random letters): an
+    encoder that caches words without bound grows here, where repeated real text would hide it."""
+    code = f"""
+import random, string, psutil
+from preprocess.encoders import Encoder
+from preprocess.tokenizer import load_tokenizer
+enc = Encoder(load_tokenizer({model!r}), {encoder!r})
+rng, rss = random.Random(0), {{}}
+for k in range(1, {mb} + 1):  # ~1 MB of new words per batch
+    enc.encode([" ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 12))) for _ in range(1500))
+                for _ in range(100)])
+    rss[k] = psutil.Process().memory_info().rss
+print(rss[20], rss[{mb}])
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    first, last = map(int, out.stdout.split())
+    return first / 2**20, last / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=120, help="corpus size in MB (default: 120)")
@@ -317,6 +337,9 @@ def main() -> None:
           f"{walls['near']:.1f} s near ({(walls['near'] - walls['none']) / walls['near']:.0%} of the job)")
 
     for e in encoders:
+        first, last = encoder_growth(model, e)
+        print(f"{e} alone on never-seen words: RSS {first:.0f} MiB after 20 MB, {last:.0f} MiB after 100 MB -> "
+              f"ratio {last / first:.2f}")
         one = run_shards(model, corpus, os.path.join(args.out, "rss-x1"), w, measure="rss", extra=["--encoder", e])
         five = run_shards(model, corpus5, os.path.join(args.out, "rss-x5"), w, measure="rss", extra=["--encoder", e])
         shutil.rmtree(os.path.join(args.out, "rss-x1"))
