@@ -121,28 +121,9 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_shards(args) -> None:
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    tokenizer = load_tokenizer(args.tokenizer)
-    paths = expand_inputs(args.input, exclude=args.out)
-    total = sum(os.path.getsize(p) for p in paths)
-    unit_bytes = int(args.unit_mb * MiB) if args.unit_mb else auto_unit_bytes(total)
-    if unit_bytes < 1:
-        raise UserError(f"--unit-mb must be positive, got {args.unit_mb}")
-    segments = plan_segments(paths, unit_bytes, args.txt_doc)
-    job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict, args.max_len,
-                   dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram))
-    if args.kind != "pretrain":
-        ChatTemplate(tokenizer)  # the tokenizer must have the chat control symbols: fail before any work
     group = job_group(args.rank, args.world)
-    plan = make_plan(job, paths, segments, unit_bytes)
-    job.encoder, note = choose_encoder(args.encoder, tokenizer, lambda: encoder_sample(job, segments))
-    if note and group.rank == 0:
-        print(note, file=sys.stderr)
-    os.makedirs(args.out, exist_ok=True)
-    copy_tokenizer(tokenizer, args.out)
     try:
-        manifest, stats = build_shards(job, plan, args.workers, group=group)
+        manifest, stats = _run_shards(args, group)
     except BaseException as e:
         if not group.dynamic:
             raise
@@ -151,7 +132,6 @@ def cmd_shards(args) -> None:
         print(f"error (rank {group.rank}): {what}", file=sys.stderr, flush=True)
         group.abort(1)
         os._exit(1)  # MPICH's MPI_Abort can return in the calling process
-    stats["encoder"] = job.encoder
     if manifest is not None and "rank" in manifest:  # MPI: rank 0 prints the job's summary
         return
     if manifest is None:
@@ -167,12 +147,50 @@ def cmd_shards(args) -> None:
                         f"{manifest['skipped_examples'][common][0]}" if common else "the inputs hold no records"))
 
 
+def _run_shards(args, group):
+    """Check, plan, choose the encoder (rank 0 chooses for every MPI rank), write: (manifest, stats)."""
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    tokenizer = load_tokenizer(args.tokenizer)
+    paths = expand_inputs(args.input, exclude=args.out)
+    total = sum(os.path.getsize(p) for p in paths)
+    unit_bytes = int(args.unit_mb * MiB) if args.unit_mb else auto_unit_bytes(total)
+    if unit_bytes < 1:
+        raise UserError(f"--unit-mb must be positive, got {args.unit_mb}")
+    segments = plan_segments(paths, unit_bytes, args.txt_doc)
+    job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict, args.max_len,
+                   dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram))
+    if args.kind != "pretrain":
+        ChatTemplate(tokenizer)  # the tokenizer must have the chat control symbols: fail before any work
+    if job.dedup.on and group.launcher == "Slurm array":  # its tasks need not run at the same time
+        raise UserError("--dedup needs every rank of the job at once: run it under srun or mpirun, not as a Slurm "
+                        "array")
+    plan = make_plan(job, paths, segments, unit_bytes)
+    sample = lambda: encoder_sample(job, segments)  # noqa: E731
+    if group.dynamic:
+        job.encoder, note = group.share(choose_encoder(args.encoder, tokenizer, sample) if group.rank == 0 else None)
+    else:
+        job.encoder, note = choose_encoder(args.encoder, tokenizer, sample)
+    if note and group.rank == 0:
+        print(note, file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    copy_tokenizer(tokenizer, args.out)
+    manifest, stats = build_shards(job, plan, args.workers, group=group)
+    stats["encoder"] = job.encoder
+    return manifest, stats
+
+
 def copy_tokenizer(tokenizer, out_dir: str) -> None:
-    dst = os.path.join(out_dir, tokenizer.file)
-    if os.path.exists(dst) and file_sha256(dst) == tokenizer.sha256:
-        return
+    """The tokenizer next to the shards, under its kind's name (with a tokenizer.json's config)."""
     from .fileio import copy_durably
-    copy_durably(tokenizer.path, dst)
+    from .tokenizer import tokenizer_files
+
+    main, *others = tokenizer_files(tokenizer.path)
+    dst = os.path.join(out_dir, tokenizer.file)
+    if not (os.path.exists(dst) and file_sha256(dst) == tokenizer.sha256):
+        copy_durably(main, dst)
+    for path in others:
+        copy_durably(path, os.path.join(out_dir, os.path.basename(path)))
 
 
 def print_summary(manifest: dict, stats: dict, out: str) -> None:
@@ -188,6 +206,10 @@ def print_summary(manifest: dict, stats: dict, out: str) -> None:
           f"{stats['seconds']:.1f} s → {out}")
     for examples in manifest["skipped_examples"].values():
         print(f"  {examples[0]}")
+    if stats.get("reencoded"):
+        where = stats["reencoded"]
+        print(f"note: gigatoken's ids differed at the start of {len(where)} units (first: {where[0]}); those units were "
+              "written by the reference encoder", file=sys.stderr)
     if "duplicates" in manifest:
         counts = ", ".join(f"{k} {v:,}" for k, v in manifest["duplicates"].items())
         print(f"  duplicates dropped: {counts}" + "".join(f"\n  {e[0]}" for e in manifest["duplicate_examples"].values()))

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import UserError
 from .fileio import atomic_write
+from .formats import parsed_records
 from .readers import Bad, Segment, SegmentReader
 
 MODES = ("none", "exact", "near")
@@ -78,13 +79,10 @@ def signature_path(out_dir: str, name: str) -> str:
     return os.path.join(work_dir(out_dir), f"{name}.npz")
 
 
-def drops_path(out_dir: str) -> str:
-    return os.path.join(work_dir(out_dir), "drops.npz")
-
-
-def document_text(kind, parsed) -> str:
-    """What two documents must share to be duplicates: every text the encoder would see, in order."""
-    return "\x1f".join(kind.texts(parsed))
+def drops_path(out_dir: str, name: str | None = None) -> str:
+    """One unit's dropped documents; without a name, the resolution's summary (written last: its presence
+    means every unit's file is there)."""
+    return os.path.join(work_dir(out_dir), f"{name}.drops.npy" if name else "resolution.json")
 
 
 def shingle(text: str, dedup: Dedup) -> list[bytes]:
@@ -102,11 +100,9 @@ def shingle(text: str, dedup: Dedup) -> list[bytes]:
 
 def usable_documents(job, kind, segments: list[Segment]):
     """(segment index, position, parsed) of every usable record, in the order the writing pass meets them."""
-    for si, seg in enumerate(segments):
-        for pos, record in SegmentReader(seg, columns=kind.columns, txt_doc=job.txt_doc):
-            parsed = kind.parse(record)
-            if not isinstance(parsed, Bad):
-                yield si, pos, parsed
+    for si, pos, parsed, _ in parsed_records(kind, segments, job.txt_doc):
+        if not isinstance(parsed, Bad):
+            yield si, pos, parsed
 
 
 def sign_unit(job, name: str, segments: list[Segment]) -> int:
@@ -122,7 +118,7 @@ def sign_unit(job, name: str, segments: list[Segment]) -> int:
         batch.clear()
 
     for si, pos, parsed in usable_documents(job, kind, segments):
-        text = document_text(kind, parsed)
+        text = kind.dedup_text(parsed)
         keys.append(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest())
         places.append((si, pos))
         if dedup.mode == "near":
@@ -147,7 +143,10 @@ def signature_done(out_dir: str, name: str) -> bool:
 def resolve(job, names: list[str], units: list[list[Segment]]) -> dict:
     """Find the duplicates of the whole job from every unit's signatures (deterministic: any rank that runs
     this writes the same bytes) and save them; returns the counts and examples."""
-    loaded = [np.load(signature_path(job.out_dir, n)) for n in names]
+    loaded = []
+    for n in names:  # copied out and closed: a job may have more units than a process may open files
+        with np.load(signature_path(job.out_dir, n)) as f:
+            loaded.append({k: f[k] for k in ("keys", "places", "minhash")})
     keys = np.concatenate([f["keys"] for f in loaded])
     unit_of = np.concatenate([np.full(len(f["keys"]), u, np.int64) for u, f in enumerate(loaded)])
     ordinal = np.concatenate([np.arange(len(f["keys"]), dtype=np.int64) for f in loaded])
@@ -191,20 +190,26 @@ def resolve(job, names: list[str], units: list[list[Segment]]) -> dict:
         if len(kept) < EXAMPLES_KEPT:
             kept.append(f"{where(i)}: {'repeats' if label == 'exact' else 'nearly repeats'} {where(original[i])}")
     summary = {"duplicates": counts, "duplicate_examples": examples}
-    buf = io.BytesIO()
-    np.savez(buf, unit=unit_of[dropped], ordinal=ordinal[dropped], kind=kind[dropped],
-             summary=np.frombuffer(json.dumps(summary, sort_keys=True).encode(), np.uint8))
-    atomic_write(drops_path(job.out_dir), buf.getvalue())
+    bounds = np.searchsorted(unit_of[dropped], np.arange(len(names) + 1))  # unit_of is sorted
+    for u, name in enumerate(names):  # each unit reads only its own: a few bytes per dropped document
+        mine = dropped[bounds[u]:bounds[u + 1]]
+        buf = io.BytesIO()
+        np.save(buf, np.stack([ordinal[mine], kind[mine]], axis=1).astype(np.int64).reshape(-1, 2))
+        atomic_write(drops_path(job.out_dir, name), buf.getvalue())
+    atomic_write(drops_path(job.out_dir), json.dumps(summary, sort_keys=True).encode())
     return summary
 
 
+def resolved(out_dir: str) -> bool:
+    return os.path.isfile(drops_path(out_dir))
+
+
 def load_summary(out_dir: str) -> dict:
-    with np.load(drops_path(out_dir)) as f:
-        return json.loads(f["summary"].tobytes())
+    with open(drops_path(out_dir), "rb") as f:
+        return json.load(f)
 
 
-def unit_drops(out_dir: str, unit: int) -> dict[int, str]:
+def unit_drops(out_dir: str, name: str) -> dict[int, str]:
     """ordinal of a usable document within the unit → why it is dropped ("exact" or "near")."""
-    with np.load(drops_path(out_dir)) as f:
-        mine = f["unit"] == unit
-        return {int(o): KINDS[k - 1] for o, k in zip(f["ordinal"][mine], f["kind"][mine], strict=True)}
+    rows = np.load(drops_path(out_dir, name))
+    return {int(o): KINDS[k - 1] for o, k in rows}

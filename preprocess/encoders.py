@@ -65,6 +65,8 @@ class GigatokenBackend:
             from .hf_tokenizer import encoding_spec
             self.tok = gigatoken.Tokenizer.from_json(encoding_spec(info.path))
             return
+        from .hf_tokenizer import without_pieces
+
         sp = load_processor(info.path)
         control = {sp.id_to_piece(i) for i in range(sp.vocab_size()) if sp.is_control(i)}
         with open(info.path, "rb") as f:
@@ -72,9 +74,7 @@ class GigatokenBackend:
                 spec = json.loads(sentencepiece_to_tokenizer_json(f.read()))
             except ValueError as e:  # a unigram model, or one without byte fallback
                 raise UserError(f"{info.path}: gigatoken cannot encode this model ({e})") from None
-        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in control]
-        spec["model"]["merges"] = [m for m in spec["model"]["merges"] if "".join(m) not in control]
-        self.tok = gigatoken.Tokenizer.from_json(json.dumps(spec, ensure_ascii=False))
+        self.tok = gigatoken.Tokenizer.from_json(json.dumps(without_pieces(spec, control), ensure_ascii=False))
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         layout = self.tok.encode_batch(texts, parallel=False).layout

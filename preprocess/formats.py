@@ -17,10 +17,20 @@ from __future__ import annotations
 import numpy as np
 
 from .chat import ChatTemplate, Turn
-from .readers import Bad
+from .readers import Bad, SegmentReader
 
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                 "model": "assistant"}
+
+
+def parsed_records(kind, segments, txt_doc: str):
+    """(segment index, position, parsed record or Bad, where) of every record of `segments`, in order; where()
+    names the file and line (computed only when called). The writing pass, the dedup signatures and the encoder
+    check all walk records through this one function, so that they number documents alike."""
+    for si, seg in enumerate(segments):
+        reader = SegmentReader(seg, columns=kind.columns, txt_doc=txt_doc)
+        for pos, record in reader:
+            yield si, pos, kind.parse(record), (lambda reader=reader, pos=pos: reader.where(pos))
 
 
 # --------------------------------------------------------------------------------------------- pretrain
@@ -188,6 +198,10 @@ class PretrainKind:
         """What the encoder sees of a parsed record."""
         return [parsed]
 
+    def dedup_text(self, parsed: str) -> str:
+        """What two records must share to be duplicates."""
+        return parsed
+
     def build(self, batch: list) -> tuple[np.ndarray, None, np.ndarray, list[tuple[int, Bad]]]:
         ids, lengths = self.encoder.encode(batch)
         return ids, None, lengths, []
@@ -225,6 +239,10 @@ class SFTKind(_ChatKind):
     def texts(self, parsed: list[Turn]) -> list[str]:
         return [t.text for t in parsed]
 
+    def dedup_text(self, parsed: list[Turn]) -> str:
+        # without system turns: a long system prompt shared by a whole dataset would make every pair look alike
+        return "\x1f".join(t.text for t in parsed if t.role != "system")
+
     def build(self, batch: list[list[Turn]]):
         kept, bad = [], []
         for i, doc in enumerate(self._render_all(batch, learn="assistant")):
@@ -248,6 +266,10 @@ class DPOKind(_ChatKind):
 
     def texts(self, parsed) -> list[str]:
         return [t.text for conv in parsed for t in conv]
+
+    def dedup_text(self, parsed) -> str:
+        chosen, rejected = parsed  # the shared prompt once, then both completions; no system turns
+        return "\x1f".join([*(t.text for t in chosen if t.role != "system"), rejected[-1].text])
 
     def build(self, batch: list[tuple[list[Turn], list[Turn]]]):
         docs = self._render_all([conv for pair in batch for conv in pair], learn="last")

@@ -10,6 +10,7 @@ so every way gives the same output.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -19,6 +20,7 @@ from .errors import UserError
 from .ranks import ranks_from_env
 
 POLL_S = 1.0
+SERVE_POLL_S = 0.005
 _REQUEST, _REPLY = 11, 12
 
 
@@ -36,8 +38,6 @@ class StaticGroup:
         """Until ready() holds on the shared directory: other ranks may still be at work."""
         if self.world == 1 or ready():
             return
-        if self.launcher == "Slurm array":  # its tasks need not run at the same time: waiting could be forever
-            raise UserError(f"{what} of other array tasks are missing: --dedup needs every rank at once (srun or mpirun)")
         said = time.monotonic()
         print(f"rank {self.rank}: waiting for the {what} of other ranks", file=sys.stderr)
         while not ready():
@@ -63,18 +63,21 @@ class MPIGroup:
         self.comm, self.rank, self.world, self.launcher = comm, comm.Get_rank(), comm.Get_size(), "mpi4py"
 
     def tasks(self, tasks: list, position: dict, phase: str):
-        """Units pulled one at a time from rank 0's queue (largest first) as this rank's workers free up.
-        Every rank plans the same job, so only names travel."""
+        """Units pulled one at a time from rank 0's queue (`tasks` come largest first) as this rank's workers
+        free up. Every rank plans the same job, so only names travel."""
         by_name = {t[0]: t for t in tasks}
         if self.rank == 0:
-            queue = sorted(tasks, key=lambda t: -sum(s.size for s in t[1]))
+            queue = collections.deque(t[0] for t in tasks)
             lock = threading.Lock()
 
             def take():
                 with lock:
-                    return queue.pop(0)[0] if queue else None
+                    return queue.popleft() if queue else None
 
             server = threading.Thread(target=self._serve, args=(take,), daemon=True)
+            first = take()
+            if first is not None:
+                yield by_name[first]  # the worker pool forks on its first task: before the thread starts
             server.start()
             while (name := take()) is not None:
                 yield by_name[name]
@@ -88,10 +91,14 @@ class MPIGroup:
                 yield by_name[name]
 
     def _serve(self, take) -> None:
+        MPI = _mpi()
         finished = 0  # ranks told that nothing is left
+        status = MPI.Status()
         while finished < self.world - 1:
-            status = _mpi().Status()
-            self.comm.recv(source=_mpi().ANY_SOURCE, tag=_REQUEST, status=status)
+            # a blocking receive spins a core in most MPI libraries, taking it from rank 0's own encoding
+            while not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_REQUEST, status=status):
+                time.sleep(SERVE_POLL_S)
+            self.comm.recv(source=status.Get_source(), tag=_REQUEST)
             name = take()
             self.comm.send(name, dest=status.Get_source(), tag=_REPLY)
             finished += name is None
@@ -136,5 +143,13 @@ def job_group(rank: int | None = None, world: int | None = None):
         except ImportError:
             pass
         else:
-            return MPIGroup(MPI.COMM_WORLD)
+            comm = MPI.COMM_WORLD
+            if comm.Get_size() != env_world:  # mpi4py built for another MPI than the one that launched us
+                raise UserError(f"mpi4py sees {comm.Get_size()} process(es) but {launcher}'s mpirun started "
+                                f"{env_world}: mpi4py was built for another MPI library; install the matching one, "
+                                "or set SHARDLM_MPI=0 to split the units without MPI")
+            if MPI.Query_thread() < MPI.THREAD_SERIALIZED:  # rank 0 serves units from a second thread
+                raise UserError("this MPI library gives mpi4py no thread support; set SHARDLM_MPI=0 to split the "
+                                "units without MPI")
+            return MPIGroup(comm)
     return StaticGroup(env_rank, env_world, launcher)

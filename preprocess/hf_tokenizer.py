@@ -1,8 +1,12 @@
 """Hugging Face tokenizer.json files with byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen): what shards need of them.
 
-Text never becomes a special token: the model's special tokens (<|endoftext|>, <|begin_of_text|>, ...) are taken
-out of the added tokens that `tokenizers` would match in the text, as sentencepiece never produces a control
-symbol from text. Encoding adds nothing either (no BOS from the post-processor); shards append eos themselves.
+Text never becomes a control token: every added token (the special <|endoftext|>, <|begin_of_text|>, ..., and
+those marked non-special, such as Qwen's <|fim_prefix|> or <tool_call>) is taken out of what `tokenizers` would
+match in the text, as sentencepiece never produces a control symbol from text; such text is encoded as the
+bytes it is. Encoding adds nothing either (no BOS from the post-processor); shards append eos themselves.
+
+The end-of-sequence token may be named by a tokenizer_config.json next to the file, which is therefore copied
+wherever the tokenizer.json is (shard directories, runs, checkpoints).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from .errors import UserError
 
 FILE = "tokenizer.json"
+CONFIG = "tokenizer_config.json"
 # when tokenizer_config.json does not say, the first of these that is a special token is the end of a document
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -43,6 +48,12 @@ def read_spec(path: str) -> dict:
     return spec
 
 
+def companions(path: str) -> list[str]:
+    """The files that make up this tokenizer: the tokenizer.json, and its tokenizer_config.json if any."""
+    config = os.path.join(os.path.dirname(path), CONFIG)
+    return [path, *([config] if os.path.isfile(config) else [])]
+
+
 def _has_byte_level(step) -> bool:
     if not isinstance(step, dict):
         return False
@@ -54,9 +65,23 @@ def special_tokens(spec: dict) -> dict[str, int]:
     return {t["content"]: int(t["id"]) for t in spec.get("added_tokens", []) if t.get("special")}
 
 
+def added_tokens(spec: dict) -> dict[str, int]:
+    """Every added token, special or not: none of them is ever produced from text here."""
+    return {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
+
+
+def without_pieces(spec: dict, contents: set[str]) -> dict:
+    """`spec` with these added tokens gone, and every merge that would build one of them from text."""
+    spec = json.loads(json.dumps(spec))
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["content"] not in contents]
+    spec["model"]["merges"] = [m for m in spec["model"].get("merges", [])
+                               if ("".join(m) if isinstance(m, list) else m.replace(" ", "")) not in contents]
+    return spec
+
+
 def _config_token(path: str, key: str) -> str | None:
     """eos_token / bos_token from the tokenizer_config.json next to the file, if there is one."""
-    config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    config = os.path.join(os.path.dirname(path), CONFIG)
     if not os.path.isfile(config):
         return None
     try:
@@ -93,11 +118,8 @@ def vocab_size(path: str) -> int:
 def encoding_spec(path: str) -> str:
     """The tokenizer.json that encodes text exactly as the file does, except that no text becomes a special token
     and nothing is added around it."""
-    spec = json.loads(json.dumps(read_spec(path)))
-    specials = set(special_tokens(spec))
-    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if not t.get("special")]
-    spec["model"]["merges"] = [m for m in spec["model"].get("merges", [])
-                               if ("".join(m) if isinstance(m, list) else m.replace(" ", "")) not in specials]
+    spec = read_spec(path)
+    spec = without_pieces(spec, set(added_tokens(spec)))
     spec["post_processor"] = None
     spec["truncation"] = spec["padding"] = None
     return json.dumps(spec, ensure_ascii=False)
@@ -132,13 +154,10 @@ def token_bytes(path: str) -> np.ndarray:
     spec = read_spec(path)
     sizes = np.zeros(vocab_size(path), dtype=np.int64)
     decoder = _byte_decoder()
-    specials = set(special_tokens(spec).values())
+    added = set(added_tokens(spec).values())  # never produced from text: no bytes
     for piece, i in spec["model"]["vocab"].items():
-        if i not in specials:
+        if i not in added:
             sizes[i] = sum(1 if c in decoder else len(c.encode()) for c in piece)
-    for t in spec.get("added_tokens", []):
-        if not t.get("special"):
-            sizes[t["id"]] = len(t["content"].encode())
     return sizes
 
 
@@ -152,7 +171,7 @@ class HFText:
         self.encoder = load_reference(path)
         with open(path, encoding="utf-8") as f:
             self.full = Tokenizer.from_str(f.read())  # decodes special ids too
-        self.specials = set(special_tokens(read_spec(path)).values())
+        self.specials = set(added_tokens(read_spec(path)).values())
         self.vocab_size = vocab_size(path)
 
     def encode(self, text: str) -> list[int]:

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from . import dedup as dd
-from .encoders import Encoder
+from .encoders import Encoder, reference_backend
 from .errors import UserError
 from .fileio import atomic_write, file_sha256, remove_stale_tmp
 from .group import StaticGroup
@@ -98,7 +98,10 @@ def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_byt
     doc = {
         "kind": job.kind,
         "tokenizer_sha256": job.tokenizer.sha256,
+        "tokenizer_special_ids": job.tokenizer.special_ids,  # a tokenizer.json's eos can come from its config
         "options": {"text_key": job.text_key, "txt_doc": job.txt_doc, "unit_bytes": unit_bytes,
+                    # line mode once split at LF only: an output of that rule is not taken for this one's
+                    **({"line_ends": "lf-crlf-cr"} if job.txt_doc == "line" else {}),
                     **({"max_len": job.max_len} if job.kind != "pretrain" else {}),
                     **({"dedup": job.dedup.options()} if job.dedup.on else {})},
         "inputs": [{"path": p, "bytes": os.path.getsize(p)} for p in paths],
@@ -119,11 +122,13 @@ def _init_worker(job: ShardJob, in_process: bool = False) -> None:
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _worker["job"], _worker["encoder"] = job, Encoder(job.tokenizer, job.encoder)
+    reference = reference_backend(job.tokenizer)
+    _worker["reference"] = Encoder(job.tokenizer, reference) if job.encoder != reference else None
 
 
 def _run_unit(task: tuple[str, list[Segment]]) -> dict:
     name, segments = task
-    record = write_unit(_worker["job"], _worker["encoder"], name, segments)
+    record = write_unit(_worker["job"], _worker["encoder"], name, segments, reference=_worker["reference"])
     _release_free_memory()
     return record
 
@@ -229,9 +234,10 @@ def _ordered(tasks: list) -> list:
 
 
 def find_duplicates(job: ShardJob, plan: Plan, workers: int, group, bar) -> None:
-    """The first two passes of --dedup: every unit's signatures, then one resolution (by rank 0; the others
-    wait for it), unless an earlier run got that far."""
-    if os.path.isfile(dd.drops_path(job.out_dir)):
+    """The first two passes of --dedup: every unit's signatures, then one resolution, unless an earlier run got
+    that far. Under MPI rank 0 resolves while the others wait; in a static split, whichever rank sees every
+    signature first does (two that race write the same bytes)."""
+    if dd.resolved(job.out_dir):
         return
     position = {n: i for i, n in enumerate(plan.names)}
     todo = [(n, u) for n, u in zip(plan.names, plan.units, strict=True) if not dd.signature_done(job.out_dir, n)]
@@ -240,10 +246,10 @@ def find_duplicates(job: ShardJob, plan: Plan, workers: int, group, bar) -> None
     mine = group.tasks(_ordered(todo), position, "signatures")
     run_units(job, mine, workers, lambda r: bar.update(r["input_bytes"]), work=_sign_unit)
     group.wait_for(lambda: all(dd.signature_done(job.out_dir, n) for n in plan.names), "unit signatures")
-    if group.rank == 0 and not os.path.isfile(dd.drops_path(job.out_dir)):
+    if (group.rank == 0 or not group.dynamic) and not dd.resolved(job.out_dir):
         bar.set_description("resolving duplicates")
         dd.resolve(job, plan.names, plan.units)
-    group.wait_for(lambda: os.path.isfile(dd.drops_path(job.out_dir)), "duplicate resolution")
+    group.wait_for(lambda: dd.resolved(job.out_dir), "duplicate resolution")
 
 
 def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True,
@@ -273,13 +279,15 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True,
                 todo.append((name, unit))
         for record in records.values():  # finished by an earlier run without --strict
             _check_strict(job, record["skipped_examples"])
-        stats = {"resumed_units": len(records), "new_tokens": 0, "new_documents": 0}
+        stats = {"resumed_units": len(records), "new_tokens": 0, "new_documents": 0, "reencoded": []}
         mine = group.tasks(_ordered(todo), {n: i for i, n in enumerate(plan.names)}, "shards")
         bar.reset(total=sum(s.size for _, u in todo for s in u) // (1 if group.dynamic else max(1, group.world)))
         bar.set_description(desc)
         written = time.perf_counter()
 
         def on_done(record: dict) -> None:
+            if (where := record.pop("_reencoded", None)) is not None:
+                stats["reencoded"].append(where)
             records[record["name"]] = record
             stats["new_tokens"] += record["tokens"]
             stats["new_documents"] += record["documents"]
@@ -320,7 +328,8 @@ def _finish_together(job: ShardJob, plan: Plan, group, stats: dict) -> tuple[dic
         manifest = finish(job, plan, records)
         stats = {**stats, "new_tokens": sum(s["new_tokens"] for s in every),
                  "new_documents": sum(s["new_documents"] for s in every),
-                 "seconds": max(s["seconds"] for s in every), "ranks": group.world}
+                 "seconds": max(s["seconds"] for s in every), "ranks": group.world,
+                 "reencoded": [w for s in every for w in s["reencoded"]]}
     group.barrier()  # the manifest exists before any rank returns
     return (manifest if group.rank == 0 else {"rank": group.rank}), stats
 

@@ -20,11 +20,12 @@ import numpy as np
 
 from . import dedup as dd
 from .chat import TEMPLATE, ChatTemplate
-from .encoders import Encoder
+from .encoders import Encoder, first_difference
 from .errors import UserError
 from .fileio import TMP_MARK, NpyWriter, atomic_write, file_sha256, fsync_path
 from .formats import KINDS as KIND_CLASSES
-from .readers import REASONS, Bad, Segment, SegmentReader
+from .formats import parsed_records
+from .readers import REASONS, Bad, Segment
 from .tokenizer import TokenizerInfo
 
 FORMAT = "shardlm.shards"
@@ -78,12 +79,9 @@ def encoder_sample(job: ShardJob, segments: list[Segment], budget_chars: int = 1
     sample = []
     for seg in picked:
         taken = 0
-        reader = SegmentReader(seg, columns=kind.columns, txt_doc=job.txt_doc)
-        for pos, record in reader:
-            parsed = kind.parse(record)
+        for _, _, parsed, where in parsed_records(kind, [seg], job.txt_doc):
             if isinstance(parsed, Bad):
                 continue
-            where = lambda reader=reader, pos=pos: reader.where(pos)  # noqa: E731 (line numbers cost a scan)
             sample += [(text, where) for text in kind.texts(parsed)]
             taken += kind.size(parsed)
             if taken >= budget_chars // len(picked):
@@ -91,9 +89,31 @@ def encoder_sample(job: ShardJob, segments: list[Segment], budget_chars: int = 1
     return sample
 
 
-def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segment]) -> dict:
-    """Tokenize one unit into its shard files and return its record (also saved under .work/units/)."""
+SPOT_CHECK_CHARS = 1 << 15  # of every unit, encoded by the reference too when the fast encoder writes it
+
+
+def spot_check(kind, batch: list, fast: Encoder, reference: Encoder, places: list) -> str | None:
+    """Where the fast encoder differs from the reference on the first texts of a unit's first batch."""
+    texts, where, size = [], [], 0
+    for parsed, place in zip(batch, places, strict=True):
+        for text in kind.texts(parsed):
+            texts.append(text)
+            where.append(place)
+            size += len(text)
+        if size >= SPOT_CHECK_CHARS:
+            break
+    return first_difference(texts, where, fast, reference)
+
+
+def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segment],
+               reference: Encoder | None = None) -> dict:
+    """Tokenize one unit into its shard files and return its record (also saved under .work/units/).
+
+    With a `reference` (the fast encoder is writing), the unit's first texts are encoded by both; if they
+    differ, the whole unit is written by the reference, and the returned record (not the saved one) says where
+    under "_reencoded"."""
     kind = job.make_kind(encoder)
+    reencoded = None
     files = shard_files(name, kind.has_mask)
     for path in files.values():  # left by a killed run (this unit is only ever written by this rank)
         for stale in glob.glob(os.path.join(glob.escape(job.out_dir), glob.escape(path) + TMP_MARK + "*")):
@@ -102,7 +122,7 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
     examples: dict[str, list[str]] = {}
     doc_lengths: list[np.ndarray] = []
     num_tokens = 0
-    drops = dd.unit_drops(job.out_dir, int(name.rpartition("-")[2])) if job.dedup.on else {}
+    drops = dd.unit_drops(job.out_dir, name) if job.dedup.on else {}
     duplicates = dict.fromkeys(dd.KINDS[:1 + (job.dedup.mode == "near")], 0)
     ordinal = -1  # of the usable documents, as the signature pass counts them
 
@@ -123,7 +143,11 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
         batch_chars = 0
 
         def flush():
-            nonlocal batch, places, batch_chars, num_tokens
+            nonlocal batch, places, batch_chars, num_tokens, reference, reencoded
+            if reference is not None:  # the unit's first batch
+                if (diff := spot_check(kind, batch, encoder, reference, places)) is not None:
+                    kind.encoder, reencoded = reference, diff
+                reference = None
             ids, mask, lengths, bad = kind.build(batch)
             for i, b in bad:
                 skip(b, places[i])
@@ -134,23 +158,19 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
             num_tokens += len(ids)
             batch, places, batch_chars = [], [], 0
 
-        for seg in segments:
-            reader = SegmentReader(seg, columns=kind.columns, txt_doc=job.txt_doc)
-            for pos, record in reader:
-                parsed = kind.parse(record)
-                where = lambda reader=reader, pos=pos: reader.where(pos)  # noqa: E731 (evaluated only when needed)
-                if isinstance(parsed, Bad):
-                    skip(parsed, where)
-                    continue
-                ordinal += 1
-                if ordinal in drops:
-                    duplicates[drops[ordinal]] += 1
-                    continue
-                batch.append(parsed)
-                places.append(where)
-                batch_chars += kind.size(parsed)
-                if batch_chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-                    flush()
+        for _, _, parsed, where in parsed_records(kind, segments, job.txt_doc):
+            if isinstance(parsed, Bad):
+                skip(parsed, where)
+                continue
+            ordinal += 1
+            if ordinal in drops:
+                duplicates[drops[ordinal]] += 1
+                continue
+            batch.append(parsed)
+            places.append(where)
+            batch_chars += kind.size(parsed)
+            if batch_chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+                flush()
         if batch:
             flush()
         lengths = np.concatenate(doc_lengths) if doc_lengths else np.empty(0, np.int64)
@@ -174,7 +194,7 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
         **({"duplicates": duplicates} if job.dedup.on else {}),
     }
     atomic_write(job.unit_record_path(name), json.dumps(record).encode())
-    return record
+    return {**record, "_reencoded": reencoded} if reencoded else record
 
 
 def unit_is_complete(job: ShardJob, name: str) -> dict | None:

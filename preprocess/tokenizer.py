@@ -79,8 +79,18 @@ def load_processor(path: str, num_threads: int = 1) -> spm.SentencePieceProcesso
 
 
 def is_hf(path: str) -> bool:
-    return path.endswith(".json") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, HF_FILE))
-                                      and not os.path.isfile(os.path.join(path, SP_FILE)))
+    if os.path.isdir(path):
+        found = tokenizer_file(path)
+        return found is not None and found.endswith(HF_FILE)
+    return path.endswith(".json")
+
+
+def tokenizer_files(path: str) -> list[str]:
+    """A tokenizer file and what must travel with it (a tokenizer.json's tokenizer_config.json)."""
+    if is_hf(path):
+        from .hf_tokenizer import companions
+        return companions(path)
+    return [path]
 
 
 def tokenizer_file(directory: str) -> str | None:
@@ -101,7 +111,9 @@ def load_tokenizer(path: str) -> TokenizerInfo:
         path = hf.find_file(path)
         return TokenizerInfo(path, file_sha256(path), hf.vocab_size(path), hf.special_ids(path), False, "hf")
     if os.path.isdir(path):
-        raise UserError(f"{path}: holds neither a {SP_FILE} nor a {HF_FILE}")
+        if tokenizer_file(path) is None:
+            raise UserError(f"{path}: holds neither a {SP_FILE} nor a {HF_FILE}")
+        path = tokenizer_file(path)
     sp = load_processor(path)
     special = {}
     for name, idx in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())):

@@ -143,7 +143,7 @@ def test_the_same_bytes_for_any_workers_ranks_and_interruptions(tokenizer_model,
     def count(directory, pattern):
         return len(glob.glob(str(directory / pattern)))
 
-    moments = [lambda: count(signatures, "shard-*.npz") >= 2, lambda: count(signatures, "drops.npz") == 1,
+    moments = [lambda: count(signatures, "shard-*.npz") >= 2, lambda: count(signatures, "resolution.json") == 1,
                lambda: count(units, "*.json") >= 3, lambda: count(units, "*.json") >= 8]
     killed_mid_run = 0
     for moment in moments:
@@ -178,3 +178,24 @@ def test_another_dedup_setting_is_refused_on_resume_and_on_a_finished_output(tok
     assert proc.returncode == 1 and "holds an unfinished run of other inputs or options" in proc.stderr
     run_dedup(tokenizer_model, src, tmp_path / "partial", "exact")  # the same setting resumes
     assert dir_digest(tmp_path / "partial") == dir_digest(tmp_path / "partial-ref")
+
+
+def test_chat_records_are_compared_without_the_system_prompt_they_share(tokenizer_model, tmp_path):
+    docs = scenes()
+    system = " ".join(docs[0].split()[:1500])  # a long system prompt shared by every record
+    answers = [" ".join(d.split()[:300]) for d in docs[1:121]]
+
+    def record(i, answer):
+        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"Scene {i}?"},
+                             {"role": "assistant", "content": answer}]}
+
+    records = [record(i, a) for i, a in enumerate(answers)]
+    records.append(records[40])  # an exact copy
+    records.append(record(77, nearly(answers[77], random.Random(5), changes=2)))  # a near one
+    src = write_jsonl(tmp_path / "chat.jsonl", records)
+    proc = run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", tokenizer_model, "--out", tmp_path / "o",
+                   "--dedup", "near", "--max-len", "100000")
+    manifest = read_manifest(tmp_path / "o")
+    assert manifest["duplicates"] == {"exact": 1, "near": 1}, proc.stdout
+    assert manifest["totals"]["documents"] == len(answers)
+    assert manifest["duplicate_examples"]["near"] == [f"{src}:{len(records)}: nearly repeats {src}:78"]

@@ -170,3 +170,36 @@ def test_the_fast_encoder_is_refused_where_its_ids_differ(tokenizer_model, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --encoder gigatoken gives other ids than sentencepiece: ") and "\n" not in err
     assert not os.path.exists(tmp_path / "forced" / "manifest.json")
+
+
+def test_every_unit_is_checked_again_where_the_start_up_sample_did_not_look(tokenizer_model, tmp_path, monkeypatch,
+                                                                            capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(40):  # 40 files, one unit each: the start-up sample reads 16 of them
+        write_jsonl(src / f"{k:02d}.jsonl", [{"text": f"file {k} record {i} " + MIXED_TEXTS[i % 5]} for i in range(20)])
+    picked = {i * 40 // 16 for i in range(16)}
+    unsampled = min(set(range(40)) - picked)
+    marked = src / f"{unsampled:02d}.jsonl"
+    lines = marked.read_text().splitlines()
+    lines[0] = json.dumps({"text": "a rare marker qzjx that this gigatoken gets wrong"})
+    marked.write_text("\n".join(lines) + "\n")
+    real = encoders.GigatokenBackend.encode
+
+    def wrong_on_marker(self, texts):
+        ids, lengths = real(self, texts)
+        ends = np.cumsum(lengths)
+        for i, t in enumerate(texts):
+            if "qzjx" in t:
+                ids = ids.copy()
+                ids[ends[i] - 1] += 1
+        return ids, lengths
+
+    args = ["shards", "--input", str(src), "--tokenizer", tokenizer_model, "--workers", "2", "--unit-mb", "0.001"]
+    assert main([*args, "--out", str(tmp_path / "reference"), "--encoder", "sentencepiece"]) == 0
+    monkeypatch.setattr(encoders.GigatokenBackend, "encode", wrong_on_marker)
+    assert main([*args, "--out", str(tmp_path / "fast")]) == 0
+    captured = capsys.readouterr()
+    assert "(gigatoken)" in captured.out  # the start-up check saw nothing wrong
+    assert f"note: gigatoken's ids differed at the start of 1 units (first: {marked}:1: token" in captured.err
+    assert dir_digest(tmp_path / "fast") == dir_digest(tmp_path / "reference")

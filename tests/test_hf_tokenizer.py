@@ -20,12 +20,13 @@ tokenizers = pytest.importorskip("tokenizers")
 
 
 def train_byte_level_bpe(out_dir, *, vocab_size=1500, llama3=False, extra_specials=0) -> str:
-    """GPT-2's kind (<|endoftext|> ends documents), or Llama 3's (<|begin_of_text|> put in front by the
-    post-processor, eos named by tokenizer_config.json); extra_specials pads the ids past 65,535."""
+    """GPT-2's kind (<|endoftext|> ends documents), or Llama 3 Instruct's (<|begin_of_text|> put in front by the
+    post-processor, eos named by tokenizer_config.json as <|eot_id|> although <|end_of_text|> is there too, and
+    a non-special added token as Qwen has for fill-in-the-middle); extra_specials pads the ids past 65,535."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     os.makedirs(out_dir, exist_ok=True)
-    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama3 else ["<|endoftext|>"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"] if llama3 else ["<|endoftext|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -37,7 +38,8 @@ def train_byte_level_bpe(out_dir, *, vocab_size=1500, llama3=False, extra_specia
         tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
             ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump({"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>"}, f)
+            json.dump({"eos_token": "<|eot_id|>", "bos_token": "<|begin_of_text|>"}, f)
+        tok.add_tokens([tokenizers.AddedToken("<|fim_prefix|>", special=False, normalized=False)])
     if extra_specials:
         tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(extra_specials)])
     path = os.path.join(out_dir, "tokenizer.json")
@@ -56,7 +58,8 @@ def llama3_style(tmp_path_factory) -> str:
 
 
 def texts_to_shard() -> list[str]:
-    texts = [*MIXED_TEXTS, "a literal <|endoftext|> and <|begin_of_text|><|end_of_text|> in the text", "x" * 3000]
+    texts = [*MIXED_TEXTS, "a literal <|endoftext|> and <|begin_of_text|><|end_of_text|> in the text", "x" * 3000,
+             "<|eot_id|> and <|fim_prefix|>def f(): <|reserved_7|>"]
     texts += [t for t in hostile_texts() if t.strip() and "\x00" not in t]
     for path in shakespeare_plays()[4:6]:
         texts += [s for s in open(path, encoding="utf-8").read().split("\n\n") if s.strip()]
@@ -85,7 +88,10 @@ def test_shards_decode_back_byte_for_byte_and_text_never_becomes_a_special_token
     text = TextTokenizer(str(out / "tokenizer.json"))
     specials = {i for i in range(text.vocab_size) if text.is_control(i)}
     eos = tok["special_ids"]["eos"]
-    assert text.piece(eos) == ("<|end_of_text|>" if style == "llama3_style" else "<|endoftext|>")
+    assert text.piece(eos) == ("<|eot_id|>" if style == "llama3_style" else "<|endoftext|>")  # the config's
+    if style == "llama3_style":
+        assert os.path.isfile(out / "tokenizer_config.json")  # travels with the copy, which keeps that eos
+        assert any(text.piece(i) == "<|fim_prefix|>" for i in specials)
     docs = shard_documents(str(out))
     assert len(docs) == len(texts)
     for ids, original in zip(docs, texts, strict=True):
@@ -111,7 +117,6 @@ def test_chat_shards_with_a_tokenizer_json_are_refused_in_one_line(gpt2_style, t
 @pytest.mark.slow
 def test_continued_pretraining_of_a_transformers_llama_with_its_tokenizer_json_exports_back(llama3_style, tmp_path):
     transformers = pytest.importorskip("transformers")
-    import torch
     from test_hf import export, save_foreign_llama
 
     vocab = TextTokenizer(llama3_style).vocab_size
@@ -133,9 +138,11 @@ def test_continued_pretraining_of_a_transformers_llama_with_its_tokenizer_json_e
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "  Two households, both alike in dignity"
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == TextTokenizer(llama3_style).encode(text)
-    assert tokenizer.eos_token == "<|end_of_text|>"
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert theirs.config.eos_token_id in (TextTokenizer(llama3_style).eos_id, [TextTokenizer(llama3_style).eos_id])
+    eos = TextTokenizer(llama3_style).eos_id
+    assert TextTokenizer(str(tmp_path / "run" / "tokenizer.json")).eos_id == eos  # the run's copy has its config
+    assert tokenizer.eos_token == "<|eot_id|>"
+    generation = json.load(open(tmp_path / "hf" / "generation_config.json"))
+    assert generation["eos_token_id"] in (eos, [eos])
     proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(tmp_path / "run"), "--prompt",
                            "Two households", "--max-new-tokens", "8"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.startswith("Two households"), proc.stderr

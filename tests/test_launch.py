@@ -208,7 +208,8 @@ def test_mpi_ranks_deduplicate_as_one_process_and_one_failing_rank_ends_the_job(
     for i in range(3):  # every document three times, across files and units
         with open(src / f"{i}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": r["text"]}) + "\n" for r in lines)
-    args = ["--input", src, "--tokenizer", tokenizer_model, "--unit-mb", "0.1", "--workers", "1", "--dedup", "near"]
+    # two workers per rank: rank 0's unit server runs next to its own process pool
+    args = ["--input", src, "--tokenizer", tokenizer_model, "--unit-mb", "0.1", "--workers", "2", "--dedup", "near"]
     assert preprocess_main(["shards", *map(str, args), "--out", str(tmp_path / "one")]) == 0
     proc = mpirun_preprocess(3, *args, "--out", tmp_path / "mpi")
     assert proc.returncode == 0, proc.stderr

@@ -27,6 +27,7 @@ import torch
 
 from preprocess.errors import UserError, naming
 from preprocess.fileio import atomic_write, copy_durably, file_sha256, fsync_path, write_then_rename
+from preprocess.tokenizer import tokenizer_files
 
 from . import distributed as D
 from . import lora
@@ -115,7 +116,8 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, model: torch.nn.Module
             if engine is None:
                 _save_file(model.state_dict(), os.path.join(tmp, "model.pt"))
                 _save_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            copy_durably(tokenizer_path, os.path.join(tmp, os.path.basename(tokenizer_path)))
+            for path in tokenizer_files(tokenizer_path):
+                copy_durably(path, os.path.join(tmp, os.path.basename(path)))
             atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
             atomic_write(os.path.join(tmp, STATE), state.save_json())
         D.barrier(env)

@@ -16,6 +16,7 @@ import sys
 
 from preprocess.errors import UserError, naming
 from preprocess.fileio import copy_durably
+from preprocess.tokenizer import tokenizer_files
 
 from . import distributed as D
 from .config import Config, save_config
@@ -78,5 +79,6 @@ def prepare(cfg: Config, tokenizer_path: str, step: int) -> None:
     from .metrics import MetricsLog
 
     save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
-    copy_durably(tokenizer_path, os.path.join(cfg.out_dir, os.path.basename(tokenizer_path)))
+    for path in tokenizer_files(tokenizer_path):  # a tokenizer.json travels with its tokenizer_config.json
+        copy_durably(path, os.path.join(cfg.out_dir, os.path.basename(path)))
     MetricsLog.truncate(os.path.join(cfg.out_dir, "metrics.jsonl"), step)
