@@ -184,6 +184,11 @@ class SampleOrder:
         self.before = np.cumsum(self.before, axis=0)
         self._perms: dict[tuple[int, int], KeyedPermutation] = {}
 
+    def picks(self, positions: np.ndarray) -> list[tuple[int, int]]:
+        """(source, sample) of each global position."""
+        source, sample = self(positions)
+        return [(int(s), int(j)) for s, j in zip(source, sample, strict=True)]
+
     def __call__(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = np.asarray(g, dtype=np.int64)
         period, slot = np.divmod(g, PERIOD)
@@ -273,6 +278,12 @@ def best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
+def pack(picks: list[tuple[int, int]], lengths: list[np.ndarray], capacity: int) -> list[list[tuple[int, int]]]:
+    """(source, example) picks packed into rows of `capacity` positions by best_fit."""
+    sizes = np.array([lengths[s][j] for s, j in picks], dtype=np.int64)
+    return [[picks[i] for i in row] for row in best_fit(sizes, capacity)]
+
+
 class PackingPlan:
     """Rows of `capacity` positions from the global order: the examples at positions [w * window, (w+1) * window)
     are packed by best_fit, the rows of the window put in a keyed random order (best fit makes them longest
@@ -287,11 +298,9 @@ class PackingPlan:
         self._windows = functools.lru_cache(maxsize=8)(self._pack)
 
     def _pack(self, w: int) -> list[list[tuple[int, int]]]:
-        picks = self.picks(np.arange(w * self.window, (w + 1) * self.window))
-        sizes = np.array([self.lengths[s][j] for s, j in picks])
-        rows = best_fit(sizes, self.capacity)
+        rows = pack(self.picks(np.arange(w * self.window, (w + 1) * self.window)), self.lengths, self.capacity)
         order = KeyedPermutation(len(rows), (self.seed, 0x9ac, w))(np.arange(len(rows)))
-        return [[picks[i] for i in rows[k]] for k in order.tolist()]
+        return [rows[k] for k in order.tolist()]
 
     def rows(self, indices: np.ndarray) -> list[list[tuple[int, int]]]:
         """The (source, example) picks of rows `indices` (from the cursor on, see start_at)."""
@@ -336,8 +345,7 @@ class GlobalBatches:
         self.packing: PackingPlan | None = None
 
     def picks(self, positions: np.ndarray) -> list[tuple[int, int]]:
-        source, sample = self.order(positions)
-        return [(int(s), int(j)) for s, j in zip(source, sample, strict=True)]
+        return self.order.picks(positions)
 
     def rows(self, positions: np.ndarray) -> list[list[tuple[int, int]]]:
         if self.packing is not None:
@@ -370,8 +378,7 @@ class GlobalBatches:
         for s in range(len(self.sources)):
             mine = [p for p in picks if p[0] == s]
             if self.packing is not None:
-                rows = [[mine[i] for i in row] for row in best_fit(self.sources[s].lengths[[j for _, j in mine]],
-                                                                   self.packing.capacity)]
+                rows = pack(mine, [src.lengths for src in self.sources], self.packing.capacity)
             else:
                 rows = [[p] for p in mine]
             for group in self.plan.share(rows):

@@ -17,7 +17,7 @@ from preprocess.shards import read_manifest
 from . import checkpoint as ckpt
 from . import lora
 from .config import data_sources, load_config
-from .data import GlobalBatches, PackingPlan, open_sources
+from .data import PackingPlan, SampleOrder, open_sources
 from .loop import resolve_vocab
 from .model import Transformer
 from .plan import BatchPlan
@@ -60,7 +60,7 @@ def packing_line(cfg, plan: BatchPlan, unit: str) -> str:
     _, paths, weights = zip(*data_sources(cfg.data), strict=True)
     kind = read_manifest(paths[0])["kind"]
     sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, kind, packed=True)
-    order = GlobalBatches(sources, list(weights), cfg.seed, plan, vocab_size=0)
+    order = SampleOrder([s.n_train for s in sources], list(weights), cfg.seed)  # the training order's picks
     windows = 4
     per_row, filled = PackingPlan(order.picks, [s.lengths for s in sources], cfg.data.seq_len,
                                   cfg.data.pack_window, cfg.seed).stats(windows)
