@@ -34,7 +34,7 @@ def digest(path: str) -> str:
     return h.hexdigest()
 
 
-def write_corpus(out: str, cjk_mb: float, english_files: int) -> tuple[int, int]:
+def write_corpus(out: str, cjk_mb: float, english_files: int, english_copies: int) -> tuple[int, int]:
     os.makedirs(out, exist_ok=True)
     poems = []
     for path in sorted(glob.glob(os.path.join(SHARED, "tang_poems", "poet.tang.*.json"))):
@@ -52,7 +52,7 @@ def write_corpus(out: str, cjk_mb: float, english_files: int) -> tuple[int, int]
     for path in books:
         text = open(path, encoding="utf-8", errors="replace").read()
         passages += [text[i:i + 4000] for i in range(0, len(text), 4000)]
-    per_file = len(passages) * 3 // english_files
+    per_file = len(passages) * english_copies // english_files
     for k in range(english_files):
         with open(os.path.join(out, f"b-english-{k:02d}.jsonl"), "w", encoding="utf-8") as f:
             for j in range(per_file):
@@ -65,8 +65,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--cjk-mb", type=float, default=24)
+    ap.add_argument("--cjk-mb", type=float, default=60)
     ap.add_argument("--english-files", type=int, default=16)
+    ap.add_argument("--english-copies", type=int, default=6, help="of the Gutenberg passages, spread over the files")
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "mpi_skew"))
     args = ap.parse_args()
     bin_dir = os.path.dirname(sys.executable)
@@ -81,7 +82,7 @@ def main() -> None:
         return
     shutil.rmtree(args.out, ignore_errors=True)
     corpus = os.path.join(args.out, "corpus")
-    nbytes, nfiles = write_corpus(corpus, args.cjk_mb, args.english_files)
+    nbytes, nfiles = write_corpus(corpus, args.cjk_mb, args.english_files, args.english_copies)
     tok = os.path.join(args.out, "tokenizer")
     subprocess.run([sys.executable, "-m", "preprocess", "tokenizer", "--input", corpus, "--vocab-size", "8000",
                     "--character-coverage", "0.98", "--sample-mb", "20", "--out", tok], cwd=REPO, check=True,

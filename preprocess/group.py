@@ -74,10 +74,8 @@ class MPIGroup:
                 with lock:
                     return queue.popleft() if queue else None
 
+            # run_units forks its worker processes before it asks for the first task, so none inherits the thread
             server = threading.Thread(target=self._serve, args=(take,), daemon=True)
-            first = take()
-            if first is not None:
-                yield by_name[first]  # the worker pool forks on its first task: before the thread starts
             server.start()
             while (name := take()) is not None:
                 yield by_name[name]

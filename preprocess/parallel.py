@@ -163,6 +163,7 @@ def run_units(job: ShardJob, tasks, workers: int, on_done, work=_run_unit) -> No
         return
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(job,))
     try:
+        pool.submit(int).result()  # every worker is forked now, before `tasks` is first read (it may start a thread)
         running = {pool.submit(work, task) for task in itertools.islice(tasks, workers)}
         while running:
             finished, running = wait(running, return_when=FIRST_COMPLETED)
