@@ -8,9 +8,8 @@ import sys
 
 from . import dedup
 from .chat import ChatTemplate
-from .encoders import ENCODERS, choose_encoder
+from .encoders import ENCODERS, Encoder, choose_encoder
 from .errors import UserError, exit_code
-from .fileio import file_sha256
 from .formats import pretrain_text
 from .group import job_group
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
@@ -173,24 +172,11 @@ def _run_shards(args, group):
         job.encoder, note = choose_encoder(args.encoder, tokenizer, sample)
     if note and group.rank == 0:
         print(note, file=sys.stderr)
+    Encoder(tokenizer, job.encoder)  # every rank can run the chosen encoder (gigatoken may be missing on one)
     os.makedirs(args.out, exist_ok=True)
-    copy_tokenizer(tokenizer, args.out)
     manifest, stats = build_shards(job, plan, args.workers, group=group)
     stats["encoder"] = job.encoder
     return manifest, stats
-
-
-def copy_tokenizer(tokenizer, out_dir: str) -> None:
-    """The tokenizer next to the shards, under its kind's name (with a tokenizer.json's config)."""
-    from .fileio import copy_durably
-    from .tokenizer import tokenizer_files
-
-    main, *others = tokenizer_files(tokenizer.path)
-    dst = os.path.join(out_dir, tokenizer.file)
-    if not (os.path.exists(dst) and file_sha256(dst) == tokenizer.sha256):
-        copy_durably(main, dst)
-    for path in others:
-        copy_durably(path, os.path.join(out_dir, os.path.basename(path)))
 
 
 def print_summary(manifest: dict, stats: dict, out: str) -> None:

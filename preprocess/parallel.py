@@ -31,6 +31,7 @@ from .shards import (
     WORK_DIR,
     ShardJob,
     build_manifest,
+    copy_tokenizer,
     unit_is_complete,
     write_manifest,
     write_unit,
@@ -235,9 +236,8 @@ def _ordered(tasks: list) -> list:
 
 
 def find_duplicates(job: ShardJob, plan: Plan, workers: int, group, bar) -> None:
-    """The first two passes of --dedup: every unit's signatures, then one resolution, unless an earlier run got
-    that far. Under MPI rank 0 resolves while the others wait; in a static split, whichever rank sees every
-    signature first does (two that race write the same bytes)."""
+    """The first two passes of --dedup: every unit's signatures, then one resolution by rank 0 while the others
+    wait (one process holds every signature), unless an earlier run got that far."""
     if dd.resolved(job.out_dir):
         return
     position = {n: i for i, n in enumerate(plan.names)}
@@ -247,7 +247,7 @@ def find_duplicates(job: ShardJob, plan: Plan, workers: int, group, bar) -> None
     mine = group.tasks(_ordered(todo), position, "signatures")
     run_units(job, mine, workers, lambda r: bar.update(r["input_bytes"]), work=_sign_unit)
     group.wait_for(lambda: all(dd.signature_done(job.out_dir, n) for n in plan.names), "unit signatures")
-    if (group.rank == 0 or not group.dynamic) and not dd.resolved(job.out_dir):
+    if group.rank == 0 and not dd.resolved(job.out_dir):
         bar.set_description("resolving duplicates")
         dd.resolve(job, plan.names, plan.units)
     group.wait_for(lambda: dd.resolved(job.out_dir), "duplicate resolution")
@@ -265,6 +265,7 @@ def build_shards(job: ShardJob, plan: Plan, workers: int, progress: bool = True,
         _check_strict(job, done["skipped_examples"])
         return done, {"already_complete": True, "resumed_units": len(plan.names), "new_tokens": 0,
                       "new_documents": 0, "seconds": 0.0}
+    copy_tokenizer(job)
     start = time.perf_counter()
     desc = "shards" if group.world == 1 else f"shards (rank {group.rank}/{group.world})"
     bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, disable=None if progress and group.rank == 0 else True)

@@ -22,7 +22,7 @@ from . import dedup as dd
 from .chat import TEMPLATE, ChatTemplate
 from .encoders import Encoder, first_difference
 from .errors import UserError
-from .fileio import TMP_MARK, NpyWriter, atomic_write, file_sha256, fsync_path
+from .fileio import TMP_MARK, NpyWriter, atomic_write, copy_durably, file_sha256, fsync_path
 from .formats import KINDS as KIND_CLASSES
 from .formats import parsed_records
 from .readers import REASONS, Bad, Segment
@@ -97,9 +97,11 @@ def spot_check(kind, batch: list, fast: Encoder, reference: Encoder, places: lis
     texts, where, size = [], [], 0
     for parsed, place in zip(batch, places, strict=True):
         for text in kind.texts(parsed):
-            texts.append(text)
+            texts.append(text[:SPOT_CHECK_CHARS - size])  # both encoders get the same (possibly cut) string
             where.append(place)
-            size += len(text)
+            size += len(texts[-1])
+            if size >= SPOT_CHECK_CHARS:
+                break
         if size >= SPOT_CHECK_CHARS:
             break
     return first_difference(texts, where, fast, reference)
@@ -195,6 +197,19 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
     }
     atomic_write(job.unit_record_path(name), json.dumps(record).encode())
     return {**record, "_reencoded": reencoded} if reencoded else record
+
+
+def copy_tokenizer(job: ShardJob) -> None:
+    """The tokenizer next to the shards, under its kind's name (with a tokenizer.json's config); only into a
+    directory the plan has accepted, so a refused --out keeps its own."""
+    from .tokenizer import tokenizer_files
+
+    main, *others = tokenizer_files(job.tokenizer.path)
+    dst = os.path.join(job.out_dir, job.tokenizer.file)
+    if not (os.path.exists(dst) and file_sha256(dst) == job.tokenizer.sha256):
+        copy_durably(main, dst)
+    for path in others:
+        copy_durably(path, os.path.join(job.out_dir, os.path.basename(path)))
 
 
 def unit_is_complete(job: ShardJob, name: str) -> dict | None:

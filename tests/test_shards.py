@@ -251,6 +251,11 @@ def test_rerun_reuses_a_complete_output_and_refuses_other_inputs(tokenizer_model
     proc = run_cli("shards", "--input", other, "--tokenizer", tokenizer_model, "--out", out, check=False)
     assert proc.returncode == 1 and "already holds shards made from other inputs" in proc.stderr
     assert dir_digest(out) == before
+    train_tokenizer(["another small corpus of words\n"] * 20, str(tmp_path / "tok2"), 300)
+    proc = run_cli("shards", "--input", corpus_dir, "--tokenizer", tmp_path / "tok2" / "tokenizer.model", "--out", out,
+                   check=False)
+    assert proc.returncode == 1 and "already holds shards made from other inputs" in proc.stderr
+    assert dir_digest(out) == before  # its tokenizer.model too: nothing is copied into a refused directory
 
 
 def test_output_inside_an_input_directory_is_not_read_back(tokenizer_model, tmp_path):
