@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from . import dedup
 from .chat import ChatTemplate
@@ -129,6 +130,7 @@ def cmd_shards(args) -> None:
         # the other ranks would wait for this one forever: say why once, then end them all
         what = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         print(f"error (rank {group.rank}): {what}", file=sys.stderr, flush=True)
+        time.sleep(1.0)  # mpirun forwards each rank's output on its own time; an abort at once can drop this line
         group.abort(1)
         os._exit(1)  # MPICH's MPI_Abort can return in the calling process
     if manifest is not None and "rank" in manifest:  # MPI: rank 0 prints the job's summary
