@@ -145,10 +145,8 @@ def test_shards_are_the_same_bytes_with_either_encoder(tokenizer_model, corpus_d
     assert outs["sentencepiece"] == outs["gigatoken"] and len(outs["gigatoken"]) > 3
 
 
-def test_the_fast_encoder_is_refused_where_its_ids_differ(tokenizer_model, tmp_path, monkeypatch, capsys):
-    records = [{"text": f"document {i} " + MIXED_TEXTS[i % 5]} for i in range(300)]
-    records[237]["text"] = "a rare marker qzjx that this gigatoken gets wrong"
-    src = write_jsonl(tmp_path / "d.jsonl", records)
+def break_gigatoken_on_marker(monkeypatch) -> None:
+    """gigatoken, made to get the last id of any text holding "qzjx" wrong (in this process and its forks)."""
     real = encoders.GigatokenBackend.encode
 
     def wrong_on_marker(self, texts):
@@ -161,6 +159,13 @@ def test_the_fast_encoder_is_refused_where_its_ids_differ(tokenizer_model, tmp_p
         return ids, lengths
 
     monkeypatch.setattr(encoders.GigatokenBackend, "encode", wrong_on_marker)
+
+
+def test_the_fast_encoder_is_refused_where_its_ids_differ(tokenizer_model, tmp_path, monkeypatch, capsys):
+    records = [{"text": f"document {i} " + MIXED_TEXTS[i % 5]} for i in range(300)]
+    records[237]["text"] = "a rare marker qzjx that this gigatoken gets wrong"
+    src = write_jsonl(tmp_path / "d.jsonl", records)
+    break_gigatoken_on_marker(monkeypatch)
     args = ["shards", "--input", src, "--tokenizer", tokenizer_model, "--workers", "2"]
     assert main([*args, "--out", str(tmp_path / "auto")]) == 0
     captured = capsys.readouterr()
@@ -176,28 +181,17 @@ def test_every_unit_is_checked_again_where_the_start_up_sample_did_not_look(toke
                                                                             capsys):
     src = tmp_path / "src"
     src.mkdir()
-    for k in range(40):  # 40 files, one unit each: the start-up sample reads 16 of them
+    for k in range(40):  # 40 files of two segments each (--unit-mb 0.001): the start-up sample reads 16 of the 80
         write_jsonl(src / f"{k:02d}.jsonl", [{"text": f"file {k} record {i} " + MIXED_TEXTS[i % 5]} for i in range(20)])
-    picked = {i * 40 // 16 for i in range(16)}
+    picked = {i * 80 // 16 // 2 for i in range(16)}  # the files of the sampled segments
     unsampled = min(set(range(40)) - picked)
     marked = src / f"{unsampled:02d}.jsonl"
     lines = marked.read_text().splitlines()
     lines[0] = json.dumps({"text": "a rare marker qzjx that this gigatoken gets wrong"})
     marked.write_text("\n".join(lines) + "\n")
-    real = encoders.GigatokenBackend.encode
-
-    def wrong_on_marker(self, texts):
-        ids, lengths = real(self, texts)
-        ends = np.cumsum(lengths)
-        for i, t in enumerate(texts):
-            if "qzjx" in t:
-                ids = ids.copy()
-                ids[ends[i] - 1] += 1
-        return ids, lengths
-
     args = ["shards", "--input", str(src), "--tokenizer", tokenizer_model, "--workers", "2", "--unit-mb", "0.001"]
     assert main([*args, "--out", str(tmp_path / "reference"), "--encoder", "sentencepiece"]) == 0
-    monkeypatch.setattr(encoders.GigatokenBackend, "encode", wrong_on_marker)
+    break_gigatoken_on_marker(monkeypatch)
     assert main([*args, "--out", str(tmp_path / "fast")]) == 0
     captured = capsys.readouterr()
     assert "(gigatoken)" in captured.out  # the start-up check saw nothing wrong
