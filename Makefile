@@ -38,7 +38,7 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m ruff check preprocess training tests bench recipes
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 ifeq ($(DEMO),tang)

@@ -1,5 +1,6 @@
 """The cost of a DPO step against an SFT step on the same sequences, of a live reference model against
-reference log-probs computed once, and of LoRA against full fine-tuning, in one run.
+reference log-probs computed once, of the reference-free losses (SimPO, ORPO) against both, and of LoRA against
+full fine-tuning, in one run.
 
     python bench/dpo.py [--steps 60] [--repeat 3] [--memory-steps 3] [--out bench_out/dpo]
 
@@ -8,15 +9,17 @@ SFT trains on the same chosen and rejected conversations as 16 separate examples
 process the same sequences, padded the same way. Rates are the tokens/s each stage logs (padded tokens of the
 sequences it runs), after the first logging interval. LoRA rows: rank 16 on every projection; in DPO its
 reference is the policy with the adapters off (no second model).
-Memory: peak RSS of the DPO process, full against LoRA (both with a live reference), on a model of the 125M
-preset's shape (dim 768, 12 layers; 88 M parameters with this 4,000-token vocabulary), where weights, gradients,
-optimizer states and the reference copy dominate the memory rather than the runtime.
+Memory: peak RSS of the DPO process on a model of the 125M preset's shape (dim 768, 12 layers; 88 M parameters
+with this 4,000-token vocabulary), where weights, gradients, optimizer states and the reference copy dominate the
+memory rather than the runtime: DPO with a live reference, with a precomputed one (computed before, on the first
+256 pairs, so that the run itself never loads the reference), SimPO, ORPO, and LoRA DPO.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -45,11 +48,14 @@ def prepare(out: str) -> dict:
     tok = os.path.join(out, "tok")
     subprocess.run([*py, "-m", "preprocess", "tokenizer", "--input", plays, "--vocab-size", "4000", "--out", tok],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    with open(os.path.join(data, "dpo.jsonl")) as f, open(os.path.join(data, "dpo-small.jsonl"), "w") as g:
+        g.writelines(itertools.islice(f, 256))  # for the memory runs' precomputed reference
     shards = {}
-    for kind, src in (("dpo", "dpo.jsonl"), ("sft", "sft-of-pairs.jsonl")):
-        shards[kind] = os.path.join(out, "shards", kind)
+    for name, kind, src in (("dpo", "dpo", "dpo.jsonl"), ("sft", "sft", "sft-of-pairs.jsonl"),
+                            ("dpo-small", "dpo", "dpo-small.jsonl")):
+        shards[name] = os.path.join(out, "shards", name)
         subprocess.run([*py, "-m", "preprocess", "shards", "--kind", kind, "--input", os.path.join(data, src),
-                        "--tokenizer", os.path.join(tok, "tokenizer.model"), "--out", shards[kind], "--max-len", "256"],
+                        "--tokenizer", os.path.join(tok, "tokenizer.model"), "--out", shards[name], "--max-len", "256"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     pre, start = os.path.join(out, "shards", "pretrain"), os.path.join(out, "start")
     subprocess.run([*py, "-m", "preprocess", "shards", "--input", plays, "--tokenizer",
@@ -79,23 +85,35 @@ def peak_rss(command: list[str]) -> int:
     return peak
 
 
-def memory(setup: dict, out: str, steps: int) -> dict:
-    """Peak RSS of full DPO and LoRA DPO from an 88 M-parameter starting model."""
+MEMORY_RUNS = {"dpo_live": [], "dpo": ["dpo.precompute_ref=true"], "simpo": ["dpo.loss=simpo"],
+               "orpo": ["dpo.loss=orpo"], "lora": LORA}
+
+
+def memory(setup: dict, out: str, steps: int, lora: bool) -> dict:
+    """Peak RSS of DPO (live and precomputed reference), SimPO, ORPO and LoRA DPO from an 88 M-parameter model."""
     shape = ["model.dim=768", "model.n_layers=12", "model.n_heads=12", "model.max_seq_len=256", "data.seq_len=256"]
     start = os.path.join(out, "start-88m")
     subprocess.run([sys.executable, "-m", "training.pretrain", "--config", "configs/pretrain/tiny.yaml",
                     f"data.path={setup['pretrain']}", f"out_dir={start}", "train.max_steps=1", "train.micro_batch_size=1",
                     "train.eval_every=0", "log.progress=false", "train.sample_prompt=null", "log.tensorboard=false",
                     "data.verify=false", *shape], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    def command(run: str, extra: list[str], max_steps: int) -> list[str]:
+        return [sys.executable, "-m", "training.dpo", "--config", "configs/dpo/tiny.yaml",
+                f"data.path={setup['shards']['dpo-small']}", f"init_from={start}", f"out_dir={run}",
+                f"train.max_steps={max_steps}", "train.micro_batch_size=4", "train.eval_every=0",
+                f"train.ckpt_every={10 * steps}", "log.progress=false", "train.sample_prompt=null",
+                "log.tensorboard=false", *extra]
+
+    cache = os.path.join(out, "mem-cache")  # computes and keeps the reference log-probs of the 256 pairs
+    subprocess.run(command(cache, MEMORY_RUNS["dpo"], 1), check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    shutil.rmtree(cache)
     peaks = {}
-    for name, extra in (("full", []), ("lora", LORA)):
+    for name, extra in MEMORY_RUNS.items():
+        if name == "lora" and not lora:
+            continue
         run = os.path.join(out, f"mem-{name}")
         shutil.rmtree(run, ignore_errors=True)
-        peaks[name] = peak_rss([sys.executable, "-m", "training.dpo", "--config", "configs/dpo/tiny.yaml",
-                                f"data.path={setup['shards']['dpo']}", f"init_from={start}", f"out_dir={run}",
-                                f"train.max_steps={steps}", "train.micro_batch_size=4", "train.eval_every=0",
-                                f"train.ckpt_every={10 * steps}", "log.progress=false", "train.sample_prompt=null",
-                                "log.tensorboard=false", *extra])
+        peaks[name] = peak_rss(command(run, extra, steps))
         shutil.rmtree(run, ignore_errors=True)  # its final checkpoint
     return peaks
 
@@ -123,11 +141,14 @@ def main() -> None:
 
     dpo(True)  # the reference log-probs are computed once and cached next to the shards: not timed here
     lora = importlib.util.find_spec("peft") is not None
-    rates = {"sft": [], "dpo": [], "dpo_live": [], **({"sft_lora": [], "dpo_lora": []} if lora else {})}
+    rates = {"sft": [], "dpo": [], "dpo_live": [], "simpo": [], "orpo": [],
+             **({"sft_lora": [], "dpo_lora": []} if lora else {})}
     for _ in range(args.repeat):  # alternating, so a noisy phase of the machine hits all of them
         rates["sft"].append(sft())
         rates["dpo"].append(dpo(True))
         rates["dpo_live"].append(dpo(False))
+        rates["simpo"].append(dpo(False, ["dpo.loss=simpo"]))
+        rates["orpo"].append(dpo(False, ["dpo.loss=orpo"]))
         if lora:
             rates["sft_lora"].append(ours("configs/sft/tiny.yaml", setup["shards"]["sft"], run, args.steps,
                                           [*common, "train.micro_batch_size=16", *LORA], stage="sft")["rate"])
@@ -137,15 +158,21 @@ def main() -> None:
           f"{m['dpo']:,.0f}, DPO with a live reference {m['dpo_live']:,.0f}")
     print(f"DPO step / SFT step on the same sequences: x{m['sft'] / m['dpo']:.3f} (precomputed reference), "
           f"x{m['sft'] / m['dpo_live']:.3f} (live reference); live / precomputed: x{m['dpo'] / m['dpo_live']:.2f}")
+    for name in ("simpo", "orpo"):  # step time is tokens / rate: a ratio of rates inverted
+        print(f"{name} {m[name]:,.0f} tokens/s: step time x{m['dpo_live'] / m[name]:.3f} of DPO with a "
+              f"live reference, x{m['dpo'] / m[name]:.3f} of DPO with a precomputed one")
     if lora:
         print(f"LoRA (rank 16, every projection): SFT {m['sft_lora']:,.0f} tokens/s (x{m['sft'] / m['sft_lora']:.3f} "
               f"the full SFT step), DPO with the adapters-off reference {m['dpo_lora']:,.0f} tokens/s "
               f"(x{m['dpo_live'] / m['dpo_lora']:.3f} the full DPO step with a live reference model)")
-        if args.memory_steps:
-            peaks = memory(setup, args.out, args.memory_steps)
-            print(f"peak RSS of DPO on an 88 M-parameter model ({args.memory_steps} steps, live reference): full "
-                  f"{peaks['full'] / 2**20:,.0f} MiB, LoRA {peaks['lora'] / 2**20:,.0f} MiB -> LoRA / full "
-                  f"{peaks['lora'] / peaks['full']:.2f}")
+    if args.memory_steps:
+        peaks = memory(setup, args.out, args.memory_steps, lora)
+        labels = {"dpo_live": "DPO, live reference", "dpo": "DPO, precomputed reference", "simpo": "SimPO",
+                  "orpo": "ORPO", "lora": "LoRA DPO (adapters-off reference)"}
+        print(f"peak RSS on an 88 M-parameter model ({args.memory_steps} steps, 4 pairs per micro-batch), and its "
+              "ratio to DPO with a live reference:")
+        for name, peak in peaks.items():
+            print(f"  {labels[name]}: {peak / 2**20:,.0f} MiB (x{peak / peaks['dpo_live']:.2f})")
 
 
 if __name__ == "__main__":

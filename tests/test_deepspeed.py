@@ -174,7 +174,7 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo", "orpo"])
 def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(stage, pretrain_shards, chat_shards,
                                                                                  sft_run, zero3, tmp_path):
     """ZeRO-3 gathers its sharded weights in every forward, so evaluation, the sample at every evaluation (every
@@ -182,9 +182,10 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     subsets are uneven on purpose: 249 pretraining samples, and eval_samples=17 for SFT and DPO, give the two
     ranks unequal shares; DPO runs LoRA (its reference is the sharded model with adapters off) with the reference
     precomputed over 377 pairs (data.seq_len=58), 48 micro-batches on one rank and 47 on the other. sft-packed packs
-    the conversations (rows of 63 positions take one or two of them) and masks attention per conversation."""
-    packed = stage == "sft-packed"
-    stage = "sft" if packed else stage
+    the conversations (rows of 63 positions take one or two of them) and masks attention per conversation. orpo is
+    the DPO stage without any reference: every weight trains, and no reference forward runs."""
+    packed, orpo = stage == "sft-packed", stage == "orpo"
+    stage = "sft" if packed else "dpo" if orpo else stage
     config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG}[stage]
     common = ["train.max_steps=4", "train.grad_accum=2", "train.precision=fp32", "dist.timeout_s=120"]
     if stage == "pretrain":
@@ -192,6 +193,9 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     elif stage == "sft":
         common += [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT,
                    *(["data.packing=true"] if packed else [])]
+    elif orpo:
+        common += [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT,
+                   "dpo.loss=orpo"]
     else:
         dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
         common += [f"data.path={dpo}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58",

@@ -91,35 +91,6 @@ def test_sft_two_processes_with_half_the_accumulation_give_the_same_losses(chat_
 
 
 @pytest.mark.slow
-def test_dpo_starts_at_ln2_with_zero_rewards_and_is_the_same_on_two_processes(chat_shards, sft_run, tmp_path):
-    common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=4", "train.eval_every=4",
-              "train.eval_samples=8", *CHAT]
-    run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4", stage="dpo", config=DPO_CONFIG)
-    run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2, stage="dpo", config=DPO_CONFIG)
-    first = losses(tmp_path / "one", "rewards/chosen")
-    assert losses(tmp_path / "one")[1] == pytest.approx(math.log(2), abs=1e-6)  # before any update: policy == reference
-    assert first[1] == 0 and losses(tmp_path / "one", "rewards/margins")[1] == 0
-    assert val_losses(tmp_path / "one")[0] == pytest.approx(math.log(2), abs=1e-6)
-    for key in ("loss", "logps/chosen", "logps/rejected"):
-        one, two = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
-        for step in one:
-            assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (key, step)
-    # A reward is β x (a difference of two summed log-probs of ~100 each): its last digits are those of the sums,
-    # which another reduction order moves by a few float32 steps (seen: margins 0.08398020 vs 0.08397877 at
-    # rel 1e-5). So rewards are compared at the scale of the log-probs they come from, 1e-6 of it (~1e-4 here),
-    # and only where they are well above that scale: a wrong reward would not pass.
-    beta = 0.5  # configs/dpo/tiny.yaml
-    logps = {k: losses(tmp_path / "one", f"logps/{k}") for k in ("chosen", "rejected")}
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        one, two = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
-        for step in one:
-            tolerance = 1e-6 * beta * (abs(logps["chosen"][step]) + abs(logps["rejected"][step]))
-            assert abs(two[step] - one[step]) <= tolerance, (key, step, one[step], two[step])
-        assert abs(one[4]) > 20 * tolerance, key  # by the last step the comparison means something
-    assert losses(tmp_path / "one")[4] < math.log(2)
-
-
-@pytest.mark.slow
 def test_dpo_resumes_exactly_after_kill_9(chat_shards, sft_run, tmp_path):
     common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=7", "train.ckpt_every=3",
               *CHAT]

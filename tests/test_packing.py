@@ -28,7 +28,7 @@ from conftest import (
 
 from training.data import DPOData, ExampleSource, PretrainData, SFTData, ShardSource, best_fit
 from training.dpo import LiveReference
-from training.losses import dpo_losses, lm_loss_sum, sequence_logps
+from training.losses import PREFERENCE_LOSSES, lm_loss_sum, preference_loss, sequence_logps, sequence_tokens
 from training.model import ModelConfig, Transformer
 from training.plan import BatchPlan
 
@@ -166,14 +166,22 @@ def test_packed_and_padded_dpo_give_the_same_per_pair_losses_and_gradients(chat_
     model = tiny_model()
     n = len(picks)
 
-    def pair_losses(batch):
+    def pair_losses(batch, name):  # every loss: the length-normalised ones also count each sequence's tokens
         logps = sequence_logps(model(batch.inputs, segments=batch.segments), batch.targets, batch.segments, 2 * n)
-        return dpo_losses(logps[:n], logps[n:], batch.reference[:n], batch.reference[n:], beta=0.5)[0]
+        tokens = sequence_tokens(batch.targets, batch.segments, 2 * n)
+        return preference_loss(name, logps[:n], logps[n:], batch.reference[:n], batch.reference[n:], beta=0.5,
+                               chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])[0]
 
-    l_padded, l_packed = pair_losses(padded), pair_losses(packed)
-    assert l_padded.std() > 1e-3  # the reference differs from the policy: the losses are not all ln 2
-    torch.testing.assert_close(l_packed, l_padded, rtol=1e-5, atol=0)
-    g_padded, g_packed = _gradients(model, pair_losses(padded).sum()), _gradients(model, pair_losses(packed).sum())
+    # a loss linear in the log-ratios (hinge) carries the last float32 step of log-probs of ~100 (7.6e-6) into its
+    # value as it is: compared at 1e-6 of the log-probs' scale, where a wrong layout would be off by whole nats
+    with torch.no_grad():
+        scale = float(sequence_logps(model(padded.inputs), padded.targets).abs().max())
+    for name in PREFERENCE_LOSSES:
+        l_padded, l_packed = pair_losses(padded, name), pair_losses(packed, name)
+        assert l_padded.std() > 1e-3, name  # the reference differs from the policy: the losses are not all ln 2
+        torch.testing.assert_close(l_packed, l_padded, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    g_padded = _gradients(model, pair_losses(padded, "sigmoid").sum())
+    g_packed = _gradients(model, pair_losses(packed, "sigmoid").sum())
     assert_same_gradients(g_packed, g_padded)
 
 

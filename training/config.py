@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from preprocess.errors import UserError
 
+from .losses import PREFERENCE_LOSSES
 from .model import ModelConfig
 
 
@@ -92,8 +93,34 @@ class LoraConfig:
 
 @dataclass
 class DPOConfig:
-    beta: float = 0.1            # strength of the pull towards the reference
+    loss: str = "sigmoid"        # sigmoid | robust | hinge | ipo (with a reference) | simpo | orpo (without one)
+    beta: float = 0.1            # strength of the pull towards the reference; ipo: its τ; orpo: its λ
+    label_smoothing: float = 0.0  # sigmoid (cDPO), robust, simpo: the assumed share of flipped labels, in [0, 0.5)
+    simpo_gamma: float = 0.5     # simpo: the target reward margin
+    cpo_alpha: float = 0.0       # simpo: weight of the chosen completion's mean NLL (TRL's CPO default is 1.0)
+    rpo_alpha: float = 0.0       # sigmoid, robust, hinge, ipo: weight of the chosen completion's mean NLL
     precompute_ref: bool = False  # compute the reference log-probs once, into an array next to the shards
+
+    def options(self) -> dict:
+        """The options (besides beta) that the chosen loss reads."""
+        return {k: getattr(self, k) for k in PREFERENCE_LOSSES[self.loss].options}
+
+    def validate(self) -> list[str]:
+        if self.loss not in PREFERENCE_LOSSES:
+            return [f"dpo.loss: {self.loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}"]
+        loss, problems = PREFERENCE_LOSSES[self.loss], []
+        if self.beta <= 0:
+            problems.append("dpo.beta: must be positive")
+        for option, default in (("label_smoothing", 0.0), ("simpo_gamma", 0.5), ("cpo_alpha", 0.0),
+                                ("rpo_alpha", 0.0)):
+            if option not in loss.options and getattr(self, option) != default:
+                users = [n for n, other in PREFERENCE_LOSSES.items() if option in other.options]
+                problems.append(f"dpo.{option}: dpo.loss={self.loss} does not use it (it is for {', '.join(users)})")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append("dpo.label_smoothing: must be in [0, 0.5)")
+        if self.precompute_ref and not loss.reference:
+            problems.append(f"dpo.precompute_ref: dpo.loss={self.loss} uses no reference model")
+        return problems
 
 
 @dataclass
@@ -170,6 +197,7 @@ def validate(cfg: Config) -> list[str]:
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
         problems.append(f"dist.zero_stage: {cfg.dist.zero_stage} is not 0, 1, 2 or 3")
     problems.extend(cfg.model.validate())
+    problems.extend(cfg.dpo.validate())
     return problems
 
 

@@ -491,7 +491,7 @@ class SFTData(GlobalBatches):
 class DPOData(SFTData):
     """Pairs: every chosen sequence of the micro-batch, then every rejected one (slots i and n + i for pair i), in
     one forward pass. Padded: one sequence per row. Packed: a pair's two sequences share a row. The reference's
-    log-probs come from a precomputed array or from the frozen reference model."""
+    log-probs come from a precomputed array or from the frozen reference model (none: a loss without one)."""
 
     def __init__(self, *args, reference, **kwargs):
         super().__init__(*args, **kwargs)
@@ -500,7 +500,7 @@ class DPOData(SFTData):
     def collate(self, rows):
         if not rows:  # a filler pair; the reference still runs its forward, as on every other rank
             batch = self.lay_out([[(*self.filler(), 0)], [(*self.filler(), 1)]])
-            return dataclasses.replace(batch, reference=self.reference(None, batch), pairs=torch.zeros(1))
+            return dataclasses.replace(batch, reference=self.reference_logps(None, batch), pairs=torch.zeros(1))
         picks = [p for row in rows for p in row]
         n = len(picks)
         pairs = [self.sources[s].example(j) for s, j in picks]
@@ -510,7 +510,10 @@ class DPOData(SFTData):
         else:  # chosen rows, then rejected rows
             laid = [[(*pairs[i][0], i)] for i in range(n)] + [[(*pairs[i][1], n + i)] for i in range(n)]
         batch = self.lay_out(laid)
-        return dataclasses.replace(batch, reference=self.reference(picks, batch), pairs=torch.ones(n))
+        return dataclasses.replace(batch, reference=self.reference_logps(picks, batch), pairs=torch.ones(n))
+
+    def reference_logps(self, picks, batch: Batch) -> torch.Tensor | None:
+        return None if self.reference is None else self.reference(picks, batch)
 
 
 def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str = "pretrain", packed: bool = False):

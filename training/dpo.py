@@ -1,9 +1,11 @@
-"""Direct preference optimisation: the policy starts from an SFT checkpoint (init_from), a frozen copy of the
-same weights is the reference, and the loss per pair is −log σ(β·[(π_c − r_c) − (π_r − r_r)]) over the summed
-log-probs of the completion tokens, averaged over the pairs of the global batch. With data.packing=true a pair's
-chosen and rejected sequences share a row of data.seq_len positions with other pairs, each attending only to itself.
+"""Preference optimisation: the policy starts from an SFT checkpoint (init_from), a frozen copy of the same
+weights is the reference, and the loss per pair (dpo.loss, training/losses.py) is by default DPO's
+−log σ(β·[(π_c − r_c) − (π_r − r_r)]) over the summed log-probs of the completion tokens, averaged over the pairs
+of the global batch; simpo and orpo have no reference at all. With data.packing=true a pair's chosen and rejected
+sequences share a row of data.seq_len positions with other pairs, each attending only to itself.
 
-    python -m training.dpo --config configs/dpo/tiny.yaml init_from=SFT_RUN [dpo.beta=0.1] [dpo.precompute_ref=true]
+    python -m training.dpo --config configs/dpo/tiny.yaml init_from=SFT_RUN [dpo.loss=sigmoid] [dpo.beta=0.1]
+                           [dpo.precompute_ref=true]
 
 The reference is pinned when the run starts: its weights are linked (or copied) into out_dir/reference/, so a
 resumed run optimises against the same reference even after the SFT run has written newer checkpoints or pruned
@@ -34,7 +36,7 @@ from . import lora
 from .cli import main
 from .data import Batch, DPOData
 from .loop import Stage
-from .losses import dpo_losses, sequence_logps
+from .losses import PREFERENCE_LOSSES, preference_loss, sequence_logps, sequence_tokens
 from .model import Transformer
 from .sft import pad_id
 
@@ -118,9 +120,10 @@ def precompute(run, reference: LiveReference) -> list[np.ndarray]:
 
 def make_data(run):
     cfg, env = run.cfg, run.env
-    if lora.enabled(cfg.lora):  # the policy's base weights are the starting model's: no copy needed
+    reference = None  # simpo and orpo: no reference model, no reference forward
+    if PREFERENCE_LOSSES[cfg.dpo.loss].reference and lora.enabled(cfg.lora):  # the base weights are the start's
         reference = LiveReference(run.model, env.device, run.autocast, adapters_off=True)
-    else:
+    elif PREFERENCE_LOSSES[cfg.dpo.loss].reference:
         reference = LiveReference(reference_model(run), env.device, run.autocast)
     if cfg.dpo.precompute_ref:  # no reference forward during training: a separate reference model is freed
         reference = PrecomputedReference(precompute(run, reference))
@@ -131,18 +134,23 @@ def make_data(run):
 def make_stage(cfg) -> Stage:
     if not cfg.init_from:
         raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
-    beta = cfg.dpo.beta
+    name, beta, options = cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.options()
+    uses_reference = PREFERENCE_LOSSES[name].reference
 
     def loss(model, batch):
         n = len(batch.pairs)
-        logps = sequence_logps(model(batch.inputs, segments=batch.segments), batch.targets, batch.segments, 2 * n)
-        ref = batch.reference.to(logps)
-        losses, metrics = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta)
-        real = batch.pairs.to(losses)
-        return (losses * real).sum(), {k: (v * real).sum() for k, v in metrics.items()}
+        logits = model(batch.inputs, segments=batch.segments)
+        logps = sequence_logps(logits, batch.targets, batch.segments, 2 * n)
+        tokens = sequence_tokens(batch.targets, batch.segments, 2 * n)
+        ref = batch.reference.to(logps) if uses_reference else torch.zeros_like(logps)
+        real = batch.pairs.to(logps.device).bool()  # a filler pair (no tokens) is left out, not multiplied by 0
+        losses, metrics = preference_loss(name, logps[:n][real], logps[n:][real], ref[:n][real], ref[n:][real],
+                                          beta=beta, chosen_tokens=tokens[:n][real], rejected_tokens=tokens[n:][real],
+                                          **options)
+        return losses.sum(), {k: v.sum() for k, v in metrics.items()}
 
     return Stage(name="dpo", data_kind="dpo", make_data=make_data, loss=loss, units=lambda batch: int(batch.pairs.sum()),
-                 chat=True, pins_reference=not lora.enabled(cfg.lora), packs=True)
+                 chat=True, pins_reference=uses_reference and not lora.enabled(cfg.lora), packs=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ them (a per-micro-batch mean would over-weight micro-batches with few targets)."
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -30,20 +34,140 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, segments: torch.
     return sums.index_add_(0, segments.clamp(min=0).flatten(), picked.flatten().double()).float()
 
 
-def dpo_losses(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-               beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per pair: −log σ(β·[(π_c − r_c) − (π_r − r_r)]) and the metrics TRL logs, all of shape (pairs,)."""
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+def sequence_tokens(targets: torch.Tensor, segments: torch.Tensor | None = None, sequences: int = 0) -> torch.Tensor:
+    """Per sequence (as sequence_logps counts them), how many targets != IGNORE it has."""
+    keep = (targets != IGNORE).long()
+    if segments is None:
+        return keep.sum(dim=-1)
+    counts = torch.zeros(sequences, dtype=torch.long, device=targets.device)
+    return counts.index_add_(0, segments.clamp(min=0).flatten(), keep.flatten())
+
+
+# ------------------------------------------------------------------------------------------ preference losses
+# Each takes the per-pair log-probs of a batch of pairs and returns the loss of every pair, as TRL 1.x defines it
+# (DPOTrainer's loss types; CPOTrainer's simpo; ORPOTrainer), so that a value read in a paper or a TRL log means
+# the same here. Summed log-probs for the reference-based losses, averages per completion token where TRL uses
+# them (ipo's log-ratios, simpo, orpo).
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """What a preference loss sees of a batch: tensors of shape (pairs,)."""
+    chosen: torch.Tensor                  # policy log-probs, summed over each completion's tokens
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None       # the reference's, for the losses that have one
+    ref_rejected: torch.Tensor | None
+    chosen_tokens: torch.Tensor           # completion tokens of each sequence
+    rejected_tokens: torch.Tensor
+
+    def logratios(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chosen - self.ref_chosen, self.rejected - self.ref_rejected
+
+    def averages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs per completion token (a sequence without any counts as one token)."""
+        return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
+
+
+def smoothed_sigmoid(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """−log σ(z), with a share ε of the labels taken as flipped (cDPO): −(1−ε) log σ(z) − ε log σ(−z)."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def sigmoid_loss(p: Pairs, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    chosen, rejected = p.logratios()
+    return smoothed_sigmoid(beta * (chosen - rejected), label_smoothing), {}
+
+
+def robust_loss(p: Pairs, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Robust DPO: unbiased under labels flipped with probability ε."""
+    chosen, rejected = p.logratios()
+    z = beta * (chosen - rejected)
+    clean, flipped = -(1 - label_smoothing) * F.logsigmoid(z), -label_smoothing * F.logsigmoid(-z)
+    return (clean - flipped) / (1 - 2 * label_smoothing), {}
+
+
+def hinge_loss(p: Pairs, beta: float) -> tuple[torch.Tensor, dict]:
+    chosen, rejected = p.logratios()
+    return torch.relu(1 - beta * (chosen - rejected)), {}
+
+
+def ipo_loss(p: Pairs, beta: float) -> tuple[torch.Tensor, dict]:
+    """(Δ − 1/(2β))² on log-ratios averaged per completion token, as TRL normalises them."""
+    chosen, rejected = p.logratios()
+    delta = chosen / p.chosen_tokens.clamp(min=1) - rejected / p.rejected_tokens.clamp(min=1)
+    return (delta - 1 / (2 * beta)) ** 2, {}
+
+
+def simpo_loss(p: Pairs, beta: float, simpo_gamma: float = 0.5, label_smoothing: float = 0.0,
+               cpo_alpha: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """SimPO (no reference): −log σ(β·(avg_c − avg_r) − γ), plus cpo_alpha × the chosen completion's mean NLL."""
+    chosen, rejected = p.averages()
+    losses = smoothed_sigmoid(beta * (chosen - rejected - simpo_gamma / beta), label_smoothing)
+    if not cpo_alpha:
+        return losses, {}
+    return losses + cpo_alpha * -chosen, {"nll_loss": -chosen}
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, switching formulas at −ln 2 so that neither cancels."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(p: Pairs, beta: float) -> tuple[torch.Tensor, dict]:
+    """ORPO (no reference): the chosen completion's mean NLL − β·log σ(log odds(chosen) − log odds(rejected))."""
+    chosen, rejected = p.averages()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    # TRL's names: log_odds_ratio is log σ(log odds), log_odds_chosen the log odds itself
+    return -chosen - beta * ratio, {"nll_loss": -chosen, "log_odds_ratio": ratio, "log_odds_chosen": log_odds}
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    fn: Callable[..., tuple[torch.Tensor, dict]]
+    reference: bool          # needs the reference model's log-probs
+    options: tuple[str, ...] = ()  # the dpo.* options it reads, besides beta
+
+
+PREFERENCE_LOSSES = {
+    "sigmoid": PreferenceLoss(sigmoid_loss, True, ("label_smoothing", "rpo_alpha")),
+    "robust": PreferenceLoss(robust_loss, True, ("label_smoothing", "rpo_alpha")),
+    "hinge": PreferenceLoss(hinge_loss, True, ("rpo_alpha",)),
+    "ipo": PreferenceLoss(ipo_loss, True, ("rpo_alpha",)),
+    "simpo": PreferenceLoss(simpo_loss, False, ("simpo_gamma", "label_smoothing", "cpo_alpha")),
+    "orpo": PreferenceLoss(orpo_loss, False),
+}
+
+
+def preference_loss(name: str, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None, *, beta: float,
+                    chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
+                    **options) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss `name` of every pair, and TRL's metrics of every pair (all of shape (pairs,)); the caller sums
+    them over the pairs of the global batch. rpo_alpha (the reference-based losses) adds the chosen completion's
+    mean NLL, as TRL's rpo_alpha did; options that `name` does not read must not be given."""
+    loss = PREFERENCE_LOSSES[name]
+    rpo_alpha = options.pop("rpo_alpha", 0.0)
+    p = Pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps if loss.reference else None,
+              ref_rejected_logps if loss.reference else None, chosen_tokens, rejected_tokens)
+    losses, extra = loss.fn(p, beta, **options)
+    if rpo_alpha:
+        nll = -p.averages()[0]
+        losses, extra = losses + rpo_alpha * nll, {**extra, "nll_loss": nll}
+    if loss.reference:  # the implicit reward of each completion: β × its log-ratio to the reference
+        chosen_rewards, rejected_rewards = (beta * x.detach() for x in p.logratios())
+        chosen_logps, rejected_logps = p.chosen, p.rejected
+    else:  # TRL's CPO and ORPO report β × the average log-prob, and the averages as logps
+        chosen_logps, rejected_logps = p.averages()
+        chosen_rewards, rejected_rewards = beta * chosen_logps.detach(), beta * rejected_logps.detach()
     metrics = {
-        "rewards/chosen": chosen_rewards.detach(),
-        "rewards/rejected": rejected_rewards.detach(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).detach(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-        "logps/chosen": policy_chosen_logps.detach(),
-        "logps/rejected": policy_rejected_logps.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+        **{k: v.detach() for k, v in extra.items()},
     }
     return losses, metrics
 
@@ -51,6 +175,8 @@ def dpo_losses(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
              beta: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DPO loss averaged over pairs, and the averaged metrics."""
-    losses, metrics = dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    """Sigmoid DPO averaged over pairs, and the averaged metrics (a short form for scripts and notebooks)."""
+    tokens = torch.ones_like(policy_chosen_logps, dtype=torch.long)
+    losses, metrics = preference_loss("sigmoid", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                      ref_rejected_logps, beta=beta, chosen_tokens=tokens, rejected_tokens=tokens)
     return losses.mean(), {k: v.mean() for k, v in metrics.items()}

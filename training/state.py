@@ -74,7 +74,8 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
         "dist.zero_stage": cfg.dist.zero_stage if cfg.dist.backend == "deepspeed" else None,
     }
     if stage == "dpo":
-        identity["dpo.beta"] = cfg.dpo.beta
+        identity.update({"dpo.loss": cfg.dpo.loss, "dpo.beta": cfg.dpo.beta,
+                         **{f"dpo.{k}": v for k, v in cfg.dpo.options().items()}})
     lora = dataclasses.asdict(cfg.lora) if cfg.lora.rank else {"rank": 0}  # the rest matters only with adapters
     identity.update({f"lora.{k}": v for k, v in lora.items()})
     identity.update({f"model.{k}": v for k, v in dataclasses.asdict(model_cfg).items()})
@@ -82,7 +83,8 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
 
 
 # settings recorded since a version that could only run them one way: a checkpoint without them ran that way
-RECORDED_LATER = {"data.packing": 0, "data.document_mask": False}
+RECORDED_LATER = {"data.packing": 0, "data.document_mask": False, "dpo.loss": "sigmoid", "dpo.label_smoothing": 0.0,
+                  "dpo.rpo_alpha": 0.0}
 
 
 def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None) -> None:
