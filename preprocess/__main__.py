@@ -240,7 +240,9 @@ def cmd_show(args) -> None:
     if "mask" in shard["files"]:
         mask = np.load(os.path.join(args.dir, shard["files"]["mask"]["path"]), mmap_mode="r")[start:end].tolist()
         print(f"  mask:   {mask}")
-        print(f"  learned (mask 1): {tok.decode([i for i, m in zip(ids, mask, strict=True) if m])!r}")
+        learned = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+        label = {1: ", desirable", 2: ", undesirable"}.get(max(mask, default=0), "") if manifest["kind"] == "kto" else ""
+        print(f"  learned (mask {max(mask, default=1) or 1}{label}): {learned!r}")
 
 
 def decode_showing_controls(tok, ids: list[int]) -> str:

@@ -175,6 +175,27 @@ def dpo_pair(record: object) -> tuple[list[Turn], list[Turn]] | Bad:
     return pair[0], pair[1]
 
 
+def kto_examples(record: object) -> list[tuple[list[Turn], bool]] | Bad:
+    """Labelled completions: (conversation ending with the completion, desirable?) — one from a record with a
+    boolean "label" (prompt+completion, or any SFT form), two from a preference pair (chosen: true, rejected:
+    false)."""
+    if isinstance(record, Bad):
+        return record
+    if not isinstance(record, dict):
+        return Bad("not_an_object", type(record).__name__)
+    if "chosen" in record and "rejected" in record:
+        pair = dpo_pair(record)
+        return pair if isinstance(pair, Bad) else [(pair[0], True), (pair[1], False)]
+    if "label" not in record:
+        return Bad("missing_key", "need a boolean 'label' (or 'chosen' and 'rejected')")
+    if not isinstance(record["label"], bool):
+        return Bad("bad_label", f"'label' is {type(record['label']).__name__}, not true or false")
+    turns = sft_turns(record)
+    if not isinstance(turns, Bad) and turns[-1].role != "assistant":
+        return Bad("no_assistant", "the last turn must be the assistant's completion")
+    return turns if isinstance(turns, Bad) else [(turns, record["label"])]
+
+
 # ----------------------------------------------------------------------------------------------- kinds
 
 class PretrainKind:
@@ -284,4 +305,38 @@ class DPOKind(_ChatKind):
         return *self._pack(kept), bad
 
 
-KINDS = {"pretrain": PretrainKind, "sft": SFTKind, "dpo": DPOKind}
+class KTOKind(_ChatKind):
+    """One document per labelled completion, its mask on the final assistant turn (and its <|end|>) only: 1 for a
+    desirable completion, 2 for an undesirable one. A preference pair gives two documents, chosen (1) then
+    rejected (2). A record with any document longer than max_len tokens is dropped (too_long)."""
+    name = "kto"
+    LABELS = {True: 1, False: 2}  # the mask value of a learned token
+
+    def parse(self, record):
+        return kto_examples(record)
+
+    def size(self, parsed) -> int:
+        return sum(len(t.text) for conv, _ in parsed for t in conv)
+
+    def texts(self, parsed) -> list[str]:
+        return [t.text for conv, _ in parsed for t in conv]
+
+    def dedup_text(self, parsed) -> str:
+        return "\x1e".join("\x1f".join(t.text for t in conv if t.role != "system") + f"\x1f{label}"
+                            for conv, label in parsed)
+
+    def build(self, batch):
+        docs = iter(self._render_all([conv for examples in batch for conv, _ in examples], learn="last"))
+        kept, bad = [], []
+        for i, examples in enumerate(batch):
+            rendered = [(ids, mask * self.LABELS[label]) for (_, label), (ids, mask) in
+                        ((example, next(docs)) for example in examples)]
+            longest = max(len(ids) for ids, _ in rendered)
+            if longest > self.max_len:
+                bad.append((i, Bad("too_long", f"{longest} tokens > --max-len {self.max_len}")))
+            else:
+                kept += rendered
+        return *self._pack(kept), bad
+
+
+KINDS = {"pretrain": PretrainKind, "sft": SFTKind, "dpo": DPOKind, "kto": KTOKind}

@@ -195,6 +195,7 @@ REASONS = {
     "bad_role": "unknown role",
     "no_assistant": "no assistant turn",
     "identical_pair": "chosen and rejected are identical",
+    "bad_label": "label not true or false",
     "too_long": "too long",
 }
 

@@ -282,8 +282,9 @@ def read_manifest(out_dir: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ verify
 
-def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id: int) -> list[str]:
-    """Problems with one shard: missing, truncated or changed files, bad offsets, out-of-range ids."""
+def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id: int, mask_max: int = 1) -> list[str]:
+    """Problems with one shard: missing, truncated or changed files, bad offsets, out-of-range ids, mask values
+    above mask_max (kto: 2, the label of an undesirable completion)."""
     problems = []
     for meta in shard["files"].values():
         path = os.path.join(out_dir, meta["path"])
@@ -312,9 +313,13 @@ def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id:
         mask = np.load(os.path.join(out_dir, shard["files"]["mask"]["path"]), mmap_mode="r")
         if mask.dtype != np.uint8 or mask.shape != tokens.shape:
             problems.append(f"{name}: mask is {mask.dtype}[{len(mask)}], expected uint8[{len(tokens)}]")
-        elif len(mask) and int(mask.max()) > 1:
-            problems.append(f"{name}: mask holds values other than 0 and 1")
+        elif len(mask) and int(mask.max()) > mask_max:
+            problems.append(f"{name}: mask holds values other than {' and '.join(map(str, range(mask_max + 1)))}")
     return problems
+
+
+def mask_max(kind: str) -> int:
+    return 2 if kind == "kto" else 1
 
 
 def verify(out_dir: str, workers: int = 1, progress=None) -> tuple[dict, list[str]]:
@@ -326,7 +331,8 @@ def verify(out_dir: str, workers: int = 1, progress=None) -> tuple[dict, list[st
         problems.append(f"{tok['file']}: missing")
     elif file_sha256(tok_path) != tok["sha256"]:
         problems.append(f"{tok['file']}: sha256 differs from the manifest")
-    args = [(out_dir, s, manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"]) for s in manifest["shards"]]
+    args = [(out_dir, s, manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"], mask_max(manifest["kind"]))
+            for s in manifest["shards"]]
     if workers > 1 and len(args) > 1:
         import multiprocessing as mp
         with mp.get_context("fork").Pool(min(workers, len(args))) as pool:

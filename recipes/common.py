@@ -18,29 +18,77 @@ def write_jsonl(path: str, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def replies_of(run: str, prompts: list[str], samples: int, temperature: float = 0.8, seed: int = 0,
+               max_new_tokens: int = 60) -> list[str]:
+    """`samples` replies of a run to each request (a user turn), in order, drawn as training.sample draws them:
+    batched, sample k of request i seeded by (seed, i, k)."""
+    from preprocess.chat import ChatTemplate, Turn
+    from training.generate import chat_prompt, load_for_inference
+    from training.sample import sample_batch, sample_seed
+
+    model, sp = load_for_inference(run)
+    end = ChatTemplate(sp.info).end_id
+    rows = [(i, k) for i in range(len(prompts)) for k in range(samples)]
+    replies = []
+    for start in range(0, len(rows), 64):
+        chunk = rows[start:start + 64]
+        ids, _ = sample_batch(model, [chat_prompt(sp, [Turn("user", prompts[i])]) for i, _ in chunk],
+                              [end] * len(chunk), [sample_seed(seed, i, k) for i, k in chunk], max_new_tokens,
+                              temperature=temperature, top_k=50, vocab_limit=sp.vocab_size)
+        replies += [sp.decode(r) for r in ids]
+    return replies
+
+
+def report(label: str, replies: list[str], preferred: Callable[[str], bool], what: str) -> float:
+    hits = sum(preferred(r) for r in replies)
+    print(f"{label}: {hits}/{len(replies)} replies {what} ({100 * hits / len(replies):.0f}%)", flush=True)
+    return hits / len(replies)
+
+
 def compare(reference: str, aligned: str, prompts: list[str], preferred: Callable[[str], bool], what: str,
             samples: int = 2, temperature: float = 0.8, seed: int = 0, show: int = 8, max_new_tokens: int = 60) -> dict:
-    """Generate `samples` replies per prompt from both runs; print some side by side and the two shares."""
-    from training.generate import chat_reply, load_for_inference
-
-    replies = {}
-    for label, run in (("reference (SFT)", reference), ("aligned (DPO)", aligned)):
-        model, sp = load_for_inference(run)
-        replies[label] = [chat_reply(model, sp, p, max_new_tokens=max_new_tokens, temperature=temperature, top_k=50,
-                                     seed=seed + 1000 * i + k)
-                          for i, p in enumerate(prompts) for k in range(samples)]
+    """`samples` replies per prompt from both runs; some side by side, and the two shares."""
+    replies = {label: replies_of(run, prompts, samples, temperature, seed, max_new_tokens)
+               for label, run in (("reference (SFT)", reference), ("aligned (DPO)", aligned))}
     labels = list(replies)
     print(f"{'request':<30} | {labels[0]:<44} | {labels[1]}")
     for i, prompt in enumerate(prompts[:show]):
         a, b = (replies[label][i * samples].replace("\n", " / ")[:44] for label in labels)
         print(f"{prompt.replace(chr(10), ' ')[:30]:<30} | {a:<44} | {b}")
     print()
-    shares = {}
-    for label in labels:
-        hits = sum(preferred(r) for r in replies[label])
-        shares[label] = hits / len(replies[label])
-        print(f"{label}: {hits}/{len(replies[label])} replies {what} ({100 * shares[label]:.0f}%)")
-    return shares
+    return {label: report(label, replies[label], preferred, what) for label in labels}
+
+
+def shares(runs: list[tuple[str, str]], prompts: list[str], preferred: Callable[[str], bool], what: str,
+           samples: int = 1, temperature: float = 0.8, seed: int = 0, max_new_tokens: int = 60) -> dict:
+    """The share of preferred replies of each (label, run) to the same requests: one line per run."""
+    return {label: report(label, replies_of(run, prompts, samples, temperature, seed, max_new_tokens), preferred,
+                          what) for label, run in runs}
+
+
+def table(logs: list[str], what: str) -> None:
+    """From the logs of several `make demo` runs (one per seed): each run's shares (its last `shares` block, or
+    its `compare` lines), one row per log, and whether the last model beat the reference as the recipe means to."""
+    import re
+
+    rows = []
+    for path in logs:
+        found = re.findall(rf"^(.+?): (\d+)/(\d+) replies {re.escape(what)} \((\d+)%\)$",
+                           open(path, encoding="utf-8").read(), re.M)
+        shares = {}
+        for label, hits, total, _ in found:  # later lines of the same label win: the final table
+            shares[label] = int(hits) / int(total)
+        if not shares:
+            raise SystemExit(f"error: {path}: no share lines ('LABEL: H/N replies {what} (P%)')")
+        rows.append((path, shares))
+    labels = list(dict.fromkeys(label for _, shares in rows for label in shares))
+    print(" | ".join(["run", *labels]))
+    for path, shares in rows:
+        print(" | ".join([path, *(f"{100 * shares[label]:.0f}%" if label in shares else "-" for label in labels)]))
+    first, last = labels[0], labels[-1]
+    good = [last in shares and first in shares and shares[last] >= 0.9 and shares[last] >= shares[first] + 0.1
+            for _, shares in rows]
+    print(f"{last} ≥ 90% and ≥ {first} + 10 points: {sum(good)} of {len(rows)} runs")
 
 
 def show_replies(run: str, prompts: list[str], n: int, max_new_tokens: int = 60) -> None:
@@ -73,15 +121,30 @@ def main(doc: str, add_data_arguments: Callable, make_data: Callable, preferred:
     c.add_argument("--temperature", type=float, default=0.8)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--show", type=int, default=8, help="requests printed side by side")
+    h = sub.add_parser("shares", help="share of preferred replies of several runs, one line each")
+    h.add_argument("--run", action="append", required=True, metavar="LABEL=RUN")
+    h.add_argument("--prompts", required=True)
+    h.add_argument("--samples", type=int, default=samples, help="replies per request")
+    h.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("table", help="the shares of several demo runs' logs (make tang-seeds)")
+    t.add_argument("logs", nargs="+")
     args = ap.parse_args()
     try:
         if args.command == "data":
             make_data(args)
             return
+        if args.command == "table":
+            table(args.logs, what)
+            return
         with open(args.prompts, encoding="utf-8") as f:
             prompts = json.load(f)
         if args.command == "samples":
             show_replies(args.run, prompts, args.n, max_new_tokens)
+        elif args.command == "shares":
+            runs = [tuple(r.split("=", 1)) for r in args.run]
+            if any(len(r) != 2 for r in runs):
+                raise UserError("--run: expected LABEL=RUN_DIR")
+            shares(runs, prompts, preferred, what, args.samples, seed=args.seed, max_new_tokens=max_new_tokens)
         else:
             compare(args.reference, args.aligned, prompts, preferred, what, args.samples, args.temperature,
                     args.seed, args.show, max_new_tokens)

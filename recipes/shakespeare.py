@@ -46,6 +46,11 @@ def is_question(text: str) -> bool:
     return text.rstrip().endswith("?")
 
 
+def question_reward(text: str) -> float:
+    """1 for a reply that ends with a question (training.pairs --reward recipes/shakespeare.py:question_reward)."""
+    return float(is_question(text))
+
+
 def cmd_data(args) -> None:
     rng = random.Random(0)
     by_speaker: dict[str, list[str]] = {}

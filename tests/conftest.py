@@ -202,12 +202,15 @@ def zero3(tmp_path_factory) -> list[str]:
 
 SFT_CONFIG = os.path.join(REPO, "configs", "sft", "tiny.yaml")
 DPO_CONFIG = os.path.join(REPO, "configs", "dpo", "tiny.yaml")
+KTO_CONFIG = os.path.join(REPO, "configs", "kto", "tiny.yaml")
 CHAT = ["data.seq_len=63", "train.micro_batch_size=4"]
 
 
 @pytest.fixture(scope="session")
 def chat_shards(tmp_path_factory, tokenizer_model) -> dict[str, str]:
-    """SFT and DPO shards from Shakespeare's short speeches (the demo recipe's task, smaller)."""
+    """SFT, DPO and KTO shards from Shakespeare's short speeches (the demo recipe's task, smaller). KTO's hold
+    preference pairs (one desirable and one undesirable completion each) and single labelled lines (a question
+    is desirable), fewer desirable than not."""
     sys.path.insert(0, os.path.join(REPO, "recipes"))
     from shakespeare import is_question, speeches
 
@@ -221,8 +224,10 @@ def chat_shards(tmp_path_factory, tokenizer_model) -> dict[str, str]:
     others = [(n, t) for n, t in lines if not is_question(t)]
     dpo = [{"prompt": f"Write a line spoken by {q[0]}.", "chosen": q[1], "rejected": o[1]}
            for q, o in zip(questions, others, strict=False)][:400]
+    kto = dpo[:150] + [{"prompt": f"Write a line spoken by {name}.", "completion": text, "label": is_question(text)}
+                       for name, text in lines[800:1100]]
     paths = {}
-    for kind, records in (("sft", sft), ("dpo", dpo)):
+    for kind, records in (("sft", sft), ("dpo", dpo), ("kto", kto)):
         src = write_jsonl(out / f"{kind}.jsonl", records)
         paths[kind] = str(out / kind)
         assert preprocess_main(["shards", "--kind", kind, "--input", src, "--tokenizer", tokenizer_model,

@@ -167,3 +167,33 @@ def test_chat_shards_do_not_depend_on_worker_count(tokenizer_model, tmp_path, wo
     from conftest import dir_digest
 
     assert dir_digest(out) == dir_digest(reference) and len(read_manifest(out)["shards"]) > 3
+
+
+def test_kto_shards_hold_labelled_completions_in_their_mask_and_split_preference_pairs(tokenizer_model, tmp_path):
+    src = write_jsonl(tmp_path / "kto.jsonl", [
+        {"prompt": "Say hi", "completion": "Hello there.", "label": True},
+        {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Go away."}],
+         "label": False},
+        {"prompt": "Ask", "chosen": "Why not?", "rejected": "Fine."},  # a pair: one desirable, one not
+        {"prompt": "p", "completion": "c", "label": "yes"},
+        {"prompt": "p", "completion": "c"},
+        {"messages": [{"role": "user", "content": "no reply"}], "label": True},
+    ])
+    out = shards("kto", tokenizer_model, tmp_path / "k", src)
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "kto" and manifest["totals"]["documents"] == 4
+    assert manifest["skipped"] == {"bad_label": 1, "missing_key": 1, "no_assistant": 1}
+    tok = TextTokenizer(os.path.join(out, "tokenizer.model"))
+    tokens = np.load(os.path.join(out, "shard-00000.tokens.npy"))
+    mask = np.load(os.path.join(out, "shard-00000.mask.npy"))
+    ends = np.load(os.path.join(out, "shard-00000.offsets.npy"))
+    learned = []
+    for a, b in zip([0, *ends[:-1]], ends, strict=True):
+        m = mask[a:b]
+        assert len(set(m[m > 0].tolist())) == 1  # one label per completion
+        learned.append((tok.decode(tokens[a:b][m > 0].tolist()), int(m.max())))
+    assert learned == [("Hello there.", 1), ("Go away.", 2), ("Why not?", 1), ("Fine.", 2)]
+    proc = run_cli("verify", out)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("show", out, "--doc", "1")
+    assert "learned (mask 2, undesirable): 'Go away.'" in proc.stdout

@@ -17,6 +17,7 @@ import torch
 from conftest import (
     CHAT,
     DPO_CONFIG,
+    KTO_CONFIG,
     REPO,
     SFT_CONFIG,
     TINY_CONFIG,
@@ -174,7 +175,7 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo", "orpo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo", "orpo", "kto"])
 def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(stage, pretrain_shards, chat_shards,
                                                                                  sft_run, zero3, tmp_path):
     """ZeRO-3 gathers its sharded weights in every forward, so evaluation, the sample at every evaluation (every
@@ -183,10 +184,11 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     ranks unequal shares; DPO runs LoRA (its reference is the sharded model with adapters off) with the reference
     precomputed over 377 pairs (data.seq_len=58), 48 micro-batches on one rank and 47 on the other. sft-packed packs
     the conversations (rows of 63 positions take one or two of them) and masks attention per conversation. orpo is
-    the DPO stage without any reference: every weight trains, and no reference forward runs."""
+    the DPO stage without any reference: every weight trains, and no reference forward runs. kto runs LoRA with its
+    adapters-off reference live, and its reference point's extra forward before every step and evaluation."""
     packed, orpo = stage == "sft-packed", stage == "orpo"
     stage = "sft" if packed else "dpo" if orpo else stage
-    config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG}[stage]
+    config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG, "kto": KTO_CONFIG}[stage]
     common = ["train.max_steps=4", "train.grad_accum=2", "train.precision=fp32", "dist.timeout_s=120"]
     if stage == "pretrain":
         common.append(f"data.path={pretrain_shards}")
@@ -196,6 +198,9 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     elif orpo:
         common += [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT,
                    "dpo.loss=orpo"]
+    elif stage == "kto":
+        common += [f"data.path={chat_shards['kto']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT,
+                   "lora.rank=4"]
     else:
         dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
         common += [f"data.path={dpo}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58",

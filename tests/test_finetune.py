@@ -150,10 +150,16 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
     if not os.path.exists(python):
         pytest.skip("make demo runs in .venv, which `make test` creates")
     proc = subprocess.run(["make", "--no-print-directory", "demo", "DEMO=tang", f"TANG_DIR={poems}",
-                           f"OUT={tmp_path / 'tang'}", "GET_DATA_LIMIT=--limit 6000",
+                           # fewer poems, steps and titles to sample for: the recipe's commands, in minutes
+                           f"OUT={tmp_path / 'tang'}", "GET_DATA_LIMIT=--limit 6000 --round-prompts 32",
                            "STEPS=train.max_steps=40 train.eval_every=20 train.sample_prompt=春",
-                           "SFT_STEPS=train.max_steps=20", "DPO_STEPS=train.max_steps=10"],
+                           # SFT long enough that some poems end by themselves: a round chooses only those
+                           "SFT_STEPS=train.max_steps=80", "DPO_STEPS=train.max_steps=10",
+                           "EVAL_SAMPLES=--samples 1"],  # one reply per title and model, not four: seconds
                           cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^recipe: [\d,]+ poems kept", proc.stdout, re.M)
     assert re.search(r"^aligned \(DPO\): \d+/50 replies are five-character poems", proc.stdout, re.M)
+    for label in ("reference \\(SFT\\)", "offline DPO", "iterative DPO, round 1", "iterative DPO, round 2"):
+        assert re.search(rf"^{label}: \d+/50 replies are five-character poems", proc.stdout, re.M), label
+    assert re.search(r"^pairs: \d+ of 32 prompts", proc.stdout, re.M)

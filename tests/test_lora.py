@@ -124,3 +124,43 @@ def test_describe_counts_the_adapters_the_run_trains(sft_run, lora_sft, chat_sha
                           text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert f"on 14 layers (wq, wk, wv, wo, w1, w2, w3): {trained / 1e6:.3f} M trainable parameters" in proc.stdout
+
+
+def test_the_adapters_alone_export_as_a_peft_directory_that_reproduces_the_merged_model(sft_run, lora_sft, tmp_path):
+    """LoRA on every projection, including the query and key ones whose rows transformers lays out otherwise."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from preprocess.errors import UserError
+    from training import checkpoint as ckpt
+    from training.export_hf import export, export_adapter
+    from training.model import Transformer
+
+    base = tmp_path / "base"
+    export(sft_run, str(base))  # the LoRA run's init_from
+    adapter = tmp_path / "adapter"
+    report = export_adapter(lora_sft, str(adapter), str(base))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
+    config = json.load(open(adapter / "adapter_config.json"))
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    assert report["adapters"] == 7 * 2  # every projection of both layers of the test model
+
+    merged = Transformer(ckpt.model_config(ckpt.resolve(lora_sft)))
+    ckpt.load_weights(ckpt.resolve(lora_sft), merged)
+    tokens = torch.randint(0, 500, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+        torch.testing.assert_close(theirs(input_ids=tokens).logits, merged.eval()(tokens), rtol=1e-4, atol=1e-4)
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()(input_ids=tokens).logits
+    assert not torch.allclose(plain, merged(tokens), atol=1e-3)  # the adapters changed something
+
+    other = tmp_path / "other-base"
+    export(lora_sft, str(other))  # merged weights: not the base the adapters sit on
+    with pytest.raises(UserError, match="differs from the weights .* trained its adapters on"):
+        export_adapter(lora_sft, str(tmp_path / "adapter2"), str(other))
+    with pytest.raises(UserError, match="has no LoRA adapters"):
+        export_adapter(sft_run, str(tmp_path / "adapter3"), str(base))

@@ -12,6 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import (
+    CHAT,
+    DPO_CONFIG,
+    KTO_CONFIG,
+    kill_after_first_checkpoint,
+    losses,
+    private_copy,
+    run_training,
+    training_command,
+)
 
 from training.losses import IGNORE, PREFERENCE_LOSSES, preference_loss, sequence_tokens
 
@@ -268,8 +278,6 @@ def test_each_loss_trains_alike_on_two_processes_and_resumes_after_kill_9(name, 
     2 processes x 1 that are killed -9 after their first checkpoint and resumed. A resume that lost or repeated
     anything (data position, optimizer state, the pinned reference) would leave the 1-process trajectory by far
     more than 1e-5; bit-exact resume on the same processes is test_finetune's."""
-    from conftest import CHAT, DPO_CONFIG, kill_after_first_checkpoint, losses, run_training, training_command
-
     common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=5", "train.ckpt_every=2",
               "train.eval_every=2", "train.eval_samples=8", f"dpo.loss={name}", *options, *CHAT]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -316,11 +324,128 @@ def test_each_loss_trains_alike_on_two_processes_and_resumes_after_kill_9(name, 
     (["dpo.beta=0"], "dpo.beta: must be positive"),
 ])
 def test_a_wrong_preference_option_is_one_line_naming_the_key(overrides, message):
-    from conftest import DPO_CONFIG
-
     from preprocess.errors import UserError
     from training.config import load_config
 
     with pytest.raises(UserError) as e:
         load_config(DPO_CONFIG, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------- KTO
+
+def trl_kto(b, kl_b, labels, ref, ref_kl, beta, desirable_weight, undesirable_weight):
+    """TRL's KTOTrainer._compute_loss with precomputed reference log-probs and its KL estimate on: (loss, metrics)."""
+    from trl import KTOTrainer
+
+    def model(input_ids, attention_mask, labels, use_cache, fused_lm_head):
+        source = kl_b if input_ids is kl_b.ids else b
+        zeros = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=torch.float64)
+        return SimpleNamespace(log_probs=token_logps(source.logits, labels), entropy=zeros, mean_logits=zeros)
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    fake = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, calculate_KL=True,
+                           precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=desirable_weight,
+                           undesirable_weight=undesirable_weight, aux_loss_enabled=False, _total_train_tokens=0,
+                           _tp_size=1, _metrics=defaultdict(lambda: defaultdict(list)))
+    fake._compute_kl_logps = functools.partial(KTOTrainer._compute_kl_logps, fake)
+    inputs = {"input_ids": b.ids, "attention_mask": b.attention, "completion_mask": b.completion,
+              "KL_input_ids": kl_b.ids, "KL_attention_mask": kl_b.attention, "KL_completion_mask": kl_b.completion,
+              "label": labels, "ref_logps": ref, "ref_KL_logps": ref_kl}
+    loss = KTOTrainer._compute_loss(fake, model, inputs, return_outputs=False)
+    return float(loss), {k: v[-1] for k, v in fake._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("seed, weights", [(0, (1.0, 1.0)), (1, (1.0, 1.0)), (2, (1.33, 0.7))])
+def test_kto_equals_trls_kto_trainer(seed, weights):
+    from training.losses import kl_estimate, kto_loss, kto_summary
+
+    b, kl_b = batch(seed), batch(seed + 50)  # 2 x PAIRS completions, and as many mismatched KL sequences
+    labels = torch.Generator().manual_seed(seed)
+    labels = torch.rand(2 * PAIRS, generator=labels) < 0.5
+    labels[:2] = torch.tensor([True, False])  # both kinds present
+    logps, kl_logps = token_logps(b.logits, b.labels).sum(-1), token_logps(kl_b.logits, kl_b.labels).sum(-1)
+    g = torch.Generator().manual_seed(seed + 7)
+    ref = logps + torch.randn(2 * PAIRS, generator=g, dtype=torch.float64)
+    ref_kl = kl_logps - 2 + torch.randn(2 * PAIRS, generator=g, dtype=torch.float64)  # a positive KL
+    kl = kl_estimate(kl_logps.sum(), ref_kl.sum(), torch.tensor(2 * PAIRS))
+    assert kl > 0
+    losses, sums = kto_loss(logps, ref, labels, kl, beta=0.3, desirable_weight=weights[0],
+                            undesirable_weight=weights[1])
+    metrics = kto_summary({k: float(v[0] / v[1]) for k, v in sums.items()})
+    trl_loss, trl_metrics = trl_kto(b, kl_b, labels, ref, ref_kl, 0.3, *weights)
+    assert float(losses.mean()) == pytest.approx(trl_loss, rel=1e-9)
+    for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert metrics[name] == pytest.approx(float(trl_metrics[name]), rel=1e-9), name
+
+
+def test_kto_reference_point_is_clamped_at_zero_and_never_differentiated():
+    from training.losses import kl_estimate
+
+    policy = torch.tensor(-10.0, requires_grad=True)
+    assert kl_estimate(policy, torch.tensor(-8.0), torch.tensor(4)) == 0  # the policy below the reference
+    z0 = kl_estimate(policy, torch.tensor(-12.0), torch.tensor(4))
+    assert float(z0) == pytest.approx(0.5) and not z0.requires_grad
+
+
+@pytest.mark.slow
+def test_kto_trains_alike_on_two_processes_resumes_after_kill_9_and_precomputes_its_reference(chat_shards, sft_run,
+                                                                                               tmp_path):
+    """The shipped KTO config (evaluation and its sample on): 1 process x accumulation 2 against 2 processes x 1
+    killed -9 after their first checkpoint and resumed (1e-5: the reference point z₀ is the whole global
+    batch's), and against a precomputed reference (which pads its batches otherwise: 1e-4)."""
+    shards = private_copy(chat_shards["kto"], tmp_path / "kto-shards")  # its reference cache stays in this test
+    common = [f"data.path={shards}", f"init_from={sft_run}", "train.max_steps=5", "train.ckpt_every=2",
+              "train.eval_every=2", "train.eval_samples=9", *CHAT]
+    one, two, pre = tmp_path / "one", tmp_path / "two", tmp_path / "pre"
+    run_training(*common, f"out_dir={one}", "train.grad_accum=2", stage="kto", config=KTO_CONFIG)
+    kill_after_first_checkpoint(training_command(*common, f"out_dir={two}", nproc=2, stage="kto", config=KTO_CONFIG),
+                                two)
+    assert not os.path.exists(two / "checkpoints" / "step-4")
+    run_training(*common, f"out_dir={two}", nproc=2, stage="kto", config=KTO_CONFIG)
+    run_training(*common, f"out_dir={pre}", "train.grad_accum=2", "dpo.precompute_ref=true", stage="kto",
+                 config=KTO_CONFIG)
+    for other, rel in ((two, 1e-5), (pre, 1e-4)):
+        for key in ("loss", "val_loss", "logps/chosen", "logps/rejected", "kl"):
+            a, b = losses(one, key), losses(other, key)
+            assert sorted(a) == sorted(b) and a, key
+            for step in a:
+                assert b[step] == pytest.approx(a[step], rel=rel, abs=1e-6), (other.name, key, step)
+    train = losses(one)
+    # before any update the policy is the reference: every log-ratio and z₀ are 0, and each loss is 1 − σ(0)
+    assert train[1] == pytest.approx(0.5, abs=1e-6) and losses(one, "val_loss")[0] == pytest.approx(0.5, abs=1e-6)
+    assert losses(one, "kl")[1] == 0 and losses(one, "rewards/margins")[1] == 0
+    assert max(losses(one, "kl").values()) > 0 and min(losses(one, "kl").values()) >= 0  # estimated, and clamped
+    assert losses(one, "rewards/margins")[5] > 0 and train[5] < train[1]  # it learns the labels
+
+
+def test_each_kto_example_has_a_fixed_partner_of_its_own_split_for_its_kl_sequence(chat_shards):
+    import numpy as np
+
+    from training.data import KTOData, open_sources
+    from training.plan import BatchPlan
+
+    sources = open_sources([chat_shards["kto"]], 63, 0.1, "kto")
+    source = sources[0]
+    plan = BatchPlan(micro_batch=4, grad_accum=1, world=1, rank=0)
+    data = KTOData(sources, [1.0], 0, plan, 10_000, pad_id=0, seq_len=63, reference=None)
+    for j in range(source.n_train + source.n_val):
+        p = data.partner(0, j)
+        assert p != j and (p < source.n_train) == (j < source.n_train)
+        tokens, mask = source.example(j)[0]
+        other, other_mask = source.example(p)[0]
+        ids, learned = data.kl_sequence(0, j)
+        prompt = int(np.argmax(mask > 0))
+        assert ids[:prompt].tolist() == tokens[:prompt].tolist()  # this example's prompt ...
+        completion = other[other_mask > 0]
+        assert ids[learned == 1].tolist() == completion[: int(learned.sum())].tolist()  # ... its partner's reply
+    batch = data.collate([[(0, 0)], [(0, 1)], [(0, 2)]])
+    assert batch.inputs.shape[0] == batch.kl_batch.inputs.shape[0] == 3
+    assert batch.labels.tolist() == [float(source.example(j)[0][1].max() == 1) for j in range(3)]
+    # a split too small for partners (here the validation split, of 3) gives KL rows without any target
+    sources = open_sources([chat_shards["kto"]], 63, 0.005, "kto")
+    small = KTOData(sources, [1.0], 0, plan, 10_000, pad_id=0, seq_len=63, reference=None)
+    assert sources[0].n_val == 3
+    val = sources[0].n_train
+    assert small.partner(0, val) is None and small.partner(0, 0) is not None
+    assert not small.kl_sequence(0, val)[1].any()

@@ -16,6 +16,7 @@ SHORT = {  # appended to the training commands: the tour's stages in seconds
     "pretrain": [*FAST, "train.max_steps=3"],
     "sft": [*FAST, *CHAT, "train.max_steps=2"],
     "dpo": [*FAST, *CHAT, "train.max_steps=2"],
+    "kto": [*FAST, *CHAT, "train.max_steps=2"],
 }
 
 
@@ -33,7 +34,7 @@ def commands(block: str) -> list[str]:
 
 def shortened(command: str) -> str:
     command = re.sub(r"\s+#\s.*$", "", command)  # a trailing comment
-    stage = re.search(r"-m training\.(pretrain|sft|dpo)\b", command)
+    stage = re.search(r"-m training\.(pretrain|sft|dpo|kto)\b", command)
     return command + (" " + " ".join(map(shlex.quote, SHORT[stage.group(1)])) if stage else "")
 
 
@@ -77,7 +78,9 @@ def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
     assert len(ran) >= 15
     # what the tour promises is there at the end: shards, runs of every stage, a report, an export that loads
     for path in ("shards/pretrain/manifest.json", "runs/tiny/report.png", "runs/sft-lora/checkpoints/latest",
-                 "runs/dpo-lora/checkpoints/latest", "hf/dpo/model.safetensors", "runs/sft-from-hf/checkpoints/latest"):
+                 "runs/dpo-lora/checkpoints/latest", "runs/kto/checkpoints/latest", "hf/dpo/model.safetensors",
+                 "hf/sft-lora-adapter/adapter_model.safetensors",
+                 "runs/sft-from-hf/checkpoints/latest"):
         assert os.path.exists(tmp_path / path), path
     assert any("AutoModelForCausalLM.from_pretrained" in step for step, _ in ran)
 

@@ -99,6 +99,8 @@ class DPOConfig:
     simpo_gamma: float = 0.5     # simpo: the target reward margin
     cpo_alpha: float = 0.0       # simpo: weight of the chosen completion's mean NLL (TRL's CPO default is 1.0)
     rpo_alpha: float = 0.0       # sigmoid, robust, hinge, ipo: weight of the chosen completion's mean NLL
+    desirable_weight: float = 1.0    # kto: weight of a desirable completion's loss
+    undesirable_weight: float = 1.0  # kto: weight of an undesirable completion's loss
     precompute_ref: bool = False  # compute the reference log-probs once, into an array next to the shards
 
     def options(self) -> dict:
@@ -111,6 +113,9 @@ class DPOConfig:
         loss, problems = PREFERENCE_LOSSES[self.loss], []
         if self.beta <= 0:
             problems.append("dpo.beta: must be positive")
+        for option in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, option) <= 0:
+                problems.append(f"dpo.{option}: must be positive")
         for option, default in (("label_smoothing", 0.0), ("simpo_gamma", 0.5), ("cpo_alpha", 0.0),
                                 ("rpo_alpha", 0.0)):
             if option not in loss.options and getattr(self, option) != default:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from preprocess.errors import UserError
-from preprocess.shards import read_manifest, verify_shard
+from preprocess.shards import mask_max, read_manifest, verify_shard
 
 from .losses import IGNORE
 from .plan import BatchPlan
@@ -93,7 +93,8 @@ class ShardDir:
         """Re-hash this rank's share of the shards."""
         tok = self.manifest["tokenizer"]
         return [f"{self.path}: {p}" for s in self.shards[rank::world]
-                for p in verify_shard(self.path, s, self.manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"])]
+                for p in verify_shard(self.path, s, self.manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"],
+                                           mask_max(self.manifest["kind"]))]
 
 
 class ShardSource(ShardDir):
@@ -252,7 +253,11 @@ class Batch:
                                            # padding (see model.py); None: one causal sequence per row
     real_tokens: int = 0                   # positions holding a token of some sequence; the rest is padding
     reference: torch.Tensor | None = None  # DPO: the reference's log-probs, every chosen sequence then every rejected
-    pairs: torch.Tensor | None = None      # DPO: 1 per pair, 0 for a filler pair
+                                           # (KTO: every completion's, then every KL sequence's)
+    pairs: torch.Tensor | None = None      # DPO, KTO: 1 per pair (example), 0 for a filler
+    labels: torch.Tensor | None = None     # KTO: 1 for a desirable completion, 0 for an undesirable one
+    kl_batch: Batch | None = None          # KTO: each completion's KL sequence, laid out apart (moved by its user)
+    kl: torch.Tensor | None = None         # KTO: the KL estimate of the whole global batch (Stage.prepare)
 
     def to(self, device: torch.device) -> Batch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
@@ -497,6 +502,11 @@ class DPOData(SFTData):
         super().__init__(*args, **kwargs)
         self.reference = reference
 
+    @staticmethod
+    def cache_tag(data_cfg) -> str:
+        """What else than the weights, the shards and the row length a precomputed reference depends on."""
+        return ""
+
     def collate(self, rows):
         if not rows:  # a filler pair; the reference still runs its forward, as on every other rank
             batch = self.lay_out([[(*self.filler(), 0)], [(*self.filler(), 1)]])
@@ -514,6 +524,61 @@ class DPOData(SFTData):
 
     def reference_logps(self, picks, batch: Batch) -> torch.Tensor | None:
         return None if self.reference is None else self.reference(picks, batch)
+
+
+class KTOData(DPOData):
+    """Labelled completions (KTO), one per row, and for each its KL sequence: the example's prompt followed by the
+    completion of its partner, a fixed other example of the same split, half the split away (so that the two
+    halves of a preference pair, written side by side, are not partners). A split of fewer than MIN_SPLIT
+    examples has no partners: its KL rows hold no target and count for nothing. The completions and the KL
+    sequences are laid out apart, each as wide as its longest; the reference's log-probs (live or precomputed) are
+    every completion's, then every KL sequence's, as a DPO pair's chosen then rejected. The policy's log-ratios
+    on the KL sequences of a whole global batch estimate KTO's reference point (Stage.prepare)."""
+
+    MIN_SPLIT = 4
+
+    @staticmethod
+    def cache_tag(data_cfg) -> str:
+        return f"-kl{data_cfg.val_fraction}"  # the partners lie within the split
+
+    def partner(self, s: int, j: int) -> int | None:
+        source = self.sources[s]
+        first, n = (0, source.n_train) if j < source.n_train else (source.n_train, source.n_val)
+        return first + (j - first + n // 2) % n if n >= self.MIN_SPLIT else None
+
+    def kl_sequence(self, s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens, mask = self.sources[s].example(j)[0]
+        prompt = int(np.argmax(mask > 0))
+        partner = self.partner(s, j)
+        if partner is None:  # the prompt alone, nothing learned: no KL term from it
+            return tokens[: max(2, prompt)], np.zeros(max(2, prompt), np.uint8)
+        other, other_mask = self.sources[s].example(partner)[0]
+        completion = int(np.argmax(other_mask > 0))
+        ids = np.concatenate([tokens[:prompt], other[completion:]])[: self.seq_len + 1]  # at most seq_len positions
+        learned = np.concatenate([np.zeros(prompt, np.uint8), (other_mask[completion:] > 0).astype(np.uint8)])
+        return ids, learned[: len(ids)]
+
+    def collate(self, rows):
+        if not rows:  # a filler example and its KL row; the reference still runs, as on every other rank
+            matched, kl = self.lay_out([[(*self.filler(), 0)]]), self.lay_out([[(*self.filler(), 1)]])
+            return dataclasses.replace(matched, reference=self.kto_reference(None, matched, kl), pairs=torch.zeros(1),
+                                       labels=torch.zeros(1), kl_batch=kl)
+        picks = [p for row in rows for p in row]
+        docs = [self.sources[s].example(j)[0] for s, j in picks]
+        kl_docs = [self.kl_sequence(s, j) for s, j in picks]
+        self.check_vocab([t for t, _ in docs] + [t for t, _ in kl_docs], picks + picks)
+        labels = torch.tensor([float(m.max() == 1) for _, m in docs])  # mask 1: desirable, 2: undesirable
+        matched = self.lay_out([[(t, (m > 0).astype(np.uint8), i)] for i, (t, m) in enumerate(docs)])
+        kl = self.lay_out([[(t, m, i)] for i, (t, m) in enumerate(kl_docs)])
+        return dataclasses.replace(matched, reference=self.kto_reference(picks, matched, kl),
+                                   pairs=torch.ones(len(picks)), labels=labels, kl_batch=kl)
+
+    def kto_reference(self, picks, matched: Batch, kl: Batch) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        if getattr(self.reference, "per_row", False):  # a live reference: a forward of each layout
+            return torch.cat([self.reference(picks, matched), self.reference(picks, kl)])
+        return self.reference(picks, matched)  # precomputed: both columns, looked up by example
 
 
 def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str = "pretrain", packed: bool = False):

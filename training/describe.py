@@ -22,7 +22,7 @@ from .loop import resolve_vocab
 from .model import Transformer
 from .plan import BatchPlan
 
-UNITS = {"pretrain": "samples", "sft": "conversations", "dpo": "pairs"}
+UNITS = {"pretrain": "samples", "sft": "conversations", "dpo": "pairs", "kto": "labelled completions"}
 
 
 def describe(cfg, processes: int = 1) -> str:

@@ -20,6 +20,7 @@ ref_logps-<weights sha>-L<seq_len>-<precision>.npy next to the shards: training 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -42,8 +43,10 @@ from .sft import pad_id
 
 
 class LiveReference:
-    """Reference log-probs from the frozen starting model, computed with each batch. With LoRA the model is the
-    policy itself, run with its adapters switched off."""
+    """Reference log-probs from the frozen starting model, computed with each batch (of each row, or with packed
+    rows of each slot). With LoRA the model is the policy itself, run with its adapters switched off."""
+
+    per_row = True  # computes what the batch it is given holds (a precomputed one looks its values up)
 
     def __init__(self, model: Transformer, device: torch.device, autocast, adapters_off: bool = False):
         self.model, self.device, self.autocast, self.adapters_off = model, device, autocast, adapters_off
@@ -83,16 +86,17 @@ def reference_model(run) -> Transformer:
     return model.to(run.env.device).eval().requires_grad_(False)
 
 
-def precompute(run, reference: LiveReference) -> list[np.ndarray]:
+def precompute(run, reference: LiveReference, data_class=DPOData) -> list[np.ndarray]:
     """Each rank computes its share of every source's examples (every rank the same number of forwards); the
     sum over ranks is the full array. Whether a cache file is there is decided by all ranks together: with
     node-local copies of the shards, one node may have it and another not."""
     env, cfg = run.env, run.cfg
     # the array's rows are the examples that fit, which packing counts differently (a pair shares one row)
-    key = (f"{run.state.init_from['fingerprint']}-L{cfg.data.seq_len}{'-packed' if cfg.data.packing else ''}-"
-           f"{run.compute_precision}")
-    data = DPOData(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size, pad_id=pad_id(run.sources),
-                   seq_len=cfg.data.seq_len, reference=reference)  # padded: the values do not depend on the layout
+    key = (f"{run.state.init_from['fingerprint']}-L{cfg.data.seq_len}{'-packed' if cfg.data.packing else ''}"
+           f"{data_class.cache_tag(cfg.data)}-{run.compute_precision}")
+    data = data_class(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size,
+                      pad_id=pad_id(run.sources), seq_len=cfg.data.seq_len,
+                      reference=reference)  # padded: the values do not depend on the layout
     arrays = []
     for s, source in enumerate(run.sources):
         path = os.path.join(source.path, f"ref_logps-{key}.npy")
@@ -112,28 +116,35 @@ def precompute(run, reference: LiveReference) -> list[np.ndarray]:
             np.save(buffer, array)
             atomic_write(path, buffer.getvalue())
             if env.is_main:
-                print(f"dpo: reference log-probs of {n:,} pairs saved to {path}", flush=True)
+                print(f"{run.stage.name}: reference log-probs of {n:,} {'pairs' if run.stage.name == 'dpo' else 'examples'} "
+                      f"saved to {path}", flush=True)
         arrays.append(array)
     D.barrier(env)
     return arrays
 
 
-def make_data(run):
+def make_data(run, uses_reference: bool = True, data_class=DPOData):
+    """The stage's pairs (or KTO's examples) with the reference's log-probs: from the starting model (with LoRA,
+    the policy with adapters off), or precomputed; none for a loss without a reference."""
     cfg, env = run.cfg, run.env
     reference = None  # simpo and orpo: no reference model, no reference forward
-    if PREFERENCE_LOSSES[cfg.dpo.loss].reference and lora.enabled(cfg.lora):  # the base weights are the start's
+    if uses_reference and lora.enabled(cfg.lora):  # the base weights are the start's
         reference = LiveReference(run.model, env.device, run.autocast, adapters_off=True)
-    elif PREFERENCE_LOSSES[cfg.dpo.loss].reference:
+    elif uses_reference:
         reference = LiveReference(reference_model(run), env.device, run.autocast)
     if cfg.dpo.precompute_ref:  # no reference forward during training: a separate reference model is freed
-        reference = PrecomputedReference(precompute(run, reference))
-    return DPOData(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size, pad_id=pad_id(run.sources),
-                   seq_len=cfg.data.seq_len, pack_window=cfg.data.packing_window(), reference=reference)
+        reference = PrecomputedReference(precompute(run, reference, data_class))
+    return data_class(run.sources, run.weights, cfg.seed, run.plan, run.model.cfg.vocab_size,
+                      pad_id=pad_id(run.sources), seq_len=cfg.data.seq_len, pack_window=cfg.data.packing_window(),
+                      reference=reference)
 
 
 def make_stage(cfg) -> Stage:
     if not cfg.init_from:
         raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
+    if (cfg.dpo.desirable_weight, cfg.dpo.undesirable_weight) != (1.0, 1.0):
+        raise UserError("dpo.desirable_weight, dpo.undesirable_weight: these weigh KTO's labelled completions "
+                        "(python -m training.kto); a preference pair has one of each")
     name, beta, options = cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.options()
     uses_reference = PREFERENCE_LOSSES[name].reference
 
@@ -149,7 +160,8 @@ def make_stage(cfg) -> Stage:
                                           **options)
         return losses.sum(), {k: v.sum() for k, v in metrics.items()}
 
-    return Stage(name="dpo", data_kind="dpo", make_data=make_data, loss=loss, units=lambda batch: int(batch.pairs.sum()),
+    data = functools.partial(make_data, uses_reference=uses_reference)
+    return Stage(name="dpo", data_kind="dpo", make_data=data, loss=loss, units=lambda batch: int(batch.pairs.sum()),
                  chat=True, pins_reference=uses_reference and not lora.enabled(cfg.lora), packs=True)
 
 

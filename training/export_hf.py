@@ -8,11 +8,21 @@ the export is loaded back with transformers and its logits and token ids are che
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(DIR); tokenizer = AutoTokenizer.from_pretrained(DIR)
+
+A LoRA run's adapters alone, as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) for
+the export of its base model (the run's init_from, exported as above):
+
+    python -m training.export_hf --checkpoint LORA_RUN --adapter-only --base BASE_EXPORT --out DIR
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_EXPORT), DIR)
+
+Before DIR appears, the base is checked to hold the run's frozen weights, and the adapted model loaded through
+peft is checked to give our merged model's logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -67,16 +77,26 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
         # ids past the tokenizer's vocabulary pad the embedding to a round size: never generated (as ours)
         suppress_tokens=list(range(info.vocab_size, cfg.vocab_size)) or None)
 
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: str) -> dict:
         hf_model.save_pretrained(tmp, max_shard_size="5GB")
         if info.kind == "hf":  # the run's own tokenizer.json, byte for byte (its sha256 is what shards record)
             hf.hf_json_tokenizer(info).save_pretrained(tmp)
         else:
             hf.hf_tokenizer(sp_path).save_pretrained(tmp)
         shutil.copyfile(sp_path, os.path.join(tmp, os.path.basename(sp_path)))
-        report = check(tmp, model, sp_path, DTYPES[dtype]) if verify else {}
+        return check(tmp, model, sp_path, DTYPES[dtype]) if verify else {}
+
+    report = publish(out, write)
+    return {"source": source, "step": ckpt.saved_run(source)[1].step if not hf.is_hf_dir(source) else None, **report}
+
+
+def publish(out: str, write) -> dict:
+    """write(tmp) fills and checks a temporary directory beside `out`, which then becomes `out` (empty or
+    absent, checked before): an export that fails its check never appears."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        report = write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         for name in os.listdir(tmp):  # readable as the user's other files are (some writers create 0600 files)
@@ -87,7 +107,102 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"source": source, "step": ckpt.saved_run(source)[1].step if not hf.is_hf_dir(source) else None, **report}
+    return report
+
+
+# our adapted projections → transformers' module names
+HF_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj",
+              "w2": "down_proj"}
+
+
+@torch.no_grad()
+def export_adapter(checkpoint: str, out: str, base: str) -> dict:
+    """A LoRA checkpoint's adapters as a PEFT adapter directory for the transformers model in `base`."""
+    try:
+        import transformers
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise UserError("--adapter-only needs transformers and peft: pip install 'shardlm[hf,lora]'") from None
+    from safetensors.torch import load_file
+
+    from . import lora
+    from .config import config_from_yaml
+
+    transformers.utils.logging.disable_progress_bar()
+    if os.path.exists(out) and os.listdir(out):
+        raise UserError(f"{out}: exists and is not empty; choose a new --out")
+    source = ckpt.resolve(checkpoint)
+    if hf.is_hf_dir(source):
+        raise UserError(f"--adapter-only: {source} is a transformers directory; give the LoRA run or checkpoint")
+    run_cfg = config_from_yaml(os.path.join(source, "config.yaml"))
+    state = ckpt._load(ckpt.model_file(source))
+    if not lora.is_adapted_state(state):
+        raise UserError(f"--adapter-only: {source} has no LoRA adapters (trained with lora.rank=0)")
+    if not hf.is_hf_dir(base):
+        raise UserError(f"--base {base}: not a transformers model directory (export the run's init_from with "
+                        "python -m training.export_hf first)")
+    cfg = run_cfg.model
+    base_state = {k.replace(".base_layer.", "."): v for k, v in state.items() if lora.ADAPTER_KEY not in k
+                  and ".lora_B." not in k}
+    theirs = {}
+    for file in hf.weight_files(base):
+        theirs.update(load_file(file))
+    for name, tensor in hf.to_hf_state_dict(base_state, cfg).items():  # the frozen weights the adapters sit on
+        stored = theirs.get(name)
+        # compared as the base stores them: an export in bf16 holds our weights rounded to bf16
+        if stored is None or stored.shape != tensor.shape or \
+                not torch.allclose(stored.float(), tensor.to(stored.dtype).float(), rtol=1e-6, atol=1e-7):
+            raise UserError(f"--base {base}: {name} differs from the weights {source} trained its adapters on "
+                            f"(as {stored.dtype if stored is not None else 'a missing tensor'}); give the export of "
+                            "that run's init_from")
+    unknown = [t for t in run_cfg.lora.targets if t not in HF_MODULES]
+    if unknown:
+        raise UserError(f"--adapter-only: adapters on {unknown} have no transformers Llama module to sit on; export "
+                        "the merged model instead (without --adapter-only)")
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = [HF_MODULES[t] for t in run_cfg.lora.targets]
+    peft_model = get_peft_model(hf_model, LoraConfig(r=run_cfg.lora.rank, lora_alpha=run_cfg.lora.alpha,
+                                                     lora_dropout=run_cfg.lora.dropout, target_modules=targets))
+    adapters = {}
+    for key, value in state.items():  # layers.{i}.attention.wq.lora_A.default.weight → peft's name of the same
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        layer, rest = key.split(".", 2)[1], key.split(".", 2)[2]
+        module, kind = rest.split(".lora_")
+        ours_name = module.rsplit(".", 1)[-1]
+        prefix = "self_attn" if module.startswith("attention.") else "mlp"
+        if kind.startswith("B.") and ours_name in ("wq", "wk"):  # rows follow the query/key layout
+            value = hf._rope_layout(f"attention.{ours_name}.weight", value, cfg, to_hf=True)
+        adapters[f"base_model.model.model.layers.{layer}.{prefix}.{HF_MODULES[ours_name]}.lora_{kind}"] = value
+    missing = [k for k, _ in peft_model.named_parameters() if ".lora_" in k and k not in adapters]
+    unexpected = [k for k in adapters if k not in dict(peft_model.named_parameters())]
+    if missing or unexpected:
+        raise RuntimeError(f"adapter mapping incomplete (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    peft_model.load_state_dict(adapters, strict=False)
+
+    def write(tmp: str) -> dict:
+        peft_model.save_pretrained(tmp)
+        config_path = os.path.join(tmp, "adapter_config.json")
+        with open(config_path) as f:
+            adapter_config = json.load(f)
+        adapter_config["base_model_name_or_path"] = os.path.abspath(base)
+        with open(config_path, "w") as f:
+            json.dump(adapter_config, f, indent=2)
+        # the check: a fresh base with the saved adapter, through peft, against our merged model
+        merged = Transformer(cfg)
+        ckpt.load_weights(source, merged)
+        loaded = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           tmp).eval()
+        tokens = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+        ours = merged.eval()(tokens)
+        diff = float((loaded(input_ids=tokens).logits - ours).abs().max())
+        if not diff <= 1e-4 * max(1.0, float(ours.abs().max())):
+            raise UserError(f"{out}: peft's adapted model differs from ours by {diff:.3g}; the export is not kept")
+        return {"max_logit_diff": diff}
+
+    report = publish(out, write)
+    return {"source": source, "step": ckpt.saved_run(source)[1].step, "adapters": len(adapters) // 2, **report}
 
 
 @torch.no_grad()
@@ -126,7 +241,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="a new directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="of the stored weights (default float32)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the export back with transformers")
+    p.add_argument("--adapter-only", action="store_true", help="a LoRA run's adapters as a PEFT adapter directory")
+    p.add_argument("--base", help="with --adapter-only: the transformers export of the run's base (its init_from)")
     args = p.parse_args(argv)
+    if args.adapter_only and not args.base:
+        p.error("--adapter-only needs --base (the export of the LoRA run's init_from)")
+    if args.adapter_only and (args.dtype != "float32" or args.no_verify):
+        p.error("--adapter-only writes the adapters in float32 and always checks them; drop --dtype and --no-verify")
+    if args.base and not args.adapter_only:
+        p.error("--base is for --adapter-only")
+
+    def run_adapter():
+        r = export_adapter(args.checkpoint, args.out, args.base)
+        print(f"export_hf: the {r['adapters']} adapters of step {r['step']} of {r['source']} → {args.out} (PEFT, "
+              f"for {args.base}); peft reproduces our merged model's logits (largest difference "
+              f"{r['max_logit_diff']:.1e})")
+
+    if args.adapter_only:
+        return exit_code(run_adapter)
 
     def run():
         r = export(args.checkpoint, args.out, args.dtype, not args.no_verify)

@@ -39,7 +39,7 @@ from .state import TrainState, check_identity, run_identity
 
 @dataclass
 class Stage:
-    """What differs between pretraining, SFT and DPO."""
+    """What differs between pretraining, SFT, DPO and KTO."""
     name: str
     data_kind: str                                   # the `kind` its shard directories must have
     make_data: Callable[[Run], Any]                  # the run (sources, plan, model, ...) → its data
@@ -49,15 +49,23 @@ class Stage:
     pins_reference: bool = False                     # keeps the init_from weights for the whole run (DPO)
     token_loss: bool = False                         # the loss is nats per target token (val_bpb is meaningful)
     packs: bool = False                              # examples that data.packing packs into rows (SFT, DPO)
+    # before the losses of one optimizer step (or of one evaluation), with the batches of every micro-step:
+    # (bare model, batches, env, autocast) → the batches with what their losses need from the whole global
+    # batch (KTO's KL estimate). Every rank calls it at the same point, with the same number of batches.
+    prepare: Callable[[torch.nn.Module, list, D.DistEnv, Any], list] | None = None
+    summarise: Callable[[dict[str, float]], dict[str, float]] | None = None  # metrics derived from the means
 
     def check(self, cfg: Config) -> None:
         """The data options that mean something for this stage."""
         if cfg.data.packing and not self.packs:
+            if self.name != "pretrain":
+                raise UserError(f"data.packing: {self.name} examples are padded, one per row (packing is for sft "
+                                "and dpo)")
             raise UserError("data.packing: pretraining samples are already full rows of data.seq_len tokens; "
                             "data.document_mask=true keeps attention inside each document")
-        if cfg.data.document_mask and self.packs:
+        if cfg.data.document_mask and self.name != "pretrain":
             raise UserError(f"data.document_mask is for pretraining; {self.name} examples attend only to themselves "
-                            "already (data.packing=true packs them)")
+                            f"already{' (data.packing=true packs them)' if self.packs else ''}")
 
 
 def target_tokens(batch: Batch) -> int:
@@ -243,9 +251,13 @@ def train(r: Run) -> None:
                 picks, batch = r.data.micro_batch(state.consumed_samples, m)
                 r.hooks.on_picks(done, m, picks)
                 batches.append(batch)
+        if r.stage.prepare is not None:
+            batches = r.stage.prepare(r.model, batches, env, r.autocast)
         loss_sum, metric_sums, units, tokens, real = accumulate_gradients(r.stage, r.train_model, batches, env,
                                                                           r.autocast, functools.partial(r.hooks.loss, done))
         means = global_means(env, {"loss": loss_sum, **metric_sums}, units)  # all ranks agree on what counts
+        if r.stage.summarise is not None:
+            means = r.stage.summarise(means)
         means["padding_share"] = 1 - real / tokens
         grad_norm, applied = optimizer_step(r, means["loss"])
         state.step, state.consumed_samples = done, state.consumed_samples + r.plan.global_batch
@@ -372,8 +384,18 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
 
 
 def global_means(env: D.DistEnv, sums: dict[str, torch.Tensor], units: torch.Tensor) -> dict[str, float]:
-    totals = D.all_reduce_sum(env, torch.stack([v.float() for v in sums.values()])) / units
-    return dict(zip(sums, totals.tolist(), strict=True))
+    """Sums over this rank's units → means over the global batch's. A metric given as a (sum, count) pair is a
+    mean over what it counted (KTO: the desirable completions), and is left out when nothing was."""
+    rows = torch.stack([v.float() if v.dim() else torch.stack([v.float(), torch.zeros_like(v.float())])
+                        for v in sums.values()])
+    totals = D.all_reduce_sum(env, rows)
+    means = {}
+    for (key, value), (total, count) in zip(sums.items(), totals, strict=True):
+        if value.dim() == 0:
+            means[key] = float(total / units)
+        elif count:
+            means[key] = float(total / count)
+    return means
 
 
 def keep_freed_memory() -> None:

@@ -180,3 +180,44 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     losses, metrics = preference_loss("sigmoid", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                       ref_rejected_logps, beta=beta, chosen_tokens=tokens, rejected_tokens=tokens)
     return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- KTO
+
+def kl_estimate(policy_kl_logps_sum: torch.Tensor, ref_kl_logps_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z₀: the mean log-ratio of the policy to the reference on mismatched (prompt,
+    completion) sequences, clamped at 0 and never differentiated (from sums over a whole global batch)."""
+    return ((policy_kl_logps_sum - ref_kl_logps_sum) / count.clamp(min=1)).clamp(min=0).detach()
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *,
+             beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO (TRL's KTOTrainer, loss_type="kto") per completion: 1 − σ(β(r − z₀)) for a desirable one, 1 − σ(β(z₀ − r))
+    for an undesirable one, times its weight; r is the log-ratio of its summed log-probs. Metrics are (sum, count)
+    pairs: rewards and log-probs are means over the desirable (chosen) or undesirable (rejected) completions."""
+    logratios = policy_logps - ref_logps
+    desirable = desirable.bool()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))
+    rewards = beta * logratios.detach()
+    chosen, rejected = desirable.to(rewards.dtype), (~desirable).to(rewards.dtype)
+
+    def share(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(values * members).sum(), members.sum()])
+
+    metrics = {
+        "rewards/chosen": share(rewards, chosen),
+        "rewards/rejected": share(rewards, rejected),
+        "logps/chosen": share(policy_logps.detach(), chosen),
+        "logps/rejected": share(policy_logps.detach(), rejected),
+        "kl": share(kl.expand_as(rewards), torch.ones_like(rewards)),
+    }
+    return losses, metrics
+
+
+def kto_summary(means: dict[str, float]) -> dict[str, float]:
+    """TRL's margin: the mean reward of the desirable completions minus that of the undesirable ones."""
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        return {**means, "rewards/margins": means["rewards/chosen"] - means["rewards/rejected"]}
+    return means

@@ -106,7 +106,9 @@ class Attention(nn.Module):
         if cache is not None:  # new tokens see every cached position, and each other causally
             k, v = cache.update(layer, k, v)
             past = k.shape[2] - t
-            if t == 1:
+            if mask is not None:  # left-padded rows: the mask covers every cached position already
+                pass
+            elif t == 1:
                 causal = False
             elif past > 0:
                 mask, causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past), False
@@ -229,11 +231,14 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (batch, seq) → logits (batch, seq, vocab); segments: see the module's docstring."""
+                segments: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (batch, seq) → logits (batch, seq, vocab); segments: see the module's docstring. pad (batch,):
+        left padding of each row (batched decoding), whose positions no token attends to and which rotary
+        positions skip, so that each row computes as its sequence alone."""
         start = cache.length if cache is not None else 0
         end = start + tokens.shape[1]
-        if end > self.cfg.max_seq_len:
+        # left-padded rows: the shortest must fit; longer rows that reach the context stop there (caller's rule)
+        if end - (int(pad.max()) if pad is not None else 0) > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin, mask = self.rope_cos[start:end], self.rope_sin[start:end], None
         if segments is not None:
@@ -242,6 +247,13 @@ class Transformer(nn.Module):
             positions = segment_positions(segments)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
             mask = document_mask(segments, self.attention_impl)
+        elif pad is not None:
+            queries = torch.arange(start, end, device=tokens.device)
+            positions = (queries.unsqueeze(0) - pad.unsqueeze(1)).clamp(0, self.cfg.max_seq_len - 1)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            keys = torch.arange(end, device=tokens.device)
+            mask = (keys >= pad.view(-1, 1, 1)) & (keys <= queries.view(1, -1, 1))
+            mask = (mask | (keys == queries.view(1, -1, 1))).unsqueeze(1)  # a padding query sees itself: no empty row
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)

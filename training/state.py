@@ -76,6 +76,9 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
     if stage == "dpo":
         identity.update({"dpo.loss": cfg.dpo.loss, "dpo.beta": cfg.dpo.beta,
                          **{f"dpo.{k}": v for k, v in cfg.dpo.options().items()}})
+    if stage == "kto":
+        identity.update({"dpo.beta": cfg.dpo.beta, "dpo.desirable_weight": cfg.dpo.desirable_weight,
+                         "dpo.undesirable_weight": cfg.dpo.undesirable_weight})
     lora = dataclasses.asdict(cfg.lora) if cfg.lora.rank else {"rank": 0}  # the rest matters only with adapters
     identity.update({f"lora.{k}": v for k, v in lora.items()})
     identity.update({f"model.{k}": v for k, v in dataclasses.asdict(model_cfg).items()})

@@ -1,0 +1,154 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from training.generate import generate
+from training.model import KVCache, ModelConfig, Transformer
+from training.sample import sample_batch, sample_seed
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    return model.eval()
+
+
+def prompts_of(seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in (5, 17, 1, 9, 30, 12)]
+
+
+def test_a_left_padded_row_computes_as_its_sequence_alone():
+    model, prompts = tiny_model(), prompts_of()
+    longest = max(len(p) for p in prompts)
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        cache = KVCache(model.cfg, len(prompts), longest + 1, "cpu", torch.float32)
+        batched = model(tokens, cache, pad=pad)
+        step = model(torch.full((len(prompts), 1), 7), cache, pad=pad)[:, -1]  # one decoding step on top
+        for r, p in enumerate(prompts):
+            alone = model(torch.tensor([p + [7]]))[0]
+            torch.testing.assert_close(batched[r, longest - len(p):], alone[:-1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step[r], alone[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_batched_sampling_gives_each_row_what_one_at_a_time_generation_gives(greedy):
+    """Same model, same prompts, each row with the generator generate() would get: the same tokens (decoding
+    stops at each row's own stop id)."""
+    model, prompts = tiny_model(), prompts_of()
+    stops = [5, 5, None, 11, 5, 40]
+    seeds = [sample_seed(3, i, 0) for i in range(len(prompts))]
+    options = {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "greedy": greedy, "vocab_limit": 90}
+    batched, stopped = sample_batch(model, prompts, stops, seeds, 25, **options)
+    for r, prompt in enumerate(prompts):
+        alone = generate(model, prompt, 25, eos_id=stops[r], generator=torch.Generator().manual_seed(seeds[r]),
+                         **options)
+        assert batched[r] == alone, r
+        assert stopped[r] == (len(alone) < 25), r
+    assert len({len(b) for b in batched}) > 1 or greedy  # rows end at different lengths
+    assert all(t < 90 for row in batched for t in row)
+
+
+def test_a_short_prompt_beside_one_near_the_context_gets_all_its_tokens():
+    """The context (64) ends the long row after 5 new tokens; the short row still gets its 20, as alone."""
+    model = tiny_model()
+    prompts = [list(range(3, 63)), [5, 6, 7, 8, 9]]
+    seeds = [sample_seed(0, i, 0) for i in range(2)]
+    batched, stopped = sample_batch(model, prompts, [None, None], seeds, 20, greedy=True)
+    for r, prompt in enumerate(prompts):
+        assert batched[r] == generate(model, prompt, 20, greedy=True), r
+    assert [len(b) for b in batched] == [5, 20] and stopped == [False, False]
+
+
+def test_the_randomness_of_a_sample_depends_only_on_seed_prompt_and_sample():
+    assert sample_seed(0, 4, 1) == sample_seed(0, 4, 1)
+    assert len({sample_seed(0, 4, 1), sample_seed(0, 1, 4), sample_seed(1, 4, 1), sample_seed(0, 4, 2)}) == 4
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def write_prompts(path) -> str:
+    lines = ["Write a line spoken by HAMLET.", {"prompt": "Write a line spoken by ROMEO."},
+             {"messages": [{"role": "system", "content": "Speak in verse."},
+                           {"role": "user", "content": "Write a line spoken by JULIET."}]}]
+    lines += [f"Write a line spoken by {name}." for name in ("LEAR", "PUCK", "IAGO", "PORTIA", "VIOLA", "KENT",
+                                                             "TITANIA")]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    return str(path)
+
+
+def sample_command(*args, nproc: int = 1) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return [*launcher, "-m", "training.sample", *map(str, args)]
+
+
+def run_sample(*args, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(sample_command(*args, nproc=nproc), cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_file_as_one_and_a_killed_run_resumes(sft_run, tmp_path):
+    import time
+
+    import psutil
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    common = ["--checkpoint", sft_run, "--prompts", prompts, "--samples", "3", "--chat", "--max-new-tokens", "24",
+              "--seed", "5"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    run_sample(*common, "--out", one, "--batch-size", "6")
+    run_sample(*common, "--out", two, "--batch-size", "6", nproc=2)
+    assert one.read_bytes() == two.read_bytes()
+    records = [json.loads(line) for line in one.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(10)) and all(len(r["samples"]) == 3 for r in records)
+    assert records[2]["prompt"]["messages"][0]["role"] == "system"
+    assert len({s for r in records for s in r["samples"]}) > 10  # samples differ
+    assert not any("<|end|>" in s for r in records for s in r["samples"])  # a reply stops at its end of turn
+    again = run_sample(*common, "--out", one, "--batch-size", "6")
+    assert "nothing to do" in again.stdout
+
+    # killed -9 after its first batch (one prompt each), then run again: the same file, sampled once
+    killed = tmp_path / "killed.jsonl"
+    proc = psutil.Popen(sample_command(*common, "--out", killed, "--batch-size", "3"), cwd=REPO,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed.jsonl.parts"
+    deadline = time.time() + 300
+    while not (parts.is_dir() and any(p.name.startswith("batch-") for p in parts.iterdir())) and time.time() < deadline:
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not killed.exists()
+    resumed = run_sample(*common, "--out", killed, "--batch-size", "3")
+    straight = tmp_path / "straight.jsonl"
+    run_sample(*common, "--out", straight, "--batch-size", "3")
+    assert killed.read_bytes() == straight.read_bytes()
+    sampled_now = int(resumed.stdout.split("(")[1].split()[0])
+    assert 0 < sampled_now < 10
+
+
+def test_bad_prompts_and_changed_options_are_one_line(sft_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"fine"\n{"prompt": 3}\n')
+    proc = run_sample("--checkpoint", sft_run, "--prompts", bad, "--out", tmp_path / "o.jsonl", check=False)
+    assert proc.returncode == 1 and f"{bad}:2: expected a JSON string or an object" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out.jsonl"
+    run_sample("--checkpoint", sft_run, "--prompts", prompts, "--out", out, "--max-new-tokens", "4")
+    proc = run_sample("--checkpoint", sft_run, "--prompts", prompts, "--out", out, "--max-new-tokens", "5",
+                      check=False)
+    assert proc.returncode == 1 and "written with other options or prompts" in proc.stderr
+    assert os.path.exists(str(out) + ".options.json")

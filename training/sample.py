@@ -1,0 +1,271 @@
+"""Batched sampling: K completions for every prompt of a file, with a KV cache, on one process or every rank of
+a torchrun job, resumable.
+
+    python -m training.sample --checkpoint RUN_OR_HF_DIR --prompts FILE.jsonl --samples K --out FILE.jsonl
+                              [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--greedy]
+                              [--seed S] [--chat] [--batch-size ROWS]
+    torchrun --nproc_per_node N -m training.sample ...
+
+Each line of the prompts file is a JSON string or an object with "prompt" (a string) or "messages" (a
+conversation, rendered with the chat template; so is every prompt with --chat, as a user turn). Each line of the
+output is {"index": i, "prompt": <the line's value>, "samples": [K strings]}, in prompt order.
+
+The output depends only on the checkpoint, the prompts and the options, never on the number of processes:
+batches are runs of consecutive prompts (--batch-size rows of prompts x samples), batch b goes to rank
+b mod world, and the randomness of sample k of prompt i comes from a generator seeded by (seed, i, k) alone.
+Rows are left-padded to the batch's longest prompt and compute as they would alone. Every batch is written to
+OUT.parts/ when done, so a re-run after a crash or kill samples only the batches that are missing; the parts are
+merged into OUT at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from preprocess.errors import UserError, exit_code
+from preprocess.fileio import atomic_write, file_sha256
+
+from .generate import chat_prompt, load_for_inference, pick_token
+from .model import KVCache, Transformer
+
+
+def read_prompts(path: str) -> list:
+    """The value of every line: a string, or an object with "prompt" or "messages"."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not JSON ({e.msg})") from None
+        ok = isinstance(value, str) or (isinstance(value, dict) and (
+            isinstance(value.get("prompt"), str) or isinstance(value.get("messages"), list)))
+        if not ok:
+            raise UserError(f"{path}:{number}: expected a JSON string or an object with \"prompt\" (a string) or "
+                            "\"messages\" (a list)")
+        prompts.append(value)
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None]:
+    """(ids, the id that ends a reply): a chat prompt ends at <|end|>, plain text at eos."""
+    from preprocess.chat import ChatTemplate
+    from preprocess.formats import Bad, Turn, messages_to_turns
+
+    if isinstance(value, dict) and "messages" in value:
+        turns = messages_to_turns(value["messages"], "messages")
+        if isinstance(turns, Bad):
+            raise UserError(f"{where}: {turns.detail}")
+        if turns and turns[-1].role == "assistant":
+            raise UserError(f"{where}: the last message is the assistant's; a prompt ends before the reply")
+    else:
+        text = value if isinstance(value, str) else value["prompt"]
+        if not chat:
+            return sp.encode(text), sp.eos_id
+        turns = [Turn("user", text)]
+    return chat_prompt(sp, turns), ChatTemplate(sp.info).end_id
+
+
+def sample_seed(seed: int, prompt: int, sample: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{prompt}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def sample_batch(model: Transformer, prompts: list[list[int]], stops: list[int | None], seeds: list[int],
+                 max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, vocab_limit: int | None = None) -> tuple[list[list[int]], list[bool]]:
+    """New ids after each prompt, and whether each ended at its stop id, all rows decoded together: left-padded
+    to the longest prompt, one KV cache, each row drawing from its own generator and ending as
+    training.generate would end it alone (its stop id, max_new_tokens, or its own end of the context)."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    prompts = [p[-(cfg.max_seq_len - 1):] or [stop if stop is not None else 0] for p, stop in zip(prompts, stops,
+                                                                                                   strict=True)]
+    longest = max(len(p) for p in prompts)
+    limits = [min(max_new_tokens, cfg.max_seq_len - len(p) + 1) for p in prompts]  # generate()'s count
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    cache = KVCache(cfg, len(prompts), longest + max(limits), device, next(model.parameters()).dtype)
+    logits = model(tokens, cache, pad=pad)[:, -1]
+    out: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    live = list(range(len(prompts)))
+    while live:
+        chosen = [0] * len(prompts)  # finished rows are fed a token that no live row attends to
+        for r in live:
+            chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                   vocab_limit=vocab_limit, generator=generators[r])
+            if chosen[r] == stops[r]:
+                stopped[r] = True
+            else:
+                out[r].append(chosen[r])
+        live = [r for r in live if not stopped[r] and len(out[r]) < limits[r]]
+        if live:
+            logits = model(torch.tensor(chosen, device=device).unsqueeze(1), cache, pad=pad)[:, -1]
+    return out, stopped
+
+
+def options_of(args, checkpoint: str, prompts_path: str, device: torch.device) -> dict:
+    from . import checkpoint as ckpt
+
+    return {"checkpoint": ckpt.weights_fingerprint(checkpoint), "prompts": file_sha256(prompts_path),
+            "device": device.type,  # CPU and CUDA generators draw different streams from one seed
+            **{k: getattr(args, k) for k in ("n", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
+                                             "seed", "chat", "batch_size")}}
+
+
+def run_sample(args) -> str | None:
+    """The samples of this rank's batches into OUT.parts/, then (rank 0) the merged OUT; the summary line, on
+    rank 0 only. An error on any rank stops every rank with one line."""
+    from . import checkpoint as ckpt
+    from . import distributed as D
+
+    # ranks wait for the slowest at the end; an error anywhere is shared before that wait (below)
+    env = D.init("ddp", args.device, 86_400)
+    try:
+        prompts = read_prompts(args.prompts)
+        checkpoint = D.from_rank0(env, lambda: ckpt.resolve(args.checkpoint))
+        options = D.from_rank0(env, lambda: options_of(args, checkpoint, args.prompts, env.device))
+        parts = args.out + ".parts"
+        meta = args.out + ".options.json"
+        done = D.from_rank0(env, lambda: claim(args.out, parts, meta, options))
+        if done:
+            return f"{args.out}: already holds these samples ({len(prompts):,} prompts); nothing to do" \
+                if env.is_main else None
+        if not D.all_reduce_min(env, int(os.path.isdir(parts))):  # every rank writes into rank 0's directory
+            raise UserError(f"{parts}: not visible on every node; --out must be on a file system all ranks share")
+        wrote, problem = 0, None
+        try:
+            wrote = sample_share(args, prompts, checkpoint, parts, env)
+        except (UserError, OSError, RuntimeError) as e:  # shared below, so that no rank waits for this one
+            problem = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        failed = int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device)))
+        if failed:
+            raise UserError(problem or f"another rank failed ({failed} of {env.world_size}); its error is above")
+        D.from_rank0(env, lambda: merge(parts, args.out, meta, -(-len(prompts) // max(1, args.batch_size // args.n)),
+                                        options))
+        total = int(D.all_reduce_sum(env, torch.tensor(wrote, device=env.device)))
+        return (f"{args.out}: {len(prompts):,} prompts x {args.n} samples ({total:,} prompts sampled now, the rest "
+                f"were there)") if env.is_main else None
+    finally:
+        D.shutdown(env)
+
+
+def sample_share(args, prompts: list, checkpoint: str, parts: str, env) -> int:
+    """This rank's missing batches (batch b is rank b mod world's), each written to parts/ when done; the
+    number of prompts sampled."""
+    model, sp = load_for_inference(checkpoint, str(env.device))
+    encoded = [prompt_ids(sp, value, args.chat, f"{args.prompts}: prompt {i + 1}")  # every rank checks them all
+               for i, value in enumerate(prompts)]
+    per_batch = max(1, args.batch_size // args.n)  # prompts per batch
+    wrote = 0
+    for b, first in enumerate(range(0, len(prompts), per_batch)):
+        path = os.path.join(parts, f"batch-{b:06d}.jsonl")
+        if b % env.world_size != env.rank or os.path.exists(path):
+            continue
+        chunk = range(first, min(first + per_batch, len(prompts)))
+        rows = [(i, k) for i in chunk for k in range(args.n)]
+        ids, stopped = sample_batch(model, [encoded[i][0] for i, _ in rows], [encoded[i][1] for i, _ in rows],
+                                    [sample_seed(args.seed, i, k) for i, k in rows], args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    greedy=args.greedy, vocab_limit=sp.vocab_size)
+        texts, ends = iter(sp.decode(r) for r in ids), iter(stopped)
+        lines = [json.dumps({"index": i, "prompt": prompts[i], "samples": [next(texts) for _ in range(args.n)],
+                             "stopped": [next(ends) for _ in range(args.n)], "chat": args.chat},
+                            ensure_ascii=False) for i in chunk]
+        atomic_write(path, ("\n".join(lines) + "\n").encode())
+        wrote += len(chunk)
+    return wrote
+
+
+def claim(out: str, parts: str, meta: str, options: dict) -> bool:
+    """True when `out` holds these samples already; else the parts directory, checked to be of these options."""
+    if os.path.exists(out):
+        if os.path.exists(meta) and json.load(open(meta)) == options:
+            return True
+        raise UserError(f"{out}: exists, written with other options or prompts (see {meta}); choose another --out "
+                        "or remove it")
+    os.makedirs(parts, exist_ok=True)
+    recorded = os.path.join(parts, "options.json")
+    if os.path.exists(recorded):
+        if json.load(open(recorded)) != options:
+            raise UserError(f"{parts}: parts of an unfinished run with other options or prompts; rerun with those, "
+                            "or remove the directory")
+    else:
+        atomic_write(recorded, json.dumps(options, indent=1).encode())
+    return False
+
+
+def merge(parts: str, out: str, meta: str, batches: int, options: dict) -> None:
+    """The parts, in batch order, into `out`; then the parts go."""
+    files = [os.path.join(parts, f"batch-{b:06d}.jsonl") for b in range(batches)]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        raise UserError(f"{missing[0]}: missing after every rank finished; run the same command again")
+    atomic_write(meta, json.dumps(options, indent=1).encode())
+    atomic_write(out, b"".join(open(f, "rb").read() for f in files))
+    shutil.rmtree(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run, a checkpoint or a transformers model directory")
+    p.add_argument("--prompts", required=True, help="JSONL: a string, or {\"prompt\"} or {\"messages\"} per line")
+    # --samples under torchrun: torchrun reads every --n... option as an abbreviation of its own --nnodes etc.
+    p.add_argument("--samples", "--n", dest="n", type=int, default=1,
+                   help="samples per prompt (write --samples under torchrun, which takes --n for its own options)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--chat", action="store_true", help="a string prompt is a user turn; samples are replies")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="rows (prompts x samples) decoded together")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        p.error("--samples, --batch-size and --max-new-tokens must be at least 1")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    from .distributed import exit_process, used_process_group
+
+    def run() -> None:
+        line = run_sample(args)
+        if line:
+            print(line)
+
+    try:
+        code = exit_code(run)
+    except Exception:  # a bug: its traceback, then the same ending as every other exit (cli.main does the same)
+        if not used_process_group():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if used_process_group():
+        exit_process(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
