@@ -108,6 +108,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py --variants
 	$(PY) bench/dpo.py
 	$(PY) bench/packing.py
+	$(PY) bench/sampling.py
 
 # the randomised fault campaign of docs/reliability.md (about 15 min on 2 cores)
 faults: $(STAMP)

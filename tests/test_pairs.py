@@ -32,6 +32,7 @@ def test_best_finished_reply_against_worst_ties_dropped_and_counted(tmp_path):
         record(2, {"messages": [{"role": "user", "content": "Speak as KENT."}]}, ["Sir?", "Sir."]),
         record(3, "Speak as IAGO.", ["What say you, what say", "Speak?", "Well."], [False, True, True]),
         record(4, "Speak as LEAR.", ["Who is it that can tell me who I am", "Ay."], [False, True]),
+        record(5, "Speak as KENT.", ["Who goes there, and what", "Who comes?"], [False, True]),
     ])
     out = tmp_path / "pairs.jsonl"
     line = make_pairs(samples, QUESTION, str(out))
@@ -40,8 +41,9 @@ def test_best_finished_reply_against_worst_ties_dropped_and_counted(tmp_path):
     # chosen, but may be the rejected one
     assert pairs == [{"prompt": "Speak as LEAR.", "chosen": "Why?", "rejected": "Never."},
                      {"prompt": [{"role": "user", "content": "Speak as KENT."}], "chosen": "Sir?", "rejected": "Sir."},
-                     {"prompt": "Speak as IAGO.", "chosen": "Speak?", "rejected": "Well."}]
-    assert line.startswith("pairs: 3 of 5 prompts") and "2 dropped" in line
+                     {"prompt": "Speak as IAGO.", "chosen": "Speak?", "rejected": "Well."},
+                     {"prompt": "Speak as KENT.", "chosen": "Who comes?", "rejected": "Who goes there, and what"}]
+    assert line.startswith("pairs: 4 of 6 prompts") and "2 dropped" in line
 
 
 def test_the_pairs_are_dpo_records_the_shards_accept(tmp_path, tokenizer_model):

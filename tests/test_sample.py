@@ -125,7 +125,10 @@ def test_two_processes_write_the_same_file_as_one_and_a_killed_run_resumes(sft_r
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "killed.jsonl.parts"
     deadline = time.time() + 300
-    while not (parts.is_dir() and any(p.name.startswith("batch-") for p in parts.iterdir())) and time.time() < deadline:
+    def finished_batch() -> bool:  # a whole part, not the temporary file it is written to first
+        return parts.is_dir() and any(p.name.startswith("batch-") and p.name.endswith(".jsonl") for p in parts.iterdir())
+
+    while not finished_batch() and time.time() < deadline:
         assert proc.poll() is None, "finished before it could be killed"
         time.sleep(0.01)
     proc.kill()

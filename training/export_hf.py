@@ -147,14 +147,16 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
     theirs = {}
     for file in hf.weight_files(base):
         theirs.update(load_file(file))
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in theirs.values()}
+    if dtypes != {"float32"}:  # the check below compares against our fp32 weights, which a bf16 copy is not
+        raise UserError(f"--base {base}: stored as {', '.join(sorted(dtypes))}; export the run's init_from in "
+                        "float32 (the default) for --adapter-only")
     for name, tensor in hf.to_hf_state_dict(base_state, cfg).items():  # the frozen weights the adapters sit on
         stored = theirs.get(name)
-        # compared as the base stores them: an export in bf16 holds our weights rounded to bf16
         if stored is None or stored.shape != tensor.shape or \
-                not torch.allclose(stored.float(), tensor.to(stored.dtype).float(), rtol=1e-6, atol=1e-7):
-            raise UserError(f"--base {base}: {name} differs from the weights {source} trained its adapters on "
-                            f"(as {stored.dtype if stored is not None else 'a missing tensor'}); give the export of "
-                            "that run's init_from")
+                not torch.allclose(stored, tensor.float(), rtol=1e-6, atol=1e-7):
+            raise UserError(f"--base {base}: {name} differs from the weights {source} trained its adapters on; "
+                            "give the export of that run's init_from")
     unknown = [t for t in run_cfg.lora.targets if t not in HF_MODULES]
     if unknown:
         raise UserError(f"--adapter-only: adapters on {unknown} have no transformers Llama module to sit on; export "

@@ -51,18 +51,19 @@ def read_prompts(path: str) -> list:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: not JSON ({e.msg})") from None
         ok = isinstance(value, str) or (isinstance(value, dict) and (
-            isinstance(value.get("prompt"), str) or isinstance(value.get("messages"), list)))
+            isinstance(value.get("prompt"), str) != isinstance(value.get("messages"), list)))
         if not ok:
-            raise UserError(f"{path}:{number}: expected a JSON string or an object with \"prompt\" (a string) or "
-                            "\"messages\" (a list)")
+            raise UserError(f"{path}:{number}: expected a JSON string or an object with either \"prompt\" (a string) "
+                            "or \"messages\" (a list)")
         prompts.append(value)
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
 
 
-def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None]:
-    """(ids, the id that ends a reply): a chat prompt ends at <|end|>, plain text at eos."""
+def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None, bool]:
+    """(ids, the id that ends a reply, whether the reply is a chat turn): a chat prompt (--chat, or any
+    "messages") ends at <|end|>, plain text at eos."""
     from preprocess.chat import ChatTemplate
     from preprocess.formats import Bad, Turn, messages_to_turns
 
@@ -75,9 +76,9 @@ def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None
     else:
         text = value if isinstance(value, str) else value["prompt"]
         if not chat:
-            return sp.encode(text), sp.eos_id
+            return sp.encode(text), sp.eos_id, False
         turns = [Turn("user", text)]
-    return chat_prompt(sp, turns), ChatTemplate(sp.info).end_id
+    return chat_prompt(sp, turns), ChatTemplate(sp.info).end_id, True
 
 
 def sample_seed(seed: int, prompt: int, sample: int) -> int:
@@ -153,7 +154,11 @@ def run_sample(args) -> str | None:
         wrote, problem = 0, None
         try:
             wrote = sample_share(args, prompts, checkpoint, parts, env)
-        except (UserError, OSError, RuntimeError) as e:  # shared below, so that no rank waits for this one
+        except Exception as e:  # shared below, so that no rank waits for this one; a bug keeps its traceback here
+            if not isinstance(e, (UserError, OSError)):
+                import traceback
+
+                traceback.print_exc()
             problem = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         failed = int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device)))
         if failed:
@@ -187,7 +192,7 @@ def sample_share(args, prompts: list, checkpoint: str, parts: str, env) -> int:
                                     greedy=args.greedy, vocab_limit=sp.vocab_size)
         texts, ends = iter(sp.decode(r) for r in ids), iter(stopped)
         lines = [json.dumps({"index": i, "prompt": prompts[i], "samples": [next(texts) for _ in range(args.n)],
-                             "stopped": [next(ends) for _ in range(args.n)], "chat": args.chat},
+                             "stopped": [next(ends) for _ in range(args.n)], "chat": encoded[i][2]},
                             ensure_ascii=False) for i in chunk]
         atomic_write(path, ("\n".join(lines) + "\n").encode())
         wrote += len(chunk)
