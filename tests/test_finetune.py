@@ -153,7 +153,8 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
                            # fewer poems, steps and titles to sample for: the recipe's commands, in minutes
                            f"OUT={tmp_path / 'tang'}", "GET_DATA_LIMIT=--limit 6000 --round-prompts 32",
                            "STEPS=train.max_steps=40 train.eval_every=20 train.sample_prompt=春",
-                           # SFT long enough that some poems end by themselves: a round chooses only those
+                           # SFT long enough that some poems end by themselves: a round chooses only those;
+                           # sample_prompt=null as the recipe's own SFT_STEPS/DPO_STEPS set it (Makefile)
                            "SFT_STEPS=train.max_steps=80 train.sample_prompt=null",
                            "DPO_STEPS=train.max_steps=10 train.sample_prompt=null dpo.rpo_alpha=1.0",
                            "EVAL_SAMPLES=--samples 1"],  # one reply per title and model, not four: seconds

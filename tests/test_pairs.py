@@ -114,7 +114,7 @@ def test_an_iterative_round_samples_scores_pairs_and_trains(sft_run, chat_shards
     # which no reply could be chosen
     sft = tmp_path / "sft"
     run_training(f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=40", "train.lr=3e-3",
-                 "train.warmup_steps=2", "train.eval_every=0", f"out_dir={sft}", *CHAT, stage="sft", config=SFT_CONFIG)
+                 "train.warmup_steps=2", f"out_dir={sft}", *CHAT, stage="sft", config=SFT_CONFIG)
     prompts = write(tmp_path / "prompts.jsonl", [{"prompt": f"Write a line spoken by {n}."}
                                                  for n in ("HAMLET", "LEAR", "PUCK", "IAGO", "KENT", "VIOLA")])
     (tmp_path / "reward.py").write_text("def longer(text):\n    return len(text)\n")

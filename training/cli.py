@@ -18,20 +18,9 @@ COMMUNICATION_ERRORS = ("Connection closed by peer", "Connection reset by peer",
 def main(name: str, make_stage, argv=None, hooks=None) -> int:
     """make_stage(config) → the Stage to run (a stage's loss may depend on its config section). A process that
     used a process group ends here, without the interpreter's teardown (distributed.exit_process)."""
-    from .distributed import exit_process, used_process_group
+    from .distributed import run_command
 
-    try:
-        code = _main(name, make_stage, argv, hooks)
-    except Exception:  # a bug: its traceback, then the same ending
-        if not used_process_group():
-            raise
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    if used_process_group():
-        exit_process(code)
-    return code
+    return run_command(lambda: _main(name, make_stage, argv, hooks))
 
 
 def _main(name: str, make_stage, argv, hooks) -> int:

@@ -95,6 +95,23 @@ def exit_process(code: int) -> None:
         os._exit(code)
 
 
+def run_command(action) -> int:
+    """action() → an exit code, for a command that may have used a process group: a bug there still prints its
+    traceback, and the process ends through exit_process (see there) instead of the interpreter's teardown."""
+    try:
+        code = action()
+    except Exception:
+        if not used_process_group():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if used_process_group():
+        exit_process(code)
+    return code
+
+
 def used_process_group() -> bool:
     """Whether this process started a process group (whose threads outlive it: see exit_process)."""
     return _started_process_group

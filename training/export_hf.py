@@ -41,17 +41,25 @@ CHECK_TEXTS = ["Before we proceed any further, hear me speak.\n\nAll:\n\tSpeak, 
                "    return a + b  \r\n", "1234 and 3.14", "床前明月光，疑是地上霜。", "café 🚀 — «½»"]
 
 
-def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = True) -> dict:
+def start_export(checkpoint: str, out: str, needs: str = "hf"):
+    """(transformers, the resolved checkpoint) for an export into `out`, which must be new or empty."""
     try:
         import transformers
+        if needs != "hf":
+            import peft  # noqa: F401
     except ImportError:
-        raise UserError("exporting needs transformers: pip install 'shardlm[hf]'") from None
-    from preprocess.tokenizer import load_tokenizer, tokenizer_file
-
+        raise UserError(f"exporting needs {'transformers' if needs == 'hf' else 'transformers and peft'}: "
+                        f"pip install 'shardlm[{needs}]'") from None
     transformers.utils.logging.disable_progress_bar()
     if os.path.exists(out) and os.listdir(out):
         raise UserError(f"{out}: exists and is not empty; choose a new --out")
-    source = ckpt.resolve(checkpoint)
+    return transformers, ckpt.resolve(checkpoint)
+
+
+def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = True) -> dict:
+    from preprocess.tokenizer import load_tokenizer, tokenizer_file
+
+    transformers, source = start_export(checkpoint, out)
     cfg = ckpt.model_config(source)
     model = Transformer(cfg)
     ckpt.load_weights(source, model)  # LoRA adapters, if any, are merged into the weights here
@@ -118,20 +126,13 @@ HF_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w
 @torch.no_grad()
 def export_adapter(checkpoint: str, out: str, base: str) -> dict:
     """A LoRA checkpoint's adapters as a PEFT adapter directory for the transformers model in `base`."""
-    try:
-        import transformers
-        from peft import LoraConfig, PeftModel, get_peft_model
-    except ImportError:
-        raise UserError("--adapter-only needs transformers and peft: pip install 'shardlm[hf,lora]'") from None
+    transformers, source = start_export(checkpoint, out, needs="hf,lora")
+    from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
 
     from . import lora
     from .config import config_from_yaml
 
-    transformers.utils.logging.disable_progress_bar()
-    if os.path.exists(out) and os.listdir(out):
-        raise UserError(f"{out}: exists and is not empty; choose a new --out")
-    source = ckpt.resolve(checkpoint)
     if hf.is_hf_dir(source):
         raise UserError(f"--adapter-only: {source} is a transformers directory; give the LoRA run or checkpoint")
     run_cfg = config_from_yaml(os.path.join(source, "config.yaml"))

@@ -251,25 +251,14 @@ def main(argv=None) -> int:
         p.error("--samples, --batch-size and --max-new-tokens must be at least 1")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
-    from .distributed import exit_process, used_process_group
+    from .distributed import run_command
 
     def run() -> None:
         line = run_sample(args)
         if line:
             print(line)
 
-    try:
-        code = exit_code(run)
-    except Exception:  # a bug: its traceback, then the same ending as every other exit (cli.main does the same)
-        if not used_process_group():
-            raise
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    if used_process_group():
-        exit_process(code)
-    return code
+    return run_command(lambda: exit_code(run))
 
 
 if __name__ == "__main__":
