@@ -154,6 +154,9 @@ def main() -> None:
                                           [*common, "train.micro_batch_size=16", *LORA], stage="sft")["rate"])
             rates["dpo_lora"].append(dpo(False, LORA))
     m = {k: statistics.median(v) for k, v in rates.items()}
+    print("tokens/s of each run, in the order they ran (the spread is the machine's noise):")
+    for name, values in rates.items():
+        print(f"  {name}: {', '.join(f'{v:,.0f}' for v in values)}")
     print(f"tokens/s (medians of {args.repeat}): SFT {m['sft']:,.0f}, DPO with precomputed reference "
           f"{m['dpo']:,.0f}, DPO with a live reference {m['dpo_live']:,.0f}")
     print(f"DPO step / SFT step on the same sequences: x{m['sft'] / m['dpo']:.3f} (precomputed reference), "

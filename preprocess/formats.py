@@ -184,6 +184,9 @@ def kto_examples(record: object) -> list[tuple[list[Turn], bool]] | Bad:
     if not isinstance(record, dict):
         return Bad("not_an_object", type(record).__name__)
     if "chosen" in record and "rejected" in record:
+        if "label" in record:  # which completion would it label?
+            return Bad("bad_label", "a preference pair is labelled by itself (chosen: true, rejected: false); "
+                       "drop 'label' or give 'completion'")
         pair = dpo_pair(record)
         return pair if isinstance(pair, Bad) else [(pair[0], True), (pair[1], False)]
     if "label" not in record:

@@ -314,7 +314,8 @@ def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id:
         if mask.dtype != np.uint8 or mask.shape != tokens.shape:
             problems.append(f"{name}: mask is {mask.dtype}[{len(mask)}], expected uint8[{len(tokens)}]")
         elif len(mask) and int(mask.max()) > mask_max:
-            problems.append(f"{name}: mask holds values other than {' and '.join(map(str, range(mask_max + 1)))}")
+            values = ", ".join(map(str, range(mask_max))) + f" and {mask_max}"
+            problems.append(f"{name}: mask holds values other than {values}")
     return problems
 
 

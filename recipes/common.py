@@ -24,18 +24,16 @@ def replies_of(run: str, prompts: list[str], samples: int, temperature: float = 
     batched, sample k of request i seeded by (seed, i, k)."""
     from preprocess.chat import ChatTemplate, Turn
     from training.generate import chat_prompt, load_for_inference
-    from training.sample import sample_batch, sample_seed
+    from training.sample import prompt_batches, sample_chunk
 
     model, sp = load_for_inference(run)
     end = ChatTemplate(sp.info).end_id
-    rows = [(i, k) for i in range(len(prompts)) for k in range(samples)]
+    encoded = [(chat_prompt(sp, [Turn("user", p)]), end) for p in prompts]
     replies = []
-    for start in range(0, len(rows), 64):
-        chunk = rows[start:start + 64]
-        ids, _ = sample_batch(model, [chat_prompt(sp, [Turn("user", prompts[i])]) for i, _ in chunk],
-                              [end] * len(chunk), [sample_seed(seed, i, k) for i, k in chunk], max_new_tokens,
-                              temperature=temperature, top_k=50, vocab_limit=sp.vocab_size)
-        replies += [sp.decode(r) for r in ids]
+    for chunk in prompt_batches(len(prompts), 64, samples):
+        for texts, _ in sample_chunk(model, sp, encoded, chunk, samples, seed, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=50):
+            replies += texts
     return replies
 
 

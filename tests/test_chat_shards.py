@@ -178,11 +178,12 @@ def test_kto_shards_hold_labelled_completions_in_their_mask_and_split_preference
         {"prompt": "p", "completion": "c", "label": "yes"},
         {"prompt": "p", "completion": "c"},
         {"messages": [{"role": "user", "content": "no reply"}], "label": True},
+        {"prompt": "Ask", "chosen": "Why not?", "rejected": "Fine.", "label": True},  # which one would it label?
     ])
     out = shards("kto", tokenizer_model, tmp_path / "k", src)
     manifest = read_manifest(out)
     assert manifest["kind"] == "kto" and manifest["totals"]["documents"] == 4
-    assert manifest["skipped"] == {"bad_label": 1, "missing_key": 1, "no_assistant": 1}
+    assert manifest["skipped"] == {"bad_label": 2, "missing_key": 1, "no_assistant": 1}
     tok = TextTokenizer(os.path.join(out, "tokenizer.model"))
     tokens = np.load(os.path.join(out, "shard-00000.tokens.npy"))
     mask = np.load(os.path.join(out, "shard-00000.mask.npy"))

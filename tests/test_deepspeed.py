@@ -232,11 +232,11 @@ def test_dpo_under_deepspeed_bf16_starts_with_zero_log_ratios(chat_shards, sft_r
 
 
 @pytest.mark.slow
-def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly_five_times(chat_shards, pretrain_shards,
-                                                                                   tmp_path):
+def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly(chat_shards, pretrain_shards, tmp_path):
     """The first use of a DeepSpeed checkpoint converts it to model.pt; every rank used to write the same
-    model.pt.tmp at once. Each try starts from a fresh copy of the run, never converted. Steps are kept to one:
-    the race is at the start."""
+    model.pt.tmp at once. Two converters released at the same moment, three times, must each leave one whole
+    file; then SFT and DPO on two processes start from a never-converted copy, twice (the race is at the start,
+    so one step each)."""
     run_training(f"data.path={pretrain_shards}", "train.max_steps=2", "dist.backend=deepspeed", "dist.zero_stage=2",
                  f"out_dir={tmp_path / 'pre'}", nproc=2)
     sft_start = shutil.copytree(tmp_path / "pre", tmp_path / "pre-for-sft")  # keep pre unconverted
@@ -244,20 +244,24 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly_five_ti
                  "dist.backend=deepspeed", "dist.zero_stage=2", f"out_dir={tmp_path / 'sft'}", *CHAT, nproc=2,
                  stage="sft", config=SFT_CONFIG)
     assert not glob.glob(str(tmp_path / "[ps][rf][et]" / "checkpoints" / "step-2" / "model.pt"))  # pre/, sft/
-    # two jobs converting the same checkpoint at the same moment both get a whole file
-    convert = ("import os, sys, time\nfrom training.checkpoint import model_file\n"
+    # two jobs converting the same checkpoint at the same moment both get a whole file; each says when its
+    # imports are done, so the release waits for both however loaded the machine is
+    convert = ("import os, sys, time\nfrom training.checkpoint import model_file\nopen(sys.argv[3], 'w').close()\n"
                "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\nmodel_file(sys.argv[1])\n")
     for i in range(3):
         step = shutil.copytree(tmp_path / "pre" / "checkpoints" / "step-2", tmp_path / f"step-2-copy{i}")
-        go = tmp_path / f"go{i}"
-        jobs = [subprocess.Popen([sys.executable, "-c", convert, str(step), str(go)], cwd=REPO) for _ in range(2)]
-        time.sleep(8)  # both imported and waiting
+        go, ready = tmp_path / f"go{i}", [tmp_path / f"ready{i}-{j}" for j in range(2)]
+        jobs = [subprocess.Popen([sys.executable, "-c", convert, str(step), str(go), str(r)], cwd=REPO) for r in ready]
+        deadline = time.time() + 300
+        while not all(r.exists() for r in ready) and time.time() < deadline:
+            assert all(job.poll() is None for job in jobs), "a converter ended before the release"
+            time.sleep(0.01)
         go.touch()
         assert [job.wait(timeout=300) for job in jobs] == [0, 0]
         assert sorted(os.listdir(step)) == sorted([*os.listdir(tmp_path / "pre" / "checkpoints" / "step-2"),
                                                    "model.pt"])
         assert torch.load(step / "model.pt", weights_only=True).keys()
-    for i in range(5):
+    for i in range(2):
         for stage, config, source in (("sft", SFT_CONFIG, "pre"), ("dpo", DPO_CONFIG, "sft")):
             start = shutil.copytree(tmp_path / source, tmp_path / f"{source}-copy{i}")
             run_training(f"data.path={chat_shards[stage]}", f"init_from={start}", "train.max_steps=1",

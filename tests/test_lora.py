@@ -160,7 +160,11 @@ def test_the_adapters_alone_export_as_a_peft_directory_that_reproduces_the_merge
 
     other = tmp_path / "other-base"
     export(lora_sft, str(other))  # merged weights: not the base the adapters sit on
-    with pytest.raises(UserError, match="differs from the weights .* trained its adapters on"):
-        export_adapter(lora_sft, str(tmp_path / "adapter2"), str(other))
+    rounded = tmp_path / "bf16-base"
+    export(sft_run, str(rounded), dtype="bfloat16")  # the right base, but rounded: not the weights trained on
+    for wrong in (other, rounded):
+        with pytest.raises(UserError, match="differs from the weights .* trained its adapters on"):
+            export_adapter(lora_sft, str(tmp_path / f"adapter-{wrong.name}"), str(wrong))
+        assert not os.path.exists(tmp_path / f"adapter-{wrong.name}")
     with pytest.raises(UserError, match="has no LoRA adapters"):
         export_adapter(sft_run, str(tmp_path / "adapter3"), str(base))

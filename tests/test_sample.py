@@ -116,8 +116,9 @@ def test_two_processes_write_the_same_file_as_one_and_a_killed_run_resumes(sft_r
     assert records[2]["prompt"]["messages"][0]["role"] == "system"
     assert len({s for r in records for s in r["samples"]}) > 10  # samples differ
     assert not any("<|end|>" in s for r in records for s in r["samples"])  # a reply stops at its end of turn
+    (tmp_path / "one.jsonl.parts").mkdir()  # as a run stopped between its merge and its clean-up leaves it
     again = run_sample(*common, "--out", one, "--batch-size", "6")
-    assert "nothing to do" in again.stdout
+    assert "nothing to do" in again.stdout and not (tmp_path / "one.jsonl.parts").exists()
 
     # killed -9 after its first batch (one prompt each), then run again: the same file, sampled once
     killed = tmp_path / "killed.jsonl"
@@ -148,6 +149,10 @@ def test_bad_prompts_and_changed_options_are_one_line(sft_run, tmp_path):
     proc = run_sample("--checkpoint", sft_run, "--prompts", bad, "--out", tmp_path / "o.jsonl", check=False)
     assert proc.returncode == 1 and f"{bad}:2: expected a JSON string or an object" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    bad.write_text('"fine"\n\n' + json.dumps("word " * 400) + "\n")  # a blank line, then more than the context
+    proc = run_sample("--checkpoint", sft_run, "--prompts", bad, "--out", tmp_path / "o.jsonl", check=False)
+    assert proc.returncode == 1 and f"{bad}:3: the prompt is " in proc.stderr and "context holds 64" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o.jsonl")
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out.jsonl"
     run_sample("--checkpoint", sft_run, "--prompts", prompts, "--out", out, "--max-new-tokens", "4")

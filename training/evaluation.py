@@ -33,8 +33,9 @@ def evaluate(run, step: int) -> None:
         sizes = torch.from_numpy(np.pad(sizes, (0, max(0, model.cfg.vocab_size - len(sizes)))))  # ids of no text
         counts = torch.zeros(len(run.sources), 2, dtype=torch.float64)  # per source: units, bytes of the targets
         loss_sums = torch.zeros(len(run.sources), dtype=torch.float64, device=env.device)
-        val = list(run.data.val_batches(cfg.train.eval_samples))
+        val = run.data.val_batches(cfg.train.eval_samples)  # one batch at a time, unless a stage prepares them
         if stage.prepare is not None:  # over the whole validation subset, as a training step over its global batch
+            val = list(val)
             val = list(zip([s for s, _ in val], stage.prepare(model, [b for _, b in val], env, run.autocast),
                            strict=True))
         for s, batch in val:

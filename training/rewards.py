@@ -4,8 +4,10 @@ module, e.g. mypkg.scores:length_ok) or path/to/file.py:function. The recipes sh
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -44,6 +46,10 @@ def score(reward: Callable[[str], float], text: str, where: str) -> float:
         value = reward(text)
     except Exception as e:  # the user's function: name it and the sample, not our stack
         raise UserError(f"{where}: the reward raised {type(e).__name__}: {e}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise UserError(f"{where}: the reward returned {value!r}, not a number")
-    return float(value)
+    number = None
+    if not isinstance(value, (bool, str, bytes)):  # numpy and 0-d torch numbers count; True does not
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise UserError(f"{where}: the reward returned {value!r}, not a finite number")
+    return number

@@ -8,7 +8,9 @@ a torchrun job, resumable.
 
 Each line of the prompts file is a JSON string or an object with "prompt" (a string) or "messages" (a
 conversation, rendered with the chat template; so is every prompt with --chat, as a user turn). Each line of the
-output is {"index": i, "prompt": <the line's value>, "samples": [K strings]}, in prompt order.
+output is {"index": i, "prompt": <the line's value>, "samples": [K strings], "stopped": [K booleans: whether
+each ended by itself], "chat": whether the replies are chat turns}, in prompt order. A prompt longer than the
+model's context is refused, not cut.
 
 The output depends only on the checkpoint, the prompts and the options, never on the number of processes:
 batches are runs of consecutive prompts (--batch-size rows of prompts x samples), batch b goes to rank
@@ -36,8 +38,8 @@ from .generate import chat_prompt, load_for_inference, pick_token
 from .model import KVCache, Transformer
 
 
-def read_prompts(path: str) -> list:
-    """The value of every line: a string, or an object with "prompt" or "messages"."""
+def read_prompts(path: str) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line: a string, or an object with "prompt" or "messages"."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
@@ -55,7 +57,7 @@ def read_prompts(path: str) -> list:
         if not ok:
             raise UserError(f"{path}:{number}: expected a JSON string or an object with either \"prompt\" (a string) "
                             "or \"messages\" (a list)")
-        prompts.append(value)
+        prompts.append((number, value))
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
@@ -122,6 +124,27 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list[int |
     return out, stopped
 
 
+def prompt_batches(count: int, batch_size: int, n: int) -> list[range]:
+    """The batches of `count` prompts: runs of consecutive prompts, batch_size // n of them (at least one), so
+    that a batch's rows are whole prompts' samples."""
+    per_batch = max(1, batch_size // n)
+    return [range(first, min(first + per_batch, count)) for first in range(0, count, per_batch)]
+
+
+def sample_chunk(model: Transformer, sp, encoded: list, chunk: range, n: int, seed: int, *, max_new_tokens: int,
+                 temperature: float, top_k: int, top_p: float = 1.0,
+                 greedy: bool = False) -> list[tuple[list[str], list[bool]]]:
+    """n samples of each prompt of `chunk` (encoded[i]: its ids and stop id), decoded together; for each
+    prompt its texts and whether each ended by itself."""
+    rows = [(i, k) for i in chunk for k in range(n)]
+    ids, stopped = sample_batch(model, [encoded[i][0] for i, _ in rows], [encoded[i][1] for i, _ in rows],
+                                [sample_seed(seed, i, k) for i, k in rows], max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                vocab_limit=sp.vocab_size)
+    texts = [sp.decode(r) for r in ids]
+    return [(texts[j * n:(j + 1) * n], stopped[j * n:(j + 1) * n]) for j in range(len(chunk))]
+
+
 def options_of(args, checkpoint: str, prompts_path: str, device: torch.device) -> dict:
     from . import checkpoint as ckpt
 
@@ -140,7 +163,9 @@ def run_sample(args) -> str | None:
     # ranks wait for the slowest at the end; an error anywhere is shared before that wait (below)
     env = D.init("ddp", args.device, 86_400)
     try:
-        prompts = read_prompts(args.prompts)
+        # read on rank 0 and shared: a file missing on one node is then one line on every rank, not a wait
+        numbered = D.from_rank0(env, lambda: read_prompts(args.prompts))
+        lines, prompts = [n for n, _ in numbered], [v for _, v in numbered]
         checkpoint = D.from_rank0(env, lambda: ckpt.resolve(args.checkpoint))
         options = D.from_rank0(env, lambda: options_of(args, checkpoint, args.prompts, env.device))
         parts = args.out + ".parts"
@@ -153,7 +178,7 @@ def run_sample(args) -> str | None:
             raise UserError(f"{parts}: not visible on every node; --out must be on a file system all ranks share")
         wrote, problem = 0, None
         try:
-            wrote = sample_share(args, prompts, checkpoint, parts, env)
+            wrote = sample_share(args, prompts, lines, checkpoint, parts, env)
         except Exception as e:  # shared below, so that no rank waits for this one; a bug keeps its traceback here
             if not isinstance(e, (UserError, OSError)):
                 import traceback
@@ -163,8 +188,8 @@ def run_sample(args) -> str | None:
         failed = int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device)))
         if failed:
             raise UserError(problem or f"another rank failed ({failed} of {env.world_size}); its error is above")
-        D.from_rank0(env, lambda: merge(parts, args.out, meta, -(-len(prompts) // max(1, args.batch_size // args.n)),
-                                        options))
+        batches = len(prompt_batches(len(prompts), args.batch_size, args.n))
+        D.from_rank0(env, lambda: merge(parts, args.out, meta, batches, options))
         total = int(D.all_reduce_sum(env, torch.tensor(wrote, device=env.device)))
         return (f"{args.out}: {len(prompts):,} prompts x {args.n} samples ({total:,} prompts sampled now, the rest "
                 f"were there)") if env.is_main else None
@@ -172,29 +197,30 @@ def run_sample(args) -> str | None:
         D.shutdown(env)
 
 
-def sample_share(args, prompts: list, checkpoint: str, parts: str, env) -> int:
+def sample_share(args, prompts: list, lines: list[int], checkpoint: str, parts: str, env) -> int:
     """This rank's missing batches (batch b is rank b mod world's), each written to parts/ when done; the
     number of prompts sampled."""
+    mine = [(b, chunk) for b, chunk in enumerate(prompt_batches(len(prompts), args.batch_size, args.n))
+            if b % env.world_size == env.rank and not os.path.exists(os.path.join(parts, f"batch-{b:06d}.jsonl"))]
+    if not mine:
+        return 0
     model, sp = load_for_inference(checkpoint, str(env.device))
-    encoded = [prompt_ids(sp, value, args.chat, f"{args.prompts}: prompt {i + 1}")  # every rank checks them all
-               for i, value in enumerate(prompts)]
-    per_batch = max(1, args.batch_size // args.n)  # prompts per batch
+    encoded = []
+    for line, value in zip(lines, prompts, strict=True):  # every rank with work checks them all
+        where = f"{args.prompts}:{line}"
+        encoded.append(prompt_ids(sp, value, args.chat, where))
+        if len(encoded[-1][0]) > model.cfg.max_seq_len - 1:
+            raise UserError(f"{where}: the prompt is {len(encoded[-1][0]):,} tokens; the model's context holds "
+                            f"{model.cfg.max_seq_len:,} (prompt and at least one new token)")
     wrote = 0
-    for b, first in enumerate(range(0, len(prompts), per_batch)):
+    for b, chunk in mine:
         path = os.path.join(parts, f"batch-{b:06d}.jsonl")
-        if b % env.world_size != env.rank or os.path.exists(path):
-            continue
-        chunk = range(first, min(first + per_batch, len(prompts)))
-        rows = [(i, k) for i in chunk for k in range(args.n)]
-        ids, stopped = sample_batch(model, [encoded[i][0] for i, _ in rows], [encoded[i][1] for i, _ in rows],
-                                    [sample_seed(args.seed, i, k) for i, k in rows], args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    greedy=args.greedy, vocab_limit=sp.vocab_size)
-        texts, ends = iter(sp.decode(r) for r in ids), iter(stopped)
-        lines = [json.dumps({"index": i, "prompt": prompts[i], "samples": [next(texts) for _ in range(args.n)],
-                             "stopped": [next(ends) for _ in range(args.n)], "chat": encoded[i][2]},
-                            ensure_ascii=False) for i in chunk]
-        atomic_write(path, ("\n".join(lines) + "\n").encode())
+        drawn = sample_chunk(model, sp, encoded, chunk, args.n, args.seed, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+        records = [json.dumps({"index": i, "prompt": prompts[i], "samples": texts, "stopped": ends,
+                               "chat": encoded[i][2]}, ensure_ascii=False)
+                   for i, (texts, ends) in zip(chunk, drawn, strict=True)]
+        atomic_write(path, ("\n".join(records) + "\n").encode())
         wrote += len(chunk)
     return wrote
 
@@ -203,6 +229,7 @@ def claim(out: str, parts: str, meta: str, options: dict) -> bool:
     """True when `out` holds these samples already; else the parts directory, checked to be of these options."""
     if os.path.exists(out):
         if os.path.exists(meta) and json.load(open(meta)) == options:
+            shutil.rmtree(parts, ignore_errors=True)  # left by a run stopped between the merge and its clean-up
             return True
         raise UserError(f"{out}: exists, written with other options or prompts (see {meta}); choose another --out "
                         "or remove it")
