@@ -23,6 +23,20 @@ def tmp_name(path: str) -> str:
     return f"{path}{TMP_MARK}{socket.gethostname()}-{os.getpid()}"
 
 
+def numbered_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of every non-blank line of a UTF-8 text file, split at newlines only: JSON may hold
+    U+2028 and other characters that str.splitlines would also split at."""
+    from .errors import UserError
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

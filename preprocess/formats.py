@@ -186,7 +186,7 @@ def kto_examples(record: object) -> list[tuple[list[Turn], bool]] | Bad:
     if "chosen" in record and "rejected" in record:
         if "label" in record:  # which completion would it label?
             return Bad("bad_label", "a preference pair is labelled by itself (chosen: true, rejected: false); "
-                       "drop 'label' or give 'completion'")
+                       "drop 'label', or drop 'chosen' and 'rejected' and give 'completion'")
         pair = dpo_pair(record)
         return pair if isinstance(pair, Bad) else [(pair[0], True), (pair[1], False)]
     if "label" not in record:

@@ -245,8 +245,12 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly(chat_sh
                  stage="sft", config=SFT_CONFIG)
     assert not glob.glob(str(tmp_path / "[ps][rf][et]" / "checkpoints" / "step-2" / "model.pt"))  # pre/, sft/
     # two jobs converting the same checkpoint at the same moment both get a whole file; each says when its
-    # imports are done, so the release waits for both however loaded the machine is
-    convert = ("import os, sys, time\nfrom training.checkpoint import model_file\nopen(sys.argv[3], 'w').close()\n"
+    # imports (DeepSpeed's converter too) are done, so the release waits for both however loaded the machine is
+    convert = ("import os, sys, time\nimport torch\nfrom training.checkpoint import model_file\n"
+               "from training.deepspeed_backend import prepare_environment\n"
+               "prepare_environment(torch.device('cpu'))\n"
+               "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint\n"
+               "open(sys.argv[3], 'w').close()\n"
                "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\nmodel_file(sys.argv[1])\n")
     for i in range(3):
         step = shutil.copytree(tmp_path / "pre" / "checkpoints" / "step-2", tmp_path / f"step-2-copy{i}")

@@ -156,9 +156,10 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
                            # fewer poems, steps and titles to sample for: the recipe's commands, in minutes
                            f"OUT={tmp_path / 'tang'}", "GET_DATA_LIMIT=--limit 6000 --round-prompts 32",
                            "STEPS=train.max_steps=30 train.eval_every=15 train.sample_prompt=春",
-                           # SFT long enough that some poems end by themselves (80 steps: 32 of 32 prompts had one
-                           # that did): a round chooses only those; sample_prompt=null as the recipe's own
-                           # SFT_STEPS/DPO_STEPS set it (Makefile)
+                           # SFT long enough that some poems end by themselves: a round chooses only those, and a
+                           # round without pairs stops the recipe (80 steps gave 32 pairs of 32 prompts in each
+                           # round; 50 are checked below to leave at least 8); sample_prompt=null as the recipe's
+                           # own SFT_STEPS/DPO_STEPS set it (Makefile)
                            "SFT_STEPS=train.max_steps=50 train.sample_prompt=null",
                            "DPO_STEPS=train.max_steps=10 train.sample_prompt=null dpo.rpo_alpha=1.0",
                            "EVAL_SAMPLES=--samples 1"],  # one reply per title and model, not four: seconds
@@ -168,4 +169,5 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
     assert re.search(r"^aligned \(DPO\): \d+/50 replies are five-character poems", proc.stdout, re.M)
     for label in ("reference \\(SFT\\)", "offline DPO", "iterative DPO, round 1", "iterative DPO, round 2"):
         assert re.search(rf"^{label}: \d+/50 replies are five-character poems", proc.stdout, re.M), label
-    assert re.search(r"^pairs: \d+ of 32 prompts", proc.stdout, re.M)
+    rounds = [int(n) for n in re.findall(r"^pairs: (\d+) of 32 prompts", proc.stdout, re.M)]
+    assert len(rounds) == 2 and min(rounds) >= 8, rounds  # a margin, not a brink: the recipe's rounds have pairs

@@ -82,14 +82,18 @@ def test_a_bad_reward_or_sample_file_is_one_line(tmp_path):
             make_pairs(samples, spec, str(tmp_path / "o.jsonl"))
     (tmp_path / "r.py").write_text("import numpy\n\ndef text_length(t):\n    return 'long'\n\ndef boom(t):\n"
                                    "    raise ValueError('x')\n\ndef endless(t):\n    return float('inf')\n\n"
-                                   "def numpy_length(t):\n    return numpy.float32(len(t))\n")
+                                   "def numpy_length(t):\n    return numpy.float32(len(t))\n\n"
+                                   "def numpy_verdict(t):\n    return numpy.float32(len(t)) > 1\n")
     with pytest.raises(UserError, match=r"s.jsonl:1: sample 1: the reward returned 'long', not a finite number"):
         make_pairs(samples, str(tmp_path / "r.py") + ":text_length", str(tmp_path / "o.jsonl"))
     with pytest.raises(UserError, match=r"s.jsonl:1: sample 1: the reward returned inf, not a finite number"):
         make_pairs(samples, str(tmp_path / "r.py") + ":endless", str(tmp_path / "o.jsonl"))
-    longer = write(tmp_path / "l.jsonl", [record(0, "p", ["a", "bb"])])  # a numpy float is a number
+    with pytest.raises(UserError, match=r"s.jsonl:1: sample 1: the reward returned .*False_?, not a finite number"):
+        make_pairs(samples, str(tmp_path / "r.py") + ":numpy_verdict", str(tmp_path / "o.jsonl"))  # a numpy bool
+    longer = write(tmp_path / "l.jsonl", [record(0, "p", ["a", "bb\u2028b"])])  # a numpy float is a number
     make_pairs(longer, str(tmp_path / "r.py") + ":numpy_length", str(tmp_path / "n.jsonl"))
-    assert [json.loads(line)["chosen"] for line in open(tmp_path / "n.jsonl")] == ["bb"]
+    # U+2028 inside a sample (written raw, as training.sample writes it) is text, not a line break
+    assert [json.loads(line)["chosen"] for line in open(tmp_path / "n.jsonl", newline="\n")] == ["bb\u2028b"]
     with pytest.raises(UserError, match=r"s.jsonl:1: sample 1: the reward raised ValueError: x"):
         make_pairs(samples, str(tmp_path / "r.py") + ":boom", str(tmp_path / "o.jsonl"))
     (tmp_path / "broken.py").write_text("def f(t:\n")

@@ -154,8 +154,10 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
         stored = theirs.get(name)
         if stored is None or stored.shape != tensor.shape or \
                 not torch.allclose(stored.float(), tensor.float(), rtol=1e-6, atol=1e-7):
-            raise UserError(f"--base {base}: {name} differs from the weights {source} trained its adapters on; "
-                            "give the export of that run's init_from")
+            stored_as = "" if stored is None or stored.dtype == torch.float32 else \
+                f" (stored as {str(stored.dtype).removeprefix('torch.')}: export it in float32, the default)"
+            raise UserError(f"--base {base}: {name} differs from the weights {source} trained its adapters on"
+                            f"{stored_as}; give the export of that run's init_from")
     del theirs
     unknown = [t for t in run_cfg.lora.targets if t not in HF_MODULES]
     if unknown:

@@ -19,7 +19,7 @@ import json
 import sys
 
 from preprocess.errors import UserError, exit_code
-from preprocess.fileio import atomic_write
+from preprocess.fileio import atomic_write, numbered_lines
 
 from .rewards import load_reward, score
 
@@ -50,14 +50,8 @@ def pair_of(record: dict, reward, where: str, min_margin: float) -> tuple[dict |
 
 def make_pairs(samples_path: str, reward_spec: str, out: str, min_margin: float = 0.0) -> str:
     reward = load_reward(reward_spec)
-    try:
-        lines = open(samples_path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise UserError(f"{samples_path}: cannot read ({e.strerror})") from None
     pairs, dropped, bests, worsts = [], 0, [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in numbered_lines(samples_path):
         where = f"{samples_path}:{number}"
         try:
             record = json.loads(line)

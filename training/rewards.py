@@ -47,7 +47,8 @@ def score(reward: Callable[[str], float], text: str, where: str) -> float:
     except Exception as e:  # the user's function: name it and the sample, not our stack
         raise UserError(f"{where}: the reward raised {type(e).__name__}: {e}") from None
     number = None
-    if not isinstance(value, (bool, str, bytes)):  # numpy and 0-d torch numbers count; True does not
+    boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    if not boolean and not isinstance(value, (str, bytes, bytearray)):  # numpy and 0-d torch numbers count
         with contextlib.suppress(TypeError, ValueError, RuntimeError):
             number = float(value)
     if number is None or not math.isfinite(number):

@@ -9,8 +9,8 @@ a torchrun job, resumable.
 Each line of the prompts file is a JSON string or an object with "prompt" (a string) or "messages" (a
 conversation, rendered with the chat template; so is every prompt with --chat, as a user turn). Each line of the
 output is {"index": i, "prompt": <the line's value>, "samples": [K strings], "stopped": [K booleans: whether
-each ended by itself], "chat": whether the replies are chat turns}, in prompt order. A prompt longer than the
-model's context is refused, not cut.
+each ended by itself], "chat": whether the replies are chat turns}, in prompt order. A prompt that leaves no
+room in the model's context for a new token is refused, not cut.
 
 The output depends only on the checkpoint, the prompts and the options, never on the number of processes:
 batches are runs of consecutive prompts (--batch-size rows of prompts x samples), batch b goes to rank
@@ -32,7 +32,7 @@ import sys
 import torch
 
 from preprocess.errors import UserError, exit_code
-from preprocess.fileio import atomic_write, file_sha256
+from preprocess.fileio import atomic_write, file_sha256, numbered_lines
 
 from .generate import chat_prompt, load_for_inference, pick_token
 from .model import KVCache, Transformer
@@ -40,14 +40,8 @@ from .model import KVCache, Transformer
 
 def read_prompts(path: str) -> list[tuple[int, object]]:
     """(line number, value) of every non-blank line: a string, or an object with "prompt" or "messages"."""
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in numbered_lines(path):
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
