@@ -17,10 +17,14 @@ CORPUS  = $(OUT)/data/pretrain.jsonl
 GET_DATA = $(RECIPE) data --poems "$(TANG_DIR)" --out $(OUT)/data $(GET_DATA_LIMIT)
 VOCAB   := 8000
 STEPS   := train.max_steps=600 train.sample_prompt=春
-SFT_STEPS := train.max_steps=300 train.sample_prompt=null
-# rpo_alpha: the chosen poem's NLL beside the DPO loss. Without it the pairs are told apart within 50 steps
-# and both log-probs keep falling: replies grew from 3.7 to 6.2 lines and the share fell (docs/benchmarks.md)
-DPO_STEPS := train.max_steps=150 train.sample_prompt=null dpo.rpo_alpha=1.0
+SFT_STEPS := train.max_steps=300
+DPO_STEPS := train.max_steps=150
+# what the recipe sets beside the step counts: a title as the sample at every evaluation (the shipped configs'
+# prompt is Shakespeare's), and rpo_alpha, the chosen poem's NLL beside the DPO loss. Without it the pairs are
+# told apart within 50 steps and both log-probs keep falling: replies grew from 3.7 to 6.2 lines and the share
+# fell (docs/benchmarks.md)
+RECIPE_SFT := train.sample_prompt=春望
+RECIPE_DPO := train.sample_prompt=春望 dpo.rpo_alpha=1.0
 else
 CORPUS  = $(PLAYS)
 GET_DATA = $(RECIPE) data --plays $(PLAYS) --out $(OUT)/data
@@ -33,12 +37,11 @@ EVAL_SAMPLES ?=  # e.g. --samples 1: replies per held-out request (default: the 
 # It trains ROUND_EPOCHS passes over its pairs (8 a step): a good model leaves few pairs, and 150 steps on
 # 44 of them took round 2 from 100% to 96%, where 22 steps kept 99% (docs/benchmarks.md)
 ROUND_EPOCHS := 4
-ROUND_DPO    := train.sample_prompt=null dpo.rpo_alpha=1.0
 define DPO_ROUND
 	$(PY) -m training.sample --checkpoint $(2) --prompts $(OUT)/data/sample_prompts.jsonl --samples 4 --chat --max-new-tokens 120 --seed $(SEED)$(1) --out $(OUT)/rounds/$(1)/samples.jsonl
 	$(PY) -m training.pairs --samples $(OUT)/rounds/$(1)/samples.jsonl --reward recipes/tang.py:five_character_reward --out $(OUT)/rounds/$(1)/pairs.jsonl
 	$(PY) -m preprocess shards --kind dpo --input $(OUT)/rounds/$(1)/pairs.jsonl --tokenizer $(TOKENIZER) --out $(OUT)/rounds/$(1)/shards --max-len 256
-	$(PY) -m training.dpo --config configs/dpo/tiny.yaml data.path=$(OUT)/rounds/$(1)/shards init_from=$(2) out_dir=$(OUT)/runs/dpo-round$(1) $(ROUND_DPO) seed=$(SEED) \
+	$(PY) -m training.dpo --config configs/dpo/tiny.yaml data.path=$(OUT)/rounds/$(1)/shards init_from=$(2) out_dir=$(OUT)/runs/dpo-round$(1) $(RECIPE_DPO) seed=$(SEED) \
 		train.max_steps=$$(( ($$(wc -l < $(OUT)/rounds/$(1)/pairs.jsonl) * $(ROUND_EPOCHS) + 7) / 8 ))
 endef
 
@@ -75,10 +78,10 @@ endif
 	@echo; echo "=== 3/6 pretrain: loss, and a sample at every evaluation ==="
 	$(PY) -m training.pretrain --config configs/pretrain/tiny.yaml data.path=$(OUT)/shards/pretrain out_dir=$(OUT)/runs/pretrain $(STEPS) seed=$(SEED)
 	@echo; echo "=== 4/6 SFT: instruction → completion ==="
-	$(PY) -m training.sft --config configs/sft/tiny.yaml data.path=$(OUT)/shards/sft init_from=$(OUT)/runs/pretrain out_dir=$(OUT)/runs/sft $(SFT_STEPS) seed=$(SEED)
+	$(PY) -m training.sft --config configs/sft/tiny.yaml data.path=$(OUT)/shards/sft init_from=$(OUT)/runs/pretrain out_dir=$(OUT)/runs/sft $(SFT_STEPS) $(RECIPE_SFT) seed=$(SEED)
 	$(RECIPE) samples --run $(OUT)/runs/sft --prompts $(OUT)/data/eval_prompts.json
 	@echo; echo "=== 5/6 DPO: reference (SFT) against aligned, on held-out requests ==="
-	$(PY) -m training.dpo --config configs/dpo/tiny.yaml data.path=$(OUT)/shards/dpo init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/dpo $(DPO_STEPS) seed=$(SEED)
+	$(PY) -m training.dpo --config configs/dpo/tiny.yaml data.path=$(OUT)/shards/dpo init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/dpo $(DPO_STEPS) $(RECIPE_DPO) seed=$(SEED)
 	$(RECIPE) compare --reference $(OUT)/runs/sft --aligned $(OUT)/runs/dpo --prompts $(OUT)/data/eval_prompts.json $(EVAL_SAMPLES)
 ifeq ($(DEMO),tang)
 	@echo; echo "=== 5/6 continued: iterative DPO, twice: the model's own poems, scored, the best against the worst ==="
@@ -97,9 +100,10 @@ SEEDS ?= 1 2 3
 tang-seeds: $(STAMP)
 	@test -n "$(TANG_DIR)" || { echo "error: tang-seeds needs TANG_DIR=path/to/chinese-poetry/全唐诗 (poet.tang.*.json)"; exit 2; }
 	mkdir -p demo_out
-	for s in $(SEEDS); do echo "seed $$s → demo_out/tang-seed$$s.log"; \
+	for s in $(SEEDS); do echo "seed $$s → demo_out/tang-seed$$s.log"; start=$$(date +%s); \
 		$(MAKE) --no-print-directory demo DEMO=tang TANG_DIR="$(TANG_DIR)" SEED=$$s OUT=demo_out/tang-seed$$s \
-			> demo_out/tang-seed$$s.log 2>&1 || { tail -20 demo_out/tang-seed$$s.log; exit 1; }; done
+			> demo_out/tang-seed$$s.log 2>&1 || { tail -20 demo_out/tang-seed$$s.log; exit 1; }; \
+		echo "seed $$s: $$(( $$(date +%s) - start )) s"; done
 	$(PY) recipes/tang.py table $(foreach s,$(SEEDS),demo_out/tang-seed$(s).log)
 
 bench: $(STAMP)

@@ -2,7 +2,7 @@
 reference log-probs computed once, of the reference-free losses (SimPO, ORPO) against both, and of LoRA against
 full fine-tuning, in one run.
 
-    python bench/dpo.py [--steps 60] [--repeat 3] [--memory-steps 3] [--out bench_out/dpo]
+    python bench/dpo.py [--steps 60] [--repeat 3] [--memory-steps 3] [--only dpo,simpo,...] [--out bench_out/dpo]
 
 Data: the demo's Shakespeare preference pairs. DPO trains on the pairs (8 pairs = 16 sequences per micro-batch);
 SFT trains on the same chosen and rejected conversations as 16 separate examples per micro-batch, so both
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--memory-steps", type=int, default=3, help="DPO steps of each memory run (0: skip them)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "dpo"))
+    ap.add_argument("--only", default="", help="comma-separated settings to time (default: all), e.g. dpo,simpo,orpo")
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     setup = prepare(args.out)
@@ -141,30 +142,35 @@ def main() -> None:
 
     dpo(True)  # the reference log-probs are computed once and cached next to the shards: not timed here
     lora = importlib.util.find_spec("peft") is not None
-    rates = {"sft": [], "dpo": [], "dpo_live": [], "simpo": [], "orpo": [],
-             **({"sft_lora": [], "dpo_lora": []} if lora else {})}
+    settings = {"sft": sft, "dpo": lambda: dpo(True), "dpo_live": lambda: dpo(False),
+                "simpo": lambda: dpo(False, ["dpo.loss=simpo"]), "orpo": lambda: dpo(False, ["dpo.loss=orpo"])}
+    if lora:
+        settings["sft_lora"] = lambda: ours("configs/sft/tiny.yaml", setup["shards"]["sft"], run, args.steps,
+                                            [*common, "train.micro_batch_size=16", *LORA], stage="sft")["rate"]
+        settings["dpo_lora"] = lambda: dpo(False, LORA)
+    chosen = args.only.split(",") if args.only else list(settings)
+    unknown = [name for name in chosen if name not in settings]
+    if unknown:
+        raise SystemExit(f"--only: {', '.join(unknown)} not among {', '.join(settings)}")
+    rates = {name: [] for name in chosen}
     for _ in range(args.repeat):  # alternating, so a noisy phase of the machine hits all of them
-        rates["sft"].append(sft())
-        rates["dpo"].append(dpo(True))
-        rates["dpo_live"].append(dpo(False))
-        rates["simpo"].append(dpo(False, ["dpo.loss=simpo"]))
-        rates["orpo"].append(dpo(False, ["dpo.loss=orpo"]))
-        if lora:
-            rates["sft_lora"].append(ours("configs/sft/tiny.yaml", setup["shards"]["sft"], run, args.steps,
-                                          [*common, "train.micro_batch_size=16", *LORA], stage="sft")["rate"])
-            rates["dpo_lora"].append(dpo(False, LORA))
+        for name in chosen:
+            rates[name].append(settings[name]())
     m = {k: statistics.median(v) for k, v in rates.items()}
     print("tokens/s of each run, in the order they ran (the spread is the machine's noise):")
     for name, values in rates.items():
         print(f"  {name}: {', '.join(f'{v:,.0f}' for v in values)}")
-    print(f"tokens/s (medians of {args.repeat}): SFT {m['sft']:,.0f}, DPO with precomputed reference "
-          f"{m['dpo']:,.0f}, DPO with a live reference {m['dpo_live']:,.0f}")
-    print(f"DPO step / SFT step on the same sequences: x{m['sft'] / m['dpo']:.3f} (precomputed reference), "
-          f"x{m['sft'] / m['dpo_live']:.3f} (live reference); live / precomputed: x{m['dpo'] / m['dpo_live']:.2f}")
+    if {"sft", "dpo", "dpo_live"} <= set(m):
+        print(f"tokens/s (medians of {args.repeat}): SFT {m['sft']:,.0f}, DPO with precomputed reference "
+              f"{m['dpo']:,.0f}, DPO with a live reference {m['dpo_live']:,.0f}")
+        print(f"DPO step / SFT step on the same sequences: x{m['sft'] / m['dpo']:.3f} (precomputed reference), "
+              f"x{m['sft'] / m['dpo_live']:.3f} (live reference); live / precomputed: x{m['dpo'] / m['dpo_live']:.2f}")
     for name in ("simpo", "orpo"):  # step time is tokens / rate: a ratio of rates inverted
-        print(f"{name} {m[name]:,.0f} tokens/s: step time x{m['dpo_live'] / m[name]:.3f} of DPO with a "
-              f"live reference, x{m['dpo'] / m[name]:.3f} of DPO with a precomputed one")
-    if lora:
+        against = [f"x{m[base] / m[name]:.3f} of DPO with {label}" for base, label in
+                   (("dpo_live", "a live reference"), ("dpo", "a precomputed one")) if base in m]
+        if name in m and against:
+            print(f"{name} {m[name]:,.0f} tokens/s: step time {', '.join(against)}")
+    if {"sft", "sft_lora", "dpo_live", "dpo_lora"} <= set(m):
         print(f"LoRA (rank 16, every projection): SFT {m['sft_lora']:,.0f} tokens/s (x{m['sft'] / m['sft_lora']:.3f} "
               f"the full SFT step), DPO with the adapters-off reference {m['dpo_lora']:,.0f} tokens/s "
               f"(x{m['dpo_live'] / m['dpo_lora']:.3f} the full DPO step with a live reference model)")

@@ -26,7 +26,7 @@ from training.generate import load_for_inference  # noqa: E402
 @torch.no_grad()
 def drift(pairs: str, run: str, n: int = 200) -> str:
     source = ExampleSource(pairs, 256, 0.05, "dpo", group=2)
-    model, _ = load_for_inference(run)
+    model, _ = load_for_inference(run, "cpu")  # its inputs are built on the CPU
     ends, chosen, rejected = [], [], []
     for j in range(source.n_train, min(source.n_train + source.n_val, source.n_train + n)):
         for (tokens, mask), out in zip(source.example(j), (chosen, rejected), strict=True):

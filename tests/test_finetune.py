@@ -158,10 +158,9 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
                            "STEPS=train.max_steps=30 train.eval_every=15 train.sample_prompt=春",
                            # SFT long enough that some poems end by themselves: a round chooses only those, and a
                            # round without pairs stops the recipe (80 steps gave 32 pairs of 32 prompts in each
-                           # round; 50 are checked below to leave at least 8); sample_prompt=null as the recipe's
-                           # own SFT_STEPS/DPO_STEPS set it (Makefile)
-                           "SFT_STEPS=train.max_steps=50 train.sample_prompt=null",
-                           "DPO_STEPS=train.max_steps=10 train.sample_prompt=null dpo.rpo_alpha=1.0",
+                           # round; 50 are checked below to leave at least 8). Only step counts are overridden:
+                           # the recipe's sample at every evaluation and its rpo_alpha stay on (Makefile)
+                           "SFT_STEPS=train.max_steps=50", "DPO_STEPS=train.max_steps=10",
                            "EVAL_SAMPLES=--samples 1"],  # one reply per title and model, not four: seconds
                           cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

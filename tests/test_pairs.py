@@ -4,17 +4,13 @@ import sys
 
 import pytest
 from conftest import REPO
+from conftest import write_jsonl as write
 
 from preprocess.errors import UserError
 from training.pairs import make_pairs
 from training.rewards import load_reward
 
 sys.path.insert(0, os.path.join(REPO, "recipes"))
-
-
-def write(path, records) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return str(path)
 
 
 def record(index, prompt, samples, stopped=None):
@@ -109,7 +105,7 @@ def test_a_bad_reward_or_sample_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="t.jsonl: no pairs: on none of its 2 prompts"):
         make_pairs(ties, QUESTION, str(tmp_path / "o.jsonl"))
     assert not os.path.exists(tmp_path / "o.jsonl")
-    assert callable(load_reward("os.path:basename"))
+    assert load_reward("os.path:basename")("a/b.txt") == "b.txt"  # an importable module:function, as named
 
 
 @pytest.mark.slow

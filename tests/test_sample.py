@@ -68,7 +68,8 @@ def test_a_short_prompt_beside_one_near_the_context_gets_all_its_tokens():
 
 
 def test_the_randomness_of_a_sample_depends_only_on_seed_prompt_and_sample():
-    assert sample_seed(0, 4, 1) == sample_seed(0, 4, 1)
+    # pinned: a change to the derivation would silently change every sampled file and resumed run
+    assert sample_seed(0, 4, 1) == 5841539805452095117
     assert len({sample_seed(0, 4, 1), sample_seed(0, 1, 4), sample_seed(1, 4, 1), sample_seed(0, 4, 2)}) == 4
 
 

@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from preprocess.errors import UserError, exit_code
+from preprocess.errors import UserError, environment_error, exit_code
 from preprocess.fileio import atomic_write, file_sha256, numbered_lines
 
 from .generate import chat_prompt, load_for_inference, pick_token
@@ -178,7 +178,8 @@ def run_sample(args) -> str | None:
                 import traceback
 
                 traceback.print_exc()
-            problem = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            problem = str(e) if isinstance(e, UserError) else environment_error(e) if isinstance(e, OSError) \
+                else f"{type(e).__name__}: {e}"
         failed = int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device)))
         if failed:
             raise UserError(problem or f"another rank failed ({failed} of {env.world_size}); its error is above")
