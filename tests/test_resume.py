@@ -39,11 +39,13 @@ def state(run_dir, step: int) -> dict:
 def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uninterrupted_run(
         backend, pretrain_shards, zero3, tmp_path):
     """Each segment is stopped as a preemption stops it (SIGTERM: checkpoint at the step boundary), then run
-    again on another number of processes; DeepSpeed converts its partitioned checkpoint to a universal one."""
+    again on another number of processes; DeepSpeed converts its partitioned checkpoint to a universal one.
+    ZeRO-3 runs a mixture-of-experts block beside a dense one: its stacked experts are partitioned too."""
     if backend != "ddp" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (the dev extra installs it)")
+    moe = ["model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1"] if backend == "zero3" else []
     common = [f"data.path={pretrain_shards}", "train.max_steps=8", "train.precision=fp32", "train.ckpt_every=100",
-              *(BACKENDS[backend] if backend != "zero3" else zero3)]
+              *(BACKENDS[backend] if backend != "zero3" else zero3), *moe]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
     out = tmp_path / "resumed"
     run_training(*common, f"out_dir={out}", nproc=2, hooks="stop@3", check=False)  # torchrun says 1 for 143
@@ -63,6 +65,8 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
         assert not os.path.exists(out / "checkpoints" / "step-7.universal")
     straight, resumed = losses(tmp_path / "straight"), losses(out)
     assert sorted(resumed) == list(range(1, 9))
+    if moe:
+        assert losses(out, "moe_aux")[8] == pytest.approx(losses(tmp_path / "straight", "moe_aux")[8], rel=1e-4)
     for step, value in straight.items():
         assert resumed[step] == pytest.approx(value, rel=1e-5 if backend == "ddp" else 1e-4), step
 

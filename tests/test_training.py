@@ -303,15 +303,22 @@ def test_the_end_of_a_process_waits_for_its_thread_pools_and_keeps_the_exit_code
 
 @pytest.mark.slow
 def test_two_processes_with_half_the_accumulation_give_the_same_losses(pretrain_shards, tmp_path):
+    # one dense block and one mixture-of-experts block (with a shared expert and both router losses): the router
+    # losses join the gradient, and must not depend on how the batch is split either
+    moe = ["model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1", "model.moe.z_loss_coef=0.001"]
     common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.precision=fp32", "train.eval_every=3",
-              "train.eval_samples=21"]
+              "train.eval_samples=21", *moe]
     run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4")
     run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5)
-    assert one[6] < one[1]
+    for key in ("loss", "moe_aux", "moe_z", "moe_load/1", "grad_norm"):
+        one, two = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
+        assert sorted(one) == sorted(two) == list(range(1, 7)), key
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-5), key
+    assert losses(tmp_path / "one")[6] < losses(tmp_path / "one")[1]
+    assert 1 <= losses(tmp_path / "one", "moe_load/1")[1] <= 4 and not losses(tmp_path / "one", "moe_load/0")
     val_one, val_two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
     assert sorted(val_one) == sorted(val_two) == [0, 3, 6]  # 21 samples: uneven shares of 11 and 10 on two ranks
     for step in val_one:

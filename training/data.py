@@ -258,6 +258,14 @@ class Batch:
     labels: torch.Tensor | None = None     # KTO: 1 for a desirable completion, 0 for an undesirable one
     kl_batch: Batch | None = None          # KTO: each completion's KL sequence, laid out apart (moved by its user)
     kl: torch.Tensor | None = None         # KTO: the KL estimate of the whole global batch (Stage.prepare)
+    positions: torch.Tensor | None = None  # (rows, width) bool: positions holding a token, for padded rows
+                                           # without segments (None: see token_positions)
+
+    def token_positions(self) -> torch.Tensor | None:
+        """(rows, width) bool, True where a position holds a token of some sequence; None when all do."""
+        if self.positions is not None:
+            return self.positions
+        return None if self.segments is None else self.segments >= 0
 
     def to(self, device: torch.device) -> Batch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
@@ -478,8 +486,8 @@ class SFTData(GlobalBatches):
 
     def lay_out(self, rows: list[list[tuple[np.ndarray, np.ndarray, int]]]) -> Batch:
         if self.packing is None:
-            inputs, targets, _, real = layout_rows(rows, self.pad_id, limit=self.seq_len)
-            return Batch(inputs, targets, real_tokens=real)
+            inputs, targets, segments, real = layout_rows(rows, self.pad_id, limit=self.seq_len)
+            return Batch(inputs, targets, real_tokens=real, positions=segments >= 0)
         # packed rows are nearly full: one width for every batch and rank, so compiled kernels see one shape
         inputs, targets, segments, real = layout_rows(rows, self.pad_id, width=self.seq_len)
         return Batch(inputs, targets, segments, real_tokens=real)

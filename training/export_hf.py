@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face transformers Llama model and tokenizer.
+"""Export a checkpoint as a Hugging Face transformers Llama model (Mixtral or Qwen2-MoE for model.moe) and
+tokenizer.
 
     python -m training.export_hf --checkpoint RUN_OR_CKPT_DIR --out DIR [--dtype float32|bfloat16|float16]
 
@@ -69,9 +70,10 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
         raise UserError(f"{source}: has no tokenizer.model or tokenizer.json to export")
     info = load_tokenizer(sp_path)
 
-    config = transformers.LlamaConfig(**hf.to_hf_config(cfg, info.special_ids), dtype=dtype)
+    model_class = getattr(transformers, hf.hf_class(cfg))
+    config = model_class.config_class(**hf.to_hf_config(cfg, info.special_ids), dtype=dtype)
     with torch.device("meta"):
-        hf_model = transformers.LlamaForCausalLM(config)
+        hf_model = model_class(config)
     state = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(model.state_dict(), cfg).items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]  # tied: set just below

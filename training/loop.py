@@ -31,7 +31,7 @@ from .data import Batch, ShardSource, open_sources
 from .evaluation import evaluate
 from .losses import IGNORE
 from .metrics import MetricsLog, require_wandb
-from .model import ModelConfig, Transformer
+from .model import ModelConfig, Transformer, router_losses
 from .optim import lr_at, make_optimizer
 from .plan import BatchPlan
 from .state import TrainState, check_identity, run_identity
@@ -354,7 +354,8 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
     of (sum of the loss over every unit of the global batch) / (number of those units).
 
     The units are counted before any backward, so every target token (or pair) weighs the same however
-    micro-batches and ranks split them. Returns (local loss sum, local metric sums, global unit count, global
+    micro-batches and ranks split them. A mixture-of-experts model's router losses are sums over positions,
+    divided by the positions of the global batch. Returns (local loss sum, local metric sums, global unit count, global
     count of positions computed, global count of those that held a token rather than padding)."""
     counts = torch.tensor([[stage.units(b), b.inputs.numel(), b.real_tokens] for b in batches], dtype=torch.float64,
                           device=env.device).sum(dim=0)
@@ -363,6 +364,8 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
     loss_sum = torch.zeros((), device=env.device)
     metric_sums: dict[str, torch.Tensor] = {}
     engine = deepspeed_backend.is_engine(model)
+    bare = getattr(model, "module", model)  # DDP's and DeepSpeed's module
+    loads: dict[int, torch.Tensor] = {}
     for m, batch in enumerate(batches):
         batch = batch.to(env.device)
         skip_sync = m < len(batches) - 1 and not engine  # DeepSpeed knows its accumulation boundaries itself
@@ -372,6 +375,15 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
             loss = loss_hook(loss)
         # DDP and DeepSpeed average gradients over ranks: x world_size turns that average back into the global sum
         scaled = loss * (env.world_size / units)
+        routed = router_losses(bare, batch.token_positions(), bare.cfg.moe) if isinstance(bare, Transformer) else None
+        if routed is not None:
+            router_loss, router_metrics, layer_loads = routed
+            scaled = scaled + router_loss * (env.world_size / real.float())
+            positions = torch.tensor(float(batch.real_tokens), device=env.device)
+            for k, v in router_metrics.items():  # means per position: (sum, count) pairs
+                metric_sums[k] = metric_sums.get(k, 0) + torch.stack([v, positions])
+            for layer, load in layer_loads.items():
+                loads[layer] = loads.get(layer, 0) + load
         if engine:
             model.backward(scaled, scale_wrt_gas=False)  # our scaling already accounts for the micro-steps
             model.step()  # applies the update (and clipping) only at the last micro-step
@@ -380,6 +392,11 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()
+    if loads:  # tokens per expert over the global batch: the busiest expert's against the mean, per MoE layer
+        total = D.all_reduce_sum(env, torch.stack(list(loads.values())))
+        one = torch.ones((), device=env.device)
+        for layer, load in zip(loads, total, strict=True):  # (ratio, 1) on every rank: global_means keeps the ratio
+            metric_sums[f"moe_load/{layer}"] = torch.stack([load.max() / load.mean().clamp(min=1e-9), one])
     return loss_sum, metric_sums, units, int(tokens), int(real)
 
 

@@ -3,17 +3,50 @@ F.scaled_dot_product_attention, optional tied embeddings. Plain PyTorch: nothing
 
 Packed rows: `segments` (batch, seq) names the sequence each position belongs to (any ids, equal within a
 sequence, each sequence contiguous). A position then attends only to earlier positions of its own sequence and
-its rotary position restarts at 0 where the sequence starts: a sequence computes as it would alone in its row."""
+its rotary position restarts at 0 where the sequence starts: a sequence computes as it would alone in its row.
+
+Mixture of experts (model.moe): the feed-forward of every n-th block becomes a router and a set of experts; each
+token goes through its top-k experts (dropless: no capacity, no token dropped), computed as grouped matmuls."""
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass
+class MoEConfig:
+    experts: int = 0              # 0: every feed-forward is dense
+    top_k: int = 2                # experts per token, weighted by their router probabilities renormalised to sum 1
+    shared_experts: int = 0       # expert-sized feed-forwards every token goes through: one fused SwiGLU of
+                                  # shared_experts x expert_hidden, scaled per token by a learned sigmoid gate
+    every: int = 1                # block i is MoE when (i + 1) % every == 0; the others keep the dense feed-forward
+    expert_hidden: int = 0        # 0: the dense feed-forward's hidden size
+    aux_loss_coef: float = 0.01   # load balancing (Switch): E * sum_i f_i P_i per row, weighted by its tokens
+    z_loss_coef: float = 0.0      # router z-loss (ST-MoE): logsumexp(router logits)^2 per token
+
+    def validate(self) -> list[str]:
+        if self.experts == 0:
+            return []
+        problems = []
+        if self.experts < 1:
+            problems.append("model.moe.experts: must be 0 (dense) or positive")
+        elif not 1 <= self.top_k <= self.experts:
+            problems.append(f"model.moe.top_k: {self.top_k} must be between 1 and model.moe.experts={self.experts}")
+        for key in ("shared_experts", "expert_hidden"):
+            if getattr(self, key) < 0:
+                problems.append(f"model.moe.{key}: must not be negative")
+        if self.every < 1:
+            problems.append("model.moe.every: must be at least 1")
+        for key in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, key) < 0:
+                problems.append(f"model.moe.{key}: must not be negative")
+        return problems
 
 
 @dataclass
@@ -30,6 +63,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -43,6 +77,13 @@ class ModelConfig:
     def hidden(self) -> int:
         return self.ffn_hidden or 64 * math.ceil(8 * self.dim / 3 / 64)
 
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe.expert_hidden or self.hidden
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe.experts > 0 and (layer + 1) % self.moe.every == 0
+
     def validate(self) -> list[str]:
         """Problems as 'model.key: message' strings (empty when the shape is consistent)."""
         problems = []
@@ -55,7 +96,7 @@ class ModelConfig:
         for key in ("dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, key) < 1:
                 problems.append(f"model.{key}: must be positive")
-        return problems
+        return problems + self.moe.validate()
 
 
 class RMSNorm(nn.Module):
@@ -158,23 +199,125 @@ def flex_attention():
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int = 0):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)
-        self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)
+        hidden = hidden or cfg.hidden
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class Block(nn.Module):
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert (counts[e] rows for expert e) times each expert's w[e].T: (rows, out)."""
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast as it would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    if grouped_mm_works(x.device.type, x.dtype):
+        return F.grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    return torch.cat([rows @ w[e].T for e, rows in enumerate(x.split(counts.tolist()))])  # a loop over experts
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch has a grouped matmul for the device and dtype (CUDA's needs bf16 and a recent GPU)."""
+    try:
+        x = torch.ones(4, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        F.grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], device=device_type, dtype=torch.int32)).backward(
+            torch.ones(4, 16, device=device_type, dtype=dtype))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+@dataclass
+class Routing:
+    """What one MoE layer's router did in a training forward, for the balance losses and the load metrics."""
+    logits: torch.Tensor   # (batch, seq, experts), fp32
+    chosen: torch.Tensor   # (batch, seq, top_k) expert ids
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts (plus an optional gated shared expert), dropless. Each token's output depends
+    on that token alone, whatever else is in the batch. Expert weights are stacked (experts, out, in)."""
+
     def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        moe, hidden = cfg.moe, cfg.expert_hidden
+        self.experts, self.top_k = moe.experts, moe.top_k
+        self.router = nn.Linear(cfg.dim, moe.experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(moe.experts, hidden, cfg.dim))
+        self.w3 = nn.Parameter(torch.empty(moe.experts, hidden, cfg.dim))
+        self.w2 = nn.Parameter(torch.empty(moe.experts, cfg.dim, hidden))
+        self.shared = self.shared_gate = None
+        if moe.shared_experts:
+            self.shared = FeedForward(cfg, hidden=moe.shared_experts * hidden)
+            self.shared_gate = nn.Linear(cfg.dim, 1, bias=False)
+        self.routing: Routing | None = None  # set by a forward with gradients, taken by router_losses()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        logits = self.router(flat).float()
+        weights, chosen = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.training and torch.is_grad_enabled():
+            self.routing = Routing(logits.view(b, t, -1), chosen.view(b, t, -1))
+        # every (token, choice) slot, sorted by expert: each expert's rows are contiguous
+        order = chosen.flatten().argsort(stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=self.experts)
+        rows = flat[order // self.top_k]
+        hidden = F.silu(grouped_matmul(rows, self.w1, counts)) * grouped_matmul(rows, self.w3, counts)
+        out = grouped_matmul(hidden, self.w2, counts)
+        # back to (token, choice) order and weighted; the k outputs of a token summed in a fixed order
+        unsorted = torch.empty_like(out).index_copy_(0, order, out).view(-1, self.top_k, d)
+        out = (unsorted * weights.unsqueeze(-1).to(unsorted.dtype)).sum(dim=1)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
+        return out.view(b, t, d).to(x.dtype)
+
+
+def router_losses(model: nn.Module, positions: torch.Tensor | None, cfg: MoEConfig):
+    """The routers' losses of the last training forward, as a sum over its positions (the loop divides by the
+    positions of the global batch), their metrics, and each MoE layer's tokens per expert; None when no MoE layer
+    ran a training forward. `positions` (batch, seq) marks those
+    holding a token (None: all).
+
+    Load balancing, per row r (f: the share of its routed slots each expert got, P: its mean router
+    probability): E * sum_i f_ri P_ri, which is 1 when balanced; summed over rows weighted by their tokens. Per row
+    rather than per batch, so that the loss is the same however rows are split over micro-batches and processes.
+    Both losses are averaged over the MoE layers (a coefficient means the same at any depth)."""
+    layers = {int(name.split(".")[1]): m for name, m in model.named_modules()
+              if isinstance(m, MoE) and m.routing is not None}  # layers.{i}.feed_forward
+    if not layers:
+        return None
+    aux = z = 0.0
+    loads = {}
+    for i, layer in layers.items():
+        routing, layer.routing = layer.routing, None
+        mask = (torch.ones(routing.chosen.shape[:2], device=routing.chosen.device) if positions is None
+                else positions.to(routing.chosen.device).float())
+        slots = F.one_hot(routing.chosen, layer.experts).sum(dim=2).float() * mask.unsqueeze(-1)  # (b, t, E)
+        probs = routing.logits.softmax(dim=-1) * mask.unsqueeze(-1)
+        tokens = mask.sum(dim=1, keepdim=True).clamp(min=1)                                    # (b, 1)
+        share = slots.sum(dim=1) / (layer.top_k * tokens)                                     # f, (b, E)
+        aux = aux + layer.experts * (share * probs.sum(dim=1)).sum()                          # sum_r T_r E f.P
+        z = z + (torch.logsumexp(routing.logits, dim=-1).square() * mask).sum()
+        loads[i] = slots.sum(dim=(0, 1)).detach()
+    aux, z = aux / len(layers), z / len(layers)
+    return cfg.aux_loss_coef * aux + cfg.z_loss_coef * z, {"moe_aux": aux.detach(), "moe_z": z.detach()}, loads
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else FeedForward(cfg)
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
@@ -207,7 +350,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.attention_impl = "sdpa"  # how packed rows are masked: sdpa (a boolean mask) | flex (FlexAttention)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -222,7 +365,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):  # residual outputs: GPT-2's depth scaling
+            elif name.endswith(("wo.weight", "w2.weight", "feed_forward.w2")):  # residual outputs: GPT-2's depth scaling
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, std=std)
@@ -268,7 +411,17 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token as PaLM and nanoGPT count them for MFU: 6 per matmul weight (forward and
-        backward) plus 12 * layers * dim * seq_len for attention scores and mixing (causality not discounted)."""
-        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul_weights + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+        """Training FLOPs per token as PaLM and nanoGPT count them for MFU: 6 per matmul weight a token passes (forward
+        and backward; of an MoE block its router, top-k experts and shared expert) plus 12 * layers * dim * seq_len
+        for attention scores and mixing (causality not discounted). From the shape, so also under ZeRO-3."""
+        cfg, moe = self.cfg, self.cfg.moe
+        attention = 2 * cfg.dim * cfg.head_dim * (cfg.n_heads + cfg.kv_heads)
+        weights = cfg.vocab_size * cfg.dim
+        for i in range(cfg.n_layers):
+            weights += attention
+            if cfg.is_moe(i):
+                weights += cfg.dim * moe.experts + 3 * cfg.dim * cfg.expert_hidden * (moe.top_k + moe.shared_experts)
+                weights += cfg.dim if moe.shared_experts else 0
+            else:
+                weights += 3 * cfg.dim * cfg.hidden
+        return 6 * weights + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from preprocess.errors import UserError
 
+from .model import MoEConfig
 from .plan import BatchPlan
 
 STATE = "state.json"
@@ -81,13 +82,15 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
                          "dpo.undesirable_weight": cfg.dpo.undesirable_weight})
     lora = dataclasses.asdict(cfg.lora) if cfg.lora.rank else {"rank": 0}  # the rest matters only with adapters
     identity.update({f"lora.{k}": v for k, v in lora.items()})
-    identity.update({f"model.{k}": v for k, v in dataclasses.asdict(model_cfg).items()})
+    for k, v in dataclasses.asdict(model_cfg).items():
+        identity.update({f"model.{k}.{sub}": x for sub, x in v.items()} if isinstance(v, dict) else {f"model.{k}": v})
     return identity
 
 
 # settings recorded since a version that could only run them one way: a checkpoint without them ran that way
 RECORDED_LATER = {"data.packing": 0, "data.document_mask": False, "dpo.loss": "sigmoid", "dpo.label_smoothing": 0.0,
-                  "dpo.rpo_alpha": 0.0}
+                  "dpo.rpo_alpha": 0.0,
+                  **{f"model.moe.{f.name}": f.default for f in dataclasses.fields(MoEConfig)}}
 
 
 def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None) -> None:
