@@ -40,12 +40,14 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
         backend, pretrain_shards, zero3, tmp_path):
     """Each segment is stopped as a preemption stops it (SIGTERM: checkpoint at the step boundary), then run
     again on another number of processes; DeepSpeed converts its partitioned checkpoint to a universal one.
-    ZeRO-3 runs a mixture-of-experts block beside a dense one: its stacked experts are partitioned too."""
+    DDP trains with Muon (its momentum is the state to restore); ZeRO-3 runs a mixture-of-experts block beside a
+    dense one: its stacked experts are partitioned too."""
     if backend != "ddp" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (the dev extra installs it)")
     moe = ["model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1"] if backend == "zero3" else []
+    muon = ["train.optimizer=muon"] if backend == "ddp" else []
     common = [f"data.path={pretrain_shards}", "train.max_steps=8", "train.precision=fp32", "train.ckpt_every=100",
-              *(BACKENDS[backend] if backend != "zero3" else zero3), *moe]
+              *(BACKENDS[backend] if backend != "zero3" else zero3), *moe, *muon]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
     out = tmp_path / "resumed"
     run_training(*common, f"out_dir={out}", nproc=2, hooks="stop@3", check=False)  # torchrun says 1 for 143

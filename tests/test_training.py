@@ -1,5 +1,6 @@
 import ast
 import glob
+import io
 import json
 import os
 import subprocess
@@ -369,3 +370,104 @@ def test_the_training_benchmark_runs_its_data_path_and_its_baseline(pretrain_sha
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(float(rate) > 0 for rate in proc.stdout.split())
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_and_both_states_round_trip():
+    from training.model import MoEConfig
+    from training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16,
+                                    moe=MoEConfig(experts=2, every=2)))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    muon, adamw = optimizer.optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert {"layers.0.attention.wq.weight", "layers.1.feed_forward.router.weight", "layers.1.feed_forward.w1"} <= in_muon
+    assert {"tok_embeddings.weight", "layers.0.attention_norm.weight", "norm.weight"} <= in_adamw
+    assert not in_muon & in_adamw and len(in_muon | in_adamw) == len(names)  # every parameter, once
+    # two steps, then a copy restored from the state dict takes a third step exactly as the original
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def step(m, o):
+        m(tokens).square().mean().backward()
+        o.step()
+        o.zero_grad()
+
+    for _ in range(2):
+        step(model, optimizer)
+    copy = Transformer(model.cfg)
+    copy.load_state_dict(model.state_dict())
+    restored = make_optimizer(copy, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    saved = io.BytesIO()
+    torch.save(optimizer.state_dict(), saved)  # as a checkpoint holds it, and reads it back (weights only)
+    restored.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    step(model, optimizer)
+    step(copy, restored)
+    for (name, a), b in zip(model.state_dict().items(), copy.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="saved optimizer state"):  # e.g. an AdamW run's
+        restored.load_state_dict(make_optimizer(copy, TrainConfig(), torch.device("cpu")).state_dict())
+    for override in ("dist.backend=deepspeed", "lora.rank=4"):
+        with pytest.raises(UserError, match="train.optimizer=muon"):
+            load_config(TINY_CONFIG, ["train.optimizer=muon", override])
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_activation_checkpointing_gives_the_same_losses_and_gradients_bit_for_bit(lora_rank):
+    """fp32 on CPU: recomputing a block in the backward repeats its forward exactly (an MoE block, its routing
+    losses and LoRA adapters included)."""
+    from training import lora
+    from training.config import LoraConfig
+    from training.loop import checkpoint_activations
+    from training.model import MoEConfig
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=16, moe=MoEConfig(experts=4, every=2))
+    stage = _lm_stage()
+    batches = [Batch(*(lambda t: (t[:, :-1], t[:, 1:]))(torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(i))),
+                     real_tokens=32) for i in range(2)]
+    env = D.DistEnv()
+    results = {}
+    for mode in ("none", "full", "every_n"):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        if lora_rank:
+            lora.apply(model, LoraConfig(rank=lora_rank, targets=["wq", "wv", "w2"]))
+        checkpoint_activations(model, TrainConfig(activation_checkpointing=mode))
+        assert [b.checkpointed for b in model.layers] == {"none": [False] * 3, "full": [True] * 3,
+                                                           "every_n": [True, False, True]}[mode]
+        loss, metrics, *_ = accumulate_gradients(stage, model, batches, env)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert all(m.routing is None for m in model.modules() if hasattr(m, "routing"))  # nothing held after
+        results[mode] = (loss, metrics["moe_aux"], grads)
+    for mode in ("full", "every_n"):
+        assert torch.equal(results[mode][0], results["none"][0]) and torch.equal(results[mode][1], results["none"][1])
+        assert results[mode][2].keys() == results["none"][2].keys()
+        for name, grad in results["none"][2].items():
+            assert torch.equal(results[mode][2][name], grad), (mode, name)
+
+
+def test_our_muon_is_torchs_update_in_bf16_and_orthogonalises_stacked_experts_one_by_one():
+    from training.optim import Muon
+
+    torch.manual_seed(0)
+    for shape in [(64, 32), (32, 96)]:  # tall and wide
+        theirs, ours = torch.nn.Parameter(torch.randn(*shape)), torch.nn.Parameter(torch.randn(*shape))
+        ours.data.copy_(theirs.data)
+        reference = torch.optim.Muon([theirs], lr=0.01, weight_decay=0.1, momentum=0.95, nesterov=True,
+                                     adjust_lr_fn="match_rms_adamw")
+        mine = Muon([ours], lr=0.01, weight_decay=0.1, momentum=0.95, ns_dtype=torch.bfloat16)
+        for _ in range(3):
+            grad = torch.randn(*shape)
+            theirs.grad, ours.grad = grad.clone(), grad.clone()
+            reference.step()
+            mine.step()
+        assert torch.equal(theirs, ours), shape
+    # fp32 (CPU's default): each matrix of a stack as if alone, and close to orthogonal (singular values ~0.7-1.2)
+    grads = torch.randn(3, 16, 48)
+    stacked = Muon.orthogonalise(grads, 5, torch.float32)
+    for e in range(3):
+        assert torch.allclose(stacked[e], Muon.orthogonalise(grads[e], 5, torch.float32), atol=1e-6)
+    singular = torch.linalg.svdvals(stacked)
+    assert singular.min() > 0.5 and singular.max() < 1.3

@@ -43,9 +43,12 @@ class TrainConfig:
     max_steps: int = 1000
     lr: float = 3e-4
     min_lr_ratio: float = 0.1    # the schedule decays to lr * min_lr_ratio
-    schedule: str = "cosine"     # cosine | constant | wsd (warmup, stable, then linear decay)
+    schedule: str = "cosine"     # cosine | constant | wsd (warmup, stable, then linear decay) | exponential
+                                 # (training.lr_find's sweep: from lr * min_lr_ratio up to lr)
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying
+    optimizer: str = "adamw"     # adamw | muon (the blocks' weight matrices; AdamW for embeddings, head and norms)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the orthogonalised update
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -54,6 +57,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # steps in a row with a NaN/inf loss or gradient (each skipped) before the run stops
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    activation_checkpointing: str = "none"  # none | full | every_n: blocks that recompute their activations in the
+                                            # backward instead of keeping them (memory for time)
+    activation_checkpointing_every: int = 2  # every_n: every n-th block, from the first
     device: str = "auto"         # auto | cpu | cuda
     ckpt_every: int = 500
     keep_checkpoints: int = 3    # newest checkpoints kept; 0 keeps all
@@ -143,14 +149,16 @@ class Config:
 
 
 CHOICES = {
-    "train.schedule": ("cosine", "constant", "wsd"),
+    "train.schedule": ("cosine", "constant", "wsd", "exponential"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("none", "ddp", "deepspeed"),
     "train.attention": ("auto", "sdpa", "flex"),
+    "train.optimizer": ("adamw", "muon"),
+    "train.activation_checkpointing": ("none", "full", "every_n"),
 }
 POSITIVE = ("train.micro_batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_every", "data.seq_len",
-            "data.pack_window", "log.every")
+            "data.pack_window", "log.every", "train.activation_checkpointing_every")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
@@ -201,6 +209,11 @@ def validate(cfg: Config) -> list[str]:
         problems.append("lora.rank: must be 0 (off) or positive")
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
         problems.append(f"dist.zero_stage: {cfg.dist.zero_stage} is not 0, 1, 2 or 3")
+    if cfg.train.optimizer == "muon" and cfg.dist.backend == "deepspeed":
+        problems.append("train.optimizer=muon: DeepSpeed's ZeRO partitions each matrix over the ranks, and Muon "
+                        "orthogonalises whole matrices; use dist.backend=ddp (or train.optimizer=adamw)")
+    if cfg.train.optimizer == "muon" and cfg.lora.rank:
+        problems.append("train.optimizer=muon: LoRA adapters train with train.optimizer=adamw")
     problems.extend(cfg.model.validate())
     problems.extend(cfg.dpo.validate())
     return problems

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from .data import Batch, ShardSource, open_sources
 from .evaluation import evaluate
 from .losses import IGNORE
 from .metrics import MetricsLog, require_wandb
-from .model import ModelConfig, Transformer, router_losses
+from .model import ModelConfig, Transformer, forget_routing, router_losses
 from .optim import lr_at, make_optimizer
 from .plan import BatchPlan
 from .state import TrainState, check_identity, run_identity
@@ -114,7 +115,8 @@ class Run:
         return "bf16" if next(self.model.parameters()).dtype == torch.bfloat16 else "bf16-autocast"
 
 
-def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
+def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, fresh: bool = False) -> None:
+    """fresh: never resume — the checkpoints out_dir holds are removed first (training.lr_find's sweep)."""
     stage.check(cfg)  # before any process group or out_dir exists
     env = D.init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     if env.device.type == "cpu":
@@ -123,6 +125,8 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None) -> None:
     exit_code = 1  # what W&B is told if the run ends any other way than these
     try:
         lock = rundir.lock(cfg.out_dir, env)  # before anything in out_dir is read or written
+        if fresh:
+            D.from_rank0(env, lambda: shutil.rmtree(ckpt.checkpoints_dir(cfg.out_dir), ignore_errors=True))
         r = build_run(stage, cfg, env, hooks or Hooks())
         train(r)
         # Tear down in a fixed order while every rank is still here: the engine's hooks and buffers, then the
@@ -197,6 +201,7 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
         lora.apply(model, cfg.lora)
     model.to(env.device)
+    checkpoint_activations(model, cfg.train)
     optimizer = make_optimizer(model, cfg.train, env.device)
     precision = resolve_precision(cfg.train.precision, env.device)
     D.from_rank0(env, lambda: rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]),
@@ -389,6 +394,8 @@ def accumulate_gradients(stage: Stage, model, batches: list, env: D.DistEnv, aut
             model.step()  # applies the update (and clipping) only at the last micro-step
         else:
             scaled.backward()
+        if routed is not None:
+            forget_routing(bare)
         loss_sum += loss.detach()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach()
@@ -496,6 +503,14 @@ def resolve_vocab(model_cfg: ModelConfig, tokenizer_vocab: int, where: str) -> M
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the vocabulary of the tokenizer "
                         f"of {where} ({tokenizer_vocab})")
     return model_cfg
+
+
+def checkpoint_activations(model: Transformer, cfg) -> None:
+    """train.activation_checkpointing: the blocks whose activations the backward recomputes (torch.utils.checkpoint,
+    non-reentrant) — none, every one (full) or every activation_checkpointing_every-th (every_n, from the first)."""
+    every = {"none": 0, "full": 1, "every_n": cfg.activation_checkpointing_every}[cfg.activation_checkpointing]
+    for i, block in enumerate(model.layers):
+        block.checkpointed = bool(every) and i % every == 0
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -256,7 +257,8 @@ class MoE(nn.Module):
         if moe.shared_experts:
             self.shared = FeedForward(cfg, hidden=moe.shared_experts * hidden)
             self.shared_gate = nn.Linear(cfg.dim, 1, bias=False)
-        self.routing: Routing | None = None  # set by a forward with gradients, taken by router_losses()
+        self.routing: Routing | None = None  # set by a forward with gradients, taken by router_losses(); a block's
+                                             # recomputation in the backward sets it again: forget_routing()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -311,6 +313,13 @@ def router_losses(model: nn.Module, positions: torch.Tensor | None, cfg: MoEConf
     return cfg.aux_loss_coef * aux + cfg.z_loss_coef * z, {"moe_aux": aux.detach(), "moe_z": z.detach()}, loads
 
 
+def forget_routing(model: nn.Module) -> None:
+    """Drop what the backward's recomputation (activation checkpointing) recorded: it would hold its graph."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.routing = None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -318,8 +327,14 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else FeedForward(cfg)
+        self.checkpointed = False  # activations recomputed in the backward instead of kept (train.activation_checkpointing)
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        if self.checkpointed and torch.is_grad_enabled() and cache is None:
+            return checkpoint(self.compute, x, cos, sin, None, layer, mask, use_reentrant=False)
+        return self.compute(x, cos, sin, cache, layer, mask)
+
+    def compute(self, x, cos, sin, cache, layer, mask):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 

@@ -73,6 +73,7 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
         "init_from": os.path.realpath(cfg.init_from) if cfg.init_from else None,
         "dist.backend": "deepspeed" if cfg.dist.backend == "deepspeed" else "ddp",  # none and ddp save alike
         "dist.zero_stage": cfg.dist.zero_stage if cfg.dist.backend == "deepspeed" else None,
+        "train.optimizer": cfg.train.optimizer,  # a resume continues the same optimizer's state
     }
     if stage == "dpo":
         identity.update({"dpo.loss": cfg.dpo.loss, "dpo.beta": cfg.dpo.beta,
@@ -89,7 +90,7 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
 
 # settings recorded since a version that could only run them one way: a checkpoint without them ran that way
 RECORDED_LATER = {"data.packing": 0, "data.document_mask": False, "dpo.loss": "sigmoid", "dpo.label_smoothing": 0.0,
-                  "dpo.rpo_alpha": 0.0,
+                  "dpo.rpo_alpha": 0.0, "train.optimizer": "adamw",
                   **{f"model.moe.{f.name}": f.default for f in dataclasses.fields(MoEConfig)}}
 
 

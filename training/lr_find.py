@@ -1,0 +1,160 @@
+"""Learning-rate range test: the config's own stage, data and model, trained from its starting weights while the
+learning rate grows exponentially from --min-lr to --max-lr over --steps steps; the loss against the learning
+rate as a plot, and a suggested train.lr.
+
+    python -m training.lr_find --config FILE [--min-lr 1e-5] [--max-lr 1] [--steps 200] [--out DIR] [key.sub=value ...]
+    torchrun --nproc_per_node N -m training.lr_find --config FILE ...
+
+The stage is the one the data's shards are for (pretrain, sft, dpo, kto). Everything else is the config's —
+batch, accumulation, precision, clipping, backend, init_from, LoRA — except the schedule, the step count, and
+evaluation and sampling, which are off. The sweep runs in DIR (default: OUT_DIR/lr_find), a run directory of its
+own: out_dir's checkpoints are never read or written, and each sweep starts afresh. DIR gets lr_find.png,
+lr_find.json (every step's lr and loss, the smoothed loss, the suggestion) and the sweep's metrics.jsonl.
+
+The suggestion: the loss is smoothed (an exponential moving average, 0.98, bias-corrected); the sweep is read up
+to where the smoothed loss first exceeds 4x its minimum (divergence); the suggested rate is the one at the
+minimum of the smoothed loss divided by 10 — the largest rate that still lowers the loss, with the margin that
+a whole run (warmup, then a long stable phase) needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+
+from preprocess.errors import UserError, exit_code
+
+SMOOTHING = 0.98
+DIVERGED = 4.0
+MARGIN = 10.0
+
+
+def smoothed(losses: list[float]) -> list[float]:
+    """Exponential moving average with bias correction (NaN and inf end the usable part: see suggest)."""
+    out, average = [], 0.0
+    for i, loss in enumerate(losses, 1):
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        out.append(average / (1 - SMOOTHING ** i))
+    return out
+
+
+def suggest(lrs: list[float], losses: list[float]) -> dict:
+    """The suggested learning rate and what it was read from (see the module's docstring)."""
+    curve = smoothed(losses)
+    usable = len(curve)
+    best = math.inf
+    for i, value in enumerate(curve):
+        if not math.isfinite(value) or value > DIVERGED * best:
+            usable = i
+            break
+        best = min(best, value)
+    if usable < 2:
+        raise UserError(f"the loss diverged at once (learning rate {lrs[0]:.3g}); lower --min-lr")
+    at = min(range(usable), key=curve.__getitem__)
+    if at == usable - 1 and usable == len(curve):
+        rule = "the loss was still falling at --max-lr: raise it for a sharper reading"
+    else:
+        rule = f"the smoothed loss is lowest at {lrs[at]:.3g}; its tenth"
+    return {"lr": lrs[at] / MARGIN, "lowest_at": lrs[at], "diverged_at": lrs[usable] if usable < len(lrs) else None,
+            "rule": rule, "smoothed": curve}
+
+
+def plot(path: str, lrs: list[float], losses: list[float], found: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss")
+    ax.plot(lrs, found["smoothed"], color="C0", label="smoothed")
+    ax.axvline(found["lr"], color="C2", linestyle="--", label=f"suggested train.lr {found['lr']:.2g}")
+    ax.axvline(found["lowest_at"], color="C1", linestyle=":", label=f"lowest {found['lowest_at']:.2g}")
+    ax.set_xscale("log")
+    finite = [v for v in found["smoothed"] if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) - 0.1 * (max(finite) - min(finite)), min(max(finite), DIVERGED * min(finite)))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stage_of(cfg):
+    """The stage module whose shards data.path holds (the first source's kind)."""
+    from preprocess.shards import read_manifest
+
+    from .config import data_sources
+
+    path = data_sources(cfg.data)[0][1]
+    kind = read_manifest(path)["kind"]
+    return importlib.import_module(f".{kind}", __package__)
+
+
+def sweep_overrides(args, out: str) -> list[str]:
+    return [f"out_dir={out}", "train.schedule=exponential", f"train.lr={args.max_lr}",
+            f"train.min_lr_ratio={args.min_lr / args.max_lr}", "train.warmup_steps=0", f"train.max_steps={args.steps}",
+            "train.eval_every=0", f"train.ckpt_every={args.steps}", "train.keep_checkpoints=1", "log.every=1",
+            f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null"]
+
+
+def main(argv=None) -> int:
+    from .distributed import ranks_from_env, run_command
+
+    p = argparse.ArgumentParser(prog="python -m training.lr_find", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--max-lr", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--out", help="the sweep's directory (default: OUT_DIR/lr_find)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = p.parse_args(argv)
+    if not 0 < args.min_lr < args.max_lr:
+        p.error("need 0 < --min-lr < --max-lr")
+    if args.steps < 10:
+        p.error("--steps: at least 10")
+    rank = ranks_from_env()[0]
+
+    def find() -> None:
+        import shutil
+
+        from . import checkpoint as ckpt
+        from .config import load_config
+        from .loop import run
+
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or os.path.join(cfg.out_dir, "lr_find")
+        if os.path.realpath(out) == os.path.realpath(cfg.out_dir):
+            raise UserError(f"--out {out}: is out_dir itself; the sweep needs a directory of its own")
+        module = stage_of(cfg)
+        sweep = load_config(args.config, [*args.overrides, *sweep_overrides(args, out)])
+        run(module.make_stage(sweep), sweep, fresh=True)
+        if rank != 0:
+            return
+        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)  # weights trained at absurd rates: of no use
+        lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        steps = [r for r in lines if "loss" in r]
+        lrs, losses = [r["lr"] for r in steps], [r["loss"] for r in steps]
+        found = suggest(lrs, losses)
+        plot(os.path.join(out, "lr_find.png"), lrs, losses, found)
+        with open(os.path.join(out, "lr_find.json"), "w") as f:
+            json.dump({"suggested_lr": found["lr"], "rule": found["rule"], "lowest_at": found["lowest_at"],
+                       "diverged_at": found["diverged_at"], "lr": lrs, "loss": losses, "smoothed": found["smoothed"],
+                       "stage": module.__name__.rsplit(".", 1)[-1], "config_lr": cfg.train.lr}, f, indent=1)
+        diverged = f", diverged from {found['diverged_at']:.3g}" if found["diverged_at"] else ""
+        print(f"lr_find: suggested train.lr={found['lr']:.3g} ({found['rule']}{diverged}; the config has "
+              f"{cfg.train.lr:.3g}) → {out}/lr_find.png", flush=True)
+
+    return run_command(lambda: exit_code(find))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
