@@ -79,9 +79,9 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             run("training.pretrain", [f"data.path={shards}", f"out_dir={out}", f"seed={seed}", f"train.lr={lr}",
                                       f"train.max_steps={args.fixed_steps}", "train.schedule=constant",
-                                      "train.eval_every=0", f"train.ckpt_every={args.fixed_steps}"])
+                                      "train.eval_every=0", f"train.ckpt_every={args.fixed_steps}", "log.every=1"])
             lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
-            fixed[lr] = sum(r["loss"] for r in lines[-10:]) / len(lines[-10:])
+            fixed[lr] = sum(r["loss"] for r in lines[-10:]) / len(lines[-10:])  # the last 10 steps
         fixed_seconds = time.perf_counter() - start
         best_fixed = min(fixed, key=fixed.get)
         results = {name: train(shards, os.path.join(args.out, f"{name}-{seed}"), seed, lr, args.steps)

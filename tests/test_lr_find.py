@@ -15,14 +15,14 @@ from conftest import CHAT, DPO_CONFIG, FAST, REPO, SFT_CONFIG, TINY_CONFIG
 from training.lr_find import suggest
 
 
-def test_the_suggestion_is_a_tenth_of_the_rate_at_the_lowest_smoothed_loss_before_divergence():
+def test_the_suggestion_is_the_knee_of_the_smoothed_loss_before_divergence():
     lrs = [1e-5 * 10 ** (6 * i / 299) for i in range(300)]  # 1e-5 .. 10
-    # falls until 1e-2, then rises, then explodes past 1
-    losses = [5 - 3 * min(1.0, math.log10(lr / 1e-5) / 3) + max(0.0, math.log10(lr / 1e-2)) * 2
-              + (math.inf if lr > 1 else 0) for lr in lrs]
+    # falls by 3 nats until 1e-2 (linearly in log lr), flat with noise up to 1e-1, rises, then explodes past 1
+    losses = [5 - 3 * min(1.0, math.log10(lr / 1e-5) / 3) + 0.05 * math.sin(i) + max(0.0, math.log10(lr / 1e-1)) * 2
+              + (math.inf if lr > 1 else 0) for i, lr in enumerate(lrs)]
     found = suggest(lrs, losses)
-    assert 1e-2 <= found["lowest_at"] <= 3e-2  # the smoothing lags the raw minimum a little
-    assert found["lr"] == pytest.approx(found["lowest_at"] / 10)
+    assert 1.2e-2 <= found["lowest_at"] <= 1e-1  # somewhere on the flat stretch: noise decides where
+    assert 6e-3 <= found["lr"] <= 9e-3  # 95% of the 3-nat fall: 10 ** (-5 + 0.95 * 3) = 7.1e-3
     assert found["diverged_at"] == min(lr for lr in lrs if lr > 1)  # the first non-finite loss
     still_falling = suggest(lrs[:100], [5 - i / 100 for i in range(100)])
     assert "still falling" in still_falling["rule"] and still_falling["diverged_at"] is None

@@ -145,3 +145,24 @@ def test_moe_settings_are_checked_by_key():
                           ("model.moe.aux_loss_coef=-1", "model.moe.aux_loss_coef")):
         with pytest.raises(UserError, match=key):
             load_config(TINY_CONFIG, ["model.moe.experts=4", override])
+
+
+def test_router_losses_of_padded_rows_add_up_the_same_however_the_rows_are_split():
+    """The padded layouts (SFT, DPO, KTO rows without packing): a sum over positions holding a token, so any split
+    of the rows over micro-batches or processes sums to the whole batch's."""
+    model = moe_model(experts=4, top_k=2, z_loss_coef=0.1).train()
+    tokens = torch.randint(0, SMALL.vocab_size, (4, 20), generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(20).expand(4, 20) < torch.tensor([[20], [13], [7], [16]])  # right padding
+    model(tokens)
+    whole = router_losses(model, positions, model.cfg.moe)
+    parts = []
+    for rows in (slice(0, 1), slice(1, 4)):
+        model(tokens[rows])
+        parts.append(router_losses(model, positions[rows], model.cfg.moe))
+    assert parts[0][0].item() + parts[1][0].item() == pytest.approx(whole[0].item(), rel=1e-6)
+    for key in ("moe_aux", "moe_z"):
+        assert parts[0][1][key].item() + parts[1][1][key].item() == pytest.approx(whole[1][key].item(), rel=1e-6)
+    assert torch.equal(parts[0][2][1] + parts[1][2][1], whole[2][1]) and whole[2][1].sum().item() == 2 * 56
+    # padding changes nothing: the same rows with other tokens in their padding give the same losses
+    model(torch.where(positions, tokens, 0))
+    assert router_losses(model, positions, model.cfg.moe)[0].item() == pytest.approx(whole[0].item(), rel=1e-6)

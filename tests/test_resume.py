@@ -41,10 +41,12 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
     """Each segment is stopped as a preemption stops it (SIGTERM: checkpoint at the step boundary), then run
     again on another number of processes; DeepSpeed converts its partitioned checkpoint to a universal one.
     DDP trains with Muon (its momentum is the state to restore); ZeRO-3 runs a mixture-of-experts block beside a
-    dense one: its stacked experts are partitioned too."""
+    dense one (its stacked experts are partitioned too), the first block's activations recomputed in the backward
+    (ZeRO-3 gathers the weights again for the recomputation)."""
     if backend != "ddp" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (the dev extra installs it)")
-    moe = ["model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1"] if backend == "zero3" else []
+    moe = ["model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1",
+           "train.activation_checkpointing=every_n"] if backend == "zero3" else []
     muon = ["train.optimizer=muon"] if backend == "ddp" else []
     common = [f"data.path={pretrain_shards}", "train.max_steps=8", "train.precision=fp32", "train.ckpt_every=100",
               *(BACKENDS[backend] if backend != "zero3" else zero3), *moe, *muon]

@@ -43,7 +43,7 @@ class TrainConfig:
     max_steps: int = 1000
     lr: float = 3e-4
     min_lr_ratio: float = 0.1    # the schedule decays to lr * min_lr_ratio
-    schedule: str = "cosine"     # cosine | constant | wsd (warmup, stable, then linear decay) | exponential
+    schedule: str = "cosine"     # cosine | constant | wsd (warmup, stable, then linear decay) | range_test
                                  # (training.lr_find's sweep: from lr * min_lr_ratio up to lr)
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying
@@ -149,7 +149,7 @@ class Config:
 
 
 CHOICES = {
-    "train.schedule": ("cosine", "constant", "wsd", "exponential"),
+    "train.schedule": ("cosine", "constant", "wsd", "range_test"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("none", "ddp", "deepspeed"),
@@ -209,6 +209,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append("lora.rank: must be 0 (off) or positive")
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
         problems.append(f"dist.zero_stage: {cfg.dist.zero_stage} is not 0, 1, 2 or 3")
+    if not 0 <= cfg.train.muon_momentum < 1:
+        problems.append("train.muon_momentum: must be in [0, 1)")
     if cfg.train.optimizer == "muon" and cfg.dist.backend == "deepspeed":
         problems.append("train.optimizer=muon: DeepSpeed's ZeRO partitions each matrix over the ranks, and Muon "
                         "orthogonalises whole matrices; use dist.backend=ddp (or train.optimizer=adamw)")

@@ -2,7 +2,7 @@
 the tokenizer.
 
 A mixture-of-experts model is a Mixtral when every block is MoE without shared experts, else a Qwen2-MoE (its
-dense blocks every model.moe.every-th, its sigmoid-gated shared expert; zero query/key/value biases). Both route
+dense blocks between every model.moe.every-th, its sigmoid-gated shared expert; qkv_bias=False). Both route
 as ours: softmax, top-k, the k weights renormalised. On disk their experts are one tensor per expert; in memory
 transformers 5 stacks them as ours does.
 

@@ -32,7 +32,7 @@ from .data import Batch, ShardSource, open_sources
 from .evaluation import evaluate
 from .losses import IGNORE
 from .metrics import MetricsLog, require_wandb
-from .model import ModelConfig, Transformer, forget_routing, router_losses
+from .model import ModelConfig, MoE, Transformer, forget_routing, grouped_mm_works, router_losses
 from .optim import lr_at, make_optimizer
 from .plan import BatchPlan
 from .state import TrainState, check_identity, run_identity
@@ -172,13 +172,17 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     elif cfg.init_from:
         model_cfg = ckpt.model_config(init_from["path"])
         if env.is_main:
-            print(f"model: from {init_from['path']} (model.* of this config is not used)", flush=True)
+            print(f"model: from {init_from['path']} (model.* of this config is not used, but for "
+                  "model.moe.aux_loss_coef and z_loss_coef)", flush=True)
     else:
         model_cfg = resolve_vocab(cfg.model, sources[0].tokenizer["vocab_size"], sources[0].path)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         where = f"the model of init_from {cfg.init_from}" if cfg.init_from else "model.max_seq_len"
         raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the context of {where} "
                         f"({model_cfg.max_seq_len} tokens); lower data.seq_len")
+    if cfg.init_from:  # the router losses are this run's to weigh, not the starting model's
+        model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(
+            model_cfg.moe, aux_loss_coef=cfg.model.moe.aux_loss_coef, z_loss_coef=cfg.model.moe.z_loss_coef))
     cfg = dataclasses.replace(cfg, model=model_cfg)
     identity = run_identity(stage.name, cfg, list(zip(sources, weights, strict=True)), model_cfg)
     plan = BatchPlan.of(cfg.train, env.world_size, env.rank)
@@ -204,6 +208,7 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     checkpoint_activations(model, cfg.train)
     optimizer = make_optimizer(model, cfg.train, env.device)
     precision = resolve_precision(cfg.train.precision, env.device)
+    choose_expert_matmul(model, env.device, precision)
     D.from_rank0(env, lambda: rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]),
                                             state.step))
     if cfg.log.wandb:
@@ -511,6 +516,15 @@ def checkpoint_activations(model: Transformer, cfg) -> None:
     every = {"none": 0, "full": 1, "every_n": cfg.activation_checkpointing_every}[cfg.activation_checkpointing]
     for i, block in enumerate(model.layers):
         block.checkpointed = bool(every) and i % every == 0
+
+
+def choose_expert_matmul(model: Transformer, device: torch.device, precision: str) -> None:
+    """Whether MoE blocks use torch's grouped matmul or one matmul per expert: decided once, outside any compiled
+    code (finding out runs a small backward)."""
+    works = grouped_mm_works(device.type, torch.bfloat16 if precision == "bf16" else torch.float32)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.grouped = works
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

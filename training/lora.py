@@ -30,7 +30,9 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     unknown = sorted(set(cfg.targets) - names)
     if unknown or not cfg.targets:
-        raise UserError(f"lora.targets: {unknown or '[]'} names no linear layer; choose from {sorted(names)}")
+        experts = " (the experts of MoE blocks take no adapters)" if any(t in ("w1", "w2", "w3") for t in unknown) and \
+            any(type(m).__name__ == "MoE" for m in model.modules()) else ""
+        raise UserError(f"lora.targets: {unknown or '[]'} names no linear layer{experts}; choose from {sorted(names)}")
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets))
     inject_adapter_in_model(config, model)
     return model

@@ -11,15 +11,20 @@ evaluation and sampling, which are off. The sweep runs in DIR (default: OUT_DIR/
 own: out_dir's checkpoints are never read or written, and each sweep starts afresh. DIR gets lr_find.png,
 lr_find.json (every step's lr and loss, the smoothed loss, the suggestion) and the sweep's metrics.jsonl.
 
-The suggestion: the loss is smoothed (an exponential moving average, 0.98, bias-corrected); the sweep is read up
-to where the smoothed loss first exceeds 4x its minimum (divergence); the suggested rate is the one at the
-minimum of the smoothed loss divided by 10 — the largest rate that still lowers the loss, with the margin that
-a whole run (warmup, then a long stable phase) needs.
+The suggestion: the loss is smoothed by a centred moving average over 5% of the sweep (centred: an exponential
+average lags the rate it reports, by a quarter of a 200-step sweep at the usual 0.98); the sweep is read up to
+where the smoothed loss is back above its starting value, or stops being finite (divergence: scale-free, so it
+reads a DPO loss near 0 as it reads a language model's near 8); the
+suggested rate is the smallest at which the smoothed loss has made 95% of its fall from the first step to its
+lowest point — the knee, past which a higher rate no longer lowers the loss. (The rate at the lowest point is
+not: the loss often lies flat over a decade or more of rates, and its lowest point there is noise — on the tiny
+preset it moved from 0.005 to 0.09 with the seed; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -28,39 +33,39 @@ import sys
 
 from preprocess.errors import UserError, exit_code
 
-SMOOTHING = 0.98
-DIVERGED = 4.0
-MARGIN = 10.0
+MARKER = "lr_find.sweep"  # in a sweep's directory: its checkpoints may be removed
+WINDOW = 0.05   # of the sweep's steps, for the moving average
+FALL = 0.95     # of the smoothed loss's fall, at the suggested rate
 
 
 def smoothed(losses: list[float]) -> list[float]:
-    """Exponential moving average with bias correction (NaN and inf end the usable part: see suggest)."""
-    out, average = [], 0.0
-    for i, loss in enumerate(losses, 1):
-        average = SMOOTHING * average + (1 - SMOOTHING) * loss
-        out.append(average / (1 - SMOOTHING ** i))
-    return out
+    """Centred moving average over WINDOW of the steps (fewer at the ends)."""
+    half = max(2, round(WINDOW * len(losses) / 2))
+    return [sum(losses[max(0, i - half):i + half + 1]) / len(losses[max(0, i - half):i + half + 1])
+            for i in range(len(losses))]
 
 
 def suggest(lrs: list[float], losses: list[float]) -> dict:
     """The suggested learning rate and what it was read from (see the module's docstring)."""
-    curve = smoothed(losses)
-    usable = len(curve)
-    best = math.inf
-    for i, value in enumerate(curve):
-        if not math.isfinite(value) or value > DIVERGED * best:
-            usable = i
-            break
-        best = min(best, value)
+    finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+    curve = smoothed(losses[:finite])
+    usable = next((i for i, value in enumerate(curve) if i and value > curve[0]), finite)
     if usable < 2:
         raise UserError(f"the loss diverged at once (learning rate {lrs[0]:.3g}); lower --min-lr")
-    at = min(range(usable), key=curve.__getitem__)
-    if at == usable - 1 and usable == len(curve):
-        rule = "the loss was still falling at --max-lr: raise it for a sharper reading"
+    lowest = min(range(usable), key=curve.__getitem__)
+    target = curve[lowest] + (1 - FALL) * (curve[0] - curve[lowest])
+    knee = next(i for i in range(lowest + 1) if curve[i] <= target)
+    if lowest == usable - 1 and usable == len(losses):
+        rule = "the loss was still falling at --max-lr: raise it for a reading"
     else:
-        rule = f"the smoothed loss is lowest at {lrs[at]:.3g}; its tenth"
-    return {"lr": lrs[at] / MARGIN, "lowest_at": lrs[at], "diverged_at": lrs[usable] if usable < len(lrs) else None,
-            "rule": rule, "smoothed": curve}
+        rule = f"{FALL:.0%} of the smoothed loss's fall, which is lowest at {lrs[lowest]:.3g}"
+    return {"lr": lrs[knee], "lowest_at": lrs[lowest], "diverged_at": lrs[usable] if usable < len(lrs) else None,
+            "rule": rule, "smoothed": curve + [math.nan] * (len(losses) - len(curve))}
+
+
+def finite_or_none(values: list[float]) -> list[float | None]:
+    """JSON has no NaN or infinity."""
+    return [v if math.isfinite(v) else None for v in values]
 
 
 def plot(path: str, lrs: list[float], losses: list[float], found: dict) -> None:
@@ -77,7 +82,8 @@ def plot(path: str, lrs: list[float], losses: list[float], found: dict) -> None:
     ax.set_xscale("log")
     finite = [v for v in found["smoothed"] if math.isfinite(v)]
     if finite:
-        ax.set_ylim(min(finite) - 0.1 * (max(finite) - min(finite)), min(max(finite), DIVERGED * min(finite)))
+        span = max(finite[0] - min(finite), 1e-6)
+        ax.set_ylim(min(finite) - 0.1 * span, finite[0] + 0.5 * span)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     ax.legend()
@@ -98,7 +104,7 @@ def stage_of(cfg):
 
 
 def sweep_overrides(args, out: str) -> list[str]:
-    return [f"out_dir={out}", "train.schedule=exponential", f"train.lr={args.max_lr}",
+    return [f"out_dir={out}", "train.schedule=range_test", f"train.lr={args.max_lr}",
             f"train.min_lr_ratio={args.min_lr / args.max_lr}", "train.warmup_steps=0", f"train.max_steps={args.steps}",
             "train.eval_every=0", f"train.ckpt_every={args.steps}", "train.keep_checkpoints=1", "log.every=1",
             f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null"]
@@ -134,8 +140,17 @@ def main(argv=None) -> int:
         out = args.out or os.path.join(cfg.out_dir, "lr_find")
         if os.path.realpath(out) == os.path.realpath(cfg.out_dir):
             raise UserError(f"--out {out}: is out_dir itself; the sweep needs a directory of its own")
+        if os.path.isdir(ckpt.checkpoints_dir(out)) and not os.path.isfile(os.path.join(out, MARKER)):
+            raise UserError(f"--out {out}: holds checkpoints of a run that is not a sweep; a sweep starts afresh "
+                            "and would remove them — give a directory of its own")
         module = stage_of(cfg)
         sweep = load_config(args.config, [*args.overrides, *sweep_overrides(args, out)])
+        if rank == 0:  # what an earlier sweep left would pass for this one's if this one fails
+            os.makedirs(out, exist_ok=True)
+            for name in ("lr_find.json", "lr_find.png"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
+            open(os.path.join(out, MARKER), "w").close()
         run(module.make_stage(sweep), sweep, fresh=True)
         if rank != 0:
             return
@@ -147,7 +162,8 @@ def main(argv=None) -> int:
         plot(os.path.join(out, "lr_find.png"), lrs, losses, found)
         with open(os.path.join(out, "lr_find.json"), "w") as f:
             json.dump({"suggested_lr": found["lr"], "rule": found["rule"], "lowest_at": found["lowest_at"],
-                       "diverged_at": found["diverged_at"], "lr": lrs, "loss": losses, "smoothed": found["smoothed"],
+                       "diverged_at": found["diverged_at"], "lr": lrs, "loss": finite_or_none(losses),
+                       "smoothed": finite_or_none(found["smoothed"]),
                        "stage": module.__name__.rsplit(".", 1)[-1], "config_lr": cfg.train.lr}, f, indent=1)
         diverged = f", diverged from {found['diverged_at']:.3g}" if found["diverged_at"] else ""
         print(f"lr_find: suggested train.lr={found['lr']:.3g} ({found['rule']}{diverged}; the config has "

@@ -211,24 +211,27 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by expert (counts[e] rows for expert e) times each expert's w[e].T: (rows, out)."""
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+    """Rows of x sorted by expert (counts[e] rows for expert e) times each expert's w[e].T: (rows, out). grouped:
+    whether torch's grouped matmul serves this device and dtype (None: find out, which compiled code cannot)."""
     if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast as it would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    if grouped_mm_works(x.device.type, x.dtype):
+    if grouped if grouped is not None else grouped_mm_works(x.device.type, x.dtype):
         return F.grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
     return torch.cat([rows @ w[e].T for e, rows in enumerate(x.split(counts.tolist()))])  # a loop over experts
 
 
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this torch has a grouped matmul for the device and dtype (CUDA's needs bf16 and a recent GPU)."""
+    """Whether this torch has a grouped matmul for the device and dtype (CUDA's needs bf16 and a recent GPU). A
+    forward alone, without autocast or gradients: the same answer inside evaluation, a checkpointed block's
+    recomputation or a reference model's no_grad forward as outside."""
     try:
-        x = torch.ones(4, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        F.grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], device=device_type, dtype=torch.int32)).backward(
-            torch.ones(4, 16, device=device_type, dtype=dtype))
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            x = torch.ones(4, 16, device=device_type, dtype=dtype)
+            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
+            F.grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], device=device_type, dtype=torch.int32))
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -257,6 +260,7 @@ class MoE(nn.Module):
         if moe.shared_experts:
             self.shared = FeedForward(cfg, hidden=moe.shared_experts * hidden)
             self.shared_gate = nn.Linear(cfg.dim, 1, bias=False)
+        self.grouped: bool | None = None  # whether grouped_mm serves the run's device and dtype (set by the loop)
         self.routing: Routing | None = None  # set by a forward with gradients, taken by router_losses(); a block's
                                              # recomputation in the backward sets it again: forget_routing()
 
@@ -270,10 +274,12 @@ class MoE(nn.Module):
             self.routing = Routing(logits.view(b, t, -1), chosen.view(b, t, -1))
         # every (token, choice) slot, sorted by expert: each expert's rows are contiguous
         order = chosen.flatten().argsort(stable=True)
-        counts = torch.bincount(chosen.flatten(), minlength=self.experts)
+        counts = torch.zeros(self.experts, dtype=torch.long, device=x.device).index_add_(  # no data-dependent size
+            0, chosen.flatten(), torch.ones_like(chosen.flatten()))
         rows = flat[order // self.top_k]
-        hidden = F.silu(grouped_matmul(rows, self.w1, counts)) * grouped_matmul(rows, self.w3, counts)
-        out = grouped_matmul(hidden, self.w2, counts)
+        hidden = F.silu(grouped_matmul(rows, self.w1, counts, self.grouped)) * \
+            grouped_matmul(rows, self.w3, counts, self.grouped)
+        out = grouped_matmul(hidden, self.w2, counts, self.grouped)
         # back to (token, choice) order and weighted; the k outputs of a token summed in a fixed order
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(-1, self.top_k, d)
         out = (unsorted * weights.unsqueeze(-1).to(unsorted.dtype)).sum(dim=1)
@@ -282,7 +288,7 @@ class MoE(nn.Module):
         return out.view(b, t, d).to(x.dtype)
 
 
-def router_losses(model: nn.Module, positions: torch.Tensor | None, cfg: MoEConfig):
+def router_losses(model: Transformer, positions: torch.Tensor | None, cfg: MoEConfig):
     """The routers' losses of the last training forward, as a sum over its positions (the loop divides by the
     positions of the global batch), their metrics, and each MoE layer's tokens per expert; None when no MoE layer
     ran a training forward. `positions` (batch, seq) marks those
@@ -292,8 +298,8 @@ def router_losses(model: nn.Module, positions: torch.Tensor | None, cfg: MoEConf
     probability): E * sum_i f_ri P_ri, which is 1 when balanced; summed over rows weighted by their tokens. Per row
     rather than per batch, so that the loss is the same however rows are split over micro-batches and processes.
     Both losses are averaged over the MoE layers (a coefficient means the same at any depth)."""
-    layers = {int(name.split(".")[1]): m for name, m in model.named_modules()
-              if isinstance(m, MoE) and m.routing is not None}  # layers.{i}.feed_forward
+    layers = {i: block.feed_forward for i, block in enumerate(model.layers)
+              if isinstance(block.feed_forward, MoE) and block.feed_forward.routing is not None}
     if not layers:
         return None
     aux = z = 0.0
@@ -302,7 +308,8 @@ def router_losses(model: nn.Module, positions: torch.Tensor | None, cfg: MoEConf
         routing, layer.routing = layer.routing, None
         mask = (torch.ones(routing.chosen.shape[:2], device=routing.chosen.device) if positions is None
                 else positions.to(routing.chosen.device).float())
-        slots = F.one_hot(routing.chosen, layer.experts).sum(dim=2).float() * mask.unsqueeze(-1)  # (b, t, E)
+        slots = torch.zeros(*routing.chosen.shape[:2], layer.experts, device=mask.device).scatter_add_(
+            2, routing.chosen, torch.ones_like(routing.chosen, dtype=torch.float)) * mask.unsqueeze(-1)  # (b, t, E)
         probs = routing.logits.softmax(dim=-1) * mask.unsqueeze(-1)
         tokens = mask.sum(dim=1, keepdim=True).clamp(min=1)                                    # (b, 1)
         share = slots.sum(dim=1) / (layer.top_k * tokens)                                     # f, (b, E)
@@ -310,7 +317,10 @@ def router_losses(model: nn.Module, positions: torch.Tensor | None, cfg: MoEConf
         z = z + (torch.logsumexp(routing.logits, dim=-1).square() * mask).sum()
         loads[i] = slots.sum(dim=(0, 1)).detach()
     aux, z = aux / len(layers), z / len(layers)
-    return cfg.aux_loss_coef * aux + cfg.z_loss_coef * z, {"moe_aux": aux.detach(), "moe_z": z.detach()}, loads
+    loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+    if not any(layer.router.weight.requires_grad for layer in layers.values()):
+        loss = loss.detach()  # frozen routers (LoRA): the losses would only push the adapters below them around
+    return loss, {"moe_aux": aux.detach(), "moe_z": z.detach()}, loads
 
 
 def forget_routing(model: nn.Module) -> None:

@@ -107,8 +107,8 @@ class CombinedOptimizer:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine, constant or WSD; or the
-    learning-rate range test's sweep (exponential: lr * min_lr_ratio at the first step to lr at the last)."""
-    if cfg.schedule == "exponential":
+    learning-rate range test's sweep (range_test: exponentially from lr * min_lr_ratio at the first step to lr at the last)."""
+    if cfg.schedule == "range_test":
         return cfg.lr * cfg.min_lr_ratio ** (1 - step / max(1, cfg.max_steps - 1))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
