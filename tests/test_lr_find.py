@@ -63,10 +63,14 @@ def test_pretrain_sft_and_dpo_sweeps_suggest_a_rate_and_leave_out_dirs_checkpoin
         assert (run / "lr_find" / "lr_find.png").stat().st_size > 10_000
         assert not (run / "lr_find" / "checkpoints").exists()
         assert digests(run / "checkpoints") == before, stage  # the run's own checkpoints: untouched
-    # a sweep starts afresh, also where a killed one left a checkpoint (here: the SFT run's, which it would refuse
-    # to resume as DPO): the same losses again
+    # a second sweep starts afresh: the same losses again
     first = json.load(open(run / "lr_find" / "lr_find.json"))["loss"]
-    shutil.copytree(run / "checkpoints", run / "lr_find" / "checkpoints")
     lr_find("--config", DPO_CONFIG, "--steps", "30", "--min-lr", "1e-5", "--max-lr", "3", f"out_dir={run}",
             *sweeps["dpo"][1])
     assert json.load(open(run / "lr_find" / "lr_find.json"))["loss"] == first
+    # a directory holding a run's checkpoints is refused, in one line, before any work
+    proc = subprocess.run([sys.executable, "-m", "training.lr_find", "--config", DPO_CONFIG, "--out", str(run),
+                           f"out_dir={tmp_path / 'other'}", *sweeps["dpo"][1]], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 1 and "holds a run's checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+    assert digests(run / "checkpoints") == before

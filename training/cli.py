@@ -24,9 +24,7 @@ def main(name: str, make_stage, argv=None, hooks=None) -> int:
 
 
 def _main(name: str, make_stage, argv, hooks) -> int:
-    import torch.distributed as dist
-
-    from .loop import Stopped, run
+    from .loop import run
 
     p = argparse.ArgumentParser(prog=f"python -m training.{name}",
                                 description=f"{name}: --config FILE, then dotted overrides such as "
@@ -35,14 +33,25 @@ def _main(name: str, make_stage, argv, hooks) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by some launchers
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
-    rank, world, _, _ = ranks_from_env()
-    who = "" if world == 1 else f" (rank {rank})"
     def load_and_run():
         cfg = load_config(args.config, args.overrides)
         run(make_stage(cfg), cfg, hooks)
 
+    return run_reporting(load_and_run)
+
+
+def run_reporting(action) -> int:
+    """action() under the command line's rules: a user mistake or the environment is one line (naming the rank
+    when there are several), a stop signal exits 128 + its number after its checkpoint, a lost peer or a timed-out
+    collective is one line instead of a C++ trace, ^C says how to resume."""
+    import torch.distributed as dist
+
+    from .loop import Stopped
+
+    rank, world, _, _ = ranks_from_env()
+    who = "" if world == 1 else f" (rank {rank})"
     try:
-        return exit_code(load_and_run, who)  # user mistakes and the environment: one line
+        return exit_code(action, who)
     except Stopped as e:
         if rank == 0:
             print(e, file=sys.stderr)

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -115,8 +114,9 @@ class Run:
         return "bf16" if next(self.model.parameters()).dtype == torch.bfloat16 else "bf16-autocast"
 
 
-def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, fresh: bool = False) -> None:
-    """fresh: never resume — the checkpoints out_dir holds are removed first (training.lr_find's sweep)."""
+def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, saves: bool = True) -> None:
+    """saves=False: no checkpoint is written, not even at the end or on a stop signal (training.lr_find's sweep,
+    whose weights are of no use)."""
     stage.check(cfg)  # before any process group or out_dir exists
     env = D.init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     if env.device.type == "cpu":
@@ -125,10 +125,8 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, fresh: bool = Fal
     exit_code = 1  # what W&B is told if the run ends any other way than these
     try:
         lock = rundir.lock(cfg.out_dir, env)  # before anything in out_dir is read or written
-        if fresh:
-            D.from_rank0(env, lambda: shutil.rmtree(ckpt.checkpoints_dir(cfg.out_dir), ignore_errors=True))
         r = build_run(stage, cfg, env, hooks or Hooks())
-        train(r)
+        train(r, saves)
         # Tear down in a fixed order while every rank is still here: the engine's hooks and buffers, then the
         # process group (and cli.main ends the process without the interpreter's teardown: D.exit_process).
         D.barrier(env)
@@ -241,8 +239,8 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     return r
 
 
-def train(r: Run) -> None:
-    """The step loop: batches → gradients → update → log, evaluate, checkpoint."""
+def train(r: Run, saves: bool = True) -> None:
+    """The step loop: batches → gradients → update → log, evaluate, checkpoint (unless saves=False)."""
     cfg, env, state = r.cfg, r.env, r.state
     if state.step >= cfg.train.max_steps and env.is_main:
         print(f"{cfg.out_dir}: already at step {state.step} of train.max_steps={cfg.train.max_steps}; nothing to do "
@@ -283,7 +281,7 @@ def train(r: Run) -> None:
         if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
             evaluate(r, step=done)
         signum = stop.agreed(env)  # every rank stops at the same step boundary
-        if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
+        if saves and (signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps):
             if r.data.packing is not None:
                 state.packing_cursor = r.data.packing.cursor(state.consumed_samples)
             with r.log.paused():

@@ -8,15 +8,13 @@ rate as a plot, and a suggested train.lr.
 The stage is the one the data's shards are for (pretrain, sft, dpo, kto). Everything else is the config's —
 batch, accumulation, precision, clipping, backend, init_from, LoRA — except the schedule, the step count, and
 evaluation and sampling, which are off. The sweep runs in DIR (default: OUT_DIR/lr_find), a run directory of its
-own: out_dir's checkpoints are never read or written, and each sweep starts afresh. DIR gets lr_find.png,
+own, where it writes no checkpoint: out_dir's are never read or written, and each sweep starts afresh. DIR gets lr_find.png,
 lr_find.json (every step's lr and loss, the smoothed loss, the suggestion) and the sweep's metrics.jsonl.
 
 The suggestion: the loss is smoothed by a centred moving average over 5% of the sweep (centred: an exponential
-average lags the rate it reports, by a quarter of a 200-step sweep at the usual 0.98); the sweep is read up to
-where the smoothed loss is back above its starting value, or stops being finite (divergence: scale-free, so it
-reads a DPO loss near 0 as it reads a language model's near 8); the
-suggested rate is the smallest at which the smoothed loss has made 95% of its fall from the first step to its
-lowest point — the knee, past which a higher rate no longer lowers the loss. (The rate at the lowest point is
+average lags the rate it reports, by a quarter of a 200-step sweep at the usual 0.98) up to its first loss that
+is not finite; the suggested rate is the smallest at which the smoothed loss has made 95% of its fall from the
+first step to its lowest point — the knee, past which a higher rate no longer lowers the loss. (The rate at the lowest point is
 not: the loss often lies flat over a decade or more of rates, and its lowest point there is noise — on the tiny
 preset it moved from 0.005 to 0.09 with the seed; docs/benchmarks.md.)
 """
@@ -31,9 +29,8 @@ import math
 import os
 import sys
 
-from preprocess.errors import UserError, exit_code
+from preprocess.errors import UserError
 
-MARKER = "lr_find.sweep"  # in a sweep's directory: its checkpoints may be removed
 WINDOW = 0.05   # of the sweep's steps, for the moving average
 FALL = 0.95     # of the smoothed loss's fall, at the suggested rate
 
@@ -48,19 +45,23 @@ def smoothed(losses: list[float]) -> list[float]:
 def suggest(lrs: list[float], losses: list[float]) -> dict:
     """The suggested learning rate and what it was read from (see the module's docstring)."""
     finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+    if finite < 2:
+        raise UserError(f"the loss was not finite from the start (learning rate {lrs[0]:.3g}); lower --min-lr")
     curve = smoothed(losses[:finite])
-    usable = next((i for i, value in enumerate(curve) if i and value > curve[0]), finite)
-    if usable < 2:
-        raise UserError(f"the loss diverged at once (learning rate {lrs[0]:.3g}); lower --min-lr")
-    lowest = min(range(usable), key=curve.__getitem__)
+    lowest = min(range(finite), key=curve.__getitem__)
     target = curve[lowest] + (1 - FALL) * (curve[0] - curve[lowest])
     knee = next(i for i in range(lowest + 1) if curve[i] <= target)
-    if lowest == usable - 1 and usable == len(losses):
+    # divergence: back above the start after the lowest point, or not finite (scale-free: a DPO loss near 0 reads
+    # as a language model's near 8)
+    diverged = next((i for i in range(lowest, finite) if curve[i] > curve[0]), finite if finite < len(losses) else None)
+    if lowest == 0:
+        rule = "the loss never fell below its first value: no rate of the sweep helps; check the data, or lower --min-lr"
+    elif lowest == len(losses) - 1:
         rule = "the loss was still falling at --max-lr: raise it for a reading"
     else:
         rule = f"{FALL:.0%} of the smoothed loss's fall, which is lowest at {lrs[lowest]:.3g}"
-    return {"lr": lrs[knee], "lowest_at": lrs[lowest], "diverged_at": lrs[usable] if usable < len(lrs) else None,
-            "rule": rule, "smoothed": curve + [math.nan] * (len(losses) - len(curve))}
+    return {"lr": lrs[knee], "lowest_at": lrs[lowest], "diverged_at": None if diverged is None else lrs[diverged],
+            "rule": rule, "smoothed": curve + [math.nan] * (len(losses) - finite)}
 
 
 def finite_or_none(values: list[float]) -> list[float | None]:
@@ -106,11 +107,12 @@ def stage_of(cfg):
 def sweep_overrides(args, out: str) -> list[str]:
     return [f"out_dir={out}", "train.schedule=range_test", f"train.lr={args.max_lr}",
             f"train.min_lr_ratio={args.min_lr / args.max_lr}", "train.warmup_steps=0", f"train.max_steps={args.steps}",
-            "train.eval_every=0", f"train.ckpt_every={args.steps}", "train.keep_checkpoints=1", "log.every=1",
+            "train.eval_every=0", "log.every=1",
             f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null"]
 
 
 def main(argv=None) -> int:
+    from .cli import run_reporting
     from .distributed import ranks_from_env, run_command
 
     p = argparse.ArgumentParser(prog="python -m training.lr_find", description=__doc__,
@@ -130,7 +132,6 @@ def main(argv=None) -> int:
     rank = ranks_from_env()[0]
 
     def find() -> None:
-        import shutil
 
         from . import checkpoint as ckpt
         from .config import load_config
@@ -140,9 +141,9 @@ def main(argv=None) -> int:
         out = args.out or os.path.join(cfg.out_dir, "lr_find")
         if os.path.realpath(out) == os.path.realpath(cfg.out_dir):
             raise UserError(f"--out {out}: is out_dir itself; the sweep needs a directory of its own")
-        if os.path.isdir(ckpt.checkpoints_dir(out)) and not os.path.isfile(os.path.join(out, MARKER)):
-            raise UserError(f"--out {out}: holds checkpoints of a run that is not a sweep; a sweep starts afresh "
-                            "and would remove them — give a directory of its own")
+        if ckpt.latest(out) is not None:  # a sweep writes none: these are another run's
+            raise UserError(f"--out {out}: holds a run's checkpoints; a sweep starts from the config's starting weights "
+                            "in a directory of its own")
         module = stage_of(cfg)
         sweep = load_config(args.config, [*args.overrides, *sweep_overrides(args, out)])
         if rank == 0:  # what an earlier sweep left would pass for this one's if this one fails
@@ -150,11 +151,9 @@ def main(argv=None) -> int:
             for name in ("lr_find.json", "lr_find.png"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out, name))
-            open(os.path.join(out, MARKER), "w").close()
-        run(module.make_stage(sweep), sweep, fresh=True)
+        run(module.make_stage(sweep), sweep, saves=False)  # weights trained at absurd rates: of no use
         if rank != 0:
             return
-        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)  # weights trained at absurd rates: of no use
         lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         steps = [r for r in lines if "loss" in r]
         lrs, losses = [r["lr"] for r in steps], [r["loss"] for r in steps]
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
         print(f"lr_find: suggested train.lr={found['lr']:.3g} ({found['rule']}{diverged}; the config has "
               f"{cfg.train.lr:.3g}) → {out}/lr_find.png", flush=True)
 
-    return run_command(lambda: exit_code(find))
+    return run_command(lambda: run_reporting(find))
 
 
 if __name__ == "__main__":
