@@ -78,7 +78,7 @@ def nanogpt(work: str) -> dict:
     sys.path.insert(0, copy)
     from model import GPT, GPTConfig  # nanoGPT's model.py, from the copy
 
-    state = torch.load(os.path.join(copy, "out-shakespeare-char", "ckpt.pt"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(copy, "out-shakespeare-char", "ckpt.pt"), map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**state["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
     model.eval()
