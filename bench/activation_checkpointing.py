@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "ac"))
     args = ap.parse_args()
-    shards = make_shards(os.path.join(REPO, "bench_out", "moe"))
+    shards = make_shards(os.path.join(REPO, "bench_out", "plays"))
     shape = ["model.dim=768", "model.n_layers=12", "model.n_heads=12", f"model.max_seq_len={args.seq_len}",
              f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
              "train.precision=fp32", "train.compile=false", "train.eval_every=0", f"train.ckpt_every={10 * args.steps}", "log.every=1",

@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--fixed-steps", type=int, default=50)
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "lr_find"))
     args = ap.parse_args()
-    shards = make_shards(os.path.join(REPO, "bench_out", "moe"))
+    shards = make_shards(os.path.join(REPO, "bench_out", "plays"))
     sys.path.insert(0, REPO)
     from training.config import load_config
 

@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="1337,1338")
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "moe"))
     args, overrides = ap.parse_known_args()
-    shards = make_shards(args.out)
+    shards = make_shards(os.path.join(REPO, "bench_out", "plays"))
     settings = {"dense": [], "moe": MOE}
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:

@@ -120,7 +120,7 @@ def test_dense_blocks_between_and_a_shared_expert_export_as_qwen2_moe(pretrain_s
     from training import checkpoint as ckpt
 
     run = tmp_path / "run"
-    run_training(f"data.path={pretrain_shards}", "train.max_steps=2", "train.eval_every=0", f"out_dir={run}",
+    run_training(f"data.path={pretrain_shards}", "train.max_steps=2", f"out_dir={run}",
                  "model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1", "model.moe.expert_hidden=64")
     proc = export(run, tmp_path / "hf")
     assert proc.returncode == 0 and "transformers reproduces our logits" in proc.stdout, proc.stderr

@@ -25,7 +25,7 @@ class Muon(torch.optim.Optimizer):
     Moonlight's "match_rms_adamw", so one train.lr and schedule serve both optimizers), decoupled weight decay.
 
     Two differences from torch.optim.Muon, which is otherwise the same update (tests/test_training.py compares):
-    the iteration runs in bf16 on GPUs but in fp32 on CPUs, where bf16 matmuls are ~45x slower (measured here);
+    the iteration runs in bf16 on GPUs but in fp32 on CPUs, where bf16 matmuls are far slower (a one-off timing: ~45x at 192 x 192);
     and a 3-D parameter (an MoE block's stacked experts) is orthogonalised per matrix of its first dimension."""
 
     COEFFICIENTS = (3.4445, -4.7750, 2.0315)
