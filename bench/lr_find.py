@@ -1,8 +1,10 @@
-"""The learning-rate range test checked on the tiny preset: its suggestion against the shipped train.lr, each
-trained 200 steps, for several seeds; and the sweep against the other way of finding a rate — several short
-runs at fixed rates, the best final loss winning — in one run.
+"""Finding the learning rate, checked on the tiny preset: both methods of training.lr_find (fixed-rate runs and
+the exponential sweep) for several seeds, each one's suggestion then trained 200 steps beside the shipped
+train.lr, in one run.
 
-    python bench/lr_find.py [--seeds 1337,1338] [--steps 200] [--fixed 1e-3,3e-3,1e-2,3e-2] [--fixed-steps 50]
+    python bench/lr_find.py [--seeds 1337,1338] [--steps 200] [--grid 1e-3,2e-3,4e-3]
+
+--grid: also train --steps steps at each of these rates per seed, the reference for what the right rate is.
 
 Data: the demo's Shakespeare plays (bench/train.py). Validation loss: the preset's own (2% held out, 256
 samples) after the last step.
@@ -53,9 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="1337,1338")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--sweep-steps", type=int, default=200)
-    ap.add_argument("--fixed", default="1e-3,3e-3,1e-2,3e-2")
-    ap.add_argument("--fixed-steps", type=int, default=50)
+    ap.add_argument("--grid", help="rates, comma-separated: also trained --steps steps each, per seed")
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "lr_find"))
     args = ap.parse_args()
     shards = make_shards(os.path.join(REPO, "bench_out", "plays"))
@@ -63,40 +63,37 @@ def main() -> None:
     from training.config import load_config
 
     shipped = load_config(CONFIG, [f"data.path={shards}"]).train.lr
+    methods = ("fixed", "sweep")
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        sweep_dir = os.path.join(args.out, f"sweep-{seed}")
-        start = time.perf_counter()
-        run("training.lr_find", ["--steps", str(args.sweep_steps), "--out", sweep_dir, f"data.path={shards}",
-                                 f"out_dir={args.out}/unused", f"seed={seed}"])
-        sweep_seconds = time.perf_counter() - start
-        suggested = json.load(open(os.path.join(sweep_dir, "lr_find.json")))["suggested_lr"]
-        # the other way: short runs at fixed rates (after the preset's warmup), the lowest final training loss
-        start = time.perf_counter()
-        fixed = {}
-        for lr in [float(x) for x in args.fixed.split(",")]:
-            out = os.path.join(args.out, f"fixed-{seed}-{lr:g}")
-            shutil.rmtree(out, ignore_errors=True)
-            run("training.pretrain", [f"data.path={shards}", f"out_dir={out}", f"seed={seed}", f"train.lr={lr}",
-                                      f"train.max_steps={args.fixed_steps}", "train.schedule=constant",
-                                      "train.eval_every=0", f"train.ckpt_every={args.fixed_steps}", "log.every=1"])
-            lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
-            fixed[lr] = sum(r["loss"] for r in lines[-10:]) / len(lines[-10:])  # the last 10 steps
-        fixed_seconds = time.perf_counter() - start
-        best_fixed = min(fixed, key=fixed.get)
-        results = {name: train(shards, os.path.join(args.out, f"{name}-{seed}"), seed, lr, args.steps)
-                   for name, lr in (("shipped", shipped), ("suggested", suggested), ("fixed", best_fixed))}
-        rows.append((seed, suggested, best_fixed, results, sweep_seconds, fixed_seconds))
-        print(f"seed {seed}: suggested {suggested:.3g} ({sweep_seconds:.0f} s), best fixed {best_fixed:g} "
-              f"({fixed_seconds:.0f} s); val_loss after {args.steps} steps: shipped {shipped:g} {results['shipped']:.4f}, "
-              f"suggested {results['suggested']:.4f}, fixed {results['fixed']:.4f}", flush=True)
+        found = {}
+        for method in methods:  # each with its defaults, as a user runs it
+            out = os.path.join(args.out, f"{method}-{seed}")
+            start = time.perf_counter()
+            run("training.lr_find", ["--method", method, "--out", out, f"data.path={shards}",
+                                     f"out_dir={args.out}/unused", f"seed={seed}"])
+            found[method] = (json.load(open(os.path.join(out, "lr_find.json")))["suggested_lr"],
+                             time.perf_counter() - start)
+        results = {name: train(shards, os.path.join(args.out, f"train-{name}-{seed}"), seed, lr, args.steps)
+                   for name, lr in (("shipped", shipped), *((m, found[m][0]) for m in methods))}
+        grid = {lr: train(shards, os.path.join(args.out, f"grid-{lr:g}-{seed}"), seed, lr, args.steps)
+                for lr in ([float(x) for x in args.grid.split(",")] if args.grid else [])}
+        rows.append((seed, found, results, grid))
+        print(f"seed {seed}: " + ", ".join(f"{m} suggests {found[m][0]:.3g} ({found[m][1]:.0f} s)" for m in methods)
+              + f"; val_loss after {args.steps} steps: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
+              flush=True)
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}; configs/pretrain/tiny.yaml, "
           f"{args.steps} steps; shipped train.lr={shipped:g}")
-    print("| seed | sweep's suggestion | best of fixed-rate runs | val_loss: shipped | suggested | fixed |")
-    print("|---|---|---|---|---|---|")
-    for seed, suggested, best_fixed, results, sweep_s, fixed_s in rows:
-        print(f"| {seed} | {suggested:.3g} ({sweep_s:.0f} s) | {best_fixed:g} ({fixed_s:.0f} s) | "
-              f"{results['shipped']:.4f} | {results['suggested']:.4f} | {results['fixed']:.4f} |")
+    print("| seed | fixed's suggestion (its time) | sweep's suggestion (its time) | val_loss: shipped | fixed's | sweep's |")
+    print("|---|---|---|---:|---:|---:|")
+    for seed, found, results, _ in rows:
+        print(f"| {seed} | " + " | ".join(f"{found[m][0]:.3g} ({found[m][1]:.0f} s)" for m in methods) + " | "
+              + " | ".join(f"{results[k]:.4f}" for k in ("shipped", *methods)) + " |")
+    if args.grid:
+        print("\n| train.lr | " + " | ".join(f"{lr:.3g}" for lr in rows[0][3]) + " |")
+        print("|---|" + "---:|" * len(rows[0][3]))
+        for seed, _, _, grid in rows:
+            print(f"| seed {seed} | " + " | ".join(f"{v:.4f}" for v in grid.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The learning-rate range test: its reading of a curve, and the command on every stage, under torchrun, beside a
-run whose checkpoints it must leave alone."""
+"""Finding the learning rate: each method's reading of its losses, and the command with each method on every stage,
+under torchrun, beside a run whose checkpoints it must leave alone."""
 
 import hashlib
 import json
@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import CHAT, DPO_CONFIG, FAST, REPO, SFT_CONFIG, TINY_CONFIG
 
-from training.lr_find import suggest
+from training.lr_find import beyond_the_edge, suggest, suggest_fixed
 
 
 def test_the_suggestion_is_the_knee_of_the_smoothed_loss_before_divergence():
@@ -26,6 +26,25 @@ def test_the_suggestion_is_the_knee_of_the_smoothed_loss_before_divergence():
     assert found["diverged_at"] == min(lr for lr in lrs if lr > 1)  # the first non-finite loss
     still_falling = suggest(lrs[:100], [5 - i / 100 for i in range(100)])
     assert "still falling" in still_falling["rule"] and still_falling["diverged_at"] is None
+
+
+def test_the_fixed_rates_suggestion_is_the_vertex_of_the_parabola_through_the_best_run_and_its_neighbours():
+    lrs = [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]
+    def score(lr):  # a parabola in log(rate), lowest at 3e-3, and far from it another curve
+        return 4.8 + (math.log(lr / 3e-3)) ** 2 if lr >= 1e-3 else 9.0
+    found = suggest_fixed(lrs, [score(lr) for lr in lrs])
+    assert found["best_at"] == 4e-3 and found["lr"] == pytest.approx(3e-3, rel=1e-9)
+    # a neighbour that diverged: the best run itself; no finite run at all: a one-line error
+    assert suggest_fixed(lrs, [5, 4, 3, math.nan, 6])["lr"] == 2e-3
+    with pytest.raises(Exception, match="no run had a finite loss"):
+        suggest_fixed(lrs, [math.nan] * 5)
+    # the best at an edge: the grid grows by one of its steps on that side, and stops growing inside
+    assert beyond_the_edge(lrs, [5, 4, 3, 2, 1]) == [pytest.approx(1.6e-2)]
+    assert beyond_the_edge(lrs, [1, 2, 3, 4, math.nan]) == [pytest.approx(2.5e-4)]
+    assert beyond_the_edge([*lrs, 1.6e-2], [5, 4, 3, 2, 1, math.nan]) == []  # the rate beyond diverged: it bounds
+    assert beyond_the_edge(lrs, [5, 2, 3, 4, 6]) == []
+    edge = suggest_fixed(lrs, [5, 4, 3, 2, 1])
+    assert edge["lr"] == 8e-3 and "widen --lrs" in edge["rule"]
 
 
 def digests(directory) -> dict:
@@ -43,34 +62,49 @@ def lr_find(*args, nproc=1):
 
 
 @pytest.mark.slow
-def test_pretrain_sft_and_dpo_sweeps_suggest_a_rate_and_leave_out_dirs_checkpoints_alone(
+def test_both_methods_suggest_a_rate_on_every_stage_and_leave_out_dirs_checkpoints_alone(
         pretrain_shards, chat_shards, sft_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(sft_run, run)  # a finished run with checkpoints, as out_dir
     before = digests(run / "checkpoints")
-    sweeps = {
-        "pretrain": (TINY_CONFIG, [f"data.path={pretrain_shards}", *FAST], 2),
+    stages = {
+        "pretrain": (TINY_CONFIG, [f"data.path={pretrain_shards}", *FAST], 2),  # torchrun: one group, several runs
         "sft": (SFT_CONFIG, [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *CHAT], 1),
         "dpo": (DPO_CONFIG, [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", *CHAT], 1),
     }
-    for stage, (config, overrides, nproc) in sweeps.items():
-        proc = lr_find("--config", config, "--steps", "30", "--min-lr", "1e-5", "--max-lr", "3", f"out_dir={run}",
-                       *overrides, nproc=nproc)
-        report = json.load(open(run / "lr_find" / "lr_find.json"))
-        assert report["stage"] == stage and len(report["lr"]) == 30
-        assert report["lr"][0] == pytest.approx(1e-5) and report["lr"][-1] == pytest.approx(3)
-        assert 1e-6 <= report["suggested_lr"] <= 0.3 and f"suggested train.lr={report['suggested_lr']:.3g}" in proc.stdout
-        assert (run / "lr_find" / "lr_find.png").stat().st_size > 10_000
-        assert not (run / "lr_find" / "checkpoints").exists()
-        assert digests(run / "checkpoints") == before, stage  # the run's own checkpoints: untouched
-    # a second sweep starts afresh: the same losses again
+    sweep = ["--method", "sweep", "--steps", "30", "--min-lr", "1e-5", "--max-lr", "3"]
+    fixed = ["--steps", "10", "--lrs", "1e-4,1e-3,1e-2"]  # the default method; three rates, ten steps: seconds
+    for stage, (config, overrides, nproc) in stages.items():
+        for method, flags in (("fixed", fixed), ("sweep", sweep)):
+            if stage == "sft" and method == "sweep":
+                continue  # the sweep's path through the loop is the stage's own: pretrain and DPO show it
+            proc = lr_find("--config", config, *flags, f"out_dir={run}", *overrides, nproc=nproc)
+            report = json.load(open(run / "lr_find" / "lr_find.json"))
+            assert report["stage"] == stage and report["method"] == method
+            assert f"suggested train.lr={report['suggested_lr']:.3g}" in proc.stdout
+            assert (run / "lr_find" / "lr_find.png").stat().st_size > 10_000
+            if method == "sweep":
+                assert len(report["lr"]) == 30 and not (run / "lr_find" / "sweep" / "checkpoints").exists()
+                assert report["lr"][0] == pytest.approx(1e-5) and report["lr"][-1] == pytest.approx(3)
+                assert 1e-6 <= report["suggested_lr"] <= 0.3
+                assert not list((run / "lr_find").glob("lr-*"))  # the fixed method's runs: cleared
+            else:
+                assert report["lr"][:3] == [1e-4, 1e-3, 1e-2] and len(report["lr"]) == len(report["scores"])
+                assert report["score"] == "val_loss" and all(v is not None for v in report["scores"])
+                assert 1e-4 / 8 <= report["suggested_lr"] <= 1e-2 * 8
+                runs = sorted((run / "lr_find").glob("lr-*"))
+                assert len(runs) == len(report["lr"]) and not any((d / "checkpoints").exists() for d in runs)
+                for d, lr in zip(runs, report["lr"], strict=True):  # each run at its rate, its whole length
+                    steps = [json.loads(line) for line in open(d / "metrics.jsonl") if '"loss"' in line]
+                    assert len(steps) == 10 and max(r["lr"] for r in steps) == pytest.approx(lr)
+            assert digests(run / "checkpoints") == before, stage  # the run's own checkpoints: untouched
+    # a second call starts afresh: the same losses again
     first = json.load(open(run / "lr_find" / "lr_find.json"))["loss"]
-    lr_find("--config", DPO_CONFIG, "--steps", "30", "--min-lr", "1e-5", "--max-lr", "3", f"out_dir={run}",
-            *sweeps["dpo"][1])
+    lr_find("--config", DPO_CONFIG, *sweep, f"out_dir={run}", *stages["dpo"][1])
     assert json.load(open(run / "lr_find" / "lr_find.json"))["loss"] == first
     # a directory holding a run's checkpoints is refused, in one line, before any work
     proc = subprocess.run([sys.executable, "-m", "training.lr_find", "--config", DPO_CONFIG, "--out", str(run),
-                           f"out_dir={tmp_path / 'other'}", *sweeps["dpo"][1]], capture_output=True, text=True,
+                           f"out_dir={tmp_path / 'other'}", *stages["dpo"][1]], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 1 and "holds a run's checkpoints" in proc.stderr and "Traceback" not in proc.stderr
     assert digests(run / "checkpoints") == before

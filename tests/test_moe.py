@@ -114,25 +114,46 @@ def test_a_mixture_of_experts_run_samples_exports_as_mixtral_and_fine_tunes_from
     assert runs["hf"] == runs["run"] and sorted(runs["run"]) == [1, 2]
 
 
-def test_dense_blocks_between_and_a_shared_expert_export_as_qwen2_moe(pretrain_shards, tmp_path):
+@pytest.mark.parametrize("shared", [1, 0])  # 0: Qwen2-MoE's shared expert exported empty (zero-size weights)
+def test_dense_blocks_between_and_a_shared_expert_export_as_qwen2_moe(shared, pretrain_shards, tmp_path):
     from test_hf import export, transformers
 
     from training import checkpoint as ckpt
 
     run = tmp_path / "run"
     run_training(f"data.path={pretrain_shards}", "train.max_steps=2", f"out_dir={run}",
-                 "model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1", "model.moe.expert_hidden=64")
+                 "model.moe.experts=4", "model.moe.every=2", f"model.moe.shared_experts={shared}", "model.moe.expert_hidden=64")
     proc = export(run, tmp_path / "hf")
     assert proc.returncode == 0 and "transformers reproduces our logits" in proc.stdout, proc.stderr
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(theirs).__name__ == "Qwen2MoeForCausalLM"
     cfg = ckpt.model_config(str(tmp_path / "hf"))
-    assert (cfg.moe.every, cfg.moe.shared_experts, cfg.moe.expert_hidden) == (2, 1, 64)
+    assert (cfg.moe.every, cfg.moe.shared_experts, cfg.moe.expert_hidden) == (2, shared, 64)
     ours = Transformer(cfg).eval()
     ckpt.load_weights(str(tmp_path / "hf"), ours)
     tokens = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (ours(tokens) - theirs(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_compiled_moe_blocks_compute_what_eager_ones_do():
+    """train.compile traces the experts' matmul through its meta kernel, which (torch 2.13) takes bf16 only where
+    CPU's eager kernel also takes fp32: the loop's choice must hold under compile too. aot_eager traces forward and
+    backward as inductor does, without its code generation (minutes on a CPU)."""
+    from training.loop import choose_expert_matmul
+
+    model = moe_model(experts=4, top_k=2, shared_experts=1).train()
+    tokens = torch.randint(0, SMALL.vocab_size, (3, 20), generator=torch.Generator().manual_seed(3))
+    choose_expert_matmul(model, torch.device("cpu"), "fp32", compiled=False)
+    model(tokens).square().mean().backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    choose_expert_matmul(model, torch.device("cpu"), "fp32", compiled=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(tokens).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad - eager[name]).abs().max().item() < 1e-5, name
 
 
 def test_moe_settings_are_checked_by_key():

@@ -22,6 +22,7 @@ PATIENCE = timedelta(hours=6)
 _from_rank0_calls = itertools.count()
 
 _started_process_group = False
+_shared_group = False  # set by shared_process_group(): a run's init and shutdown leave the group to its owner
 
 
 @dataclass
@@ -55,6 +56,8 @@ def init(backend: str, device: str, timeout_s: int) -> DistEnv:
     else:
         dev = torch.device("cpu")
     env = DistEnv(rank, world, local_rank, dev, launcher)
+    if _shared_group and dist.is_initialized():
+        return env
     if world > 1 or backend == "deepspeed":  # DeepSpeed wants a process group even for one process
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # torchrun sets both; MPI and Slurm single-node runs may not
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -68,8 +71,23 @@ def init(backend: str, device: str, timeout_s: int) -> DistEnv:
 
 
 def shutdown(env: DistEnv) -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and not _shared_group:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def shared_process_group(backend: str, device: str, timeout_s: int):
+    """One process group for several runs of the loop in this process (training.lr_find's fixed-rate runs): each
+    run's init finds it and its shutdown leaves it. A group created again after one was destroyed would meet the
+    first one's rendezvous keys in the launcher's store."""
+    global _shared_group
+    env = init(backend, device, timeout_s)
+    _shared_group = True
+    try:
+        yield env
+    finally:
+        _shared_group = False
+        shutdown(env)
 
 
 def exit_process(code: int) -> None:

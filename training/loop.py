@@ -206,7 +206,7 @@ def build_run(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     checkpoint_activations(model, cfg.train)
     optimizer = make_optimizer(model, cfg.train, env.device)
     precision = resolve_precision(cfg.train.precision, env.device)
-    choose_expert_matmul(model, env.device, precision)
+    choose_expert_matmul(model, env.device, precision, cfg.train.compile)
     D.from_rank0(env, lambda: rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]),
                                             state.step))
     if cfg.log.wandb:
@@ -516,10 +516,10 @@ def checkpoint_activations(model: Transformer, cfg) -> None:
         block.checkpointed = bool(every) and i % every == 0
 
 
-def choose_expert_matmul(model: Transformer, device: torch.device, precision: str) -> None:
+def choose_expert_matmul(model: Transformer, device: torch.device, precision: str, compiled: bool) -> None:
     """Whether MoE blocks use torch's grouped matmul or one matmul per expert: decided once, outside any compiled
-    code (finding out runs a small backward)."""
-    works = grouped_mm_works(device.type, torch.bfloat16 if precision == "bf16" else torch.float32)
+    code (finding out runs a small matmul)."""
+    works = grouped_mm_works(device.type, torch.bfloat16 if precision == "bf16" else torch.float32, compiled)
     for m in model.modules():
         if isinstance(m, MoE):
             m.grouped = works

@@ -1,22 +1,31 @@
-"""Learning-rate range test: the config's own stage, data and model, trained from its starting weights while the
-learning rate grows exponentially from --min-lr to --max-lr over --steps steps; the loss against the learning
-rate as a plot, and a suggested train.lr.
+"""Finding train.lr for a config: its own stage, data and model, trained from its starting weights at several
+learning rates, writing a plot and a suggested train.lr. Two methods:
 
-    python -m training.lr_find --config FILE [--min-lr 1e-5] [--max-lr 1] [--steps 200] [--out DIR] [key.sub=value ...]
+    python -m training.lr_find --config FILE [--method fixed] [--lrs A,B,...] [--steps 100] [--out DIR] [key.sub=value ...]
+    python -m training.lr_find --config FILE --method sweep [--min-lr 1e-5] [--max-lr 1] [--steps 200] ...
     torchrun --nproc_per_node N -m training.lr_find --config FILE ...
 
-The stage is the one the data's shards are for (pretrain, sft, dpo, kto). Everything else is the config's —
-batch, accumulation, precision, clipping, backend, init_from, LoRA — except the schedule, the step count, and
-evaluation and sampling, which are off. The sweep runs in DIR (default: OUT_DIR/lr_find), a run directory of its
-own, where it writes no checkpoint: out_dir's are never read or written, and each sweep starts afresh. DIR gets lr_find.png,
-lr_find.json (every step's lr and loss, the smoothed loss, the suggestion) and the sweep's metrics.jsonl.
+fixed (the default): one short run per rate (--lrs; default train.lr × 1/4, 1/2, 1, 2, 4), each --steps steps
+with the config's own schedule shrunk to that length (its warmup in proportion), scored by the validation loss
+at its end (the mean training loss over its last 10% where the config has no validation data). The suggestion is
+the lowest point of a parabola in log(rate) through the best run and its two neighbours: a reading between the
+grid's rates, which one run's noise moves less than it moves the best of them. While the best run is at an edge
+of the grid, the grid grows by a step beyond it (at most 3 times; then the edge rate is the suggestion, said to be
+one).
 
-The suggestion: the loss is smoothed by a centred moving average over 5% of the sweep (centred: an exponential
-average lags the rate it reports, by a quarter of a 200-step sweep at the usual 0.98) up to its first loss that
-is not finite; the suggested rate is the smallest at which the smoothed loss has made 95% of its fall from the
-first step to its lowest point — the knee, past which a higher rate no longer lowers the loss. (The rate at the lowest point is
-not: the loss often lies flat over a decade or more of rates, and its lowest point there is noise — on the tiny
-preset it moved from 0.005 to 0.09 with the seed; docs/benchmarks.md.)
+sweep: one run whose rate grows exponentially from --min-lr to --max-lr; the loss is smoothed by a centred moving
+average over 5% of the sweep up to its first loss that is not finite, and the suggestion is the knee: the smallest
+rate at which the smoothed loss has made 95% of its fall from its first step to its lowest point. Quick (one
+run) but optimistic about neither end of training: the loss at a rate is read after a few steps at it.
+
+Which is more reliable on the tiny preset, and by how much: docs/benchmarks.md (bench/lr_find.py).
+
+The stage is the one the data's shards are for (pretrain, sft, dpo, kto). Everything else is the config's —
+batch, accumulation, precision, clipping, backend, init_from, LoRA — except the rate, its schedule and the step
+count; sampling is off, and evaluation (fixed: at the start and the end of each run; sweep: none). The runs go to DIR (default:
+OUT_DIR/lr_find), run directories of their own where no checkpoint is written: out_dir's are never read or
+written, and each call starts afresh. DIR gets lr_find.png, lr_find.json (the rates, the losses, the suggestion
+and its rule) and, in DIR/lr-N/ (fixed) or DIR/sweep/, the runs' metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ import sys
 from preprocess.errors import UserError
 
 WINDOW = 0.05   # of the sweep's steps, for the moving average
-FALL = 0.95     # of the smoothed loss's fall, at the suggested rate
+FALL = 0.95     # of the smoothed loss's fall, at the sweep's suggested rate
+GRID = (0.25, 0.5, 1, 2, 4)  # fixed: the default rates, times train.lr
+EXTEND = 3      # fixed: at most this many rates added beyond the grid's edge while the best run is there
+TAIL = 0.1      # fixed, without validation data: the share of a run's last steps whose mean training loss scores it
 
 
 def smoothed(losses: list[float]) -> list[float]:
@@ -64,18 +76,60 @@ def suggest(lrs: list[float], losses: list[float]) -> dict:
             "rule": rule, "smoothed": curve + [math.nan] * (len(losses) - finite)}
 
 
+def suggest_fixed(lrs: list[float], scores: list[float]) -> dict:
+    """The suggested learning rate of the fixed-rate runs (see the module's docstring); lrs ascending."""
+    finite = [i for i, score in enumerate(scores) if math.isfinite(score)]
+    if not finite:
+        raise UserError(f"no run had a finite loss (rates {lrs[0]:.3g} to {lrs[-1]:.3g}); lower --lrs")
+    best = min(finite, key=scores.__getitem__)
+    if best in (0, len(lrs) - 1):
+        side = "lowest" if best == 0 else "highest"
+        return {"lr": lrs[best], "best_at": lrs[best],
+                "rule": f"the best run is the {side} rate tried, also after {EXTEND} more beyond the grid: the best may "
+                        "lie further; widen --lrs"}
+    (x0, x1, x2), (y0, y1, y2) = (math.log(lrs[i]) for i in (best - 1, best, best + 1)), \
+        (scores[i] for i in (best - 1, best, best + 1))
+    if not (math.isfinite(y0) and math.isfinite(y2)):  # a neighbour diverged: no curvature to read
+        return {"lr": lrs[best], "best_at": lrs[best], "rule": "the best run (a neighbour's loss was not finite)"}
+    # the vertex of the parabola through the three points; it lies between the neighbours, as y1 is the lowest
+    num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    vertex = x1 - 0.5 * num / den if den else x1
+    return {"lr": math.exp(vertex), "best_at": lrs[best],
+            "rule": f"the lowest point of a parabola in log(rate) through the best run ({lrs[best]:.3g}) and its "
+                    "neighbours"}
+
+
+def beyond_the_edge(lrs: list[float], scores: list[float]) -> list[float]:
+    """The next rate to try when the best run is at an edge of the rates tried (one step of the grid further),
+    else none."""
+    finite = [i for i, score in enumerate(scores) if math.isfinite(score)]
+    if not finite:
+        return []
+    best = min(finite, key=scores.__getitem__)
+    if best == len(lrs) - 1 and len(lrs) > 1:
+        return [lrs[-1] * lrs[-1] / lrs[-2]]
+    if best == 0 and len(lrs) > 1:
+        return [lrs[0] * lrs[0] / lrs[1]]
+    return []
+
+
 def finite_or_none(values: list[float]) -> list[float | None]:
     """JSON has no NaN or infinity."""
     return [v if math.isfinite(v) else None for v in values]
 
 
-def plot(path: str, lrs: list[float], losses: list[float], found: dict) -> None:
+def figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt, *plt.subplots(figsize=(7, 4.5))
+
+
+def plot_sweep(path: str, lrs: list[float], losses: list[float], found: dict) -> None:
+    plt, fig, ax = figure()
     ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss")
     ax.plot(lrs, found["smoothed"], color="C0", label="smoothed")
     ax.axvline(found["lr"], color="C2", linestyle="--", label=f"suggested train.lr {found['lr']:.2g}")
@@ -87,6 +141,20 @@ def plot(path: str, lrs: list[float], losses: list[float], found: dict) -> None:
         ax.set_ylim(min(finite) - 0.1 * span, finite[0] + 0.5 * span)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
+    save(plt, fig, ax, path)
+
+
+def plot_fixed(path: str, lrs: list[float], scores: list[float], found: dict, score: str, steps: int) -> None:
+    plt, fig, ax = figure()
+    ax.plot(lrs, scores, "o-", color="C0", label=f"{score} after {steps} steps")
+    ax.axvline(found["lr"], color="C2", linestyle="--", label=f"suggested train.lr {found['lr']:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(score)
+    save(plt, fig, ax, path)
+
+
+def save(plt, fig, ax, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -111,6 +179,102 @@ def sweep_overrides(args, out: str) -> list[str]:
             f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null"]
 
 
+def fixed_overrides(args, cfg, out: str, lr: float) -> list[str]:
+    """The config's schedule over --steps steps, its warmup in proportion; evaluated at the start and the end."""
+    warmup = round(cfg.train.warmup_steps * args.steps / max(1, cfg.train.max_steps))
+    return [f"out_dir={out}", f"train.lr={lr}", f"train.max_steps={args.steps}", f"train.warmup_steps={warmup}",
+            f"train.eval_every={args.steps if cfg.data.val_fraction else 0}", "log.every=1",
+            f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null"]
+
+
+def records(out: str, key: str) -> list[dict]:
+    return [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if key in r]
+
+
+def run_score(out: str, steps: int) -> tuple[str, float]:
+    """A fixed-rate run's score: its validation loss at the end, or its mean training loss over the last TAIL."""
+    val = [r for r in records(out, "val_loss") if r["step"] == steps]
+    if val:
+        return "val_loss", val[-1]["val_loss"]
+    tail = [r["loss"] for r in records(out, "loss")][-max(1, round(TAIL * steps)):]
+    return "loss", sum(tail) / len(tail)
+
+
+def clear(out: str, env) -> None:
+    """What an earlier call left would pass for this one's if this one fails."""
+    import shutil
+
+    from . import distributed as D
+
+    if env.rank == 0:
+        for name in ("lr_find.json", "lr_find.png"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, name))
+        for name in os.listdir(out):
+            if (name.startswith("lr-") or name == "sweep") and os.path.isdir(os.path.join(out, name)):
+                shutil.rmtree(os.path.join(out, name))
+    D.barrier(env)
+
+
+def fixed(args, cfg, module, out: str, env) -> tuple[dict, str]:
+    from . import distributed as D
+    from .config import load_config
+    from .loop import run
+
+    rank = env.rank
+    lrs = sorted(args.lrs or [cfg.train.lr * f for f in GRID])
+    scores: dict[float, float] = {}
+    score = None
+    todo = list(lrs)
+    while todo:
+        lr = todo.pop(0)
+        run_dir = os.path.join(out, f"lr-{len(scores)}")
+        run_cfg = load_config(args.config, [*args.overrides, *fixed_overrides(args, cfg, run_dir, lr)])
+        if rank == 0:
+            print(f"lr_find: train.lr={lr:.3g} ({len(scores) + 1} of {len(scores) + 1 + len(todo)}), "
+                  f"{args.steps} steps → {run_dir}", flush=True)
+        run(module.make_stage(run_cfg), run_cfg, saves=False)
+        value = D.from_rank0(env, lambda d=run_dir: run_score(d, args.steps))  # every rank decides what next
+        score, scores[lr] = value[0], value[1]
+        if rank == 0:
+            print(f"lr_find: train.lr={lr:.3g}: {score} {value[1]:.4f}", flush=True)
+        if not todo and len(scores) < len(lrs) + EXTEND:
+            todo = beyond_the_edge(sorted(scores), [scores[x] for x in sorted(scores)])
+    lrs = sorted(scores)
+    scores = [scores[x] for x in lrs]
+    if rank != 0:
+        return {}, ""
+    found = suggest_fixed(lrs, scores)
+    plot_fixed(os.path.join(out, "lr_find.png"), lrs, scores, found, score, args.steps)
+    return {"method": "fixed", "suggested_lr": found["lr"], "rule": found["rule"], "best_at": found["best_at"],
+            "steps": args.steps, "score": score, "lr": lrs, "scores": finite_or_none(scores)}, found["rule"]
+
+
+def sweep(args, cfg, module, out: str, env) -> tuple[dict, str]:
+    from .config import load_config
+    from .loop import run
+
+    swept = load_config(args.config, [*args.overrides, *sweep_overrides(args, os.path.join(out, "sweep"))])
+    run(module.make_stage(swept), swept, saves=False)  # weights trained at absurd rates: of no use
+    if env.rank != 0:
+        return {}, ""
+    steps = records(os.path.join(out, "sweep"), "loss")
+    lrs, losses = [r["lr"] for r in steps], [r["loss"] for r in steps]
+    found = suggest(lrs, losses)
+    plot_sweep(os.path.join(out, "lr_find.png"), lrs, losses, found)
+    diverged = f", diverged from {found['diverged_at']:.3g}" if found["diverged_at"] else ""
+    return {"method": "sweep", "suggested_lr": found["lr"], "rule": found["rule"], "lowest_at": found["lowest_at"],
+            "diverged_at": found["diverged_at"], "lr": lrs, "loss": finite_or_none(losses),
+            "smoothed": finite_or_none(found["smoothed"])}, found["rule"] + diverged
+
+
+def rates(text: str) -> list[float]:
+    values = [float(x) for x in text.split(",")]
+    if len(values) < 3 or min(values) <= 0 or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError("at least three different positive rates, comma-separated")
+    return values
+
+
 def main(argv=None) -> int:
     from .cli import run_reporting
     from .distributed import ranks_from_env, run_command
@@ -118,13 +282,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.lr_find", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="FILE")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--max-lr", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--out", help="the sweep's directory (default: OUT_DIR/lr_find)")
+    p.add_argument("--method", choices=("fixed", "sweep"), default="fixed")
+    p.add_argument("--steps", type=int, help="fixed: each run's steps (default 100); sweep: the sweep's (default 200)")
+    p.add_argument("--lrs", type=rates, help="fixed: the rates (default: train.lr × 1/4, 1/2, 1, 2, 4)")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="sweep: the first rate")
+    p.add_argument("--max-lr", type=float, default=1.0, help="sweep: the last rate")
+    p.add_argument("--out", help="the runs' directory (default: OUT_DIR/lr_find)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
+    args.steps = args.steps or (100 if args.method == "fixed" else 200)
     if not 0 < args.min_lr < args.max_lr:
         p.error("need 0 < --min-lr < --max-lr")
     if args.steps < 10:
@@ -132,41 +299,35 @@ def main(argv=None) -> int:
     rank = ranks_from_env()[0]
 
     def find() -> None:
-
         from . import checkpoint as ckpt
+        from . import distributed as D
+        from . import rundir
         from .config import load_config
-        from .loop import run
 
         cfg = load_config(args.config, args.overrides)
         out = args.out or os.path.join(cfg.out_dir, "lr_find")
         if os.path.realpath(out) == os.path.realpath(cfg.out_dir):
-            raise UserError(f"--out {out}: is out_dir itself; the sweep needs a directory of its own")
-        if ckpt.latest(out) is not None:  # a sweep writes none: these are another run's
-            raise UserError(f"--out {out}: holds a run's checkpoints; a sweep starts from the config's starting weights "
-                            "in a directory of its own")
+            raise UserError(f"--out {out}: is out_dir itself; lr_find needs a directory of its own")
+        if ckpt.latest(out) is not None:  # lr_find writes none: these are another run's
+            raise UserError(f"--out {out}: holds a run's checkpoints; lr_find starts from the config's starting "
+                            "weights in a directory of its own")
         module = stage_of(cfg)
-        sweep = load_config(args.config, [*args.overrides, *sweep_overrides(args, out)])
-        if rank == 0:  # what an earlier sweep left would pass for this one's if this one fails
-            os.makedirs(out, exist_ok=True)
-            for name in ("lr_find.json", "lr_find.png"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out, name))
-        run(module.make_stage(sweep), sweep, saves=False)  # weights trained at absurd rates: of no use
-        if rank != 0:
-            return
-        lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        steps = [r for r in lines if "loss" in r]
-        lrs, losses = [r["lr"] for r in steps], [r["loss"] for r in steps]
-        found = suggest(lrs, losses)
-        plot(os.path.join(out, "lr_find.png"), lrs, losses, found)
-        with open(os.path.join(out, "lr_find.json"), "w") as f:
-            json.dump({"suggested_lr": found["lr"], "rule": found["rule"], "lowest_at": found["lowest_at"],
-                       "diverged_at": found["diverged_at"], "lr": lrs, "loss": finite_or_none(losses),
-                       "smoothed": finite_or_none(found["smoothed"]),
-                       "stage": module.__name__.rsplit(".", 1)[-1], "config_lr": cfg.train.lr}, f, indent=1)
-        diverged = f", diverged from {found['diverged_at']:.3g}" if found["diverged_at"] else ""
-        print(f"lr_find: suggested train.lr={found['lr']:.3g} ({found['rule']}{diverged}; the config has "
-              f"{cfg.train.lr:.3g}) → {out}/lr_find.png", flush=True)
+        # one process group for all the runs; DIR locked from clearing it to writing the report, its runs in
+        # directories below it, each locked by its own run
+        with D.shared_process_group(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s) as env:
+            lock = rundir.lock(out, env)
+            try:
+                clear(out, env)
+                report, rule = (fixed if args.method == "fixed" else sweep)(args, cfg, module, out, env)
+                if rank != 0:
+                    return
+                with open(os.path.join(out, "lr_find.json"), "w") as f:
+                    json.dump({**report, "stage": module.__name__.rsplit(".", 1)[-1], "config_lr": cfg.train.lr},
+                              f, indent=1)
+                print(f"lr_find: suggested train.lr={report['suggested_lr']:.3g} ({args.method}: {rule}; the "
+                      f"config has {cfg.train.lr:.3g}) → {out}/lr_find.png", flush=True)
+            finally:
+                lock.release()
 
     return run_command(lambda: run_reporting(find))
 

@@ -223,15 +223,17 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, group
 
 
 @functools.cache
-def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+def grouped_mm_works(device_type: str, dtype: torch.dtype, compiled: bool = False) -> bool:
     """Whether this torch has a grouped matmul for the device and dtype (CUDA's needs bf16 and a recent GPU). A
     forward alone, without autocast or gradients: the same answer inside evaluation, a checkpointed block's
-    recomputation or a reference model's no_grad forward as outside."""
+    recomputation or a reference model's no_grad forward as outside. compiled: also under torch.compile, which
+    traces it through its meta kernel — stricter than CPU's eager one (bf16 only, torch 2.13)."""
     try:
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
-            x = torch.ones(4, 16, device=device_type, dtype=dtype)
-            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
-            F.grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], device=device_type, dtype=torch.int32))
+        for device in (device_type, "meta") if compiled else (device_type,):
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                x = torch.ones(4, 16, device=device, dtype=dtype)
+                w = torch.ones(2, 16, 16, device=device, dtype=dtype)
+                F.grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], device=device, dtype=torch.int32))
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
