@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import CHAT, DPO_CONFIG, FAST, REPO, SFT_CONFIG, TINY_CONFIG
 
-from training.lr_find import beyond_the_edge, suggest, suggest_fixed
+from training.lr_find import MARK, beyond_the_edge, clear, suggest, suggest_fixed
 
 
 def test_the_suggestion_is_the_knee_of_the_smoothed_loss_before_divergence():
@@ -45,6 +45,26 @@ def test_the_fixed_rates_suggestion_is_the_vertex_of_the_parabola_through_the_be
     assert beyond_the_edge(lrs, [5, 2, 3, 4, 6]) == []
     edge = suggest_fixed(lrs, [5, 4, 3, 2, 1])
     assert edge["lr"] == 8e-3 and "widen --lrs" in edge["rule"]
+
+
+def test_an_earlier_calls_runs_are_cleared_and_anything_else_in_their_place_is_refused(tmp_path):
+    out = tmp_path / "out"
+    for name in ("lr-0", "sweep"):  # an earlier call's runs: marked
+        (out / name).mkdir(parents=True)
+        (out / name / MARK).touch()
+        (out / name / "metrics.jsonl").write_text("{}")
+    (out / "lr_find.json").write_text("{}")
+    (out / "notes").mkdir()
+    (out / "lr-2e-4").mkdir()  # a user's run, by another name pattern: not lr_find's to touch
+    clear(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["lr-2e-4", "notes"]
+    # a user's run named as lr_find names its runs: refused in one line, nothing deleted
+    (out / "lr-0" / "checkpoints" / "step-10").mkdir(parents=True)
+    (out / "sweep").mkdir()
+    (out / "sweep" / MARK).touch()
+    with pytest.raises(Exception, match=r"lr-0 is not one of lr_find's runs"):
+        clear(str(out))
+    assert (out / "lr-0" / "checkpoints").exists() and (out / "sweep").exists()
 
 
 def digests(directory) -> dict:

@@ -288,7 +288,7 @@ def train(r: Run, saves: bool = True) -> None:
                 ckpt.save(env, cfg.out_dir, state, r.model, r.optimizer, r.config_yaml,
                           tokenizer_file(cfg.out_dir), cfg.train.keep_checkpoints, r.engine)
         if signum and done < cfg.train.max_steps:
-            raise Stopped(signum, done)
+            raise Stopped(signum, done, saves)
     stop.restore()
 
 
@@ -306,11 +306,13 @@ def optimizer_step(r: Run, loss: float) -> tuple[float, bool]:
 
 
 class Stopped(Exception):
-    """A stop requested by a signal (preemption notice, scancel, kill): a checkpoint of `step` was written."""
+    """A stop requested by a signal (preemption notice, scancel, kill): a checkpoint of `step` was written, unless
+    the run saves none (saved=False)."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint saved; "
-                         "run the same command again to resume")
+    def __init__(self, signum: int, step: int, saved: bool = True):
+        then = ("checkpoint saved; run the same command again to resume" if saved else
+                "this run saves no checkpoint; the same command starts it again from the beginning")
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: {then}")
         self.signum, self.step = signum, step
 
 

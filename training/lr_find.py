@@ -6,17 +6,17 @@ learning rates, writing a plot and a suggested train.lr. Two methods:
     torchrun --nproc_per_node N -m training.lr_find --config FILE ...
 
 fixed (the default): one short run per rate (--lrs; default train.lr × 1/4, 1/2, 1, 2, 4), each --steps steps
-with the config's own schedule shrunk to that length (its warmup in proportion), scored by the validation loss
-at its end (the mean training loss over its last 10% where the config has no validation data). The suggestion is
-the lowest point of a parabola in log(rate) through the best run and its two neighbours: a reading between the
-grid's rates, which one run's noise moves less than it moves the best of them. While the best run is at an edge
-of the grid, the grid grows by a step beyond it (at most 3 times; then the edge rate is the suggestion, said to be
-one).
+with the config's own schedule shrunk to that length (its warmup in proportion: on a long run's config, a few
+steps, which favours lower rates — raise --steps for a reading nearer the run's own), scored by the validation
+loss at its end (the mean training loss over its last 10% where the config has no validation data). The
+suggestion is the lowest point of a parabola in log(rate) through the best run and its two neighbours: a reading
+between the grid's rates, from three runs rather than one. While the best run is at an edge of the grid, the grid
+grows by a step beyond it (at most 3 times; then the edge rate is the suggestion, said to be one).
 
 sweep: one run whose rate grows exponentially from --min-lr to --max-lr; the loss is smoothed by a centred moving
 average over 5% of the sweep up to its first loss that is not finite, and the suggestion is the knee: the smallest
-rate at which the smoothed loss has made 95% of its fall from its first step to its lowest point. Quick (one
-run) but optimistic about neither end of training: the loss at a rate is read after a few steps at it.
+rate at which the smoothed loss has made 95% of its fall from its first step to its lowest point. Quick (one run),
+but each rate's loss is read after a few steps at it, from weights trained at the lower rates before it.
 
 Which is more reliable on the tiny preset, and by how much: docs/benchmarks.md (bench/lr_find.py).
 
@@ -36,6 +36,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 
 from preprocess.errors import UserError
@@ -200,26 +201,55 @@ def run_score(out: str, steps: int) -> tuple[str, float]:
     return "loss", sum(tail) / len(tail)
 
 
-def clear(out: str, env) -> None:
-    """What an earlier call left would pass for this one's if this one fails."""
+MARK = ".lr_find"  # in each run directory lr_find makes: what clear() may delete
+RUN_DIR = re.compile(r"^(lr-\d+|sweep)$")
+
+
+def clear(out: str) -> None:
+    """Rank 0: what an earlier call left, which would pass for this one's if this one fails. Only directories
+    lr_find made (marked) are deleted; one of their names without the mark is another run's, and refused."""
     import shutil
 
-    from . import distributed as D
+    from . import checkpoint as ckpt
 
-    if env.rank == 0:
-        for name in ("lr_find.json", "lr_find.png"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out, name))
-        for name in os.listdir(out):
-            if (name.startswith("lr-") or name == "sweep") and os.path.isdir(os.path.join(out, name)):
-                shutil.rmtree(os.path.join(out, name))
-    D.barrier(env)
+    os.makedirs(out, exist_ok=True)
+    runs = [os.path.join(out, name) for name in sorted(os.listdir(out))
+            if RUN_DIR.match(name) and os.path.isdir(os.path.join(out, name))]
+    for path in runs:  # all checked before any is deleted
+        if not os.path.exists(os.path.join(path, MARK)) or ckpt.latest(path) is not None:
+            raise UserError(f"--out {out}: {path} is not one of lr_find's runs, and lr_find would write there; "
+                            "give --out a directory of its own")
+    for path in runs:
+        shutil.rmtree(path)
+    for name in ("lr_find.json", "lr_find.png"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+
+
+def one_run(module, run_cfg, env) -> None:
+    """One run of the loop in lr_find's marked directory, its memory given back before the next (a compiled
+    module holds itself in a reference cycle)."""
+    import gc
+
+    import torch
+
+    from . import distributed as D
+    from .loop import run
+
+    def mark() -> None:
+        os.makedirs(run_cfg.out_dir, exist_ok=True)
+        open(os.path.join(run_cfg.out_dir, MARK), "w").close()
+
+    D.from_rank0(env, mark)
+    run(module.make_stage(run_cfg), run_cfg, saves=False)  # its weights are of no use after: none kept
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def fixed(args, cfg, module, out: str, env) -> tuple[dict, str]:
     from . import distributed as D
     from .config import load_config
-    from .loop import run
 
     rank = env.rank
     lrs = sorted(args.lrs or [cfg.train.lr * f for f in GRID])
@@ -233,7 +263,7 @@ def fixed(args, cfg, module, out: str, env) -> tuple[dict, str]:
         if rank == 0:
             print(f"lr_find: train.lr={lr:.3g} ({len(scores) + 1} of {len(scores) + 1 + len(todo)}), "
                   f"{args.steps} steps → {run_dir}", flush=True)
-        run(module.make_stage(run_cfg), run_cfg, saves=False)
+        one_run(module, run_cfg, env)
         value = D.from_rank0(env, lambda d=run_dir: run_score(d, args.steps))  # every rank decides what next
         score, scores[lr] = value[0], value[1]
         if rank == 0:
@@ -252,10 +282,9 @@ def fixed(args, cfg, module, out: str, env) -> tuple[dict, str]:
 
 def sweep(args, cfg, module, out: str, env) -> tuple[dict, str]:
     from .config import load_config
-    from .loop import run
 
     swept = load_config(args.config, [*args.overrides, *sweep_overrides(args, os.path.join(out, "sweep"))])
-    run(module.make_stage(swept), swept, saves=False)  # weights trained at absurd rates: of no use
+    one_run(module, swept, env)
     if env.rank != 0:
         return {}, ""
     steps = records(os.path.join(out, "sweep"), "loss")
@@ -269,8 +298,11 @@ def sweep(args, cfg, module, out: str, env) -> tuple[dict, str]:
 
 
 def rates(text: str) -> list[float]:
-    values = [float(x) for x in text.split(",")]
-    if len(values) < 3 or min(values) <= 0 or len(set(values)) < len(values):
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) < 3 or not all(math.isfinite(v) and v > 0 for v in values) or len(set(values)) < len(values):
         raise argparse.ArgumentTypeError("at least three different positive rates, comma-separated")
     return values
 
@@ -285,13 +317,20 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=("fixed", "sweep"), default="fixed")
     p.add_argument("--steps", type=int, help="fixed: each run's steps (default 100); sweep: the sweep's (default 200)")
     p.add_argument("--lrs", type=rates, help="fixed: the rates (default: train.lr × 1/4, 1/2, 1, 2, 4)")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="sweep: the first rate")
-    p.add_argument("--max-lr", type=float, default=1.0, help="sweep: the last rate")
+    p.add_argument("--min-lr", type=float, help="sweep: the first rate (default 1e-5)")
+    p.add_argument("--max-lr", type=float, help="sweep: the last rate (default 1)")
     p.add_argument("--out", help="the runs' directory (default: OUT_DIR/lr_find)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
-    args.steps = args.steps or (100 if args.method == "fixed" else 200)
+    if args.method == "fixed" and (args.min_lr is not None or args.max_lr is not None):
+        p.error("--min-lr and --max-lr are the sweep's (--method sweep); the fixed runs' rates are --lrs")
+    if args.method == "sweep" and args.lrs:
+        p.error("--lrs is the fixed runs' (--method fixed); the sweep's rates are --min-lr to --max-lr")
+    if args.steps is None:
+        args.steps = 100 if args.method == "fixed" else 200
+    args.min_lr = 1e-5 if args.min_lr is None else args.min_lr
+    args.max_lr = 1.0 if args.max_lr is None else args.max_lr
     if not 0 < args.min_lr < args.max_lr:
         p.error("need 0 < --min-lr < --max-lr")
     if args.steps < 10:
@@ -317,7 +356,7 @@ def main(argv=None) -> int:
         with D.shared_process_group(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s) as env:
             lock = rundir.lock(out, env)
             try:
-                clear(out, env)
+                D.from_rank0(env, lambda: clear(out))
                 report, rule = (fixed if args.method == "fixed" else sweep)(args, cfg, module, out, env)
                 if rank != 0:
                     return
