@@ -136,7 +136,7 @@ def test_dense_blocks_between_and_a_shared_expert_export_as_qwen2_moe(shared, pr
         assert (ours(tokens) - theirs(tokens).logits).abs().max().item() < 1e-4
 
 
-def test_compiled_moe_blocks_compute_what_eager_ones_do():
+def test_compiled_moe_blocks_with_activation_checkpointing_compute_what_eager_ones_do():
     """train.compile traces the experts' matmul through its meta kernel, which (torch 2.13) takes bf16 only where
     CPU's eager kernel also takes fp32: the loop's choice must hold under compile too. aot_eager traces forward and
     backward as inductor does, without its code generation (minutes on a CPU)."""
@@ -149,6 +149,8 @@ def test_compiled_moe_blocks_compute_what_eager_ones_do():
     eager = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     choose_expert_matmul(model, torch.device("cpu"), "fp32", compiled=True)
+    for block in model.layers:  # and with activation checkpointing, which compile traces as its own operator
+        block.checkpointed = True
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     compiled(tokens).square().mean().backward()
