@@ -48,23 +48,35 @@ def test_the_fixed_rates_suggestion_is_the_vertex_of_the_parabola_through_the_be
 
 
 def test_an_earlier_calls_runs_are_cleared_and_anything_else_in_their_place_is_refused(tmp_path):
+    from preprocess.errors import UserError
+
     out = tmp_path / "out"
-    for name in ("lr-0", "sweep"):  # an earlier call's runs: marked
+
+    def marked(name):
         (out / name).mkdir(parents=True)
         (out / name / MARK).touch()
         (out / name / "metrics.jsonl").write_text("{}")
+
+    marked("lr-0")
+    marked("sweep")  # an earlier call's runs
     (out / "lr_find.json").write_text("{}")
     (out / "notes").mkdir()
     (out / "lr-2e-4").mkdir()  # a user's run, by another name pattern: not lr_find's to touch
     clear(str(out))
     assert sorted(p.name for p in out.iterdir()) == ["lr-2e-4", "notes"]
-    # a user's run named as lr_find names its runs: refused in one line, nothing deleted
-    (out / "lr-0" / "checkpoints" / "step-10").mkdir(parents=True)
+    # in lr_find's places: a directory without the mark, or one with checkpoints (lr_find writes none), is refused
+    # in one line — and nothing is deleted, also what sorts before it
+    marked("lr-0")
     (out / "sweep").mkdir()
-    (out / "sweep" / MARK).touch()
-    with pytest.raises(Exception, match=r"lr-0 is not one of lr_find's runs"):
+    with pytest.raises(UserError, match=r"sweep, where lr_find would write, has no .lr_find mark.*rm -r"):
         clear(str(out))
-    assert (out / "lr-0" / "checkpoints").exists() and (out / "sweep").exists()
+    assert (out / "lr-0" / MARK).exists() and (out / "sweep").exists()
+    (out / "sweep").rmdir()
+    marked("lr-1")
+    (out / "lr-1" / "checkpoints").mkdir()
+    with pytest.raises(UserError, match=r"lr-1 holds checkpoints"):
+        clear(str(out))
+    assert (out / "lr-0" / MARK).exists() and (out / "lr-1" / "checkpoints").exists()
 
 
 def digests(directory) -> dict:

@@ -115,8 +115,8 @@ class Run:
 
 
 def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, saves: bool = True) -> None:
-    """saves=False: no checkpoint is written, not even at the end or on a stop signal (training.lr_find's sweep,
-    whose weights are of no use)."""
+    """saves=False: no checkpoint is written, not even at the end or on a stop signal (training.lr_find's runs,
+    whose weights are of no use); a stop signal still stops it, also at its last step."""
     stage.check(cfg)  # before any process group or out_dir exists
     env = D.init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s)
     if env.device.type == "cpu":
@@ -287,7 +287,7 @@ def train(r: Run, saves: bool = True) -> None:
             with r.log.paused():
                 ckpt.save(env, cfg.out_dir, state, r.model, r.optimizer, r.config_yaml,
                           tokenizer_file(cfg.out_dir), cfg.train.keep_checkpoints, r.engine)
-        if signum and done < cfg.train.max_steps:
+        if signum and (done < cfg.train.max_steps or not saves):  # saving nothing, the caller must hear of it
             raise Stopped(signum, done, saves)
     stop.restore()
 

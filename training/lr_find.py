@@ -202,7 +202,7 @@ def run_score(out: str, steps: int) -> tuple[str, float]:
 
 
 MARK = ".lr_find"  # in each run directory lr_find makes: what clear() may delete
-RUN_DIR = re.compile(r"^(lr-\d+|sweep)$")
+RUN_DIR = re.compile(r"lr-[0-9]+|sweep")
 
 
 def clear(out: str) -> None:
@@ -214,11 +214,14 @@ def clear(out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     runs = [os.path.join(out, name) for name in sorted(os.listdir(out))
-            if RUN_DIR.match(name) and os.path.isdir(os.path.join(out, name))]
+            if RUN_DIR.fullmatch(name) and os.path.isdir(os.path.join(out, name))]
     for path in runs:  # all checked before any is deleted
-        if not os.path.exists(os.path.join(path, MARK)) or ckpt.latest(path) is not None:
-            raise UserError(f"--out {out}: {path} is not one of lr_find's runs, and lr_find would write there; "
-                            "give --out a directory of its own")
+        if os.path.exists(ckpt.checkpoints_dir(path)):
+            raise UserError(f"--out {out}: {path} holds checkpoints, which lr_find never writes: another run's; give "
+                            "--out a directory of its own")
+        if not os.path.exists(os.path.join(path, MARK)):
+            raise UserError(f"--out {out}: {path}, where lr_find would write, has no {MARK} mark: if an earlier "
+                            f"lr_find made it, delete it (rm -r {path}); else give --out a directory of its own")
     for path in runs:
         shutil.rmtree(path)
     for name in ("lr_find.json", "lr_find.png"):
@@ -331,8 +334,8 @@ def main(argv=None) -> int:
         args.steps = 100 if args.method == "fixed" else 200
     args.min_lr = 1e-5 if args.min_lr is None else args.min_lr
     args.max_lr = 1.0 if args.max_lr is None else args.max_lr
-    if not 0 < args.min_lr < args.max_lr:
-        p.error("need 0 < --min-lr < --max-lr")
+    if not 0 < args.min_lr < args.max_lr < math.inf:
+        p.error("need 0 < --min-lr < --max-lr, both finite")
     if args.steps < 10:
         p.error("--steps: at least 10")
     rank = ranks_from_env()[0]
