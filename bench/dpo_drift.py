@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]
 from tang import is_five_character  # noqa: E402
 
-from training.data import ExampleSource  # noqa: E402
-from training.generate import load_for_inference  # noqa: E402
+from training.checkpoint.weights import load_for_inference  # noqa: E402
+from training.data.sources import ExampleSource  # noqa: E402
 
 
 @torch.no_grad()

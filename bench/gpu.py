@@ -75,7 +75,7 @@ class GPT(nn.Module):
 def baseline(preset: str, steps: int, grad_accum: int, compile_: bool, micro: int | None) -> dict:
     sys.path.insert(0, REPO)
     from training.config import load_config
-    from training.metrics import gpu_peak_flops
+    from training.run.metrics import gpu_peak_flops
 
     cfg = load_config(os.path.join(REPO, "configs", "pretrain", f"{preset}.yaml"), ["data.path=unused"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +116,7 @@ def attention_paths(steps: int) -> None:
     """Time per forward + backward of packed rows, each way our model can attend."""
     sys.path.insert(0, REPO)
     from training.config import load_config
-    from training.model import Transformer
+    from training.models.transformer import Transformer
 
     cfg = load_config(os.path.join(REPO, "configs", "pretrain", "125m.yaml"), ["data.path=unused"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

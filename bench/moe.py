@@ -35,7 +35,7 @@ def final_val_loss(out: str) -> float:
 def flops_per_token(overrides: list[str]) -> float:
     sys.path.insert(0, REPO)
     from training.config import load_config
-    from training.model import Transformer
+    from training.models.transformer import Transformer
 
     cfg = load_config(CONFIG, ["model.vocab_size=4032", *overrides])  # the 4,000-token vocabulary, rounded up
     with torch.device("meta"):

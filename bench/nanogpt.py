@@ -94,7 +94,7 @@ def nanogpt(work: str) -> dict:
 def ours(work: str, config: str, vocab: int, seed: int, overrides: list[str]) -> dict:
     sys.path.insert(0, REPO)
     from preprocess.tokenizer import TextTokenizer
-    from training.generate import load_for_inference
+    from training.checkpoint.weights import load_for_inference
 
     text = open(TEXT, encoding="utf-8").read()
     train_text, val_text = text[:int(len(text) * 0.9)], text[int(len(text) * 0.9):]

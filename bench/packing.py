@@ -63,14 +63,15 @@ def prepare(out: str) -> dict:
 
 def epoch_padding(shards: str) -> dict[str, float]:
     """Share of the computed positions that are padding over one epoch of the training split."""
-    from training.data import ExampleSource, SFTData
-    from training.plan import BatchPlan
+    from training.data.batch import ExampleBatches
+    from training.data.order import BatchPlan
+    from training.data.sources import ExampleSource
 
     shares = {}
     for name, micro, packed in (("padded, micro-batch 16", 16, False), ("padded, micro-batch 64", 64, False),
                                 (f"packed, rows of {ROW}", 8, True)):
         src = ExampleSource(shards, ROW, 0.05, "sft", group=1, packed=packed)
-        data = SFTData([src], [1.0], 1337, BatchPlan(micro, 1, 1), 10**9, pad_id=0, seq_len=ROW,
+        data = ExampleBatches([src], [1.0], 1337, BatchPlan(micro, 1, 1), 10**9, pad_id=0, seq_len=ROW,
                        pack_window=1024 if packed else 0)
         real = total = examples = 0
         position = 0
@@ -98,12 +99,13 @@ def train_rates(setup: dict, out: str, steps: int, repeat: int) -> dict[str, tup
 
 
 def mask_cost(shards: str, repeat: int) -> dict[str, float]:
-    from training.data import ExampleSource, SFTData
-    from training.model import ModelConfig, Transformer
-    from training.plan import BatchPlan
+    from training.data.batch import ExampleBatches
+    from training.data.order import BatchPlan
+    from training.data.sources import ExampleSource
+    from training.models.transformer import ModelConfig, Transformer
 
     src = ExampleSource(shards, ROW, 0.05, "sft", group=1, packed=True)
-    data = SFTData([src], [1.0], 1337, BatchPlan(8, 1, 1), 10**9, pad_id=0, seq_len=ROW, pack_window=1024)
+    data = ExampleBatches([src], [1.0], 1337, BatchPlan(8, 1, 1), 10**9, pad_id=0, seq_len=ROW, pack_window=1024)
     batch = data.micro_batch(0, 0)[1]
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=2048, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=ROW))

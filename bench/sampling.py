@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from training.generate import generate  # noqa: E402
-from training.model import ModelConfig, Transformer  # noqa: E402
-from training.sample import sample_batch, sample_seed  # noqa: E402
+from training.models.decoding import (
+    generate,  # noqa: E402
+    sample_batch,
+)
+from training.models.transformer import ModelConfig, Transformer  # noqa: E402
+from training.sample import sample_seed  # noqa: E402
 
 
 def main() -> None:

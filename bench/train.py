@@ -73,11 +73,12 @@ def loader_rate(config: str, shards: str, overrides: list[str], steps: int = 200
     """Samples/s of the data path alone: the global order, the memory-mapped reads and the batch assembly."""
     sys.path.insert(0, REPO)
     from training.config import load_config
-    from training.data import PretrainData, ShardSource
-    from training.plan import BatchPlan
+    from training.data.order import BatchPlan
+    from training.data.sources import ShardSource
+    from training.stages.pretrain import PretrainData
 
     cfg = load_config(config, [f"data.path={shards}", *overrides])
-    source = ShardSource(shards, cfg.data.seq_len, cfg.data.val_fraction)
+    source = ShardSource(shards, cfg.data.seq_len, cfg.data.val_fraction, "pretrain")
     plan = BatchPlan.of(cfg.train)
     data = PretrainData([source], [1.0], cfg.seed, plan, 10**9)
     start = time.perf_counter()
@@ -103,23 +104,24 @@ def written_out_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=F
 def bare(config: str, shards: str, steps: int, overrides: list[str], fused: bool | None = None,
          attention: str = "sdpa") -> float:
     sys.path.insert(0, REPO)
-    import training.model
+    import training.models.transformer
     from training.config import load_config
-    from training.data import PretrainData, ShardSource
-    from training.loop import resolve_precision, resolve_vocab
-    from training.model import Transformer
-    from training.plan import BatchPlan
+    from training.data.order import BatchPlan
+    from training.data.sources import ShardSource
+    from training.models.transformer import Transformer
+    from training.run.build import resolve_precision, resolve_vocab
+    from training.stages.pretrain import PretrainData
 
     cfg = load_config(config, [f"data.path={shards}", *overrides])
-    source = ShardSource(shards, cfg.data.seq_len, cfg.data.val_fraction)
+    source = ShardSource(shards, cfg.data.seq_len, cfg.data.val_fraction, "pretrain")
     model_cfg = resolve_vocab(cfg.model, source.tokenizer["vocab_size"], shards)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     if device.type == "cpu":  # the allocator setting our loop makes on CPU: measure the loop, not the allocator
-        from training.loop import keep_freed_memory
+        from training.run.loop import keep_freed_memory
 
         keep_freed_memory()
     if attention == "written-out":
-        training.model.F = types.SimpleNamespace(**{**vars(F), "scaled_dot_product_attention": written_out_attention})
+        training.models.transformer.F = types.SimpleNamespace(**{**vars(F), "scaled_dot_product_attention": written_out_attention})
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(device)
     if cfg.train.compile:

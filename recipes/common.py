@@ -23,7 +23,8 @@ def replies_of(run: str, prompts: list[str], samples: int, temperature: float = 
     """`samples` replies of a run to each request (a user turn), in order, drawn as training.sample draws them:
     batched, sample k of request i seeded by (seed, i, k)."""
     from preprocess.chat import ChatTemplate, Turn
-    from training.generate import chat_prompt, load_for_inference
+    from training.checkpoint.weights import load_for_inference
+    from training.models.decoding import chat_prompt
     from training.sample import prompt_batches, sample_chunk
 
     model, sp = load_for_inference(run)
@@ -91,7 +92,8 @@ def table(logs: list[str], what: str) -> None:
 
 def show_replies(run: str, prompts: list[str], n: int, max_new_tokens: int = 60) -> None:
     """A few requests and the replies of one run."""
-    from training.generate import chat_reply, load_for_inference
+    from training.checkpoint.weights import load_for_inference
+    from training.models.decoding import chat_reply
 
     model, sp = load_for_inference(run)
     for i, prompt in enumerate(prompts[:n]):

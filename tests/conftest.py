@@ -68,7 +68,7 @@ def dir_digest(path: str) -> dict[str, str]:
 def shard_documents(out_dir: str) -> list:
     """Each document's token ids (ending with eos), in manifest order, read as training reads them."""
     from preprocess.shards import read_manifest
-    from training.data import ShardDir
+    from training.data.sources import ShardDir
 
     shards = ShardDir(out_dir, read_manifest(out_dir)["kind"])
     starts, ends = shards.document_bounds()

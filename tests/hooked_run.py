@@ -1,4 +1,4 @@
-"""Run a training stage with test hooks (training.loop.Hooks), as a script of its own or torchrun's:
+"""Run a training stage with test hooks (training.run.hooks.Hooks), as a script of its own or torchrun's:
 
     python tests/hooked_run.py HOOKS pretrain --config ... [overrides]
 
@@ -9,15 +9,14 @@ HOOKS is a comma-separated list ('-' for none):
   picks=FILE   each rank appends {"step", "rank", "micro", "picks"} lines to FILE.rank-R.jsonl
 """
 
-import importlib
 import json
 import os
 import signal
 import sys
 
-from training.cli import main
-from training.distributed import ranks_from_env
-from training.loop import Hooks
+from training.cli import stage_main
+from training.parallel.env import ranks_from_env
+from training.run.hooks import Hooks
 
 
 class TestHooks(Hooks):
@@ -45,6 +44,4 @@ class TestHooks(Hooks):
 
 
 if __name__ == "__main__":
-    hooks, stage = TestHooks(sys.argv[1]), sys.argv[2]
-    make_stage = importlib.import_module(f"training.{stage}").make_stage
-    sys.exit(main(stage, make_stage, sys.argv[3:], hooks=hooks))
+    sys.exit(stage_main(sys.argv[2], sys.argv[3:], hooks=TestHooks(sys.argv[1])))

@@ -1,5 +1,5 @@
 """How often a process that used gloo aborts at its end ("terminate called without an active exception"), with
-the interpreter's own teardown against distributed.exit_process, the training commands' ending. The figures of
+the interpreter's own teardown against parallel/env.py's exit_process, the training commands' ending. The figures of
 docs/reliability.md come from here:
 
     python tests/teardown_stress.py [--jobs 30] [--ending interpreter|exit_process|both]
@@ -19,17 +19,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conftest import free_port  # noqa: E402  (tests/ is this script's directory)
 
-from training import distributed as D  # noqa: E402
+from training.parallel import env as D  # noqa: E402
+from training.parallel.ddp import DDP  # noqa: E402
 
 
 def job(rank: int, world: int, port: int, ending: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     env = D.DistEnv(rank, world, 0, torch.device("cpu"), "stress")
-    model = D.wrap(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 50)), env)
+    backend = DDP(None, env, None, "fp32")
+    backend.setup(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 50)), lambda m: None)
     for _ in range(3):
-        with model.no_sync():
-            model(torch.randn(8, 32)).sum().backward()
-        model(torch.randn(8, 32)).sum().backward()
+        for micro in range(2):
+            with backend.micro_step(micro, 2):
+                backend.backward(backend.train_model(torch.randn(8, 32)).sum())
     D.shutdown(env)
     if ending == "exit_process":
         D.exit_process(0)

@@ -55,8 +55,8 @@ def test_zero_stages_give_the_ddp_losses_and_gradient_norms(stage, pretrain_shar
         for step in ddp:
             assert ours[step] == pytest.approx(ddp[step], rel=1e-4), (key, step)
     # the checkpoint converts to the plain fp32 state dict that generate, export and init_from read
-    from training.checkpoint import load_weights
-    from training.model import Transformer
+    from training.checkpoint.weights import load_weights
+    from training.models.transformer import Transformer
 
     reference = torch.load(ddp_run / "checkpoints" / "step-8" / "model.pt", weights_only=True)
     model = Transformer(load_config(str(tmp_path / "config.yaml")).model)
@@ -120,8 +120,8 @@ def test_the_deepspeed_launcher(pretrain_shards, tmp_path):
 
 
 def test_templates_never_set_what_our_config_sets(tmp_path):
-    from training.deepspeed_backend import build_config
-    from training.plan import BatchPlan
+    from training.data.order import BatchPlan
+    from training.parallel.deepspeed import build_config
 
     cfg = load_config(TINY_CONFIG, ["train.micro_batch_size=3", "train.grad_accum=5", "train.grad_clip=0.5"])
     plan = BatchPlan.of(cfg.train, world=4)
@@ -152,8 +152,8 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
     """The hardest LoRA case for DeepSpeed: partitioned weights, frozen base, and a reference forward through the
     same partitioned model with its adapters off."""
     pytest.importorskip("peft")
-    from training import checkpoint as ckpt
-    from training.model import Transformer
+    from training.checkpoint import weights as ckpt
+    from training.models.transformer import Transformer
 
     common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=3", "train.grad_accum=2",
               "train.precision=fp32", "lora.rank=4", "train.lr=3e-3", "train.warmup_steps=1", *CHAT]
@@ -246,8 +246,8 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly(chat_sh
     assert not glob.glob(str(tmp_path / "[ps][rf][et]" / "checkpoints" / "step-2" / "model.pt"))  # pre/, sft/
     # two jobs converting the same checkpoint at the same moment both get a whole file; each says when its
     # imports (DeepSpeed's converter too) are done, so the release waits for both however loaded the machine is
-    convert = ("import os, sys, time\nimport torch\nfrom training.checkpoint import model_file\n"
-               "from training.deepspeed_backend import prepare_environment\n"
+    convert = ("import os, sys, time\nimport torch\nfrom training.checkpoint.weights import model_file\n"
+               "from training.parallel.deepspeed import prepare_environment\n"
                "prepare_environment(torch.device('cpu'))\n"
                "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint\n"
                "open(sys.argv[3], 'w').close()\n"
@@ -276,7 +276,7 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly(chat_sh
 
 def test_each_rank_knows_the_deepspeed_files_it_wrote(tmp_path):
     """Each rank fsyncs what it wrote (an fsync on another machine does not flush this one's cache)."""
-    from training.deepspeed_backend import files_written_by
+    from training.parallel.deepspeed import files_written_by
 
     names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
              "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_10_mp_rank_00_optim_states.pt",

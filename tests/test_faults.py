@@ -147,7 +147,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(pretrain_sh
     assert losses(out) == losses(tmp_path / "straight")  # resumed from step 2: the same curve, exactly
     # a reader (generate, init_from) of a run dir also skips the damaged newest checkpoint, moving nothing
     damage_byte(ckpts / "step-8" / "model.pt")
-    from training.checkpoint import resolve
+    from training.checkpoint.weights import resolve
 
     assert resolve(str(out)) == f"{ckpts}/step-6" and (ckpts / "step-8").is_dir()
     proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(ckpts / "step-8"),
@@ -170,20 +170,23 @@ def test_a_checkpoint_without_its_checksums_is_not_trusted(pretrain_shards, tmp_
 
 def test_every_checkpoint_file_is_fsynced_before_the_checkpoint_is_renamed_into_place(tmp_path, monkeypatch):
     """DeepSpeed writes its files without fsync, and a copied file is not flushed either: a machine going down
-    right after the rename could leave a checkpoint that `latest` names with files of zeros. A stand-in engine
-    writes like DeepSpeed (plain writes); every file of the checkpoint must be fsynced before the rename."""
-    import torch
-
+    right after the rename could leave a checkpoint that `latest` names with files of zeros. A stand-in backend
+    writes like DeepSpeed (plain writes) and says which files it wrote; the store must fsync every file of the
+    checkpoint before the rename."""
     from preprocess.fileio import TMP_MARK
-    from training import checkpoint as ckpt
-    from training.distributed import DistEnv
-    from training.state import TrainState
+    from training.checkpoint import store
+    from training.checkpoint.rng import save_rng
+    from training.checkpoint.state import TrainState
+    from training.parallel.env import DistEnv
 
-    class Engine:  # DeepSpeed's save_checkpoint: files in root/tag, nothing fsynced
-        def save_checkpoint(self, root, tag, save_latest):
+    class Backend:  # DeepSpeed's save_checkpoint: files in the directory, nothing fsynced
+        def save(self, directory):
+            written = []
             for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
-                with open(os.path.join(root, tag, name), "wb") as f:
+                with open(os.path.join(directory, name), "wb") as f:
                     f.write(os.urandom(1000))
+                written.append(os.path.join(directory, name))
+            return written
 
     synced, events = set(), []
     real_fsync, real_replace = os.fsync, os.replace
@@ -202,9 +205,9 @@ def test_every_checkpoint_file_is_fsynced_before_the_checkpoint_is_renamed_into_
     monkeypatch.setattr(os, "replace", replace)
     tokenizer = tmp_path / "tokenizer.model"
     tokenizer.write_bytes(b"not a real tokenizer, only bytes to copy")
-    model = torch.nn.Linear(2, 2)
-    final = ckpt.save(DistEnv(), str(tmp_path / "run"), TrainState(step=5), model, None, "a: 1\n", str(tokenizer),
-                      keep=3, engine=Engine())
+    env = DistEnv()
+    final = store.save(env, str(tmp_path / "run"), TrainState(step=5), Backend(), "a: 1\n", str(tokenizer), keep=3,
+                       rank_files=lambda tmp: [save_rng(tmp, env)])
     assert len(events) == 1
     files = [os.path.join(final + ".tmp", f) for f in os.listdir(final)]
     # synced under its name, or under the temporary name it was renamed from (atomic_write)

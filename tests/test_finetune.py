@@ -18,8 +18,8 @@ from conftest import (
     val_losses,
 )
 
-from training.data import layout_rows
-from training.losses import IGNORE, dpo_loss, sequence_logps
+from training.data.batch import layout_rows
+from training.stages.losses import IGNORE, dpo_loss, sequence_logps
 
 # ------------------------------------------------------------------------------------------ pure functions
 

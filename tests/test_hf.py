@@ -39,7 +39,8 @@ def real_texts() -> list[str]:
 
 def test_transformers_gives_our_logits_token_ids_chat_prompt_and_greedy_text(sft_run, exported):
     from preprocess.chat import ChatTemplate, Turn
-    from training.generate import generate, load_for_inference
+    from training.checkpoint.weights import load_for_inference
+    from training.models.decoding import generate
 
     ours, sp = load_for_inference(sft_run, "cpu")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
@@ -83,8 +84,9 @@ def test_transformers_gives_our_logits_token_ids_chat_prompt_and_greedy_text(sft
 
 def test_greedy_generation_agrees_token_for_token_on_a_model_that_varies_its_output(sft_run):
     """A 3-step model repeats one token; weights with added noise make every step's argmax a real choice."""
-    from training import hf
-    from training.generate import generate, load_for_inference
+    from training.checkpoint.weights import load_for_inference
+    from training.models import hf
+    from training.models.decoding import generate
 
     ours, sp = load_for_inference(sft_run, "cpu")
     torch.manual_seed(0)
@@ -93,8 +95,10 @@ def test_greedy_generation_agrees_token_for_token_on_a_model_that_varies_its_out
             if p.dim() == 2:
                 p.add_(torch.randn_like(p) * 0.15)
     info_ids = {key: sp.info.special_ids[key] for key in ("eos", "bos", "pad")}
-    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf.to_hf_config(ours.cfg, info_ids))).eval()
-    theirs.load_state_dict(hf.to_hf_state_dict(ours.state_dict(), ours.cfg), strict=False)
+    llama = hf.family_of(ours.cfg)
+    assert llama.architecture == "LlamaForCausalLM"
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama.to_hf_config(ours.cfg, info_ids))).eval()
+    theirs.load_state_dict(llama.to_hf_state_dict(ours.state_dict(), ours.cfg), strict=False)
     theirs.tie_weights()
     for prompt in ("ROMEO:", "To be, or not", "First Citizen:\n"):
         ids = sp.encode(prompt)
@@ -153,8 +157,8 @@ def save_foreign_llama(path, tokenizer_model, vocab_size=1024, **config):
 
 
 def test_a_transformers_llama_directory_loads_into_our_model(tokenizer_model, tmp_path):
-    from training import checkpoint as ckpt
-    from training.model import Transformer
+    from training.checkpoint import weights as ckpt
+    from training.models.transformer import Transformer
 
     theirs = save_foreign_llama(tmp_path / "llama", tokenizer_model)
     path = ckpt.resolve(str(tmp_path / "llama"))
@@ -186,7 +190,7 @@ def test_the_exported_tokenizer_gives_our_ids_on_chinese_poetry_and_books(tmp_pa
     from conftest import shared_data
 
     from preprocess.tokenizer import train_tokenizer
-    from training.hf import hf_tokenizer
+    from training.models.tokenizer_export import hf_tokenizer
 
     poems = json.load(open(os.path.join(shared_data("tang_poems"), "poet.tang.0.json"), encoding="utf-8"))
     texts = [p["title"] + "\n" + "\n".join(p["paragraphs"]) + "\n" for p in poems]
@@ -220,7 +224,7 @@ def test_a_llama_style_tokenizer_exports_with_the_same_ids(llama_style_tokenizer
     import sentencepiece as spm
 
     from preprocess.errors import UserError
-    from training.hf import hf_tokenizer
+    from training.models.tokenizer_export import hf_tokenizer
 
     sp = spm.SentencePieceProcessor(model_file=llama_style_tokenizer)
     theirs = hf_tokenizer(llama_style_tokenizer)

@@ -27,10 +27,10 @@ def lora_sft(sft_run, chat_shards, tmp_path_factory) -> str:
 
 
 def test_only_the_adapters_change_and_the_merged_model_computes_the_adapted_one(sft_run, lora_sft):
-    from training import checkpoint as ckpt
-    from training import lora
+    from training.checkpoint import weights as ckpt
     from training.config import config_from_yaml
-    from training.model import Transformer
+    from training.models import lora
+    from training.models.transformer import Transformer
 
     start = load_raw(ckpt.resolve(sft_run))
     trained_dir = ckpt.resolve(lora_sft)
@@ -58,7 +58,7 @@ def test_only_the_adapters_change_and_the_merged_model_computes_the_adapted_one(
 
 
 def test_lora_optimizer_holds_only_the_adapters(lora_sft):
-    from training import checkpoint as ckpt
+    from training.checkpoint import weights as ckpt
 
     state = torch.load(os.path.join(ckpt.resolve(lora_sft), "optimizer.pt"), weights_only=True)
     n_tensors = sum(len(g["params"]) for g in state["param_groups"])
@@ -116,14 +116,22 @@ def test_describe_counts_the_adapters_the_run_trains(sft_run, lora_sft, chat_sha
 
     from conftest import REPO
 
-    from training import checkpoint as ckpt
+    from training.checkpoint import weights as ckpt
 
     trained = sum(v.numel() for k, v in load_raw(ckpt.resolve(lora_sft)).items() if ".lora_" in k)
     proc = subprocess.run([sys.executable, "-m", "training.describe", "--config", SFT_CONFIG,
-                           f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *LORA], capture_output=True,
-                          text=True, cwd=REPO)
+                           f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *CHAT, *LORA],
+                          capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert f"on 14 layers (wq, wk, wv, wo, w1, w2, w3): {trained / 1e6:.3f} M trainable parameters" in proc.stdout
+    assert f"sft: starts from the weights of {ckpt.resolve(sft_run)}" in proc.stdout
+    # the starting point is the run's: a context the starting model does not have is refused as the run refuses it
+    refused = subprocess.run([sys.executable, "-m", "training.describe", "--config", SFT_CONFIG,
+                              f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *LORA],
+                             capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 1 and refused.stderr == (
+        f"error: data.seq_len=256 is longer than the context of the model of init_from {sft_run} (64 tokens); lower "
+        "data.seq_len\n")
 
 
 def test_the_adapters_alone_export_as_a_peft_directory_that_reproduces_the_merged_model(sft_run, lora_sft, tmp_path):
@@ -134,9 +142,9 @@ def test_the_adapters_alone_export_as_a_peft_directory_that_reproduces_the_merge
     from transformers import AutoModelForCausalLM
 
     from preprocess.errors import UserError
-    from training import checkpoint as ckpt
+    from training.checkpoint import weights as ckpt
     from training.export_hf import export, export_adapter
-    from training.model import Transformer
+    from training.models.transformer import Transformer
 
     base = tmp_path / "base"
     export(sft_run, str(base))  # the LoRA run's init_from

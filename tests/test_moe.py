@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import CHAT, SFT_CONFIG, losses, run_training
 
-from training.model import KVCache, ModelConfig, MoEConfig, Transformer, router_losses
+from training.models.transformer import KVCache, ModelConfig, MoEConfig, Transformer
 
 SMALL = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 
@@ -79,7 +79,7 @@ def test_the_balance_loss_of_one_row_is_transformers_mixtral_loss_over_top_k():
     positions[0, 17:] = False  # padding at the end of the row counts for neither
     model(tokens)
     logits = model.layers[0].feed_forward.routing.logits
-    loss, metrics, loads = router_losses(model, positions, model.cfg.moe)
+    loss, metrics, loads = model.auxiliary_losses(positions)
     assert model.layers[0].feed_forward.routing is None  # taken: a later forward starts afresh
     # transformers counts every token top_k times; ours is a sum over the row's 17 tokens
     theirs = mixtral.load_balancing_loss_func((logits[0],), 4, 2, attention_mask=positions)
@@ -94,7 +94,7 @@ def test_a_mixture_of_experts_run_samples_exports_as_mixtral_and_fine_tunes_from
         pretrain_shards, chat_shards, tmp_path):
     from test_hf import export
 
-    from training import checkpoint as ckpt
+    from training.checkpoint import weights as ckpt
 
     moe = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.z_loss_coef=0.001"]
     pretrain = tmp_path / "pretrain"
@@ -118,7 +118,7 @@ def test_a_mixture_of_experts_run_samples_exports_as_mixtral_and_fine_tunes_from
 def test_dense_blocks_between_and_a_shared_expert_export_as_qwen2_moe(shared, pretrain_shards, tmp_path):
     from test_hf import export, transformers
 
-    from training import checkpoint as ckpt
+    from training.checkpoint import weights as ckpt
 
     run = tmp_path / "run"
     run_training(f"data.path={pretrain_shards}", "train.max_steps=2", f"out_dir={run}",
@@ -140,15 +140,13 @@ def test_compiled_moe_blocks_with_activation_checkpointing_compute_what_eager_on
     """train.compile traces the experts' matmul through its meta kernel, which (torch 2.13) takes bf16 only where
     CPU's eager kernel also takes fp32: the loop's choice must hold under compile too. aot_eager traces forward and
     backward as inductor does, without its code generation (minutes on a CPU)."""
-    from training.loop import choose_expert_matmul
-
     model = moe_model(experts=4, top_k=2, shared_experts=1).train()
     tokens = torch.randint(0, SMALL.vocab_size, (3, 20), generator=torch.Generator().manual_seed(3))
-    choose_expert_matmul(model, torch.device("cpu"), "fp32", compiled=False)
+    model.choose_expert_matmul("cpu", torch.float32, compiled=False)
     model(tokens).square().mean().backward()
     eager = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    choose_expert_matmul(model, torch.device("cpu"), "fp32", compiled=True)
+    model.choose_expert_matmul("cpu", torch.float32, compiled=True)
     for block in model.layers:  # and with activation checkpointing, which compile traces as its own operator
         block.checkpointed = True
     torch._dynamo.reset()
@@ -177,15 +175,15 @@ def test_router_losses_of_padded_rows_add_up_the_same_however_the_rows_are_split
     tokens = torch.randint(0, SMALL.vocab_size, (4, 20), generator=torch.Generator().manual_seed(6))
     positions = torch.arange(20).expand(4, 20) < torch.tensor([[20], [13], [7], [16]])  # right padding
     model(tokens)
-    whole = router_losses(model, positions, model.cfg.moe)
+    whole = model.auxiliary_losses(positions)
     parts = []
     for rows in (slice(0, 1), slice(1, 4)):
         model(tokens[rows])
-        parts.append(router_losses(model, positions[rows], model.cfg.moe))
+        parts.append(model.auxiliary_losses(positions[rows]))
     assert parts[0][0].item() + parts[1][0].item() == pytest.approx(whole[0].item(), rel=1e-6)
     for key in ("moe_aux", "moe_z"):
         assert parts[0][1][key].item() + parts[1][1][key].item() == pytest.approx(whole[1][key].item(), rel=1e-6)
     assert torch.equal(parts[0][2][1] + parts[1][2][1], whole[2][1]) and whole[2][1].sum().item() == 2 * 56
     # padding changes nothing: the same rows with other tokens in their padding give the same losses
     model(torch.where(positions, tokens, 0))
-    assert router_losses(model, positions, model.cfg.moe)[0].item() == pytest.approx(whole[0].item(), rel=1e-6)
+    assert model.auxiliary_losses(positions)[0].item() == pytest.approx(whole[0].item(), rel=1e-6)

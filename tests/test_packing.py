@@ -26,11 +26,15 @@ from conftest import (
     write_jsonl,
 )
 
-from training.data import DPOData, ExampleSource, PretrainData, SFTData, ShardSource, best_fit
-from training.dpo import LiveReference
-from training.losses import PREFERENCE_LOSSES, lm_loss_sum, preference_loss, sequence_logps, sequence_tokens
-from training.model import ModelConfig, Transformer
-from training.plan import BatchPlan
+from training.data.batch import ExampleBatches
+from training.data.order import BatchPlan
+from training.data.packing import best_fit
+from training.data.sources import ExampleSource, ShardSource
+from training.models.transformer import ModelConfig, Transformer
+from training.stages.dpo import DPO, PairBatches
+from training.stages.losses import PREFERENCE_LOSSES, lm_loss_sum, preference_loss, sequence_logps, sequence_tokens
+from training.stages.pretrain import PretrainData
+from training.stages.reference import LiveReference
 
 # The test conversations take ~40 positions: rows of 127 hold about three. The starting model needs that context.
 ROW = 127
@@ -63,7 +67,7 @@ def test_rows_of_a_step_do_not_depend_on_processes_accumulation_or_where_the_run
     src = [ExampleSource(chat_shards["sft"], ROW, 0.05, "sft", group=1, packed=True)]
 
     def data(plan):
-        return SFTData(src, [1.0], 7, plan, 1024, pad_id=0, seq_len=ROW, pack_window=64)
+        return ExampleBatches(src, [1.0], 7, plan, 1024, pad_id=0, seq_len=ROW, pack_window=64)
 
     single = data(BatchPlan(2, 4, 1))
     pair = [data(BatchPlan(2, 2, 2, r)) for r in (0, 1)]
@@ -85,10 +89,10 @@ def test_rows_of_a_step_do_not_depend_on_processes_accumulation_or_where_the_run
 
 def test_a_resumed_plan_starts_at_its_cursor_and_rows_come_in_no_length_order(chat_shards):
     src = [ExampleSource(chat_shards["sft"], ROW, 0.05, "sft", group=1, packed=True)]
-    full = SFTData(src, [1.0], 7, BatchPlan(2, 1, 1), 1024, pad_id=0, seq_len=ROW, pack_window=128).packing
+    full = ExampleBatches(src, [1.0], 7, BatchPlan(2, 1, 1), 1024, pad_id=0, seq_len=ROW, pack_window=128).packing
     expected = full.rows(np.arange(200, 260))
     cursor = full.cursor(200)
-    resumed = SFTData(src, [1.0], 7, BatchPlan(2, 1, 1), 1024, pad_id=0, seq_len=ROW, pack_window=128).packing
+    resumed = ExampleBatches(src, [1.0], 7, BatchPlan(2, 1, 1), 1024, pad_id=0, seq_len=ROW, pack_window=128).packing
     resumed.start_at(cursor)
     assert cursor[0] > 0 and resumed.rows(np.arange(200, 260)) == expected
     assert resumed.row_ends[0] == cursor[1] and len(resumed.row_ends) < len(full.row_ends)  # nothing packed before
@@ -116,8 +120,8 @@ def test_an_example_longer_than_a_row_is_left_out_and_counted(chat_shards):
 
 def _sft_batches(chat_shards, picks):
     src = [ExampleSource(chat_shards["sft"], ROW, 0.05, "sft", group=1, packed=True)]
-    data = SFTData(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, pad_id=0, seq_len=ROW, pack_window=64)
-    padded = SFTData(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, pad_id=0, seq_len=ROW)
+    data = ExampleBatches(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, pad_id=0, seq_len=ROW, pack_window=64)
+    padded = ExampleBatches(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, pad_id=0, seq_len=ROW)
     rows = [[picks[i] for i in row] for row in best_fit(src[0].lengths[[j for _, j in picks]], ROW)]
     order = [p for row in rows for p in row]
     assert max(len(row) for row in rows) >= 3  # really packed
@@ -153,15 +157,18 @@ def test_packed_and_padded_sft_give_the_same_per_example_losses_and_gradients(ch
 
 def test_packed_and_padded_dpo_give_the_same_per_pair_losses_and_gradients(chat_shards):
     src = [ExampleSource(chat_shards["dpo"], 2 * ROW, 0.05, "dpo", group=2, packed=True)]
-    reference = LiveReference(tiny_model(seed=1).eval(), torch.device("cpu"), torch.autocast("cpu", enabled=False))
-    common = dict(pad_id=0, seq_len=2 * ROW, reference=reference)
-    packing = DPOData(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, pack_window=64, **common)
-    padding = DPOData(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, **common)
+    reference = LiveReference(tiny_model(seed=1).eval(), torch.device("cpu"), torch.autocast("cpu", enabled=False),
+                              DPO.reference_columns)
+    common = dict(pad_id=0, seq_len=2 * ROW)
+    packing = PairBatches(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, pack_window=64, **common)
+    padding = PairBatches(src, [1.0], 0, BatchPlan(4, 1, 1), 1024, **common)
     picks = [(0, j) for j in range(0, 24, 2)]
     rows = [[picks[i] for i in row] for row in best_fit(src[0].lengths[[j for _, j in picks]], 2 * ROW)]
     assert max(len(row) for row in rows) >= 2
     packed = packing.collate(rows)
     padded = padding.collate([[p] for row in rows for p in row])
+    for batch in (packed, padded):  # what the stage's prepare() does before the losses
+        batch.reference = reference(batch)
     torch.testing.assert_close(packed.reference, padded.reference, rtol=1e-5, atol=0)
     model = tiny_model()
     n = len(picks)
@@ -232,7 +239,7 @@ def short_documents(tmp_path_factory, tokenizer_model) -> str:
 
 
 def test_document_ids_of_a_sample_follow_the_shard_offsets(short_documents):
-    src = ShardSource(short_documents, 32, 0.05)
+    src = ShardSource(short_documents, 32, 0.05, "pretrain")
     starts, ends = src.document_bounds()
     assert len(src.shards) > 1
     for j in range(src.n_train):
@@ -242,7 +249,7 @@ def test_document_ids_of_a_sample_follow_the_shard_offsets(short_documents):
 
 
 def test_a_document_in_a_sample_never_sees_another_and_one_document_is_todays_path(short_documents):
-    src = ShardSource(short_documents, 32, 0.05)
+    src = ShardSource(short_documents, 32, 0.05, "pretrain")
     plan = BatchPlan(4, 1, 1)
     masked = PretrainData([src], [1.0], 0, plan, 1024, document_mask=True)
     plain = PretrainData([src], [1.0], 0, plan, 1024)
@@ -391,7 +398,7 @@ def test_validation_per_source_and_bits_per_byte_against_a_hand_computation(pret
     # bits per byte by hand: the targets of the validation samples tile one stretch of the token stream; its text,
     # decoded in one piece (a sample alone may begin or end inside a character's bytes), in UTF-8
     sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
-    src = ShardSource(short_documents, 32, 0.02)
+    src = ShardSource(short_documents, 32, 0.02, "pretrain")
     targets = src.n_val * 32
     size = len(sp.decode(src.read(src.n_train * 32 + 1, targets).tolist()).encode("utf-8"))
     assert alone["val_bpb"] == pytest.approx(alone["val_loss"] * targets / math.log(2) / size, rel=1e-3)

@@ -8,7 +8,7 @@ from conftest import write_jsonl as write
 
 from preprocess.errors import UserError
 from training.pairs import make_pairs
-from training.rewards import load_reward
+from training.stages.rewards import load_reward
 
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 
@@ -110,7 +110,7 @@ def test_a_bad_reward_or_sample_file_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_an_iterative_round_samples_scores_pairs_and_trains(sft_run, chat_shards, tokenizer_model, tmp_path):
-    """The README's iterative chain, with a reward that gives pairs whatever the barely trained test model says
+    """The iterative chain of docs/alignment.md, with a reward that gives pairs whatever the barely trained test model says
     (longer replies are better: its replies rarely end with a question, so question_reward would tie them all)
     and fewer tokens and steps."""
     import subprocess

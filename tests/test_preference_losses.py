@@ -23,7 +23,7 @@ from conftest import (
     training_command,
 )
 
-from training.losses import IGNORE, PREFERENCE_LOSSES, preference_loss, sequence_tokens
+from training.stages.losses import IGNORE, PREFERENCE_LOSSES, preference_loss, sequence_tokens
 
 trl = pytest.importorskip("trl", reason="TRL is the reference for the loss formulas (pip install trl)")
 
@@ -248,7 +248,7 @@ def test_token_counts_are_the_same_padded_and_packed():
     """The length normalisation of ipo, simpo and orpo counts each sequence's targets, whatever the layout."""
     import numpy as np
 
-    from training.data import layout_rows
+    from training.data.batch import layout_rows
 
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, 50, n), (np.arange(n) >= 2).astype(np.uint8)) for n in (5, 9, 4, 12)]
@@ -358,7 +358,7 @@ def trl_kto(b, kl_b, labels, ref, ref_kl, beta, desirable_weight, undesirable_we
 
 @pytest.mark.parametrize("seed, weights", [(0, (1.0, 1.0)), (1, (1.0, 1.0)), (2, (1.33, 0.7))])
 def test_kto_equals_trls_kto_trainer(seed, weights):
-    from training.losses import kl_estimate, kto_loss, kto_summary
+    from training.stages.losses import kl_estimate, kto_loss, kto_summary
 
     b, kl_b = batch(seed), batch(seed + 50)  # 2 x PAIRS completions, and as many mismatched KL sequences
     labels = torch.Generator().manual_seed(seed)
@@ -380,7 +380,7 @@ def test_kto_equals_trls_kto_trainer(seed, weights):
 
 
 def test_kto_reference_point_is_clamped_at_zero_and_never_differentiated():
-    from training.losses import kl_estimate
+    from training.stages.losses import kl_estimate
 
     policy = torch.tensor(-10.0, requires_grad=True)
     assert kl_estimate(policy, torch.tensor(-8.0), torch.tensor(4)) == 0  # the policy below the reference
@@ -422,13 +422,14 @@ def test_kto_trains_alike_on_two_processes_resumes_after_kill_9_and_precomputes_
 def test_each_kto_example_has_a_fixed_partner_of_its_own_split_for_its_kl_sequence(chat_shards):
     import numpy as np
 
-    from training.data import KTOData, open_sources
-    from training.plan import BatchPlan
+    from training.data.order import BatchPlan
+    from training.data.sources import open_sources
+    from training.stages.kto import LabelledBatches
 
-    sources = open_sources([chat_shards["kto"]], 63, 0.1, "kto")
+    sources = open_sources([chat_shards["kto"]], 63, 0.1, "kto", documents=1)
     source = sources[0]
     plan = BatchPlan(micro_batch=4, grad_accum=1, world=1, rank=0)
-    data = KTOData(sources, [1.0], 0, plan, 10_000, pad_id=0, seq_len=63, reference=None)
+    data = LabelledBatches(sources, [1.0], 0, plan, 10_000, pad_id=0, seq_len=63)
     for j in range(source.n_train + source.n_val):
         p = data.partner(0, j)
         assert p != j and (p < source.n_train) == (j < source.n_train)
@@ -440,11 +441,11 @@ def test_each_kto_example_has_a_fixed_partner_of_its_own_split_for_its_kl_sequen
         completion = other[other_mask > 0]
         assert ids[learned == 1].tolist() == completion[: int(learned.sum())].tolist()  # ... its partner's reply
     batch = data.collate([[(0, 0)], [(0, 1)], [(0, 2)]])
-    assert batch.inputs.shape[0] == batch.kl_batch.inputs.shape[0] == 3
+    assert batch.inputs.shape[0] == batch.kl_rows.inputs.shape[0] == 3
     assert batch.labels.tolist() == [float(source.example(j)[0][1].max() == 1) for j in range(3)]
     # a split too small for partners (here the validation split, of 3) gives KL rows without any target
-    sources = open_sources([chat_shards["kto"]], 63, 0.005, "kto")
-    small = KTOData(sources, [1.0], 0, plan, 10_000, pad_id=0, seq_len=63, reference=None)
+    sources = open_sources([chat_shards["kto"]], 63, 0.005, "kto", documents=1)
+    small = LabelledBatches(sources, [1.0], 0, plan, 10_000, pad_id=0, seq_len=63)
     assert sources[0].n_val == 3
     val = sources[0].n_train
     assert small.partner(0, val) is None and small.partner(0, 0) is not None

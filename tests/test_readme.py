@@ -1,6 +1,7 @@
 """The README's tour runs as written: every sh and python block of it, in order, in a fresh directory holding
-`data/`, `chats.jsonl` and `prefs.jsonl` made from a few plays. Training commands get smaller models and fewer
-steps appended; nothing else is changed."""
+`data/`, `chats.jsonl` and `prefs.jsonl` made from a few plays; then every sh block of the guides the tour links
+to, where it is not a command the tour already ran. Training commands get smaller models and fewer steps
+appended; nothing else is changed."""
 
 import os
 import re
@@ -20,11 +21,22 @@ SHORT = {  # appended to the training commands: the tour's stages in seconds
 }
 
 
+GUIDES = ["preprocessing.md", "training.md", "alignment.md"]  # what the tour's steps link to, in its order
+
+
 def tour_blocks() -> list[tuple[str, str]]:
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     tour = text[text.index("## Tour"):]
     tour = tour[:tour.index("\n## ", 1)]
     return re.findall(r"```(sh|python)\n(.*?)```", tour, flags=re.S)
+
+
+def guide_blocks() -> list[str]:
+    blocks = []
+    for guide in GUIDES:
+        text = open(os.path.join(REPO, "docs", guide), encoding="utf-8").read()
+        blocks += re.findall(r"^ *```sh\n(.*?)```", text, flags=re.S | re.M)
+    return blocks
 
 
 def commands(block: str) -> list[str]:
@@ -67,7 +79,10 @@ def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
 
     ran = []
-    for kind, block in blocks:
+    tour = {c for kind, block in blocks if kind == "sh" for c in commands(block)}
+    guides = [c for block in guide_blocks() for c in commands(block) if c not in tour]
+    assert any("training.describe" in c for c in guides)  # the guides hold commands of their own
+    for kind, block in [*blocks, *(("sh", c) for c in guides)]:
         steps = [shortened(c) for c in commands(block)] if kind == "sh" else [block]
         for step in steps:
             argv = ["bash", "-c", step] if kind == "sh" else [sys.executable, "-c", step]
@@ -83,6 +98,8 @@ def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
                  "runs/sft-from-hf/checkpoints/latest"):
         assert os.path.exists(tmp_path / path), path
     assert any("AutoModelForCausalLM.from_pretrained" in step for step, _ in ran)
+    described = [out for step, out in ran if "training.describe" in step]  # a guide's: the tour's run, resumed
+    assert described and "pretrain: resumes runs/tiny at step 3 (runs/tiny/checkpoints/step-3)" in described[0]
 
     # the shard format section describes the shards the tour wrote
     shards = tmp_path / "shards" / "pretrain"
@@ -94,7 +111,7 @@ def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
 
 
 def test_the_launch_recipes_name_scripts_and_configs_that_exist():
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(REPO, "docs", "multinode.md"), encoding="utf-8").read()
     section = text[text.index("## Launching"):]
     block = re.search(r"```sh\n(.*?)```", section, flags=re.S).group(1)
     named = re.findall(r"(?:launch|configs)/[\w./-]+", block)

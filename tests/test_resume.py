@@ -78,13 +78,14 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
 @pytest.mark.slow
 def test_a_changed_global_batch_continues_with_the_next_unread_sample(tokenizer_model, tmp_path):
     """8 samples per step, then 12 on two processes: every sample of the first epoch is read exactly once."""
-    from training.data import SampleOrder, ShardSource
+    from training.data.order import SampleOrder
+    from training.data.sources import ShardSource
 
     text = open(shakespeare_plays()[0], encoding="utf-8").read()[:12000]  # a scene or two: a short epoch
     src = write_jsonl(tmp_path / "small.jsonl", [{"text": text}])
     assert preprocess_main(["shards", "--input", src, "--tokenizer", tokenizer_model, "--out",
                             str(tmp_path / "shards")]) == 0
-    source = ShardSource(str(tmp_path / "shards"), 32, 0.02)
+    source = ShardSource(str(tmp_path / "shards"), 32, 0.02, "pretrain")
     n = source.n_train
     assert 60 < n < 8 * 4 + 12 * 36, n  # the run reads past the end of the first epoch
     common = [f"data.path={tmp_path / 'shards'}", "train.max_steps=40", "train.ckpt_every=100",
@@ -144,7 +145,7 @@ def test_a_resume_refuses_what_would_change_the_run(pretrain_shards, chat_shards
 
 def test_init_from_may_name_the_starting_run_another_way_and_beta_is_part_of_a_dpo_run(tmp_path):
     from preprocess.errors import UserError
-    from training.state import check_identity
+    from training.checkpoint.state import check_identity
 
     run = tmp_path / "sft"
     step = run / "checkpoints" / "step-3"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from training.generate import generate
-from training.model import KVCache, ModelConfig, Transformer
-from training.sample import sample_batch, sample_seed
+from training.models.decoding import generate, sample_batch
+from training.models.transformer import KVCache, ModelConfig, Transformer
+from training.sample import sample_seed
 
 
 def tiny_model(seed: int = 0) -> Transformer:

@@ -13,14 +13,18 @@ from conftest import FAST, REPO, TINY_CONFIG, free_port, kill_after_first_checkp
 
 from preprocess.__main__ import main as preprocess_main
 from preprocess.errors import UserError
-from training import distributed as D
 from training.config import TrainConfig, load_config
-from training.data import Batch, KeyedPermutation, PretrainData, SampleOrder, ShardSource
-from training.loop import Stage, accumulate_gradients, target_tokens
-from training.losses import IGNORE, lm_loss_sum
-from training.model import KVCache, ModelConfig, Transformer
-from training.optim import lr_at
-from training.plan import BatchPlan
+from training.data.batch import Batch
+from training.data.order import BatchPlan, KeyedPermutation, SampleOrder
+from training.data.sources import ShardSource
+from training.models.optim import lr_at
+from training.models.transformer import KVCache, ModelConfig, Transformer
+from training.parallel import env as D
+from training.parallel.ddp import DDP
+from training.run.loop import accumulate
+from training.stages.base import Stage
+from training.stages.losses import IGNORE, lm_loss_sum
+from training.stages.pretrain import PretrainData
 
 # ------------------------------------------------------------------------------------------- configs
 
@@ -57,7 +61,7 @@ def test_config_mistakes_are_one_line_errors_naming_the_key(tmp_path):
 
 
 def test_the_model_file_knows_nothing_of_distribution():
-    tree = ast.parse(open(os.path.join(REPO, "training", "model.py")).read())
+    tree = ast.parse(open(os.path.join(REPO, "training", "models", "transformer.py")).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m and m.startswith("torch.distributed") for m in imported)
@@ -131,7 +135,7 @@ def test_ranks_and_micro_steps_partition_each_global_batch(pretrain_shards):
         one = sorted(i for m in range(4) for i in single.micro_indices(consumed, m))
         two = sorted(i for p in pair for m in range(2) for i in p.micro_indices(consumed, m))
         assert one == two == list(range(consumed, consumed + 16))
-    data = PretrainData([ShardSource(pretrain_shards, 32, 0.05)], [1.0], 0, single, vocab_size=1024)
+    data = PretrainData([ShardSource(pretrain_shards, 32, 0.05, "pretrain")], [1.0], 0, single, vocab_size=1024)
     _, batch = data.micro_batch(0, 0)
     x, y = batch.inputs, batch.targets
     assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
@@ -140,7 +144,7 @@ def test_ranks_and_micro_steps_partition_each_global_batch(pretrain_shards):
 def test_every_rank_evaluates_in_as_many_forwards_and_the_subset_does_not_depend_on_them(pretrain_shards):
     """17 validation entries, micro-batch 8: 2 batches on rank 0 and 1 (+ a filler that counts no target) on
     rank 1 of 2; the union is the one-process subset."""
-    src = [ShardSource(pretrain_shards, 32, 0.2)]
+    src = [ShardSource(pretrain_shards, 32, 0.2, "pretrain")]
     one = PretrainData(src, [1.0], 0, BatchPlan(8, 1, 1), vocab_size=1024)
     two = [PretrainData(src, [1.0], 0, BatchPlan(8, 1, 2, r), vocab_size=1024) for r in (0, 1)]
     batches = [[b for _, b in d.val_batches(17)] for d in two]
@@ -166,7 +170,7 @@ def test_describe_gives_the_global_batch_of_the_plan(pretrain_shards):
 
 
 def test_validation_split_is_disjoint_from_training(pretrain_shards):
-    src = ShardSource(pretrain_shards, 32, 0.1)
+    src = ShardSource(pretrain_shards, 32, 0.1, "pretrain")
     data = PretrainData([src], [1.0], 0, BatchPlan(4, 1, 1), 1024)
     val_rows = {tuple(row.tolist()) for _, b in data.val_batches(400) for row in b.inputs}
     train_positions = set(data.order(np.arange(src.n_train))[1].tolist())
@@ -236,9 +240,23 @@ def _uneven_batches(rank: int) -> list[Batch]:
     return batches
 
 
+class LMStage(Stage):
+    """A loss over every target token, as pretraining and SFT have, without data."""
+    name = data_kind = "lm"
+
+    def loss(self, model, batch):
+        return lm_loss_sum(model(batch.inputs), batch.targets)[0], {}
+
+
 def _lm_stage() -> Stage:
-    return Stage("lm", "pretrain", None, lambda model, b: (lm_loss_sum(model(b.inputs), b.targets)[0], {}),
-                 units=target_tokens)
+    return LMStage(None)
+
+
+def _backend(model, env) -> DDP:
+    """The ddp backend (the bare model for one process) without an optimizer: the tests read the gradients."""
+    backend = DDP(None, env, None, "fp32")
+    backend.setup(model, lambda m: None)
+    return backend
 
 
 def _small_model() -> Transformer:
@@ -250,8 +268,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     env = D.DistEnv(rank, world, 0, torch.device("cpu"), "test")
     model = _small_model()
-    ddp = D.wrap(model, env)
-    accumulate_gradients(_lm_stage(), ddp, _uneven_batches(rank), env)
+    accumulate(_lm_stage(), _backend(model, env), _uneven_batches(rank), env)
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
     D.shutdown(env)
@@ -292,7 +309,7 @@ def test_the_end_of_a_process_waits_for_its_thread_pools_and_keeps_the_exit_code
     joined, atexit handlers, streams flushed), then os._exit with the code. A pool's idle worker (torch.compile
     keeps one) is not a thread to wait for forever."""
     script = ("import atexit, concurrent.futures, sys\n"
-              "from training.distributed import exit_process\n"
+              "from training.parallel.env import exit_process\n"
               "pool = concurrent.futures.ThreadPoolExecutor(2)\n"
               "pool.submit(lambda: 1).result()\n"
               "atexit.register(lambda: print('atexit ran'))\n"
@@ -373,8 +390,8 @@ def test_the_training_benchmark_runs_its_data_path_and_its_baseline(pretrain_sha
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_and_both_states_round_trip():
-    from training.model import MoEConfig
-    from training.optim import make_optimizer
+    from training.models.optim import make_optimizer
+    from training.models.transformer import MoEConfig
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16,
@@ -409,19 +426,22 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_and_both_states_round
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="saved optimizer state"):  # e.g. an AdamW run's
         restored.load_state_dict(make_optimizer(copy, TrainConfig(), torch.device("cpu")).state_dict())
-    for override in ("dist.backend=deepspeed", "lora.rank=4"):
-        with pytest.raises(UserError, match="train.optimizer=muon"):
-            load_config(TINY_CONFIG, ["train.optimizer=muon", override])
+    with pytest.raises(UserError, match="train.optimizer=muon: LoRA adapters train with train.optimizer=adamw"):
+        load_config(TINY_CONFIG, ["train.optimizer=muon", "lora.rank=4"])
+    from training.parallel.deepspeed import DeepSpeed  # the backend says what it cannot do
+
+    assert DeepSpeed.check(load_config(TINY_CONFIG, ["train.optimizer=muon"]))[0].startswith(
+        "train.optimizer=muon: DeepSpeed's ZeRO partitions each matrix")
+    assert DeepSpeed.check(load_config(TINY_CONFIG)) == DDP.check(load_config(TINY_CONFIG, ["train.optimizer=muon"])) == []
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_activation_checkpointing_gives_the_same_losses_and_gradients_bit_for_bit(lora_rank):
     """fp32 on CPU: recomputing a block in the backward repeats its forward exactly (an MoE block, its routing
     losses and LoRA adapters included)."""
-    from training import lora
     from training.config import LoraConfig
-    from training.loop import checkpoint_activations
-    from training.model import MoEConfig, grouped_mm_works
+    from training.models import lora
+    from training.models.transformer import MoEConfig, grouped_mm_works
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=16, moe=MoEConfig(experts=4, every=2))
     stage = _lm_stage()
@@ -435,10 +455,10 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_bit_for_bi
         model = Transformer(cfg)
         if lora_rank:
             lora.apply(model, LoraConfig(rank=lora_rank, targets=["wq", "wv", "w2"]))
-        checkpoint_activations(model, TrainConfig(activation_checkpointing=mode))
+        model.checkpoint_activations(mode, every=2)
         assert [b.checkpointed for b in model.layers] == {"none": [False] * 3, "full": [True] * 3,
                                                            "every_n": [True, False, True]}[mode]
-        loss, metrics, *_ = accumulate_gradients(stage, model, batches, env)
+        loss, metrics, *_ = accumulate(stage, _backend(model, env), batches, env)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         assert all(m.routing is None for m in model.modules() if hasattr(m, "routing"))  # nothing held after
         results[mode] = (loss, metrics["moe_aux"], grads)
@@ -450,7 +470,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_bit_for_bi
 
 
 def test_our_muon_is_torchs_update_in_bf16_and_orthogonalises_stacked_experts_one_by_one():
-    from training.optim import Muon
+    from training.models.optim import Muon
 
     torch.manual_seed(0)
     for shape in [(64, 32), (32, 96)]:  # tall and wide

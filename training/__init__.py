@@ -1,1 +1,2 @@
-"""Training stages (pretraining, SFT, DPO) that read the shard directories written by `preprocess`."""
+"""Training: the commands at the top (pretrain sft dpo kto describe generate sample pairs report export_hf
+lr_find), the rooms below (run, parallel, checkpoint, stages, data, models); docs/architecture.md maps them."""

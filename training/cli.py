@@ -1,31 +1,31 @@
-"""The command line shared by the stage entry points: --config FILE [key.sub=value ...]."""
+"""The command line of the stages (python -m training.<stage> --config FILE [key.sub=value ...]) and the rules every
+training command ends by: a user mistake or the environment is one line, a stop signal exits 128 + its number, a
+lost peer is one line instead of a C++ trace, and a process that used a process group ends without the
+interpreter's teardown (parallel/env.py: exit_process)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+import torch.distributed as dist
+
 from preprocess.errors import exit_code
+from preprocess.ranks import ranks_from_env
 
 from .config import load_config
-from .distributed import ranks_from_env
+from .parallel.env import run_command
+from .run.loop import run
+from .run.signals import Stopped
+from .stages.registry import STAGES
 
 # what gloo and NCCL say when a peer process is gone or a collective timed out
 COMMUNICATION_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL",
                         "gloo")
 
 
-def main(name: str, make_stage, argv=None, hooks=None) -> int:
-    """make_stage(config) → the Stage to run (a stage's loss may depend on its config section). A process that
-    used a process group ends here, without the interpreter's teardown (distributed.exit_process)."""
-    from .distributed import run_command
-
-    return run_command(lambda: _main(name, make_stage, argv, hooks))
-
-
-def _main(name: str, make_stage, argv, hooks) -> int:
-    from .loop import run
-
+def stage_main(name: str, argv=None, hooks=None) -> int:
+    """python -m training.<name>: the stage `name` on a config and its overrides."""
     p = argparse.ArgumentParser(prog=f"python -m training.{name}",
                                 description=f"{name}: --config FILE, then dotted overrides such as "
                                             "train.max_steps=20 out_dir=runs/debug")
@@ -33,21 +33,18 @@ def _main(name: str, make_stage, argv, hooks) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by some launchers
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
+
     def load_and_run():
         cfg = load_config(args.config, args.overrides)
-        run(make_stage(cfg), cfg, hooks)
+        run(STAGES[name](cfg), cfg, hooks)
 
-    return run_reporting(load_and_run)
+    return run_command(lambda: run_reporting(load_and_run))
 
 
 def run_reporting(action) -> int:
     """action() under the command line's rules: a user mistake or the environment is one line (naming the rank
     when there are several), a stop signal exits 128 + its number after its checkpoint, a lost peer or a timed-out
     collective is one line instead of a C++ trace, ^C says how to resume."""
-    import torch.distributed as dist
-
-    from .loop import Stopped
-
     rank, world, _, _ = ranks_from_env()
     who = "" if world == 1 else f" (rank {rank})"
     try:

@@ -14,9 +14,10 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from preprocess.errors import UserError
+from preprocess.fileio import atomic_write
 
-from .losses import PREFERENCE_LOSSES
-from .model import ModelConfig
+from .models.transformer import ModelConfig
+from .stages.losses import PREFERENCE_LOSSES
 
 
 @dataclass
@@ -72,7 +73,7 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "ddp"         # none | ddp | deepspeed
+    backend: str = "ddp"         # none | ddp | deepspeed (parallel/backends.py)
     zero_stage: int = 0          # deepspeed: 0 (data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ weights)
     offload_optimizer: bool = False  # deepspeed: optimizer states and step on the CPU (ZeRO 1-3)
     offload_params: bool = False     # deepspeed: weights on the CPU between uses (ZeRO 3)
@@ -211,9 +212,6 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"dist.zero_stage: {cfg.dist.zero_stage} is not 0, 1, 2 or 3")
     if not 0 <= cfg.train.muon_momentum < 1:
         problems.append("train.muon_momentum: must be in [0, 1)")
-    if cfg.train.optimizer == "muon" and cfg.dist.backend == "deepspeed":
-        problems.append("train.optimizer=muon: DeepSpeed's ZeRO partitions each matrix over the ranks, and Muon "
-                        "orthogonalises whole matrices; use dist.backend=ddp (or train.optimizer=adamw)")
     if cfg.train.optimizer == "muon" and cfg.lora.rank:
         problems.append("train.optimizer=muon: LoRA adapters train with train.optimizer=adamw")
     problems.extend(cfg.model.validate())
@@ -260,8 +258,6 @@ def source_names(paths: list[str]) -> list[str]:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    from preprocess.fileio import atomic_write
-
     atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
 
 

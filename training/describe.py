@@ -1,6 +1,9 @@
-"""Print what a config resolves to: the model's shape and size, the batch, the schedule.
+"""Print what a config resolves to: where the run starts, the model's shape and size, the batch, the schedule.
 
     python -m training.describe --config FILE [--processes N] [key.sub=value ...]
+
+The starting point (a checkpoint of out_dir to resume, init_from, or the config's model) is resolved as the run
+resolves it (run/build.py), without a process group: nothing is moved, no weights are hashed.
 """
 
 from __future__ import annotations
@@ -14,34 +17,35 @@ from preprocess.errors import exit_code
 from preprocess.ranks import ranks_from_env
 from preprocess.shards import read_manifest
 
-from . import checkpoint as ckpt
-from . import lora
-from .config import data_sources, load_config
-from .data import PackingPlan, SampleOrder, open_sources
-from .loop import resolve_vocab
-from .model import Transformer
-from .plan import BatchPlan
+from .config import Config, data_sources, load_config
+from .data.order import BatchPlan, SampleOrder
+from .data.packing import PackingPlan
+from .data.sources import open_sources
+from .models import lora
+from .models.transformer import Transformer
+from .parallel.env import DistEnv
+from .run.build import check, open_data, starting_point
+from .stages.registry import stage_for_kind
 
-UNITS = {"pretrain": "samples", "sft": "conversations", "dpo": "pairs", "kto": "labelled completions"}
 
-
-def describe(cfg, processes: int = 1) -> str:
+def describe(cfg: Config, processes: int = 1) -> str:
     path = data_sources(cfg.data)[0][1]
-    manifest = read_manifest(path)
-    vocab = manifest["tokenizer"]["vocab_size"]
-    model_cfg = cfg.model
-    if cfg.init_from:  # fine-tuning: the shape is the starting checkpoint's
-        model_cfg = ckpt.model_config(ckpt.resolve(cfg.init_from))
-    model_cfg = resolve_vocab(model_cfg, vocab, path)
+    kind = read_manifest(path)["kind"]
+    stage = stage_for_kind(kind, f"data.path {path}")(cfg)
+    check(stage, cfg)
+    sources, _, _ = open_data(stage, cfg, DistEnv())
+    start = starting_point(cfg, sources[0])
+    m, t = start.model_cfg, cfg.train
     with torch.device("meta"):
-        model = Transformer(model_cfg)
-    m, t = model_cfg, cfg.train
+        model = Transformer(m)
     plan = BatchPlan.of(t, processes)
-    unit = UNITS.get(manifest["kind"], "samples")
+    unit = stage.unit
     packing = []
-    if cfg.data.packing and manifest["kind"] != "pretrain":
-        packing, unit = [packing_line(cfg, plan, unit)], "rows"
+    if cfg.data.packing and stage.packs:
+        packing, unit = [packing_line(cfg, stage, plan, unit)], "rows"
+    vocab = sources[0].tokenizer["vocab_size"]
     return "\n".join([
+        f"{stage.name}: {start_line(cfg, start)}",
         f"model: {model.num_params() / 1e6:.2f} M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f} M "
         f"without the embedding); dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.kv_heads} key/value), "
         f"feed-forward {m.hidden}, vocabulary {m.vocab_size} (tokenizer: {vocab}), context {m.max_seq_len}, "
@@ -55,11 +59,19 @@ def describe(cfg, processes: int = 1) -> str:
     ])
 
 
-def packing_line(cfg, plan: BatchPlan, unit: str) -> str:
+def start_line(cfg: Config, start) -> str:
+    if start.saved is not None:
+        return f"resumes {cfg.out_dir} at step {start.saved.step:,} ({start.checkpoint})"
+    if start.init_from is not None:
+        return f"starts from the weights of {start.init_from['path']}"
+    return f"a fresh model of the config's shape, into {cfg.out_dir}"
+
+
+def packing_line(cfg: Config, stage, plan: BatchPlan, unit: str) -> str:
     """How many examples a packed row holds, measured on the run's own first windows."""
     _, paths, weights = zip(*data_sources(cfg.data), strict=True)
-    kind = read_manifest(paths[0])["kind"]
-    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, kind, packed=True)
+    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind, stage.documents,
+                           packed=True)
     order = SampleOrder([s.n_train for s in sources], list(weights), cfg.seed)  # the training order's picks
     windows = 4
     per_row, filled = PackingPlan(order.picks, [s.lengths for s in sources], cfg.data.seq_len,

@@ -29,12 +29,18 @@ import shutil
 import sys
 
 import torch
+from safetensors.torch import load_file
 
 from preprocess.errors import UserError, exit_code
+from preprocess.tokenizer import TextTokenizer, load_tokenizer, tokenizer_file
 
-from . import checkpoint as ckpt
-from . import hf
-from .model import Transformer
+from .checkpoint.state import saved_run
+from .checkpoint.store import load_file as load_checkpoint_file
+from .checkpoint.weights import load_weights, model_config, model_file, resolve
+from .config import config_from_yaml
+from .models import hf, lora
+from .models.tokenizer_export import hf_json_tokenizer, hf_tokenizer
+from .models.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # texts whose ids the exported tokenizer must reproduce: words, whitespace runs, tabs, CRLF, digits, CJK, emoji
@@ -44,7 +50,7 @@ CHECK_TEXTS = ["Before we proceed any further, hear me speak.\n\nAll:\n\tSpeak, 
 
 def start_export(checkpoint: str, out: str, needs: str = "hf"):
     """(transformers, the resolved checkpoint) for an export into `out`, which must be new or empty."""
-    try:
+    try:  # optional: the hf (and lora) extras
         import transformers
         if needs != "hf":
             import peft  # noqa: F401
@@ -54,27 +60,26 @@ def start_export(checkpoint: str, out: str, needs: str = "hf"):
     transformers.utils.logging.disable_progress_bar()
     if os.path.exists(out) and os.listdir(out):
         raise UserError(f"{out}: exists and is not empty; choose a new --out")
-    return transformers, ckpt.resolve(checkpoint)
+    return transformers, resolve(checkpoint)
 
 
 def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = True) -> dict:
-    from preprocess.tokenizer import load_tokenizer, tokenizer_file
-
     transformers, source = start_export(checkpoint, out)
-    cfg = ckpt.model_config(source)
+    cfg = model_config(source)
+    family = hf.family_of(cfg)
     model = Transformer(cfg)
-    ckpt.load_weights(source, model)  # LoRA adapters, if any, are merged into the weights here
+    load_weights(source, model)  # LoRA adapters, if any, are merged into the weights here
     model.eval()
     sp_path = tokenizer_file(source)
     if sp_path is None:
         raise UserError(f"{source}: has no tokenizer.model or tokenizer.json to export")
     info = load_tokenizer(sp_path)
 
-    model_class = getattr(transformers, hf.hf_class(cfg))
-    config = model_class.config_class(**hf.to_hf_config(cfg, info.special_ids), dtype=dtype)
+    model_class = getattr(transformers, family.architecture)
+    config = model_class.config_class(**family.to_hf_config(cfg, info.special_ids), dtype=dtype)
     with torch.device("meta"):
         hf_model = model_class(config)
-    state = {k: v.to(DTYPES[dtype]) for k, v in hf.to_hf_state_dict(model.state_dict(), cfg).items()}
+    state = {k: v.to(DTYPES[dtype]) for k, v in family.to_hf_state_dict(model.state_dict(), cfg).items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]  # tied: set just below
     if missing or unexpected:
@@ -90,14 +95,14 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     def write(tmp: str) -> dict:
         hf_model.save_pretrained(tmp, max_shard_size="5GB")
         if info.kind == "hf":  # the run's own tokenizer.json, byte for byte (its sha256 is what shards record)
-            hf.hf_json_tokenizer(info).save_pretrained(tmp)
+            hf_json_tokenizer(info).save_pretrained(tmp)
         else:
-            hf.hf_tokenizer(sp_path).save_pretrained(tmp)
+            hf_tokenizer(sp_path).save_pretrained(tmp)
         shutil.copyfile(sp_path, os.path.join(tmp, os.path.basename(sp_path)))
         return check(tmp, model, sp_path, DTYPES[dtype]) if verify else {}
 
     report = publish(out, write)
-    return {"source": source, "step": ckpt.saved_run(source)[1].step if not hf.is_hf_dir(source) else None, **report}
+    return {"source": source, "step": saved_run(source)[1].step if not hf.is_hf_dir(source) else None, **report}
 
 
 def publish(out: str, write) -> dict:
@@ -129,22 +134,19 @@ HF_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w
 def export_adapter(checkpoint: str, out: str, base: str) -> dict:
     """A LoRA checkpoint's adapters as a PEFT adapter directory for the transformers model in `base`."""
     transformers, source = start_export(checkpoint, out, needs="hf,lora")
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from safetensors.torch import load_file
-
-    from . import lora
-    from .config import config_from_yaml
+    from peft import LoraConfig, PeftModel, get_peft_model  # optional: the lora extra, checked just above
 
     if hf.is_hf_dir(source):
         raise UserError(f"--adapter-only: {source} is a transformers directory; give the LoRA run or checkpoint")
     run_cfg = config_from_yaml(os.path.join(source, "config.yaml"))
-    state = ckpt._load(ckpt.model_file(source))
+    state = load_checkpoint_file(model_file(source))
     if not lora.is_adapted_state(state):
         raise UserError(f"--adapter-only: {source} has no LoRA adapters (trained with lora.rank=0)")
     if not hf.is_hf_dir(base):
         raise UserError(f"--base {base}: not a transformers model directory (export the run's init_from with "
                         "python -m training.export_hf first)")
     cfg = run_cfg.model
+    family = hf.family_of(cfg)
     base_state = {k.replace(".base_layer.", "."): v for k, v in state.items() if lora.ADAPTER_KEY not in k
                   and ".lora_B." not in k}
     theirs = {}
@@ -152,7 +154,7 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
         theirs.update(load_file(file))
     # the frozen weights the adapters sit on, as stored (a bf16 base the run started from upcasts to them exactly;
     # a bf16 rounding of other fp32 weights does not)
-    for name, tensor in hf.to_hf_state_dict(base_state, cfg).items():
+    for name, tensor in family.to_hf_state_dict(base_state, cfg).items():
         stored = theirs.get(name)
         if stored is None or stored.shape != tensor.shape or \
                 not torch.allclose(stored.float(), tensor.float(), rtol=1e-6, atol=1e-7):
@@ -179,7 +181,7 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
         ours_name = module.rsplit(".", 1)[-1]
         prefix = "self_attn" if module.startswith("attention.") else "mlp"
         if kind.startswith("B.") and ours_name in ("wq", "wk"):  # rows follow the query/key layout
-            value = hf._rope_layout(f"attention.{ours_name}.weight", value, cfg, to_hf=True)
+            value = hf.rope_layout(f"attention.{ours_name}.weight", value, cfg, to_hf=True)
         adapters[f"base_model.model.model.layers.{layer}.{prefix}.{HF_MODULES[ours_name]}.lora_{kind}"] = value
     missing = [k for k, _ in peft_model.named_parameters() if ".lora_" in k and k not in adapters]
     unexpected = [k for k in adapters if k not in dict(peft_model.named_parameters())]
@@ -197,7 +199,7 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
             json.dump(adapter_config, f, indent=2)
         # the check: a fresh base with the saved adapter, through peft, against our merged model
         merged = Transformer(cfg)
-        ckpt.load_weights(source, merged)
+        load_weights(source, merged)
         loaded = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                            tmp).eval()
         tokens = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
@@ -208,15 +210,13 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
         return {"max_logit_diff": diff}
 
     report = publish(out, write)
-    return {"source": source, "step": ckpt.saved_run(source)[1].step, "adapters": len(adapters) // 2, **report}
+    return {"source": source, "step": saved_run(source)[1].step, "adapters": len(adapters) // 2, **report}
 
 
 @torch.no_grad()
 def check(path: str, model: Transformer, sp_path: str, dtype: torch.dtype) -> dict:
     """Load the export with transformers and compare: logits (fp32 compute) and tokenizer ids."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from preprocess.tokenizer import TextTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # optional: checked by start_export
 
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference = model

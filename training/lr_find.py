@@ -32,14 +32,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import gc
 import json
 import math
 import os
 import re
+import shutil
 import sys
 
+import torch
+
 from preprocess.errors import UserError
+from preprocess.ranks import ranks_from_env
+from preprocess.shards import read_manifest
+
+from .checkpoint.store import checkpoints_dir, latest
+from .cli import run_reporting
+from .config import data_sources, load_config
+from .parallel import env as D
+from .parallel.backends import backend_class
+from .run import rundir
+from .run.loop import run
+from .stages.registry import stage_for_kind
 
 WINDOW = 0.05   # of the sweep's steps, for the moving average
 FALL = 0.95     # of the smoothed loss's fall, at the sweep's suggested rate
@@ -121,7 +135,7 @@ def finite_or_none(values: list[float]) -> list[float | None]:
 
 
 def figure():
-    import matplotlib
+    import matplotlib  # a measured start-up cost (1.3 s with pyplot), paid only where a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -163,14 +177,9 @@ def save(plt, fig, ax, path: str) -> None:
 
 
 def stage_of(cfg):
-    """The stage module whose shards data.path holds (the first source's kind)."""
-    from preprocess.shards import read_manifest
-
-    from .config import data_sources
-
+    """The stage class whose shards data.path holds (the first source's kind)."""
     path = data_sources(cfg.data)[0][1]
-    kind = read_manifest(path)["kind"]
-    return importlib.import_module(f".{kind}", __package__)
+    return stage_for_kind(read_manifest(path)["kind"], f"data.path {path}")
 
 
 def sweep_overrides(args, out: str) -> list[str]:
@@ -208,15 +217,11 @@ RUN_DIR = re.compile(r"lr-[0-9]+|sweep")
 def clear(out: str) -> None:
     """Rank 0: what an earlier call left, which would pass for this one's if this one fails. Only directories
     lr_find made (marked) are deleted; one of their names without the mark is another run's, and refused."""
-    import shutil
-
-    from . import checkpoint as ckpt
-
     os.makedirs(out, exist_ok=True)
     runs = [os.path.join(out, name) for name in sorted(os.listdir(out))
             if RUN_DIR.fullmatch(name) and os.path.isdir(os.path.join(out, name))]
     for path in runs:  # all checked before any is deleted
-        if os.path.exists(ckpt.checkpoints_dir(path)):
+        if os.path.exists(checkpoints_dir(path)):
             raise UserError(f"--out {out}: {path} holds checkpoints, which lr_find never writes: another run's; give "
                             "--out a directory of its own")
         if not os.path.exists(os.path.join(path, MARK)):
@@ -229,31 +234,21 @@ def clear(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def one_run(module, run_cfg, env) -> None:
+def one_run(stage, run_cfg, env) -> None:
     """One run of the loop in lr_find's marked directory, its memory given back before the next (a compiled
     module holds itself in a reference cycle)."""
-    import gc
-
-    import torch
-
-    from . import distributed as D
-    from .loop import run
-
     def mark() -> None:
         os.makedirs(run_cfg.out_dir, exist_ok=True)
         open(os.path.join(run_cfg.out_dir, MARK), "w").close()
 
     D.from_rank0(env, mark)
-    run(module.make_stage(run_cfg), run_cfg, saves=False)  # its weights are of no use after: none kept
+    run(stage(run_cfg), run_cfg, saves=False)  # its weights are of no use after: none kept
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def fixed(args, cfg, module, out: str, env) -> tuple[dict, str]:
-    from . import distributed as D
-    from .config import load_config
-
+def fixed(args, cfg, stage, out: str, env) -> tuple[dict, str]:
     rank = env.rank
     lrs = sorted(args.lrs or [cfg.train.lr * f for f in GRID])
     scores: dict[float, float] = {}
@@ -266,7 +261,7 @@ def fixed(args, cfg, module, out: str, env) -> tuple[dict, str]:
         if rank == 0:
             print(f"lr_find: train.lr={lr:.3g} ({len(scores) + 1} of {len(scores) + 1 + len(todo)}), "
                   f"{args.steps} steps → {run_dir}", flush=True)
-        one_run(module, run_cfg, env)
+        one_run(stage, run_cfg, env)
         value = D.from_rank0(env, lambda d=run_dir: run_score(d, args.steps))  # every rank decides what next
         score, scores[lr] = value[0], value[1]
         if rank == 0:
@@ -283,11 +278,9 @@ def fixed(args, cfg, module, out: str, env) -> tuple[dict, str]:
             "steps": args.steps, "score": score, "lr": lrs, "scores": finite_or_none(scores)}, found["rule"]
 
 
-def sweep(args, cfg, module, out: str, env) -> tuple[dict, str]:
-    from .config import load_config
-
+def sweep(args, cfg, stage, out: str, env) -> tuple[dict, str]:
     swept = load_config(args.config, [*args.overrides, *sweep_overrides(args, os.path.join(out, "sweep"))])
-    one_run(module, swept, env)
+    one_run(stage, swept, env)
     if env.rank != 0:
         return {}, ""
     steps = records(os.path.join(out, "sweep"), "loss")
@@ -311,9 +304,6 @@ def rates(text: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from .cli import run_reporting
-    from .distributed import ranks_from_env, run_command
-
     p = argparse.ArgumentParser(prog="python -m training.lr_find", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="FILE")
@@ -341,37 +331,33 @@ def main(argv=None) -> int:
     rank = ranks_from_env()[0]
 
     def find() -> None:
-        from . import checkpoint as ckpt
-        from . import distributed as D
-        from . import rundir
-        from .config import load_config
-
         cfg = load_config(args.config, args.overrides)
         out = args.out or os.path.join(cfg.out_dir, "lr_find")
         if os.path.realpath(out) == os.path.realpath(cfg.out_dir):
             raise UserError(f"--out {out}: is out_dir itself; lr_find needs a directory of its own")
-        if ckpt.latest(out) is not None:  # lr_find writes none: these are another run's
+        if latest(out) is not None:  # lr_find writes none: these are another run's
             raise UserError(f"--out {out}: holds a run's checkpoints; lr_find starts from the config's starting "
                             "weights in a directory of its own")
-        module = stage_of(cfg)
+        stage = stage_of(cfg)
         # one process group for all the runs; DIR locked from clearing it to writing the report, its runs in
         # directories below it, each locked by its own run
-        with D.shared_process_group(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s) as env:
+        with D.shared_process_group(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s,
+                                    backend_class(cfg.dist.backend).group_always) as env:
             lock = rundir.lock(out, env)
             try:
                 D.from_rank0(env, lambda: clear(out))
-                report, rule = (fixed if args.method == "fixed" else sweep)(args, cfg, module, out, env)
+                report, rule = (fixed if args.method == "fixed" else sweep)(args, cfg, stage, out, env)
                 if rank != 0:
                     return
                 with open(os.path.join(out, "lr_find.json"), "w") as f:
-                    json.dump({**report, "stage": module.__name__.rsplit(".", 1)[-1], "config_lr": cfg.train.lr},
+                    json.dump({**report, "stage": stage.name, "config_lr": cfg.train.lr},
                               f, indent=1)
                 print(f"lr_find: suggested train.lr={report['suggested_lr']:.3g} ({args.method}: {rule}; the "
                       f"config has {cfg.train.lr:.3g}) → {out}/lr_find.png", flush=True)
             finally:
                 lock.release()
 
-    return run_command(lambda: run_reporting(find))
+    return D.run_command(lambda: run_reporting(find))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 from preprocess.errors import UserError, exit_code
 from preprocess.fileio import atomic_write, numbered_lines
 
-from .rewards import load_reward, score
+from .stages.rewards import load_reward, score
 
 
 def pair_of(record: dict, reward, where: str, min_margin: float) -> tuple[dict | None, float, float]:

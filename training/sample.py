@@ -28,14 +28,19 @@ import json
 import os
 import shutil
 import sys
+import traceback
 
 import torch
 
+from preprocess.chat import ChatTemplate
 from preprocess.errors import UserError, environment_error, exit_code
 from preprocess.fileio import atomic_write, file_sha256, numbered_lines
+from preprocess.formats import Bad, Turn, messages_to_turns
 
-from .generate import chat_prompt, load_for_inference, pick_token
-from .model import KVCache, Transformer
+from .checkpoint.weights import load_for_inference, resolve, weights_fingerprint
+from .models.decoding import chat_prompt, sample_batch
+from .models.transformer import Transformer
+from .parallel import env as D
 
 
 def read_prompts(path: str) -> list[tuple[int, object]]:
@@ -60,9 +65,6 @@ def read_prompts(path: str) -> list[tuple[int, object]]:
 def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None, bool]:
     """(ids, the id that ends a reply, whether the reply is a chat turn): a chat prompt (--chat, or any
     "messages") ends at <|end|>, plain text at eos."""
-    from preprocess.chat import ChatTemplate
-    from preprocess.formats import Bad, Turn, messages_to_turns
-
     if isinstance(value, dict) and "messages" in value:
         turns = messages_to_turns(value["messages"], "messages")
         if isinstance(turns, Bad):
@@ -80,42 +82,6 @@ def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None
 def sample_seed(seed: int, prompt: int, sample: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{prompt}:{sample}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-@torch.no_grad()
-def sample_batch(model: Transformer, prompts: list[list[int]], stops: list[int | None], seeds: list[int],
-                 max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 greedy: bool = False, vocab_limit: int | None = None) -> tuple[list[list[int]], list[bool]]:
-    """New ids after each prompt, and whether each ended at its stop id, all rows decoded together: left-padded
-    to the longest prompt, one KV cache, each row drawing from its own generator and ending as
-    training.generate would end it alone (its stop id, max_new_tokens, or its own end of the context)."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    prompts = [p[-(cfg.max_seq_len - 1):] or [stop if stop is not None else 0] for p, stop in zip(prompts, stops,
-                                                                                                   strict=True)]
-    longest = max(len(p) for p in prompts)
-    limits = [min(max_new_tokens, cfg.max_seq_len - len(p) + 1) for p in prompts]  # generate()'s count
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    cache = KVCache(cfg, len(prompts), longest + max(limits), device, next(model.parameters()).dtype)
-    logits = model(tokens, cache, pad=pad)[:, -1]
-    out: list[list[int]] = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
-    live = list(range(len(prompts)))
-    while live:
-        chosen = [0] * len(prompts)  # finished rows are fed a token that no live row attends to
-        for r in live:
-            chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                   vocab_limit=vocab_limit, generator=generators[r])
-            if chosen[r] == stops[r]:
-                stopped[r] = True
-            else:
-                out[r].append(chosen[r])
-        live = [r for r in live if not stopped[r] and len(out[r]) < limits[r]]
-        if live:
-            logits = model(torch.tensor(chosen, device=device).unsqueeze(1), cache, pad=pad)[:, -1]
-    return out, stopped
 
 
 def prompt_batches(count: int, batch_size: int, n: int) -> list[range]:
@@ -140,9 +106,7 @@ def sample_chunk(model: Transformer, sp, encoded: list, chunk: range, n: int, se
 
 
 def options_of(args, checkpoint: str, prompts_path: str, device: torch.device) -> dict:
-    from . import checkpoint as ckpt
-
-    return {"checkpoint": ckpt.weights_fingerprint(checkpoint), "prompts": file_sha256(prompts_path),
+    return {"checkpoint": weights_fingerprint(checkpoint), "prompts": file_sha256(prompts_path),
             "device": device.type,  # CPU and CUDA generators draw different streams from one seed
             **{k: getattr(args, k) for k in ("n", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
                                              "seed", "chat", "batch_size")}}
@@ -151,16 +115,13 @@ def options_of(args, checkpoint: str, prompts_path: str, device: torch.device) -
 def run_sample(args) -> str | None:
     """The samples of this rank's batches into OUT.parts/, then (rank 0) the merged OUT; the summary line, on
     rank 0 only. An error on any rank stops every rank with one line."""
-    from . import checkpoint as ckpt
-    from . import distributed as D
-
     # ranks wait for the slowest at the end; an error anywhere is shared before that wait (below)
     env = D.init("ddp", args.device, 86_400)
     try:
         # read on rank 0 and shared: a file missing on one node is then one line on every rank, not a wait
         numbered = D.from_rank0(env, lambda: read_prompts(args.prompts))
         lines, prompts = [n for n, _ in numbered], [v for _, v in numbered]
-        checkpoint = D.from_rank0(env, lambda: ckpt.resolve(args.checkpoint))
+        checkpoint = D.from_rank0(env, lambda: resolve(args.checkpoint))
         options = D.from_rank0(env, lambda: options_of(args, checkpoint, args.prompts, env.device))
         parts = args.out + ".parts"
         meta = args.out + ".options.json"
@@ -175,8 +136,6 @@ def run_sample(args) -> str | None:
             wrote = sample_share(args, prompts, lines, checkpoint, parts, env)
         except Exception as e:  # shared below, so that no rank waits for this one; a bug keeps its traceback here
             if not isinstance(e, (UserError, OSError)):
-                import traceback
-
                 traceback.print_exc()
             problem = str(e) if isinstance(e, UserError) else environment_error(e) if isinstance(e, OSError) \
                 else f"{type(e).__name__}: {e}"
@@ -273,14 +232,12 @@ def main(argv=None) -> int:
         p.error("--samples, --batch-size and --max-new-tokens must be at least 1")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
-    from .distributed import run_command
-
     def run() -> None:
         line = run_sample(args)
         if line:
             print(line)
 
-    return run_command(lambda: exit_code(run))
+    return D.run_command(lambda: exit_code(run))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
 
+from preprocess.chat import ChatTemplate, Turn
 from preprocess.tokenizer import TextTokenizer, token_bytes, tokenizer_file
 
-from . import distributed as D
-from .generate import generate
-from .losses import IGNORE
+from ..data.batch import IGNORE
+from ..models.decoding import generate
+from ..parallel import env as D
 
 
 @torch.no_grad()
@@ -34,7 +36,7 @@ def evaluate(run, step: int) -> None:
         counts = torch.zeros(len(run.sources), 2, dtype=torch.float64)  # per source: units, bytes of the targets
         loss_sums = torch.zeros(len(run.sources), dtype=torch.float64, device=env.device)
         val = run.data.val_batches(cfg.train.eval_samples)  # one batch at a time, unless a stage prepares them
-        if stage.prepare is not None:  # over the whole validation subset, as a training step over its global batch
+        if stage.prepares:  # over the whole validation subset, as a training step over its global batch
             val = list(val)
             val = list(zip([s for s, _ in val], stage.prepare(model, [b for _, b in val], env, run.autocast),
                            strict=True))
@@ -69,19 +71,32 @@ def validation_metrics(sums: torch.Tensor, names: list[str], token_loss: bool) -
     return values
 
 
-@functools.cache
 def text_bytes(tokenizer_path: str) -> np.ndarray:
+    return _text_bytes(tokenizer_path, *file_version(tokenizer_path))
+
+
+def text_tokenizer(tokenizer_path: str) -> TextTokenizer:
+    return _text_tokenizer(tokenizer_path, *file_version(tokenizer_path))
+
+
+def file_version(path: str) -> tuple[int, int]:
+    """What the caches below are keyed by besides the path: a long-lived process (training.lr_find, a notebook)
+    may see another tokenizer written under the same name."""
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _text_bytes(tokenizer_path: str, *version) -> np.ndarray:
     return token_bytes(tokenizer_path)
 
 
-@functools.cache
-def text_tokenizer(tokenizer_path: str) -> TextTokenizer:
+@functools.lru_cache(maxsize=4)
+def _text_tokenizer(tokenizer_path: str, *version) -> TextTokenizer:
     return TextTokenizer(tokenizer_path)
 
 
 def sample_text(run, step: int) -> str:
-    from preprocess.chat import ChatTemplate, Turn
-
     cfg, env = run.cfg, run.env
     sp = text_tokenizer(tokenizer_file(cfg.out_dir))
     prompt, stop = sp.encode(cfg.train.sample_prompt), sp.eos_id

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):

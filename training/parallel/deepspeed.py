@@ -5,6 +5,9 @@ DeepSpeed's universal checkpoint (deepspeed.checkpoint.ds_to_universal), loaded 
 
 Batch sizes, accumulation, clipping and precision come from our config only: a template in configs/deepspeed/
 that sets any of them is refused, so a value is never given twice.
+
+deepspeed is optional (the deepspeed extra): it is imported where an engine is made or a checkpoint consolidated,
+after prepare_environment (its accelerator is fixed when it is first imported).
 """
 
 from __future__ import annotations
@@ -23,8 +26,13 @@ import torch
 
 from preprocess.errors import UserError
 
-from . import distributed as D
-from .plan import BatchPlan
+from ..checkpoint.store import checksum_problems, seal
+from ..config import Config
+from ..data.order import BatchPlan
+from . import env as D
+from .base import Backend
+
+UNIVERSAL = ".universal"  # step-N.universal/: the world-size-free conversion of step-N, made on demand
 
 OURS = {  # DeepSpeed key → the config key that sets it
     "train_batch_size": "train.micro_batch_size x train.grad_accum x processes",
@@ -76,7 +84,8 @@ def build_config(cfg, plan: BatchPlan, precision: str, device_type: str = "cpu",
             raise UserError("dist.offload_params needs dist.zero_stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     ds.update({
-        **plan.deepspeed_batch(),
+        "train_micro_batch_size_per_gpu": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch,
         "gradient_clipping": cfg.train.grad_clip,
         "bf16": {"enabled": precision == "bf16"},
         "zero_force_ds_cpu_optimizer": False,  # our AdamW, also when offloaded
@@ -91,7 +100,8 @@ def build_config(cfg, plan: BatchPlan, precision: str, device_type: str = "cpu",
 def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, plan: BatchPlan, precision: str,
                load_universal: bool = False):
     prepare_environment(env.device)
-    import deepspeed
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed asks for it, whatever the launcher
+    import deepspeed  # optional: the deepspeed extra
 
     if env.device.type == "cpu":
         skip_shared_memory_op(deepspeed)
@@ -138,11 +148,7 @@ def skip_shared_memory_op(deepspeed) -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
-def is_engine(model) -> bool:
-    return hasattr(model, "is_gradient_accumulation_boundary") and hasattr(model, "save_checkpoint")
-
-
-def save(engine, env: D.DistEnv, root: str, tmp_name: str) -> None:
+def save_engine(engine, root: str, tmp_name: str) -> None:
     """The engine's own files (model, optimizer partitions, ZeRO layout) into root/tmp_name."""
     try:
         engine.save_checkpoint(root, tag=tmp_name, save_latest=False)
@@ -155,7 +161,7 @@ def save(engine, env: D.DistEnv, root: str, tmp_name: str) -> None:
                       os.path.join(root, tmp_name)) from None
 
 
-def load(engine, ckpt_dir: str, universal: bool = False) -> None:
+def load_engine(engine, ckpt_dir: str, universal: bool = False) -> None:
     """The engine's state from ckpt_dir (a checkpoint of this run, or its universal conversion)."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # our AdamW, inside ZeRO's wrapper
     groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
@@ -175,7 +181,7 @@ def load(engine, ckpt_dir: str, universal: bool = False) -> None:
 
 def files_written_by(ckpt_dir: str, rank: int) -> list[str]:
     """The files of a DeepSpeed checkpoint that this rank wrote: its ZeRO partitions (…zero_pp_rank_R_…), and on
-    rank 0 the rest of DeepSpeed's (the model states of stages 0-2). Our rng-rank*.pt are fsynced as written."""
+    rank 0 the rest of DeepSpeed's (the model states of stages 0-2); not our rng-rank*.pt."""
     mine = []
     for name in os.listdir(ckpt_dir):
         partition = name.split("zero_pp_rank_")[1].split("_")[0] if "zero_pp_rank_" in name else None
@@ -195,9 +201,7 @@ def universal_checkpoint(ckpt_dir: str, env: D.DistEnv) -> str:
     to a temporary name by rank 0 (in a process of its own), fsynced, checksummed and renamed when complete; a
     cached one whose files do not have their recorded sizes is converted again. A failure is one line on every
     rank."""
-    from .checkpoint import checksum_problems, seal
-
-    out = ckpt_dir.rstrip("/") + ".universal"
+    out = ckpt_dir.rstrip("/") + UNIVERSAL
 
     def convert() -> None:
         if os.path.isdir(out) and not checksum_problems(out, sizes_only=True):
@@ -237,10 +241,67 @@ def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
     root, tag = os.path.split(ckpt_dir.rstrip("/"))
     if is_partitioned(ckpt_dir):
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; keep it for the program's output
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional
 
             state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     else:  # stage 0: the module's weights are whole in the model file
         state = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                            weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in state.items()}
+
+
+class DeepSpeed(Backend):
+    """The engine steps, clips and accumulates (it knows its accumulation boundaries); the loop keeps the rest."""
+    name = "deepspeed"
+    group_always = True  # DeepSpeed wants a process group even for one process
+
+    def __init__(self, cfg: Config, env: D.DistEnv, plan: BatchPlan, precision: str):
+        super().__init__(cfg, env, plan, precision)
+        self.engine = None
+        self.universal: str | None = None  # the resumed checkpoint's conversion for this number of processes
+
+    @staticmethod
+    def check(cfg: Config) -> list[str]:
+        if cfg.train.optimizer == "muon":
+            return ["train.optimizer=muon: DeepSpeed's ZeRO partitions each matrix over the ranks, and Muon "
+                    "orthogonalises whole matrices; use dist.backend=ddp (or train.optimizer=adamw)"]
+        return []
+
+    def setup(self, model, make_optimizer, resume_from=None, saved=None) -> None:
+        if resume_from is not None and saved.world_size != self.env.world_size and is_partitioned(resume_from):
+            self.universal = universal_checkpoint(resume_from, self.env)  # before the engine: it loads differently
+        self.engine = initialize(model, make_optimizer(model), self.cfg, self.env, self.plan, self.precision,
+                                 load_universal=self.universal is not None)
+        self.model, self.train_model, self.optimizer = model, self.engine, self.engine.optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # our scaling already accounts for the micro-steps
+        self.engine.step()  # applies the update (and clipping) only at the last micro-step
+
+    def step(self, max_norm: float, loss: float) -> tuple[float, bool]:
+        """The engine stepped at the last micro-batch, after clipping; it skips non-finite gradients."""
+        grad_norm = self.engine.get_global_grad_norm()
+        return (float("inf") if grad_norm is None else float(grad_norm)), self.engine.was_step_applied()
+
+    def save(self, directory: str) -> list[str]:
+        """The engine's own files, each rank its partitions; DeepSpeed never fsyncs, the store does."""
+        root, tag = os.path.split(directory.rstrip("/"))
+        save_engine(self.engine, root, tag)
+        return files_written_by(directory, self.env.rank)
+
+    def load(self, directory: str, saved) -> None:
+        load_engine(self.engine, self.universal or directory, universal=self.universal is not None)
+
+    def identity(self) -> dict:
+        return {"dist.backend": self.name, "dist.zero_stage": self.cfg.dist.zero_stage}
+
+    def close(self) -> None:
+        self.engine.destroy()
+
+    @staticmethod
+    def owns(directory: str) -> bool:
+        return is_deepspeed_checkpoint(directory)
+
+    @staticmethod
+    def consolidate(directory: str) -> dict[str, torch.Tensor]:
+        return consolidated_state_dict(directory)

@@ -18,8 +18,9 @@ from preprocess.errors import UserError, naming
 from preprocess.fileio import copy_durably
 from preprocess.tokenizer import tokenizer_files
 
-from . import distributed as D
-from .config import Config, save_config
+from ..config import Config, save_config
+from ..parallel import env as D
+from .metrics import MetricsLog
 
 LOCK = ".lock"
 
@@ -76,8 +77,6 @@ def lock(out_dir: str, env: D.DistEnv) -> RunDirLock:
 def prepare(cfg: Config, tokenizer_path: str, step: int) -> None:
     """Rank 0: the resolved config and the tokenizer next to the checkpoints; metrics after `step` forgotten
     (a resumed run logs them again)."""
-    from .metrics import MetricsLog
-
     save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
     for path in tokenizer_files(tokenizer_path):  # a tokenizer.json travels with its tokenizer_config.json
         copy_durably(path, os.path.join(cfg.out_dir, os.path.basename(path)))

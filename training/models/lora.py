@@ -24,7 +24,7 @@ def enabled(cfg) -> bool:
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     """Wrap every nn.Linear whose name ends with one of cfg.targets in a LoRA layer; freeze everything else."""
     try:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # optional: the lora extra
     except ImportError:
         raise UserError("lora.rank > 0 needs peft: pip install 'shardlm[lora]'") from None
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -39,7 +39,7 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
 
 
 def _adapted_layers(model: torch.nn.Module):
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # optional: only adapted models come here
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 

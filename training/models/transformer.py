@@ -13,10 +13,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as flex
 from torch.utils.checkpoint import checkpoint
 
 
@@ -186,16 +189,12 @@ def document_mask(segments: torch.Tensor, impl: str = "sdpa"):
 @functools.cache
 def flex_block_mask():
     """create_block_mask compiled once: uncompiled it materialises the whole (batch, seq, seq) mask on the way."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     return torch.compile(create_block_mask)
 
 
 @functools.cache
 def flex_attention():
     """FlexAttention compiled once: uncompiled it computes the whole score matrix (its reference path)."""
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
     return torch.compile(flex)
 
 
@@ -262,9 +261,9 @@ class MoE(nn.Module):
         if moe.shared_experts:
             self.shared = FeedForward(cfg, hidden=moe.shared_experts * hidden)
             self.shared_gate = nn.Linear(cfg.dim, 1, bias=False)
-        self.grouped: bool | None = None  # whether grouped_mm serves the run's device and dtype (set by the loop)
-        self.routing: Routing | None = None  # set by a forward with gradients, taken by router_losses(); a block's
-                                             # recomputation in the backward sets it again: forget_routing()
+        self.grouped: bool | None = None  # whether grouped_mm serves the run's device and dtype (choose_expert_matmul)
+        self.routing: Routing | None = None  # set by a forward with gradients, taken by auxiliary_losses(); a
+                                             # block's recomputation in the backward sets it again (forget_auxiliary)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -290,46 +289,11 @@ class MoE(nn.Module):
         return out.view(b, t, d).to(x.dtype)
 
 
-def router_losses(model: Transformer, positions: torch.Tensor | None, cfg: MoEConfig):
-    """The routers' losses of the last training forward, as a sum over its positions (the loop divides by the
-    positions of the global batch), their metrics, and each MoE layer's tokens per expert; None when no MoE layer
-    ran a training forward. `positions` (batch, seq) marks those
-    holding a token (None: all).
-
-    Load balancing, per row r (f: the share of its routed slots each expert got, P: its mean router
-    probability): E * sum_i f_ri P_ri, which is 1 when balanced; summed over rows weighted by their tokens. Per row
-    rather than per batch, so that the loss is the same however rows are split over micro-batches and processes.
-    Both losses are averaged over the MoE layers (a coefficient means the same at any depth)."""
-    layers = {i: block.feed_forward for i, block in enumerate(model.layers)
-              if isinstance(block.feed_forward, MoE) and block.feed_forward.routing is not None}
-    if not layers:
-        return None
-    aux = z = 0.0
-    loads = {}
-    for i, layer in layers.items():
-        routing, layer.routing = layer.routing, None
-        mask = (torch.ones(routing.chosen.shape[:2], device=routing.chosen.device) if positions is None
-                else positions.to(routing.chosen.device).float())
-        slots = torch.zeros(*routing.chosen.shape[:2], layer.experts, device=mask.device).scatter_add_(
-            2, routing.chosen, torch.ones_like(routing.chosen, dtype=torch.float)) * mask.unsqueeze(-1)  # (b, t, E)
-        probs = routing.logits.softmax(dim=-1) * mask.unsqueeze(-1)
-        tokens = mask.sum(dim=1, keepdim=True).clamp(min=1)                                    # (b, 1)
-        share = slots.sum(dim=1) / (layer.top_k * tokens)                                     # f, (b, E)
-        aux = aux + layer.experts * (share * probs.sum(dim=1)).sum()                          # sum_r T_r E f.P
-        z = z + (torch.logsumexp(routing.logits, dim=-1).square() * mask).sum()
-        loads[i] = slots.sum(dim=(0, 1)).detach()
-    aux, z = aux / len(layers), z / len(layers)
-    loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-    if not any(layer.router.weight.requires_grad for layer in layers.values()):
-        loss = loss.detach()  # frozen routers (LoRA): the losses would only push the adapters below them around
-    return loss, {"moe_aux": aux.detach(), "moe_z": z.detach()}, loads
-
-
-def forget_routing(model: nn.Module) -> None:
-    """Drop what the backward's recomputation (activation checkpointing) recorded: it would hold its graph."""
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.routing = None
+class AuxiliaryLosses(NamedTuple):
+    """What a training forward adds to the stage's loss: the MoE routers' losses."""
+    loss: torch.Tensor                      # a sum over the forward's positions (the loop divides by the global batch's)
+    metrics: dict[str, torch.Tensor]        # moe_aux, moe_z: sums over the same positions
+    loads: dict[int, torch.Tensor]          # tokens per expert of each MoE layer
 
 
 class Block(nn.Module):
@@ -339,7 +303,7 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else FeedForward(cfg)
-        self.checkpointed = False  # activations recomputed in the backward instead of kept (train.activation_checkpointing)
+        self.checkpointed = False  # activations recomputed in the backward instead of kept (checkpoint_activations)
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
         if self.checkpointed and torch.is_grad_enabled() and cache is None:
@@ -430,6 +394,60 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = end
         return self.output(self.norm(x))
+
+    def checkpoint_activations(self, mode: str, every: int = 2) -> None:
+        """The blocks whose activations the backward recomputes (torch.utils.checkpoint, non-reentrant): none,
+        every one (full) or every `every`-th (every_n, from the first)."""
+        step = {"none": 0, "full": 1, "every_n": every}[mode]
+        for i, block in enumerate(self.layers):
+            block.checkpointed = bool(step) and i % step == 0
+
+    def choose_expert_matmul(self, device_type: str, dtype: torch.dtype, compiled: bool) -> None:
+        """Whether MoE blocks use torch's grouped matmul or one matmul per expert: decided once, outside any compiled
+        code (finding out runs a small matmul)."""
+        works = grouped_mm_works(device_type, dtype, compiled)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.grouped = works
+
+    def auxiliary_losses(self, positions: torch.Tensor | None = None) -> AuxiliaryLosses | None:
+        """The routers' losses of the last training forward, taken (a later forward starts afresh); None when no MoE
+        layer ran one. `positions` (batch, seq) marks those holding a token (None: all).
+
+        Load balancing, per row r (f: the share of its routed slots each expert got, P: its mean router
+        probability): E * sum_i f_ri P_ri, which is 1 when balanced; summed over rows weighted by their tokens. Per
+        row rather than per batch, so that the loss is the same however rows are split over micro-batches and
+        processes. The z-loss (ST-MoE): logsumexp(router logits)^2 per token. Both are averaged over the MoE layers
+        (a coefficient means the same at any depth) and weighed by model.moe's coefficients."""
+        layers = {i: block.feed_forward for i, block in enumerate(self.layers)
+                  if isinstance(block.feed_forward, MoE) and block.feed_forward.routing is not None}
+        if not layers:
+            return None
+        aux = z = 0.0
+        loads = {}
+        for i, layer in layers.items():
+            routing, layer.routing = layer.routing, None
+            mask = (torch.ones(routing.chosen.shape[:2], device=routing.chosen.device) if positions is None
+                    else positions.to(routing.chosen.device).float())
+            slots = torch.zeros(*routing.chosen.shape[:2], layer.experts, device=mask.device).scatter_add_(
+                2, routing.chosen, torch.ones_like(routing.chosen, dtype=torch.float)) * mask.unsqueeze(-1)  # (b, t, E)
+            probs = routing.logits.softmax(dim=-1) * mask.unsqueeze(-1)
+            tokens = mask.sum(dim=1, keepdim=True).clamp(min=1)                                    # (b, 1)
+            share = slots.sum(dim=1) / (layer.top_k * tokens)                                     # f, (b, E)
+            aux = aux + layer.experts * (share * probs.sum(dim=1)).sum()                          # sum_r T_r E f.P
+            z = z + (torch.logsumexp(routing.logits, dim=-1).square() * mask).sum()
+            loads[i] = slots.sum(dim=(0, 1)).detach()
+        aux, z = aux / len(layers), z / len(layers)
+        loss = self.cfg.moe.aux_loss_coef * aux + self.cfg.moe.z_loss_coef * z
+        if not any(layer.router.weight.requires_grad for layer in layers.values()):
+            loss = loss.detach()  # frozen routers (LoRA): the losses would only push the adapters below them around
+        return AuxiliaryLosses(loss, {"moe_aux": aux.detach(), "moe_z": z.detach()}, loads)
+
+    def forget_auxiliary(self) -> None:
+        """Drop what the backward's recomputation (activation checkpointing) recorded: it would hold its graph."""
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.routing = None
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

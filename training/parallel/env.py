@@ -1,12 +1,17 @@
 """Process-group set-up and the few collectives the loop needs. Ranks come from torchrun, Slurm (srun) or MPI
-(mpirun/mpiexec) environment variables; one process with none of them is the single-process debug mode."""
+(mpirun/mpiexec) environment variables; one process with none of them is the single-process debug mode.
+Nothing here knows a backend: a backend says whether it needs a process group even for one process."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
 import os
+import sys
+import threading
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -42,7 +47,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init(backend: str, device: str, timeout_s: int) -> DistEnv:
+def init(backend: str, device: str, timeout_s: int, group_always: bool = False) -> DistEnv:
+    """This process's rank and device, and the process group when there are several processes (or always, for a
+    backend that wants one even alone)."""
     rank, world, local_rank, launcher = ranks_from_env()
     if backend == "none" and world > 1:
         raise UserError(f"launched as {world} processes ({launcher}) but dist.backend=none")
@@ -58,11 +65,9 @@ def init(backend: str, device: str, timeout_s: int) -> DistEnv:
     env = DistEnv(rank, world, local_rank, dev, launcher)
     if _shared_group and dist.is_initialized():
         return env
-    if world > 1 or backend == "deepspeed":  # DeepSpeed wants a process group even for one process
+    if world > 1 or group_always:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # torchrun sets both; MPI and Slurm single-node runs may not
         os.environ.setdefault("MASTER_PORT", "29500")
-        if backend == "deepspeed":
-            os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed asks for it, whatever the launcher
         global _started_process_group
         _started_process_group = True
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
@@ -76,12 +81,12 @@ def shutdown(env: DistEnv) -> None:
 
 
 @contextlib.contextmanager
-def shared_process_group(backend: str, device: str, timeout_s: int):
+def shared_process_group(backend: str, device: str, timeout_s: int, group_always: bool = False):
     """One process group for several runs of the loop in this process (training.lr_find's fixed-rate runs): each
     run's init finds it and its shutdown leaves it. A group created again after one was destroyed would meet the
     first one's rendezvous keys in the launcher's store."""
     global _shared_group
-    env = init(backend, device, timeout_s)
+    env = init(backend, device, timeout_s, group_always)
     _shared_group = True
     try:
         yield env
@@ -99,10 +104,6 @@ def exit_process(code: int) -> None:
     through C++ aborts the process ("terminate called without an active exception", exit -6) after all the
     work is done — seen in about 1 run in 10 on some machines. So: what a normal exit does before finalizing
     (stop thread pools and join Python threads, run atexit handlers, flush), then os._exit."""
-    import atexit
-    import sys
-    import threading
-
     try:
         if threading.current_thread() is threading.main_thread():
             threading._shutdown()  # what the interpreter does first: stop thread pools, join Python threads
@@ -121,8 +122,6 @@ def run_command(action) -> int:
     except Exception:
         if not used_process_group():
             raise
-        import traceback
-
         traceback.print_exc()
         code = 1
     if used_process_group():
@@ -185,19 +184,3 @@ def from_rank0(env: DistEnv, work):
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
-
-
-def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """DDP when there are several processes; the bare model otherwise."""
-    if not env.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # The model's only buffers are rotary tables, identical everywhere: syncing them before every forward would
-    # cost a collective per micro-step (and deadlock ranks that run different numbers of forwards).
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, forward_sync_buffers=False)
-
-
-def no_sync(model: torch.nn.Module, skip_sync: bool):
-    """DDP's no_sync on every micro-step but the last: gradients are all-reduced once per optimizer step."""
-    return model.no_sync() if skip_sync and hasattr(model, "no_sync") else contextlib.nullcontext()

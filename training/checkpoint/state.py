@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from preprocess.errors import UserError
 
-from .model import MoEConfig
-from .plan import BatchPlan
+from ..config import Config, config_from_yaml
+from ..data.order import BatchPlan
+from ..models.transformer import MoEConfig
 
 STATE = "state.json"
 
@@ -59,8 +60,9 @@ class TrainState:
         return BatchPlan(self.micro_batch, self.grad_accum, self.world_size)
 
 
-def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
-    """The settings that give a run its meaning, as flat {key: value} (JSON types), compared on resume."""
+def run_identity(stage: str, cfg: Config, sources, model_cfg, backend: dict, stage_settings: dict) -> dict:
+    """The settings that give a run its meaning, as flat {key: value} (JSON types), compared on resume: the run's
+    own, its backend's (how it saves) and its stage's (e.g. a loss and its options)."""
     identity = {
         "stage": stage,
         "seed": cfg.seed,
@@ -71,16 +73,10 @@ def run_identity(stage: str, cfg, sources, model_cfg) -> dict:
         "data.packing": cfg.data.packing_window(),  # what the position counts: rows of which packing, or examples
         "data.document_mask": cfg.data.document_mask,
         "init_from": os.path.realpath(cfg.init_from) if cfg.init_from else None,
-        "dist.backend": "deepspeed" if cfg.dist.backend == "deepspeed" else "ddp",  # none and ddp save alike
-        "dist.zero_stage": cfg.dist.zero_stage if cfg.dist.backend == "deepspeed" else None,
+        **backend,
         "train.optimizer": cfg.train.optimizer,  # a resume continues the same optimizer's state
+        **stage_settings,
     }
-    if stage == "dpo":
-        identity.update({"dpo.loss": cfg.dpo.loss, "dpo.beta": cfg.dpo.beta,
-                         **{f"dpo.{k}": v for k, v in cfg.dpo.options().items()}})
-    if stage == "kto":
-        identity.update({"dpo.beta": cfg.dpo.beta, "dpo.desirable_weight": cfg.dpo.desirable_weight,
-                         "dpo.undesirable_weight": cfg.dpo.undesirable_weight})
     lora = dataclasses.asdict(cfg.lora) if cfg.lora.rank else {"rank": 0}  # the rest matters only with adapters
     identity.update({f"lora.{k}": v for k, v in lora.items()})
     for k, v in dataclasses.asdict(model_cfg).items():
@@ -120,3 +116,9 @@ def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init
 
 def _describe_data(data: list[dict]) -> str:
     return "[" + ", ".join(f"{d['path']} (weight {d['weight']:g}, content {d['content'][:8]})" for d in data) + "]"
+
+
+def saved_run(ckpt_dir: str) -> tuple[Config, TrainState]:
+    """(config, TrainState) of a checkpoint."""
+    cfg = config_from_yaml(os.path.join(ckpt_dir, "config.yaml"))
+    return cfg, TrainState.load(ckpt_dir, cfg)

@@ -1,0 +1,269 @@
+"""The checkpoint store: out_dir/checkpoints/step-N/ directories, written atomically, checksummed, with a `latest`
+pointer and pruning; finding the newest intact one.
+
+A checkpoint is written into step-N.tmp/: each rank its RNG state and what its backend writes (the model and
+optimizer, whole or in shards), every file fsynced by the rank that wrote it; rank 0 the train state
+(state.json), the resolved config and the tokenizer. Then a checksums.json (size and sha256 of every file, the
+ranks hashing in parallel), the rename, and only then does `latest` move and are old checkpoints pruned: a crash
+at any moment leaves the previous checkpoint in charge. Before a resume the checksums are checked; a damaged
+checkpoint (a flipped byte, a file cut short or lost, no checksums.json) is moved aside to step-N.damaged with a
+warning naming it, and the newest intact one is used. Everything is loaded with torch.load(weights_only=True).
+
+The store never names a backend: it asks the run's backend to save into a directory and fsyncs what it wrote.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+import torch
+
+from preprocess.errors import UserError, naming
+from preprocess.fileio import atomic_write, copy_durably, file_sha256, fsync_path
+from preprocess.tokenizer import tokenizer_files
+
+from ..parallel import env as D
+from .state import STATE, TrainState
+
+LATEST = "latest"
+MODEL = "model.pt"  # plain fp32 weights: what a one-file checkpoint holds and what a sharded one consolidates to
+CHECKSUMS = "checksums.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+# step-N.<name>: what a backend derived from checkpoint step-N and keeps beside it (DeepSpeed's conversion for
+# another number of processes); it goes when step-N is pruned or saved again. Not step-N.tmp or step-N.damaged
+COMPANION = re.compile(r"^(step-\d+)\.(?!tmp$|damaged)[a-z]+$")
+
+
+def checkpoints_dir(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+class _Writes:
+    """A file's write() for torch.save, keeping the OSError that torch then reports only as an opaque
+    RuntimeError (a full disk reads "unexpected pos 704 vs 598")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_file(obj, path: str) -> None:
+    """torch.save to `path`, fsynced; a full disk is an OSError naming the file."""
+    with naming(path), open(path, "wb") as f:
+        writes = _Writes(f)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
+
+
+def load_file(path: str):
+    """torch.load(weights_only=True) of a checkpoint file; a missing or unreadable one is one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint file ({str(e).splitlines()[0]})") from None
+
+
+def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: str, tokenizer_path: str, keep: int,
+         rank_files=None) -> str:
+    """Every rank calls this. `backend.save(tmp)` writes the model and optimizer and returns the files this rank
+    wrote, which it fsyncs (on its own machine: another's fsync would not flush this one's cache); rank_files(tmp)
+    writes this rank's own files (its RNG state) and returns them. Rank 0 writes the shared files."""
+    root = checkpoints_dir(out_dir)
+    final = os.path.join(root, f"step-{state.step}")
+    tmp = final + ".tmp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    try:
+        D.barrier(env)
+        written = [*(rank_files(tmp) if rank_files else []), *backend.save(tmp)]
+        for path in written:
+            fsync_path(path)
+        if env.is_main:
+            for path in tokenizer_files(tokenizer_path):
+                copy_durably(path, os.path.join(tmp, os.path.basename(path)))
+            atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
+            atomic_write(os.path.join(tmp, STATE), state.save_json())
+        D.barrier(env)
+        checksums = _hash_share(tmp, env)  # each rank hashes its share of the files
+        if env.is_main:
+            _write_checksums(tmp, checksums)
+            if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
+                shutil.rmtree(final)
+            remove_companions(root, os.path.basename(final))  # derived from that earlier save
+            os.replace(tmp, final)
+            atomic_write(os.path.join(root, LATEST), f"step-{state.step}\n".encode())
+            fsync_path(root)
+            _prune(root, keep)
+    except OSError:  # a full disk: the previous checkpoint stays in charge, and this one's space is given back
+        discard(tmp)
+        raise
+    D.barrier(env)
+    return final
+
+
+def discard(tmp: str, patience_s: float = 10.0) -> None:
+    """Remove a half-written checkpoint directory. Every rank does, after its own write failed: while another rank
+    is still failing to write into it, or removing it too, one pass can leave the directory behind."""
+    deadline = time.monotonic() + patience_s
+    shutil.rmtree(tmp, ignore_errors=True)
+    while os.path.exists(tmp) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _files(ckpt_dir: str) -> list[str]:
+    found = []
+    for parent, _, names in os.walk(ckpt_dir):
+        found += [os.path.relpath(os.path.join(parent, n), ckpt_dir) for n in names]
+    return sorted(f for f in found if f != CHECKSUMS)
+
+
+def _hash_share(ckpt_dir: str, env: D.DistEnv) -> dict:
+    """{file: {size, sha256}} of every file in ckpt_dir, each rank hashing every world_size-th; on rank 0."""
+    mine = {}
+    for f in _files(ckpt_dir)[env.rank::env.world_size]:
+        path = os.path.join(ckpt_dir, f)
+        mine[f] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+    if not env.distributed:
+        return mine
+    gathered = [None] * env.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def damage(ckpt_dir: str, rank: int = 0, world: int = 1, sizes_only: bool = False) -> list[str]:
+    """What is wrong with this rank's share of a checkpoint's files, per its checksums.json (empty: intact).
+    Every checkpoint is written with one, so one without it is not trusted. sizes_only: a cheap look (sizes,
+    not sha256) for a reader that only describes."""
+    if not os.path.isfile(os.path.join(ckpt_dir, STATE)):
+        return [f"{STATE} is missing"]
+    return checksum_problems(ckpt_dir, rank, world, sizes_only)
+
+
+def seal(directory: str) -> None:
+    """One process's finished tree (DeepSpeed's universal conversion): every file and directory fsynced, then a
+    checksums.json, as for a checkpoint."""
+    for f in _files(directory):
+        fsync_path(os.path.join(directory, f))
+    _write_checksums(directory, _hash_share(directory, D.DistEnv()))
+
+
+def _write_checksums(directory: str, checksums: dict) -> None:
+    """checksums.json, then every directory of the tree fsynced (the names in them): ready to be renamed."""
+    atomic_write(os.path.join(directory, CHECKSUMS), json.dumps(checksums, indent=1, sort_keys=True).encode())
+    for parent, _, _ in os.walk(directory):
+        fsync_path(parent)
+
+
+def checksum_problems(ckpt_dir: str, rank: int = 0, world: int = 1, sizes_only: bool = False) -> list[str]:
+    try:
+        with open(os.path.join(ckpt_dir, CHECKSUMS)) as f:
+            checksums = json.load(f)
+    except FileNotFoundError:
+        return [f"{CHECKSUMS} is missing"]
+    except (OSError, ValueError) as e:
+        return [f"{CHECKSUMS} is unreadable ({e})"]
+    problems = []
+    for name in sorted(checksums)[rank::world]:
+        path, want = os.path.join(ckpt_dir, name), checksums[name]
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(path) != want["size"]:
+            problems.append(f"{name} has {os.path.getsize(path):,} bytes instead of {want['size']:,}")
+        elif not sizes_only and file_sha256(path) != want["sha256"]:
+            problems.append(f"{name} does not match its sha256")
+    return problems
+
+
+def _prune(root: str, keep: int) -> None:
+    if keep <= 0:
+        return
+    for name in _step_dirs(root)[keep:]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        remove_companions(root, name)
+
+
+def remove_companions(root: str, name: str) -> None:
+    for other in os.listdir(root):
+        match = COMPANION.match(other)
+        if match and match.group(1) == name:
+            shutil.rmtree(os.path.join(root, other), ignore_errors=True)
+
+
+def _step_dirs(root: str) -> list[str]:
+    """Complete checkpoint directories, newest first."""
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if STEP_DIR.match(n)]
+    return sorted(names, key=lambda n: int(STEP_DIR.match(n).group(1)), reverse=True)
+
+
+def latest(out_dir: str, env: D.DistEnv | None = None, sizes_only: bool = False) -> str | None:
+    """The checkpoint directory to resume from: the newest intact one, or None for a fresh run. The training run
+    passes env: its ranks check the checksums in parallel, and damaged checkpoints are moved aside to
+    step-N.damaged (kept for inspection, out of the way of the step that will be saved again). Readers of a run
+    (generate, init_from) pass none and move nothing; sizes_only checks the files' sizes, not their sha256."""
+    training = env is not None
+    env = env or D.DistEnv()
+    root = checkpoints_dir(out_dir)
+    names = _step_dirs(root)
+    if not names:
+        if os.path.isfile(os.path.join(root, LATEST)):
+            raise UserError(f"{root}/{LATEST} exists but no step-N checkpoint directory does")
+        return None
+    if training and env.is_main:  # left by a run killed while saving
+        for stale in glob.glob(os.path.join(glob.escape(root), "step-*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+    damaged = []
+    for name in names:
+        path = os.path.join(root, name)
+        problems = damage(path, env.rank, env.world_size, sizes_only)
+        if env.distributed:
+            gathered = [None] * env.world_size
+            torch.distributed.all_gather_object(gathered, problems)
+            problems = [p for part in gathered for p in part]
+        if not problems:
+            break
+        damaged.append((path, problems))
+    else:
+        raise UserError(f"{root}: every checkpoint is damaged ({damaged[0][0]}: {damaged[0][1][0]}); "
+                        f"nothing to resume from")
+    if env.is_main:
+        for bad, problems in damaged:
+            moved = ""
+            if training:
+                aside, n = bad + ".damaged", 1
+                while os.path.exists(aside):
+                    aside, n = f"{bad}.damaged{n}", n + 1
+                os.replace(bad, aside)
+                moved = f"; moved to {os.path.basename(aside)}"
+            print(f"warning: checkpoint {bad} is damaged ({'; '.join(problems[:3])}){moved}; using {path}",
+                  file=sys.stderr, flush=True)
+    D.barrier(env)
+    return path
+
+

@@ -1,0 +1,125 @@
+"""Weights to start from or to read: a run directory (its newest intact checkpoint), a checkpoint directory or a
+transformers directory, resolved to the directory to load from; its model config, a fingerprint of its weights,
+the weights themselves as plain fp32 tensors (a sharded checkpoint consolidated by the backend that wrote it, once,
+into model.pt), and a pinned copy that no later change of its run can touch (DPO's reference).
+
+Readers (generate, sample, export, init_from) never move or write anything but the consolidated model.pt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import torch
+
+from preprocess.errors import UserError
+from preprocess.fileio import copy_durably, file_sha256, fsync_path, write_then_rename
+from preprocess.tokenizer import TextTokenizer, tokenizer_file
+
+from ..config import config_from_yaml
+from ..models import hf, lora
+from ..models.transformer import ModelConfig, Transformer
+from ..parallel.backends import consolidated_state_dict
+from .state import STATE
+from .store import MODEL, damage, latest, load_file, save_file
+
+
+def resolve(path: str, sizes_only: bool = False) -> str:
+    """A run directory (its newest intact checkpoint), a checkpoint directory, or a transformers directory
+    (config.json + safetensors, e.g. one written by training.export_hf) → the directory to load from. Not cached:
+    a run may write a newer checkpoint between two calls. sizes_only: checked by its files' sizes, not sha256."""
+    if hf.is_hf_dir(path):
+        return path
+    if os.path.isfile(os.path.join(path, MODEL)) or os.path.isfile(os.path.join(path, STATE)):
+        problems = damage(path, sizes_only=sizes_only)
+        if problems:
+            raise UserError(f"{path}: damaged checkpoint ({'; '.join(problems[:3])})")
+        return path
+    found = latest(path, sizes_only=sizes_only) if os.path.isdir(path) else None
+    if found is None:
+        raise UserError(f"{path}: neither a run directory with checkpoints, a checkpoint directory (with model.pt), "
+                        "nor a transformers model directory (with config.json)")
+    return found
+
+
+def model_config(ckpt_dir: str) -> ModelConfig:
+    """The ModelConfig of a resolved checkpoint or transformers directory."""
+    if hf.is_hf_dir(ckpt_dir):
+        return hf.model_config(ckpt_dir)
+    return config_from_yaml(os.path.join(ckpt_dir, "config.yaml")).model
+
+
+def weights_fingerprint(ckpt_dir: str) -> str:
+    """A short hash that changes whenever the weights of a resolved directory do (names cached results)."""
+    files = hf.weight_files(ckpt_dir) if hf.is_hf_dir(ckpt_dir) else [model_file(ckpt_dir)]
+    digests = "".join(file_sha256(f) for f in files)
+    return hashlib.sha256(digests.encode()).hexdigest()[:16] if len(files) > 1 else digests[:16]
+
+
+def model_file(ckpt_dir: str) -> str:
+    """ckpt_dir/model.pt; a sharded checkpoint's is consolidated into a plain fp32 state dict on first use, by the
+    backend that wrote it. The conversion is written under a name of this process's own and renamed: several
+    processes (the ranks of a job, two jobs) converting at once each produce the same file, and none ever sees a
+    half-written one."""
+    path = os.path.join(ckpt_dir, MODEL)
+    if not os.path.isfile(path):
+        state = consolidated_state_dict(ckpt_dir)
+        if state is not None:
+            write_then_rename(path, lambda tmp: save_file(state, tmp))
+    return path
+
+
+def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
+    """The weights of a checkpoint (consolidated) or of a transformers directory."""
+    if hf.is_hf_dir(ckpt_dir):
+        model.load_state_dict(hf.load_state_dict(ckpt_dir, model.cfg))
+        return
+    path = model_file(ckpt_dir)
+    state = load_file(path)
+    if lora.is_adapted_state(state) and not lora.has_adapters(model):  # a LoRA run's checkpoint into a plain model
+        lora.load_merged(model, state, config_from_yaml(os.path.join(ckpt_dir, "config.yaml")).lora, path)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{ckpt_dir}/{MODEL} does not fit this model (missing: {missing[:3]}, unexpected: "
+                        f"{unexpected[:3]})")
+
+
+def load_for_inference(checkpoint: str, device: str = "auto") -> tuple[Transformer, TextTokenizer]:
+    """(model in eval mode, its tokenizer) from a run, a checkpoint or a transformers directory."""
+    ckpt_dir = resolve(checkpoint)
+    model = Transformer(model_config(ckpt_dir))
+    load_weights(ckpt_dir, model)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    path = tokenizer_file(ckpt_dir)
+    if path is None:
+        raise UserError(f"{ckpt_dir}: has no tokenizer.model or tokenizer.json")
+    return model.to(dev).eval(), TextTokenizer(path)
+
+
+def pin(init_dir: str, dest: str) -> str:
+    """A copy of a starting checkpoint's weights that no later change of its run can touch (a newer checkpoint,
+    pruning): hard links where the filesystem allows (no space used; the SFT run only ever adds and deletes
+    whole files), else copies. Holds what load_weights and weights_fingerprint read. Returns dest."""
+    if hf.is_hf_dir(init_dir):
+        names = [hf.CONFIG, *(os.path.basename(f) for f in hf.weight_files(init_dir))]
+        names += [n for n in os.listdir(init_dir) if n.endswith(".index.json")]
+    else:
+        model_file(init_dir)
+        names = [MODEL, "config.yaml"]
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in names:
+        src, dst = os.path.join(init_dir, name), os.path.join(tmp, name)
+        try:
+            os.link(src, dst)
+        except OSError:
+            copy_durably(src, dst)
+    fsync_path(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    fsync_path(os.path.dirname(os.path.abspath(dest)))
+    return dest

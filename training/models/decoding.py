@@ -1,0 +1,115 @@
+"""Decoding with a KV cache: one sequence (generate), or many rows at once, left-padded, each as it would decode
+alone (sample_batch); the next token of one position's logits (pick_token); a chat turn's prompt and reply.
+
+Used by training.generate, training.sample, the samples of evaluation and the recipes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from preprocess.chat import ChatTemplate, Turn
+
+from .transformer import KVCache, Transformer
+
+
+def pick_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               greedy: bool = False, vocab_limit: int | None = None, generator: torch.Generator | None = None) -> int:
+    """The next token from one position's logits: the most likely (greedy, or temperature 0), else sampled at
+    `temperature` from the top_k most likely and the smallest set of those holding top_p of the probability.
+    Ids >= vocab_limit (the padding of a rounded-up vocabulary) are never chosen."""
+    logits = logits.float().clone()
+    if vocab_limit is not None:
+        logits[vocab_limit:] = -float("inf")
+    if greedy or temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits[logits < kth] = -float("inf")
+    probs = torch.softmax(logits, -1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        outside = ordered.cumsum(-1) - ordered >= top_p  # tokens after the nucleus is full
+        probs[order[outside]] = 0
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None, vocab_limit: int | None = None,
+             generator: torch.Generator | None = None, follow=None) -> list[int]:
+    """New token ids after `prompt` (stops at eos or the model's context). Ids >= vocab_limit (the padding of a
+    rounded-up vocabulary) are never produced. `follow(token) -> token` replaces each chosen token, e.g. by
+    another process's choice, so that several processes generate the same ids step by step."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    prompt = prompt[-(cfg.max_seq_len - 1):] or [eos_id if eos_id is not None else 0]
+    total = min(cfg.max_seq_len, len(prompt) + max_new_tokens)
+    cache = KVCache(cfg, 1, total, device, next(model.parameters()).dtype)
+    logits = model(torch.tensor([prompt], device=device), cache)[0, -1]
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        token = pick_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                           vocab_limit=vocab_limit, generator=generator)
+        if follow is not None:
+            token = follow(token)
+        if token == eos_id:
+            break
+        out.append(token)
+        if cache.length >= total:
+            break
+        logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+    return out
+
+
+def chat_prompt(sp, turns) -> list[int]:
+    """The ids that ask for the assistant's reply after `turns` (preprocess.chat.Turn), rendered with the chat
+    template; the reply ends at template.end_id (<|end|>)."""
+    return ChatTemplate(sp.info).prompt(turns, [np.array(sp.encode(t.text)) for t in turns])
+
+
+def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, temperature: float = 0.8,
+               top_k: int = 50, greedy: bool = False, seed: int = 0, top_p: float = 1.0) -> str:
+    """The assistant's reply to one user turn, rendered with the chat template; stops at <|end|>."""
+    prompt = chat_prompt(sp, [Turn("user", text)])
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    ids = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                   eos_id=ChatTemplate(sp.info).end_id, vocab_limit=sp.vocab_size, generator=generator)
+    return sp.decode(ids)
+
+
+@torch.no_grad()
+def sample_batch(model: Transformer, prompts: list[list[int]], stops: list[int | None], seeds: list[int],
+                 max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, vocab_limit: int | None = None) -> tuple[list[list[int]], list[bool]]:
+    """New ids after each prompt, and whether each ended at its stop id, all rows decoded together: left-padded
+    to the longest prompt, one KV cache, each row drawing from its own generator and ending as
+    training.generate would end it alone (its stop id, max_new_tokens, or its own end of the context)."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    prompts = [p[-(cfg.max_seq_len - 1):] or [stop if stop is not None else 0] for p, stop in zip(prompts, stops,
+                                                                                                   strict=True)]
+    longest = max(len(p) for p in prompts)
+    limits = [min(max_new_tokens, cfg.max_seq_len - len(p) + 1) for p in prompts]  # generate()'s count
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    cache = KVCache(cfg, len(prompts), longest + max(limits), device, next(model.parameters()).dtype)
+    logits = model(tokens, cache, pad=pad)[:, -1]
+    out: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    live = list(range(len(prompts)))
+    while live:
+        chosen = [0] * len(prompts)  # finished rows are fed a token that no live row attends to
+        for r in live:
+            chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                   vocab_limit=vocab_limit, generator=generators[r])
+            if chosen[r] == stops[r]:
+                stopped[r] = True
+            else:
+                out[r].append(chosen[r])
+        live = [r for r in live if not stopped[r] and len(out[r]) < limits[r]]
+        if live:
+            logits = model(torch.tensor(chosen, device=device).unsqueeze(1), cache, pad=pad)[:, -1]
+    return out, stopped

@@ -1,0 +1,96 @@
+"""The Backend interface: one object that owns the wrapped model and the optimizer, the backward and the update, and
+what of them a checkpoint holds. The loop, the checkpoint store and the train state call only these methods; none
+of them names a backend (parallel/backends.py maps dist.backend to a class).
+
+A backend is made, set up once with the built model and a way to make its optimizer, then used step by step:
+
+    backend = BACKENDS[cfg.dist.backend](cfg, env, plan, precision)
+    backend.setup(model, make_optimizer, resume_from, saved)   # wraps; the optimizer is made on what it wraps
+    backend.load(resume_from, saved)                           # a resumed run: model and optimizer state
+    for each step:
+        backend.set_lr(lr)
+        for i, batch in enumerate(batches):
+            with backend.micro_step(i, len(batches)):          # no gradient reduction but at the last
+                loss = stage.loss(backend.train_model, batch)
+            backend.backward(scaled)
+        norm, applied = backend.step(max_norm, loss)           # clip, apply unless not finite, zero the gradients
+        backend.save(tmp_dir) -> files this rank wrote         # the store fsyncs and checksums them
+    backend.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from ..config import Config
+from ..data.order import BatchPlan
+from .env import DistEnv
+
+
+class Backend(ABC):
+    name: str                        # as dist.backend names it
+    group_always = False             # wants a process group even for one process
+
+    def __init__(self, cfg: Config, env: DistEnv, plan: BatchPlan, precision: str):
+        self.cfg, self.env, self.plan, self.precision = cfg, env, plan, precision
+        self.model: torch.nn.Module | None = None  # the bare module: evaluation, sampling, reference forwards
+        self.train_model: torch.nn.Module | None = None  # what the training forwards run through (a wrapper)
+        self.optimizer = None
+
+    @staticmethod
+    def check(cfg: Config) -> list[str]:
+        """What of the config this backend cannot do, as 'key: message' lines."""
+        return []
+
+    @abstractmethod
+    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], object],
+              resume_from: str | None = None, saved=None) -> None:
+        """Wrap the built model (on its device, with its starting weights) and make the optimizer over what it
+        trains. resume_from and saved (its TrainState): the checkpoint load() will read, for a backend that must
+        prepare before wrapping (a conversion for another number of processes)."""
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def micro_step(self, index: int, count: int):
+        """Context for the forward of micro-step `index` of `count`: gradients are reduced once per step."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of `loss`, already scaled for the global batch (the backend averages over ranks)."""
+
+    @abstractmethod
+    def step(self, max_norm: float, loss: float) -> tuple[float, bool]:
+        """Clip the accumulated gradients to max_norm (0: no clipping) and apply them unless they or the loss are not
+        finite; zero them. (gradient norm before clipping, whether the update was applied)."""
+
+    @abstractmethod
+    def save(self, directory: str) -> list[str]:
+        """Write the model and optimizer state into `directory` (every rank calls it); the files this rank wrote."""
+
+    @abstractmethod
+    def load(self, directory: str, saved) -> None:
+        """Restore the model and optimizer state of a checkpoint this backend wrote (saved: its TrainState)."""
+
+    def identity(self) -> dict:
+        """The settings that decide how this backend's checkpoints are laid out: a resume must share them."""
+        return {"dist.backend": self.name, "dist.zero_stage": None}
+
+    def close(self) -> None:  # noqa: B027 (most backends hold nothing to release)
+        """Release hooks and buffers while every rank is still here (the end of a run that went well)."""
+
+    @staticmethod
+    def owns(directory: str) -> bool:
+        """Whether `directory` is a checkpoint in this backend's own layout (one plain weights file needs none)."""
+        return False
+
+    @staticmethod
+    def consolidate(directory: str) -> dict[str, torch.Tensor]:
+        """A checkpoint this backend wrote, as one plain fp32 state dict (export, generate, init_from)."""
+        raise NotImplementedError

@@ -1,0 +1,66 @@
+"""dist.backend=ddp (and none): every rank holds the whole model and optimizer; with several processes the model is
+wrapped in DistributedDataParallel, which averages the gradients over the ranks once per optimizer step. Rank 0
+writes the checkpoint's model.pt and optimizer.pt (every rank holds the same)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from preprocess.errors import UserError
+
+from ..checkpoint.store import MODEL, load_file, save_file
+from .base import Backend
+
+OPTIMIZER = "optimizer.pt"
+
+
+class DDP(Backend):
+    name = "ddp"
+
+    def setup(self, model, make_optimizer, resume_from=None, saved=None) -> None:
+        self.model = model
+        self.optimizer = make_optimizer(model)
+        if not self.env.distributed:
+            self.train_model = model
+            return
+        # The model's only buffers are rotary tables, identical everywhere: syncing them before every forward would
+        # cost a collective per micro-step (and deadlock ranks that run different numbers of forwards).
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        self.train_model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+    def micro_step(self, index: int, count: int):
+        """DDP's no_sync on every micro-step but the last: gradients are all-reduced once per optimizer step."""
+        if index < count - 1 and isinstance(self.train_model, DistributedDataParallel):
+            return self.train_model.no_sync()
+        return super().micro_step(index, count)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_norm: float, loss: float) -> tuple[float, bool]:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf))
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, applied
+
+    def save(self, directory: str) -> list[str]:
+        if not self.env.is_main:
+            return []
+        files = [os.path.join(directory, MODEL), os.path.join(directory, OPTIMIZER)]
+        save_file(self.model.state_dict(), files[0])
+        save_file(self.optimizer.state_dict(), files[1])
+        return files
+
+    def load(self, directory: str, saved) -> None:
+        state = load_file(os.path.join(directory, MODEL))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{directory}/{MODEL} does not fit this model (missing: {missing[:3]}, unexpected: "
+                             f"{unexpected[:3]})")
+        self.optimizer.load_state_dict(load_file(os.path.join(directory, OPTIMIZER)))

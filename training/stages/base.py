@@ -1,0 +1,69 @@
+"""The Stage interface: what one stage adds to the one loop — the shards it reads, how it lays them out in batches,
+its pure loss, and what its loss needs from the whole global batch. The loop calls only these; a stage never
+names a backend, and the loop never names a stage.
+
+    stage = STAGES[name](cfg)              # checks the stage's own options
+    data = stage.make_data(run)            # the run's batches (and anything the stage prepares with: a reference)
+    batches = stage.prepare(model, batches, env, autocast)   # every rank, the same number of batches
+    loss_sum, metric_sums = stage.loss(model, batch)         # sums over the batch's units
+    means = stage.summarise(means)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from preprocess.errors import UserError
+
+from ..config import Config
+from ..data.batch import IGNORE, Batch, GlobalBatches
+
+
+class Stage:
+    name: str                        # the command (python -m training.<name>) and the run identity's "stage"
+    data_kind: str                   # the `kind` its shard directories must have (python -m preprocess shards --kind)
+    documents: int = 0               # documents per example (1: a conversation, 2: a pair); 0: samples of the stream
+    unit: str = "samples"            # what the batch plan counts, as `describe` says it
+    chat: bool = False               # samples are generated as assistant replies
+    token_loss: bool = False         # the loss is nats per target token (val_bpb is meaningful)
+    packs: bool = False              # data.packing packs its examples into rows
+    masks_documents: bool = False    # data.document_mask restricts attention to each document of a sample
+    prepares: bool = False           # prepare() does something: evaluation then prepares its whole subset at once
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check(self) -> None:
+        """The data options that mean something for this stage (before any process group or out_dir exists)."""
+        cfg = self.cfg
+        if cfg.data.packing and not self.packs:
+            raise UserError(f"data.packing: {self.name} examples are padded, one per row (packing is for sft and dpo)")
+        if cfg.data.document_mask and not self.masks_documents:
+            raise UserError(f"data.document_mask is for pretraining; {self.name} examples attend only to themselves "
+                            f"already{' (data.packing=true packs them)' if self.packs else ''}")
+
+    def identity(self) -> dict:
+        """The stage's settings a resume must share (its loss and options), as flat {key: value}."""
+        return {}
+
+    def make_data(self, run) -> GlobalBatches:
+        """The run's batches; `run` (training.run.build.Run) holds the sources, plan, model, backend and state."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, batches: list, env, autocast) -> list:
+        """Before the losses of one optimizer step (or of one evaluation), with the batches of every micro-step:
+        what their losses need that collation cannot give (a reference model's forward, a statistic of the whole
+        global batch). Every rank calls it at the same point, with the same number of batches."""
+        return batches
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss summed over the batch's units, and metric sums (a (sum, count) pair for a mean over a subset)."""
+        raise NotImplementedError
+
+    def units(self, batch: Batch) -> int:
+        """Loss units in a batch: target tokens, by default."""
+        return int((batch.targets != IGNORE).sum())
+
+    def summarise(self, means: dict[str, float]) -> dict[str, float]:
+        """Metrics derived from the global means."""
+        return means
