@@ -56,9 +56,11 @@ $(STAMP): setup.py
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# two pytest workers on the two cores CI has (each test's processes run one thread each: tests/conftest.py)
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check preprocess training tests bench recipes
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
 
 demo: $(STAMP)
 ifeq ($(DEMO),tang)

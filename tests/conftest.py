@@ -12,6 +12,18 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# `make test` runs two pytest workers (pytest-xdist) on CI's two cores. Each process of theirs computes on one
+# thread: with more OpenMP threads than cores, torch's threads spin-wait for each other (measured: make demo's
+# test took 588 s beside another worker at torch's default of a thread per core, 146 s alone, 265 s at one thread
+# each). Tests compare runs made alike, so a thread count is never what a test checks.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked long first: started last, one would keep a worker busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
 # Text that must survive tokenization byte for byte: indentation, tabs, blank lines, CRLF, CJK, emoji.
 MIXED_TEXTS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n",
@@ -131,42 +143,198 @@ def pretrain_shards(tmp_path_factory, tokenizer_model) -> str:
 HOOKED_RUN = os.path.join(REPO, "tests", "hooked_run.py")
 
 
+# ------------------------------------------------------------------------------------ commands, forked
+
+class ForkServer:
+    """This pytest process's tests/forkserver.py: commands forked from a process that imported torch once."""
+
+    _server = None
+
+    def __init__(self):
+        import atexit
+        import tempfile
+
+        self.directory = tempfile.mkdtemp(prefix="forkserver-")
+        self.socket = os.path.join(self.directory, "socket")
+        self.process = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "forkserver.py"), self.socket],
+                                        cwd=REPO, stdout=subprocess.PIPE, env={**os.environ, "FORKSERVER_DIR": self.directory})
+        if self.process.stdout.readline().strip() != b"ready":
+            raise RuntimeError("tests/forkserver.py did not start")
+        atexit.register(self.close)
+
+    @classmethod
+    def get(cls) -> "ForkServer":
+        if cls._server is None or cls._server.process.poll() is not None:
+            cls._server = cls()
+        return cls._server
+
+    def fork(self, argv: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> int:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.socket)
+            request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": stdout, "stderr": stderr}
+            conn.sendall((json.dumps(request) + "\n").encode())
+            return int(conn.makefile().readline())
+
+    def exit_code(self, pid: int) -> int | None:
+        try:
+            with open(os.path.join(self.directory, f"{pid}.exit")) as f:
+                return int(f.read())
+        except FileNotFoundError:
+            return None
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Forked:
+    """A command run as a fork of the fork server (tests/forkserver.py), with Popen's pid, poll, wait and kill.
+    argv is what follows `python`: ["-m", "training.pretrain", ...] or [script, ...]."""
+
+    def __init__(self, argv: list[str], env: dict | None = None, cwd=REPO):
+        import tempfile
+
+        self.server = ForkServer.get()
+        handle, self.stdout_path = tempfile.mkstemp(dir=self.server.directory, suffix=".out")
+        os.close(handle)
+        handle, self.stderr_path = tempfile.mkstemp(dir=self.server.directory, suffix=".err")
+        os.close(handle)
+        self.args = argv
+        self.pid = self.server.fork(list(map(str, argv)), {**os.environ, **(env or {})}, cwd, self.stdout_path,
+                                    self.stderr_path)
+        self.returncode = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def kill(self, signum: int = 9) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def output(self) -> tuple[str, str]:
+        return (open(self.stdout_path, encoding="utf-8", errors="replace").read(),
+                open(self.stderr_path, encoding="utf-8", errors="replace").read())
+
+
+def forking_python(directory) -> tuple[str, dict]:
+    """(a `python` for shell commands and Makefiles, the environment it needs): it runs `python ARGS` as a fork of
+    the fork server when ARGS run our code (tests/forkserver.py --client), else as the interpreter."""
+    server = ForkServer.get()
+    path = os.path.join(str(directory), "python")
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nexec {sys.executable} {os.path.join(REPO, 'tests', 'forkserver.py')} --client \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path, {"FORKSERVER_SOCKET": server.socket}
+
+
+def start_ranks(argv: list[str], nproc: int, env: dict | None = None) -> list[Forked]:
+    """One command on `nproc` ranks, each a fork with the variables torchrun gives its workers (and one thread
+    each, as torchrun sets). torchrun's agent itself is not started: it costs a second interpreter and its
+    rendezvous per run, and the tests of launchers (test_launch.py, the README's) start it for real."""
+    port = free_port()
+    ranks = []
+    for rank in range(nproc):
+        world = {"RANK": rank, "WORLD_SIZE": nproc, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": nproc, "GROUP_RANK": 0,
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} if nproc > 1 else {"MASTER_PORT": port}
+        if nproc > 1:
+            world["OMP_NUM_THREADS"] = 1
+        ranks.append(Forked(argv, {**(env or {}), **{k: str(v) for k, v in world.items()}}))
+    return ranks
+
+
+def finish(ranks: list[Forked], timeout: float = 600, grace: float = 60) -> subprocess.CompletedProcess:
+    """Wait for every rank; once one has failed the others get `grace` seconds to end by themselves (they share
+    its error through the process group), then are killed, as a launcher would. The exit status is the first
+    failing rank's (0 when all succeeded); stdout and stderr are every rank's, rank 0's first."""
+    import time
+
+    deadline, failed_at = time.monotonic() + timeout, None
+    while any(r.poll() is None for r in ranks):
+        now = time.monotonic()
+        if failed_at is None and any(r.poll() not in (None, 0) for r in ranks):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + grace):
+            for r in ranks:
+                r.kill()
+            for r in ranks:
+                r.wait(60)
+            break
+        time.sleep(0.01)
+    codes = [r.returncode for r in ranks]
+    outputs = [r.output() for r in ranks]
+    return subprocess.CompletedProcess(ranks[0].args, next((c for c in codes if c), 0),
+                                       "".join(o for o, _ in outputs), "".join(e for _, e in outputs))
+
+
+def training_argv(*overrides, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[str]:
+    """What follows `python` in the command of a training run; hooks: a tests/hooked_run.py spec (e.g. "nan@3",
+    "stop@4,picks=FILE")."""
+    entry = [HOOKED_RUN, hooks, stage] if hooks else ["-m", f"training.{stage}"]
+    return [*entry, "--config", config, *FAST, *overrides]
+
+
 def training_command(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[str]:
-    """The command of a training run; hooks: a tests/hooked_run.py spec (e.g. "nan@3", "stop@4,picks=FILE")."""
+    """The command line of a training run as a user types it (torchrun for several processes)."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    entry = [HOOKED_RUN, hooks, stage] if hooks else ["-m", f"training.{stage}"]
-    return [*launcher, *entry, "--config", config, *FAST, *overrides]
+    return [*launcher, *training_argv(*overrides, stage=stage, config=config, hooks=hooks)]
+
+
+def start_training(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[Forked]:
+    return start_ranks(training_argv(*overrides, stage=stage, config=config, hooks=hooks), nproc)
 
 
 def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_CONFIG, hooks=None,
                  expect=0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(training_command(*overrides, nproc=nproc, stage=stage, config=config, hooks=hooks),
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = finish(start_training(*overrides, nproc=nproc, stage=stage, config=config, hooks=hooks))
     if check and proc.returncode != expect:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-def kill_after_first_checkpoint(command: list[str], out_dir) -> None:
-    """Start a training run and kill -9 it as soon as its first checkpoint is in place."""
+def run_command(*argv, env=None, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
+    """`python ARGV...` (e.g. "-m", "training.generate", ...), forked; its exit status, stdout and stderr."""
+    command = Forked(list(map(str, argv)), env, cwd)
+    return finish([command], timeout=timeout)
+
+
+def kill_after_first_checkpoint(ranks: list, out_dir) -> None:
+    """kill -9 a training run (every rank, and what each started) as soon as its first checkpoint is in place.
+    ranks: start_training's, or a command line to start as a process of its own (its launcher and workers die)."""
     import time
 
     import psutil
 
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if isinstance(ranks[0], str):
+        ranks = [subprocess.Popen(ranks, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     latest = os.path.join(out_dir, "checkpoints", "latest")
     deadline = time.time() + 300
-    while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
+    while not os.path.exists(latest) and all(r.poll() is None for r in ranks) and time.time() < deadline:
         time.sleep(0.01)
-    # the launcher and every worker (torchrun's workers run in sessions of their own and would outlive it)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(tree, timeout=30)
-    proc.wait()
+    tree = []
+    for r in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree += [psutil.Process(r.pid), *psutil.Process(r.pid).children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    for r in ranks:
+        r.wait(60)
 
 
 def private_copy(shards: str, dest) -> str:

@@ -24,8 +24,9 @@ from conftest import (
     kill_after_first_checkpoint,
     losses,
     private_copy,
+    run_command,
     run_training,
-    training_command,
+    start_training,
 )
 
 from preprocess.errors import UserError
@@ -71,7 +72,7 @@ def test_deepspeed_resumes_exactly_after_kill_9(pretrain_shards, tmp_path):
               "dist.zero_stage=2"]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
     out = tmp_path / "killed"
-    kill_after_first_checkpoint(training_command(*common, f"out_dir={out}", nproc=2), out)
+    kill_after_first_checkpoint(start_training(*common, f"out_dir={out}", nproc=2), out)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
     run_training(*common, f"out_dir={out}", nproc=2)
     assert losses(out) == losses(tmp_path / "straight")
@@ -84,8 +85,8 @@ def test_bf16_with_optimizer_and_parameter_offload(pretrain_shards, tmp_path):
                  nproc=2)
     values = list(losses(tmp_path).values())
     assert len(values) == 4 and all(v == v and v < 9 for v in values) and values[-1] < values[0]
-    proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(tmp_path), "--prompt",
-                           "HAMLET:", "--max-new-tokens", "5", "--greedy"], capture_output=True, text=True, cwd=REPO)
+    proc = run_command("-m", "training.generate", "--checkpoint", tmp_path, "--prompt", "HAMLET:", "--max-new-tokens",
+                       "5", "--greedy")
     assert proc.returncode == 0 and proc.stdout.startswith("HAMLET:"), proc.stderr
 
 

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, TINY_CONFIG, dir_digest, losses, run_cli, run_training, write_jsonl
+from conftest import FAST, REPO, TINY_CONFIG, dir_digest, losses, run_cli, run_command, run_training, write_jsonl
 
 
 def is_root() -> bool:
@@ -150,8 +150,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(pretrain_sh
     from training.checkpoint.weights import resolve
 
     assert resolve(str(out)) == f"{ckpts}/step-6" and (ckpts / "step-8").is_dir()
-    proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(ckpts / "step-8"),
-                           "--prompt", "To be", "--max-new-tokens", "4"], capture_output=True, text=True, cwd=REPO)
+    proc = run_command("-m", "training.generate", "--checkpoint", ckpts / "step-8", "--prompt", "To be",
+                       "--max-new-tokens", "4")
     assert proc.returncode == 1 and proc.stderr == (f"error: {ckpts}/step-8: damaged checkpoint (model.pt does not "
                                                     f"match its sha256)\n")
 

@@ -11,10 +11,11 @@ from conftest import (
     DPO_CONFIG,
     REPO,
     SFT_CONFIG,
+    forking_python,
     kill_after_first_checkpoint,
     losses,
     run_training,
-    training_command,
+    start_training,
     val_losses,
 )
 
@@ -96,7 +97,7 @@ def test_dpo_resumes_exactly_after_kill_9(chat_shards, sft_run, tmp_path):
               *CHAT]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", stage="dpo", config=DPO_CONFIG)
     out = tmp_path / "killed"
-    kill_after_first_checkpoint(training_command(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG), out)
+    kill_after_first_checkpoint(start_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG), out)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
     run_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG)
     for key in ("loss", "rewards/chosen", "rewards/rejected"):
@@ -126,12 +127,15 @@ def test_dpo_needs_a_starting_checkpoint(chat_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_make_demo_runs_the_six_stages_and_the_model_learns_the_preference(tmp_path):
     python = os.path.join(REPO, ".venv", "bin", "python")
     if not os.path.exists(python):
         pytest.skip("make demo runs in .venv, which `make test` creates")
-    proc = subprocess.run(["make", "--no-print-directory", "demo", f"OUT={tmp_path / 'demo'}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=1200)
+    # the recipe as written; its interpreter's commands of our code forked from the fork server (conftest)
+    python, env = forking_python(tmp_path)
+    proc = subprocess.run(["make", "--no-print-directory", "demo", f"OUT={tmp_path / 'demo'}", f"PY={python}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in range(1, 7):
         assert f"=== {n}/6 " in proc.stdout
@@ -145,6 +149,7 @@ def test_make_demo_runs_the_six_stages_and_the_model_learns_the_preference(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
     from conftest import shared_data
 
@@ -152,7 +157,8 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
     python = os.path.join(REPO, ".venv", "bin", "python")
     if not os.path.exists(python):
         pytest.skip("make demo runs in .venv, which `make test` creates")
-    proc = subprocess.run(["make", "--no-print-directory", "demo", "DEMO=tang", f"TANG_DIR={poems}",
+    python, env = forking_python(tmp_path)  # as in the test above
+    proc = subprocess.run(["make", "--no-print-directory", "demo", "DEMO=tang", f"TANG_DIR={poems}", f"PY={python}",
                            # fewer poems, steps and titles to sample for: the recipe's commands, in minutes
                            f"OUT={tmp_path / 'tang'}", "GET_DATA_LIMIT=--limit 6000 --round-prompts 32",
                            "STEPS=train.max_steps=30 train.eval_every=15 train.sample_prompt=春",
@@ -162,7 +168,7 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
                            # the recipe's sample at every evaluation and its rpo_alpha stay on (Makefile)
                            "SFT_STEPS=train.max_steps=50", "DPO_STEPS=train.max_steps=10",
                            "EVAL_SAMPLES=--samples 1"],  # one reply per title and model, not four: seconds
-                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+                          cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^recipe: [\d,]+ poems kept", proc.stdout, re.M)
     assert re.search(r"^aligned \(DPO\): \d+/50 replies are five-character poems", proc.stdout, re.M)

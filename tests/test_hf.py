@@ -6,19 +6,17 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import CHAT, DPO_CONFIG, MIXED_TEXTS, REPO, SFT_CONFIG, losses, run_training, shakespeare_plays
+from conftest import CHAT, DPO_CONFIG, MIXED_TEXTS, SFT_CONFIG, losses, run_command, run_training, shakespeare_plays
 
 transformers = pytest.importorskip("transformers")
 
 
 def export(checkpoint, out, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.export_hf", "--checkpoint", str(checkpoint), "--out",
-                           str(out), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return run_command("-m", "training.export_hf", "--checkpoint", checkpoint, "--out", out, *args, timeout=300)
 
 
 @pytest.fixture(scope="module")

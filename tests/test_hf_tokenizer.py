@@ -5,12 +5,10 @@ back."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import MIXED_TEXTS, REPO, dir_digest, run_cli, run_training, shakespeare_plays, shard_documents, write_jsonl
+from conftest import MIXED_TEXTS, dir_digest, run_cli, run_command, run_training, shakespeare_plays, shard_documents, write_jsonl
 from test_encoders import hostile_texts
 
 from preprocess.shards import read_manifest
@@ -143,8 +141,8 @@ def test_continued_pretraining_of_a_transformers_llama_with_its_tokenizer_json_e
     assert tokenizer.eos_token == "<|eot_id|>"
     generation = json.load(open(tmp_path / "hf" / "generation_config.json"))
     assert generation["eos_token_id"] in (eos, [eos])
-    proc = subprocess.run([sys.executable, "-m", "training.generate", "--checkpoint", str(tmp_path / "run"), "--prompt",
-                           "Two households", "--max-new-tokens", "8"], capture_output=True, text=True, cwd=REPO)
+    proc = run_command("-m", "training.generate", "--checkpoint", tmp_path / "run", "--prompt", "Two households",
+                       "--max-new-tokens", "8")
     assert proc.returncode == 0 and proc.stdout.startswith("Two households"), proc.stderr
     # and the export is itself a starting point for the same shards (its tokenizer.json has their sha256)
     run_training(f"data.path={tmp_path / 'shards'}", f"init_from={tmp_path / 'hf'}", "train.max_steps=1",

@@ -105,6 +105,7 @@ TRAIN_ARGS = [*FAST, "train.grad_accum=1", "train.ckpt_every=1000"]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # one local Slurm cluster (the module's fixture) for all
 def test_sbatch_runs_one_rank_per_task(slurm, pretrain_shards, tmp_path):
     run_training(f"data.path={pretrain_shards}", "train.max_steps=5", "train.grad_accum=2", f"out_dir={tmp_path / 'one'}")
     job = sbatch(slurm, "--wait", "--ntasks=2", f"--output={tmp_path / 'job.out'}",
@@ -119,6 +120,7 @@ def test_sbatch_runs_one_rank_per_task(slurm, pretrain_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # one local Slurm cluster (the module's fixture) for all
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, pretrain_shards, tmp_path):
     steps = 40
     run_training(f"data.path={pretrain_shards}", f"train.max_steps={steps}", "train.grad_accum=2",
@@ -160,6 +162,7 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, pret
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # one local Slurm cluster (the module's fixture) for all
 def test_a_slurm_array_job_writes_the_same_shards_as_one_process(slurm, tokenizer_model, corpus_dir, tmp_path):
     from preprocess.__main__ import main as preprocess_main
 

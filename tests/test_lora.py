@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CHAT, DPO_CONFIG, SFT_CONFIG, kill_after_first_checkpoint, losses, run_training, training_command
+from conftest import CHAT, DPO_CONFIG, SFT_CONFIG, kill_after_first_checkpoint, losses, run_command, run_training, start_training
 
 pytest.importorskip("peft")
 
@@ -79,7 +79,7 @@ def test_lora_resumes_exactly_after_kill_9(sft_run, chat_shards, tmp_path):
     common = [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.max_steps=6", *CHAT, *LORA]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", stage="sft", config=SFT_CONFIG)
     killed = tmp_path / "killed"
-    kill_after_first_checkpoint(training_command(*common, f"out_dir={killed}", "train.ckpt_every=2", stage="sft",
+    kill_after_first_checkpoint(start_training(*common, f"out_dir={killed}", "train.ckpt_every=2", stage="sft",
                                                  config=SFT_CONFIG), killed)
     run_training(*common, f"out_dir={killed}", "train.ckpt_every=2", stage="sft", config=SFT_CONFIG)
     assert losses(killed) == losses(tmp_path / "straight")
@@ -111,24 +111,19 @@ def test_lora_targets_must_name_linear_layers(sft_run, chat_shards, tmp_path):
 
 
 def test_describe_counts_the_adapters_the_run_trains(sft_run, lora_sft, chat_shards):
-    import subprocess
-    import sys
 
-    from conftest import REPO
 
     from training.checkpoint import weights as ckpt
 
     trained = sum(v.numel() for k, v in load_raw(ckpt.resolve(lora_sft)).items() if ".lora_" in k)
-    proc = subprocess.run([sys.executable, "-m", "training.describe", "--config", SFT_CONFIG,
-                           f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *CHAT, *LORA],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = run_command("-m", "training.describe", "--config", SFT_CONFIG, f"data.path={chat_shards['sft']}",
+                       f"init_from={sft_run}", *CHAT, *LORA)
     assert proc.returncode == 0, proc.stderr
     assert f"on 14 layers (wq, wk, wv, wo, w1, w2, w3): {trained / 1e6:.3f} M trainable parameters" in proc.stdout
     assert f"sft: starts from the weights of {ckpt.resolve(sft_run)}" in proc.stdout
     # the starting point is the run's: a context the starting model does not have is refused as the run refuses it
-    refused = subprocess.run([sys.executable, "-m", "training.describe", "--config", SFT_CONFIG,
-                              f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *LORA],
-                             capture_output=True, text=True, cwd=REPO)
+    refused = run_command("-m", "training.describe", "--config", SFT_CONFIG, f"data.path={chat_shards['sft']}",
+                          f"init_from={sft_run}", *LORA)
     assert refused.returncode == 1 and refused.stderr == (
         f"error: data.seq_len=256 is longer than the context of the model of init_from {sft_run} (64 tokens); lower "
         "data.seq_len\n")

@@ -6,11 +6,9 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import CHAT, DPO_CONFIG, FAST, REPO, SFT_CONFIG, TINY_CONFIG
+from conftest import CHAT, DPO_CONFIG, FAST, SFT_CONFIG, TINY_CONFIG, finish, run_command, start_ranks
 
 from training.lr_find import MARK, beyond_the_edge, clear, suggest, suggest_fixed
 
@@ -85,10 +83,7 @@ def digests(directory) -> dict:
 
 
 def lr_find(*args, nproc=1):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", "training.lr_find", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+    proc = finish(start_ranks(["-m", "training.lr_find", *args], nproc))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -100,7 +95,7 @@ def test_both_methods_suggest_a_rate_on_every_stage_and_leave_out_dirs_checkpoin
     shutil.copytree(sft_run, run)  # a finished run with checkpoints, as out_dir
     before = digests(run / "checkpoints")
     stages = {
-        "pretrain": (TINY_CONFIG, [f"data.path={pretrain_shards}", *FAST], 2),  # torchrun: one group, several runs
+        "pretrain": (TINY_CONFIG, [f"data.path={pretrain_shards}", *FAST], 2),  # 2 ranks: one group, several runs
         "sft": (SFT_CONFIG, [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *CHAT], 1),
         "dpo": (DPO_CONFIG, [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", *CHAT], 1),
     }
@@ -135,8 +130,7 @@ def test_both_methods_suggest_a_rate_on_every_stage_and_leave_out_dirs_checkpoin
     lr_find("--config", DPO_CONFIG, *sweep, f"out_dir={run}", *stages["dpo"][1])
     assert json.load(open(run / "lr_find" / "lr_find.json"))["loss"] == first
     # a directory holding a run's checkpoints is refused, in one line, before any work
-    proc = subprocess.run([sys.executable, "-m", "training.lr_find", "--config", DPO_CONFIG, "--out", str(run),
-                           f"out_dir={tmp_path / 'other'}", *stages["dpo"][1]], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    proc = run_command("-m", "training.lr_find", "--config", DPO_CONFIG, "--out", run, f"out_dir={tmp_path / 'other'}",
+                       *stages["dpo"][1], timeout=120)
     assert proc.returncode == 1 and "holds a run's checkpoints" in proc.stderr and "Traceback" not in proc.stderr
     assert digests(run / "checkpoints") == before

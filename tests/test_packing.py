@@ -4,8 +4,6 @@ bits per byte."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,9 +17,10 @@ from conftest import (
     kill_after_first_checkpoint,
     losses,
     private_copy,
+    run_command,
     run_training,
     shakespeare_plays,
-    training_command,
+    start_training,
     val_losses,
     write_jsonl,
 )
@@ -310,7 +309,7 @@ def test_packed_sft_is_the_same_on_two_processes_and_resumes_exactly_after_kill_
         assert val_losses(tmp_path / "two")[step] == pytest.approx(value, rel=1e-5)
 
     out = tmp_path / "killed"
-    command = training_command(*common, f"out_dir={out}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)
+    command = start_training(*common, f"out_dir={out}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)
     kill_after_first_checkpoint(command, out)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
     cursor = json.loads((out / "checkpoints" / "step-3" / "state.json").read_text())["packing_cursor"]
@@ -416,9 +415,9 @@ def test_a_named_source_needs_a_path(tmp_path):
 
 
 def test_describe_says_how_many_examples_a_packed_row_holds(chat_shards):
-    proc = subprocess.run([sys.executable, "-m", "training.describe", "--config", SFT_CONFIG, "init_from=null",
-                           f"data.path={chat_shards['sft']}", f"data.seq_len={ROW}", "model.max_seq_len=128",
-                           "data.packing=true", "data.pack_window=128"], capture_output=True, text=True, cwd=REPO)
+    proc = run_command("-m", "training.describe", "--config", SFT_CONFIG, "init_from=null",
+                       f"data.path={chat_shards['sft']}", f"data.seq_len={ROW}", "model.max_seq_len=128",
+                       "data.packing=true", "data.pack_window=128")
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("packing:"))
     per_row = float(line.split()[1])

@@ -115,7 +115,7 @@ def test_an_iterative_round_samples_scores_pairs_and_trains(sft_run, chat_shards
     and fewer tokens and steps."""
     import subprocess
 
-    from conftest import CHAT, DPO_CONFIG, SFT_CONFIG, losses, run_training
+    from conftest import CHAT, DPO_CONFIG, SFT_CONFIG, losses, run_command, run_training
 
     # the session's SFT model is 3 steps old and never ends a reply: a few more steps teach it <|end|>, without
     # which no reply could be chosen
@@ -133,8 +133,11 @@ def test_an_iterative_round_samples_scores_pairs_and_trains(sft_run, chat_shards
         ["-m", "preprocess", "shards", "--kind", "dpo", "--input", pairs, "--tokenizer", tokenizer_model,
          "--out", tmp_path / "round1"],
     ):
-        proc = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
+        if command[1] == "preprocess":  # the data job never imports torch: a process of its own
+            proc = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, capture_output=True, text=True,
+                                  timeout=300)
+        else:
+            proc = run_command(*command, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert records and all(len(r["chosen"]) > len(r["rejected"]) for r in records)

@@ -20,7 +20,7 @@ from conftest import (
     losses,
     private_copy,
     run_training,
-    training_command,
+    start_training,
 )
 
 from training.stages.losses import IGNORE, PREFERENCE_LOSSES, preference_loss, sequence_tokens
@@ -282,7 +282,7 @@ def test_each_loss_trains_alike_on_two_processes_and_resumes_after_kill_9(name, 
               "train.eval_every=2", "train.eval_samples=8", f"dpo.loss={name}", *options, *CHAT]
     one, two = tmp_path / "one", tmp_path / "two"
     run_training(*common, f"out_dir={one}", "train.grad_accum=2", stage="dpo", config=DPO_CONFIG)
-    kill_after_first_checkpoint(training_command(*common, f"out_dir={two}", nproc=2, stage="dpo", config=DPO_CONFIG),
+    kill_after_first_checkpoint(start_training(*common, f"out_dir={two}", nproc=2, stage="dpo", config=DPO_CONFIG),
                                 two)
     assert not os.path.exists(two / "checkpoints" / "step-4")
     run_training(*common, f"out_dir={two}", nproc=2, stage="dpo", config=DPO_CONFIG)
@@ -399,7 +399,7 @@ def test_kto_trains_alike_on_two_processes_resumes_after_kill_9_and_precomputes_
               "train.eval_every=2", "train.eval_samples=9", *CHAT]
     one, two, pre = tmp_path / "one", tmp_path / "two", tmp_path / "pre"
     run_training(*common, f"out_dir={one}", "train.grad_accum=2", stage="kto", config=KTO_CONFIG)
-    kill_after_first_checkpoint(training_command(*common, f"out_dir={two}", nproc=2, stage="kto", config=KTO_CONFIG),
+    kill_after_first_checkpoint(start_training(*common, f"out_dir={two}", nproc=2, stage="kto", config=KTO_CONFIG),
                                 two)
     assert not os.path.exists(two / "checkpoints" / "step-4")
     run_training(*common, f"out_dir={two}", nproc=2, stage="kto", config=KTO_CONFIG)

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CHAT, FAST, REPO, shakespeare_plays, write_jsonl
+from conftest import CHAT, FAST, REPO, forking_python, shakespeare_plays, write_jsonl
 
 SHORT = {  # appended to the training commands: the tour's stages in seconds
     "pretrain": [*FAST, "train.max_steps=3"],
@@ -67,16 +67,16 @@ def make_inputs(root) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
     blocks = tour_blocks()
     assert sum(kind == "python" for kind, _ in blocks) >= 1 and len(blocks) >= 6
     make_inputs(tmp_path)
     os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")
-    os.makedirs(tmp_path / ".venv" / "bin")  # the tour's .venv/bin/python is this interpreter
-    with open(tmp_path / ".venv" / "bin" / "python", "w") as f:
-        f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
-    os.chmod(tmp_path / ".venv" / "bin" / "python", 0o755)
-    env = {**os.environ, "PYTHONPATH": REPO}
+    # the tour's .venv/bin/python: this interpreter, its commands of our code forked from the fork server (conftest)
+    os.makedirs(tmp_path / ".venv" / "bin")
+    _, fork_env = forking_python(tmp_path / ".venv" / "bin")
+    env = {**os.environ, "PYTHONPATH": REPO, **fork_env}
 
     ran = []
     tour = {c for kind, block in blocks if kind == "sh" for c in commands(block)}
@@ -120,3 +120,20 @@ def test_the_launch_recipes_name_scripts_and_configs_that_exist():
         assert os.path.exists(os.path.join(REPO, path)), path
     for script in {p for p in named if p.endswith((".sh", ".sbatch"))}:
         assert os.access(os.path.join(REPO, script), os.X_OK) or script.endswith(".sbatch"), script
+
+
+def test_the_docs_name_tests_that_exist():
+    """The guides cite the tests that back their claims (file::name); a renamed or removed test must not leave a
+    citation behind."""
+    import ast
+    import glob
+
+    defined = set()
+    for path in glob.glob(os.path.join(REPO, "tests", "test_*.py")):
+        names = {n.name for n in ast.walk(ast.parse(open(path).read())) if isinstance(n, ast.FunctionDef)}
+        defined |= {f"{os.path.basename(path)}::{n}" for n in names if n.startswith("test_")}
+    cited = set()
+    for path in [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]:
+        cited |= set(re.findall(r"test_\w+\.py::test_\w+…?", open(path, encoding="utf-8").read()))
+    missing = [c for c in cited if not (any(d.startswith(c[:-1]) for d in defined) if c.endswith("…") else c in defined)]
+    assert len(cited) > 20 and missing == []

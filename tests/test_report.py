@@ -4,12 +4,11 @@ import os
 import subprocess
 import sys
 
-from conftest import CHAT, DPO_CONFIG, FAST, REPO, TINY_CONFIG, losses, run_training, training_command
+from conftest import CHAT, DPO_CONFIG, FAST, REPO, TINY_CONFIG, losses, run_command, run_training, training_command
 
 
 def report(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.report", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO)
+    return run_command("-m", "training.report", *args)
 
 
 def test_report_plots_and_summarises_one_run_and_compares_several(chat_shards, sft_run, tmp_path):
@@ -77,7 +76,7 @@ def test_weights_and_biases_gets_the_metrics_and_a_resumed_run_continues_the_sam
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'fake'}", "FAKE_WANDB_LOG": str(calls_file)}
     out = tmp_path / "run"
     common = [f"data.path={pretrain_shards}", f"out_dir={out}", "log.wandb=true", "log.wandb_project=test-proj"]
-    for steps in (2, 4):  # a second invocation resumes at step 2
+    for steps in (2, 4):  # a second invocation resumes at step 2 (processes of their own: PYTHONPATH is read at start)
         command = [sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common,
                    f"train.max_steps={steps}"]
         proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)

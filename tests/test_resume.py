@@ -20,6 +20,7 @@ from conftest import (
     private_copy,
     run_training,
     shakespeare_plays,
+    start_training,
     training_command,
     write_jsonl,
 )
@@ -196,7 +197,7 @@ def test_a_killed_dpo_run_keeps_its_reference_after_the_sft_run_moved_on(pretrai
     common = [f"data.path={dpo_shards}", f"init_from={sft}", "train.max_steps=6", "train.ckpt_every=3", *CHAT]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", stage="dpo", config=DPO_CONFIG)
     out = tmp_path / "killed"
-    kill_after_first_checkpoint(training_command(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG), out)
+    kill_after_first_checkpoint(start_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG), out)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
     pretrain = os.path.join(os.path.dirname(sft_run), "pretrain")
     run_training(f"data.path={chat_shards['sft']}", f"init_from={pretrain}", "train.max_steps=6",
@@ -248,3 +249,41 @@ def test_ranks_that_disagree_on_a_cached_reference_compute_it_together(chat_shar
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     for step, value in one.items():
         assert two[step] == pytest.approx(value, rel=1e-5)
+
+
+# the last commit before training/ was split into rooms (run/, parallel/, checkpoint/, ...): what every checkpoint
+# written before has, in the layout it has
+BEFORE_ROOMS = "af5ac9f"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_the_rooms_resumes_exactly(pretrain_shards, tmp_path):
+    """The code of that commit trains 2 steps and checkpoints; today's code resumes it and trains 2 more, and the
+    curve is an uninterrupted run's of today's code, exactly: the checkpoint's files (model, optimizer, RNG, train
+    state, identity, checksums) still mean what they meant."""
+    import io
+    import sys
+    import tarfile
+
+    if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{BEFORE_ROOMS}^{{commit}}"]).returncode:
+        pytest.skip(f"commit {BEFORE_ROOMS} is not in this clone (a shallow one?)")
+    archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_ROOMS, "training", "preprocess"],
+                             capture_output=True, check=True).stdout
+    old = tmp_path / "before"
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(old, filter="data")
+    common = [f"data.path={pretrain_shards}", "train.max_steps=4", "train.ckpt_every=2"]
+    from conftest import FAST, TINY_CONFIG
+
+    written = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common,
+                              f"out_dir={tmp_path / 'run'}"], cwd=old, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(old)})
+    assert written.returncode == 0, written.stderr[-2000:]
+    os.remove(tmp_path / "run" / "checkpoints" / "latest")  # keep step-2 in charge, as a run killed after it would
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-2\n")
+    old_losses = losses(tmp_path / "run")
+    run_training(*common, f"out_dir={tmp_path / 'run'}")
+    run_training(*common, f"out_dir={tmp_path / 'straight'}")
+    resumed, straight = losses(tmp_path / "run"), losses(tmp_path / "straight")
+    assert resumed == straight and sorted(resumed) == [1, 2, 3, 4]
+    assert {s: old_losses[s] for s in (1, 2)} == {s: straight[s] for s in (1, 2)}  # the old code computed the same

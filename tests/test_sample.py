@@ -1,11 +1,10 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import Forked, finish, start_ranks
 
 from training.models.decoding import generate, sample_batch
 from training.models.transformer import KVCache, ModelConfig, Transformer
@@ -86,14 +85,8 @@ def write_prompts(path) -> str:
     return str(path)
 
 
-def sample_command(*args, nproc: int = 1) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    return [*launcher, "-m", "training.sample", *map(str, args)]
-
-
 def run_sample(*args, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(sample_command(*args, nproc=nproc), cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = finish(start_ranks(["-m", "training.sample", *args], nproc))
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -102,8 +95,6 @@ def run_sample(*args, nproc: int = 1, check: bool = True) -> subprocess.Complete
 @pytest.mark.slow
 def test_two_processes_write_the_same_file_as_one_and_a_killed_run_resumes(sft_run, tmp_path):
     import time
-
-    import psutil
 
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     common = ["--checkpoint", sft_run, "--prompts", prompts, "--samples", "3", "--chat", "--max-new-tokens", "24",
@@ -123,8 +114,7 @@ def test_two_processes_write_the_same_file_as_one_and_a_killed_run_resumes(sft_r
 
     # killed -9 after its first batch (one prompt each), then run again: the same file, sampled once
     killed = tmp_path / "killed.jsonl"
-    proc = psutil.Popen(sample_command(*common, "--out", killed, "--batch-size", "3"), cwd=REPO,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = Forked(["-m", "training.sample", *common, "--out", killed, "--batch-size", "3"])
     parts = tmp_path / "killed.jsonl.parts"
     deadline = time.time() + 300
     def finished_batch() -> bool:  # a whole part, not the temporary file it is written to first
