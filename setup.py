@@ -27,8 +27,9 @@ setup(
         "hf": ["transformers>=5.0"],  # training.export_hf
         "lora": ["peft>=0.17"],
         "dedup": ["datasketch>=1.6"],  # preprocess shards --dedup near
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3", "psutil>=5.9", "ruff>=0.6", "mpich", "mpi4py>=4",
-                "deepspeed==0.19.8", "transformers>=5.0", "peft>=0.17", "gigatoken>=0.10", "datasketch>=1.6",
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3", "psutil>=5.9", "py-spy>=0.3", "ruff>=0.6",
+                "mpich", "mpi4py>=4", "deepspeed==0.19.8", "transformers>=5.0", "peft>=0.17", "gigatoken>=0.10",
+                "datasketch>=1.6",
                 # the reference for the preference losses' formulas (tests only; its loss code is internal, so
                 # the exact version the parity tests were written against)
                 "trl==1.16.0"],

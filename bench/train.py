@@ -127,7 +127,7 @@ def bare(config: str, shards: str, steps: int, overrides: list[str], fused: bool
     if cfg.train.compile:
         for layer in model.layers:
             layer.compile()
-    fused = device.type == "cuda" if fused is None else fused  # as training/optim.py chooses, unless asked
+    fused = device.type == "cuda" if fused is None else fused  # as training/models/optim.py chooses, unless asked
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=fused)
     plan = BatchPlan.of(cfg.train)
     data = PretrainData([source], [1.0], cfg.seed, plan, 10**9)

@@ -1,13 +1,23 @@
+import atexit
+import concurrent.futures
 import contextlib
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
+import random
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import zlib
 
+import psutil
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,10 +70,28 @@ def run_cli(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now (for a rendezvous or a daemon)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody uses now (for a rendezvous or a daemon), below the kernel's ephemeral range
+    (/proc/sys/net/ipv4/ip_local_port_range, 32768 and up by default): a port the kernel hands out for bind(0)
+    can be given to another process's outgoing connection (gloo opens many) before our rank 0 binds it. Each
+    pytest worker of a session draws from its own block, so two workers never pick the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):  # the session's blocks, one per worker (another session likely has others)
+        index = zlib.crc32(os.environ.get("PYTEST_XDIST_TESTRUNUID", "").encode()) % 6 * 2 + int(worker[2:])
+    else:
+        index = os.getpid()
+    block = index % 12 * 1000 + 20000
+    for _ in range(1000):
+        port = block + next(_PORTS) % 1000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {block}..{block + 999}")
+
+
+_PORTS = itertools.count(random.randrange(1000))
 
 
 def dir_digest(path: str) -> dict[str, str]:
@@ -124,9 +152,11 @@ def corpus_dir(tmp_path_factory) -> str:
 TINY_CONFIG = os.path.join(REPO, "configs", "pretrain", "tiny.yaml")
 # A very small model and batch, so that runs in tests take seconds. Nothing else is switched off: the shipped
 # configs' evaluation, sample at every evaluation, TensorBoard and progress lines stay on, as users run
-# them; a test that narrows one says why. log.every=1 logs every step, for tests that compare curves.
+# them; a test that narrows one says why. log.every=1 logs every step, for tests that compare curves. A rank
+# waiting in a collective for a peer that will never come fails within 2 minutes, naming it, instead of being
+# killed silent by the test's timeout (the default, 10 minutes, is for real models).
 FAST = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
-        "data.seq_len=32", "train.micro_batch_size=4", "train.warmup_steps=2", "log.every=1"]
+        "data.seq_len=32", "train.micro_batch_size=4", "train.warmup_steps=2", "log.every=1", "dist.timeout_s=120"]
 
 
 @pytest.fixture(scope="session")
@@ -151,15 +181,16 @@ class ForkServer:
     _server = None
 
     def __init__(self):
-        import atexit
-        import tempfile
-
         self.directory = tempfile.mkdtemp(prefix="forkserver-")
         self.socket = os.path.join(self.directory, "socket")
-        self.process = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "forkserver.py"), self.socket],
-                                        cwd=REPO, stdout=subprocess.PIPE, env={**os.environ, "FORKSERVER_DIR": self.directory})
+        log = os.path.join(self.directory, "server.log")
+        with open(log, "w") as errors:
+            self.process = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "forkserver.py"), self.socket],
+                                            cwd=REPO, stdout=subprocess.PIPE, stderr=errors,
+                                            env={**os.environ, "FORKSERVER_DIR": self.directory})
         if self.process.stdout.readline().strip() != b"ready":
-            raise RuntimeError("tests/forkserver.py did not start")
+            self.process.wait()
+            raise RuntimeError(f"tests/forkserver.py did not start:\n{open(log).read()[-3000:]}")
         atexit.register(self.close)
 
     @classmethod
@@ -176,17 +207,28 @@ class ForkServer:
             return int(conn.makefile().readline())
 
     def exit_code(self, pid: int) -> int | None:
-        try:
-            with open(os.path.join(self.directory, f"{pid}.exit")) as f:
-                return int(f.read())
-        except FileNotFoundError:
-            return None
+        """The command's exit status once the server has collected it; -9 if the server died before (its forks
+        die with it)."""
+        for _ in range(2):
+            gone = self.process.poll() is not None  # looked at before the file: the server writes it, then may die
+            try:
+                with open(os.path.join(self.directory, f"{pid}.exit")) as f:
+                    return int(f.read())
+            except FileNotFoundError:
+                if not gone:
+                    return None
+        return -9
+
+    def died(self) -> str:
+        """A note for a command's stderr when the server is gone: its exit status and its log's tail."""
+        if self.process.poll() is None:
+            return ""
+        with open(os.path.join(self.directory, "server.log"), errors="replace") as log:
+            return f"\n[conftest: the fork server ended ({self.process.returncode}):]\n{log.read()[-2000:]}"
 
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
-        import shutil
-
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -195,8 +237,6 @@ class Forked:
     argv is what follows `python`: ["-m", "training.pretrain", ...] or [script, ...]."""
 
     def __init__(self, argv: list[str], env: dict | None = None, cwd=REPO):
-        import tempfile
-
         self.server = ForkServer.get()
         handle, self.stdout_path = tempfile.mkstemp(dir=self.server.directory, suffix=".out")
         os.close(handle)
@@ -213,8 +253,6 @@ class Forked:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
@@ -228,7 +266,7 @@ class Forked:
 
     def output(self) -> tuple[str, str]:
         return (open(self.stdout_path, encoding="utf-8", errors="replace").read(),
-                open(self.stderr_path, encoding="utf-8", errors="replace").read())
+                open(self.stderr_path, encoding="utf-8", errors="replace").read() + self.server.died())
 
 
 def forking_python(directory) -> tuple[str, dict]:
@@ -236,16 +274,17 @@ def forking_python(directory) -> tuple[str, dict]:
     the fork server when ARGS run our code (tests/forkserver.py --client), else as the interpreter."""
     server = ForkServer.get()
     path = os.path.join(str(directory), "python")
+    script = shlex.quote(os.path.join(REPO, "tests", "forkserver.py"))
     with open(path, "w") as f:
-        f.write(f"#!/bin/sh\nexec {sys.executable} {os.path.join(REPO, 'tests', 'forkserver.py')} --client \"$@\"\n")
+        f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {script} --client \"$@\"\n")
     os.chmod(path, 0o755)
     return path, {"FORKSERVER_SOCKET": server.socket}
 
 
 def start_ranks(argv: list[str], nproc: int, env: dict | None = None) -> list[Forked]:
     """One command on `nproc` ranks, each a fork with the variables torchrun gives its workers (and one thread
-    each, as torchrun sets). torchrun's agent itself is not started: it costs a second interpreter and its
-    rendezvous per run, and the tests of launchers (test_launch.py, the README's) start it for real."""
+    each, as torchrun sets): as srun starts a job's tasks. torchrun's agent is left out (a second interpreter and
+    its rendezvous per run); test_lr_find.py and test_launch.py start it for real."""
     port = free_port()
     ranks = []
     for rank in range(nproc):
@@ -257,28 +296,59 @@ def start_ranks(argv: list[str], nproc: int, env: dict | None = None) -> list[Fo
     return ranks
 
 
-def finish(ranks: list[Forked], timeout: float = 600, grace: float = 60) -> subprocess.CompletedProcess:
-    """Wait for every rank; once one has failed the others get `grace` seconds to end by themselves (they share
-    its error through the process group), then are killed, as a launcher would. The exit status is the first
-    failing rank's (0 when all succeeded); stdout and stderr are every rank's, rank 0's first."""
-    import time
+def stacks(ranks: list[Forked]) -> str:
+    """Where the ranks still running are (py-spy's dump of every thread, all ranks at once), for the report of a
+    rank that hangs."""
+    py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
 
-    deadline, failed_at = time.monotonic() + timeout, None
-    while any(r.poll() is None for r in ranks):
-        now = time.monotonic()
-        if failed_at is None and any(r.poll() not in (None, 0) for r in ranks):
-            failed_at = now
-        if now > deadline or (failed_at is not None and now > failed_at + grace):
-            for r in ranks:
-                r.kill()
-            for r in ranks:
-                r.wait(60)
-            break
-        time.sleep(0.01)
-    codes = [r.returncode for r in ranks]
+    def dump(rank: Forked) -> str:
+        try:
+            done = subprocess.run([py_spy, "dump", "--pid", str(rank.pid)], capture_output=True, text=True,
+                                  timeout=15)
+            return done.stdout + done.stderr
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"py-spy dump --pid {rank.pid}: {e}\n"
+
+    alive = [r for r in ranks if r.poll() is None]
+    with concurrent.futures.ThreadPoolExecutor(max(len(alive), 1)) as pool:
+        return "".join(pool.map(dump, alive))
+
+
+def finish(ranks: list[Forked], timeout: float = 300, grace: float = 60) -> subprocess.CompletedProcess:
+    """Wait for every rank; once one has failed the others get `grace` seconds to end by themselves (they share
+    its error through the process group), then are killed, as a launcher kills them. The exit status is the
+    first rank's to fail (0 when all succeeded); stdout and stderr are every rank's, rank 0's first. A rank still
+    running when this ends, by its timeout or any exception (pytest-timeout's), is killed after its stack has
+    been added to stderr. The timeout is for the tests' tiny runs (each takes seconds), under pytest's."""
+    deadline, failed, failed_at, note = time.monotonic() + timeout, None, None, ""
+    try:
+        while any(r.poll() is None for r in ranks):
+            now = time.monotonic()
+            if failed is None:
+                failed = next((r.returncode for r in ranks if r.returncode not in (None, 0)), None)
+                failed_at = now if failed is not None else None
+            if now > deadline:
+                note = f"\n[conftest: still running after {timeout:.0f} s: killed]\n"
+                break
+            if failed_at is not None and now > failed_at + grace:
+                note = f"\n[conftest: still running {grace:.0f} s after a rank failed: killed]\n"
+                break
+            time.sleep(0.01)
+        if failed is None:
+            failed = next((r.returncode for r in ranks if r.returncode not in (None, 0)), -9 if note else None)
+    finally:
+        alive = [r for r in ranks if r.poll() is None]
+        if alive:
+            note += stacks(alive)
+            sys.stderr.write(note)  # also where an exception ends the test before the result below is seen
+        for r in alive:
+            r.kill()
+        for r in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.wait(30)
     outputs = [r.output() for r in ranks]
-    return subprocess.CompletedProcess(ranks[0].args, next((c for c in codes if c), 0),
-                                       "".join(o for o, _ in outputs), "".join(e for _, e in outputs))
+    return subprocess.CompletedProcess(ranks[0].args, failed or 0, "".join(o for o, _ in outputs),
+                                       "".join(e for _, e in outputs) + note)
 
 
 def training_argv(*overrides, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[str]:
@@ -288,11 +358,30 @@ def training_argv(*overrides, stage="pretrain", config=TINY_CONFIG, hooks=None) 
     return [*entry, "--config", config, *FAST, *overrides]
 
 
+def python(nproc: int = 1) -> list[str]:
+    """`python`, or torchrun's for several processes on this node."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def training_command(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[str]:
     """The command line of a training run as a user types it (torchrun for several processes)."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    return [*launcher, *training_argv(*overrides, stage=stage, config=config, hooks=hooks)]
+    return [*python(nproc), *training_argv(*overrides, stage=stage, config=config, hooks=hooks)]
+
+
+def run_process(argv: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(argv, capture_output=True, text=True) as a session of its own: at the timeout, everything it
+    started is killed too (a launcher's workers), and the output so far is in the error."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            os.killpg(proc.pid, 9)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"still running after {timeout:.0f} s: killed\n{stdout[-2000:]}\n{stderr[-3000:]}") from e
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 def start_training(*overrides, nproc=1, stage="pretrain", config=TINY_CONFIG, hooks=None) -> list[Forked]:
@@ -307,7 +396,7 @@ def run_training(*overrides, nproc=1, check=True, stage="pretrain", config=TINY_
     return proc
 
 
-def run_command(*argv, env=None, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
+def run_command(*argv, env=None, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
     """`python ARGV...` (e.g. "-m", "training.generate", ...), forked; its exit status, stdout and stderr."""
     command = Forked(list(map(str, argv)), env, cwd)
     return finish([command], timeout=timeout)
@@ -316,10 +405,6 @@ def run_command(*argv, env=None, cwd=REPO, timeout=600) -> subprocess.CompletedP
 def kill_after_first_checkpoint(ranks: list, out_dir) -> None:
     """kill -9 a training run (every rank, and what each started) as soon as its first checkpoint is in place.
     ranks: start_training's, or a command line to start as a process of its own (its launcher and workers die)."""
-    import time
-
-    import psutil
-
     if isinstance(ranks[0], str):
         ranks = [subprocess.Popen(ranks, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     latest = os.path.join(out_dir, "checkpoints", "latest")
@@ -333,14 +418,13 @@ def kill_after_first_checkpoint(ranks: list, out_dir) -> None:
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+    psutil.wait_procs(tree, timeout=30)
     for r in ranks:
         r.wait(60)
 
 
 def private_copy(shards: str, dest) -> str:
     """A copy of a shard directory without the reference caches other tests wrote next to it."""
-    import shutil
-
     shutil.copytree(shards, dest, ignore=shutil.ignore_patterns("ref_logps-*"))
     return str(dest)
 

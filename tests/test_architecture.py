@@ -7,6 +7,8 @@ import glob
 import io
 import os
 import re
+import subprocess
+import sys
 import tokenize
 
 from conftest import REPO
@@ -166,3 +168,16 @@ def test_the_config_offers_the_backends_and_stages_there_are():
     for name, stage in STAGES.items():  # a command per stage, a tiny config per stage
         assert os.path.isfile(os.path.join(TRAINING, f"{name}.py")) and stage.name == name
         assert glob.glob(os.path.join(REPO, "configs", name, "*tiny*.yaml")), name
+
+
+def test_every_command_starts_in_a_fresh_interpreter():
+    """Most tests fork the commands from a process that has imported the package (tests/forkserver.py); here
+    every command's entry point runs (--help) in a real interpreter of its own, importing only what it imports
+    (a module it uses but never imports would be missing)."""
+    commands = sorted(n for n in COMMANDS if n not in ("cli", "config"))
+    started = {c: subprocess.Popen([sys.executable, "-m", f"training.{c}", "--help"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=REPO) for c in commands}
+    for command, proc in started.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, (command, stderr[-2000:])
+        assert stdout.startswith(f"usage: python -m training.{command}"), (command, stdout[:200])

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,17 @@ import torch
 from conftest import (
     CHAT,
     DPO_CONFIG,
+    FAST,
     KTO_CONFIG,
     REPO,
     SFT_CONFIG,
     TINY_CONFIG,
+    free_port,
     kill_after_first_checkpoint,
     losses,
     private_copy,
     run_command,
+    run_process,
     run_training,
     start_training,
 )
@@ -106,16 +108,10 @@ def test_dpo_under_deepspeed_gives_the_ddp_losses(chat_shards, sft_run, tmp_path
 @pytest.mark.slow
 def test_the_deepspeed_launcher(pretrain_shards, tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    from conftest import FAST
-
-    env = {**os.environ, "NUM_GPUS": "2", "MASTER_PORT": str(port), "DEEPSPEED": launcher}
-    proc = subprocess.run([os.path.join(REPO, "launch", "deepspeed.sh"), "pretrain", TINY_CONFIG, *FAST,
-                           f"data.path={pretrain_shards}", "train.max_steps=3", "dist.backend=deepspeed",
-                           "dist.zero_stage=1", f"out_dir={tmp_path}"], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    env = {**os.environ, "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "DEEPSPEED": launcher}
+    proc = run_process([os.path.join(REPO, "launch", "deepspeed.sh"), "pretrain", TINY_CONFIG, *FAST,
+                        f"data.path={pretrain_shards}", "train.max_steps=3", "dist.backend=deepspeed",
+                        "dist.zero_stage=1", f"out_dir={tmp_path}"], env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(losses(tmp_path)) == [1, 2, 3]
 

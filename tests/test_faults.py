@@ -235,13 +235,12 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(pretrain_
         proc = run_training(*common, f"out_dir={out}", check=False, nproc=nproc)
         assert proc.returncode == 1, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-        # no traceback of ours (torchrun prints its own when a worker fails)
-        assert errors and proc.stderr.count("Traceback") == proc.stderr.count("raise ChildFailedError(")
+        assert errors and "Traceback" not in proc.stderr  # one line, no traceback
         assert f"{out}/checkpoints/step-4.tmp" in errors[0] and errors[0].endswith(
             "No space left on device; free some space and run the same command again (finished work is kept)")
         # no half-written step-4 in charge (DeepSpeed also puts its conversion scripts there). With two DeepSpeed
         # ranks, the one still writing when the other failed and removed step-4.tmp may make it again (DeepSpeed
-        # creates its directory) before torchrun stops it: then the next start removes it, checked below.
+        # creates its directory) before it stops: then the next start removes it, checked below.
         left = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("step-"))
         assert left in (["step-2"], ["step-2", "step-4.tmp"] if backend == "deepspeed" else ["step-2"]), left
         assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"

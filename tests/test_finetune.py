@@ -128,6 +128,7 @@ def test_dpo_needs_a_starting_checkpoint(chat_shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.timeout(1200)
 def test_make_demo_runs_the_six_stages_and_the_model_learns_the_preference(tmp_path):
     python = os.path.join(REPO, ".venv", "bin", "python")
     if not os.path.exists(python):
@@ -150,6 +151,7 @@ def test_make_demo_runs_the_six_stages_and_the_model_learns_the_preference(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.timeout(1200)
 def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
     from conftest import shared_data
 

@@ -1,5 +1,6 @@
-"""Finding the learning rate: each method's reading of its losses, and the command with each method on every stage,
-under torchrun, beside a run whose checkpoints it must leave alone."""
+"""Finding the learning rate: each method's reading of its losses, and the command with each method on every stage
+(pretraining under torchrun: one process group for all the runs), beside a run whose checkpoints it must leave
+alone."""
 
 import hashlib
 import json
@@ -8,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from conftest import CHAT, DPO_CONFIG, FAST, SFT_CONFIG, TINY_CONFIG, finish, run_command, start_ranks
+from conftest import CHAT, DPO_CONFIG, FAST, REPO, SFT_CONFIG, TINY_CONFIG, python, run_command, run_process
 
 from training.lr_find import MARK, beyond_the_edge, clear, suggest, suggest_fixed
 
@@ -83,7 +84,10 @@ def digests(directory) -> dict:
 
 
 def lr_find(*args, nproc=1):
-    proc = finish(start_ranks(["-m", "training.lr_find", *args], nproc))
+    if nproc > 1:  # torchrun itself: the one test that runs a training command under it, with its agent's store
+        proc = run_process([*python(nproc), "-m", "training.lr_find", *args], cwd=REPO)
+    else:
+        proc = run_command("-m", "training.lr_find", *args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -95,7 +99,7 @@ def test_both_methods_suggest_a_rate_on_every_stage_and_leave_out_dirs_checkpoin
     shutil.copytree(sft_run, run)  # a finished run with checkpoints, as out_dir
     before = digests(run / "checkpoints")
     stages = {
-        "pretrain": (TINY_CONFIG, [f"data.path={pretrain_shards}", *FAST], 2),  # 2 ranks: one group, several runs
+        "pretrain": (TINY_CONFIG, [f"data.path={pretrain_shards}", *FAST], 2),  # torchrun: one group, several runs
         "sft": (SFT_CONFIG, [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", *CHAT], 1),
         "dpo": (DPO_CONFIG, [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", *CHAT], 1),
     }

@@ -2,17 +2,21 @@
 batch, after the starting run moved on; what a resume refuses; one run per out_dir."""
 
 import importlib.util
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import tarfile
 import time
 
 import pytest
 from conftest import (
     CHAT,
     DPO_CONFIG,
+    FAST,
     REPO,
     SFT_CONFIG,
     kill_after_first_checkpoint,
@@ -53,7 +57,7 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
               *(BACKENDS[backend] if backend != "zero3" else zero3), *moe, *muon]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
     out = tmp_path / "resumed"
-    run_training(*common, f"out_dir={out}", nproc=2, hooks="stop@3", check=False)  # torchrun says 1 for 143
+    run_training(*common, f"out_dir={out}", nproc=2, hooks="stop@3", expect=STOPPED)
     assert (out / "checkpoints" / "latest").read_text() == "step-3\n" and state(out, 3)["world_size"] == 2
     one = run_training(*common, f"out_dir={out}", "train.grad_accum=2", hooks="stop@6", check=False)
     assert one.returncode == STOPPED, one.stderr[-2000:]
@@ -253,7 +257,7 @@ def test_ranks_that_disagree_on_a_cached_reference_compute_it_together(chat_shar
 
 # the last commit before training/ was split into rooms (run/, parallel/, checkpoint/, ...): what every checkpoint
 # written before has, in the layout it has
-BEFORE_ROOMS = "af5ac9f"
+BEFORE_ROOMS = "af5ac9f7c8f04f28e9ddadf70d03fd7e636abafb"
 
 
 @pytest.mark.slow
@@ -261,20 +265,14 @@ def test_a_checkpoint_written_before_the_rooms_resumes_exactly(pretrain_shards, 
     """The code of that commit trains 2 steps and checkpoints; today's code resumes it and trains 2 more, and the
     curve is an uninterrupted run's of today's code, exactly: the checkpoint's files (model, optimizer, RNG, train
     state, identity, checksums) still mean what they meant."""
-    import io
-    import sys
-    import tarfile
-
     if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{BEFORE_ROOMS}^{{commit}}"]).returncode:
         pytest.skip(f"commit {BEFORE_ROOMS} is not in this clone (a shallow one?)")
-    archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_ROOMS, "training", "preprocess"],
+    archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_ROOMS, "training", "preprocess", "configs"],
                              capture_output=True, check=True).stdout
     old = tmp_path / "before"
     tarfile.open(fileobj=io.BytesIO(archive)).extractall(old, filter="data")
     common = [f"data.path={pretrain_shards}", "train.max_steps=4", "train.ckpt_every=2"]
-    from conftest import FAST, TINY_CONFIG
-
-    written = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, *FAST, *common,
+    written = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", "configs/pretrain/tiny.yaml", *FAST, *common,
                               f"out_dir={tmp_path / 'run'}"], cwd=old, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "PYTHONPATH": str(old)})
     assert written.returncode == 0, written.stderr[-2000:]

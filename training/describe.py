@@ -20,7 +20,6 @@ from preprocess.shards import read_manifest
 from .config import Config, data_sources, load_config
 from .data.order import BatchPlan, SampleOrder
 from .data.packing import PackingPlan
-from .data.sources import open_sources
 from .models import lora
 from .models.transformer import Transformer
 from .parallel.env import DistEnv
@@ -33,7 +32,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
     kind = read_manifest(path)["kind"]
     stage = stage_for_kind(kind, f"data.path {path}")(cfg)
     check(stage, cfg)
-    sources, _, _ = open_data(stage, cfg, DistEnv())
+    sources, _, weights = open_data(stage, cfg, DistEnv(), announce=False)  # the packing line counts them
     start = starting_point(cfg, sources[0])
     m, t = start.model_cfg, cfg.train
     with torch.device("meta"):
@@ -42,7 +41,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
     unit = stage.unit
     packing = []
     if cfg.data.packing and stage.packs:
-        packing, unit = [packing_line(cfg, stage, plan, unit)], "rows"
+        packing, unit = [packing_line(cfg, sources, weights, plan, unit)], "rows"
     vocab = sources[0].tokenizer["vocab_size"]
     return "\n".join([
         f"{stage.name}: {start_line(cfg, start)}",
@@ -67,12 +66,9 @@ def start_line(cfg: Config, start) -> str:
     return f"a fresh model of the config's shape, into {cfg.out_dir}"
 
 
-def packing_line(cfg: Config, stage, plan: BatchPlan, unit: str) -> str:
-    """How many examples a packed row holds, measured on the run's own first windows."""
-    _, paths, weights = zip(*data_sources(cfg.data), strict=True)
-    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind, stage.documents,
-                           packed=True)
-    order = SampleOrder([s.n_train for s in sources], list(weights), cfg.seed)  # the training order's picks
+def packing_line(cfg: Config, sources, weights: list[float], plan: BatchPlan, unit: str) -> str:
+    """How many examples a packed row holds, measured on the run's own first windows (sources opened packed)."""
+    order = SampleOrder([s.n_train for s in sources], weights, cfg.seed)  # the training order's picks
     windows = 4
     per_row, filled = PackingPlan(order.picks, [s.lengths for s in sources], cfg.data.seq_len,
                                   cfg.data.pack_window, cfg.seed).stats(windows)

@@ -47,11 +47,13 @@ from preprocess.ranks import ranks_from_env
 from preprocess.shards import read_manifest
 
 from .checkpoint.store import checkpoints_dir, latest
+from .checkpoint.weights import resolve
 from .cli import run_reporting
 from .config import data_sources, load_config
 from .parallel import env as D
 from .parallel.backends import backend_class
 from .run import rundir
+from .run.build import check
 from .run.loop import run
 from .stages.registry import stage_for_kind
 
@@ -339,12 +341,16 @@ def main(argv=None) -> int:
             raise UserError(f"--out {out}: holds a run's checkpoints; lr_find starts from the config's starting "
                             "weights in a directory of its own")
         stage = stage_of(cfg)
+        check(stage(cfg), cfg)  # what the stage or backend refuses: before anything of an earlier call is cleared
         # one process group for all the runs; DIR locked from clearing it to writing the report, its runs in
         # directories below it, each locked by its own run
         with D.shared_process_group(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_s,
                                     backend_class(cfg.dist.backend).group_always) as env:
             lock = rundir.lock(out, env)
             try:
+                if cfg.init_from:  # one checkpoint for every run, though init_from's run may write a newer one
+                    start = D.from_rank0(env, lambda: resolve(cfg.init_from))
+                    args.overrides = [*args.overrides, f"init_from={start}"]
                 D.from_rank0(env, lambda: clear(out))
                 report, rule = (fixed if args.method == "fixed" else sweep)(args, cfg, stage, out, env)
                 if rank != 0:

@@ -76,6 +76,11 @@ def save_file(obj, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def fit(model: torch.nn.Module, state: dict, where: str) -> None:
+    """Load a state dict that must fit the model exactly; one that does not is one line naming where it came from."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{where} does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
 
 
 def load_file(path: str):
@@ -265,5 +270,3 @@ def latest(out_dir: str, env: D.DistEnv | None = None, sizes_only: bool = False)
                   file=sys.stderr, flush=True)
     D.barrier(env)
     return path
-
-

@@ -1,13 +1,15 @@
 """Weights to start from or to read: a run directory (its newest intact checkpoint), a checkpoint directory or a
 transformers directory, resolved to the directory to load from; its model config, a fingerprint of its weights,
 the weights themselves as plain fp32 tensors (a sharded checkpoint consolidated by the backend that wrote it, once,
-into model.pt), and a pinned copy that no later change of its run can touch (DPO's reference).
+into model.pt), and a pinned copy that no later change of its run can touch (the preference stages' reference).
 
 Readers (generate, sample, export, init_from) never move or write anything but the consolidated model.pt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -23,13 +25,46 @@ from ..models import hf, lora
 from ..models.transformer import ModelConfig, Transformer
 from ..parallel.backends import consolidated_state_dict
 from .state import STATE
-from .store import MODEL, damage, latest, load_file, save_file
+from .store import MODEL, damage, fit, latest, load_file, save_file
 
 
+def files_stamp(path: str) -> tuple:
+    """Every file below `path` (through linked directories: checkpoints/ on a scratch disk) by name, inode, size,
+    modification and change time: what an answer about the directory depends on (a newer checkpoint, a pruned,
+    re-saved, rewritten or restored one all change it)."""
+    found = []
+    for parent, _, names in os.walk(path, followlinks=True):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):  # a file a running job just replaced
+                st = os.stat(os.path.join(parent, name))
+                found.append((os.path.relpath(os.path.join(parent, name), path), st.st_ino, st.st_size,
+                              st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(sorted(found))
+
+
+def unchanged_since(function):
+    """function(path, ...) answered again only when a file below `path` changed since it last answered: a
+    long-lived process (training.lr_find's runs, training.sample's ranks) hashes a checkpoint once, and sees a
+    newer one as soon as its run writes it."""
+    answers: dict = {}
+
+    @functools.wraps(function)
+    def cached(path: str, *args, **kwargs):
+        key, stamp = (os.path.abspath(path), args, tuple(sorted(kwargs.items()))), files_stamp(path)
+        if key in answers and answers[key][0] == stamp:
+            return answers[key][1]
+        answer = function(path, *args, **kwargs)
+        answers[key] = (stamp, answer)  # the stamp from before: a change while it answered is seen next time
+        return answer
+
+    return cached
+
+
+@unchanged_since
 def resolve(path: str, sizes_only: bool = False) -> str:
     """A run directory (its newest intact checkpoint), a checkpoint directory, or a transformers directory
-    (config.json + safetensors, e.g. one written by training.export_hf) → the directory to load from. Not cached:
-    a run may write a newer checkpoint between two calls. sizes_only: checked by its files' sizes, not sha256."""
+    (config.json + safetensors, e.g. one written by training.export_hf) → the directory to load from.
+    sizes_only: checked by its files' sizes, not sha256."""
     if hf.is_hf_dir(path):
         return path
     if os.path.isfile(os.path.join(path, MODEL)) or os.path.isfile(os.path.join(path, STATE)):
@@ -51,6 +86,7 @@ def model_config(ckpt_dir: str) -> ModelConfig:
     return config_from_yaml(os.path.join(ckpt_dir, "config.yaml")).model
 
 
+@unchanged_since
 def weights_fingerprint(ckpt_dir: str) -> str:
     """A short hash that changes whenever the weights of a resolved directory do (names cached results)."""
     files = hf.weight_files(ckpt_dir) if hf.is_hf_dir(ckpt_dir) else [model_file(ckpt_dir)]
@@ -81,10 +117,7 @@ def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
     if lora.is_adapted_state(state) and not lora.has_adapters(model):  # a LoRA run's checkpoint into a plain model
         lora.load_merged(model, state, config_from_yaml(os.path.join(ckpt_dir, "config.yaml")).lora, path)
         return
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{ckpt_dir}/{MODEL} does not fit this model (missing: {missing[:3]}, unexpected: "
-                        f"{unexpected[:3]})")
+    fit(model, state, path)
 
 
 def load_for_inference(checkpoint: str, device: str = "auto") -> tuple[Transformer, TextTokenizer]:

@@ -45,7 +45,6 @@ class Batch:
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-
 def layout_rows(rows: list[list[tuple[np.ndarray, np.ndarray, int]]], pad_id: int, multiple: int = 8,
                 limit: int | None = None, width: int | None = None):
     """Rows of sequences (tokens, mask, slot) → (inputs, targets, segments, real positions). A sequence of n

@@ -82,5 +82,3 @@ class PackingPlan:
         rows = [row for w in range(windows) for row in self._windows(w)]
         filled = sum(int(self.lengths[s][j]) for row in rows for s, j in row)
         return sum(len(row) for row in rows) / len(rows), filled / (len(rows) * self.capacity)
-
-

@@ -10,9 +10,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from preprocess.errors import UserError
-
-from ..checkpoint.store import MODEL, load_file, save_file
+from ..checkpoint.store import MODEL, fit, load_file, save_file
 from .base import Backend
 
 OPTIMIZER = "optimizer.pt"
@@ -58,9 +56,5 @@ class DDP(Backend):
         return files
 
     def load(self, directory: str, saved) -> None:
-        state = load_file(os.path.join(directory, MODEL))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise UserError(f"{directory}/{MODEL} does not fit this model (missing: {missing[:3]}, unexpected: "
-                             f"{unexpected[:3]})")
+        fit(self.model, load_file(os.path.join(directory, MODEL)), os.path.join(directory, MODEL))
         self.optimizer.load_state_dict(load_file(os.path.join(directory, OPTIMIZER)))

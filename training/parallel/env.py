@@ -1,6 +1,7 @@
 """Process-group set-up and the few collectives the loop needs. Ranks come from torchrun, Slurm (srun) or MPI
 (mpirun/mpiexec) environment variables; one process with none of them is the single-process debug mode.
-Nothing here knows a backend: a backend says whether it needs a process group even for one process."""
+dist.backend=none is the config's word for one process; which backends need a process group even for one process,
+the backend says (Backend.group_always)."""
 
 from __future__ import annotations
 
@@ -103,15 +104,21 @@ def exit_process(code: int) -> None:
     while the interpreter is finalizing, Python 3.11 exits the thread with pthread_exit, whose unwinding
     through C++ aborts the process ("terminate called without an active exception", exit -6) after all the
     work is done — seen in about 1 run in 10 on some machines. So: what a normal exit does before finalizing
-    (stop thread pools and join Python threads, run atexit handlers, flush), then os._exit."""
+    (wind_down), then os._exit."""
     try:
-        if threading.current_thread() is threading.main_thread():
-            threading._shutdown()  # what the interpreter does first: stop thread pools, join Python threads
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        wind_down()
     finally:
         os._exit(code)
+
+
+def wind_down() -> None:
+    """What the interpreter does at its end before finalizing: stop thread pools and join Python threads, run the
+    atexit handlers, flush stdout and stderr."""
+    if threading.current_thread() is threading.main_thread():
+        threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
 
 
 def run_command(action) -> int:

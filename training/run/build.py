@@ -100,7 +100,8 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     state = dataclasses.replace(start.saved or TrainState(), world_size=env.world_size, micro_batch=plan.micro_batch,
                                 grad_accum=plan.grad_accum, identity=identity, init_from=start.init_from)
 
-    model = build_model(cfg, start, env.device, precision)
+    pinned = stage.pin(start, env)  # before the model: a fresh run's policy starts from the pinned weights too
+    model = build_model(cfg, start, env.device, precision, pinned)
     D.from_rank0(env, lambda: rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]),
                                             state.step))
     if cfg.log.wandb:
@@ -123,13 +124,15 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     return r
 
 
-def open_data(stage: Stage, cfg: Config, env: D.DistEnv) -> tuple[list[ShardDir], list[str], list[float]]:
-    """The run's shard directories (of the stage's kind), their names (val_loss/<name>) and weights."""
+def open_data(stage: Stage, cfg: Config, env: D.DistEnv, announce: bool = True) -> tuple[list[ShardDir], list[str],
+                                                                                      list[float]]:
+    """The run's shard directories (of the stage's kind), their names (val_loss/<name>) and weights; announce:
+    rank 0 says how many examples do not fit data.seq_len."""
     names, paths, weights = zip(*data_sources(cfg.data), strict=True)
     sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind, stage.documents,
                            cfg.data.packing)
     for source in sources:
-        if getattr(source, "too_long", 0) and env.is_main:
+        if getattr(source, "too_long", 0) and env.is_main and announce:
             shared = " (a packed pair shares one row)" if cfg.data.packing and stage.documents > 1 else ""
             print(f"data: {source.too_long:,} examples of {source.path} do not fit data.seq_len={cfg.data.seq_len} "
                   f"positions{shared} and are left out", flush=True)
@@ -230,15 +233,16 @@ def verify_sources(sources: list[ShardDir], env: D.DistEnv) -> None:
 
 # -------------------------------------------------------------------------------------------------- model
 
-def build_model(cfg: Config, start: StartingPoint, device: torch.device, precision: str) -> Transformer:
+def build_model(cfg: Config, start: StartingPoint, device: torch.device, precision: str,
+                pinned: str | None = None) -> Transformer:
     """The model on its device: the same initial weights (and adapters) on every rank, the starting weights of a
-    fresh fine-tuning run loaded, LoRA applied, activation checkpointing, the experts' matmul and compilation
-    chosen."""
+    fresh fine-tuning run loaded (from the stage's pinned copy of them, if it keeps one), LoRA applied, activation
+    checkpointing, the experts' matmul and compilation chosen."""
     seed_rng(cfg.seed)
     model = Transformer(cfg.model)
     model.attention_impl = resolve_attention(cfg.train.attention, device)
     if start.init_from and not start.saved:
-        load_weights(start.init_from["path"], model)
+        load_weights(pinned or start.init_from["path"], model)
     if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
         lora.apply(model, cfg.lora)
     model.to(device)

@@ -61,7 +61,7 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, saves: bool = Tru
         raise
     finally:
         try:
-            if r is not None and r.log is not None:
+            if r is not None:
                 r.log.close(exit_code)  # also after an error: TensorBoard's buffered events, W&B's run state
         finally:
             if lock is not None:

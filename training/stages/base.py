@@ -3,6 +3,7 @@ its pure loss, and what its loss needs from the whole global batch. The loop cal
 names a backend, and the loop never names a stage.
 
     stage = STAGES[name](cfg)              # checks the stage's own options
+    pinned = stage.pin(start, env)         # before the model is built: weights kept for the whole run (a reference)
     data = stage.make_data(run)            # the run's batches (and anything the stage prepares with: a reference)
     batches = stage.prepare(model, batches, env, autocast)   # every rank, the same number of batches
     loss_sum, metric_sums = stage.loss(model, batch)         # sums over the batch's units
@@ -28,7 +29,6 @@ class Stage:
     token_loss: bool = False         # the loss is nats per target token (val_bpb is meaningful)
     packs: bool = False              # data.packing packs its examples into rows
     masks_documents: bool = False    # data.document_mask restricts attention to each document of a sample
-    prepares: bool = False           # prepare() does something: evaluation then prepares its whole subset at once
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -45,6 +45,18 @@ class Stage:
     def identity(self) -> dict:
         """The stage's settings a resume must share (its loss and options), as flat {key: value}."""
         return {}
+
+    def pin(self, start, env) -> str | None:
+        """Before the model is built (start: run.build.StartingPoint): a copy of the starting weights that the
+        stage keeps for the whole run, out of reach of any later change of their run; a fresh run's policy then
+        starts from the same copy. None: nothing pinned."""
+        return None
+
+    @property
+    def prepares(self) -> bool:
+        """Whether prepare() does anything: evaluation then prepares its whole validation subset at once (one
+        batch at a time otherwise)."""
+        return type(self).prepare is not Stage.prepare
 
     def make_data(self, run) -> GlobalBatches:
         """The run's batches; `run` (training.run.build.Run) holds the sources, plan, model, backend and state."""

@@ -4,7 +4,7 @@ weights is the reference, and the loss per pair (dpo.loss, stages/losses.py) is 
 of the global batch; simpo and orpo have no reference at all. With data.packing=true a pair's chosen and rejected
 sequences share a row of data.seq_len positions with other pairs, each attending only to itself.
 
-The reference is pinned when the run starts (stages/reference.py): its weights are linked (or copied) into
+The reference is pinned before the model is built (stages/reference.py): its weights are linked (or copied) into
 out_dir/reference/, so a resumed run optimises against the same reference even after the SFT run has written
 newer checkpoints or pruned that one. It computes in the policy's precision (bf16 weights under DeepSpeed bf16,
 autocast otherwise), so at step 0 every log-ratio is 0 (exactly with the live reference; a precomputed one pads
@@ -18,9 +18,8 @@ import torch
 from preprocess.errors import UserError
 
 from ..data.batch import ExampleBatches, numbered
-from .base import Stage
 from .losses import PREFERENCE_LOSSES, preference_loss, sequence_logps, sequence_tokens
-from .reference import ReferencedBatch, make_reference
+from .reference import ReferencedBatch, ReferenceStage
 
 
 class PairBatches(ExampleBatches):
@@ -43,45 +42,32 @@ class PairBatches(ExampleBatches):
         return self.lay_out(laid, picks=picks, counted=torch.ones(n))
 
 
-class DPO(Stage):
+class DPO(ReferenceStage):
     name = data_kind = "dpo"
     documents = 2
     unit = "pairs"
-    chat = True
     packs = True
+    batch_class = PairBatches
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if not cfg.init_from:
-            raise UserError("DPO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
         if (cfg.dpo.desirable_weight, cfg.dpo.undesirable_weight) != (1.0, 1.0):
             raise UserError("dpo.desirable_weight, dpo.undesirable_weight: these weigh KTO's labelled completions "
                             "(python -m training.kto); a preference pair has one of each")
-        self.uses_reference = PREFERENCE_LOSSES[cfg.dpo.loss].reference
-        self.prepares = self.uses_reference  # simpo and orpo: no reference model, no reference forward
-        self.reference = None
+        self.uses_reference = PREFERENCE_LOSSES[cfg.dpo.loss].reference  # simpo, orpo: none
 
     def identity(self) -> dict:
         dpo = self.cfg.dpo
         return {"dpo.loss": dpo.loss, "dpo.beta": dpo.beta, **{f"dpo.{k}": v for k, v in dpo.options().items()}}
 
-    def batches(self, run, pack_window: int) -> PairBatches:
-        return PairBatches(run.sources, run.weights, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
-                           seq_len=self.cfg.data.seq_len, pack_window=pack_window)
-
-    def make_data(self, run) -> PairBatches:
-        if self.uses_reference:
-            self.reference = make_reference(self, run)
-        return self.batches(run, self.cfg.data.packing_window())
+    @property
+    def prepares(self) -> bool:
+        return self.uses_reference
 
     @staticmethod
     def reference_columns(batch: ReferencedBatch) -> list:
         """The rows whose log-probs are the reference's: chosen then rejected, in one forward."""
         return [(batch, 2 * batch.examples())]
-
-    def reference_cache_tag(self) -> str:
-        """What else than the weights, the shards and the row length a precomputed reference depends on."""
-        return ""
 
     def prepare(self, model, batches, env, autocast):
         if self.reference is not None:
@@ -101,6 +87,3 @@ class DPO(Stage):
                                           beta=dpo.beta, chosen_tokens=tokens[:n][real],
                                           rejected_tokens=tokens[n:][real], **dpo.options())
         return losses.sum(), {k: v.sum() for k, v in metrics.items()}
-
-    def units(self, batch) -> int:
-        return int(batch.counted.sum())

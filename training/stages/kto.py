@@ -17,9 +17,8 @@ from preprocess.errors import UserError
 
 from ..data.batch import IGNORE, Batch, ExampleBatches
 from ..parallel import env as D
-from .base import Stage
 from .losses import kl_estimate, kto_loss, kto_summary, sequence_logps
-from .reference import ReferencedBatch, make_reference
+from .reference import ReferencedBatch, ReferenceStage
 
 
 @dataclass
@@ -72,34 +71,22 @@ class LabelledBatches(ExampleBatches):
                             counted=torch.ones(len(picks)), labels=labels, kl_rows=kl)
 
 
-class KTO(Stage):
+class KTO(ReferenceStage):
     name = data_kind = "kto"
     documents = 1
     unit = "labelled completions"
-    chat = True
-    prepares = True  # the reference's log-probs, then z₀ over the whole global batch
+    batch_class = LabelledBatches
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if not cfg.init_from:
-            raise UserError("KTO starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR (the SFT run)")
         if cfg.dpo.loss != "sigmoid" or cfg.dpo.options() != {"label_smoothing": 0.0, "rpo_alpha": 0.0}:
             raise UserError("dpo.loss and its options are for preference pairs (python -m training.dpo); KTO reads "
                             "dpo.beta, dpo.desirable_weight, dpo.undesirable_weight and dpo.precompute_ref")
-        self.reference = None
 
     def identity(self) -> dict:
         dpo = self.cfg.dpo
         return {"dpo.beta": dpo.beta, "dpo.desirable_weight": dpo.desirable_weight,
                 "dpo.undesirable_weight": dpo.undesirable_weight}
-
-    def batches(self, run, pack_window: int = 0) -> LabelledBatches:
-        return LabelledBatches(run.sources, run.weights, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
-                               seq_len=self.cfg.data.seq_len)
-
-    def make_data(self, run) -> LabelledBatches:
-        self.reference = make_reference(self, run)
-        return self.batches(run)
 
     @staticmethod
     def reference_columns(batch: LabelledBatch) -> list:
@@ -140,9 +127,6 @@ class KTO(Stage):
                                    beta=dpo.beta, desirable_weight=dpo.desirable_weight,
                                    undesirable_weight=dpo.undesirable_weight)
         return losses.sum(), metrics
-
-    def units(self, batch) -> int:
-        return int(batch.counted.sum())
 
     def summarise(self, means: dict[str, float]) -> dict[str, float]:
         return kto_summary(means)

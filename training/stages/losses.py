@@ -20,6 +20,12 @@ def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return loss, (targets != IGNORE).sum()
 
 
+def next_token_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """Pretraining's and SFT's loss: the summed cross-entropy of every target of the batch (packed rows attend
+    within their segments), no metrics."""
+    return lm_loss_sum(model(batch.inputs, segments=batch.segments), batch.targets)[0], {}
+
+
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None,
                    sequences: int = 0) -> torch.Tensor:
     """Per sequence, the sum of log p(target) over its targets != IGNORE, from an fp32 log-softmax: one sequence

@@ -10,7 +10,7 @@ from preprocess.errors import UserError
 
 from ..data.batch import IGNORE, Batch, GlobalBatches
 from .base import Stage
-from .losses import lm_loss_sum
+from .losses import next_token_loss
 
 
 class PretrainData(GlobalBatches):
@@ -60,5 +60,4 @@ class Pretrain(Stage):
                             document_mask=self.cfg.data.document_mask)
 
     def loss(self, model, batch):
-        total, _ = lm_loss_sum(model(batch.inputs, segments=batch.segments), batch.targets)
-        return total, {}
+        return next_token_loss(model, batch)

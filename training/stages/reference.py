@@ -2,6 +2,12 @@
 log-probs each example's loss compares with — computed by a forward of the frozen model with each step's batches
 (live), or once before training into an array next to the shards (precomputed).
 
+The reference is pinned before the model is built (ReferenceStage.pin): out_dir/reference/ holds the starting
+weights, linked or copied, and a fresh run's policy loads them from there too, so the policy and its reference
+start from the same weights even if the starting run saves again meanwhile; a resumed run optimises against the
+same reference after the starting run has written newer checkpoints or pruned that one. With LoRA the reference
+is the policy with its adapters switched off, and nothing is pinned.
+
 The reference runs in Stage.prepare, not in collation: its forward is the step's compute, not data wait, and
 collation stays free to move to a loader. Every rank runs as many reference forwards as the others (fillers
 included): with LoRA under ZeRO-3 the reference is the sharded policy with its adapters off.
@@ -26,6 +32,7 @@ from ..data.batch import Batch, ExampleBatches
 from ..models import lora
 from ..models.transformer import Transformer
 from ..parallel import env as D
+from .base import Stage
 from .losses import sequence_logps
 
 
@@ -77,19 +84,63 @@ class PrecomputedReference:
         return torch.from_numpy(np.concatenate([rows[:, 0], rows[:, 1]]))
 
 
+class ReferenceStage(Stage):
+    """A stage whose loss compares the policy with its starting weights (DPO, KTO): its examples' batches carry
+    the reference's log-probs, which prepare() fills in."""
+    chat = True
+    batch_class: type[ExampleBatches]
+    uses_reference = True  # False for the losses without one (simpo, orpo): no reference model, no forward
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if not cfg.init_from:
+            raise UserError(f"{self.name.upper()} starts from a fine-tuned model: set init_from=RUN_OR_CKPT_DIR "
+                            "(the SFT run)")
+        self.pinned: str | None = None
+        self.reference = None
+
+    def pin(self, start, env: D.DistEnv) -> str | None:
+        if self.uses_reference and not lora.enabled(self.cfg.lora):
+            self.pinned = pinned_reference(self.cfg.out_dir, start.init_from, env, fresh=start.saved is None)
+        return self.pinned
+
+    def batches(self, run, pack_window: int = 0) -> ExampleBatches:
+        return self.batch_class(run.sources, run.weights, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
+                                seq_len=self.cfg.data.seq_len, pack_window=pack_window)
+
+    def make_data(self, run) -> ExampleBatches:
+        if self.uses_reference:
+            self.reference = make_reference(self, run)
+        return self.batches(run, self.cfg.data.packing_window())
+
+    def reference_columns(self, batch: ReferencedBatch) -> list:
+        """The (rows, sequences) whose log-probs, concatenated, are the batch's two columns."""
+        raise NotImplementedError
+
+    def reference_cache_tag(self) -> str:
+        """What else than the weights, the shards and the row length a precomputed reference depends on."""
+        return ""
+
+    def units(self, batch: ReferencedBatch) -> int:
+        return int(batch.counted.sum())
+
+
 def pinned_reference(out_dir: str, init_from: dict, env: D.DistEnv, fresh: bool) -> str:
-    """out_dir/reference: the starting weights, pinned by rank 0 when the run starts; on a resume, checked
-    against the fingerprint recorded then."""
+    """out_dir/reference: the starting weights, pinned by rank 0 when a fresh run starts and checked to be those
+    resolved a moment before (their run may have saved that step again since); on a resume, checked against the
+    fingerprint recorded then."""
     dest = os.path.join(out_dir, "reference")
 
     def pin_or_check() -> None:
         if fresh:
             pin(init_from["path"], dest)
-            return
         try:
             found = weights_fingerprint(dest)
         except (OSError, UserError):
             found = None
+        if found != init_from["fingerprint"] and fresh:
+            raise UserError(f"{init_from['path']}: its weights changed while this run started (weights "
+                            f"{init_from['fingerprint']} when resolved, {found} when pinned); run the same command again")
         if found != init_from["fingerprint"]:
             raise UserError(f"{dest}: the reference this run started from ({init_from['path']}, weights "
                             f"{init_from['fingerprint']}) is {'changed' if found else 'missing'}; resuming would "
@@ -112,21 +163,20 @@ def reference_model(run, weights_dir: str) -> Transformer:
     return model.to(run.env.device).eval().requires_grad_(False)
 
 
-def make_reference(stage, run):
+def make_reference(stage: ReferenceStage, run):
     """The reference of a run: the pinned starting model (with LoRA: the policy with adapters off), or its
     log-probs precomputed (dpo.precompute_ref); a separate reference model is then freed."""
     cfg, env = run.cfg, run.env
-    if lora.enabled(cfg.lora):  # the base weights are the start's
+    if stage.pinned is None:  # LoRA: the base weights are the start's
         live = LiveReference(run.model, env.device, run.autocast, stage.reference_columns, adapters_off=True)
     else:
-        pinned = pinned_reference(cfg.out_dir, run.state.init_from, env, fresh=not run.resumed)
-        live = LiveReference(reference_model(run, pinned), env.device, run.autocast, stage.reference_columns)
+        live = LiveReference(reference_model(run, stage.pinned), env.device, run.autocast, stage.reference_columns)
     if cfg.dpo.precompute_ref:  # no reference forward during training
         return PrecomputedReference(precompute(stage, run, live))
     return live
 
 
-def precompute(stage, run, live: LiveReference) -> list[np.ndarray]:
+def precompute(stage: ReferenceStage, run, live: LiveReference) -> list[np.ndarray]:
     """Each rank computes its share of every source's examples (every rank the same number of forwards); the
     sum over ranks is the full array. Whether a cache file is there is decided by all ranks together: with
     node-local copies of the shards, one node may have it and another not."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..data.batch import ExampleBatches
 from .base import Stage
-from .losses import lm_loss_sum
+from .losses import next_token_loss
 
 
 class SFT(Stage):
@@ -23,5 +23,4 @@ class SFT(Stage):
                               seq_len=data.seq_len, pack_window=data.packing_window())
 
     def loss(self, model, batch):
-        total, _ = lm_loss_sum(model(batch.inputs, segments=batch.segments), batch.targets)
-        return total, {}
+        return next_token_loss(model, batch)
