@@ -104,8 +104,8 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    try:
-        D.barrier(env)
+
+    def write_share() -> None:
         written = [*(rank_files(tmp) if rank_files else []), *backend.save(tmp)]
         for path in written:
             fsync_path(path)
@@ -114,27 +114,33 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
                 copy_durably(path, os.path.join(tmp, os.path.basename(path)))
             atomic_write(os.path.join(tmp, "config.yaml"), config_yaml.encode())
             atomic_write(os.path.join(tmp, STATE), state.save_json())
-        D.barrier(env)
+
+    def put_in_charge(checksums: dict) -> None:
+        _write_checksums(tmp, checksums)
+        if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
+            shutil.rmtree(final)
+        remove_companions(root, os.path.basename(final))  # derived from that earlier save
+        os.replace(tmp, final)
+        atomic_write(os.path.join(root, LATEST), f"step-{state.step}\n".encode())
+        fsync_path(root)
+        _prune(root, keep)
+
+    D.barrier(env)
+    try:  # a full disk on any rank stops every rank with its line, once all have stopped writing
+        D.on_every_rank(env, write_share)
         checksums = _hash_share(tmp, env)  # each rank hashes its share of the files
+        D.from_rank0(env, lambda: put_in_charge(checksums))
+    except (OSError, UserError):  # the previous checkpoint stays in charge, and this one's space is given back
         if env.is_main:
-            _write_checksums(tmp, checksums)
-            if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
-                shutil.rmtree(final)
-            remove_companions(root, os.path.basename(final))  # derived from that earlier save
-            os.replace(tmp, final)
-            atomic_write(os.path.join(root, LATEST), f"step-{state.step}\n".encode())
-            fsync_path(root)
-            _prune(root, keep)
-    except OSError:  # a full disk: the previous checkpoint stays in charge, and this one's space is given back
-        discard(tmp)
+            discard(tmp)
         raise
     D.barrier(env)
     return final
 
 
 def discard(tmp: str, patience_s: float = 10.0) -> None:
-    """Remove a half-written checkpoint directory. Every rank does, after its own write failed: while another rank
-    is still failing to write into it, or removing it too, one pass can leave the directory behind."""
+    """Remove a half-written checkpoint directory (rank 0, once every rank has stopped writing into it); a file
+    system that still lists a file another node just removed can make one pass leave the directory behind."""
     deadline = time.monotonic() + patience_s
     shutil.rmtree(tmp, ignore_errors=True)
     while os.path.exists(tmp) and time.monotonic() < deadline:

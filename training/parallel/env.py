@@ -188,6 +188,29 @@ def from_rank0(env: DistEnv, work):
     return result
 
 
+def on_every_rank(env: DistEnv, work):
+    """work() on every rank (each writing its share of a checkpoint); where it fails on any rank for a reason of
+    the user's or the environment's (a full disk), every rank stops with the first failing rank's line, at once,
+    instead of the others meeting a rank that has left in their next collective ("lost contact")."""
+    result = failure = error = None
+    try:
+        result = work()
+    except UserError as e:
+        failure, error = e, str(e)
+    except OSError as e:
+        failure, error = e, environment_error(e)
+    errors = [error]
+    if env.distributed:
+        errors = [None] * env.world_size
+        dist.all_gather_object(errors, error)
+    if failure is not None:
+        raise failure
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise UserError(first)
+    return result
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
