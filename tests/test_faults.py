@@ -12,7 +12,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, TINY_CONFIG, dir_digest, losses, run_cli, run_command, run_training, write_jsonl
+from conftest import (
+    FAST,
+    REPO,
+    TINY_CONFIG,
+    dir_digest,
+    free_port,
+    losses,
+    run_cli,
+    run_command,
+    run_training,
+    write_jsonl,
+)
 
 
 def is_root() -> bool:
@@ -214,6 +225,76 @@ def test_every_checkpoint_file_is_fsynced_before_the_checkpoint_is_renamed_into_
     unsynced = [f for f in files if f not in events[0] and not any(p.startswith(f + TMP_MARK) for p in events[0])]
     assert len(files) == 7 and not unsynced  # 2 DeepSpeed files, rng, tokenizer, config, state, checksums
     assert final + ".tmp" in events[0]  # the directory itself, for the names in it
+
+
+class FailingBackend:
+    """Writes a file per rank, or fails as told: {rank: an exception} for the save of step 5."""
+
+    def __init__(self, rank: int, failures: dict):
+        self.rank, self.failures = rank, failures
+
+    def save(self, directory):
+        if directory.endswith("step-5.tmp") and self.rank in self.failures:
+            raise self.failures[self.rank]
+        path = os.path.join(directory, f"rank-{self.rank}.pt")
+        with open(path, "wb") as f:
+            f.write(os.urandom(1000))
+        return [path]
+
+
+def _save_with_one_rank_failing(rank: int, world: int, port: int, root: str) -> None:
+    import errno
+
+    import torch
+
+    from preprocess.errors import UserError
+    from training.checkpoint import store
+    from training.checkpoint.state import TrainState
+    from training.parallel import env as D
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    env = D.DistEnv(rank, world, 0, torch.device("cpu"), "test")
+    tokenizer = os.path.join(root, "tokenizer.model")
+    outcomes = {}
+    cases = {"disk-full-on-0": {0: OSError(errno.ENOSPC, "No space left on device")},
+             "disk-full-on-1": {1: OSError(errno.ENOSPC, "No space left on device")},
+             "bug-on-1": {1: RuntimeError("a bug")}}
+    for name, failures in cases.items():
+        out = os.path.join(root, name)
+        store.save(env, out, TrainState(step=3), FailingBackend(rank, {}), "a: 1\n", tokenizer, keep=0)
+        try:
+            store.save(env, out, TrainState(step=5), FailingBackend(rank, failures), "a: 1\n", tokenizer, keep=0)
+            outcomes[name] = "saved"
+        except (OSError, UserError, RuntimeError) as e:
+            outcomes[name] = f"{type(e).__name__}: {e}"
+        D.barrier(env)
+    with open(os.path.join(root, f"outcomes-{rank}.json"), "w") as f:
+        json.dump(outcomes, f)
+    D.shutdown(env)
+    D.exit_process(0)
+
+
+def test_a_rank_that_fails_to_write_its_share_of_a_checkpoint_stops_every_rank_with_its_line(tmp_path):
+    """Two gloo ranks save step 3, then step 5 with one rank's write failing: every rank stops at once (no wait
+    for dist.timeout_s, no "lost contact") with the failing rank's line; step-5.tmp is removed and step 3 stays in
+    charge. A bug on one rank: its own traceback there, a line naming it on the other."""
+    import torch.multiprocessing
+
+    (tmp_path / "tokenizer.model").write_bytes(b"bytes to copy")
+    torch.multiprocessing.spawn(_save_with_one_rank_failing, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                                join=True)
+    outcomes = [json.load(open(tmp_path / f"outcomes-{rank}.json")) for rank in (0, 1)]
+    for case in ("disk-full-on-0", "disk-full-on-1"):
+        failing = int(case[-1])
+        assert outcomes[failing][case] == "OSError: [Errno 28] No space left on device"
+        assert outcomes[1 - failing][case] == "UserError: No space left on device; free some space and run the same " \
+                                              "command again (finished work is kept)"
+    assert outcomes[1]["bug-on-1"] == "RuntimeError: a bug"
+    assert outcomes[0]["bug-on-1"] == "UserError: rank 1 failed (RuntimeError: a bug; its traceback is there)"
+    for case in outcomes[0]:
+        checkpoints = tmp_path / case / "checkpoints"
+        assert sorted(os.listdir(checkpoints)) == ["latest", "step-3"], case
+        assert (checkpoints / "latest").read_text() == "step-3\n"
 
 
 @pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs needs root")

@@ -101,7 +101,8 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
     root = checkpoints_dir(out_dir)
     final = os.path.join(root, f"step-{state.step}")
     tmp = final + ".tmp"
-    if env.is_main:
+
+    def make_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
 
@@ -125,10 +126,10 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
         fsync_path(root)
         _prune(root, keep)
 
-    D.barrier(env)
+    D.from_rank0(env, make_tmp)
     try:  # a full disk on any rank stops every rank with its line, once all have stopped writing
         D.on_every_rank(env, write_share)
-        checksums = _hash_share(tmp, env)  # each rank hashes its share of the files
+        checksums = {k: v for part in D.on_every_rank(env, lambda: _hash_share(tmp, env)) for k, v in part.items()}
         D.from_rank0(env, lambda: put_in_charge(checksums))
     except (OSError, UserError):  # the previous checkpoint stays in charge, and this one's space is given back
         if env.is_main:
@@ -156,16 +157,12 @@ def _files(ckpt_dir: str) -> list[str]:
 
 
 def _hash_share(ckpt_dir: str, env: D.DistEnv) -> dict:
-    """{file: {size, sha256}} of every file in ckpt_dir, each rank hashing every world_size-th; on rank 0."""
+    """{file: {size, sha256}} of this rank's share of the files in ckpt_dir (every world_size-th)."""
     mine = {}
     for f in _files(ckpt_dir)[env.rank::env.world_size]:
         path = os.path.join(ckpt_dir, f)
         mine[f] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
-    if not env.distributed:
-        return mine
-    gathered = [None] * env.world_size
-    torch.distributed.all_gather_object(gathered, mine)
-    return {k: v for part in gathered for k, v in part.items()}
+    return mine
 
 
 def damage(ckpt_dir: str, rank: int = 0, world: int = 1, sizes_only: bool = False) -> list[str]:

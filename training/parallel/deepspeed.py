@@ -149,16 +149,41 @@ def skip_shared_memory_op(deepspeed) -> None:
 
 
 def save_engine(engine, root: str, tmp_name: str) -> None:
-    """The engine's own files (model, optimizer partitions, ZeRO layout) into root/tmp_name."""
+    """The engine's own files (model, optimizer partitions, ZeRO layout) into root/tmp_name.
+
+    A write that fails (a full disk) is held back until this rank has passed save_checkpoint's closing barrier
+    (DeepSpeed 0.19): raised at once, it would leave the ranks whose writes succeeded in that barrier while this
+    one waits for them in the store's next collective. The writes after it are skipped."""
+    failures = []
+
+    def held(write):
+        def call(*args, **kwargs):
+            if not failures:
+                try:
+                    return write(*args, **kwargs)
+                except (OSError, RuntimeError) as e:
+                    failures.append(e)
+            return None
+        return call
+
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.save = held(checkpoint_engine.save)  # instance attributes over the methods, removed below
+    engine._copy_recovery_script = held(engine._copy_recovery_script)
     try:
         engine.save_checkpoint(root, tag=tmp_name, save_latest=False)
-    except RuntimeError as e:  # torch.save reports a failed write (a full disk) only as a RuntimeError
+    finally:
+        del checkpoint_engine.save, engine._copy_recovery_script
+    if not failures:
+        return
+    e = failures[0]
+    if isinstance(e, RuntimeError):  # torch.save reports a failed write (a full disk) only as a RuntimeError
         if "write" not in str(e) and "unexpected pos" not in str(e):
-            raise
+            raise e
         full = shutil.disk_usage(root).free < 64 * 2**20
         raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
                       f"DeepSpeed could not write its checkpoint ({str(e).splitlines()[0][:120]})",
                       os.path.join(root, tmp_name)) from None
+    raise e
 
 
 def load_engine(engine, ckpt_dir: str, universal: bool = False) -> None:

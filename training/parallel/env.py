@@ -172,7 +172,7 @@ def from_rank0(env: DistEnv, work):
             error = environment_error(e)
         except Exception as e:  # a bug, or a library's own error: its traceback on rank 0, one line elsewhere
             failure = e
-            error = f"rank 0 failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; its traceback is there)"
+            error = f"rank 0 failed ({type(e).__name__}: {first_line(e)}; its traceback is there)"
     if env.distributed:
         store = dist.distributed_c10d._get_default_store()
         key = f"shardlm/from_rank0/{next(_from_rank0_calls)}"
@@ -188,10 +188,11 @@ def from_rank0(env: DistEnv, work):
     return result
 
 
-def on_every_rank(env: DistEnv, work):
-    """work() on every rank (each writing its share of a checkpoint); where it fails on any rank for a reason of
-    the user's or the environment's (a full disk), every rank stops with the first failing rank's line, at once,
-    instead of the others meeting a rank that has left in their next collective ("lost contact")."""
+def on_every_rank(env: DistEnv, work) -> list:
+    """work() on every rank (each writing or hashing its share of a checkpoint): every rank's result, on every
+    rank. Where it fails on any rank (a full disk, a vanished file, a bug), every rank stops at once — the failing
+    one with its own error, the others with the first failing rank's line — instead of the others meeting a rank
+    that has left in their next collective ("lost contact")."""
     result = failure = error = None
     try:
         result = work()
@@ -199,16 +200,22 @@ def on_every_rank(env: DistEnv, work):
         failure, error = e, str(e)
     except OSError as e:
         failure, error = e, environment_error(e)
-    errors = [error]
+    except Exception as e:  # a bug, or a library's own error: its traceback there, one line elsewhere
+        failure, error = e, f"rank {env.rank} failed ({type(e).__name__}: {first_line(e)}; its traceback is there)"
+    outcomes = [(result, error)]
     if env.distributed:
-        errors = [None] * env.world_size
-        dist.all_gather_object(errors, error)
+        outcomes = [None] * env.world_size
+        dist.all_gather_object(outcomes, (result, error))
     if failure is not None:
         raise failure
-    first = next((e for e in errors if e is not None), None)
+    first = next((e for _, e in outcomes if e is not None), None)
     if first is not None:
         raise UserError(first)
-    return result
+    return [r for r, _ in outcomes]
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def barrier(env: DistEnv) -> None:
