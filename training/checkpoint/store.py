@@ -107,7 +107,13 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
         os.makedirs(tmp)
 
     def write_share() -> None:
-        written = [*(rank_files(tmp) if rank_files else []), *backend.save(tmp)]
+        try:
+            own, held = rank_files(tmp) if rank_files else [], None
+        except OSError as e:  # raised after the backend's save: its collectives must run on every rank
+            own, held = [], e
+        written = [*own, *backend.save(tmp)]
+        if held is not None:
+            raise held
         for path in written:
             fsync_path(path)
         if env.is_main:
@@ -131,7 +137,7 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
         D.on_every_rank(env, write_share)
         checksums = {k: v for part in D.on_every_rank(env, lambda: _hash_share(tmp, env)) for k, v in part.items()}
         D.from_rank0(env, lambda: put_in_charge(checksums))
-    except (OSError, UserError):  # the previous checkpoint stays in charge, and this one's space is given back
+    except Exception:  # the previous checkpoint stays in charge, and this one's space is given back
         if env.is_main:
             discard(tmp)
         raise
