@@ -23,9 +23,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # `make test` runs two pytest workers (pytest-xdist) on CI's two cores. Each process of theirs computes on one
-# thread: with more OpenMP threads than cores, torch's threads spin-wait for each other (measured: make demo's
-# test took 588 s beside another worker at torch's default of a thread per core, 146 s alone, 265 s at one thread
-# each). Tests compare runs made alike, so a thread count is never what a test checks.
+# thread: with more OpenMP threads than cores, torch's threads spin-wait for each other (`make test` with
+# OMP_NUM_THREADS=2 shows it in the printed durations: the demo's test then takes about twice as long). Tests
+# compare runs made alike, so a thread count is never what a test checks.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -1,7 +1,7 @@
 """Commands of the test suite started as forks of one process that has imported torch and the training package
-once, instead of a fresh interpreter each. Measured on the 2-core machine: a tiny training run takes ~5 s as
-`python -m training.pretrain`, of which ~2 s is importing torch, ~1.5 s importing torch._dynamo (the optimizer's
-constructor does) and ~0.6 s TensorBoard; forked, it takes ~0.7 s. The suite starts hundreds of commands.
+once, instead of a fresh interpreter each: most of a tiny training run's time in a fresh interpreter is importing
+torch, torch._dynamo (the optimizer's constructor does) and TensorBoard, and the suite starts hundreds of
+commands. `python -X importtime -m training.pretrain --help 2>&1 | sort -t'|' -k2 -n | tail` shows where it goes.
 
 A forked command is a process of its own, as `python -m training.X` is: its own pid, environment, working
 directory, sys.path, stdin/stdout/stderr, signal handlers, random seeds and exit status (a command ended by a
