@@ -150,7 +150,6 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
     same partitioned model with its adapters off."""
     pytest.importorskip("peft")
     from training.checkpoint import weights as ckpt
-    from training.models.transformer import Transformer
 
     common = [f"data.path={chat_shards['dpo']}", f"init_from={sft_run}", "train.max_steps=3", "train.grad_accum=2",
               "train.precision=fp32", "lora.rank=4", "train.lr=3e-3", "train.warmup_steps=1", *CHAT]
@@ -165,10 +164,11 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
     merged = {}
     for name in ("ddp", "zero3"):  # DeepSpeed's frozen and trainable partitions, consolidated and merged
         path = ckpt.resolve(str(tmp_path / name))
-        merged[name] = Transformer(ckpt.model_config(path))
-        ckpt.load_weights(path, merged[name])
-    for key, value in merged["zero3"].state_dict().items():
-        torch.testing.assert_close(value, merged["ddp"].state_dict()[key], rtol=1e-4, atol=1e-6)
+        merged[name] = ckpt.loaded_model(path)
+    for key, value in merged["zero3"].state_dict().items():  # to 1e-4 of each tensor's scale: Adam turns the fp32
+        # rounding of a near-zero gradient (reduced in another order) into a step of up to lr on that element
+        reference = merged["ddp"].state_dict()[key]
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
         f"model: {model.num_params() / 1e6:.2f} M parameters ({model.num_params(exclude_embeddings=True) / 1e6:.2f} M "
         f"without the embedding); dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.kv_heads} key/value), "
         f"feed-forward {m.hidden}, vocabulary {m.vocab_size} (tokenizer: {vocab}), context {m.max_seq_len}, "
-        f"{'tied' if m.tie_embeddings else 'separate'} embeddings",
+        f"{'tied' if m.tie_embeddings else 'separate'} embeddings" + (f"; transformers {m.family}" if m.family else ""),
         f"compute: {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP per trained token",
         plan.describe(cfg.data.seq_len, unit),
         *packing,

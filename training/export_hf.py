@@ -1,5 +1,6 @@
-"""Export a checkpoint as a Hugging Face transformers Llama model (Mixtral or Qwen2-MoE for model.moe) and
-tokenizer.
+"""Export a checkpoint as a Hugging Face transformers model and tokenizer: of the family its weights came from
+(Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3, Mixtral, Qwen2-MoE), or for a model trained from scratch the
+first family that computes it (Llama; Mixtral or Qwen2-MoE for model.moe).
 
     python -m training.export_hf --checkpoint RUN_OR_CKPT_DIR --out DIR [--dtype float32|bfloat16|float16]
 
@@ -29,14 +30,13 @@ import shutil
 import sys
 
 import torch
-from safetensors.torch import load_file
 
 from preprocess.errors import UserError, exit_code
 from preprocess.tokenizer import TextTokenizer, load_tokenizer, tokenizer_file
 
 from .checkpoint.state import saved_run
 from .checkpoint.store import load_file as load_checkpoint_file
-from .checkpoint.weights import load_weights, model_config, model_file, resolve
+from .checkpoint.weights import loaded_model, model_config, model_file, resolve
 from .config import config_from_yaml
 from .models import hf, lora
 from .models.tokenizer_export import hf_json_tokenizer, hf_tokenizer
@@ -67,8 +67,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     transformers, source = start_export(checkpoint, out)
     cfg = model_config(source)
     family = hf.family_of(cfg)
-    model = Transformer(cfg)
-    load_weights(source, model)  # LoRA adapters, if any, are merged into the weights here
+    model = loaded_model(source, cfg)  # LoRA adapters, if any, are merged into the weights here
     model.eval()
     sp_path = tokenizer_file(source)
     if sp_path is None:
@@ -125,11 +124,6 @@ def publish(out: str, write) -> dict:
     return report
 
 
-# our adapted projections → transformers' module names
-HF_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj",
-              "w2": "down_proj"}
-
-
 @torch.no_grad()
 def export_adapter(checkpoint: str, out: str, base: str) -> dict:
     """A LoRA checkpoint's adapters as a PEFT adapter directory for the transformers model in `base`."""
@@ -146,43 +140,39 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
         raise UserError(f"--base {base}: not a transformers model directory (export the run's init_from with "
                         "python -m training.export_hf first)")
     cfg = run_cfg.model
-    family = hf.family_of(cfg)
+    hf.family_of(cfg)  # a model no transformers family computes is refused here, by its settings
     base_state = {k.replace(".base_layer.", "."): v for k, v in state.items() if lora.ADAPTER_KEY not in k
                   and ".lora_B." not in k}
-    theirs = {}
-    for file in hf.weight_files(base):
-        theirs.update(load_file(file))
     # the frozen weights the adapters sit on, as stored (a bf16 base the run started from upcasts to them exactly;
     # a bf16 rounding of other fp32 weights does not)
-    for name, tensor in family.to_hf_state_dict(base_state, cfg).items():
-        stored = theirs.get(name)
-        if stored is None or stored.shape != tensor.shape or \
-                not torch.allclose(stored.float(), tensor.float(), rtol=1e-6, atol=1e-7):
-            stored_as = "" if stored is None or stored.dtype == torch.float32 else \
-                f" (stored as {str(stored.dtype).removeprefix('torch.')}: export it in float32, the default)"
+    stored = loaded_model(base, cfg).state_dict()
+    for name, tensor in base_state.items():
+        if not torch.allclose(stored[name], tensor.float(), rtol=1e-6, atol=1e-7):
+            rounded = "" if hf.stored_dtypes(base) == {"F32"} else \
+                " (stored in less than float32: export it in float32, the default)"
             raise UserError(f"--base {base}: {name} differs from the weights {source} trained its adapters on"
-                            f"{stored_as}; give the export of that run's init_from")
-    del theirs
-    unknown = [t for t in run_cfg.lora.targets if t not in HF_MODULES]
-    if unknown:
-        raise UserError(f"--adapter-only: adapters on {unknown} have no transformers Llama module to sit on; export "
-                        "the merged model instead (without --adapter-only)")
-
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    targets = [HF_MODULES[t] for t in run_cfg.lora.targets]
-    peft_model = get_peft_model(hf_model, LoraConfig(r=run_cfg.lora.rank, lora_alpha=run_cfg.lora.alpha,
-                                                     lora_dropout=run_cfg.lora.dropout, target_modules=targets))
+                            f"{rounded}; give the export of that run's init_from")
+    del stored
+    moe = any(cfg.is_moe(i) for i in range(cfg.n_layers))
+    if moe and any(".feed_forward." in key and ".lora_A." in key for key in state):
+        raise UserError("--adapter-only: PEFT reads gate_proj, up_proj and down_proj of a mixture-of-experts model as "
+                        "its experts, so adapters on a dense block's w1, w2, w3 cannot be written as a PEFT adapter; "
+                        "export the merged model instead (without --adapter-only)")
+    names = hf.tensor_names(cfg)
     adapters = {}
     for key, value in state.items():  # layers.{i}.attention.wq.lora_A.default.weight → peft's name of the same
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
-        layer, rest = key.split(".", 2)[1], key.split(".", 2)[2]
-        module, kind = rest.split(".lora_")
-        ours_name = module.rsplit(".", 1)[-1]
-        prefix = "self_attn" if module.startswith("attention.") else "mlp"
-        if kind.startswith("B.") and ours_name in ("wq", "wk"):  # rows follow the query/key layout
-            value = hf.rope_layout(f"attention.{ours_name}.weight", value, cfg, to_hf=True)
-        adapters[f"base_model.model.model.layers.{layer}.{prefix}.{HF_MODULES[ours_name]}.lora_{kind}"] = value
+        module, kind = key.split(".lora_")
+        theirs, heads = names[f"{module}.weight"]
+        if kind.startswith("B."):  # B's rows are the projection's rows: they follow its rotary layout
+            value = hf.rope_layout(value, heads, to_hf=True)
+        adapters[f"base_model.model.{theirs.removesuffix('.weight')}.lora_{kind}"] = value
+    # the adapted modules by their full names: a short one (gate_proj) would also reach an MoE block's experts
+    targets = sorted({name.removeprefix("base_model.model.").split(".lora_")[0] for name in adapters})
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(hf_model, LoraConfig(r=run_cfg.lora.rank, lora_alpha=run_cfg.lora.alpha,
+                                                     lora_dropout=run_cfg.lora.dropout, target_modules=targets))
     missing = [k for k, _ in peft_model.named_parameters() if ".lora_" in k and k not in adapters]
     unexpected = [k for k in adapters if k not in dict(peft_model.named_parameters())]
     if missing or unexpected:
@@ -198,8 +188,7 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
         with open(config_path, "w") as f:
             json.dump(adapter_config, f, indent=2)
         # the check: a fresh base with the saved adapter, through peft, against our merged model
-        merged = Transformer(cfg)
-        load_weights(source, merged)
+        merged = loaded_model(source, cfg)
         loaded = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                            tmp).eval()
         tokens = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))

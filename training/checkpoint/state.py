@@ -19,7 +19,7 @@ from preprocess.errors import UserError
 
 from ..config import Config, config_from_yaml
 from ..data.order import BatchPlan
-from ..models.transformer import MoEConfig
+from ..models.transformer import ModelConfig, MoEConfig
 
 STATE = "state.json"
 
@@ -84,10 +84,15 @@ def run_identity(stage: str, cfg: Config, sources, model_cfg, backend: dict, sta
     return identity
 
 
+def default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 # settings recorded since a version that could only run them one way: a checkpoint without them ran that way
 RECORDED_LATER = {"data.packing": 0, "data.document_mask": False, "dpo.loss": "sigmoid", "dpo.label_smoothing": 0.0,
                   "dpo.rpo_alpha": 0.0, "train.optimizer": "adamw",
-                  **{f"model.moe.{f.name}": f.default for f in dataclasses.fields(MoEConfig)}}
+                  **{f"model.moe.{f.name}": default(f) for f in dataclasses.fields(MoEConfig)},
+                  **{f"model.{f.name}": default(f) for f in dataclasses.fields(ModelConfig) if f.name != "moe"}}
 
 
 def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None) -> None:

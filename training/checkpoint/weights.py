@@ -108,9 +108,9 @@ def model_file(ckpt_dir: str) -> str:
 
 
 def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
-    """The weights of a checkpoint (consolidated) or of a transformers directory."""
+    """The weights of a checkpoint (consolidated) or of a transformers directory (tensor by tensor)."""
     if hf.is_hf_dir(ckpt_dir):
-        model.load_state_dict(hf.load_state_dict(ckpt_dir, model.cfg))
+        hf.load_into(ckpt_dir, model)
         return
     path = model_file(ckpt_dir)
     state = load_file(path)
@@ -120,11 +120,20 @@ def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
     fit(model, state, path)
 
 
+def loaded_model(ckpt_dir: str, cfg: ModelConfig | None = None, device="cpu") -> Transformer:
+    """A model holding the weights of a resolved directory, built on the meta device and filled: no random
+    initialisation and no second copy of the weights. cfg: the model's config (default: the directory's)."""
+    with torch.device("meta"):
+        model = Transformer(cfg or model_config(ckpt_dir))
+    model.materialize(device)
+    load_weights(ckpt_dir, model)
+    return model
+
+
 def load_for_inference(checkpoint: str, device: str = "auto") -> tuple[Transformer, TextTokenizer]:
     """(model in eval mode, its tokenizer) from a run, a checkpoint or a transformers directory."""
     ckpt_dir = resolve(checkpoint)
-    model = Transformer(model_config(ckpt_dir))
-    load_weights(ckpt_dir, model)
+    model = loaded_model(ckpt_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     path = tokenizer_file(ckpt_dir)
     if path is None:

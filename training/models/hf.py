@@ -1,112 +1,200 @@
-"""transformers model families ↔ our Transformer: each family's config and state-dict mapping, in one object per
-family (the seam through which a family is added), and reading a transformers directory.
+"""transformers model families ↔ our Transformer: each family's config and tensor names, in one object per family
+(the seam through which a family is added), and reading a transformers directory.
 
-Families: Llama (a dense model), Mixtral (every block MoE, no shared expert) and Qwen2-MoE (dense blocks between
-every model.moe.every-th, a sigmoid-gated shared expert or none; qkv_bias=False). The MoE families route as ours:
-softmax, top-k, the k weights renormalised. On disk their experts are one tensor per expert; in memory
+Families: Llama (3.x rope scaling, tied embeddings), Mistral (a sliding window on every layer), Qwen2 (q/k/v
+biases), Qwen3 (q/k norms, a head size of its own), Gemma 3 text (GeGLU, (1 + w) norms before and after attention
+and the feed-forward, √dim-scaled embeddings, sliding layers with their own rotary base, query_pre_attn_scalar),
+and the mixtures of experts Mixtral (every block MoE), Qwen2-MoE (dense blocks between, a sigmoid-gated shared
+expert) and Qwen3-MoE (no shared expert, dense mlp_only_layers). The MoE families route as ours: softmax, top-k,
+the k weights renormalised or not (norm_topk_prob). On disk their experts are one tensor per expert; in memory
 transformers 5 stacks them as ours does.
+
+A family reads its config into our ModelConfig (model_config) and writes ours back (to_hf_config); a model of
+ours belongs to the family it was imported from (ModelConfig.family) or, when we trained it from scratch, to the
+first family whose config expresses it exactly (the round trip gives it back).
 
 The models compute the same function; they differ in names and in one layout: our rotary embedding turns
 interleaved pairs (x0, x1), (x2, x3), … of each head, transformers' turns the two halves (x_i, x_{i+d/2}). The
-query and key projections are permuted row-wise between the layouts, which is exact.
+query and key projections (and their biases and norms) are permuted between the layouts, which is exact.
 
 Anything a transformers config asks that our model does not compute is refused by key, never loaded approximately.
-Reading a transformers directory needs only safetensors; writing one (training.export_hf) needs transformers.
+Reading a transformers directory needs only safetensors, one tensor at a time (load_into); writing one
+(training.export_hf) needs transformers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from preprocess.errors import UserError
 
 from .transformer import ModelConfig, MoEConfig
 
 CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+FULL, SLIDING = "full_attention", "sliding_attention"
+COPY_BYTES = 64 << 20  # a stored tensor is copied into the model in row blocks of about this size
 
-# our parameter names → transformers' ({i}: the layer)
-LAYER_NAMES = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-}
-
-# an MoE block's feed-forward: ours → transformers' module state (in memory); the experts' w1 and w3 are stacked
-# as one gate_up_proj
-MOE_NAMES = {
-    "feed_forward.router.weight": "mlp.gate.weight",
-    "feed_forward.shared.w1.weight": "mlp.shared_expert.gate_proj.weight",
-    "feed_forward.shared.w3.weight": "mlp.shared_expert.up_proj.weight",
-    "feed_forward.shared.w2.weight": "mlp.shared_expert.down_proj.weight",
-    "feed_forward.shared_gate.weight": "mlp.shared_expert_gate.weight",
-}
-
-# one tensor per expert, as transformers (and the published Mixtral and Qwen-MoE checkpoints) store them
-STORED_EXPERT = re.compile(r"(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
-                           r"(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight")
+# one tensor per expert, as transformers (and the published Mixtral and Qwen-MoE checkpoints) store them, or all of
+# a layer's stacked, as transformers 5 holds them in memory (block_sparse_moe is Mixtral's name for mlp)
+STORED_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight")
+STACKED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+EXPERT_WEIGHT = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2"}
 
 
-def rope_layout(name: str, w: torch.Tensor, cfg: ModelConfig, to_hf: bool) -> torch.Tensor:
-    """The query/key projections, rows reordered per head between interleaved pairs (ours) and halves (theirs);
-    every other weight unchanged."""
-    heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.kv_heads}.get(name)
-    if heads is None:
+def layer_names(cfg: ModelConfig, i: int) -> dict[str, tuple[str, int]]:
+    """Our tensors of block i → (transformers' name, the heads whose rows follow the rotary layout; 0: none). The
+    stacked experts of an MoE block are not listed (see expert_placements)."""
+    names = {
+        "attention_norm.weight": ("input_layernorm.weight", 0),
+        "attention.wq.weight": ("self_attn.q_proj.weight", cfg.n_heads),
+        "attention.wk.weight": ("self_attn.k_proj.weight", cfg.kv_heads),
+        "attention.wv.weight": ("self_attn.v_proj.weight", 0),
+        "attention.wo.weight": ("self_attn.o_proj.weight", 0),
+    }
+    if cfg.qkv_bias:
+        names |= {"attention.wq.bias": ("self_attn.q_proj.bias", cfg.n_heads),
+                  "attention.wk.bias": ("self_attn.k_proj.bias", cfg.kv_heads),
+                  "attention.wv.bias": ("self_attn.v_proj.bias", 0)}
+    if cfg.qk_norm:  # one norm per head size, shared by the heads: its entries follow the layout of one head
+        names |= {"attention.q_norm.weight": ("self_attn.q_norm.weight", 1),
+                  "attention.k_norm.weight": ("self_attn.k_norm.weight", 1)}
+    if cfg.sandwich_norm:  # Gemma 3: post_attention_layernorm is the attention's output norm
+        names |= {"attention_out_norm.weight": ("post_attention_layernorm.weight", 0),
+                  "ffn_norm.weight": ("pre_feedforward_layernorm.weight", 0),
+                  "ffn_out_norm.weight": ("post_feedforward_layernorm.weight", 0)}
+    else:
+        names["ffn_norm.weight"] = ("post_attention_layernorm.weight", 0)
+    if not cfg.is_moe(i):
+        return names | {"feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
+                        "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+                        "feed_forward.w2.weight": ("mlp.down_proj.weight", 0)}
+    names["feed_forward.router.weight"] = ("mlp.gate.weight", 0)
+    if cfg.moe.shared_experts:
+        names |= {"feed_forward.shared.w1.weight": ("mlp.shared_expert.gate_proj.weight", 0),
+                  "feed_forward.shared.w3.weight": ("mlp.shared_expert.up_proj.weight", 0),
+                  "feed_forward.shared.w2.weight": ("mlp.shared_expert.down_proj.weight", 0),
+                  "feed_forward.shared_gate.weight": ("mlp.shared_expert_gate.weight", 0)}
+    return names
+
+
+def tensor_names(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+    """Every tensor of ours but the stacked experts → (transformers' name, heads of the rotary layout)."""
+    names = {"tok_embeddings.weight": ("model.embed_tokens.weight", 0), "norm.weight": ("model.norm.weight", 0)}
+    if not cfg.tie_embeddings:
+        names["output.weight"] = ("lm_head.weight", 0)
+    for i in range(cfg.n_layers):
+        names |= {f"layers.{i}.{ours}": (f"model.layers.{i}.{theirs}", heads)
+                  for ours, (theirs, heads) in layer_names(cfg, i).items()}
+    return names
+
+
+def rope_layout(w: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
+    """The first dimension of a query/key tensor (weight rows, bias, norm), reordered per head between interleaved
+    pairs (ours) and halves (theirs); heads=0: unchanged."""
+    if not heads:
         return w
-    rows, cols = w.shape
-    pairs = (rows // heads // 2, 2) if to_hf else (2, rows // heads // 2)
-    return w.reshape(heads, *pairs, cols).transpose(1, 2).reshape(rows, cols).contiguous()
+    pairs = (w.shape[0] // heads // 2, 2) if to_hf else (2, w.shape[0] // heads // 2)
+    return w.reshape(heads, *pairs, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def rope_parameters_of(cfg: ModelConfig) -> dict:
+    """Our rotary settings as transformers' rope_parameters (of the full-attention layers)."""
+    params = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "none":
+        params["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        params |= dict(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                       original_max_position_embeddings=cfg.rope_original_context)
+    return params
+
+
+def rope_fields(params: dict, where: str) -> dict:
+    """transformers' rope parameters (of one kind of layer) → our ModelConfig fields."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    for key, default in (("partial_rotary_factor", 1.0), ("attention_factor", 1.0)):
+        if params.get(key, default) not in (default, None):
+            raise UserError(f"{where}: rope {key}={params[key]!r} is not supported by our model")
+    fields = {"rope_theta": float(params.get("rope_theta", 10000.0))}
+    if kind == "default":
+        return fields
+    if kind not in ("linear", "llama3"):
+        raise UserError(f"{where}: rope_type={kind!r} is not supported by our model (default, linear and llama3 are)")
+    fields |= {"rope_scaling": kind, "rope_factor": float(params["factor"])}
+    if kind == "llama3":
+        fields |= {"rope_low_freq_factor": float(params["low_freq_factor"]),
+                   "rope_high_freq_factor": float(params["high_freq_factor"]),
+                   "rope_original_context": int(params["original_max_position_embeddings"])}
+    return fields
 
 
 class Llama:
-    """LlamaForCausalLM: the dense model, and the base of the others' mappings."""
+    """LlamaForCausalLM (Llama 3.x, SmolLM2): the dense model, and the base of the other families."""
     model_type = "llama"
     architecture = "LlamaForCausalLM"
     name = "Llama"
-
-    def holds(self, cfg: ModelConfig) -> bool:
-        """Whether this family computes our model of this shape."""
-        return not cfg.moe.experts
+    tied_by_default = False    # tie_word_embeddings when a config.json does not say (the config class's default)
+    window_on_every_layer = False  # sliding_window, when set, applies to every layer (no layer_types)
 
     # ------------------------------------------------------------------------------------------ configs
-    def to_hf_config(self, cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
-        """The keyword arguments of the family's transformers config for our model."""
-        return dict(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-            head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
-            initializer_range=cfg.init_std, bos_token_id=special_ids.get("bos"), eos_token_id=special_ids["eos"],
-            pad_token_id=special_ids.get("pad"),
-        )
-
     def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
         """key: (its value, whether our model cannot compute it)."""
-        rope_type = rope_parameters(hf).get("rope_type", rope_parameters(hf).get("type", "default"))
         return {
             "hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu"),
             "attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias"))),
             "mlp_bias": (hf.get("mlp_bias"), bool(hf.get("mlp_bias"))),
-            "rope_type": (rope_type, rope_type != "default"),
             "pretraining_tp": (hf.get("pretraining_tp"), hf.get("pretraining_tp", 1) not in (1, None)),
-            "use_sliding_window": (True, bool(hf.get("use_sliding_window"))),
-            "mlp_only_layers": (hf.get("mlp_only_layers"), bool(hf.get("mlp_only_layers"))),
         }
+
+    def rope(self, hf: dict, layer_type: str) -> dict:
+        """The rope parameters of one kind of layer: transformers 5's rope_parameters (per layer type or one for
+        all), or a config.json of an older transformers (rope_theta, rope_scaling)."""
+        params = hf.get("rope_parameters")
+        if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+            return params[layer_type]
+        if params:
+            return params
+        return {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 10000.0)}
+
+    def layer_types(self, hf: dict) -> list[str]:
+        """Each layer's attention, for a config that does not list them."""
+        return [FULL] * hf["num_hidden_layers"]
+
+    def sliding(self, hf: dict, where: str) -> tuple[int, list[int]]:
+        """(the window, the layers that attend within it)."""
+        window = hf.get("sliding_window") or 0
+        if self.window_on_every_layer:
+            return window, list(range(hf["num_hidden_layers"])) if window else []
+        types = hf.get("layer_types") or self.layer_types(hf)
+        if unknown := sorted(set(types) - {FULL, SLIDING}):
+            raise UserError(f"{where}: layer_types {unknown[0]!r} is not supported by our model")
+        layers = [i for i, kind in enumerate(types) if kind == SLIDING]
+        return (window, layers) if window and layers else (0, [])
 
     def moe_config(self, hf: dict) -> MoEConfig:
         """model.moe of a transformers config (KeyError for a missing key)."""
         return MoEConfig()
+
+    def fields(self, hf: dict, where: str) -> dict:
+        """ModelConfig's fields for a config of this family (KeyError for a missing key)."""
+        heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+        head_dim = hf.get("head_dim") or dim // heads
+        window, sliding = self.sliding(hf, where)
+        return dict(
+            vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
+            max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", self.tied_by_default)),
+            init_std=hf.get("initializer_range", 0.02), moe=self.moe_config(hf),
+            head_size=0 if dim % heads == 0 and head_dim == dim // heads else head_dim,
+            sliding_window=window, sliding_layers=sliding, family=self.model_type,
+            **rope_fields(self.rope(hf, FULL), where))
 
     def model_config(self, hf: dict, where: str) -> ModelConfig:
         """Our ModelConfig for a config of this family; anything our model cannot compute is refused by key."""
@@ -114,44 +202,44 @@ class Llama:
             if bad:
                 raise UserError(f"{where}: {key}={value!r} is not supported by our model")
         try:
-            heads = hf["num_attention_heads"]
-            rope = rope_parameters(hf)
-            cfg = ModelConfig(
-                vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-                n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
-                max_seq_len=hf["max_position_embeddings"],
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                init_std=hf.get("initializer_range", 0.02), moe=self.moe_config(hf),
-            )
+            cfg = ModelConfig(**self.fields(hf, where))
         except KeyError as e:
             raise UserError(f"{where}: no {e.args[0]!r}") from None
-        if hf.get("head_dim") not in (None, cfg.head_dim):
-            raise UserError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads "
-                            f"({cfg.head_dim}), which our model requires")
         if problems := cfg.validate():
             raise UserError(f"{where}: {problems[0]}")
         return cfg
 
-    # ------------------------------------------------------------------------------------------ weights
-    def layer_names(self, cfg: ModelConfig, i: int) -> dict[str, str]:
-        if not cfg.is_moe(i):
-            return LAYER_NAMES
-        names = {k: v for k, v in LAYER_NAMES.items() if not k.startswith("feed_forward.")}
-        return names | {k: v for k, v in MOE_NAMES.items() if cfg.moe.shared_experts or ".shared" not in k}
+    def to_hf_config(self, cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
+        """The keyword arguments of the family's transformers config for our model."""
+        return dict(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+            rope_parameters=rope_parameters_of(cfg), tie_word_embeddings=cfg.tie_embeddings,
+            initializer_range=cfg.init_std, bos_token_id=special_ids.get("bos"), eos_token_id=special_ids["eos"],
+            pad_token_id=special_ids.get("pad")) | self.own_hf_config(cfg)
 
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        """What only this family's config says."""
+        return dict(hidden_act="silu", attention_bias=False, mlp_bias=False)
+
+    def holds(self, cfg: ModelConfig) -> bool:
+        """Whether this family's config expresses our model exactly: written as its config and read back, it
+        gives the same model (the loss coefficients, a training matter, aside)."""
+        try:
+            back = self.model_config(self.to_hf_config(cfg, {"eos": 0}), self.name)
+        except (UserError, KeyError):
+            return False
+        return same_function(back, cfg)
+
+    # ------------------------------------------------------------------------------------------ weights
     def to_hf_state_dict(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        """Ours → the state dict of the transformers module in memory."""
-        out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = state["output.weight"]
+        """Ours → the state dict of the transformers module in memory (experts stacked)."""
+        out = {theirs: rope_layout(state[ours], heads, to_hf=True) for ours, (theirs, heads) in tensor_names(cfg).items()}
         for i in range(cfg.n_layers):
-            for ours, theirs in self.layer_names(cfg, i).items():
-                out[f"model.layers.{i}.{theirs}"] = rope_layout(ours, state[f"layers.{i}.{ours}"], cfg, to_hf=True)
             if cfg.is_moe(i):
                 ff = f"layers.{i}.feed_forward"
-                out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([state[f"{ff}.w1"], state[f"{ff}.w3"]],
-                                                                              dim=1)
+                out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([state[f"{ff}.w1"], state[f"{ff}.w3"]], 1)
                 out[f"model.layers.{i}.mlp.experts.down_proj"] = state[f"{ff}.w2"]
                 out.update(self.extra_layer_state(cfg, i))
         return out
@@ -160,24 +248,128 @@ class Llama:
         """Tensors the family's MoE block has and ours does not."""
         return {}
 
-    def from_hf_state_dict(self, hf: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
-        """The state dict of the transformers module (experts stacked, see stacked_experts) → ours."""
-        def take(name):
-            if name not in hf:
-                raise UserError(f"{where}: no tensor {name!r}")
-            return hf[name]
 
-        state = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-        state["output.weight"] = state["tok_embeddings.weight"] if cfg.tie_embeddings else take("lm_head.weight")
-        for i in range(cfg.n_layers):
-            for ours, theirs in self.layer_names(cfg, i).items():
-                state[f"layers.{i}.{ours}"] = rope_layout(ours, take(f"model.layers.{i}.{theirs}"), cfg, to_hf=False)
-            if cfg.is_moe(i):
-                gate_up = take(f"model.layers.{i}.mlp.experts.gate_up_proj")
-                ff = f"layers.{i}.feed_forward"
-                state[f"{ff}.w1"], state[f"{ff}.w3"] = gate_up.chunk(2, dim=1)
-                state[f"{ff}.w2"] = take(f"model.layers.{i}.mlp.experts.down_proj")
-        return state
+class Mistral(Llama):
+    """MistralForCausalLM: Llama with a sliding window on every layer (none when sliding_window is null)."""
+    model_type = "mistral"
+    architecture = "MistralForCausalLM"
+    name = "Mistral"
+    window_on_every_layer = True
+
+    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {"hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu")}
+
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        every = cfg.sliding_layers == list(range(cfg.n_layers))
+        return dict(hidden_act="silu", sliding_window=cfg.sliding_window if every else None)
+
+
+class Qwen2(Llama):
+    """Qwen2ForCausalLM (Qwen2, Qwen2.5): biases on the query, key and value projections; sliding layers from
+    max_window_layers on when use_sliding_window (no released model sets it)."""
+    model_type = "qwen2"
+    architecture = "Qwen2ForCausalLM"
+    name = "Qwen2"
+
+    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {"hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu")}
+
+    def layer_types(self, hf: dict) -> list[str]:
+        n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
+        return [SLIDING if hf.get("use_sliding_window") and i >= first else FULL for i in range(n)]
+
+    def sliding(self, hf: dict, where: str) -> tuple[int, list[int]]:
+        if not hf.get("use_sliding_window"):  # its sliding_window is then only the context it was trained for
+            return 0, []
+        return super().sliding(hf, where)
+
+    def fields(self, hf: dict, where: str) -> dict:
+        return super().fields(hf, where) | {"qkv_bias": True}
+
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        return dict(hidden_act="silu", **qwen_window(cfg))
+
+
+class Qwen3(Qwen2):
+    """Qwen3ForCausalLM: RMSNorm of each head's queries and keys, a head size of its own, no biases."""
+    model_type = "qwen3"
+    architecture = "Qwen3ForCausalLM"
+    name = "Qwen3"
+
+    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {**super().unsupported(hf),
+                "attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias")))}
+
+    def fields(self, hf: dict, where: str) -> dict:
+        return Llama.fields(self, hf, where) | {"qk_norm": True}
+
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        return super().own_hf_config(cfg) | {"attention_bias": False}
+
+
+def qwen_window(cfg: ModelConfig) -> dict:
+    """Qwen's sliding-window keys: the sliding layers must be the last ones (from max_window_layers on)."""
+    if not cfg.sliding_layers:
+        return dict(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    first = cfg.sliding_layers[0]
+    return dict(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=first,
+                layer_types=[SLIDING if i >= first else FULL for i in range(cfg.n_layers)])
+
+
+class Gemma3(Llama):
+    """Gemma3ForCausalLM (gemma3_text): √dim-scaled embeddings, RMSNorm as x̂·(1 + w), GeGLU with tanh GELU, q/k
+    norms, norms before and after attention and the feed-forward, sliding layers with their own unscaled rotary
+    base between full ones, scores scaled by query_pre_attn_scalar ** -0.5."""
+    model_type = "gemma3_text"
+    architecture = "Gemma3ForCausalLM"
+    name = "Gemma 3"
+    tied_by_default = True
+
+    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        activation = hf.get("hidden_activation", hf.get("hidden_act", "gelu_pytorch_tanh"))
+        return {
+            "hidden_activation": (activation, activation != "gelu_pytorch_tanh"),
+            "attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias"))),
+            "final_logit_softcapping": (hf.get("final_logit_softcapping"), hf.get("final_logit_softcapping") is not None),
+            "attn_logit_softcapping": (hf.get("attn_logit_softcapping"), hf.get("attn_logit_softcapping") is not None),
+            "use_bidirectional_attention": (True, bool(hf.get("use_bidirectional_attention"))),
+        }
+
+    def rope(self, hf: dict, layer_type: str) -> dict:
+        if hf.get("rope_parameters"):
+            return super().rope(hf, layer_type)
+        if layer_type == FULL:  # an older config.json: the full layers' base and scaling, the sliding layers' base
+            return {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1_000_000.0)}
+        return {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+
+    def layer_types(self, hf: dict) -> list[str]:
+        every = hf.get("sliding_window_pattern", 6)
+        return [SLIDING if (i + 1) % every else FULL for i in range(hf["num_hidden_layers"])]
+
+    def fields(self, hf: dict, where: str) -> dict:
+        fields = super().fields(hf, where)
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        scalar = hf.get("query_pre_attn_scalar", head_dim)
+        local = rope_fields(self.rope(hf, SLIDING), where)
+        if fields["sliding_layers"] and len(local) > 1:
+            raise UserError(f"{where}: rope scaling of the sliding layers is not supported by our model")
+        # the sliding layers' own base, unless they compute as the full ones (the same base, unscaled)
+        own = local["rope_theta"] != fields["rope_theta"] or fields.get("rope_scaling", "none") != "none"
+        return fields | dict(qk_norm=True, norm_plus_one=True, sandwich_norm=True, embed_scale=True,
+                             activation="gelu_tanh", attention_scale=0.0 if scalar == head_dim else float(scalar),
+                             rope_local_theta=local["rope_theta"] if fields["sliding_layers"] and own else 0.0)
+
+    def to_hf_config(self, cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
+        config = super().to_hf_config(cfg, special_ids)
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        config["rope_parameters"] = {FULL: config["rope_parameters"], SLIDING: local}
+        return config
+
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        return dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False, final_logit_softcapping=None,
+                    attn_logit_softcapping=None, query_pre_attn_scalar=integral(cfg.attention_scale or cfg.head_dim),
+                    sliding_window=cfg.sliding_window or None,
+                    layer_types=[SLIDING if cfg.window(i) else FULL for i in range(cfg.n_layers)])
 
 
 class Mixtral(Llama):
@@ -187,90 +379,131 @@ class Mixtral(Llama):
     model_type = "mixtral"
     architecture = "MixtralForCausalLM"
     name = "Mixtral"
-
-    def holds(self, cfg: ModelConfig) -> bool:
-        return bool(cfg.moe.experts) and cfg.moe.every == 1 and not cfg.moe.shared_experts
-
-    def to_hf_config(self, cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
-        config = super().to_hf_config(cfg, special_ids)
-        for key in ("attention_bias", "mlp_bias"):
-            config.pop(key)
-        moe = cfg.moe
-        config.update(intermediate_size=cfg.expert_hidden, num_local_experts=moe.experts, num_experts_per_tok=moe.top_k,
-                      router_aux_loss_coef=moe.aux_loss_coef / moe.top_k, router_z_loss_coef=moe.z_loss_coef,
-                      sliding_window=None)
-        return config
+    window_on_every_layer = True
 
     def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        window = hf.get("sliding_window")
-        return {**super().unsupported(hf),
-                "sliding_window": (window, window is not None and window < hf.get("max_position_embeddings", 0))}
+        return {"hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu")}
+
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        moe = cfg.moe
+        every = cfg.sliding_layers == list(range(cfg.n_layers))
+        return dict(hidden_act="silu", intermediate_size=cfg.expert_hidden, num_local_experts=moe.experts,
+                    num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef / moe.top_k,
+                    router_z_loss_coef=moe.z_loss_coef, sliding_window=cfg.sliding_window if every else None)
 
     def moe_config(self, hf: dict) -> MoEConfig:
         top_k = hf["num_experts_per_tok"]
         return MoEConfig(experts=hf["num_local_experts"], top_k=top_k, aux_loss_coef=aux_loss_coef(hf, top_k),
-                         z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
+                         z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))  # experts: intermediate_size
 
 
-class Qwen2Moe(Llama):
-    """Qwen2MoeForCausalLM: MoE blocks every decoder_sparse_step-th, a sigmoid-gated shared expert (written empty,
-    zero-size, when ours has none), no query/key/value biases."""
+class Qwen2Moe(Qwen2):
+    """Qwen2MoeForCausalLM: MoE blocks every decoder_sparse_step-th but mlp_only_layers, a sigmoid-gated shared expert
+    (written empty, zero-size, when ours has none), q/k/v biases (qkv_bias)."""
     model_type = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
     name = "Qwen2-MoE"
 
-    def holds(self, cfg: ModelConfig) -> bool:
-        return bool(cfg.moe.experts) and not Mixtral().holds(cfg)
-
-    def to_hf_config(self, cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
-        config = super().to_hf_config(cfg, special_ids)
-        for key in ("attention_bias", "mlp_bias", "head_dim"):
-            config.pop(key)
-        moe = cfg.moe
-        config.update(num_experts=moe.experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=cfg.expert_hidden,
-                      shared_expert_intermediate_size=moe.shared_experts * cfg.expert_hidden,
-                      decoder_sparse_step=moe.every, mlp_only_layers=[], norm_topk_prob=True, qkv_bias=False,
-                      use_sliding_window=False, router_aux_loss_coef=moe.aux_loss_coef / moe.top_k,
-                      router_z_loss_coef=moe.z_loss_coef)
-        return config
-
     def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        return {**super().unsupported(hf),
-                "qkv_bias": (hf.get("qkv_bias"), hf.get("qkv_bias", True)),
-                "norm_topk_prob": (hf.get("norm_topk_prob"), not hf.get("norm_topk_prob", False))}
+        return {**super().unsupported(hf), "use_sliding_window": (True, bool(hf.get("use_sliding_window")))}
+
+    def fields(self, hf: dict, where: str) -> dict:
+        return super().fields(hf, where) | {"qkv_bias": bool(hf.get("qkv_bias", True))}
+
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        moe = cfg.moe
+        return dict(hidden_act="silu", num_experts=moe.experts, num_experts_per_tok=moe.top_k,
+                    moe_intermediate_size=cfg.expert_hidden,
+                    shared_expert_intermediate_size=moe.shared_experts * cfg.expert_hidden,
+                    decoder_sparse_step=moe.every, mlp_only_layers=list(moe.dense_layers),
+                    norm_topk_prob=moe.renormalize, qkv_bias=cfg.qkv_bias, use_sliding_window=False,
+                    router_aux_loss_coef=moe.aux_loss_coef / moe.top_k, router_z_loss_coef=moe.z_loss_coef)
 
     def moe_config(self, hf: dict) -> MoEConfig:
         top_k = hf["num_experts_per_tok"]
-        hidden, shared = hf["moe_intermediate_size"], hf["shared_expert_intermediate_size"]
+        hidden, shared = hf["moe_intermediate_size"], hf.get("shared_expert_intermediate_size", 0)
         if shared % hidden:
             raise UserError(f"shared_expert_intermediate_size={shared} is not a multiple of moe_intermediate_size="
                             f"{hidden}, as our shared experts are")
-        return MoEConfig(experts=hf["num_experts"], top_k=top_k, shared_experts=shared // hidden,
-                         every=hf.get("decoder_sparse_step", 1), expert_hidden=hidden,
+        return MoEConfig(experts=hf.get("num_experts", hf.get("num_local_experts")), top_k=top_k,
+                         shared_experts=shared // hidden, every=hf.get("decoder_sparse_step", 1), expert_hidden=hidden,
+                         renormalize=bool(hf.get("norm_topk_prob", False)),
+                         dense_layers=list(hf.get("mlp_only_layers") or []),
                          aux_loss_coef=aux_loss_coef(hf, top_k), z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
 
     def extra_layer_state(self, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
         if cfg.moe.shared_experts:
             return {}
         empty = {}  # its shared expert, of size zero
-        for ours, theirs in MOE_NAMES.items():
-            if ".shared." in ours:
-                rows, cols = (cfg.dim, 0) if ours.endswith("w2.weight") else (0, cfg.dim)
-                empty[f"model.layers.{i}.{theirs}"] = torch.zeros(rows, cols)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            rows, cols = (cfg.dim, 0) if name == "down_proj" else (0, cfg.dim)
+            empty[f"model.layers.{i}.mlp.shared_expert.{name}.weight"] = torch.zeros(rows, cols)
         empty[f"model.layers.{i}.mlp.shared_expert_gate.weight"] = torch.zeros(1, cfg.dim)
         return empty
 
 
-FAMILIES = {family.model_type: family for family in (Llama(), Mixtral(), Qwen2Moe())}
+class Qwen3Moe(Qwen3):
+    """Qwen3MoeForCausalLM: Qwen3's attention, MoE blocks every decoder_sparse_step-th but mlp_only_layers, no
+    shared expert, norm_topk_prob."""
+    model_type = "qwen3_moe"
+    architecture = "Qwen3MoeForCausalLM"
+    name = "Qwen3-MoE"
+    window_on_every_layer = True
+
+    def sliding(self, hf: dict, where: str) -> tuple[int, list[int]]:
+        return Llama.sliding(self, hf, where) if hf.get("use_sliding_window") else (0, [])
+
+    def moe_config(self, hf: dict) -> MoEConfig:
+        top_k = hf["num_experts_per_tok"]
+        return MoEConfig(experts=hf.get("num_experts", hf.get("num_local_experts")), top_k=top_k,
+                         every=hf.get("decoder_sparse_step", 1), expert_hidden=hf["moe_intermediate_size"],
+                         renormalize=bool(hf.get("norm_topk_prob", False)),
+                         dense_layers=list(hf.get("mlp_only_layers") or []),
+                         aux_loss_coef=aux_loss_coef(hf, top_k), z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
+
+    def own_hf_config(self, cfg: ModelConfig) -> dict:
+        moe = cfg.moe
+        every = cfg.sliding_layers == list(range(cfg.n_layers))
+        return dict(hidden_act="silu", attention_bias=False, num_experts=moe.experts, num_experts_per_tok=moe.top_k,
+                    moe_intermediate_size=cfg.expert_hidden, decoder_sparse_step=moe.every,
+                    mlp_only_layers=list(moe.dense_layers), norm_topk_prob=moe.renormalize,
+                    use_sliding_window=every, sliding_window=cfg.sliding_window if every else None,
+                    router_aux_loss_coef=moe.aux_loss_coef / moe.top_k, router_z_loss_coef=moe.z_loss_coef)
+
+
+# in the order a model of ours (ModelConfig.family "") is matched to the first that holds it
+FAMILIES = {family.model_type: family for family in (Llama(), Mixtral(), Qwen2Moe(), Qwen2(), Qwen3(), Qwen3Moe(),
+                                                      Mistral(), Gemma3())}
+
+
+def same_function(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether two configs give the same model, whatever family they are exported as and loss weights they train
+    with."""
+    def plain(cfg):  # sizes as computed (0 means a default), unused ones 0
+        dense = any(not cfg.is_moe(i) for i in range(cfg.n_layers))
+        moe = dataclasses.replace(cfg.moe, aux_loss_coef=0.0, z_loss_coef=0.0,
+                                  expert_hidden=cfg.expert_hidden if cfg.moe.experts else 0)
+        return dataclasses.replace(cfg, family="", vocab_multiple=0, init_std=0.0, moe=moe, head_size=cfg.head_dim,
+                                   ffn_hidden=cfg.hidden if dense else 0)
+    return plain(a) == plain(b)
 
 
 def family_of(cfg: ModelConfig) -> Llama:
-    """The transformers family that computes what our model of this shape does."""
-    return next(family for family in FAMILIES.values() if family.holds(cfg))
+    """The transformers family our model exports as: the one it came from, or the first whose config expresses it."""
+    if cfg.family:
+        family = FAMILIES.get(cfg.family)
+        if family is None or not family.holds(cfg):
+            raise UserError(f"model.family={cfg.family!r}: the model's settings are not what that family computes")
+        return family
+    for family in FAMILIES.values():
+        if family.holds(cfg):
+            return family
+    raise UserError("no transformers model family computes this model's combination of settings")
 
 
-def rope_parameters(hf: dict) -> dict:
-    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def integral(x: float) -> int | float:
+    """A whole number as an int (transformers' configs check the types of their fields)."""
+    return int(x) if float(x).is_integer() else x
 
 
 def aux_loss_coef(hf: dict, top_k: int) -> float:
@@ -297,7 +530,7 @@ def family_of_dir(path: str) -> tuple[Llama, dict]:
     hf = read_hf_config(path)
     family = FAMILIES.get(hf.get("model_type"))
     if family is None:
-        *others, last = [f.name for f in FAMILIES.values()]
+        *others, last = [f.model_type for f in FAMILIES.values()]
         names = f"{', '.join(others)} and {last}"
         raise UserError(f"{os.path.join(path, CONFIG)}: model_type {hf.get('model_type')!r}: only {names} models can "
                         "be imported")
@@ -311,48 +544,111 @@ def model_config(path: str) -> ModelConfig:
 
 
 def weight_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        try:
+            with open(index) as f:
+                names = json.load(f)["weight_map"].values()
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{index}: unreadable ({e!r})") from None
+        return [os.path.join(path, name) for name in sorted(set(names))]
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise UserError(f"{path}: no model.safetensors (or model.safetensors.index.json); save the model with "
-                    "safetensors (transformers' default)")
+    raise UserError(f"{path}: no model.safetensors (or {INDEX}); save the model with safetensors (transformers' "
+                    "default)")
 
 
-def stacked_experts(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A stored Mixtral or Qwen2-MoE state dict with its experts stacked as transformers holds them in memory
-    (block_sparse_moe is called mlp there); other tensors unchanged."""
-    out, experts = {}, {}
-    for name, tensor in hf.items():
-        match = STORED_EXPERT.fullmatch(name)
-        if match is None:
-            out[name.replace(".block_sparse_moe.", ".mlp.")] = tensor
-            continue
-        layer, e, kind = match.groups()
-        kind = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(kind, kind)
-        experts.setdefault((layer, kind), {})[int(e)] = tensor
-    for (layer, kind), by_index in experts.items():
-        stacked = torch.stack([by_index[e] for e in sorted(by_index)])
-        experts[layer, kind] = stacked
-    for layer in {layer for layer, _ in experts}:
-        if (layer, "gate_proj") in experts and (layer, "up_proj") in experts:
-            out[f"{layer}.mlp.experts.gate_up_proj"] = torch.cat([experts[layer, "gate_proj"], experts[layer, "up_proj"]], 1)
-        if (layer, "down_proj") in experts:
-            out[f"{layer}.mlp.experts.down_proj"] = experts[layer, "down_proj"]
-    return out
+def placements(name: str, cfg: ModelConfig, ours_of: dict[str, tuple[str, int]]):
+    """Where a stored tensor goes in our model: [(our tensor, expert index or None, its value from the stored
+    one or None when it is copied as stored)]; [] for a tensor we do not keep; None for one we do not know."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    if name in ours_of:
+        ours, heads = ours_of[name]
+        return [(ours, None, (lambda t: rope_layout(t, heads, to_hf=False)) if heads else None)]
+    if match := STORED_EXPERT.fullmatch(name):
+        layer, expert, kind = match.groups()
+        return [(f"layers.{layer}.feed_forward.{EXPERT_WEIGHT[kind]}", int(expert), None)]
+    if match := STACKED_EXPERTS.fullmatch(name):
+        ff = f"layers.{match.group(1)}.feed_forward"
+        if match.group(2) == "down_proj":
+            return [(f"{ff}.w2", None, None)]
+        return [(f"{ff}.w1", None, lambda t: t.chunk(2, dim=1)[0]), (f"{ff}.w3", None, lambda t: t.chunk(2, dim=1)[1])]
+    if name == "lm_head.weight" and cfg.tie_embeddings:  # tied: transformers ignores a stored head, and so do we
+        return []
+    if name.endswith("rotary_emb.inv_freq"):  # computed, not learned (older checkpoints kept it)
+        return []
+    if name.endswith("mlp.shared_expert_gate.weight") and not cfg.moe.shared_experts:  # gates an empty expert
+        return []
+    return None
 
 
-def load_state_dict(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict (fp32) from a transformers directory."""
-    family, _ = family_of_dir(path)
-    hf = {}
+@torch.no_grad()
+def load_into(path: str, model: torch.nn.Module) -> None:
+    """Fill `model` (built for this directory's config; on any device, e.g. built on the meta device and moved with
+    to_empty) from the directory's safetensors files, one tensor at a time and large ones in row blocks: no copy of
+    the weights is held beside the model's own. Every tensor of ours must be filled exactly once, and every
+    stored tensor must have a place: a directory that does not fit is refused by the tensor's name."""
+    cfg = model.cfg
+    state = model.state_dict()
+    theirs_of = tensor_names(cfg)
+    ours_of = {theirs: (ours, heads) for ours, (theirs, heads) in theirs_of.items()}
+    filled = dict.fromkeys(state, 0)
     for file in weight_files(path):
         try:
-            hf.update(load_file(file))
-        except (OSError, RuntimeError, ValueError) as e:
+            with safe_open(file, "pt") as f:
+                for name in f.keys():
+                    places = placements(name, cfg, ours_of)
+                    if places is None:
+                        if f.get_slice(name).get_shape().count(0):  # Qwen2-MoE's empty shared expert
+                            continue
+                        raise UserError(f"{file}: tensor {name!r} has no place in our {cfg.family or 'model'} model "
+                                        "(a setting of config.json it needs is not read)")
+                    for ours, expert, value in places:
+                        if ours not in state:
+                            raise UserError(f"{file}: tensor {name!r} has no place in our model")
+                        target = state[ours] if expert is None else state[ours][expert]
+                        copy_tensor(f, name, target, value, file)
+                        filled[ours] += target.numel()
+        except (OSError, SafetensorError) as e:
             raise UserError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
-    state = family.from_hf_state_dict(stacked_experts(hf), cfg, path)
-    return {k: v.float().contiguous() for k, v in state.items()}
+    if cfg.tie_embeddings:
+        filled["output.weight"] = filled["tok_embeddings.weight"]
+    for ours, count in filled.items():
+        if count != state[ours].numel():
+            expected = theirs_of.get(ours, (f"the experts of {ours}",))[0]
+            how = "stored more than once" if count > state[ours].numel() else "missing"
+            raise UserError(f"{path}: tensor {expected!r} is {how}")
+
+
+def copy_tensor(f, name: str, target: torch.Tensor, value, file: str) -> None:
+    """The stored tensor `name` of an open safetensors file into `target` (cast to its dtype), through `value` if
+    it is computed from the stored one, else straight from the file in row blocks."""
+    if value is not None:
+        source = value(f.get_tensor(name))
+        shape = tuple(source.shape)
+    else:
+        sliced = f.get_slice(name)
+        shape = tuple(sliced.get_shape())
+    if shape != tuple(target.shape):
+        raise UserError(f"{file}: tensor {name!r} has shape {list(shape)}, our model's config asks for "
+                        f"{list(target.shape)}")
+    if value is not None:
+        target.copy_(source)
+        return
+    if not shape:
+        target.copy_(f.get_tensor(name))
+        return
+    row_bytes = max(1, target[0].numel() * target.element_size())
+    step = max(1, COPY_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        target[start:start + step].copy_(sliced[start:start + step])
+
+
+def stored_dtypes(path: str) -> set[str]:
+    """The dtypes a transformers directory stores its tensors in (safetensors' names: F32, BF16, …)."""
+    dtypes = set()
+    for file in weight_files(path):
+        with safe_open(file, "pt") as f:
+            dtypes |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    return dtypes

@@ -1,6 +1,12 @@
 """A Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU, grouped-query attention through
 F.scaled_dot_product_attention, optional tied embeddings. Plain PyTorch: nothing distributed in here.
 
+A few switches cover the open model families (training/models/hf.py maps each family's config onto them): biases
+on the query/key/value projections, RMSNorm of each head's queries and keys, a head size of its own, rotary
+frequencies stretched for long context (linear or Llama 3's bands), sliding-window layers with their own rotary
+base, GeGLU, norms of the form x̂·(1 + w), norms after attention and the feed-forward as well as before, embeddings
+scaled by √dim, and a score scale of its own. Their defaults are the plain model.
+
 Packed rows: `segments` (batch, seq) names the sequence each position belongs to (any ids, equal within a
 sequence, each sequence contiguous). A position then attends only to earlier positions of its own sequence and
 its rotary position restarts at 0 where the sequence starts: a sequence computes as it would alone in its row.
@@ -33,6 +39,8 @@ class MoEConfig:
     expert_hidden: int = 0        # 0: the dense feed-forward's hidden size
     aux_loss_coef: float = 0.01   # load balancing (Switch): E * sum_i f_i P_i per row, weighted by its tokens
     z_loss_coef: float = 0.0      # router z-loss (ST-MoE): logsumexp(router logits)^2 per token
+    renormalize: bool = True      # the k routing weights rescaled to sum 1 (false: the softmax's own, as Qwen1.5-MoE)
+    dense_layers: list[int] = field(default_factory=list)  # blocks that keep the dense feed-forward whatever `every`
 
     def validate(self) -> list[str]:
         if self.experts == 0:
@@ -47,6 +55,8 @@ class MoEConfig:
                 problems.append(f"model.moe.{key}: must not be negative")
         if self.every < 1:
             problems.append("model.moe.every: must be at least 1")
+        if any(i < 0 for i in self.dense_layers):
+            problems.append("model.moe.dense_layers: block numbers start at 0")
         for key in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, key) < 0:
                 problems.append(f"model.moe.{key}: must not be negative")
@@ -68,6 +78,23 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    head_size: int = 0            # of each attention head; 0: dim / n_heads
+    qkv_bias: bool = False        # biases on the query, key and value projections (Qwen2)
+    qk_norm: bool = False         # RMSNorm over each head's queries and keys before the rotary embedding (Qwen3, Gemma 3)
+    attention_scale: float = 0.0  # scores scaled by attention_scale ** -0.5 (Gemma's query_pre_attn_scalar); 0: head size
+    sliding_window: int = 0       # the blocks in sliding_layers attend to their last sliding_window positions only
+    sliding_layers: list[int] = field(default_factory=list)
+    rope_scaling: str = "none"    # none | linear (frequencies / rope_factor) | llama3 (Llama 3.1's bands)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0    # llama3: wavelengths past original_context / this are stretched fully
+    rope_high_freq_factor: float = 4.0   # llama3: wavelengths below original_context / this are kept
+    rope_original_context: int = 8192    # llama3: the context the frequencies were trained at
+    rope_local_theta: float = 0.0  # the sliding layers' own rotary base, never scaled (Gemma 3); 0: as the others
+    activation: str = "silu"      # of the gated feed-forward: silu (SwiGLU) | gelu_tanh (GeGLU)
+    norm_plus_one: bool = False   # RMSNorm scales by 1 + weight, the weight starting at 0 (Gemma)
+    sandwich_norm: bool = False   # also a norm on the attention's and the feed-forward's outputs (Gemma 3)
+    embed_scale: bool = False     # embeddings multiplied by sqrt(dim) (Gemma)
+    family: str = ""              # the transformers model_type the weights came from and export as; "": by shape
 
     @property
     def kv_heads(self) -> int:
@@ -75,7 +102,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def hidden(self) -> int:
@@ -86,12 +113,18 @@ class ModelConfig:
         return self.moe.expert_hidden or self.hidden
 
     def is_moe(self, layer: int) -> bool:
-        return self.moe.experts > 0 and (layer + 1) % self.moe.every == 0
+        return self.moe.experts > 0 and (layer + 1) % self.moe.every == 0 and layer not in self.moe.dense_layers
+
+    def window(self, layer: int) -> int:
+        """How many of its last positions block `layer` attends to; 0: all."""
+        return self.sliding_window if layer in self.sliding_layers else 0
 
     def validate(self) -> list[str]:
         """Problems as 'model.key: message' strings (empty when the shape is consistent)."""
         problems = []
-        if self.dim % self.n_heads:
+        if self.head_size < 0:
+            problems.append("model.head_size: must not be negative")
+        elif not self.head_size and self.dim % self.n_heads:
             problems.append(f"model.dim: {self.dim} is not divisible by model.n_heads={self.n_heads}")
         elif self.head_dim % 2:
             problems.append(f"model.dim: head size {self.head_dim} must be even for rotary embeddings")
@@ -100,23 +133,60 @@ class ModelConfig:
         for key in ("dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, key) < 1:
                 problems.append(f"model.{key}: must be positive")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            problems.append(f"model.rope_scaling: {self.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
+        elif self.rope_scaling != "none" and self.rope_factor <= 0:
+            problems.append("model.rope_factor: must be positive")
+        elif self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            problems.append("model.rope_low_freq_factor: must be positive and below model.rope_high_freq_factor")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"model.activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.sliding_window < 0 or (self.sliding_layers and self.sliding_window < 1):
+            problems.append("model.sliding_window: must be positive for model.sliding_layers")
+        if any(not 0 <= i < self.n_layers for i in self.sliding_layers):
+            problems.append(f"model.sliding_layers: block numbers are 0 to {self.n_layers - 1}")
         return problems + self.moe.validate()
 
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:  # scaled in fp32, then rounded (as Gemma's reference does)
+            return (normed * (1.0 + self.weight.float())).type_as(x)
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), freqs)
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """The rotation frequency of each pair of a head's dimensions; `local`: of the sliding layers, when they have
+    a base of their own (never scaled)."""
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    freqs = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    if local or cfg.rope_scaling == "none":
+        return freqs
+    if cfg.rope_scaling == "linear":
+        return freqs / cfg.rope_factor
+    # llama3: long wavelengths slowed by rope_factor, short ones kept, the band between interpolated smoothly
+    wavelength = 2 * math.pi / freqs
+    longest, shortest = (cfg.rope_original_context / cfg.rope_low_freq_factor,
+                         cfg.rope_original_context / cfg.rope_high_freq_factor)
+    stretched = torch.where(wavelength > longest, freqs / cfg.rope_factor, freqs)
+    smooth = (cfg.rope_original_context / wavelength - cfg.rope_low_freq_factor) / \
+        (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    between = (1 - smooth) * stretched / cfg.rope_factor + smooth * stretched
+    return torch.where((wavelength >= shortest) & (wavelength <= longest), between, stretched)
+
+
+def rope_tables(cfg: ModelConfig, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), rope_frequencies(cfg, local))
     return angles.cos(), angles.sin()
 
 
@@ -132,20 +202,27 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.scale = cfg.attention_scale ** -0.5 if cfg.attention_scale else None  # None: SDPA's 1 / sqrt(head size)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.wv(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         gqa = self.kv_heads != self.n_heads
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
-            out = flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+            out = flex_attention()(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=gqa)
             return self.wo(out.transpose(1, 2).reshape(b, t, -1))
         causal = mask is None
         if cache is not None:  # new tokens see every cached position, and each other causally
@@ -161,7 +238,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # shared heads copied, the memory-
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # efficient kernel then takes the mask
             gqa = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -173,16 +251,21 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
-def document_mask(segments: torch.Tensor, impl: str = "sdpa"):
-    """Causal attention within each sequence of a row: a boolean (batch, 1, seq, seq) mask for SDPA, or a
-    FlexAttention BlockMask (whose kernels skip the blocks that are all masked)."""
+def document_mask(segments: torch.Tensor, impl: str = "sdpa", window: int = 0):
+    """Causal attention within each sequence of a row (within its last `window` positions, if given): a boolean
+    (batch, 1, seq, seq) mask for SDPA, or a FlexAttention BlockMask (whose kernels skip the blocks that are all
+    masked)."""
     if impl == "flex":
         def same_sequence_causal(b, h, q, k):
-            return (segments[b, q] == segments[b, k]) & (k <= q)
+            near = (q - k < window) if window else True
+            return (segments[b, q] == segments[b, k]) & (k <= q) & near
 
         b, t = segments.shape
         return flex_block_mask()(same_sequence_causal, b, None, t, t, device=segments.device)
-    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    if window:
+        causal = causal.triu(diagonal=1 - window)
     return ((segments.unsqueeze(2) == segments.unsqueeze(1)) & causal).unsqueeze(1)
 
 
@@ -202,12 +285,13 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, hidden: int = 0):
         super().__init__()
         hidden = hidden or cfg.hidden
+        self.activation = ACTIVATIONS[cfg.activation]
         self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
@@ -252,7 +336,8 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         moe, hidden = cfg.moe, cfg.expert_hidden
-        self.experts, self.top_k = moe.experts, moe.top_k
+        self.experts, self.top_k, self.renormalize = moe.experts, moe.top_k, moe.renormalize
+        self.activation = ACTIVATIONS[cfg.activation]
         self.router = nn.Linear(cfg.dim, moe.experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(moe.experts, hidden, cfg.dim))
         self.w3 = nn.Parameter(torch.empty(moe.experts, hidden, cfg.dim))
@@ -270,7 +355,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         logits = self.router(flat).float()
         weights, chosen = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.training and torch.is_grad_enabled():
             self.routing = Routing(logits.view(b, t, -1), chosen.view(b, t, -1))
         # every (token, choice) slot, sorted by expert: each expert's rows are contiguous
@@ -278,7 +364,7 @@ class MoE(nn.Module):
         counts = torch.zeros(self.experts, dtype=torch.long, device=x.device).index_add_(  # no data-dependent size
             0, chosen.flatten(), torch.ones_like(chosen.flatten()))
         rows = flat[order // self.top_k]
-        hidden = F.silu(grouped_matmul(rows, self.w1, counts, self.grouped)) * \
+        hidden = self.activation(grouped_matmul(rows, self.w1, counts, self.grouped)) * \
             grouped_matmul(rows, self.w3, counts, self.grouped)
         out = grouped_matmul(hidden, self.w2, counts, self.grouped)
         # back to (token, choice) order and weighted; the k outputs of a token summed in a fixed order
@@ -299,10 +385,14 @@ class AuxiliaryLosses(NamedTuple):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else FeedForward(cfg)
+        self.attention_out_norm = self.ffn_out_norm = None
+        if cfg.sandwich_norm:
+            self.attention_out_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+            self.ffn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.checkpointed = False  # activations recomputed in the backward instead of kept (checkpoint_activations)
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
@@ -311,8 +401,10 @@ class Block(nn.Module):
         return self.compute(x, cos, sin, cache, layer, mask)
 
     def compute(self, x, cos, sin, cache, layer, mask):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        h = self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
+        x = x + (self.attention_out_norm(h) if self.attention_out_norm is not None else h)
+        h = self.feed_forward(self.ffn_norm(x))
+        return x + (self.ffn_out_norm(h) if self.ffn_out_norm is not None else h)
 
 
 class KVCache:
@@ -342,27 +434,49 @@ class Transformer(nn.Module):
         self.attention_impl = "sdpa"  # how packed rows are masked: sdpa (a boolean mask) | flex (FlexAttention)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        for name in self.rope_names():
+            self.register_buffer(name, torch.empty(0), persistent=False)
         self.reset_parameters()
+
+    def rope_names(self) -> list[str]:
+        """The rotary tables' buffers: cos and sin, and the sliding layers' own when they have a base of their own."""
+        return ["rope_cos", "rope_sin"] + (["rope_local_cos", "rope_local_sin"] if self.local_rope() else [])
+
+    def local_rope(self) -> bool:
+        return bool(self.cfg.rope_local_theta and self.cfg.sliding_layers)
+
+    def reset_buffers(self) -> None:
+        """The rotary tables, computed (also after the model was built on the meta device and moved with to_empty)."""
+        device = self.tok_embeddings.weight.device
+        tables = rope_tables(self.cfg) + (rope_tables(self.cfg, local=True) if self.local_rope() else ())
+        for name, table in zip(self.rope_names(), tables, strict=True):
+            setattr(self, name, table.to(device))
+
+    def materialize(self, device) -> Transformer:
+        """A model built on the meta device given storage on `device`, uninitialised (its weights are loaded next):
+        the tied head tied again (to_empty gives each parameter its own) and the rotary tables computed."""
+        self.to_empty(device=device)
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.reset_buffers()
+        return self
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                nn.init.ones_(p)
+                nn.init.zeros_(p) if self.cfg.norm_plus_one else nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight", "feed_forward.w2")):  # residual outputs: GPT-2's depth scaling
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, std=std)
-        cos, sin = rope_tables(self.cfg)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 segments: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,26 +488,43 @@ class Transformer(nn.Module):
         # left-padded rows: the shortest must fit; longer rows that reach the context stop there (caller's rule)
         if end - (int(pad.max()) if pad is not None else 0) > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin, mask = self.rope_cos[start:end], self.rope_sin[start:end], None
+        positions, mask = None, None  # rotary positions per row (None: start..end), the mask (None: causal)
         if segments is not None:
             if cache is not None:
                 raise ValueError("packed rows (segments) are a training layout: decoding with a cache takes one sequence per row")
             positions = segment_positions(segments)
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
             mask = document_mask(segments, self.attention_impl)
         elif pad is not None:
             queries = torch.arange(start, end, device=tokens.device)
             positions = (queries.unsqueeze(0) - pad.unsqueeze(1)).clamp(0, self.cfg.max_seq_len - 1)
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
             keys = torch.arange(end, device=tokens.device)
             mask = (keys >= pad.view(-1, 1, 1)) & (keys <= queries.view(1, -1, 1))
             mask = (mask | (keys == queries.view(1, -1, 1))).unsqueeze(1)  # a padding query sees itself: no empty row
+        tables, masks = {}, {0: mask}
         x = self.tok_embeddings(tokens)
+        if self.cfg.embed_scale:  # the scale rounded to the weights' dtype first, as Gemma's reference does
+            x = x * torch.tensor(self.cfg.dim ** 0.5, dtype=x.dtype, device=x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, mask)
+            window = self.cfg.window(i) if self.cfg.window(i) < end else 0  # a window past every key changes nothing
+            local = self.cfg.window(i) > 0 and self.local_rope()
+            if local not in tables:
+                cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
+                tables[local] = (cos[start:end], sin[start:end]) if positions is None else \
+                    (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+            if window not in masks:
+                masks[window] = self.window_mask(window, mask, segments, start, end, tokens.device)
+            x = layer(x, *tables[local], cache, i, masks[window])
         if cache is not None:
             cache.length = end
         return self.output(self.norm(x))
+
+    def window_mask(self, window: int, mask, segments, start: int, end: int, device):
+        """The mask of a sliding layer: the full layers' (None: causal) limited to each query's last `window` keys."""
+        if segments is not None:
+            return document_mask(segments, self.attention_impl, window)
+        queries, keys = torch.arange(start, end, device=device).view(-1, 1), torch.arange(end, device=device)
+        near = (keys <= queries) & (queries - keys < window)  # (queries, keys): every cached key counted
+        return near if mask is None else mask & near
 
     def checkpoint_activations(self, mode: str, every: int = 2) -> None:
         """The blocks whose activations the backward recomputes (torch.utils.checkpoint, non-reentrant): none,
@@ -457,8 +588,8 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token as PaLM and nanoGPT count them for MFU: 6 per matmul weight a token passes (forward
-        and backward; of an MoE block its router, top-k experts and shared expert) plus 12 * layers * dim * seq_len
-        for attention scores and mixing (causality not discounted). From the shape, so also under ZeRO-3."""
+        and backward; of an MoE block its router, top-k experts and shared expert) plus 12 * layers * heads * head size * seq_len
+        for attention scores and mixing (causality and windows not discounted). From the shape, so also under ZeRO-3."""
         cfg, moe = self.cfg, self.cfg.moe
         attention = 2 * cfg.dim * cfg.head_dim * (cfg.n_heads + cfg.kv_heads)
         weights = cfg.vocab_size * cfg.dim
@@ -469,4 +600,4 @@ class Transformer(nn.Module):
                 weights += cfg.dim if moe.shared_experts else 0
             else:
                 weights += 3 * cfg.dim * cfg.hidden
-        return 6 * weights + 12 * cfg.n_layers * cfg.dim * seq_len
+        return 6 * weights + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

@@ -25,7 +25,7 @@ from preprocess.tokenizer import tokenizer_file
 from ..checkpoint.rng import restore_rng, seed_rng
 from ..checkpoint.state import TrainState, check_identity, run_identity, saved_run
 from ..checkpoint.store import latest
-from ..checkpoint.weights import load_weights, model_config, resolve, weights_fingerprint
+from ..checkpoint.weights import loaded_model, model_config, resolve, weights_fingerprint
 from ..config import Config, data_sources
 from ..data.order import BatchPlan
 from ..data.sources import ShardDir, open_sources
@@ -239,10 +239,11 @@ def build_model(cfg: Config, start: StartingPoint, device: torch.device, precisi
     fresh fine-tuning run loaded (from the stage's pinned copy of them, if it keeps one), LoRA applied, activation
     checkpointing, the experts' matmul and compilation chosen."""
     seed_rng(cfg.seed)
-    model = Transformer(cfg.model)
+    if start.init_from and not start.saved:  # no random weights first: the starting ones fill the model directly
+        model = loaded_model(pinned or start.init_from["path"], cfg.model)
+    else:
+        model = Transformer(cfg.model)
     model.attention_impl = resolve_attention(cfg.train.attention, device)
-    if start.init_from and not start.saved:
-        load_weights(pinned or start.init_from["path"], model)
     if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
         lora.apply(model, cfg.lora)
     model.to(device)

@@ -27,7 +27,7 @@ import torch
 from preprocess.errors import UserError
 from preprocess.fileio import atomic_write
 
-from ..checkpoint.weights import load_weights, pin, weights_fingerprint
+from ..checkpoint.weights import loaded_model, pin, weights_fingerprint
 from ..data.batch import Batch, ExampleBatches
 from ..models import lora
 from ..models.transformer import Transformer
@@ -154,9 +154,8 @@ def reference_model(run, weights_dir: str) -> Transformer:
     """The pinned starting weights, in the policy's dtype: DeepSpeed bf16 casts the policy's parameters (not its
     buffers, the rotary tables) to bf16."""
     policy = run.model
-    model = Transformer(policy.cfg)
+    model = loaded_model(weights_dir, policy.cfg)
     model.attention_impl = policy.attention_impl
-    load_weights(weights_dir, model)
     dtype = next(policy.parameters()).dtype
     for p in model.parameters():
         p.data = p.data.to(dtype)

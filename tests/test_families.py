@@ -1,0 +1,216 @@
+"""The open model families against transformers itself. A tiny random model of each family is built with
+transformers' own config class, every switch of that family on (Llama 3's rope scaling with a short original
+context, tied embeddings, Qwen2's biases, Qwen3's q/k norms and a head size of its own, Qwen3-MoE's dense layers,
+Mistral's and Gemma 3's sliding windows shorter than the sequences, Gemma's local rope base and score scale),
+every weight (norms and biases too) moved off its initial value, and saved as bf16 shards with an index. Imported,
+our logits must be transformers'; decoding with our KV cache must give its greedy text; fine-tuned with LoRA and
+exported, the export must be the same family and give our logits in transformers, and the adapters in PEFT."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import CHAT, SFT_CONFIG, run_training
+
+transformers = pytest.importorskip("transformers")
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
+# model_type → (config class, what it sets beyond TINY): every switch of the family on
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default",
+                                                                                rope_theta=1000000.0))),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64, norm_topk_prob=False,
+                                         mlp_only_layers=[0])),
+    "mistral": ("MistralConfig", dict(head_dim=32, sliding_window=8)),
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=8, layer_types=[SLIDING, FULL, SLIDING],
+        rope_parameters={FULL: dict(rope_type="linear", factor=2.0, rope_theta=1000000.0),
+                         SLIDING: dict(rope_type="default", rope_theta=10000.0)})),
+}
+WINDOWED = ["mistral", "gemma3_text"]
+
+
+def save_tiny_model(model_type: str, path, tokenizer_model: str | None = None, **changes):
+    """A random model of the family saved as bf16 shards (several files and an index); returns transformers'
+    model loaded back from them in fp32."""
+    name, extra = FAMILIES[model_type]
+    config = getattr(transformers, name)(**(TINY | extra | changes))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms (1, or Gemma's 0) and biases (0) moved too: a wrong mapping of them shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="200KB")
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, os.path.join(path, "tokenizer.model"))
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer_model) -> dict:
+    """model_type → (its directory, transformers' model of it)."""
+    root = tmp_path_factory.mktemp("families")
+    return {t: (str(root / t), save_tiny_model(t, root / t, tokenizer_model)) for t in FAMILIES}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_an_imported_model_gives_transformers_logits(saved, model_type):
+    from training.checkpoint.weights import loaded_model, model_config
+
+    path, theirs = saved[model_type]
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 1  # sharded, with its index
+    cfg = model_config(path)
+    assert cfg.family == model_type
+    ours = loaded_model(path).eval()
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - theirs(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_each_family_switch_is_read():
+    """What each family asks of our model, read from its config (the logits above show it is computed right)."""
+    from training.models import hf
+
+    def read(model_type):
+        name, extra = FAMILIES[model_type]
+        config = getattr(transformers, name)(**TINY, **extra).to_dict()
+        return hf.FAMILIES[model_type].model_config(config, model_type)
+
+    llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mistral, gemma = map(read, FAMILIES)
+    assert (llama.rope_scaling, llama.rope_factor, llama.rope_original_context, llama.tie_embeddings) == \
+        ("llama3", 8.0, 16, True)
+    assert qwen2.qkv_bias and not qwen2.qk_norm and qwen2.rope_theta == 1e6
+    assert qwen3.qk_norm and qwen3.head_dim == 32 != qwen3.dim // qwen3.n_heads and not qwen3.qkv_bias
+    assert [qwen3_moe.is_moe(i) for i in range(3)] == [True, False, True] and qwen3_moe.moe.renormalize
+    assert not qwen2_moe.moe.renormalize and qwen2_moe.moe.shared_experts == 2 and qwen2_moe.qkv_bias
+    assert (mistral.sliding_window, mistral.sliding_layers) == (8, [0, 1, 2])
+    assert (gemma.sliding_layers, gemma.rope_local_theta, gemma.rope_scaling, gemma.attention_scale) == \
+        ([0, 2], 10000.0, "linear", 24.0)
+    assert gemma.norm_plus_one and gemma.sandwich_norm and gemma.embed_scale and gemma.activation == "gelu_tanh"
+
+
+@pytest.mark.parametrize("model_type", WINDOWED)
+def test_decoding_past_the_window_with_the_cache_gives_transformers_logits(saved, model_type):
+    """The KV cache keeps every position; a sliding layer's mask lets each new token see its last `window` only —
+    one row, and rows left-padded to a batch (as training.sample decodes them)."""
+    from training.checkpoint.weights import loaded_model
+    from training.models.transformer import KVCache
+
+    path, theirs = saved[model_type]
+    ours = loaded_model(path).eval()
+    rows = [torch.randint(0, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)) for n in (42, 35)]
+    prompt = 12
+    pad = torch.tensor([0, 42 - 35])
+    batch = torch.stack([rows[0], torch.cat([torch.zeros(7, dtype=torch.long), rows[1]])])
+    with torch.no_grad():
+        for tokens, left in ((batch[:1], None), (batch, pad)):
+            cache = KVCache(ours.cfg, len(tokens), 42, "cpu", torch.float32)
+            steps = [ours(tokens[:, :prompt], cache, pad=left)]
+            steps += [ours(tokens[:, t:t + 1], cache, pad=left) for t in range(prompt, 42)]
+            logits = torch.cat(steps, dim=1)
+            for row, (ids, skip) in enumerate(zip(rows, [0, 7], strict=False)):
+                if row < len(tokens):
+                    expected = theirs(ids.unsqueeze(0)).logits[0]
+                    assert (logits[row, skip:] - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("model_type", WINDOWED)
+def test_a_packed_row_with_sliding_windows_computes_each_sequence_alone(saved, model_type):
+    from training.checkpoint.weights import loaded_model
+
+    ours = loaded_model(saved[model_type][0]).eval()
+    a, b = (torch.randint(0, TINY["vocab_size"], (1, n), generator=torch.Generator().manual_seed(n)) for n in (23, 17))
+    segments = torch.tensor([[0] * 23 + [1] * 17])
+    with torch.no_grad():
+        packed = ours(torch.cat([a, b], dim=1), segments=segments)
+        alone = torch.cat([ours(a), ours(b)], dim=1)
+    assert (packed - alone).abs().max().item() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def qwen2_with_its_tokenizer(tmp_path_factory) -> tuple[str, str]:
+    """(a Qwen2 directory with Qwen's real tokenizer.json, pretraining shards of Shakespeare in that tokenizer).
+    transformers 5 reads a qwen2 directory's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json says, so
+    a Qwen2 model exports with Qwen's own tokenizer only (export_hf's check refuses another)."""
+    from conftest import run_cli, shakespeare_plays, shared_data, write_jsonl
+
+    tokenizer = shared_data("tokenizers", "qwen3")
+    root = tmp_path_factory.mktemp("qwen2")
+    save_tiny_model("qwen2", root / "model", vocab_size=151936)  # Qwen's own size: its tokenizer's ids fit
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(tokenizer, name), root / "model" / name)
+    plays = write_jsonl(root / "plays.jsonl", [{"text": open(p, encoding="utf-8").read()} for p in shakespeare_plays()[:2]])
+    run_cli("shards", "--input", plays, "--tokenizer", root / "model" / "tokenizer.json", "--out", root / "shards")
+    return str(root / "model"), str(root / "shards")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_lora_fine_tuning_exports_as_the_same_family_and_as_a_peft_adapter(saved, model_type, chat_shards, tmp_path,
+                                                                          request):
+    """Ten steps with LoRA on every projection from the imported directory (SFT; Qwen2: continued pretraining with
+    Qwen's tokenizer, see qwen2_with_its_tokenizer); the merged model exported as the family it came from
+    (export_hf checks transformers' logits and token ids against ours before the directory appears), and the
+    adapters alone for that directory as their base (checked through PEFT the same way)."""
+    from training.export_hf import export, export_adapter
+
+    if model_type == "qwen2":
+        path, shards = request.getfixturevalue("qwen2_with_its_tokenizer")
+        stage = dict(stage="pretrain")
+    else:
+        path, shards = saved[model_type][0], chat_shards["sft"]
+        stage = dict(stage="sft", config=SFT_CONFIG)
+    # an MoE family's adapters on attention: PEFT takes its gate/up/down_proj for the experts (export_hf refuses)
+    targets = "[wq,wk,wv,wo]" if "moe" in model_type else "[wq,wk,wv,wo,w1,w2,w3]"
+    run = tmp_path / "run"
+    run_training(f"data.path={shards}", f"init_from={path}", "train.max_steps=10", f"out_dir={run}", "lora.rank=4",
+                 f"lora.targets={targets}", *CHAT, **stage)
+    report = export(str(run), str(tmp_path / "hf"))
+    assert report["max_logit_diff"] < 1e-4
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert config["model_type"] == model_type
+    adapter = export_adapter(str(run), str(tmp_path / "adapter"), path)
+    assert adapter["max_logit_diff"] < 1e-4 and adapter["adapters"] > 0
+
+
+def test_what_a_family_asks_and_we_do_not_compute_is_refused_by_key(saved, tmp_path):
+    from preprocess.errors import UserError
+    from training.checkpoint.weights import loaded_model
+    from training.models import hf
+
+    def refusal(model_type, **changes):
+        name, extra = FAMILIES[model_type]
+        config = getattr(transformers, name)(**TINY, **extra).to_dict() | changes
+        with pytest.raises(UserError) as e:
+            hf.FAMILIES[model_type].model_config(config, "config.json")
+        return str(e.value)
+
+    assert "rope_type='yarn' is not supported" in refusal("llama", rope_parameters=dict(rope_type="yarn", factor=4.0))
+    assert "final_logit_softcapping=30.0 is not supported" in refusal("gemma3_text", final_logit_softcapping=30.0)
+    assert "attention_bias=True is not supported" in refusal("qwen3", attention_bias=True)
+    assert "hidden_act='gelu' is not supported" in refusal("mistral", hidden_act="gelu")
+    assert "layer_types 'chunked_attention'" in refusal("gemma3_text", layer_types=["chunked_attention"] * 3)
+
+    # a directory whose tensors do not fit its config: named by the tensor
+    src, _ = saved["qwen2"]
+    bad = tmp_path / "qwen2-without-biases"
+    shutil.copytree(src, bad)
+    config = json.load(open(bad / "config.json"))
+    json.dump(config | {"model_type": "qwen3"}, open(bad / "config.json", "w"))
+    with pytest.raises(UserError, match=r"tensor 'model\.layers\.\d\.self_attn\.[qkv]_proj\.bias' has no place"):
+        loaded_model(str(bad))
+    json.dump(config | {"head_dim": 32}, open(bad / "config.json", "w"))
+    with pytest.raises(UserError, match=r"tensor 'model\.layers\.\d\.self_attn\.[\w.]+' has shape"):
+        loaded_model(str(bad))
