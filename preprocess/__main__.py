@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 from . import dedup
-from .chat import ChatTemplate
+from .chat_template import ModelTemplate
 from .encoders import ENCODERS, Encoder, choose_encoder
 from .errors import UserError, exit_code
 from .formats import pretrain_text
@@ -17,6 +18,17 @@ from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
 from .shards import KINDS, ShardJob, encoder_sample, read_manifest, verify
 from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
+
+
+def json_object(text: str) -> dict:
+    """--chat-template-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
 
 
 def default_workers() -> int:
@@ -58,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="this process's share of the units when several split one job (default: from srun or a "
                         "Slurm array; under mpirun with mpi4py, rank 0 hands units out instead; 0 alone)")
     s.add_argument("--world", type=int, default=None, help="how many processes split the job (see --rank)")
+    s.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="sft/dpo/kto with a tokenizer.json: a jinja2 chat template used instead of the one in its "
+                        "tokenizer_config.json")
+    s.add_argument("--chat-template-kwargs", metavar="JSON", type=json_object, default={},
+                   help="options the chat template reads, e.g. '{\"enable_thinking\": false}' (Qwen3)")
     s.add_argument("--max-len", type=int, default=2048,
                    help="sft/dpo: drop (and count) examples longer than this many tokens (default: 2048)")
     s.add_argument("--encoder", choices=ENCODERS, default="auto",
@@ -160,15 +177,17 @@ def _run_shards(args, group):
         raise UserError(f"--unit-mb must be positive, got {args.unit_mb}")
     segments = plan_segments(paths, unit_bytes, args.txt_doc)
     job = ShardJob(args.out, args.kind, tokenizer, args.text_key, args.txt_doc, args.strict, args.max_len,
-                   dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram))
-    if args.kind != "pretrain":
-        ChatTemplate(tokenizer)  # the tokenizer must have the chat control symbols: fail before any work
+                   dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram),
+                   chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs)
+    template = job.template()  # a chat kind's template exists and compiles (or ours has its symbols): fail early
     if job.dedup.on and group.launcher == "Slurm array":  # its tasks need not run at the same time
         raise UserError("--dedup needs every rank of the job at once: run it under srun or mpirun, not as a Slurm "
                         "array")
     plan = make_plan(job, paths, segments, unit_bytes)
     sample = lambda: encoder_sample(job, segments)  # noqa: E731
-    if group.dynamic:
+    if isinstance(template, ModelTemplate):  # it encodes whole renderings with the tokenizer.json's own library
+        job.encoder, note = "tokenizers", None
+    elif group.dynamic:
         job.encoder, note = group.share(choose_encoder(args.encoder, tokenizer, sample) if group.rank == 0 else None)
     else:
         job.encoder, note = choose_encoder(args.encoder, tokenizer, sample)
@@ -177,7 +196,7 @@ def _run_shards(args, group):
     Encoder(tokenizer, job.encoder)  # every rank can run the chosen encoder (gigatoken may be missing on one)
     os.makedirs(args.out, exist_ok=True)
     manifest, stats = build_shards(job, plan, args.workers, group=group)
-    stats["encoder"] = job.encoder
+    stats["encoder"] = "its chat template, tokenizers" if isinstance(template, ModelTemplate) else job.encoder
     return manifest, stats
 
 

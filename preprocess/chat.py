@@ -32,15 +32,30 @@ class ChatTemplate:
     def __init__(self, tokenizer: TokenizerInfo):
         missing = [t for t in (*ROLE_TOKENS.values(), END_OF_TURN) if t not in tokenizer.special_ids]
         if missing and tokenizer.kind == "hf":
-            raise UserError(f"{tokenizer.path}: chat shards need shardlm's chat control symbols, and a Hugging Face "
-                            "tokenizer.json comes with its model's own chat template, which is not applied yet: write "
-                            "pretraining shards with it, or chat shards with a `python -m preprocess tokenizer` one")
+            raise UserError(f"{tokenizer.path}: has no chat template (no chat_template in its tokenizer_config.json, "
+                            "no chat_template.jinja beside it) and not shardlm's chat control symbols; give the "
+                            "model's template with --chat-template FILE")
         if missing:
             raise UserError(f"{tokenizer.path}: the tokenizer lacks the chat control symbols {', '.join(missing)}; "
                             "train one with `python -m preprocess tokenizer` (it reserves them)")
         self.role_ids = {role: tokenizer.special_ids[tok] for role, tok in ROLE_TOKENS.items()}
         self.end_id = tokenizer.special_ids[END_OF_TURN]
         self.eos_id = tokenizer.eos_id
+
+    def identity(self) -> dict:
+        """What the shards' plan and manifest record of the template."""
+        return {"template": TEMPLATE}
+
+    def documents(self, encoder, conversations: list[list[Turn]], learn: str, eos_id: int) -> list:
+        """Per conversation, its one document (ids, mask); the texts encoded in one batched call."""
+        encoded = iter(encoder.encode_each([t.text for conv in conversations for t in conv]))
+        return [[self.render(conv, [next(encoded) for _ in conv], learn)] for conv in conversations]
+
+    def prompt_ids(self, turns: list[Turn], encode) -> list[int]:
+        return self.prompt(turns, [np.array(encode(t.text)) for t in turns])
+
+    def end_ids(self) -> list[int]:
+        return [self.end_id]
 
     def render(self, turns: list[Turn], texts: list[np.ndarray], learn: str) -> tuple[np.ndarray, np.ndarray]:
         """ids and mask of a whole conversation; texts[i] are the ids of turns[i].text.

@@ -72,6 +72,8 @@ def messages_to_turns(value: object, key: str) -> list[Turn] | Bad:
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             return Bad("bad_messages", f"{key}[{i}] is not an object")
+        if extra := next((f for f in ("tool_calls", "images", "image", "audio", "video") if message.get(f)), None):
+            return Bad("unsupported", f"{key}[{i}] has {extra!r}: text turns only")
         role, text = message.get("role", message.get("from")), message.get("content", message.get("value"))
         if role not in ROLE_ALIASES:
             return Bad("bad_role", f"{key}[{i}] has role {role!r}")
@@ -237,9 +239,14 @@ class _ChatKind:
     def __init__(self, encoder, text_key: str, max_len: int, template: ChatTemplate):
         self.encoder, self.max_len, self.template = encoder, max_len, template
 
-    def _render_all(self, conversations: list[list[Turn]], learn: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        encoded = iter(self.encoder.encode_each([t.text for conv in conversations for t in conv]))
-        return [self.template.render(conv, [next(encoded) for _ in conv], learn) for conv in conversations]
+    def _documents(self, conversations: list[list[Turn]], learn: str) -> list:
+        """Per conversation, its documents [(ids, mask), ...] (several when the template rewrites earlier turns: see
+        preprocess/chat_template.py), or a Bad."""
+        return self.template.documents(self.encoder, conversations, learn, self.encoder.eos)
+
+    def _too_long(self, docs) -> Bad | None:
+        longest = max(len(ids) for ids, _ in docs)
+        return Bad("too_long", f"{longest} tokens > --max-len {self.max_len}") if longest > self.max_len else None
 
     def _pack(self, docs: list[tuple[np.ndarray, np.ndarray]]):
         if not docs:
@@ -269,11 +276,12 @@ class SFTKind(_ChatKind):
 
     def build(self, batch: list[list[Turn]]):
         kept, bad = [], []
-        for i, doc in enumerate(self._render_all(batch, learn="assistant")):
-            if len(doc[0]) > self.max_len:
-                bad.append((i, Bad("too_long", f"{len(doc[0])} tokens > --max-len {self.max_len}")))
+        for i, docs in enumerate(self._documents(batch, learn="assistant")):
+            problem = docs if isinstance(docs, Bad) else self._too_long(docs)
+            if problem:
+                bad.append((i, problem))
             else:
-                kept.append(doc)
+                kept += docs
         return *self._pack(kept), bad
 
 
@@ -296,15 +304,16 @@ class DPOKind(_ChatKind):
         return "\x1f".join([*(t.text for t in chosen if t.role != "system"), rejected[-1].text])
 
     def build(self, batch: list[tuple[list[Turn], list[Turn]]]):
-        docs = self._render_all([conv for pair in batch for conv in pair], learn="last")
+        docs = self._documents([conv for pair in batch for conv in pair], learn="last")
         kept, bad = [], []
         for i in range(len(batch)):
             chosen, rejected = docs[2 * i], docs[2 * i + 1]
-            longest = max(len(chosen[0]), len(rejected[0]))
-            if longest > self.max_len:
-                bad.append((i, Bad("too_long", f"{longest} tokens > --max-len {self.max_len}")))
+            problem = next((d for d in (chosen, rejected) if isinstance(d, Bad)), None) or \
+                self._too_long(chosen + rejected)
+            if problem:
+                bad.append((i, problem))
             else:
-                kept += [chosen, rejected]
+                kept += chosen + rejected
         return *self._pack(kept), bad
 
 
@@ -329,14 +338,16 @@ class KTOKind(_ChatKind):
                             for conv, label in parsed)
 
     def build(self, batch):
-        docs = iter(self._render_all([conv for examples in batch for conv, _ in examples], learn="last"))
+        docs = iter(self._documents([conv for examples in batch for conv, _ in examples], learn="last"))
         kept, bad = [], []
         for i, examples in enumerate(batch):
-            rendered = [(ids, mask * self.LABELS[label]) for (_, label), (ids, mask) in
-                        ((example, next(docs)) for example in examples)]
-            longest = max(len(ids) for ids, _ in rendered)
-            if longest > self.max_len:
-                bad.append((i, Bad("too_long", f"{longest} tokens > --max-len {self.max_len}")))
+            rendered = [(example, next(docs)) for example in examples]
+            problem = next((d for _, d in rendered if isinstance(d, Bad)), None)
+            rendered = [] if problem else [(ids, mask * self.LABELS[label]) for (_, label), d in rendered
+                                           for ids, mask in d]
+            problem = problem or self._too_long(rendered)
+            if problem:
+                bad.append((i, problem))
             else:
                 kept += rendered
         return *self._pack(kept), bad

@@ -49,9 +49,11 @@ def read_spec(path: str) -> dict:
 
 
 def companions(path: str) -> list[str]:
-    """The files that make up this tokenizer: the tokenizer.json, and its tokenizer_config.json if any."""
-    config = os.path.join(os.path.dirname(path), CONFIG)
-    return [path, *([config] if os.path.isfile(config) else [])]
+    """The files that make up this tokenizer: the tokenizer.json, and its tokenizer_config.json and the
+    shardlm_chat_template.json of chat shards written with it (preprocess/chat_template.py) if any."""
+    folder = os.path.dirname(path)
+    names = (CONFIG, "shardlm_chat_template.json")
+    return [path, *(p for p in (os.path.join(folder, n) for n in names) if os.path.isfile(p))]
 
 
 def _has_byte_level(step) -> bool:

@@ -92,6 +92,12 @@ def changed_input(old: list[dict], new: list[dict]) -> str | None:
     return None
 
 
+def model_template(job: ShardJob) -> dict:
+    """A model's chat template and its options, which the documents depend on (shardlm's own is implied)."""
+    identity = job.template().identity() if job.kind != "pretrain" else {}
+    return {"chat_template": identity} if "chat_template_sha256" in identity else {}
+
+
 def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_bytes: int) -> Plan:
     units = group_units(segments, unit_bytes)
     width = max(5, len(str(len(units) - 1)))
@@ -104,6 +110,7 @@ def make_plan(job: ShardJob, paths: list[str], segments: list[Segment], unit_byt
                     # line mode once split at LF only: an output of that rule is not taken for this one's
                     **({"line_ends": "lf-crlf-cr"} if job.txt_doc == "line" else {}),
                     **({"max_len": job.max_len} if job.kind != "pretrain" else {}),
+                    **model_template(job),
                     **({"dedup": job.dedup.options()} if job.dedup.on else {})},
         "inputs": [{"path": p, "bytes": os.path.getsize(p)} for p in paths],
         "units": [[s.provenance() for s in unit] for unit in units],

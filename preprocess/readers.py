@@ -197,6 +197,9 @@ REASONS = {
     "identical_pair": "chosen and rejected are identical",
     "bad_label": "label not true or false",
     "too_long": "too long",
+    "template_error": "the chat template refused it",
+    "template_split": "the chat template's rendering cannot be split into turns",
+    "unsupported": "unsupported content",
 }
 
 

@@ -14,12 +14,12 @@ import contextlib
 import glob
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import dedup as dd
-from .chat import TEMPLATE, ChatTemplate
+from .chat_template import template_for
 from .encoders import Encoder, first_difference
 from .errors import UserError
 from .fileio import TMP_MARK, NpyWriter, atomic_write, copy_durably, file_sha256, fsync_path
@@ -50,10 +50,19 @@ class ShardJob:
     max_len: int = 2048  # sft/dpo: longer examples are dropped and counted
     encoder: str = "sentencepiece"  # which backend computes the ids (the same ids: not part of the plan)
     dedup: dd.Dedup = dd.Dedup()
+    chat_template: str | None = None  # a file overriding the tokenizer.json's chat template
+    chat_template_kwargs: dict = field(default_factory=dict)  # the template's options (enable_thinking, ...)
 
     def make_kind(self, encoder: Encoder | None = None):
-        template = ChatTemplate(self.tokenizer) if self.kind != "pretrain" else None
-        return KIND_CLASSES[self.kind](encoder, self.text_key, self.max_len, template)
+        return KIND_CLASSES[self.kind](encoder, self.text_key, self.max_len, self.template())
+
+    def template(self):
+        """The chat template of a chat kind (None for pretraining): the tokenizer.json's model's, or ours."""
+        if self.kind == "pretrain":
+            if self.chat_template or self.chat_template_kwargs:
+                raise UserError("--chat-template and --chat-template-kwargs are for chat kinds (sft, dpo, kto)")
+            return None
+        return template_for(self.tokenizer, self.chat_template, self.chat_template_kwargs)
 
     def unit_record_path(self, name: str) -> str:
         return os.path.join(self.out_dir, WORK_DIR, "units", f"{name}.json")
@@ -210,6 +219,9 @@ def copy_tokenizer(job: ShardJob) -> None:
         copy_durably(main, dst)
     for path in others:
         copy_durably(path, os.path.join(job.out_dir, os.path.basename(path)))
+    template = job.template()
+    if hasattr(template, "save"):  # a model's template: it and its options travel with the tokenizer
+        template.save(job.out_dir)
 
 
 def unit_is_complete(job: ShardJob, name: str) -> dict | None:
@@ -243,7 +255,7 @@ def build_manifest(job: ShardJob, plan: dict, stamps: list[dict], records: list[
         "plan_sha256": plan["sha256"],
         "tokenizer": {"file": job.tokenizer.file, **job.tokenizer.to_json()},
         "dtype": job.tokenizer.dtype.name,
-        **({"template": TEMPLATE} if job.kind != "pretrain" else {}),
+        **(job.template().identity() if job.kind != "pretrain" else {}),
         "options": plan["options"],
         "inputs": stamps,  # path, bytes, mtime_ns (and sha256 with --strict): a re-run sees what changed
         "totals": {

@@ -22,14 +22,13 @@ def replies_of(run: str, prompts: list[str], samples: int, temperature: float = 
                max_new_tokens: int = 60) -> list[str]:
     """`samples` replies of a run to each request (a user turn), in order, drawn as training.sample draws them:
     batched, sample k of request i seeded by (seed, i, k)."""
-    from preprocess.chat import ChatTemplate, Turn
+    from preprocess.chat import Turn
     from training.checkpoint.weights import load_for_inference
     from training.models.decoding import chat_prompt
     from training.sample import prompt_batches, sample_chunk
 
     model, sp = load_for_inference(run)
-    end = ChatTemplate(sp.info).end_id
-    encoded = [(chat_prompt(sp, [Turn("user", p)]), end) for p in prompts]
+    encoded = [chat_prompt(sp, [Turn("user", p)]) for p in prompts]
     replies = []
     for chunk in prompt_batches(len(prompts), 64, samples):
         for texts, _ in sample_chunk(model, sp, encoded, chunk, samples, seed, max_new_tokens=max_new_tokens,

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CHAT, SFT_CONFIG, run_training
+from conftest import CHAT, SFT_CONFIG, losses, run_cli, run_command, run_training, shared_data, write_jsonl
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,7 +144,7 @@ def qwen2_with_its_tokenizer(tmp_path_factory) -> tuple[str, str]:
     """(a Qwen2 directory with Qwen's real tokenizer.json, pretraining shards of Shakespeare in that tokenizer).
     transformers 5 reads a qwen2 directory's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json says, so
     a Qwen2 model exports with Qwen's own tokenizer only (export_hf's check refuses another)."""
-    from conftest import run_cli, shakespeare_plays, shared_data, write_jsonl
+    from conftest import shakespeare_plays
 
     tokenizer = shared_data("tokenizers", "qwen3")
     root = tmp_path_factory.mktemp("qwen2")
@@ -214,3 +214,49 @@ def test_what_a_family_asks_and_we_do_not_compute_is_refused_by_key(saved, tmp_p
     json.dump(config | {"head_dim": 32}, open(bad / "config.json", "w"))
     with pytest.raises(UserError, match=r"tensor 'model\.layers\.\d\.self_attn\.[\w.]+' has shape"):
         loaded_model(str(bad))
+
+
+@pytest.fixture(scope="module")
+def qwen3_chat(tmp_path_factory) -> tuple[str, str]:
+    """(a tiny Qwen3 directory with Qwen3's real tokenizer and chat template, SFT shards of the instruction set
+    written in that template without reasoning)."""
+    source = shared_data("tokenizers", "qwen3")
+    root = tmp_path_factory.mktemp("qwen3-chat")
+    save_tiny_model("qwen3", root / "model", vocab_size=151936)  # Qwen's own size: its tokenizer's ids fit
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(source, name), root / "model" / name)
+    records = json.load(open(shared_data("llms_from_scratch", "instruction-data.json"), encoding="utf-8"))[:400]
+    src = write_jsonl(root / "sft.jsonl", records)
+    run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", root / "model", "--out", root / "sft",
+            "--chat-template-kwargs", '{"enable_thinking": false}', "--max-len", "96")
+    return str(root / "model"), str(root / "sft")
+
+
+@pytest.mark.slow
+def test_sft_of_an_imported_qwen3_in_its_own_template_is_the_same_on_two_processes_and_exports_its_tokenizer(
+        qwen3_chat, tmp_path):
+    """1 process x accumulation 4 and 2 processes x 2 give the same losses; the evaluation's sample is asked in the
+    model's template and stops at its end of turn; the export carries the model's tokenizer files byte for byte,
+    every end-of-turn id in generation_config.json, and renders a conversation as the shards did."""
+    from training.export_hf import export
+
+    model, shards = qwen3_chat
+    common = [f"data.path={shards}", f"init_from={model}", "train.max_steps=4", "data.seq_len=96",
+              "train.micro_batch_size=2", "train.eval_every=4", "train.sample_tokens=8", "log.every=1"]
+    run_training(*common, "train.grad_accum=4", f"out_dir={tmp_path / 'one'}", stage="sft", config=SFT_CONFIG)
+    run_training(*common, "train.grad_accum=2", f"out_dir={tmp_path / 'two'}", nproc=2, stage="sft",
+                 config=SFT_CONFIG)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == [1, 2, 3, 4] and all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    assert losses(tmp_path / "one", "sample")  # sampled through the template (an error would have stopped the run)
+
+    report = export(str(tmp_path / "one"), str(tmp_path / "hf"))
+    assert report["max_logit_diff"] < 1e-4
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert open(tmp_path / "hf" / name, "rb").read() == open(os.path.join(model, name), "rb").read()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    generation = json.load(open(tmp_path / "hf" / "generation_config.json"))
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
+    proc = run_command("-m", "training.generate", "--checkpoint", tmp_path / "hf", "--chat", "--prompt",
+                       "Name a colour.", "--max-new-tokens", "5")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr

@@ -100,12 +100,12 @@ def test_shards_decode_back_byte_for_byte_and_text_never_becomes_a_special_token
     assert f"text:   {texts[len(MIXED_TEXTS)] + text.piece(eos)!r}" in shown.stdout  # the literal, then eos
 
 
-def test_chat_shards_with_a_tokenizer_json_are_refused_in_one_line(gpt2_style, tmp_path):
+def test_chat_shards_with_a_tokenizer_json_without_a_chat_template_are_refused_in_one_line(gpt2_style, tmp_path):
     src = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "hi", "response": "hello"}])
     proc = run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", gpt2_style, "--out", tmp_path / "o",
                    check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
-    assert "chat shards need shardlm's chat control symbols" in proc.stderr
+    assert "has no chat template" in proc.stderr and "--chat-template FILE" in proc.stderr
     not_bpe = tmp_path / "wordlevel.json"
     tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(not_bpe))
     proc = run_cli("shards", "--input", src, "--tokenizer", not_bpe, "--out", tmp_path / "w", check=False)

@@ -204,7 +204,7 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{key}: must be at least 1")
     if not 0 <= cfg.data.val_fraction < 1:
         problems.append("data.val_fraction: must be in [0, 1)")
-    if cfg.data.seq_len > cfg.model.max_seq_len:
+    if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.init_from:  # init_from's context is checked when read
         problems.append(f"data.seq_len: {cfg.data.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}")
     if cfg.lora.rank < 0:
         problems.append("lora.rank: must be 0 (off) or positive")

@@ -31,8 +31,9 @@ import sys
 
 import torch
 
+from preprocess.chat_template import SAVED, TEMPLATE_FILE, ModelTemplate, find_template, template_for
 from preprocess.errors import UserError, exit_code
-from preprocess.tokenizer import TextTokenizer, load_tokenizer, tokenizer_file
+from preprocess.tokenizer import TextTokenizer, load_tokenizer, tokenizer_file, tokenizer_files
 
 from .checkpoint.state import saved_run
 from .checkpoint.store import load_file as load_checkpoint_file
@@ -84,7 +85,8 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
     if missing or unexpected:
         raise RuntimeError(f"weight mapping incomplete (missing {missing[:3]}, unexpected {unexpected[:3]})")
     hf_model.tie_weights()
-    end = [info.special_ids[t] for t in ("<|end|>",) if t in info.special_ids]
+    template = chat_template_of(info)
+    end = [i for i in (template.end_ids() if template else []) if i != info.eos_id]  # every end of a turn
     hf_model.generation_config = transformers.GenerationConfig(
         bos_token_id=info.special_ids.get("bos"), eos_token_id=[info.eos_id, *end],
         pad_token_id=info.special_ids.get("pad"),
@@ -93,7 +95,15 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
 
     def write(tmp: str) -> dict:
         hf_model.save_pretrained(tmp, max_shard_size="5GB")
-        if info.kind == "hf":  # the run's own tokenizer.json, byte for byte (its sha256 is what shards record)
+        companions = tokenizer_files(sp_path)
+        if info.kind == "hf" and len(companions) > 1:  # a model's tokenizer: its files byte for byte
+            for path in companions:
+                if os.path.basename(path) != SAVED:  # ours: transformers reads the template from the next file
+                    shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+            if isinstance(template, ModelTemplate) and template.source != configured_template(sp_path):
+                with open(os.path.join(tmp, TEMPLATE_FILE), "w", encoding="utf-8") as f:
+                    f.write(template.source)  # the shards' own (--chat-template): transformers prefers this file
+        elif info.kind == "hf":  # a bare tokenizer.json, byte for byte (its sha256 is what shards record)
             hf_json_tokenizer(info).save_pretrained(tmp)
         else:
             hf_tokenizer(sp_path).save_pretrained(tmp)
@@ -102,6 +112,20 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
 
     report = publish(out, write)
     return {"source": source, "step": saved_run(source)[1].step if not hf.is_hf_dir(source) else None, **report}
+
+
+def chat_template_of(info):
+    """The chat template of the run's tokenizer (its model's, or ours), or None when it has none."""
+    try:
+        return template_for(info)
+    except UserError:  # a tokenizer without chat symbols or template: plain text only
+        return None
+
+
+def configured_template(tokenizer_path: str) -> str | None:
+    """The template transformers reads from the tokenizer's own files."""
+    found = find_template(tokenizer_path, saved=False)
+    return found[0] if found else None
 
 
 def publish(out: str, write) -> dict:

@@ -32,7 +32,6 @@ import traceback
 
 import torch
 
-from preprocess.chat import ChatTemplate
 from preprocess.errors import UserError, environment_error, exit_code
 from preprocess.fileio import atomic_write, file_sha256, numbered_lines
 from preprocess.formats import Bad, Turn, messages_to_turns
@@ -62,9 +61,9 @@ def read_prompts(path: str) -> list[tuple[int, object]]:
     return prompts
 
 
-def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None, bool]:
-    """(ids, the id that ends a reply, whether the reply is a chat turn): a chat prompt (--chat, or any
-    "messages") ends at <|end|>, plain text at eos."""
+def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], object, bool]:
+    """(ids, the id or ids that end a reply, whether the reply is a chat turn): a chat prompt (--chat, or any
+    "messages") ends at the chat template's end of turn, plain text at eos."""
     if isinstance(value, dict) and "messages" in value:
         turns = messages_to_turns(value["messages"], "messages")
         if isinstance(turns, Bad):
@@ -76,7 +75,7 @@ def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], int | None
         if not chat:
             return sp.encode(text), sp.eos_id, False
         turns = [Turn("user", text)]
-    return chat_prompt(sp, turns), ChatTemplate(sp.info).end_id, True
+    return *chat_prompt(sp, turns), True
 
 
 def sample_seed(seed: int, prompt: int, sample: int) -> int:

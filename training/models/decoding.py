@@ -5,10 +5,10 @@ Used by training.generate, training.sample, the samples of evaluation and the re
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from preprocess.chat import ChatTemplate, Turn
+from preprocess.chat import Turn
+from preprocess.chat_template import template_for
 
 from .transformer import KVCache, Transformer
 
@@ -36,15 +36,21 @@ def pick_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0
 
 
 @torch.no_grad()
+def stop_set(stop) -> frozenset:
+    """The ids a reply ends at: one id, several (a chat template's end-of-turn ids), or None."""
+    return frozenset(() if stop is None else (stop,) if isinstance(stop, int) else stop)
+
+
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, greedy: bool = False, eos_id: int | None = None, vocab_limit: int | None = None,
+             top_p: float = 1.0, greedy: bool = False, eos_id=None, vocab_limit: int | None = None,
              generator: torch.Generator | None = None, follow=None) -> list[int]:
-    """New token ids after `prompt` (stops at eos or the model's context). Ids >= vocab_limit (the padding of a
-    rounded-up vocabulary) are never produced. `follow(token) -> token` replaces each chosen token, e.g. by
-    another process's choice, so that several processes generate the same ids step by step."""
+    """New token ids after `prompt` (stops at eos_id — one id or several — or the model's context). Ids >=
+    vocab_limit (the padding of a rounded-up vocabulary) are never produced. `follow(token) -> token` replaces each
+    chosen token, e.g. by another process's choice, so that several processes generate the same ids step by step."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    prompt = prompt[-(cfg.max_seq_len - 1):] or [eos_id if eos_id is not None else 0]
+    stops = stop_set(eos_id)
+    prompt = prompt[-(cfg.max_seq_len - 1):] or [min(stops, default=0)]
     total = min(cfg.max_seq_len, len(prompt) + max_new_tokens)
     cache = KVCache(cfg, 1, total, device, next(model.parameters()).dtype)
     logits = model(torch.tensor([prompt], device=device), cache)[0, -1]
@@ -54,7 +60,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temp
                            vocab_limit=vocab_limit, generator=generator)
         if follow is not None:
             token = follow(token)
-        if token == eos_id:
+        if token in stops:
             break
         out.append(token)
         if cache.length >= total:
@@ -63,33 +69,35 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temp
     return out
 
 
-def chat_prompt(sp, turns) -> list[int]:
-    """The ids that ask for the assistant's reply after `turns` (preprocess.chat.Turn), rendered with the chat
-    template; the reply ends at template.end_id (<|end|>)."""
-    return ChatTemplate(sp.info).prompt(turns, [np.array(sp.encode(t.text)) for t in turns])
+def chat_prompt(sp, turns) -> tuple[list[int], list[int]]:
+    """(the ids that ask for the assistant's reply after `turns` (preprocess.chat.Turn), the ids that end the
+    reply), with the tokenizer's chat template: its model's (a tokenizer.json's), or ours (<|end|>)."""
+    template = template_for(sp.info)
+    return template.prompt_ids(turns, sp.encode), template.end_ids()
 
 
 def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int = 50, greedy: bool = False, seed: int = 0, top_p: float = 1.0) -> str:
-    """The assistant's reply to one user turn, rendered with the chat template; stops at <|end|>."""
-    prompt = chat_prompt(sp, [Turn("user", text)])
+    """The assistant's reply to one user turn, rendered with the chat template; stops at its end of turn."""
+    prompt, stop = chat_prompt(sp, [Turn("user", text)])
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     ids = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                   eos_id=ChatTemplate(sp.info).end_id, vocab_limit=sp.vocab_size, generator=generator)
+                   eos_id=stop, vocab_limit=sp.vocab_size, generator=generator)
     return sp.decode(ids)
 
 
 @torch.no_grad()
-def sample_batch(model: Transformer, prompts: list[list[int]], stops: list[int | None], seeds: list[int],
+def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seeds: list[int],
                  max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, vocab_limit: int | None = None) -> tuple[list[list[int]], list[bool]]:
-    """New ids after each prompt, and whether each ended at its stop id, all rows decoded together: left-padded
+    """New ids after each prompt, and whether each ended at one of its stop ids (stops[r]: one id, several or None),
+    all rows decoded together: left-padded
     to the longest prompt, one KV cache, each row drawing from its own generator and ending as
     training.generate would end it alone (its stop id, max_new_tokens, or its own end of the context)."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    prompts = [p[-(cfg.max_seq_len - 1):] or [stop if stop is not None else 0] for p, stop in zip(prompts, stops,
-                                                                                                   strict=True)]
+    stops = [stop_set(stop) for stop in stops]
+    prompts = [p[-(cfg.max_seq_len - 1):] or [min(stop, default=0)] for p, stop in zip(prompts, stops, strict=True)]
     longest = max(len(p) for p in prompts)
     limits = [min(max_new_tokens, cfg.max_seq_len - len(p) + 1) for p in prompts]  # generate()'s count
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
@@ -105,7 +113,7 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list[int |
         for r in live:
             chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                    vocab_limit=vocab_limit, generator=generators[r])
-            if chosen[r] == stops[r]:
+            if chosen[r] in stops[r]:
                 stopped[r] = True
             else:
                 out[r].append(chosen[r])

@@ -16,11 +16,11 @@ import os
 import numpy as np
 import torch
 
-from preprocess.chat import ChatTemplate, Turn
+from preprocess.chat import Turn
 from preprocess.tokenizer import TextTokenizer, token_bytes, tokenizer_file
 
 from ..data.batch import IGNORE
-from ..models.decoding import generate
+from ..models.decoding import chat_prompt, generate
 from ..parallel import env as D
 
 
@@ -100,9 +100,8 @@ def sample_text(run, step: int) -> str:
     cfg, env = run.cfg, run.env
     sp = text_tokenizer(tokenizer_file(cfg.out_dir))
     prompt, stop = sp.encode(cfg.train.sample_prompt), sp.eos_id
-    if run.stage.chat:  # the prompt as a user turn; the reply ends at <|end|>
-        template = ChatTemplate(sp.info)
-        prompt, stop = template.prompt([Turn("user", cfg.train.sample_prompt)], [np.array(prompt)]), template.end_id
+    if run.stage.chat:  # the prompt as a user turn; the reply ends at the chat template's end of turn
+        prompt, stop = chat_prompt(sp, [Turn("user", cfg.train.sample_prompt)])
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed + step)
     follow = None
     if env.distributed:  # every rank feeds rank 0's token: the same forwards everywhere, the same stop

@@ -1,0 +1,291 @@
+"""A model's own chat template: the jinja2 `chat_template` of its tokenizer_config.json (or a chat_template.jinja
+beside it, or a file given with --chat-template), rendered as transformers renders it and tokenized as transformers
+tokenizes the rendering, so that a document's ids are `AutoTokenizer.apply_chat_template(messages, tokenize=True)`.
+
+Text a message holds never becomes a control token: the control tokens (the special tokens, and the added tokens
+the template writes, such as Qwen3's <think>) are marked in every message before rendering and encoded as plain
+text, exactly as transformers' `sanitize_control_tokens=True` does. A conversation without such text gets the
+ids of a plain `apply_chat_template`.
+
+The loss mask covers what the assistant writes: its content and the end-of-turn token(s) the template puts after
+it, up to the last control token (the whitespace a template writes after it, such as Qwen's newline, is not
+learned). It is derived from renderings of the conversation's prefixes: for each learned assistant turn, the
+conversation before it with the generation prompt, then through it; the first's ids must begin the second's (a
+template whose generation prompt is not how it renders the turn cannot be split, and the record is skipped with a
+counted reason). When every such rendering begins the whole conversation's, the conversation is one document with
+every learned span; when the template rewrites earlier turns (Qwen3 drops the reasoning of turns before the last
+user message), each learned turn becomes a document of its own, with the history as the template renders it
+when that turn is the last.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from datetime import datetime
+
+import numpy as np
+
+from .chat import ChatTemplate, Turn
+from .errors import UserError
+from .fileio import atomic_write
+from .hf_tokenizer import CONFIG, find_file, load_reference, read_spec
+from .readers import Bad
+from .tokenizer import TokenizerInfo
+
+TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers save the template, beside tokenizer_config.json
+SAVED = "shardlm_chat_template.json"  # the template and options of chat shards, beside their tokenizer
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"  # around a control token in a message (transformers' markers)
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def find_template(tokenizer_path: str, override: str | None = None, saved: bool = True) -> tuple[str, str, dict] | None:
+    """(the template's text, where it came from, the options it was used with) for a tokenizer.json: --chat-template's
+    file; else (saved) the shardlm_chat_template.json that chat shards wrote beside it (the template and options they were
+    written with, which travels with the tokenizer into runs and checkpoints); else its tokenizer_config.json's
+    chat_template (the default one when it holds several); else a chat_template.jinja beside it. None when there is
+    none."""
+    if override:
+        try:
+            with open(override, encoding="utf-8") as f:
+                return f.read(), override, {}
+        except OSError as e:
+            raise UserError(f"--chat-template {override}: {e.strerror}") from None
+    folder = os.path.dirname(tokenizer_path)
+    record_path = os.path.join(folder, SAVED)
+    if saved and os.path.isfile(record_path):
+        try:
+            with open(record_path, encoding="utf-8") as f:
+                record = json.load(f)
+            return record["template"], record_path, record["kwargs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{record_path}: unreadable ({e!r})") from None
+    template = read_config(tokenizer_path).get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if isinstance(template, str) and template:
+        return template, os.path.join(folder, CONFIG), {}
+    jinja = os.path.join(folder, TEMPLATE_FILE)
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read(), jinja, {}
+    return None
+
+
+def read_config(tokenizer_path: str) -> dict:
+    path = os.path.join(os.path.dirname(tokenizer_path), CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+
+
+def compile_template(source: str, where: str):
+    """The template compiled in the sandbox transformers uses, with its globals (raise_exception, strftime_now),
+    its tojson, loop controls and the {% generation %} tag (whose body is rendered as is)."""
+    try:
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise UserError("a model's chat template needs jinja2 (pip install jinja2)") from None
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source), env
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(f"{where}: the chat template does not compile (line {e.lineno}: {e.message})") from None
+
+
+def literal_text(env, source: str) -> str:
+    """The template's own text and string constants, joined so that no match spans two of them."""
+    import jinja2
+
+    ast = env.parse(source)
+    literals = [n.data for n in ast.find_all(jinja2.nodes.TemplateData)]
+    literals += [n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)]
+    return "\0".join(literals)
+
+
+class ModelTemplate:
+    """The chat template of a tokenizer.json's model: documents (ids, mask) of conversations, and the prompt ids
+    that ask for the next assistant turn."""
+
+    def __init__(self, tokenizer_path: str, source: str, where: str, options: dict):
+        from tokenizers import Tokenizer  # the tokenizer.json's library (load_reference checked it is installed)
+
+        self.path = find_file(tokenizer_path)
+        self.plain = load_reference(self.path)  # no added token from text
+        self.full = Tokenizer.from_file(self.path)
+        self.source, self.where, self.options = source, where, dict(options)
+        self.sha256 = hashlib.sha256(self.source.encode()).hexdigest()
+        self.compiled, env = compile_template(self.source, self.where)
+        config = read_config(self.path)
+        self.variables = {name: value.get("content") if isinstance(value, dict) else value
+                          for name in SPECIAL_NAMES if (value := config.get(name)) is not None}
+        added = read_spec(self.path).get("added_tokens", [])
+        literals = literal_text(env, self.source)
+        self.control = [t["content"] for t in added if t.get("special") or
+                        (t["content"] in literals and not t["content"].isspace())]
+        longest_first = "|".join(map(re.escape, sorted(self.control, key=len, reverse=True))) or "(?!)"
+        self.control_re = re.compile(longest_first)
+        every_added = "|".join(map(re.escape, sorted((t["content"] for t in added), key=len, reverse=True))) or "(?!)"
+        self.markers_re = re.compile(f"{MARK_START}({every_added}){MARK_END}|[{MARK_START}{MARK_END}]")
+        self.control_ids = {self.full.token_to_id(t) for t in self.control}
+        self.newline = self.full.encode("\n", add_special_tokens=False).ids
+        self._end_ids: list[int] | None = None
+
+    def identity(self) -> dict:
+        """What the shards' plan and manifest record of the template."""
+        return {"chat_template_sha256": self.sha256, "chat_template_kwargs": self.options}
+
+    def save(self, folder: str) -> str:
+        """shardlm_chat_template.json in `folder` (beside a copy of the tokenizer): the template and options, so that runs
+        and checkpoints render prompts as the shards were rendered."""
+        path = os.path.join(folder, SAVED)
+        record = {"template": self.source, "kwargs": self.options, "sha256": self.sha256}
+        atomic_write(path, json.dumps(record, ensure_ascii=False, indent=1).encode())
+        return path
+
+    # ------------------------------------------------------------------------------------- rendering
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The template's text for messages whose control tokens are marked (see mark)."""
+        return self.compiled.render(messages=messages, tools=None, documents=None,
+                                    add_generation_prompt=add_generation_prompt, **{**self.variables, **self.options})
+
+    def mark(self, text: str) -> str:
+        text = text.replace(MARK_START, "").replace(MARK_END, "")
+        return self.control_re.sub(f"{MARK_START}\\g<0>{MARK_END}", text)
+
+    def encode(self, chat: str) -> list[int]:
+        """A rendering's ids: the template's control tokens as tokens, marked ones (from messages) as text, each
+        piece between markers encoded on its own (as transformers' sanitized encoding does)."""
+        pieces = self.markers_re.split(chat)
+        ids = self.full.encode(pieces[0], add_special_tokens=False).ids
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:  # a lone marker (a template's split() separated it from its token): dropped
+                continue
+            encode = self.plain.encode if i % 2 == 1 else self.full.encode
+            # after a newline, as transformers does, so that a tokenizer adding a prefix space at the start of a
+            # string does not add one inside the chat
+            piece_ids = encode("\n" + piece, add_special_tokens=False).ids
+            ids += piece_ids[len(self.newline):] if piece_ids[:len(self.newline)] == self.newline else \
+                encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt))
+
+    # ------------------------------------------------------------------------------------- documents
+    def messages(self, turns) -> list[dict]:
+        return [{"role": t.role, "content": self.mark(t.text)} for t in turns]
+
+    def learned_end(self, ids: list[int], start: int) -> int:
+        """Where an assistant turn's learned tokens end in `ids` (its rendering through the turn): after its last
+        control token when whitespace alone follows it, else at the end."""
+        end = len(ids)
+        while end > start and ids[end - 1] not in self.control_ids and \
+                self.full.decode([ids[end - 1]], skip_special_tokens=False).isspace():
+            end -= 1
+        return end if end > start and ids[end - 1] in self.control_ids else len(ids)
+
+    def conversation(self, turns, learn: str, eos_id: int) -> list[tuple[np.ndarray, np.ndarray]] | Bad:
+        """The documents of one conversation: one with every learned turn, or one per learned turn when the
+        template rewrites earlier turns. learn="assistant": every assistant turn; "last": the final one."""
+        import jinja2
+
+        messages = self.messages(turns)
+        learned = [i for i, t in enumerate(turns) if t.role == "assistant" and (learn == "assistant" or i == len(turns) - 1)]
+        try:
+            whole = self.ids(messages)
+            spans = []
+            for k in learned:
+                prompt = self.ids(messages[:k], add_generation_prompt=True)
+                through = whole if k == len(turns) - 1 else self.ids(messages[:k + 1])
+                if through[:len(prompt)] != prompt:
+                    return Bad("template_split", f"turn {k}: the template's generation prompt is not how its rendering "
+                               "of the assistant's turn begins")
+                spans.append((len(prompt), self.learned_end(through, len(prompt)), through))
+        except jinja2.exceptions.TemplateError as e:
+            return Bad("template_error", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if all(whole[:len(through)] == through for _, _, through in spans):
+            pieces = [(whole, [(start, end) for start, end, _ in spans])]
+        else:
+            pieces = [(through, [(start, end)]) for start, end, through in spans]
+        documents = []
+        for ids, learned_spans in pieces:
+            mask = np.zeros(len(ids) + (ids[-1:] != [eos_id]), dtype=np.uint8)
+            for start, end in learned_spans:
+                mask[start:end] = 1
+            documents.append((np.array(ids + [eos_id] * (ids[-1:] != [eos_id]), dtype=np.int64), mask))
+        return documents
+
+    def documents(self, encoder, conversations, learn: str, eos_id: int) -> list:
+        return [self.conversation(turns, learn, eos_id) for turns in conversations]
+
+    # ------------------------------------------------------------------------------------- generation
+    def prompt_ids(self, turns, encode=None) -> list[int]:
+        """ids that ask the model for the next assistant turn (the template encodes its text itself)."""
+        return self.ids(self.messages(turns), add_generation_prompt=True)
+
+    def end_ids(self) -> list[int]:
+        """The ids that end an assistant's turn (a reply stops at any of them): the control tokens the template
+        writes right after a reply's text."""
+        if self._end_ids is None:
+            turns = [Turn("user", "Hi"), Turn("assistant", "Hello")]
+            prompt = self.prompt_ids(turns[:1])
+            through = self.ids(self.messages(turns))
+            end = self.learned_end(through, len(prompt))
+            start = end
+            while start > len(prompt) and through[start - 1] in self.control_ids:
+                start -= 1
+            self._end_ids = list(dict.fromkeys(through[start:end]))
+        return self._end_ids
+
+
+def template_for(tokenizer: TokenizerInfo, override: str | None = None, options: dict | None = None):
+    """The chat template of conversations tokenized with this tokenizer: a tokenizer.json's model's (find_template;
+    `options` replace the ones it was saved with), else ours on the tokenizer's reserved role symbols."""
+    found = find_template(tokenizer.path, override) if tokenizer.kind == "hf" else None
+    if found is not None:
+        source, where, saved = found
+        return cached_template(tokenizer.path, source, where, json.dumps(saved if options is None else options,
+                                                                         sort_keys=True))
+    if override or options:
+        what = "--chat-template" if override else "--chat-template-kwargs"
+        raise UserError(f"{what}: {tokenizer.path} is not a tokenizer.json with a chat template; a chat template is a "
+                        "Hugging Face tokenizer's (a sentencepiece model's conversations use shardlm's own template)")
+    return ChatTemplate(tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_template(path: str, source: str, where: str, options: str) -> ModelTemplate:
+    """One compiled template per tokenizer, template and options in a process (a sampler asks for every prompt)."""
+    return ModelTemplate(path, source, where, json.loads(options))
