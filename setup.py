@@ -19,6 +19,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.8",          # training.report
         "safetensors>=0.4",         # init_from a transformers directory
+        "jinja2>=3.1.6",            # a model's own chat template (the sandbox transformers asks for)
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],

@@ -4,12 +4,14 @@ rope scaling) with random weights saved as bf16 shards.
 
     python bench/import_memory.py [--processes 2] [--shard-size 1GB] [--out bench_out/import]
 
-Each process does what every rank of a DDP run does before its first step: the model's config from config.json,
-then the weights into fp32 parameters. `streamed` is training's way (checkpoint.weights.loaded_model: the model
-built on the meta device and filled tensor by tensor, large ones in row blocks); `whole` is the way before it, the
-baseline: a randomly initialised model, then every file read whole, converted to fp32 and loaded. The processes of
-one way run at once, as a node's ranks do (they share the page cache). Peak RSS is each process's ru_maxrss; the
-figure the goal is set in is peak RSS / the model's size in fp32 (its training dtype).
+Each process does what every rank of a run does before its first step: the model's config from config.json,
+then the weights into fp32 parameters. `streamed` is a DDP rank (checkpoint.weights.starting_model: the model
+built on the meta device and filled tensor by tensor, large ones in row blocks); `zero3` a ZeRO-3 rank (the model
+built partitioned inside deepspeed.zero.Init, each rank filling only its share of every tensor); `whole` is the way
+before both, the baseline: a randomly initialised model, then every file read whole, converted to fp32 and loaded.
+The processes of one way run at once, as a node's ranks do (they share the page cache). Peak RSS is each process's
+ru_maxrss; the goals are set in peak RSS / the model's size in fp32 (its training dtype) for DDP, and / (the model
+/ processes + the largest file) for ZeRO-3.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def import_once(path: str, way: str) -> dict:
     from training.models.transformer import Transformer
 
     start = time.perf_counter()
-    if way == "streamed":
+    if way == "zero3":
+        model = zero3_model(path)
+    elif way == "streamed":
         model = loaded_model(path)
     else:
         model = Transformer(model_config(path))
@@ -76,15 +80,38 @@ def import_once(path: str, way: str) -> dict:
         del stored
         model.load_state_dict(ours, strict=False)
     seconds = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": seconds,
             "params": params}
 
 
+def zero3_model(path: str):
+    """What a rank of a ZeRO-3 run does: the DeepSpeed backend builds the model partitioned, each rank fills its
+    share (checkpoint.weights.starting_model)."""
+    import dataclasses
+
+    from training.checkpoint.weights import model_config, starting_model
+    from training.config import Config
+    from training.data.order import BatchPlan
+    from training.parallel import env as D
+    from training.parallel.deepspeed import DeepSpeed
+
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, backend="deepspeed", zero_stage=3))
+    env = D.init("deepspeed", "cpu", 600, group_always=True)
+    backend = DeepSpeed(cfg, env, BatchPlan.of(cfg.train, env.world_size, env.rank), "fp32")
+    model = starting_model(path, model_config(path), backend)
+    assert all(hasattr(p, "ds_tensor") for p in model.parameters())  # partitioned as built
+    return model
+
+
 def run_way(path: str, way: str, processes: int) -> list[dict]:
+    ranks = lambda r: {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(processes),  # noqa: E731
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731"} if way == "zero3" else {}
     procs = [subprocess.Popen([sys.executable, __file__, "--child", way, "--model", path], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(processes)]
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **ranks(r)})
+             for r in range(processes)]
     results = []
     for proc in procs:
         out, _ = proc.communicate()
@@ -101,7 +128,7 @@ def main() -> None:
                     help="processes of the whole-file baseline (it needs about 2.5 times the memory per process)")
     ap.add_argument("--shard-size", default="1GB", help="max_shard_size of the saved checkpoint")
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "import"))
-    ap.add_argument("--child", choices=["streamed", "whole"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["streamed", "zero3", "whole"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -112,15 +139,16 @@ def main() -> None:
     files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
     largest = max(os.path.getsize(f) for f in files)
     rows = []
-    for way, n in (("streamed", args.processes), ("whole", args.baseline_processes)):
+    for way, n in (("streamed", args.processes), ("zero3", args.processes), ("whole", args.baseline_processes)):
         results = run_way(path, way, n)
         fp32 = results[0]["params"] * 4
         peak = max(r["peak_rss"] for r in results)
-        rows.append((way, n, peak, peak / fp32, max(r["seconds"] for r in results)))
+        goal = fp32 / n + largest if way == "zero3" else fp32  # what the goal's 1.3x is of
+        rows.append((way, n, peak, peak / goal, max(r["seconds"] for r in results)))
     print(f"model: {results[0]['params'] / 1e9:.3f} B parameters, {fp32 / 1e9:.2f} GB in fp32; {len(files)} bf16 "
           f"files, the largest {largest / 1e9:.2f} GB; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores")
-    print("| import | processes at once | peak RSS per process | / model in fp32 | seconds |")
+    print("| import | processes at once | peak RSS per process | / its goal's base | seconds |")
     print("|---|---|---|---|---|")
     for way, n, peak, ratio, seconds in rows:
         print(f"| {way} | {n} | {peak / 1e9:.2f} GB | {ratio:.2f} | {seconds:.1f} |")

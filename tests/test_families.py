@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CHAT, SFT_CONFIG, losses, run_cli, run_command, run_training, shared_data, write_jsonl
+from conftest import CHAT, DPO_CONFIG, SFT_CONFIG, losses, run_cli, run_command, run_training, shared_data, write_jsonl
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,6 +99,42 @@ def test_each_family_switch_is_read():
     assert (gemma.sliding_layers, gemma.rope_local_theta, gemma.rope_scaling, gemma.attention_scale) == \
         ([0, 2], 10000.0, "linear", 24.0)
     assert gemma.norm_plus_one and gemma.sandwich_norm and gemma.embed_scale and gemma.activation == "gelu_tanh"
+
+
+def test_keys_a_config_leaves_out_are_read_as_the_familys_config_class_reads_them():
+    """A config.json without rope_theta, rms_norm_eps, sliding_window or query_pre_attn_scalar means the family
+    config class's defaults (Mixtral's rope base is 1e6, Mistral's window 4096, Gemma's scalar 256), not ours."""
+    from training.models import hf
+
+    for model_type, left_out in (("mixtral", ("rope_parameters", "rope_theta", "rms_norm_eps")),
+                                 ("mistral", ("sliding_window",)), ("gemma3_text", ("query_pre_attn_scalar",
+                                                                                     "rope_parameters"))):
+        name, extra = FAMILIES.get(model_type, ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)))
+        config = {k: v for k, v in getattr(transformers, name)(**(TINY | extra)).to_dict().items() if k not in left_out}
+        theirs = getattr(transformers, name)(**config)  # the config class fills in what is left out
+        ours = hf.FAMILIES[model_type].model_config(config, model_type)
+        full = theirs.rope_parameters.get("full_attention", theirs.rope_parameters)
+        assert (ours.rope_theta, ours.norm_eps) == (full["rope_theta"], theirs.rms_norm_eps), model_type
+        if model_type != "mixtral":
+            assert ours.sliding_window == theirs.sliding_window, model_type
+    assert hf.FAMILIES["gemma3_text"].model_config(config, "gemma").attention_scale in (0.0, 256.0)
+
+
+def test_a_model_trained_from_scratch_exports_as_the_first_family_that_computes_it():
+    from preprocess.errors import UserError
+    from training.models import hf
+    from training.models.transformer import ModelConfig, MoEConfig
+
+    plain = ModelConfig(vocab_size=512)  # n_kv_heads, ffn_hidden, head_size left at 0: the defaults
+    assert hf.family_of(plain).model_type == "llama"
+    assert hf.family_of(ModelConfig(vocab_size=512, moe=MoEConfig(top_k=4))).model_type == "llama"  # no experts
+    assert hf.family_of(ModelConfig(vocab_size=512, qk_norm=True, head_size=32)).model_type == "qwen3"
+    assert hf.family_of(ModelConfig(vocab_size=512, qkv_bias=True)).model_type == "qwen2"
+    assert hf.family_of(ModelConfig(vocab_size=512, sliding_window=64, sliding_layers=[0, 1, 2, 3])).model_type == \
+        "mistral"
+    assert hf.family_of(ModelConfig(vocab_size=512, moe=MoEConfig(experts=4))).model_type == "mixtral"
+    with pytest.raises(UserError, match="no transformers model family computes this model: Llama differs in qkv_bias"):
+        hf.family_of(ModelConfig(vocab_size=512, qkv_bias=True, qk_norm=True))
 
 
 @pytest.mark.parametrize("model_type", WINDOWED)
@@ -202,6 +238,8 @@ def test_what_a_family_asks_and_we_do_not_compute_is_refused_by_key(saved, tmp_p
     assert "attention_bias=True is not supported" in refusal("qwen3", attention_bias=True)
     assert "hidden_act='gelu' is not supported" in refusal("mistral", hidden_act="gelu")
     assert "layer_types 'chunked_attention'" in refusal("gemma3_text", layer_types=["chunked_attention"] * 3)
+    assert "quantization_config='fp8' is not supported" in refusal("qwen3", quantization_config={"quant_method": "fp8"})
+    assert "moe_intermediate_size=0 must be positive" in refusal("qwen3_moe", moe_intermediate_size=0)
 
     # a directory whose tensors do not fit its config: named by the tensor
     src, _ = saved["qwen2"]
@@ -260,3 +298,39 @@ def test_sft_of_an_imported_qwen3_in_its_own_template_is_the_same_on_two_process
     proc = run_command("-m", "training.generate", "--checkpoint", tmp_path / "hf", "--chat", "--prompt",
                        "Name a colour.", "--max-new-tokens", "5")
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+@pytest.mark.slow
+def test_sft_under_zero3_from_an_imported_llama_gives_the_ddp_losses(saved, chat_shards, zero3, tmp_path):
+    """ZeRO-3 builds the imported model partitioned (deepspeed.zero.Init) and each rank fills only its share of every
+    tensor from the files: the same starting weights, so the same losses as DDP on the whole model."""
+    path, _ = saved["llama"]
+    common = [f"data.path={chat_shards['sft']}", f"init_from={path}", "train.max_steps=3", "train.grad_accum=2",
+              "train.precision=fp32", "train.eval_every=3", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'ddp'}", nproc=2, stage="sft", config=SFT_CONFIG)
+    run_training(*common, f"out_dir={tmp_path / 'zero3'}", *zero3, nproc=2, stage="sft", config=SFT_CONFIG)
+    for key in ("loss", "val_loss"):
+        ddp, ds = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
+        assert ddp and all(ds[step] == pytest.approx(ddp[step], rel=1e-4) for step in ddp), key
+
+
+@pytest.mark.slow
+def test_dpo_against_a_pinned_imported_reference_resumes_after_kill_9_as_if_uninterrupted(saved, chat_shards,
+                                                                                          tmp_path):
+    """The reference is the imported directory itself, pinned into the run (config.json and its safetensors
+    shards); a run killed after its first checkpoint continues with the losses of one that was not."""
+    from conftest import kill_after_first_checkpoint, private_copy, start_training
+
+    from training.models import hf
+
+    path, _ = saved["qwen3"]
+    shards = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
+    common = [f"data.path={shards}", f"init_from={path}", "train.max_steps=4", "train.ckpt_every=2", *CHAT]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", stage="dpo", config=DPO_CONFIG)
+    pinned = tmp_path / "straight" / "reference"
+    assert hf.is_hf_dir(str(pinned)) and len(hf.weight_files(str(pinned))) > 1
+    out = tmp_path / "killed"
+    kill_after_first_checkpoint(start_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG), out)
+    run_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG)
+    for key in ("loss", "rewards/margins"):
+        assert losses(out, key) == losses(tmp_path / "straight", key)

@@ -188,12 +188,16 @@ def export_adapter(checkpoint: str, out: str, base: str) -> dict:
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         module, kind = key.split(".lora_")
+        if f"{module}.weight" not in names:  # the output head tied to the embedding: no module of its own there
+            raise UserError(f"--adapter-only: adapters on {module} have no transformers module to sit on (the head "
+                            "is tied to the embedding); export the merged model instead (without --adapter-only)")
         theirs, heads = names[f"{module}.weight"]
         if kind.startswith("B."):  # B's rows are the projection's rows: they follow its rotary layout
             value = hf.rope_layout(value, heads, to_hf=True)
         adapters[f"base_model.model.{theirs.removesuffix('.weight')}.lora_{kind}"] = value
-    # the adapted modules by their full names: a short one (gate_proj) would also reach an MoE block's experts
-    targets = sorted({name.removeprefix("base_model.model.").split(".lora_")[0] for name in adapters})
+    # the adapted modules' own names (q_proj, …): an MoE model's feed-forward adapters are refused above, so none
+    # of these reaches an expert
+    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapters})
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft_model = get_peft_model(hf_model, LoraConfig(r=run_cfg.lora.rank, lora_alpha=run_cfg.lora.alpha,
                                                      lora_dropout=run_cfg.lora.dropout, target_modules=targets))

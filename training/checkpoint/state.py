@@ -84,6 +84,13 @@ def run_identity(stage: str, cfg: Config, sources, model_cfg, backend: dict, sta
     return identity
 
 
+# the model's switches for the open families, recorded since they exist (the others always were)
+FAMILY_SWITCHES = {"head_size", "qkv_bias", "qk_norm", "attention_scale", "sliding_window", "sliding_layers",
+                   "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                   "rope_original_context", "rope_local_theta", "activation", "norm_plus_one", "sandwich_norm",
+                   "embed_scale", "family"}
+
+
 def default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -92,7 +99,7 @@ def default(f: dataclasses.Field):
 RECORDED_LATER = {"data.packing": 0, "data.document_mask": False, "dpo.loss": "sigmoid", "dpo.label_smoothing": 0.0,
                   "dpo.rpo_alpha": 0.0, "train.optimizer": "adamw",
                   **{f"model.moe.{f.name}": default(f) for f in dataclasses.fields(MoEConfig)},
-                  **{f"model.{f.name}": default(f) for f in dataclasses.fields(ModelConfig) if f.name != "moe"}}
+                  **{f"model.{f.name}": default(f) for f in dataclasses.fields(ModelConfig) if f.name in FAMILY_SWITCHES}}
 
 
 def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None) -> None:

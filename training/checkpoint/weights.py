@@ -120,14 +120,27 @@ def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
     fit(model, state, path)
 
 
-def loaded_model(ckpt_dir: str, cfg: ModelConfig | None = None, device="cpu") -> Transformer:
-    """A model holding the weights of a resolved directory, built on the meta device and filled: no random
-    initialisation and no second copy of the weights. cfg: the model's config (default: the directory's)."""
+def loaded_model(ckpt_dir: str, cfg: ModelConfig | None = None, device="cpu", dtype=None) -> Transformer:
+    """A model holding the weights of a resolved directory, built on the meta device and filled on `device` (its
+    parameters in `dtype`, default fp32): no random initialisation, and from a transformers directory no second
+    copy of the weights (our own checkpoints are read whole, then copied in). cfg: the model's config (default: the
+    directory's)."""
     with torch.device("meta"):
         model = Transformer(cfg or model_config(ckpt_dir))
-    model.materialize(device)
+    model.materialize(device, dtype)
     load_weights(ckpt_dir, model)
     return model
+
+
+def starting_model(ckpt_dir: str, cfg: ModelConfig, backend) -> Transformer:
+    """The model a fresh fine-tuning run starts from: a transformers directory's weights filled into the model as
+    the backend builds it (ZeRO-3: partitioned as it is made, each rank reading only its share of every tensor); a
+    checkpoint of ours, loaded whole (a LoRA run's adapters are merged into it)."""
+    if hf.is_hf_dir(ckpt_dir):
+        model = backend.empty_model(lambda: Transformer(cfg))
+        hf.load_into(ckpt_dir, model, backend.storage)
+        return model
+    return loaded_model(ckpt_dir, cfg, backend.env.device)
 
 
 def load_for_inference(checkpoint: str, device: str = "auto") -> tuple[Transformer, TextTokenizer]:

@@ -18,14 +18,15 @@ interleaved pairs (x0, x1), (x2, x3), … of each head, transformers' turns the 
 query and key projections (and their biases and norms) are permuted between the layouts, which is exact.
 
 Anything a transformers config asks that our model does not compute is refused by key, never loaded approximately.
-Reading a transformers directory needs only safetensors, one tensor at a time (load_into); writing one
+Reading a transformers directory needs only safetensors, one tensor at a time, each process reading what it holds
+(load_into); writing one
 (training.export_hf) needs transformers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
 import re
 
@@ -139,28 +140,47 @@ class Llama:
     model_type = "llama"
     architecture = "LlamaForCausalLM"
     name = "Llama"
-    tied_by_default = False    # tie_word_embeddings when a config.json does not say (the config class's default)
+    activation = ("hidden_act", "silu")  # the config key of the feed-forward's activation, and the one we compute
     window_on_every_layer = False  # sliding_window, when set, applies to every layer (no layer_types)
+    # what the family's config class takes for a key a config.json leaves out (where ours would differ)
+    defaults = {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 
     # ------------------------------------------------------------------------------------------ configs
+    def get(self, hf: dict, key: str):
+        """A config key, or the family's default when the file leaves it out (a null stays null)."""
+        return hf.get(key, self.defaults.get(key))
+
     def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
         """key: (its value, whether our model cannot compute it)."""
-        return {
-            "hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu"),
-            "attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias"))),
-            "mlp_bias": (hf.get("mlp_bias"), bool(hf.get("mlp_bias"))),
-            "pretraining_tp": (hf.get("pretraining_tp"), hf.get("pretraining_tp", 1) not in (1, None)),
-        }
+        key, ours = self.activation
+        return {key: (hf.get(key), hf.get(key, ours) != ours),
+                "quantization_config": (hf.get("quantization_config", {}).get("quant_method", "set")
+                                        if isinstance(hf.get("quantization_config"), dict) else None,
+                                        "quantization_config" in hf),
+                **self.refused(hf)}
+
+    def refused(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        """The family's own keys our model cannot compute."""
+        return {"attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias"))),
+                "mlp_bias": (hf.get("mlp_bias"), bool(hf.get("mlp_bias"))),
+                "pretraining_tp": (hf.get("pretraining_tp"), hf.get("pretraining_tp", 1) not in (1, None))}
 
     def rope(self, hf: dict, layer_type: str) -> dict:
         """The rope parameters of one kind of layer: transformers 5's rope_parameters (per layer type or one for
-        all), or a config.json of an older transformers (rope_theta, rope_scaling)."""
+        all), or a config.json of an older transformers (rope_theta, rope_scaling); a base left out is the
+        top-level rope_theta's, else the family's default."""
         params = hf.get("rope_parameters")
         if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
-            return params[layer_type]
-        if params:
-            return params
-        return {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 10000.0)}
+            params = params[layer_type]
+        elif not params:
+            params = self.legacy_rope(hf, layer_type)
+        return {"rope_theta": hf.get("rope_theta", self.default_theta(layer_type)), **params}
+
+    def legacy_rope(self, hf: dict, layer_type: str) -> dict:
+        return dict(hf.get("rope_scaling") or {})
+
+    def default_theta(self, layer_type: str) -> float:
+        return self.defaults["rope_theta"]
 
     def layer_types(self, hf: dict) -> list[str]:
         """Each layer's attention, for a config that does not list them."""
@@ -168,7 +188,9 @@ class Llama:
 
     def sliding(self, hf: dict, where: str) -> tuple[int, list[int]]:
         """(the window, the layers that attend within it)."""
-        window = hf.get("sliding_window") or 0
+        window = self.get(hf, "sliding_window") or 0
+        if not isinstance(window, int) or window < 0:
+            raise UserError(f"{where}: sliding_window={window!r} is not a number of positions")
         if self.window_on_every_layer:
             return window, list(range(hf["num_hidden_layers"])) if window else []
         types = hf.get("layer_types") or self.layer_types(hf)
@@ -184,13 +206,13 @@ class Llama:
     def fields(self, hf: dict, where: str) -> dict:
         """ModelConfig's fields for a config of this family (KeyError for a missing key)."""
         heads, dim = hf["num_attention_heads"], hf["hidden_size"]
-        head_dim = hf.get("head_dim") or dim // heads
+        head_dim = self.get(hf, "head_dim") or dim // heads
         window, sliding = self.sliding(hf, where)
         return dict(
             vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden=hf["intermediate_size"],
-            max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", self.tied_by_default)),
+            max_seq_len=hf["max_position_embeddings"], norm_eps=self.get(hf, "rms_norm_eps"),
+            tie_embeddings=bool(self.get(hf, "tie_word_embeddings")),
             init_std=hf.get("initializer_range", 0.02), moe=self.moe_config(hf),
             head_size=0 if dim % heads == 0 and head_dim == dim // heads else head_dim,
             sliding_window=window, sliding_layers=sliding, family=self.model_type,
@@ -198,6 +220,8 @@ class Llama:
 
     def model_config(self, hf: dict, where: str) -> ModelConfig:
         """Our ModelConfig for a config of this family; anything our model cannot compute is refused by key."""
+        if not isinstance(hf, dict):
+            raise UserError(f"{where}: not a JSON object")
         for key, (value, bad) in self.unsupported(hf).items():
             if bad:
                 raise UserError(f"{where}: {key}={value!r} is not supported by our model")
@@ -205,6 +229,8 @@ class Llama:
             cfg = ModelConfig(**self.fields(hf, where))
         except KeyError as e:
             raise UserError(f"{where}: no {e.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as e:  # a key of the wrong type or a zero size
+            raise UserError(f"{where}: a value our model cannot read ({e})") from None
         if problems := cfg.validate():
             raise UserError(f"{where}: {problems[0]}")
         return cfg
@@ -217,20 +243,24 @@ class Llama:
             head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
             rope_parameters=rope_parameters_of(cfg), tie_word_embeddings=cfg.tie_embeddings,
             initializer_range=cfg.init_std, bos_token_id=special_ids.get("bos"), eos_token_id=special_ids["eos"],
-            pad_token_id=special_ids.get("pad")) | self.own_hf_config(cfg)
+            pad_token_id=special_ids.get("pad")) | {self.activation[0]: self.activation[1]} | self.own_hf_config(cfg)
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
         """What only this family's config says."""
-        return dict(hidden_act="silu", attention_bias=False, mlp_bias=False)
+        return dict(attention_bias=False, mlp_bias=False)
+
+    def round_trip(self, cfg: ModelConfig) -> ModelConfig | None:
+        """Our model written as this family's config and read back (None when the family refuses it)."""
+        try:
+            return self.model_config(self.to_hf_config(cfg, {"eos": 0}), self.name)
+        except (UserError, KeyError):
+            return None
 
     def holds(self, cfg: ModelConfig) -> bool:
         """Whether this family's config expresses our model exactly: written as its config and read back, it
-        gives the same model (the loss coefficients, a training matter, aside)."""
-        try:
-            back = self.model_config(self.to_hf_config(cfg, {"eos": 0}), self.name)
-        except (UserError, KeyError):
-            return False
-        return same_function(back, cfg)
+        computes the same function."""
+        back = self.round_trip(cfg)
+        return back is not None and computed(back) == computed(cfg)
 
     # ------------------------------------------------------------------------------------------ weights
     def to_hf_state_dict(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -249,19 +279,25 @@ class Llama:
         return {}
 
 
+def window_of_every_layer(cfg: ModelConfig) -> int | None:
+    """sliding_window of a family whose window applies to every layer (Mistral, Mixtral, Qwen3-MoE): ours when every
+    layer slides, else None (a model with some sliding layers is not one of theirs: holds() sees it)."""
+    return cfg.sliding_window if cfg.sliding_layers == list(range(cfg.n_layers)) else None
+
+
 class Mistral(Llama):
     """MistralForCausalLM: Llama with a sliding window on every layer (none when sliding_window is null)."""
     model_type = "mistral"
     architecture = "MistralForCausalLM"
     name = "Mistral"
     window_on_every_layer = True
+    defaults = {**Llama.defaults, "sliding_window": 4096}
 
-    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        return {"hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu")}
+    def refused(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {}
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
-        every = cfg.sliding_layers == list(range(cfg.n_layers))
-        return dict(hidden_act="silu", sliding_window=cfg.sliding_window if every else None)
+        return dict(sliding_window=window_of_every_layer(cfg))
 
 
 class Qwen2(Llama):
@@ -270,9 +306,10 @@ class Qwen2(Llama):
     model_type = "qwen2"
     architecture = "Qwen2ForCausalLM"
     name = "Qwen2"
+    defaults = {**Llama.defaults, "sliding_window": 4096}
 
-    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        return {"hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu")}
+    def refused(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {}
 
     def layer_types(self, hf: dict) -> list[str]:
         n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
@@ -287,7 +324,11 @@ class Qwen2(Llama):
         return super().fields(hf, where) | {"qkv_bias": True}
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
-        return dict(hidden_act="silu", **qwen_window(cfg))
+        if not cfg.sliding_layers:
+            return dict(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+        first = cfg.sliding_layers[0]  # the sliding layers must be the last ones (from max_window_layers on)
+        return dict(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=first,
+                    layer_types=[SLIDING if i >= first else FULL for i in range(cfg.n_layers)])
 
 
 class Qwen3(Qwen2):
@@ -295,25 +336,16 @@ class Qwen3(Qwen2):
     model_type = "qwen3"
     architecture = "Qwen3ForCausalLM"
     name = "Qwen3"
+    defaults = {**Qwen2.defaults, "head_dim": 128}
 
-    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        return {**super().unsupported(hf),
-                "attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias")))}
+    def refused(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {"attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias")))}
 
     def fields(self, hf: dict, where: str) -> dict:
         return Llama.fields(self, hf, where) | {"qk_norm": True}
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
         return super().own_hf_config(cfg) | {"attention_bias": False}
-
-
-def qwen_window(cfg: ModelConfig) -> dict:
-    """Qwen's sliding-window keys: the sliding layers must be the last ones (from max_window_layers on)."""
-    if not cfg.sliding_layers:
-        return dict(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    first = cfg.sliding_layers[0]
-    return dict(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=first,
-                layer_types=[SLIDING if i >= first else FULL for i in range(cfg.n_layers)])
 
 
 class Gemma3(Llama):
@@ -323,24 +355,27 @@ class Gemma3(Llama):
     model_type = "gemma3_text"
     architecture = "Gemma3ForCausalLM"
     name = "Gemma 3"
-    tied_by_default = True
+    activation = ("hidden_activation", "gelu_pytorch_tanh")
+    defaults = {"tie_word_embeddings": True, "rms_norm_eps": 1e-6, "sliding_window": 4096, "head_dim": 256,
+                "query_pre_attn_scalar": 256}
 
-    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        activation = hf.get("hidden_activation", hf.get("hidden_act", "gelu_pytorch_tanh"))
+    def refused(self, hf: dict) -> dict[str, tuple[object, bool]]:
         return {
-            "hidden_activation": (activation, activation != "gelu_pytorch_tanh"),
+            "hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh"),
             "attention_bias": (hf.get("attention_bias"), bool(hf.get("attention_bias"))),
             "final_logit_softcapping": (hf.get("final_logit_softcapping"), hf.get("final_logit_softcapping") is not None),
             "attn_logit_softcapping": (hf.get("attn_logit_softcapping"), hf.get("attn_logit_softcapping") is not None),
             "use_bidirectional_attention": (True, bool(hf.get("use_bidirectional_attention"))),
         }
 
-    def rope(self, hf: dict, layer_type: str) -> dict:
-        if hf.get("rope_parameters"):
-            return super().rope(hf, layer_type)
-        if layer_type == FULL:  # an older config.json: the full layers' base and scaling, the sliding layers' base
-            return {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1_000_000.0)}
-        return {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    def default_theta(self, layer_type: str) -> float:
+        return 1_000_000.0 if layer_type == FULL else 10000.0
+
+    def legacy_rope(self, hf: dict, layer_type: str) -> dict:
+        """An older config.json: the full layers' rope_theta and rope_scaling, the sliding layers' own base."""
+        if layer_type == FULL:
+            return dict(hf.get("rope_scaling") or {})
+        return {"rope_theta": hf.get("rope_local_base_freq", self.default_theta(SLIDING))}
 
     def layer_types(self, hf: dict) -> list[str]:
         every = hf.get("sliding_window_pattern", 6)
@@ -348,8 +383,8 @@ class Gemma3(Llama):
 
     def fields(self, hf: dict, where: str) -> dict:
         fields = super().fields(hf, where)
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-        scalar = hf.get("query_pre_attn_scalar", head_dim)
+        head_dim = self.get(hf, "head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        scalar = self.get(hf, "query_pre_attn_scalar")
         local = rope_fields(self.rope(hf, SLIDING), where)
         if fields["sliding_layers"] and len(local) > 1:
             raise UserError(f"{where}: rope scaling of the sliding layers is not supported by our model")
@@ -366,8 +401,8 @@ class Gemma3(Llama):
         return config
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
-        return dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False, final_logit_softcapping=None,
-                    attn_logit_softcapping=None, query_pre_attn_scalar=integral(cfg.attention_scale or cfg.head_dim),
+        return dict(attention_bias=False, final_logit_softcapping=None, attn_logit_softcapping=None,
+                    query_pre_attn_scalar=integral(cfg.attention_scale or cfg.head_dim),
                     sliding_window=cfg.sliding_window or None,
                     layer_types=[SLIDING if cfg.window(i) else FULL for i in range(cfg.n_layers)])
 
@@ -380,21 +415,44 @@ class Mixtral(Llama):
     architecture = "MixtralForCausalLM"
     name = "Mixtral"
     window_on_every_layer = True
+    defaults = {"tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0}
 
-    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        return {"hidden_act": (hf.get("hidden_act"), hf.get("hidden_act", "silu") != "silu")}
+    def refused(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {}
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
         moe = cfg.moe
-        every = cfg.sliding_layers == list(range(cfg.n_layers))
-        return dict(hidden_act="silu", intermediate_size=cfg.expert_hidden, num_local_experts=moe.experts,
-                    num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef / moe.top_k,
-                    router_z_loss_coef=moe.z_loss_coef, sliding_window=cfg.sliding_window if every else None)
+        return dict(intermediate_size=cfg.expert_hidden, num_local_experts=moe.experts, num_experts_per_tok=moe.top_k,
+                    router_aux_loss_coef=moe.aux_loss_coef / moe.top_k, router_z_loss_coef=moe.z_loss_coef,
+                    sliding_window=window_of_every_layer(cfg))
 
     def moe_config(self, hf: dict) -> MoEConfig:
         top_k = hf["num_experts_per_tok"]
         return MoEConfig(experts=hf["num_local_experts"], top_k=top_k, aux_loss_coef=aux_loss_coef(hf, top_k),
                          z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))  # experts: intermediate_size
+
+
+def qwen_moe_config(hf: dict, shared_experts: int = 0) -> MoEConfig:
+    """model.moe of Qwen2-MoE and Qwen3-MoE: MoE blocks every decoder_sparse_step-th but mlp_only_layers,
+    norm_topk_prob."""
+    top_k = hf["num_experts_per_tok"]
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if not isinstance(experts, int):
+        raise KeyError("num_experts")
+    if hf["moe_intermediate_size"] < 1:  # ours would read 0 as "the dense size"
+        raise ValueError(f"moe_intermediate_size={hf['moe_intermediate_size']} must be positive")
+    return MoEConfig(experts=experts, top_k=top_k, shared_experts=shared_experts,
+                     every=hf.get("decoder_sparse_step", 1), expert_hidden=hf["moe_intermediate_size"],
+                     renormalize=bool(hf.get("norm_topk_prob", False)),
+                     dense_layers=list(hf.get("mlp_only_layers") or []),
+                     aux_loss_coef=aux_loss_coef(hf, top_k), z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
+
+
+def qwen_moe_own_config(cfg: ModelConfig) -> dict:
+    moe = cfg.moe
+    return dict(num_experts=moe.experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=cfg.expert_hidden,
+                decoder_sparse_step=moe.every, mlp_only_layers=list(moe.dense_layers), norm_topk_prob=moe.renormalize,
+                router_aux_loss_coef=moe.aux_loss_coef / moe.top_k, router_z_loss_coef=moe.z_loss_coef)
 
 
 class Qwen2Moe(Qwen2):
@@ -404,32 +462,23 @@ class Qwen2Moe(Qwen2):
     architecture = "Qwen2MoeForCausalLM"
     name = "Qwen2-MoE"
 
-    def unsupported(self, hf: dict) -> dict[str, tuple[object, bool]]:
-        return {**super().unsupported(hf), "use_sliding_window": (True, bool(hf.get("use_sliding_window")))}
+    def refused(self, hf: dict) -> dict[str, tuple[object, bool]]:
+        return {"use_sliding_window": (True, bool(hf.get("use_sliding_window")))}
 
     def fields(self, hf: dict, where: str) -> dict:
         return super().fields(hf, where) | {"qkv_bias": bool(hf.get("qkv_bias", True))}
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
-        moe = cfg.moe
-        return dict(hidden_act="silu", num_experts=moe.experts, num_experts_per_tok=moe.top_k,
-                    moe_intermediate_size=cfg.expert_hidden,
-                    shared_expert_intermediate_size=moe.shared_experts * cfg.expert_hidden,
-                    decoder_sparse_step=moe.every, mlp_only_layers=list(moe.dense_layers),
-                    norm_topk_prob=moe.renormalize, qkv_bias=cfg.qkv_bias, use_sliding_window=False,
-                    router_aux_loss_coef=moe.aux_loss_coef / moe.top_k, router_z_loss_coef=moe.z_loss_coef)
+        return qwen_moe_own_config(cfg) | dict(
+            shared_expert_intermediate_size=cfg.moe.shared_experts * cfg.expert_hidden, qkv_bias=cfg.qkv_bias,
+            use_sliding_window=False)
 
     def moe_config(self, hf: dict) -> MoEConfig:
-        top_k = hf["num_experts_per_tok"]
         hidden, shared = hf["moe_intermediate_size"], hf.get("shared_expert_intermediate_size", 0)
         if shared % hidden:
-            raise UserError(f"shared_expert_intermediate_size={shared} is not a multiple of moe_intermediate_size="
-                            f"{hidden}, as our shared experts are")
-        return MoEConfig(experts=hf.get("num_experts", hf.get("num_local_experts")), top_k=top_k,
-                         shared_experts=shared // hidden, every=hf.get("decoder_sparse_step", 1), expert_hidden=hidden,
-                         renormalize=bool(hf.get("norm_topk_prob", False)),
-                         dense_layers=list(hf.get("mlp_only_layers") or []),
-                         aux_loss_coef=aux_loss_coef(hf, top_k), z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
+            raise ValueError(f"shared_expert_intermediate_size={shared} is not a multiple of moe_intermediate_size="
+                             f"{hidden}, as our shared experts are")
+        return qwen_moe_config(hf, shared // hidden)
 
     def extra_layer_state(self, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
         if cfg.moe.shared_experts:
@@ -449,43 +498,50 @@ class Qwen3Moe(Qwen3):
     architecture = "Qwen3MoeForCausalLM"
     name = "Qwen3-MoE"
     window_on_every_layer = True
+    defaults = Qwen2.defaults  # its head_dim, when left out, is hidden / heads
 
     def sliding(self, hf: dict, where: str) -> tuple[int, list[int]]:
         return Llama.sliding(self, hf, where) if hf.get("use_sliding_window") else (0, [])
 
     def moe_config(self, hf: dict) -> MoEConfig:
-        top_k = hf["num_experts_per_tok"]
-        return MoEConfig(experts=hf.get("num_experts", hf.get("num_local_experts")), top_k=top_k,
-                         every=hf.get("decoder_sparse_step", 1), expert_hidden=hf["moe_intermediate_size"],
-                         renormalize=bool(hf.get("norm_topk_prob", False)),
-                         dense_layers=list(hf.get("mlp_only_layers") or []),
-                         aux_loss_coef=aux_loss_coef(hf, top_k), z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)))
+        return qwen_moe_config(hf)
 
     def own_hf_config(self, cfg: ModelConfig) -> dict:
-        moe = cfg.moe
-        every = cfg.sliding_layers == list(range(cfg.n_layers))
-        return dict(hidden_act="silu", attention_bias=False, num_experts=moe.experts, num_experts_per_tok=moe.top_k,
-                    moe_intermediate_size=cfg.expert_hidden, decoder_sparse_step=moe.every,
-                    mlp_only_layers=list(moe.dense_layers), norm_topk_prob=moe.renormalize,
-                    use_sliding_window=every, sliding_window=cfg.sliding_window if every else None,
-                    router_aux_loss_coef=moe.aux_loss_coef / moe.top_k, router_z_loss_coef=moe.z_loss_coef)
+        window = window_of_every_layer(cfg)
+        return qwen_moe_own_config(cfg) | dict(attention_bias=False, use_sliding_window=window is not None,
+                                               sliding_window=window)
 
 
 # in the order a model of ours (ModelConfig.family "") is matched to the first that holds it
-FAMILIES = {family.model_type: family for family in (Llama(), Mixtral(), Qwen2Moe(), Qwen2(), Qwen3(), Qwen3Moe(),
-                                                      Mistral(), Gemma3())}
+FAMILIES = {family.model_type: family for family in (Llama(), Qwen2(), Qwen3(), Mistral(), Gemma3(), Mixtral(),
+                                                      Qwen2Moe(), Qwen3Moe())}
 
 
-def same_function(a: ModelConfig, b: ModelConfig) -> bool:
-    """Whether two configs give the same model, whatever family they are exported as and loss weights they train
-    with."""
-    def plain(cfg):  # sizes as computed (0 means a default), unused ones 0
-        dense = any(not cfg.is_moe(i) for i in range(cfg.n_layers))
-        moe = dataclasses.replace(cfg.moe, aux_loss_coef=0.0, z_loss_coef=0.0,
-                                  expert_hidden=cfg.expert_hidden if cfg.moe.experts else 0)
-        return dataclasses.replace(cfg, family="", vocab_multiple=0, init_std=0.0, moe=moe, head_size=cfg.head_dim,
-                                   ffn_hidden=cfg.hidden if dense else 0)
-    return plain(a) == plain(b)
+def computed(cfg: ModelConfig) -> dict:
+    """What of a config decides the function the model computes, as flat {key: value}: sizes as computed (0 means a
+    default), settings that change nothing left out (the MoE's without experts, rope factors without scaling, a
+    window without sliding layers), the family and the loss weights (a training matter) aside."""
+    moe = cfg.moe
+    out = dict(vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+               kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
+               rope_theta=cfg.rope_theta, tie_embeddings=cfg.tie_embeddings, qkv_bias=cfg.qkv_bias,
+               qk_norm=cfg.qk_norm, attention_scale=cfg.attention_scale if cfg.attention_scale != cfg.head_dim else 0.0,
+               rope_scaling=cfg.rope_scaling, activation=cfg.activation, norm_plus_one=cfg.norm_plus_one,
+               sandwich_norm=cfg.sandwich_norm, embed_scale=cfg.embed_scale)
+    if any(not cfg.is_moe(i) for i in range(cfg.n_layers)):
+        out["ffn_hidden"] = cfg.hidden
+    if cfg.rope_scaling != "none":
+        out["rope_factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        out |= dict(low=cfg.rope_low_freq_factor, high=cfg.rope_high_freq_factor, original=cfg.rope_original_context)
+    if cfg.sliding_layers:
+        out |= dict(sliding_window=cfg.sliding_window, sliding_layers=list(cfg.sliding_layers),
+                    rope_local_theta=cfg.rope_local_theta)
+    if moe.experts:
+        out |= {f"moe.{k}": v for k, v in dict(experts=moe.experts, top_k=moe.top_k, shared=moe.shared_experts,
+                                               hidden=cfg.expert_hidden, renormalize=moe.renormalize,
+                                               moe_layers=[i for i in range(cfg.n_layers) if cfg.is_moe(i)]).items()}
+    return out
 
 
 def family_of(cfg: ModelConfig) -> Llama:
@@ -498,7 +554,12 @@ def family_of(cfg: ModelConfig) -> Llama:
     for family in FAMILIES.values():
         if family.holds(cfg):
             return family
-    raise UserError("no transformers model family computes this model's combination of settings")
+    closest = FAMILIES["mixtral" if cfg.moe.experts else "llama"]
+    back = closest.round_trip(cfg)
+    ours = computed(cfg)
+    differ = [k for k, v in ours.items() if back is None or computed(back).get(k) != v] or ["its settings"]
+    raise UserError(f"no transformers model family computes this model: {closest.name} differs in {differ[0]} "
+                    f"({ours.get(differ[0])!r}), and no other family computes that")
 
 
 def integral(x: float) -> int | float:
@@ -583,17 +644,25 @@ def placements(name: str, cfg: ModelConfig, ours_of: dict[str, tuple[str, int]])
     return None
 
 
+def whole(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
+    """Where a parameter's values live, for load_into: (this process's elements, flat; the first one's index in the
+    whole parameter, flattened; the whole parameter's shape). Here: all of them. A backend that partitions
+    parameters at construction (ZeRO-3) gives each process's share instead."""
+    return param.data.view(-1), 0, tuple(param.shape)
+
+
 @torch.no_grad()
-def load_into(path: str, model: torch.nn.Module) -> None:
-    """Fill `model` (built for this directory's config; on any device, e.g. built on the meta device and moved with
-    to_empty) from the directory's safetensors files, one tensor at a time and large ones in row blocks: no copy of
-    the weights is held beside the model's own. Every tensor of ours must be filled exactly once, and every
-    stored tensor must have a place: a directory that does not fit is refused by the tensor's name."""
+def load_into(path: str, model: torch.nn.Module, storage=whole) -> None:
+    """Fill `model` (built for this directory's config: on the meta device then given storage with to_empty, or
+    partitioned by ZeRO-3 as it was built) from the directory's safetensors files, one tensor at a time and large
+    ones in row blocks, each process reading only the rows it holds: no copy of the weights is held beside the
+    model's own. Every element a process holds must be filled exactly once, and every stored tensor must have a
+    place: a directory that does not fit is refused by the tensor's name."""
     cfg = model.cfg
-    state = model.state_dict()
+    stores = {name: storage(p) for name, p in model.named_parameters()}  # a tied head is the embedding's
     theirs_of = tensor_names(cfg)
     ours_of = {theirs: (ours, heads) for ours, (theirs, heads) in theirs_of.items()}
-    filled = dict.fromkeys(state, 0)
+    filled = dict.fromkeys(stores, 0)
     for file in weight_files(path):
         try:
             with safe_open(file, "pt") as f:
@@ -605,44 +674,47 @@ def load_into(path: str, model: torch.nn.Module) -> None:
                         raise UserError(f"{file}: tensor {name!r} has no place in our {cfg.family or 'model'} model "
                                         "(a setting of config.json it needs is not read)")
                     for ours, expert, value in places:
-                        if ours not in state:
+                        if ours not in stores:
                             raise UserError(f"{file}: tensor {name!r} has no place in our model")
-                        target = state[ours] if expert is None else state[ours][expert]
-                        copy_tensor(f, name, target, value, file)
-                        filled[ours] += target.numel()
+                        filled[ours] += copy_tensor(f, name, stores[ours], expert, value, file)
         except (OSError, SafetensorError) as e:
             raise UserError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
-    if cfg.tie_embeddings:
-        filled["output.weight"] = filled["tok_embeddings.weight"]
     for ours, count in filled.items():
-        if count != state[ours].numel():
+        if count != stores[ours][0].numel():
             expected = theirs_of.get(ours, (f"the experts of {ours}",))[0]
-            how = "stored more than once" if count > state[ours].numel() else "missing"
+            how = "stored more than once" if count > stores[ours][0].numel() else "missing"
             raise UserError(f"{path}: tensor {expected!r} is {how}")
 
 
-def copy_tensor(f, name: str, target: torch.Tensor, value, file: str) -> None:
-    """The stored tensor `name` of an open safetensors file into `target` (cast to its dtype), through `value` if
-    it is computed from the stored one, else straight from the file in row blocks."""
+def copy_tensor(f, name: str, store: tuple, expert: int | None, value, file: str) -> int:
+    """The stored tensor `name` of an open safetensors file into its place (`store`, as whole() gives it; `expert`:
+    the tensor is that expert's part of a stacked parameter), cast to the parameter's dtype, through `value` when it
+    is computed from the stored one, else straight from the file in row blocks — only the rows this process holds.
+    Returns how many elements were written here."""
+    flat, start, full_shape = store
+    shape = full_shape if expert is None else full_shape[1:]
+    offset = 0 if expert is None else expert * math.prod(shape)  # of this tensor in the parameter, flattened
     if value is not None:
         source = value(f.get_tensor(name))
-        shape = tuple(source.shape)
+        stored = tuple(source.shape)
     else:
-        sliced = f.get_slice(name)
-        shape = tuple(sliced.get_shape())
-    if shape != tuple(target.shape):
-        raise UserError(f"{file}: tensor {name!r} has shape {list(shape)}, our model's config asks for "
-                        f"{list(target.shape)}")
-    if value is not None:
-        target.copy_(source)
-        return
-    if not shape:
-        target.copy_(f.get_tensor(name))
-        return
-    row_bytes = max(1, target[0].numel() * target.element_size())
-    step = max(1, COPY_BYTES // row_bytes)
-    for start in range(0, shape[0], step):
-        target[start:start + step].copy_(sliced[start:start + step])
+        source = f.get_slice(name)
+        stored = tuple(source.get_shape())
+    if stored != tuple(shape):
+        raise UserError(f"{file}: tensor {name!r} has shape {list(stored)}, our model's config asks for {list(shape)}")
+    row = math.prod(shape[1:])
+    first = max(0, (start - offset) // row)  # the rows holding this process's elements
+    end = min(shape[0], -(-(start + flat.numel() - offset) // row))
+    step = max(1, COPY_BYTES // max(1, row * flat.element_size()))
+    written = 0
+    for a in range(first, end, step):
+        b = min(a + step, end)
+        rows = source[a:b].reshape(-1)
+        lo, hi = max(offset + a * row, start), min(offset + b * row, start + flat.numel())
+        if lo < hi:
+            flat[lo - start:hi - start].copy_(rows[lo - offset - a * row:hi - offset - a * row])
+            written += hi - lo
+    return written
 
 
 def stored_dtypes(path: str) -> set[str]:

@@ -456,9 +456,13 @@ class Transformer(nn.Module):
         for name, table in zip(self.rope_names(), tables, strict=True):
             setattr(self, name, table.to(device))
 
-    def materialize(self, device) -> Transformer:
-        """A model built on the meta device given storage on `device`, uninitialised (its weights are loaded next):
-        the tied head tied again (to_empty gives each parameter its own) and the rotary tables computed."""
+    def materialize(self, device, dtype: torch.dtype | None = None) -> Transformer:
+        """A model built on the meta device given storage on `device` (its parameters in `dtype`, default as built),
+        uninitialised (its weights are loaded next): the tied head tied again (to_empty gives each parameter its
+        own) and the rotary tables computed (in fp32 whatever the parameters' dtype)."""
+        if dtype is not None:
+            for p in self.parameters():
+                p.data = p.data.to(dtype)
         self.to_empty(device=device)
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

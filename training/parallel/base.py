@@ -5,6 +5,8 @@ of them names a backend (parallel/backends.py maps dist.backend to a class).
 A backend is made, set up once with the built model and a way to make its optimizer, then used step by step:
 
     backend = BACKENDS[cfg.dist.backend](cfg, env, plan, precision)
+    model = backend.empty_model(build)                         # a fresh run from a transformers directory: its
+    hf.load_into(path, model, backend.storage)                 # weights filled in as the backend holds them
     backend.setup(model, make_optimizer, resume_from, saved)   # wraps; the optimizer is made on what it wraps
     backend.load(resume_from, saved)                           # a resumed run: model and optimizer state
     for each step:
@@ -52,6 +54,20 @@ class Backend(ABC):
         """Wrap the built model (on its device, with its starting weights) and make the optimizer over what it
         trains. resume_from and saved (its TrainState): the checkpoint load() will read, for a backend that must
         prepare before wrapping (a conversion for another number of processes)."""
+
+    def empty_model(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """The model build() makes, with storage for its weights but no initial values, for starting weights to be
+        filled in (checkpoint.weights.starting_model): built on the meta device, then given storage on this
+        process's device. A backend that partitions parameters builds it partitioned."""
+        with torch.device("meta"):
+            model = build()
+        return model.materialize(self.env.device)
+
+    @staticmethod
+    def storage(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
+        """Where a parameter's values live in this process: (the elements it holds, flat; the first one's index in
+        the whole parameter, flattened; the whole parameter's shape). Here: all of them."""
+        return param.data.view(-1), 0, tuple(param.shape)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

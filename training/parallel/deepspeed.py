@@ -97,15 +97,21 @@ def build_config(cfg, plan: BatchPlan, precision: str, device_type: str = "cpu",
     return ds
 
 
-def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, plan: BatchPlan, precision: str,
-               load_universal: bool = False):
+def deepspeed_on(env: D.DistEnv):
+    """The deepspeed module, its accelerator set and its communication on our process group."""
     prepare_environment(env.device)
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed asks for it, whatever the launcher
     import deepspeed  # optional: the deepspeed extra
 
     if env.device.type == "cpu":
         skip_shared_memory_op(deepspeed)
+    deepspeed.init_distributed(dist_init_required=False)  # on the process group that exists: nothing is made
+    return deepspeed
 
+
+def initialize(model: torch.nn.Module, optimizer, cfg, env: D.DistEnv, plan: BatchPlan, precision: str,
+               load_universal: bool = False):
+    deepspeed = deepspeed_on(env)
     config = build_config(cfg, plan, precision, env.device.type, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     if engine.optimizer is optimizer:  # no ZeRO or bf16 wrapper: nothing else would skip a non-finite step
@@ -299,6 +305,26 @@ class DeepSpeed(Backend):
         self.engine = initialize(model, make_optimizer(model), self.cfg, self.env, self.plan, self.precision,
                                  load_universal=self.universal is not None)
         self.model, self.train_model, self.optimizer = model, self.engine, self.engine.optimizer
+
+    def empty_model(self, build):
+        """Under ZeRO-3, built inside deepspeed.zero.Init: each parameter is partitioned as it is made, so no rank
+        ever holds the whole model (its weights are filled in by each rank's share, see storage)."""
+        if self.cfg.dist.zero_stage != 3:
+            return super().empty_model(build)
+        config = build_config(self.cfg, self.plan, self.precision, self.env.device.type)
+        with deepspeed_on(self.env).zero.Init(config_dict_or_path=config):
+            return build()
+
+    @staticmethod
+    def storage(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
+        """A ZeRO-3 parameter's share on this rank: DeepSpeed's partition `ds_tensor` holds elements
+        [rank x size, (rank + 1) x size) of the flattened parameter (the last rank's padded past its end)."""
+        if not hasattr(param, "ds_tensor"):
+            return Backend.storage(param)
+        size = param.ds_tensor.ds_numel
+        start = size * torch.distributed.get_rank(group=param.ds_process_group)
+        held = max(0, min(size, param.ds_numel - start))
+        return param.ds_tensor.data.view(-1)[:held], start, tuple(param.ds_shape)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # our scaling already accounts for the micro-steps

@@ -25,7 +25,7 @@ from preprocess.tokenizer import tokenizer_file
 from ..checkpoint.rng import restore_rng, seed_rng
 from ..checkpoint.state import TrainState, check_identity, run_identity, saved_run
 from ..checkpoint.store import latest
-from ..checkpoint.weights import loaded_model, model_config, resolve, weights_fingerprint
+from ..checkpoint.weights import model_config, resolve, starting_model, weights_fingerprint
 from ..config import Config, data_sources
 from ..data.order import BatchPlan
 from ..data.sources import ShardDir, open_sources
@@ -101,7 +101,7 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
                                 grad_accum=plan.grad_accum, identity=identity, init_from=start.init_from)
 
     pinned = stage.pin(start, env)  # before the model: a fresh run's policy starts from the pinned weights too
-    model = build_model(cfg, start, env.device, precision, pinned)
+    model = build_model(cfg, start, backend, precision, pinned)
     D.from_rank0(env, lambda: rundir.prepare(cfg, os.path.join(sources[0].path, sources[0].tokenizer["file"]),
                                             state.step))
     if cfg.log.wandb:
@@ -233,14 +233,14 @@ def verify_sources(sources: list[ShardDir], env: D.DistEnv) -> None:
 
 # -------------------------------------------------------------------------------------------------- model
 
-def build_model(cfg: Config, start: StartingPoint, device: torch.device, precision: str,
-                pinned: str | None = None) -> Transformer:
+def build_model(cfg: Config, start: StartingPoint, backend, precision: str, pinned: str | None = None) -> Transformer:
     """The model on its device: the same initial weights (and adapters) on every rank, the starting weights of a
     fresh fine-tuning run loaded (from the stage's pinned copy of them, if it keeps one), LoRA applied, activation
     checkpointing, the experts' matmul and compilation chosen."""
+    device = backend.env.device
     seed_rng(cfg.seed)
     if start.init_from and not start.saved:  # no random weights first: the starting ones fill the model directly
-        model = loaded_model(pinned or start.init_from["path"], cfg.model)
+        model = starting_model(pinned or start.init_from["path"], cfg.model, backend)
     else:
         model = Transformer(cfg.model)
     model.attention_impl = resolve_attention(cfg.train.attention, device)

@@ -154,12 +154,9 @@ def reference_model(run, weights_dir: str) -> Transformer:
     """The pinned starting weights, in the policy's dtype: DeepSpeed bf16 casts the policy's parameters (not its
     buffers, the rotary tables) to bf16."""
     policy = run.model
-    model = loaded_model(weights_dir, policy.cfg)
+    model = loaded_model(weights_dir, policy.cfg, run.env.device, next(policy.parameters()).dtype)
     model.attention_impl = policy.attention_impl
-    dtype = next(policy.parameters()).dtype
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model.to(run.env.device).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def make_reference(stage: ReferenceStage, run):
