@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_input_options(s)
     s.add_argument("--kind", choices=KINDS, default="pretrain")
     s.add_argument("--tokenizer", required=True, metavar="FILE",
-                   help="a sentencepiece .model file, or a Hugging Face tokenizer.json (byte-level BPE) or a directory "
+                   help="a sentencepiece .model file, or a Hugging Face tokenizer.json (BPE) or a directory "
                         "holding one")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--chat-template", metavar="FILE", default=None,
                    help="sft/dpo/kto with a tokenizer.json: a jinja2 chat template used instead of the one in its "
                         "tokenizer_config.json")
-    s.add_argument("--chat-template-kwargs", metavar="JSON", type=json_object, default={},
+    s.add_argument("--chat-template-kwargs", metavar="JSON", type=json_object, default=None,
                    help="options the chat template reads, e.g. '{\"enable_thinking\": false}' (Qwen3)")
     s.add_argument("--max-len", type=int, default=2048,
                    help="sft/dpo: drop (and count) examples longer than this many tokens (default: 2048)")
@@ -186,6 +186,8 @@ def _run_shards(args, group):
     plan = make_plan(job, paths, segments, unit_bytes)
     sample = lambda: encoder_sample(job, segments)  # noqa: E731
     if isinstance(template, ModelTemplate):  # it encodes whole renderings with the tokenizer.json's own library
+        if args.encoder not in ("auto", "tokenizers"):
+            raise UserError(f"--encoder {args.encoder}: shards in a model's chat template are encoded by tokenizers")
         job.encoder, note = "tokenizers", None
     elif group.dynamic:
         job.encoder, note = group.share(choose_encoder(args.encoder, tokenizer, sample) if group.rank == 0 else None)

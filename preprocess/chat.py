@@ -16,16 +16,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .readers import Bad
 from .tokenizer import END_OF_TURN, ROLE_TOKENS, TokenizerInfo
 
 TEMPLATE = "shardlm-chat-v1"
 ROLES = tuple(ROLE_TOKENS)  # system, user, assistant
 
 
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # a message's reasoning, as transformers reads it
+
+
 @dataclass(frozen=True)
 class Turn:
     role: str
     text: str
+    reasoning: str = ""  # an assistant's reasoning before its reply (Qwen3's reasoning_content): a model's template
+
+    @property
+    def whole(self) -> str:
+        """Everything the turn says (what two records must share to be duplicates)."""
+        return f"{self.reasoning}\x1d{self.text}" if self.reasoning else self.text
 
 
 class ChatTemplate:
@@ -47,9 +57,17 @@ class ChatTemplate:
         return {"template": TEMPLATE}
 
     def documents(self, encoder, conversations: list[list[Turn]], learn: str, eos_id: int) -> list:
-        """Per conversation, its one document (ids, mask); the texts encoded in one batched call."""
+        """Per conversation, its one document (ids, mask), or a Bad; the texts encoded in one batched call."""
         encoded = iter(encoder.encode_each([t.text for conv in conversations for t in conv]))
-        return [[self.render(conv, [next(encoded) for _ in conv], learn)] for conv in conversations]
+        out = []
+        for conv in conversations:
+            texts = [next(encoded) for _ in conv]
+            if any(t.reasoning for t in conv):
+                out.append(Bad("unsupported", "reasoning_content: shardlm's own template has no place for it (a "
+                               "tokenizer.json with its model's chat template has)"))
+            else:
+                out.append([self.render(conv, texts, learn)])
+        return out
 
     def prompt_ids(self, turns: list[Turn], encode) -> list[int]:
         return self.prompt(turns, [np.array(encode(t.text)) for t in turns])

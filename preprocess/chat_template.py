@@ -32,12 +32,13 @@ import numpy as np
 from .chat import ChatTemplate, Turn
 from .errors import UserError
 from .fileio import atomic_write
-from .hf_tokenizer import CONFIG, find_file, load_reference, read_spec
+from .hf_tokenizer import CONFIG, SAVED, find_file, load_reference, read_spec
 from .readers import Bad
 from .tokenizer import TokenizerInfo
 
 TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers save the template, beside tokenizer_config.json
-SAVED = "shardlm_chat_template.json"  # the template and options of chat shards, beside their tokenizer
+# reserved by the rendering: not options a template can be given
+RESERVED = ("messages", "add_generation_prompt", "tools", "documents", "continue_final_message")
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"  # around a control token in a message (transformers' markers)
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -45,9 +46,9 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 def find_template(tokenizer_path: str, override: str | None = None, saved: bool = True) -> tuple[str, str, dict] | None:
     """(the template's text, where it came from, the options it was used with) for a tokenizer.json: --chat-template's
     file; else (saved) the shardlm_chat_template.json that chat shards wrote beside it (the template and options they were
-    written with, which travels with the tokenizer into runs and checkpoints); else its tokenizer_config.json's
-    chat_template (the default one when it holds several); else a chat_template.jinja beside it. None when there is
-    none."""
+    written with, which travels with the tokenizer into runs and checkpoints); else a chat_template.jinja beside it;
+    else its tokenizer_config.json's chat_template (the default one when it holds several) — the last two in
+    transformers' order. None when there is none."""
     if override:
         try:
             with open(override, encoding="utf-8") as f:
@@ -63,17 +64,21 @@ def find_template(tokenizer_path: str, override: str | None = None, saved: bool 
             return record["template"], record_path, record["kwargs"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{record_path}: unreadable ({e!r})") from None
+    jinja = os.path.join(folder, TEMPLATE_FILE)
+    if os.path.isfile(jinja):  # transformers prefers it to tokenizer_config.json's
+        with open(jinja, encoding="utf-8") as f:
+            return f.read(), jinja, {}
     template = read_config(tokenizer_path).get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         None)
     if isinstance(template, str) and template:
         return template, os.path.join(folder, CONFIG), {}
-    jinja = os.path.join(folder, TEMPLATE_FILE)
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read(), jinja, {}
     return None
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def read_config(tokenizer_path: str) -> dict:
@@ -161,10 +166,27 @@ class ModelTemplate:
         self.control_ids = {self.full.token_to_id(t) for t in self.control}
         self.newline = self.full.encode("\n", add_special_tokens=False).ids
         self._end_ids: list[int] | None = None
+        if reserved := sorted(set(self.options) & set(RESERVED)):
+            raise UserError(f"--chat-template-kwargs: {reserved[0]!r} is set by the rendering itself, not an option")
+        probe = [{"role": "user", "content": "Hi"}]
+        try:
+            asks = self.render(probe, True) != self.render(probe, False)
+        except Exception as e:
+            raise UserError(f"{self.where}: the chat template fails on a one-message conversation ({first_line(e)})") \
+                from None
+        if not asks:
+            raise UserError(f"{self.where}: the chat template ignores add_generation_prompt, so the assistant's turn "
+                            "cannot be told from what precedes it; give one that renders it (--chat-template FILE)")
 
     def identity(self) -> dict:
         """What the shards' plan and manifest record of the template."""
         return {"chat_template_sha256": self.sha256, "chat_template_kwargs": self.options}
+
+    def with_options(self) -> str:
+        """The template with its options as defaults, for transformers (an export): each unless the caller sets it."""
+        settings = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {json.dumps(v)} %}}{{%- endif %}}\n"
+                           for k, v in self.options.items())
+        return settings + self.source
 
     def save(self, folder: str) -> str:
         """shardlm_chat_template.json in `folder` (beside a copy of the tokenizer): the template and options, so that runs
@@ -205,7 +227,11 @@ class ModelTemplate:
 
     # ------------------------------------------------------------------------------------- documents
     def messages(self, turns) -> list[dict]:
-        return [{"role": t.role, "content": self.mark(t.text)} for t in turns]
+        """The turns as transformers passes them to a template: reasoning (marked too) under reasoning_content and
+        its alias thinking."""
+        return [{"role": t.role, "content": self.mark(t.text)} if not t.reasoning else
+                {"thinking": self.mark(t.reasoning), "role": t.role, "content": self.mark(t.text),
+                 "reasoning_content": self.mark(t.reasoning)} for t in turns]
 
     def learned_end(self, ids: list[int], start: int) -> int:
         """Where an assistant turn's learned tokens end in `ids` (its rendering through the turn): after its last
@@ -219,8 +245,6 @@ class ModelTemplate:
     def conversation(self, turns, learn: str, eos_id: int) -> list[tuple[np.ndarray, np.ndarray]] | Bad:
         """The documents of one conversation: one with every learned turn, or one per learned turn when the
         template rewrites earlier turns. learn="assistant": every assistant turn; "last": the final one."""
-        import jinja2
-
         messages = self.messages(turns)
         learned = [i for i, t in enumerate(turns) if t.role == "assistant" and (learn == "assistant" or i == len(turns) - 1)]
         try:
@@ -233,8 +257,8 @@ class ModelTemplate:
                     return Bad("template_split", f"turn {k}: the template's generation prompt is not how its rendering "
                                "of the assistant's turn begins")
                 spans.append((len(prompt), self.learned_end(through, len(prompt)), through))
-        except jinja2.exceptions.TemplateError as e:
-            return Bad("template_error", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except Exception as e:  # raise_exception's TemplateError, or a template's own TypeError on this record
+            return Bad("template_error", first_line(e))
         if all(whole[:len(through)] == through for _, _, through in spans):
             pieces = [(whole, [(start, end) for start, end, _ in spans])]
         else:
@@ -253,7 +277,10 @@ class ModelTemplate:
     # ------------------------------------------------------------------------------------- generation
     def prompt_ids(self, turns, encode=None) -> list[int]:
         """ids that ask the model for the next assistant turn (the template encodes its text itself)."""
-        return self.ids(self.messages(turns), add_generation_prompt=True)
+        try:
+            return self.ids(self.messages(turns), add_generation_prompt=True)
+        except Exception as e:  # the template refuses these turns
+            raise UserError(f"{self.where}: the chat template refused the prompt ({first_line(e)})") from None
 
     def end_ids(self) -> list[int]:
         """The ids that end an assistant's turn (a reply stops at any of them): the control tokens the template
@@ -261,7 +288,11 @@ class ModelTemplate:
         if self._end_ids is None:
             turns = [Turn("user", "Hi"), Turn("assistant", "Hello")]
             prompt = self.prompt_ids(turns[:1])
-            through = self.ids(self.messages(turns))
+            try:
+                through = self.ids(self.messages(turns))
+            except Exception as e:
+                raise UserError(f"{self.where}: the chat template fails on a two-turn conversation ({first_line(e)})") \
+                    from None
             end = self.learned_end(through, len(prompt))
             start = end
             while start > len(prompt) and through[start - 1] in self.control_ids:
@@ -278,7 +309,7 @@ def template_for(tokenizer: TokenizerInfo, override: str | None = None, options:
         source, where, saved = found
         return cached_template(tokenizer.path, source, where, json.dumps(saved if options is None else options,
                                                                          sort_keys=True))
-    if override or options:
+    if override or options is not None:
         what = "--chat-template" if override else "--chat-template-kwargs"
         raise UserError(f"{what}: {tokenizer.path} is not a tokenizer.json with a chat template; a chat template is a "
                         "Hugging Face tokenizer's (a sentencepiece model's conversations use shardlm's own template)")

@@ -63,7 +63,10 @@ class GigatokenBackend:
             raise UserError("--encoder gigatoken: gigatoken is not installed (pip install 'shardlm[fast]')") from None
         if info.kind == "hf":  # the same file the reference encodes with
             from .hf_tokenizer import encoding_spec
-            self.tok = gigatoken.Tokenizer.from_json(encoding_spec(info.path))
+            try:
+                self.tok = gigatoken.Tokenizer.from_json(encoding_spec(info.path))
+            except (RuntimeError, ValueError) as e:  # a pipeline it does not implement (a sentencepiece-style Split)
+                raise UserError(f"{info.path}: gigatoken cannot encode this tokenizer ({e})") from None
             return
         from .hf_tokenizer import without_pieces
 

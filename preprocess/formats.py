@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chat import ChatTemplate, Turn
+from .chat import REASONING_KEYS, ChatTemplate, Turn
 from .readers import Bad, SegmentReader
 
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -79,7 +79,10 @@ def messages_to_turns(value: object, key: str) -> list[Turn] | Bad:
             return Bad("bad_role", f"{key}[{i}] has role {role!r}")
         if not isinstance(text, str):
             return Bad("not_a_string", f"{key}[{i}] content is {type(text).__name__}")
-        turns.append(Turn(ROLE_ALIASES[role], text))
+        reasoning = next((message[k] for k in REASONING_KEYS if message.get(k) is not None), "")
+        if not isinstance(reasoning, str):
+            return Bad("not_a_string", f"{key}[{i}] reasoning is {type(reasoning).__name__}")
+        turns.append(Turn(ROLE_ALIASES[role], text, reasoning))
     return turns
 
 
@@ -111,7 +114,7 @@ def _check_conversation(turns: list[Turn], last_is_assistant: bool) -> list[Turn
     if not assistant or (last_is_assistant and turns[-1].role != "assistant"):
         return Bad("no_assistant")
     for t in turns:
-        checked = check_text(t.text, allow_empty=t.role != "assistant")
+        checked = check_text(t.text + t.reasoning, allow_empty=t.role != "assistant")
         if isinstance(checked, Bad):
             return checked
     return turns
@@ -265,14 +268,14 @@ class SFTKind(_ChatKind):
         return sft_turns(record)
 
     def size(self, parsed: list[Turn]) -> int:
-        return sum(len(t.text) for t in parsed)
+        return sum(len(t.whole) for t in parsed)
 
     def texts(self, parsed: list[Turn]) -> list[str]:
         return [t.text for t in parsed]
 
     def dedup_text(self, parsed: list[Turn]) -> str:
         # without system turns: a long system prompt shared by a whole dataset would make every pair look alike
-        return "\x1f".join(t.text for t in parsed if t.role != "system")
+        return "\x1f".join(t.whole for t in parsed if t.role != "system")
 
     def build(self, batch: list[list[Turn]]):
         kept, bad = [], []
@@ -294,14 +297,14 @@ class DPOKind(_ChatKind):
         return dpo_pair(record)
 
     def size(self, parsed) -> int:
-        return sum(len(t.text) for conv in parsed for t in conv)
+        return sum(len(t.whole) for conv in parsed for t in conv)
 
     def texts(self, parsed) -> list[str]:
         return [t.text for conv in parsed for t in conv]
 
     def dedup_text(self, parsed) -> str:
         chosen, rejected = parsed  # the shared prompt once, then both completions; no system turns
-        return "\x1f".join([*(t.text for t in chosen if t.role != "system"), rejected[-1].text])
+        return "\x1f".join([*(t.whole for t in chosen if t.role != "system"), rejected[-1].whole])
 
     def build(self, batch: list[tuple[list[Turn], list[Turn]]]):
         docs = self._documents([conv for pair in batch for conv in pair], learn="last")
@@ -328,13 +331,13 @@ class KTOKind(_ChatKind):
         return kto_examples(record)
 
     def size(self, parsed) -> int:
-        return sum(len(t.text) for conv, _ in parsed for t in conv)
+        return sum(len(t.whole) for conv, _ in parsed for t in conv)
 
     def texts(self, parsed) -> list[str]:
         return [t.text for conv, _ in parsed for t in conv]
 
     def dedup_text(self, parsed) -> str:
-        return "\x1e".join("\x1f".join(t.text for t in conv if t.role != "system") + f"\x1f{label}"
+        return "\x1e".join("\x1f".join(t.whole for t in conv if t.role != "system") + f"\x1f{label}"
                             for conv, label in parsed)
 
     def build(self, batch):

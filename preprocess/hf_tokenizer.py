@@ -1,4 +1,5 @@
-"""Hugging Face tokenizer.json files with byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen): what shards need of them.
+"""Hugging Face tokenizer.json files with BPE — byte-level (GPT-2, Llama 3, SmolLM, Qwen) or sentencepiece-style with
+byte fallback (Mistral, Gemma: spaces as "▁", bytes without a piece as <0xNN>): what shards need of them.
 
 Text never becomes a control token: every added token (the special <|endoftext|>, <|begin_of_text|>, ..., and
 those marked non-special, such as Qwen's <|fim_prefix|> or <tool_call>) is taken out of what `tokenizers` would
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import numpy as np
 
@@ -21,6 +23,8 @@ from .errors import UserError
 
 FILE = "tokenizer.json"
 CONFIG = "tokenizer_config.json"
+SAVED = "shardlm_chat_template.json"  # the template and options chat shards were written in (chat_template.py)
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece of a sentencepiece-style vocabulary
 # when tokenizer_config.json does not say, the first of these that is a special token is the end of a document
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -41,18 +45,29 @@ def read_spec(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable tokenizer.json ({e})") from None
     model = spec.get("model") or {}
-    byte_level = any(_has_byte_level(spec.get(k)) for k in ("pre_tokenizer", "decoder"))
-    if model.get("type") != "BPE" or not byte_level:
-        raise UserError(f"{path}: only byte-level BPE tokenizer.json files are supported (GPT-2, Llama 3, Qwen "
-                        f"style); this one is {model.get('type')} without a ByteLevel step")
+    if model.get("type") != "BPE" or not (is_byte_level(spec) or is_metaspace(spec)):
+        raise UserError(f"{path}: only BPE tokenizer.json files are supported, byte-level (GPT-2, Llama 3, Qwen) or "
+                        f"sentencepiece-style with byte fallback (Mistral, Gemma); this one is {model.get('type')} "
+                        "with neither")
     return spec
+
+
+def is_byte_level(spec: dict) -> bool:
+    return any(_has_byte_level(spec.get(k)) for k in ("pre_tokenizer", "decoder"))
+
+
+def is_metaspace(spec: dict) -> bool:
+    """A sentencepiece BPE as a tokenizer.json: spaces as "▁" (a Metaspace step, or a normalizer replacing them) and
+    bytes that have no piece as <0xNN> pieces (byte_fallback)."""
+    steps = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
+    return bool((spec.get("model") or {}).get("byte_fallback")) and ("Metaspace" in steps or "\u2581" in steps)
 
 
 def companions(path: str) -> list[str]:
     """The files that make up this tokenizer: the tokenizer.json, and its tokenizer_config.json and the
     shardlm_chat_template.json of chat shards written with it (preprocess/chat_template.py) if any."""
     folder = os.path.dirname(path)
-    names = (CONFIG, "shardlm_chat_template.json")
+    names = (CONFIG, SAVED)
     return [path, *(p for p in (os.path.join(folder, n) for n in names) if os.path.isfile(p))]
 
 
@@ -152,14 +167,20 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def token_bytes(path: str) -> np.ndarray:
-    """Per id, how many bytes of text it stands for (0 for special tokens and unused ids)."""
+    """Per id, how many bytes of text it stands for (0 for special tokens and unused ids): a byte-level piece one
+    per character of GPT-2's alphabet; a sentencepiece-style piece its UTF-8 with "▁" as a space, <0xNN> one."""
     spec = read_spec(path)
     sizes = np.zeros(vocab_size(path), dtype=np.int64)
     decoder = _byte_decoder()
+    byte_level = is_byte_level(spec)
     added = set(added_tokens(spec).values())  # never produced from text: no bytes
     for piece, i in spec["model"]["vocab"].items():
-        if i not in added:
+        if i in added:
+            continue
+        if byte_level:
             sizes[i] = sum(1 if c in decoder else len(c.encode()) for c in piece)
+        else:
+            sizes[i] = 1 if BYTE_PIECE.fullmatch(piece) else len(piece.replace("\u2581", " ").encode())
     return sizes
 
 

@@ -14,12 +14,12 @@ import contextlib
 import glob
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import dedup as dd
-from .chat_template import template_for
+from .chat_template import ModelTemplate, template_for
 from .encoders import Encoder, first_difference
 from .errors import UserError
 from .fileio import TMP_MARK, NpyWriter, atomic_write, copy_durably, file_sha256, fsync_path
@@ -51,7 +51,7 @@ class ShardJob:
     encoder: str = "sentencepiece"  # which backend computes the ids (the same ids: not part of the plan)
     dedup: dd.Dedup = dd.Dedup()
     chat_template: str | None = None  # a file overriding the tokenizer.json's chat template
-    chat_template_kwargs: dict = field(default_factory=dict)  # the template's options (enable_thinking, ...)
+    chat_template_kwargs: dict | None = None  # the template's options (enable_thinking, ...); None: as saved
 
     def make_kind(self, encoder: Encoder | None = None):
         return KIND_CLASSES[self.kind](encoder, self.text_key, self.max_len, self.template())
@@ -59,7 +59,7 @@ class ShardJob:
     def template(self):
         """The chat template of a chat kind (None for pretraining): the tokenizer.json's model's, or ours."""
         if self.kind == "pretrain":
-            if self.chat_template or self.chat_template_kwargs:
+            if self.chat_template or self.chat_template_kwargs is not None:
                 raise UserError("--chat-template and --chat-template-kwargs are for chat kinds (sft, dpo, kto)")
             return None
         return template_for(self.tokenizer, self.chat_template, self.chat_template_kwargs)
@@ -220,7 +220,7 @@ def copy_tokenizer(job: ShardJob) -> None:
     for path in others:
         copy_durably(path, os.path.join(job.out_dir, os.path.basename(path)))
     template = job.template()
-    if hasattr(template, "save"):  # a model's template: it and its options travel with the tokenizer
+    if isinstance(template, ModelTemplate):  # a model's template: it and its options travel with the tokenizer
         template.save(job.out_dir)
 
 

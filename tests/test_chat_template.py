@@ -32,13 +32,14 @@ SKIPPED = [  # reason each is skipped with
 
 
 def shard_documents(out_dir) -> list:
-    """(ids, mask) of each document, in order, read as training reads them."""
+    """(ids, mask) of each document, in order, read as training reads them (pretraining shards: no mask)."""
     from preprocess.shards import read_manifest
     from training.data.sources import ShardDir
 
-    shards = ShardDir(str(out_dir), read_manifest(str(out_dir))["kind"])
+    kind = read_manifest(str(out_dir))["kind"]
+    shards = ShardDir(str(out_dir), kind)
     starts, ends = shards.document_bounds()
-    return [(shards.read(int(a), int(b - a)), shards.read(int(a), int(b - a), "mask"))
+    return [(shards.read(int(a), int(b - a)), shards.read(int(a), int(b - a), "mask") if kind != "pretrain" else None)
             for a, b in zip(starts, ends, strict=True)]
 
 
@@ -162,3 +163,64 @@ def test_a_template_that_refuses_a_record_is_a_counted_skip_or_with_strict_the_e
                    "--chat-template", template, "--strict", check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "sft.jsonl:2: the chat template refused it (Conversation roles must alternate" in proc.stderr
+
+
+def test_a_sentencepiece_style_tokenizer_json_writes_the_shards_of_its_model(tokenizer_model, chat_shards, tmp_path):
+    """Mistral's and Gemma's kind of tokenizer.json (BPE with byte fallback, spaces as "▁" by a normalizer): ours,
+    exported for transformers with the jinja twin of our chat template. Pretraining shards hold the ids of the
+    sentencepiece model, and chat shards rendered by that template the ids and masks our own template gives."""
+    from conftest import MIXED_TEXTS
+
+    from training.models.tokenizer_export import hf_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    hf_tokenizer(tokenizer_model).save_pretrained(folder)
+    spec = json.load(open(folder / "tokenizer.json"))
+    assert spec["model"]["byte_fallback"] and spec["pre_tokenizer"]["type"] != "ByteLevel"
+    src = write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in MIXED_TEXTS])
+    for name, tokenizer in (("sp", tokenizer_model), ("json", folder / "tokenizer.json")):
+        run_cli("shards", "--input", src, "--tokenizer", tokenizer, "--out", tmp_path / f"pretrain-{name}")
+    run_cli("verify", tmp_path / "pretrain-json")
+    ours, theirs = (shard_documents(tmp_path / f"pretrain-{n}") for n in ("sp", "json"))
+    assert [ids.tolist() for ids, _ in theirs] == [ids.tolist() for ids, _ in ours]
+
+    chats = os.path.join(os.path.dirname(chat_shards["sft"]), "sft.jsonl")
+    run_cli("shards", "--kind", "sft", "--input", chats, "--tokenizer", folder, "--out", tmp_path / "sft-json",
+            "--max-len", "64")
+    template = json.load(open(tmp_path / "sft-json" / "manifest.json"))["chat_template_sha256"]
+    assert len(template) == 64  # rendered by the tokenizer's jinja template, not ours
+    ours, theirs = shard_documents(chat_shards["sft"]), shard_documents(tmp_path / "sft-json")
+    assert len(theirs) == len(ours) > 700
+    assert all((a.tolist(), m.tolist()) == (b.tolist(), n.tolist()) for (a, m), (b, n) in zip(ours, theirs, strict=True))
+
+
+def test_an_assistants_reasoning_content_is_rendered_as_transformers_renders_it(tmp_path):
+    """Qwen3 in thinking mode (its default): reasoning_content (or its aliases thinking, reasoning) goes into the
+    reply's <think> block and is learned with the reply."""
+    folder = shared_data("tokenizers", "qwen3")
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    records = [{"messages": [{"role": "user", "content": "What is 2+2?"},
+                             {"role": "assistant", "content": "4.", key: "Two and two make four."}]}
+               for key in ("reasoning_content", "thinking")]
+    src = write_jsonl(tmp_path / "sft.jsonl", records)
+    run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", folder, "--out", tmp_path / "out")
+    eos = reference.convert_tokens_to_ids(reference.eos_token)
+    docs = shard_documents(tmp_path / "out")
+    assert len(docs) == 2
+    for (ids, mask), record in zip(docs, records, strict=True):
+        assert is_document_of(ids, expected(reference, record["messages"], {}), eos)
+        assert learned_text(reference, ids, mask) == "<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"
+
+
+def test_a_template_that_cannot_mark_turns_or_options_it_cannot_take_are_one_line(tmp_path):
+    folder = shared_data("tokenizers", "qwen3")
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi", "response": "Hello"}])
+    blind = tmp_path / "blind.jinja"  # no generation prompt: the reply could not be told from its header
+    blind.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    for args, message in ((["--chat-template", blind], "the chat template ignores add_generation_prompt"),
+                          (["--chat-template-kwargs", '{"add_generation_prompt": true}'],
+                           "'add_generation_prompt' is set by the rendering itself"),
+                          (["--chat-template-kwargs", "[1]"], "must be a JSON object")):
+        proc = run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", folder, "--out", tmp_path / "o",
+                       *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

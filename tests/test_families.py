@@ -295,6 +295,16 @@ def test_sft_of_an_imported_qwen3_in_its_own_template_is_the_same_on_two_process
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     generation = json.load(open(tmp_path / "hf" / "generation_config.json"))
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
+    # the shards' options travel as the exported template's defaults: transformers renders as the shards were
+    from test_chat_template import shard_documents
+
+    record = json.load(open(shared_data("llms_from_scratch", "instruction-data.json"), encoding="utf-8"))[1]
+    messages = [{"role": "user", "content": record["instruction"] + "\n\n" + record["input"]},
+                {"role": "assistant", "content": record["output"]}]
+    ids, _ = shard_documents(shards)[1]
+    assert ids[:-1].tolist() == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids[:len(prompt)].tolist() == prompt and tokenizer.convert_tokens_to_ids("</think>") in prompt
     proc = run_command("-m", "training.generate", "--checkpoint", tmp_path / "hf", "--chat", "--prompt",
                        "Name a colour.", "--max-new-tokens", "5")
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
@@ -334,3 +344,39 @@ def test_dpo_against_a_pinned_imported_reference_resumes_after_kill_9_as_if_unin
     run_training(*common, f"out_dir={out}", stage="dpo", config=DPO_CONFIG)
     for key in ("loss", "rewards/margins"):
         assert losses(out, key) == losses(tmp_path / "straight", key)
+
+
+ZERO3_BUILD = """
+import dataclasses, sys
+import torch
+from training.checkpoint.weights import model_config, starting_model
+from training.config import Config
+from training.data.order import BatchPlan
+from training.models.transformer import rope_tables
+from training.parallel import env as D
+from training.parallel.deepspeed import DeepSpeed
+
+path = sys.argv[1]
+cfg = Config()
+cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, backend="deepspeed", zero_stage=3))
+env = D.init("deepspeed", "cpu", 60, group_always=True)
+model = starting_model(path, model_config(path), DeepSpeed(cfg, env, BatchPlan.of(cfg.train, 1, 0), "bf16"))
+assert all(hasattr(p, "ds_tensor") and p.dtype == torch.bfloat16 for p in model.parameters())
+assert model.rope_cos.dtype == model.rope_local_cos.dtype == torch.float32
+assert torch.equal(model.rope_cos, rope_tables(model.cfg)[0])
+assert torch.equal(model.rope_local_cos, rope_tables(model.cfg, local=True)[0])
+print("partitioned in bf16, rotary tables in fp32")
+"""
+
+
+def test_zero3_builds_an_imported_model_partitioned_in_bf16_with_fp32_rotary_tables(saved, tmp_path):
+    """deepspeed.zero.Init makes every float tensor in the training dtype, the rotary tables too: they are computed
+    again once it is left (in bf16, positions past 256 would round)."""
+    from conftest import free_port
+
+    script = tmp_path / "build.py"
+    script.write_text(ZERO3_BUILD)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+    proc = run_command(script, saved["gemma3_text"][0], env=env)
+    assert proc.returncode == 0 and "rotary tables in fp32" in proc.stdout, proc.stderr

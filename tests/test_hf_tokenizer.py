@@ -109,7 +109,7 @@ def test_chat_shards_with_a_tokenizer_json_without_a_chat_template_are_refused_i
     not_bpe = tmp_path / "wordlevel.json"
     tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(not_bpe))
     proc = run_cli("shards", "--input", src, "--tokenizer", not_bpe, "--out", tmp_path / "w", check=False)
-    assert proc.returncode == 1 and "only byte-level BPE tokenizer.json files are supported" in proc.stderr
+    assert proc.returncode == 1 and "only BPE tokenizer.json files are supported" in proc.stderr
 
 
 @pytest.mark.slow

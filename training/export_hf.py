@@ -100,9 +100,11 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
             for path in companions:
                 if os.path.basename(path) != SAVED:  # ours: transformers reads the template from the next file
                     shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-            if isinstance(template, ModelTemplate) and template.source != configured_template(sp_path):
+            if isinstance(template, ModelTemplate) and (template.options or
+                                                        template.source != configured_template(sp_path)):
                 with open(os.path.join(tmp, TEMPLATE_FILE), "w", encoding="utf-8") as f:
-                    f.write(template.source)  # the shards' own (--chat-template): transformers prefers this file
+                    # the shards' own (--chat-template) with their options as defaults: transformers prefers this file
+                    f.write(template.with_options())
         elif info.kind == "hf":  # a bare tokenizer.json, byte for byte (its sha256 is what shards record)
             hf_json_tokenizer(info).save_pretrained(tmp)
         else:
@@ -117,7 +119,9 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
 def chat_template_of(info):
     """The chat template of the run's tokenizer (its model's, or ours), or None when it has none."""
     try:
-        return template_for(info)
+        template = template_for(info)
+        template.end_ids()
+        return template
     except UserError:  # a tokenizer without chat symbols or template: plain text only
         return None
 

@@ -23,6 +23,7 @@ from preprocess.tokenizer import TextTokenizer, tokenizer_file
 from ..config import config_from_yaml
 from ..models import hf, lora
 from ..models.transformer import ModelConfig, Transformer
+from ..parallel import env as D
 from ..parallel.backends import consolidated_state_dict
 from .state import STATE
 from .store import MODEL, damage, fit, latest, load_file, save_file
@@ -138,7 +139,9 @@ def starting_model(ckpt_dir: str, cfg: ModelConfig, backend) -> Transformer:
     checkpoint of ours, loaded whole (a LoRA run's adapters are merged into it)."""
     if hf.is_hf_dir(ckpt_dir):
         model = backend.empty_model(lambda: Transformer(cfg))
-        hf.load_into(ckpt_dir, model, backend.storage)
+        # every rank learns of any rank's refusal (a rank holding none of a missing tensor would not see it, and
+        # would wait for the others in the backend's first collective)
+        D.on_every_rank(backend.env, lambda: hf.load_into(ckpt_dir, model, backend.storage))
         return model
     return loaded_model(ckpt_dir, cfg, backend.env.device)
 

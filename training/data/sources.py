@@ -10,11 +10,13 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import json
 import os
 
 import numpy as np
 
 from preprocess.errors import UserError
+from preprocess.hf_tokenizer import SAVED
 from preprocess.shards import mask_max, read_manifest, verify_shard
 
 
@@ -162,7 +164,37 @@ def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str,
         if other.tokenizer["sha256"] != first.tokenizer["sha256"]:
             raise UserError(f"{other.path} was tokenized with tokenizer {other.tokenizer['sha256'][:12]}…, "
                             f"{first.path} with {first.tokenizer['sha256'][:12]}…: mixed sources need one tokenizer")
+        if chat_template(other.manifest) != chat_template(first.manifest):
+            raise UserError(f"{other.path} was written in chat template {chat_template(other.manifest)}, {first.path} "
+                            f"in {chat_template(first.manifest)}: mixed sources need one template and its options")
+    for source in sources:
+        check_saved_template(source)
     return sources
+
+
+def chat_template(manifest: dict) -> str:
+    """The chat template a chat kind's shards were written in, as the manifest names it: a model's (its sha256 and
+    options), or shardlm's own."""
+    if "chat_template_sha256" not in manifest:
+        return manifest.get("template", "none")
+    return f"{manifest['chat_template_sha256'][:12]}… with {json.dumps(manifest['chat_template_kwargs'])}"
+
+
+def check_saved_template(source: ShardDir) -> None:
+    """The template and options the run will render prompts in (shardlm_chat_template.json, copied into the run with
+    the tokenizer) must be the manifest's: a directory copied without it, or with another, is refused."""
+    manifest = source.manifest
+    if "chat_template_sha256" not in manifest:
+        return
+    path = os.path.join(source.path, SAVED)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        same = (saved["sha256"], saved["kwargs"]) == (manifest["chat_template_sha256"], manifest["chat_template_kwargs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        raise UserError(f"{path}: missing or not the chat template its manifest names; copy the shard directory whole")
 
 
 def pad_id(sources: list[ShardDir]) -> int:

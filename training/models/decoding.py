@@ -35,12 +35,12 @@ def pick_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
 def stop_set(stop) -> frozenset:
     """The ids a reply ends at: one id, several (a chat template's end-of-turn ids), or None."""
     return frozenset(() if stop is None else (stop,) if isinstance(stop, int) else stop)
 
 
+@torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False, eos_id=None, vocab_limit: int | None = None,
              generator: torch.Generator | None = None, follow=None) -> list[int]:

@@ -646,20 +646,22 @@ def placements(name: str, cfg: ModelConfig, ours_of: dict[str, tuple[str, int]])
 
 def whole(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
     """Where a parameter's values live, for load_into: (this process's elements, flat; the first one's index in the
-    whole parameter, flattened; the whole parameter's shape). Here: all of them. A backend that partitions
-    parameters at construction (ZeRO-3) gives each process's share instead."""
+    whole parameter, flattened; the whole parameter's shape). Here: all of them."""
     return param.data.view(-1), 0, tuple(param.shape)
 
 
 @torch.no_grad()
-def load_into(path: str, model: torch.nn.Module, storage=whole) -> None:
+def load_into(path: str, model: torch.nn.Module, storage=None) -> None:
     """Fill `model` (built for this directory's config: on the meta device then given storage with to_empty, or
     partitioned by ZeRO-3 as it was built) from the directory's safetensors files, one tensor at a time and large
-    ones in row blocks, each process reading only the rows it holds: no copy of the weights is held beside the
-    model's own. Every element a process holds must be filled exactly once, and every stored tensor must have a
-    place: a directory that does not fit is refused by the tensor's name."""
+    ones in row blocks, each process reading only the rows it holds (the query/key projections, reordered, and
+    stacked experts are read whole): no copy of the weights is held beside the model's own. storage(param): where
+    a process holds a share of a parameter (a backend's, see whole); None, or a storage that answers None: all of
+    it. Every element a process holds must be filled exactly once, and every stored tensor must have a place: a
+    directory that does not fit is refused by the tensor's name."""
     cfg = model.cfg
-    stores = {name: storage(p) for name, p in model.named_parameters()}  # a tied head is the embedding's
+    stores = {name: (storage and storage(p)) or whole(p)  # a tied head is the embedding's
+              for name, p in model.named_parameters()}
     theirs_of = tensor_names(cfg)
     ours_of = {theirs: (ours, heads) for ours, (theirs, heads) in theirs_of.items()}
     filled = dict.fromkeys(stores, 0)
@@ -702,9 +704,11 @@ def copy_tensor(f, name: str, store: tuple, expert: int | None, value, file: str
         stored = tuple(source.get_shape())
     if stored != tuple(shape):
         raise UserError(f"{file}: tensor {name!r} has shape {list(stored)}, our model's config asks for {list(shape)}")
-    row = math.prod(shape[1:])
+    row, count = math.prod(shape[1:]), shape[0] if shape else 1  # a scalar is one row of one
+    if not shape:
+        source = (source if value is not None else f.get_tensor(name)).reshape(1)
     first = max(0, (start - offset) // row)  # the rows holding this process's elements
-    end = min(shape[0], -(-(start + flat.numel() - offset) // row))
+    end = min(count, -(-(start + flat.numel() - offset) // row))
     step = max(1, COPY_BYTES // max(1, row * flat.element_size()))
     written = 0
     for a in range(first, end, step):

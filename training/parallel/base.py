@@ -64,10 +64,11 @@ class Backend(ABC):
         return model.materialize(self.env.device)
 
     @staticmethod
-    def storage(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
-        """Where a parameter's values live in this process: (the elements it holds, flat; the first one's index in
-        the whole parameter, flattened; the whole parameter's shape). Here: all of them."""
-        return param.data.view(-1), 0, tuple(param.shape)
+    def storage(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple] | None:
+        """Where a parameter's values live in this process when it holds a share of them: (the elements it holds,
+        flat; the first one's index in the whole parameter, flattened; the whole parameter's shape). None: all of
+        them, as the parameter is."""
+        return None
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

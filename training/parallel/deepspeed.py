@@ -313,14 +313,16 @@ class DeepSpeed(Backend):
             return super().empty_model(build)
         config = build_config(self.cfg, self.plan, self.precision, self.env.device.type)
         with deepspeed_on(self.env).zero.Init(config_dict_or_path=config):
-            return build()
+            model = build()
+        model.reset_buffers()  # zero.Init makes every float tensor in the training dtype: the rotary tables in fp32
+        return model
 
     @staticmethod
-    def storage(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
+    def storage(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple] | None:
         """A ZeRO-3 parameter's share on this rank: DeepSpeed's partition `ds_tensor` holds elements
         [rank x size, (rank + 1) x size) of the flattened parameter (the last rank's padded past its end)."""
         if not hasattr(param, "ds_tensor"):
-            return Backend.storage(param)
+            return None
         size = param.ds_tensor.ds_numel
         start = size * torch.distributed.get_rank(group=param.ds_process_group)
         held = max(0, min(size, param.ds_numel - start))
