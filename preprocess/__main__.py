@@ -9,7 +9,7 @@ import sys
 import time
 
 from . import dedup
-from .chat_template import ModelTemplate
+from .chat_template import ModelTemplate, shards_date
 from .encoders import ENCODERS, Encoder, choose_encoder
 from .errors import UserError, exit_code
 from .formats import pretrain_text
@@ -180,6 +180,9 @@ def _run_shards(args, group):
                    dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram),
                    chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs)
     template = job.template()  # a chat kind's template exists and compiles (or ours has its symbols): fail early
+    if job.chat_template_date is None and (day := shards_date(template, args.out)):
+        job.chat_template_date = day  # the date a template that writes today's date renders every document with
+        template = job.template()
     if job.dedup.on and group.launcher == "Slurm array":  # its tasks need not run at the same time
         raise UserError("--dedup needs every rank of the job at once: run it under srun or mpirun, not as a Slurm "
                         "array")

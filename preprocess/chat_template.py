@@ -43,8 +43,10 @@ MARK_START, MARK_END = "\U000f0000", "\U000f0001"  # around a control token in a
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def find_template(tokenizer_path: str, override: str | None = None, saved: bool = True) -> tuple[str, str, dict] | None:
-    """(the template's text, where it came from, the options it was used with) for a tokenizer.json: --chat-template's
+def find_template(tokenizer_path: str, override: str | None = None,
+                  saved: bool = True) -> tuple[str, str, dict, str | None] | None:
+    """(the template's text, where it came from, the options and the date it was used with) for a tokenizer.json:
+    --chat-template's
     file; else (saved) the shardlm_chat_template.json that chat shards wrote beside it (the template and options they were
     written with, which travels with the tokenizer into runs and checkpoints); else a chat_template.jinja beside it;
     else its tokenizer_config.json's chat_template (the default one when it holds several) — the last two in
@@ -52,7 +54,7 @@ def find_template(tokenizer_path: str, override: str | None = None, saved: bool 
     if override:
         try:
             with open(override, encoding="utf-8") as f:
-                return f.read(), override, {}
+                return f.read(), override, {}, None
         except OSError as e:
             raise UserError(f"--chat-template {override}: {e.strerror}") from None
     folder = os.path.dirname(tokenizer_path)
@@ -61,19 +63,19 @@ def find_template(tokenizer_path: str, override: str | None = None, saved: bool 
         try:
             with open(record_path, encoding="utf-8") as f:
                 record = json.load(f)
-            return record["template"], record_path, record["kwargs"]
+            return record["template"], record_path, record["kwargs"], record.get("date")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{record_path}: unreadable ({e!r})") from None
     jinja = os.path.join(folder, TEMPLATE_FILE)
     if os.path.isfile(jinja):  # transformers prefers it to tokenizer_config.json's
         with open(jinja, encoding="utf-8") as f:
-            return f.read(), jinja, {}
+            return f.read(), jinja, {}, None
     template = read_config(tokenizer_path).get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         None)
     if isinstance(template, str) and template:
-        return template, os.path.join(folder, CONFIG), {}
+        return template, os.path.join(folder, CONFIG), {}, None
     return None
 
 
@@ -92,9 +94,10 @@ def read_config(tokenizer_path: str) -> dict:
         raise UserError(f"{path}: unreadable ({e})") from None
 
 
-def compile_template(source: str, where: str):
+def compile_template(source: str, where: str, today: str | None = None):
     """The template compiled in the sandbox transformers uses, with its globals (raise_exception, strftime_now),
-    its tojson, loop controls and the {% generation %} tag (whose body is rendered as is)."""
+    its tojson, loop controls and the {% generation %} tag (whose body is rendered as is). today (an ISO date):
+    what strftime_now tells the template (default: now, as transformers)."""
     try:
         import jinja2
         from jinja2.ext import Extension, loopcontrols
@@ -122,7 +125,7 @@ def compile_template(source: str, where: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: (datetime.fromisoformat(today) if today else datetime.now()).strftime(fmt)
     try:
         return env.from_string(source), env
     except jinja2.exceptions.TemplateSyntaxError as e:
@@ -143,15 +146,17 @@ class ModelTemplate:
     """The chat template of a tokenizer.json's model: documents (ids, mask) of conversations, and the prompt ids
     that ask for the next assistant turn."""
 
-    def __init__(self, tokenizer_path: str, source: str, where: str, options: dict):
+    def __init__(self, tokenizer_path: str, source: str, where: str, options: dict, today: str | None = None):
         from tokenizers import Tokenizer  # the tokenizer.json's library (load_reference checked it is installed)
 
         self.path = find_file(tokenizer_path)
         self.plain = load_reference(self.path)  # no added token from text
         self.full = Tokenizer.from_file(self.path)
         self.source, self.where, self.options = source, where, dict(options)
+        # a template that writes today's date (Llama 3.2's system header) writes the one the shards were made on
+        self.today = today if uses_date(source) else None
         self.sha256 = hashlib.sha256(self.source.encode()).hexdigest()
-        self.compiled, env = compile_template(self.source, self.where)
+        self.compiled, env = compile_template(self.source, self.where, self.today)
         config = read_config(self.path)
         self.variables = {name: value.get("content") if isinstance(value, dict) else value
                           for name in SPECIAL_NAMES if (value := config.get(name)) is not None}
@@ -180,7 +185,8 @@ class ModelTemplate:
 
     def identity(self) -> dict:
         """What the shards' plan and manifest record of the template."""
-        return {"chat_template_sha256": self.sha256, "chat_template_kwargs": self.options}
+        return {"chat_template_sha256": self.sha256, "chat_template_kwargs": self.options,
+                **({"chat_template_date": self.today} if self.today else {})}
 
     def with_options(self) -> str:
         """The template with its options as defaults, for transformers (an export): each unless the caller sets it."""
@@ -192,7 +198,8 @@ class ModelTemplate:
         """shardlm_chat_template.json in `folder` (beside a copy of the tokenizer): the template and options, so that runs
         and checkpoints render prompts as the shards were rendered."""
         path = os.path.join(folder, SAVED)
-        record = {"template": self.source, "kwargs": self.options, "sha256": self.sha256}
+        record = {"template": self.source, "kwargs": self.options, "sha256": self.sha256,
+                  **({"date": self.today} if self.today else {})}
         atomic_write(path, json.dumps(record, ensure_ascii=False, indent=1).encode())
         return path
 
@@ -301,14 +308,20 @@ class ModelTemplate:
         return self._end_ids
 
 
-def template_for(tokenizer: TokenizerInfo, override: str | None = None, options: dict | None = None):
+def uses_date(source: str) -> bool:
+    return "strftime_now" in source
+
+
+def template_for(tokenizer: TokenizerInfo, override: str | None = None, options: dict | None = None,
+                 today: str | None = None):
     """The chat template of conversations tokenized with this tokenizer: a tokenizer.json's model's (find_template;
-    `options` replace the ones it was saved with), else ours on the tokenizer's reserved role symbols."""
+    `options` replace the ones it was saved with, `today` its date), else ours on the tokenizer's reserved role
+    symbols."""
     found = find_template(tokenizer.path, override) if tokenizer.kind == "hf" else None
     if found is not None:
-        source, where, saved = found
+        source, where, saved, saved_day = found
         return cached_template(tokenizer.path, source, where, json.dumps(saved if options is None else options,
-                                                                         sort_keys=True))
+                                                                         sort_keys=True), today or saved_day)
     if override or options is not None:
         what = "--chat-template" if override else "--chat-template-kwargs"
         raise UserError(f"{what}: {tokenizer.path} is not a tokenizer.json with a chat template; a chat template is a "
@@ -317,6 +330,23 @@ def template_for(tokenizer: TokenizerInfo, override: str | None = None, options:
 
 
 @functools.lru_cache(maxsize=8)
-def cached_template(path: str, source: str, where: str, options: str) -> ModelTemplate:
-    """One compiled template per tokenizer, template and options in a process (a sampler asks for every prompt)."""
-    return ModelTemplate(path, source, where, json.loads(options))
+def cached_template(path: str, source: str, where: str, options: str, today: str | None) -> ModelTemplate:
+    """One compiled template per tokenizer, template, options and date in a process (a sampler asks for every
+    prompt)."""
+    return ModelTemplate(path, source, where, json.loads(options), today)
+
+
+def shards_date(template, out_dir: str) -> str | None:
+    """The date a model's template that writes today's date renders shards with: the one an earlier (interrupted
+    or finished) run of the same template into out_dir used, else today's — so that a re-run another day gives the
+    same documents."""
+    if not isinstance(template, ModelTemplate) or not uses_date(template.source):
+        return None
+    try:
+        with open(os.path.join(out_dir, SAVED), encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("sha256") == template.sha256 and record.get("date"):
+            return record["date"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return datetime.now().date().isoformat()

@@ -52,6 +52,7 @@ class ShardJob:
     dedup: dd.Dedup = dd.Dedup()
     chat_template: str | None = None  # a file overriding the tokenizer.json's chat template
     chat_template_kwargs: dict | None = None  # the template's options (enable_thinking, ...); None: as saved
+    chat_template_date: str | None = None  # what strftime_now tells a template that writes the date (ISO)
 
     def make_kind(self, encoder: Encoder | None = None):
         return KIND_CLASSES[self.kind](encoder, self.text_key, self.max_len, self.template())
@@ -62,7 +63,7 @@ class ShardJob:
             if self.chat_template or self.chat_template_kwargs is not None:
                 raise UserError("--chat-template and --chat-template-kwargs are for chat kinds (sft, dpo, kto)")
             return None
-        return template_for(self.tokenizer, self.chat_template, self.chat_template_kwargs)
+        return template_for(self.tokenizer, self.chat_template, self.chat_template_kwargs, self.chat_template_date)
 
     def unit_record_path(self, name: str) -> str:
         return os.path.join(self.out_dir, WORK_DIR, "units", f"{name}.json")

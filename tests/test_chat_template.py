@@ -5,6 +5,7 @@ spells control tokens, what is skipped). Every document's ids are transformers' 
 tokenize=True, sanitize_control_tokens=True)` — for text without control tokens that is a plain apply_chat_template
 — and its mask decodes to exactly the assistant's text and its end-of-turn token."""
 
+import datetime
 import json
 import os
 import shutil
@@ -224,3 +225,29 @@ def test_a_template_that_cannot_mark_turns_or_options_it_cannot_take_are_one_lin
         proc = run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", folder, "--out", tmp_path / "o",
                        *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_template_that_writes_todays_date_writes_the_date_its_shards_were_begun_on(tmp_path):
+    """As Llama 3.2's system header does with strftime_now: the date is fixed when a shard directory is begun,
+    recorded in its manifest and template file, and a re-run into it another day renders the same documents (here:
+    the recorded date is set back, and the re-run keeps it)."""
+    folder = shared_data("tokenizers", "qwen3")
+    dated = tmp_path / "dated.jinja"
+    dated.write_text("<|im_start|>system\nToday is {{ strftime_now('%d %b %Y') }}.<|im_end|>\n"
+                     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi", "response": "Hello"}])
+    args = ["shards", "--kind", "sft", "--input", src, "--tokenizer", folder, "--out", tmp_path / "out",
+            "--chat-template", dated]
+    run_cli(*args)
+    saved = json.load(open(tmp_path / "out" / "shardlm_chat_template.json"))
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert saved["date"] == manifest["chat_template_date"] == datetime.date.today().isoformat()
+    assert "already complete" in run_cli(*args).stdout  # the same plan, the same day or not
+
+    shutil.rmtree(tmp_path / "out")  # begun on another day (its template file is written first): finished with it
+    os.makedirs(tmp_path / "out")
+    json.dump(saved | {"date": "2024-07-26"}, open(tmp_path / "out" / "shardlm_chat_template.json", "w"))
+    run_cli(*args)
+    text = transformers.AutoTokenizer.from_pretrained(folder).decode(shard_documents(tmp_path / "out")[0][0].tolist())
+    assert "Today is 26 Jul 2024." in text
