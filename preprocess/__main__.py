@@ -9,14 +9,14 @@ import sys
 import time
 
 from . import dedup
-from .chat_template import ModelTemplate, shards_date
+from .chat_template import ModelTemplate
 from .encoders import ENCODERS, Encoder, choose_encoder
 from .errors import UserError, exit_code
 from .formats import pretrain_text
 from .group import job_group
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
-from .shards import KINDS, ShardJob, encoder_sample, read_manifest, verify
+from .shards import KINDS, ShardJob, begun_date, encoder_sample, read_manifest, verify
 from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
 
 
@@ -180,7 +180,8 @@ def _run_shards(args, group):
                    dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram),
                    chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs)
     template = job.template()  # a chat kind's template exists and compiles (or ours has its symbols): fail early
-    if job.chat_template_date is None and (day := shards_date(template, args.out)):
+    if isinstance(template, ModelTemplate) and (day := group.share(begun_date(job) if group.rank == 0 else None)
+                                                if group.dynamic else begun_date(job)):
         job.chat_template_date = day  # the date a template that writes today's date renders every document with
         template = job.template()
     if job.dedup.on and group.launcher == "Slurm array":  # its tasks need not run at the same time

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import keyword
 import os
 import re
 from datetime import datetime
@@ -77,6 +78,22 @@ def find_template(tokenizer_path: str, override: str | None = None,
     if isinstance(template, str) and template:
         return template, os.path.join(folder, CONFIG), {}, None
     return None
+
+
+JINJA_WORDS = {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if", "else"}
+
+
+def jinja_literal(value) -> str:
+    """A JSON value (an option) as a jinja2 literal that evaluates to the same Python value."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(jinja_literal, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{jinja_literal(k)}: {jinja_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)  # int, float
 
 
 def first_line(e: BaseException) -> str:
@@ -173,15 +190,24 @@ class ModelTemplate:
         self._end_ids: list[int] | None = None
         if reserved := sorted(set(self.options) & set(RESERVED)):
             raise UserError(f"--chat-template-kwargs: {reserved[0]!r} is set by the rendering itself, not an option")
-        probe = [{"role": "user", "content": "Hi"}]
+        if bad := next((k for k in self.options if not k.isidentifier() or keyword.iskeyword(k) or k in JINJA_WORDS
+                        or k in SPECIAL_NAMES), None):
+            raise UserError(f"--chat-template-kwargs: {bad!r} cannot be a template option (a name a template can set: "
+                            "letters, digits and _, not a keyword or a special token's name)")
+        probe, reply = [{"role": "user", "content": "Hi"}], "Zq9reply"
         try:
-            asks = self.render(probe, True) != self.render(probe, False)
+            prompt = self.render(probe, True)
+            ignores = prompt == self.render(probe, False)
+            through = self.render([*probe, {"role": "assistant", "content": reply}], False)
         except Exception as e:
-            raise UserError(f"{self.where}: the chat template fails on a one-message conversation ({first_line(e)})") \
+            raise UserError(f"{self.where}: the chat template fails on a two-turn conversation ({first_line(e)})") \
                 from None
-        if not asks:
-            raise UserError(f"{self.where}: the chat template ignores add_generation_prompt, so the assistant's turn "
-                            "cannot be told from what precedes it; give one that renders it (--chat-template FILE)")
+        # a template without a generation prompt (Mistral's, Llama 2's) is fine when the reply follows the prompt
+        # directly; one that puts a header between them it does not render for the prompt is not
+        if ignores and not (through.startswith(prompt) and through[len(prompt):].lstrip().startswith(reply)):
+            raise UserError(f"{self.where}: the chat template's add_generation_prompt does not render what comes before "
+                            "the assistant's reply, so the reply cannot be told from its header; give one that does "
+                            "(--chat-template FILE)")
 
     def identity(self) -> dict:
         """What the shards' plan and manifest record of the template."""
@@ -190,7 +216,7 @@ class ModelTemplate:
 
     def with_options(self) -> str:
         """The template with its options as defaults, for transformers (an export): each unless the caller sets it."""
-        settings = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {json.dumps(v)} %}}{{%- endif %}}\n"
+        settings = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {jinja_literal(v)} %}}{{%- endif %}}\n"
                            for k, v in self.options.items())
         return settings + self.source
 
@@ -254,18 +280,23 @@ class ModelTemplate:
         template rewrites earlier turns. learn="assistant": every assistant turn; "last": the final one."""
         messages = self.messages(turns)
         learned = [i for i, t in enumerate(turns) if t.role == "assistant" and (learn == "assistant" or i == len(turns) - 1)]
-        try:
-            whole = self.ids(messages)
-            spans = []
+        try:  # the renderings first: a failure of the template on this record is a counted skip
+            texts = [self.render(messages, False)]
             for k in learned:
-                prompt = self.ids(messages[:k], add_generation_prompt=True)
-                through = whole if k == len(turns) - 1 else self.ids(messages[:k + 1])
-                if through[:len(prompt)] != prompt:
-                    return Bad("template_split", f"turn {k}: the template's generation prompt is not how its rendering "
-                               "of the assistant's turn begins")
-                spans.append((len(prompt), self.learned_end(through, len(prompt)), through))
+                texts += [self.render(messages[:k], True)] + ([] if k == len(turns) - 1 else
+                                                              [self.render(messages[:k + 1], False)])
         except Exception as e:  # raise_exception's TemplateError, or a template's own TypeError on this record
             return Bad("template_error", first_line(e))
+        rendered = iter(texts)
+        whole = self.encode(next(rendered))
+        spans = []
+        for k in learned:
+            prompt = self.encode(next(rendered))
+            through = whole if k == len(turns) - 1 else self.encode(next(rendered))
+            if through[:len(prompt)] != prompt:
+                return Bad("template_split", f"turn {k}: the template's generation prompt is not how its rendering "
+                           "of the assistant's turn begins")
+            spans.append((len(prompt), self.learned_end(through, len(prompt)), through))
         if all(whole[:len(through)] == through for _, _, through in spans):
             pieces = [(whole, [(start, end) for start, end, _ in spans])]
         else:
@@ -336,17 +367,11 @@ def cached_template(path: str, source: str, where: str, options: str, today: str
     return ModelTemplate(path, source, where, json.loads(options), today)
 
 
-def shards_date(template, out_dir: str) -> str | None:
-    """The date a model's template that writes today's date renders shards with: the one an earlier (interrupted
-    or finished) run of the same template into out_dir used, else today's — so that a re-run another day gives the
-    same documents."""
-    if not isinstance(template, ModelTemplate) or not uses_date(template.source):
-        return None
+def previous_date(template, out_dir: str) -> str | None:
+    """The date an earlier (interrupted or finished) run of the same template into out_dir rendered with."""
     try:
         with open(os.path.join(out_dir, SAVED), encoding="utf-8") as f:
             record = json.load(f)
-        if record.get("sha256") == template.sha256 and record.get("date"):
-            return record["date"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return datetime.now().date().isoformat()
+        return record["date"] if record.get("sha256") == template.sha256 and record.get("date") else None
+    except (OSError, ValueError, AttributeError, KeyError):
+        return None

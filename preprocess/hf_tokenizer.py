@@ -47,8 +47,14 @@ def read_spec(path: str) -> dict:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not (is_byte_level(spec) or is_metaspace(spec)):
         raise UserError(f"{path}: only BPE tokenizer.json files are supported, byte-level (GPT-2, Llama 3, Qwen) or "
-                        f"sentencepiece-style with byte fallback (Mistral, Gemma); this one is {model.get('type')} "
-                        "with neither")
+                        f"sentencepiece-style with byte fallback (Mistral); this one is {model.get('type')}, neither "
+                        "byte-level nor with byte_fallback")
+    # text never becomes an added token here: one that ordinary text must produce (Gemma's whitespace runs) would
+    # give other ids than the model's own tokenizer
+    if textual := next((t["content"] for t in spec.get("added_tokens", []) if not t.get("special")
+                        and (t["content"].isspace() or not t["content"].startswith("<"))), None):
+        raise UserError(f"{path}: its added token {textual!r} is ordinary text the tokenizer must produce from text, "
+                        "which shards do not do yet (Gemma's tokenizer has such tokens)")
     return spec
 
 

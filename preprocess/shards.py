@@ -11,15 +11,17 @@ Layout of a shard directory (docs/formats.md is the reference):
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import dedup as dd
-from .chat_template import ModelTemplate, template_for
+from .chat_template import ModelTemplate, previous_date, template_for, uses_date
 from .encoders import Encoder, first_difference
 from .errors import UserError
 from .fileio import TMP_MARK, NpyWriter, atomic_write, copy_durably, file_sha256, fsync_path
@@ -67,6 +69,32 @@ class ShardJob:
 
     def unit_record_path(self, name: str) -> str:
         return os.path.join(self.out_dir, WORK_DIR, "units", f"{name}.json")
+
+
+def begun_date(job: ShardJob) -> str | None:
+    """The date a model's template that writes today's date (strftime_now) renders this job's documents with: an
+    earlier run's into the same directory, else the one the first of the job's ranks to get here recorded (an
+    exclusive create in .work: ranks that start either side of midnight agree), else today's."""
+    template = job.template()
+    if not isinstance(template, ModelTemplate) or not uses_date(template.source):
+        return None
+    if day := previous_date(template, job.out_dir):
+        return day
+    work = os.path.join(job.out_dir, WORK_DIR)
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, "chat_template_date")
+    today = datetime.date.today().isoformat()
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(today)
+        return today
+    except FileExistsError:
+        for _ in range(100):  # another rank's write in progress
+            with open(path, encoding="utf-8") as f:
+                if day := f.read().strip():
+                    return day
+            time.sleep(0.05)
+        raise UserError(f"{path}: empty; delete it and run again") from None
 
 
 def shard_files(name: str, has_mask: bool) -> dict[str, str]:

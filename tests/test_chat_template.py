@@ -218,13 +218,36 @@ def test_a_template_that_cannot_mark_turns_or_options_it_cannot_take_are_one_lin
     src = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi", "response": "Hello"}])
     blind = tmp_path / "blind.jinja"  # no generation prompt: the reply could not be told from its header
     blind.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
-    for args, message in ((["--chat-template", blind], "the chat template ignores add_generation_prompt"),
+    for args, message in ((["--chat-template", blind], "add_generation_prompt does not render what comes before"),
                           (["--chat-template-kwargs", '{"add_generation_prompt": true}'],
                            "'add_generation_prompt' is set by the rendering itself"),
+                          (["--chat-template-kwargs", '{"foo-bar": 1}'], "'foo-bar' cannot be a template option"),
                           (["--chat-template-kwargs", "[1]"], "must be a JSON object")):
         proc = run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", folder, "--out", tmp_path / "o",
                        *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # Mistral's and Llama 2's kind: no generation prompt, the reply right after the prompt — fine
+    inst = tmp_path / "inst.jinja"
+    inst.write_text("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}")
+    run_cli("shards", "--kind", "sft", "--input", src, "--tokenizer", folder, "--out", tmp_path / "inst",
+            "--chat-template", inst)
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    (ids, mask), = shard_documents(tmp_path / "inst")
+    assert reference.decode(ids.tolist()).startswith("[INST] Hi [/INST]Hello<|im_end|>")
+    assert learned_text(reference, ids, mask) == "Hello<|im_end|>"
+
+
+def test_options_become_the_exported_templates_defaults_with_their_values():
+    """What export_hf writes before the template: jinja literals that evaluate to the options' JSON values."""
+    from preprocess.chat_template import compile_template, jinja_literal
+
+    options = {"enable_thinking": False, "none": None, "text": 'é🚀 "quoted" {{ x }}', "nested": [1, 2.5, {"a": None}]}
+    given, _ = compile_template("{{ v | tojson }}|{{ v is none }}", "test")
+    for value in options.values():
+        literal, _ = compile_template(f"{{%- set v = {jinja_literal(value)} %}}{{{{ v | tojson }}}}|{{{{ v is none }}}}",
+                                      "test")
+        assert literal.render() == given.render(v=value)
 
 
 def test_a_template_that_writes_todays_date_writes_the_date_its_shards_were_begun_on(tmp_path):

@@ -31,6 +31,7 @@ import sys
 
 import torch
 
+from preprocess.chat import Turn
 from preprocess.chat_template import SAVED, TEMPLATE_FILE, ModelTemplate, find_template, template_for
 from preprocess.errors import UserError, exit_code
 from preprocess.tokenizer import TextTokenizer, load_tokenizer, tokenizer_file, tokenizer_files
@@ -118,10 +119,12 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
 
 def chat_template_of(info):
     """The chat template of the run's tokenizer (its model's, or ours), or None when it has none."""
-    try:
+    if info.kind == "hf" and find_template(info.path) is not None:  # a model's: its errors are the user's to see
         template = template_for(info)
         template.end_ids()
         return template
+    try:
+        return template_for(info)
     except UserError:  # a tokenizer without chat symbols or template: plain text only
         return None
 
@@ -258,6 +261,14 @@ def check(path: str, model: Transformer, sp_path: str, dtype: torch.dtype) -> di
         if tokenizer(text, add_special_tokens=False)["input_ids"] != sp.encode(text):
             raise UserError(f"{path}: transformers' tokenizer encodes {text!r} differently from ours; the export is "
                             "not kept")
+    template = chat_template_of(sp.info)
+    if isinstance(template, ModelTemplate):  # a conversation, rendered by transformers from the export's files
+        turns = [Turn("system", "Be brief."), Turn("user", "Name a colour."), Turn("assistant", "Blue.")]
+        theirs = tokenizer.apply_chat_template([{"role": t.role, "content": t.text} for t in turns], tokenize=True,
+                                               return_dict=False)
+        if theirs != template.ids(template.messages(turns)):
+            raise UserError(f"{path}: transformers renders a conversation differently from the chat template the "
+                            "run's shards were written in; the export is not kept")
     return {"max_logit_diff": diff, "texts_checked": len(CHECK_TEXTS)}
 
 

@@ -75,7 +75,10 @@ def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], object, bo
         if not chat:
             return sp.encode(text), sp.eos_id, False
         turns = [Turn("user", text)]
-    return *chat_prompt(sp, turns), True
+    try:
+        return *chat_prompt(sp, turns), True
+    except UserError as e:  # the template refuses this prompt: say which one
+        raise UserError(f"{where}: {e}") from None
 
 
 def sample_seed(seed: int, prompt: int, sample: int) -> int:
