@@ -22,8 +22,11 @@ from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
 
 def json_object(text: str) -> dict:
     """--chat-template-kwargs: a JSON object."""
+    def finite_only(name):
+        raise ValueError(f"{name} is not a value a template option can hold")
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=finite_only)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
     if not isinstance(value, dict):
@@ -180,18 +183,18 @@ def _run_shards(args, group):
                    dedup=dedup.Dedup(args.dedup, args.dedup_threshold, args.dedup_shingles, args.dedup_ngram),
                    chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs)
     template = job.template()  # a chat kind's template exists and compiles (or ours has its symbols): fail early
+    if job.dedup.on and group.launcher == "Slurm array":  # its tasks need not run at the same time
+        raise UserError("--dedup needs every rank of the job at once: run it under srun or mpirun, not as a Slurm "
+                        "array")
+    if isinstance(template, ModelTemplate) and args.encoder not in ("auto", "tokenizers"):
+        raise UserError(f"--encoder {args.encoder}: shards in a model's chat template are encoded by tokenizers")
     if isinstance(template, ModelTemplate) and (day := group.share(begun_date(job) if group.rank == 0 else None)
                                                 if group.dynamic else begun_date(job)):
         job.chat_template_date = day  # the date a template that writes today's date renders every document with
         template = job.template()
-    if job.dedup.on and group.launcher == "Slurm array":  # its tasks need not run at the same time
-        raise UserError("--dedup needs every rank of the job at once: run it under srun or mpirun, not as a Slurm "
-                        "array")
     plan = make_plan(job, paths, segments, unit_bytes)
     sample = lambda: encoder_sample(job, segments)  # noqa: E731
     if isinstance(template, ModelTemplate):  # it encodes whole renderings with the tokenizer.json's own library
-        if args.encoder not in ("auto", "tokenizers"):
-            raise UserError(f"--encoder {args.encoder}: shards in a model's chat template are encoded by tokenizers")
         job.encoder, note = "tokenizers", None
     elif group.dynamic:
         job.encoder, note = group.share(choose_encoder(args.encoder, tokenizer, sample) if group.rank == 0 else None)

@@ -80,10 +80,12 @@ def begun_date(job: ShardJob) -> str | None:
         return None
     if day := previous_date(template, job.out_dir):
         return day
+    today = datetime.date.today().isoformat()
+    if os.path.isfile(os.path.join(job.out_dir, MANIFEST)):  # a finished job of another template: refused later
+        return today
     work = os.path.join(job.out_dir, WORK_DIR)
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, "chat_template_date")
-    today = datetime.date.today().isoformat()
     try:
         with open(path, "x", encoding="utf-8") as f:
             f.write(today)

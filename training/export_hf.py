@@ -118,15 +118,17 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
 
 
 def chat_template_of(info):
-    """The chat template of the run's tokenizer (its model's, or ours), or None when it has none."""
-    if info.kind == "hf" and find_template(info.path) is not None:  # a model's: its errors are the user's to see
+    """The chat template of the run's tokenizer (its model's, or ours), or None when it has none or only one its
+    shards did not use (a pretraining run with an instruct model's tokenizer) that cannot render turns."""
+    found = find_template(info.path) if info.kind == "hf" else None
+    try:
         template = template_for(info)
         template.end_ids()
         return template
-    try:
-        return template_for(info)
-    except UserError:  # a tokenizer without chat symbols or template: plain text only
-        return None
+    except UserError:
+        if found is not None and found[1].endswith(SAVED):  # the shards were written in it: the user's to see
+            raise
+        return None  # a tokenizer without chat symbols or template: plain text only
 
 
 def configured_template(tokenizer_path: str) -> str | None:
@@ -261,15 +263,34 @@ def check(path: str, model: Transformer, sp_path: str, dtype: torch.dtype) -> di
         if tokenizer(text, add_special_tokens=False)["input_ids"] != sp.encode(text):
             raise UserError(f"{path}: transformers' tokenizer encodes {text!r} differently from ours; the export is "
                             "not kept")
-    template = chat_template_of(sp.info)
-    if isinstance(template, ModelTemplate):  # a conversation, rendered by transformers from the export's files
-        turns = [Turn("system", "Be brief."), Turn("user", "Name a colour."), Turn("assistant", "Blue.")]
-        theirs = tokenizer.apply_chat_template([{"role": t.role, "content": t.text} for t in turns], tokenize=True,
-                                               return_dict=False)
-        if theirs != template.ids(template.messages(turns)):
+    check_template(path, tokenizer, chat_template_of(sp.info))
+    return {"max_logit_diff": diff, "texts_checked": len(CHECK_TEXTS)}
+
+
+def check_template(path: str, tokenizer, template) -> None:
+    """transformers renders a conversation from the export's files as the shards' template does: with a system turn,
+    or without one for a template that refuses it. A date the template writes is today's on both sides (the
+    export's template writes the day it runs, as transformers does)."""
+    if not isinstance(template, ModelTemplate):
+        return
+    ours = ModelTemplate(template.path, template.source, template.where, template.options)  # the date: now
+    conversation = [Turn("system", "Be brief."), Turn("user", "Name a colour."), Turn("assistant", "Blue.")]
+    for turns in (conversation, conversation[1:]):
+        try:
+            expected = ours.ids(ours.messages(turns))
+        except Exception:  # a template that refuses system turns (Mistral's): the next conversation
+            continue
+        try:
+            theirs = tokenizer.apply_chat_template([{"role": t.role, "content": t.text} for t in turns],
+                                                   tokenize=True, return_dict=False)
+        except Exception as e:
+            raise UserError(f"{path}: transformers cannot render a conversation with the exported chat template "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the export is not kept") \
+                from None
+        if theirs != expected:
             raise UserError(f"{path}: transformers renders a conversation differently from the chat template the "
                             "run's shards were written in; the export is not kept")
-    return {"max_logit_diff": diff, "texts_checked": len(CHECK_TEXTS)}
+        return
 
 
 def main(argv=None) -> int:
