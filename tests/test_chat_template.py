@@ -250,15 +250,18 @@ def test_options_become_the_exported_templates_defaults_with_their_values():
         assert literal.render() == given.render(v=value)
 
 
-def test_a_template_that_writes_todays_date_writes_the_date_its_shards_were_begun_on(tmp_path):
+def test_a_template_that_writes_todays_date_writes_the_date_its_shards_were_begun_on(tokenizer_model, tmp_path):
     """As Llama 3.2's system header does with strftime_now: the date is fixed when a shard directory is begun,
     recorded in its manifest and template file, and a re-run into it another day renders the same documents (here:
     the recorded date is set back, and the re-run keeps it)."""
-    folder = shared_data("tokenizers", "qwen3")
+    from training.models.tokenizer_export import hf_tokenizer
+
+    folder = tmp_path / "tokenizer"  # ours as a tokenizer.json (small: quick to load), with a dated template
+    hf_tokenizer(tokenizer_model).save_pretrained(folder)
     dated = tmp_path / "dated.jinja"
-    dated.write_text("<|im_start|>system\nToday is {{ strftime_now('%d %b %Y') }}.<|im_end|>\n"
-                     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    dated.write_text("<|system|>Today is {{ strftime_now('%d %b %Y') }}.<|end|>"
+                     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     src = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi", "response": "Hello"}])
     args = ["shards", "--kind", "sft", "--input", src, "--tokenizer", folder, "--out", tmp_path / "out",
             "--chat-template", dated]
@@ -272,5 +275,7 @@ def test_a_template_that_writes_todays_date_writes_the_date_its_shards_were_begu
     os.makedirs(tmp_path / "out")
     json.dump(saved | {"date": "2024-07-26"}, open(tmp_path / "out" / "shardlm_chat_template.json", "w"))
     run_cli(*args)
-    text = transformers.AutoTokenizer.from_pretrained(folder).decode(shard_documents(tmp_path / "out")[0][0].tolist())
+    from preprocess.tokenizer import TextTokenizer
+
+    text = TextTokenizer(str(folder / "tokenizer.json")).decode(shard_documents(tmp_path / "out")[0][0].tolist())
     assert "Today is 26 Jul 2024." in text
