@@ -117,7 +117,9 @@ def test_keys_a_config_leaves_out_are_read_as_the_familys_config_class_reads_the
         assert (ours.rope_theta, ours.norm_eps) == (full["rope_theta"], theirs.rms_norm_eps), model_type
         if model_type != "mixtral":
             assert ours.sliding_window == theirs.sliding_window, model_type
-    assert hf.FAMILIES["gemma3_text"].model_config(config, "gemma").attention_scale in (0.0, 256.0)
+    gemma = transformers.Gemma3TextConfig(**config)  # the last of the loop: its scalar left out
+    assert hf.FAMILIES["gemma3_text"].model_config(config, "gemma").attention_scale == gemma.query_pre_attn_scalar \
+        == 256 != TINY["hidden_size"] // TINY["num_attention_heads"]
 
 
 def test_a_model_trained_from_scratch_exports_as_the_first_family_that_computes_it():

@@ -72,8 +72,20 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temp
 def chat_prompt(sp, turns) -> tuple[list[int], list[int]]:
     """(the ids that ask for the assistant's reply after `turns` (preprocess.chat.Turn), the ids that end the
     reply), with the tokenizer's chat template: its model's (a tokenizer.json's), or ours (<|end|>)."""
-    template = template_for(sp.info)
+    template = tokenizer_template(sp.info)
     return template.prompt_ids(turns, sp.encode), template.end_ids()
+
+
+_templates: dict[tuple[str, str], object] = {}
+
+
+def tokenizer_template(info):
+    """The tokenizer's chat template, found (its files read) once per process: training.sample asks for every
+    prompt."""
+    key = (info.path, info.sha256)
+    if key not in _templates:
+        _templates[key] = template_for(info)
+    return _templates[key]
 
 
 def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, temperature: float = 0.8,
