@@ -271,6 +271,11 @@ def cmd_show(args) -> None:
         learned = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
         label = {1: ", desirable", 2: ", undesirable"}.get(max(mask, default=0), "") if manifest["kind"] == "kto" else ""
         print(f"  learned (mask {max(mask, default=1) or 1}{label}): {learned!r}")
+    if "fields" in shard["files"]:
+        ends = np.load(os.path.join(args.dir, shard["files"]["field_ends"]["path"]), mmap_mode="r")
+        fields = np.load(os.path.join(args.dir, shard["files"]["fields"]["path"]), mmap_mode="r")
+        line = bytes(fields[int(ends[index - 1]) if index else 0:int(ends[index])]).decode()
+        print(f"  record: {line.strip()}")
 
 
 def decode_showing_controls(tok, ids: list[int]) -> str:

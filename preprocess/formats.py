@@ -10,13 +10,20 @@ sft       {"messages" | "conversations": [{"role", "content"}, ...]}   (also Sha
 dpo       {"prompt"?, "chosen", "rejected"}: strings, or message lists (the prompt's turns come first; without
           a prompt, chosen and rejected are whole conversations ending with the compared assistant turns)
           {"instruction", "input"?, "chosen", "rejected"}               (alpaca with preferences)
+kto       {"prompt", "completion", "label": bool}, any sft form with "label", or a dpo pair
+prompts   {"prompt": string | message list, ...} or {"messages": message list, ...}: a string is continued as
+          plain text, messages get the chat template's prompt for an assistant reply; every other field of the
+          record (an answer, test cases) is kept beside the prompt for the rewards (training.grpo)
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from .chat import REASONING_KEYS, ChatTemplate, Turn
+from .errors import UserError
 from .readers import Bad, SegmentReader
 
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -208,7 +215,7 @@ def kto_examples(record: object) -> list[tuple[list[Turn], bool]] | Bad:
 
 class PretrainKind:
     """One document per record: its text, then eos. No mask: every token is a target."""
-    name, has_mask = "pretrain", False
+    name, has_mask, has_fields = "pretrain", False, False
 
     def __init__(self, encoder, text_key: str, max_len: int, template: ChatTemplate | None = None):
         self.encoder, self.text_key = encoder, text_key
@@ -237,7 +244,7 @@ class PretrainKind:
 
 
 class _ChatKind:
-    has_mask, columns = True, None
+    has_mask, has_fields, columns = True, False, None
 
     def __init__(self, encoder, text_key: str, max_len: int, template: ChatTemplate):
         self.encoder, self.max_len, self.template = encoder, max_len, template
@@ -356,4 +363,87 @@ class KTOKind(_ChatKind):
         return *self._pack(kept), bad
 
 
-KINDS = {"pretrain": PretrainKind, "sft": SFTKind, "dpo": DPOKind, "kto": KTOKind}
+def prompt_record(record: object) -> tuple[str | list[Turn], dict] | Bad:
+    """(the prompt: a string, or the conversation so far as turns; the record as kept for the rewards: its prompt as
+    given and every other field)."""
+    if isinstance(record, Bad):
+        return record
+    if not isinstance(record, dict):
+        return Bad("not_an_object", type(record).__name__)
+    key = "prompt" if "prompt" in record else "messages" if "messages" in record else None
+    if key is None:
+        return Bad("missing_key", "need 'prompt' (a string or a message list) or 'messages'")
+    value = record[key]
+    if isinstance(value, str):
+        prompt = check_text(value)
+    else:
+        prompt = messages_to_turns(value, key)
+        if not isinstance(prompt, Bad) and prompt[-1].role == "assistant":
+            prompt = Bad("bad_messages", f"the last of {key!r} is the assistant's; a prompt ends before the reply")
+        for turn in prompt if not isinstance(prompt, Bad) else []:
+            if isinstance(checked := check_text(turn.text + turn.reasoning, allow_empty=True), Bad):
+                prompt = checked
+                break
+    if isinstance(prompt, Bad):
+        return prompt
+    try:
+        json.dumps(record, ensure_ascii=False)
+    except (TypeError, ValueError) as e:  # a Parquet column of another type (dates, bytes)
+        return Bad("unsupported", f"a field is not JSON ({e})")
+    return prompt, {k: v for k, v in record.items() if k != key} | {"prompt": value}
+
+
+class PromptsKind(_ChatKind):
+    """One document per prompt, the ids that ask for a completion then eos (no mask: nothing is learned from the
+    prompt); a message list is rendered with the chat template, a string is plain text. Each document's record
+    (its prompt as given, every other field, and where it was read) is kept in the shard's `fields` file. A prompt
+    longer than max_len tokens is dropped (too_long)."""
+    name, has_mask, has_fields = "prompts", False, True
+
+    def parse(self, record):
+        return prompt_record(record)
+
+    def size(self, parsed) -> int:
+        prompt, _ = parsed
+        return len(prompt) if isinstance(prompt, str) else sum(len(t.whole) for t in prompt)
+
+    def texts(self, parsed) -> list[str]:
+        prompt, _ = parsed
+        return [prompt] if isinstance(prompt, str) else [t.text for t in prompt]
+
+    def dedup_text(self, parsed) -> str:
+        prompt, _ = parsed
+        return prompt if isinstance(prompt, str) else "\x1f".join(t.whole for t in prompt if t.role != "system")
+
+    def prompt_ids(self, prompt) -> np.ndarray | Bad:
+        if isinstance(prompt, str):
+            return self.encoder.encode_each([prompt])[0]
+        try:
+            return np.array(self.template.prompt_ids(prompt, lambda text: self.encoder.encode_each([text])[0]))
+        except UserError as e:
+            return Bad("template_error", str(e))
+
+    def build(self, batch):
+        docs, bad = [], []
+        for i, (prompt, _) in enumerate(batch):
+            ids = self.prompt_ids(prompt)
+            problem = ids if isinstance(ids, Bad) else None
+            if problem is None and len(ids) + 1 > self.max_len:
+                problem = Bad("too_long", f"{len(ids) + 1} tokens > --max-len {self.max_len}")
+            if problem:
+                bad.append((i, problem))
+            else:
+                docs.append((np.append(ids, self.encoder.eos).astype(np.int64), None))
+        ids = np.concatenate([d for d, _ in docs]).astype(self.encoder.dtype) if docs else \
+            np.empty(0, self.encoder.dtype)
+        return ids, None, np.array([len(d) for d, _ in docs], dtype=np.int64), bad
+
+    @staticmethod
+    def fields(batch, bad: list, places: list) -> list[bytes]:
+        """The kept records of a batch (those build() did not refuse), each as one line of JSON."""
+        refused = {i for i, _ in bad}
+        return [(json.dumps({"record": record, "where": where()}, ensure_ascii=False) + "\n").encode()
+                for i, ((_, record), where) in enumerate(zip(batch, places, strict=True)) if i not in refused]
+
+
+KINDS = {"pretrain": PretrainKind, "sft": SFTKind, "dpo": DPOKind, "kto": KTOKind, "prompts": PromptsKind}

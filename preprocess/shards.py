@@ -5,7 +5,9 @@ Layout of a shard directory (docs/formats.md is the reference):
     tokenizer.model                copy of the tokenizer the ids belong to
     shard-NNNNN.tokens.npy         1-D uint16/uint32 token ids; every document ends with eos
     shard-NNNNN.offsets.npy        1-D int64 cumulative document ends into the tokens
-    shard-NNNNN.mask.npy           sft and dpo: 1-D uint8 loss mask aligned with the tokens
+    shard-NNNNN.mask.npy           sft, dpo, kto: 1-D uint8 loss mask aligned with the tokens
+    shard-NNNNN.fields.npy         prompts: 1-D uint8, each document's record as one line of UTF-8 JSON
+    shard-NNNNN.field_ends.npy     prompts: 1-D int64 cumulative ends of those lines
 """
 
 from __future__ import annotations
@@ -99,10 +101,12 @@ def begun_date(job: ShardJob) -> str | None:
         raise UserError(f"{path}: empty; delete it and run again") from None
 
 
-def shard_files(name: str, has_mask: bool) -> dict[str, str]:
+def shard_files(name: str, has_mask: bool, has_fields: bool = False) -> dict[str, str]:
     files = {"tokens": f"{name}.tokens.npy", "offsets": f"{name}.offsets.npy"}
     if has_mask:
         files["mask"] = f"{name}.mask.npy"
+    if has_fields:
+        files["fields"], files["field_ends"] = f"{name}.fields.npy", f"{name}.field_ends.npy"
     return files
 
 
@@ -156,7 +160,7 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
     under "_reencoded"."""
     kind = job.make_kind(encoder)
     reencoded = None
-    files = shard_files(name, kind.has_mask)
+    files = shard_files(name, kind.has_mask, kind.has_fields)
     for path in files.values():  # left by a killed run (this unit is only ever written by this rank)
         for stale in glob.glob(os.path.join(glob.escape(job.out_dir), glob.escape(path) + TMP_MARK + "*")):
             os.unlink(stale)
@@ -180,6 +184,8 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
         path = lambda key: os.path.join(job.out_dir, files[key])  # noqa: E731
         tokens = stack.enter_context(NpyWriter(path("tokens"), job.tokenizer.dtype))
         masks = stack.enter_context(NpyWriter(path("mask"), np.uint8)) if kind.has_mask else None
+        fields = stack.enter_context(NpyWriter(path("fields"), np.uint8)) if kind.has_fields else None
+        field_lengths: list[int] = []
         batch: list = []
         places: list = []
         batch_chars = 0
@@ -196,6 +202,10 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
             tokens.write(ids)
             if masks is not None:
                 masks.write(mask)
+            if fields is not None:
+                lines = kind.fields(batch, bad, places)
+                fields.write(np.frombuffer(b"".join(lines), np.uint8))
+                field_lengths.extend(len(line) for line in lines)
             doc_lengths.append(lengths)
             num_tokens += len(ids)
             batch, places, batch_chars = [], [], 0
@@ -221,6 +231,11 @@ def write_unit(job: ShardJob, encoder: Encoder, name: str, segments: list[Segmen
             metas = {"offsets": offsets.commit()}
         if masks is not None:
             metas["mask"] = masks.commit()
+        if fields is not None:
+            with NpyWriter(path("field_ends"), np.int64) as ends:
+                ends.write(np.cumsum(np.array(field_lengths, dtype=np.int64)))
+                metas["field_ends"] = ends.commit()
+            metas["fields"] = fields.commit()
         metas["tokens"] = tokens.commit()
     fsync_path(job.out_dir)
 
@@ -352,6 +367,8 @@ def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id:
         problems.append(f"{name}: token id {top} is outside the vocabulary (size {vocab_size})")
     elif len(offsets) and np.any(tokens[offsets - 1] != eos_id):
         problems.append(f"{name}: a document does not end with eos ({eos_id})")
+    elif "field_ends" in shard["files"] and not fields_match(out_dir, shard):
+        problems.append(f"{name}: the fields do not hold one record per document")
     elif "mask" in shard["files"]:
         mask = np.load(os.path.join(out_dir, shard["files"]["mask"]["path"]), mmap_mode="r")
         if mask.dtype != np.uint8 or mask.shape != tokens.shape:
@@ -360,6 +377,15 @@ def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id:
             values = ", ".join(map(str, range(mask_max))) + f" and {mask_max}"
             problems.append(f"{name}: mask holds values other than {values}")
     return problems
+
+
+def fields_match(out_dir: str, shard: dict) -> bool:
+    """A prompts shard's records: one per document, ending where the fields end."""
+    files = shard["files"]
+    ends = np.load(os.path.join(out_dir, files["field_ends"]["path"]), mmap_mode="r")
+    fields = np.load(os.path.join(out_dir, files["fields"]["path"]), mmap_mode="r")
+    return len(ends) == shard["documents"] and (not len(ends) or (int(ends[-1]) == len(fields)
+                                                                  and bool(np.all(np.diff(ends) > 0))))
 
 
 def mask_max(kind: str) -> int:

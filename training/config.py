@@ -17,7 +17,7 @@ from preprocess.errors import UserError
 from preprocess.fileio import atomic_write
 
 from .models.transformer import ModelConfig
-from .stages.losses import PREFERENCE_LOSSES
+from .stages.losses import GRPO_LOSSES, PREFERENCE_LOSSES
 
 
 @dataclass
@@ -136,6 +136,53 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    generations: int = 8         # completions sampled per prompt (a group); TRL's num_generations
+    max_new_tokens: int = 256    # a completion's length limit; TRL's max_completion_length
+    temperature: float = 1.0     # sampling temperature, also of the log-probs the loss compares (as TRL)
+    top_p: float = 1.0
+    top_k: int = 0               # 0: no top-k cut
+    rewards: list[str] = field(default_factory=list)  # module:function or path/to/file.py:function, summed
+    reward_weights: list[float] | None = None          # one per reward (default: 1 each)
+    scale_rewards: str = "group"  # group (the group's std) | batch (the global batch's std) | none
+    loss: str = "dapo"           # grpo (per-sequence token mean) | dapo (per token) | dr_grpo (constant normaliser)
+    epsilon: float = 0.2         # the importance ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # default: epsilon (DAPO's clip-higher uses 0.28)
+    beta: float = 0.0            # weight of the k3 KL estimate to the pinned starting weights; 0 builds no reference
+    iterations: int = 1          # optimisation passes over one step's samples; TRL's num_iterations
+    mask_truncated: bool = False  # completions that hit max_new_tokens are left out of the loss
+    skip_bad_rewards: bool = False  # a reward that raises or returns a non-number counts as none, instead of stopping
+
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.loss not in GRPO_LOSSES:
+            problems.append(f"grpo.loss: {self.loss!r} is not one of {', '.join(GRPO_LOSSES)}")
+        if self.generations < 2:
+            problems.append("grpo.generations: must be at least 2 (advantages compare the completions of a prompt)")
+        for key in ("max_new_tokens", "iterations"):
+            if getattr(self, key) < 1:
+                problems.append(f"grpo.{key}: must be at least 1")
+        if self.iterations != 1:
+            problems.append("grpo.iterations: only 1 (each step samples anew) is implemented so far")
+        if self.temperature <= 0:
+            problems.append("grpo.temperature: must be positive (the loss compares log-probs at this temperature)")
+        if not 0 < self.top_p <= 1:
+            problems.append("grpo.top_p: must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append("grpo.top_k: must be 0 (off) or positive")
+        if self.epsilon < 0 or self.clip_high() < 0:
+            problems.append("grpo.epsilon, grpo.epsilon_high: must not be negative")
+        if self.beta < 0:
+            problems.append("grpo.beta: must not be negative")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            problems.append(f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+        return problems
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
@@ -146,6 +193,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -157,6 +205,7 @@ CHOICES = {
     "train.attention": ("auto", "sdpa", "flex"),
     "train.optimizer": ("adamw", "muon"),
     "train.activation_checkpointing": ("none", "full", "every_n"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
 }
 POSITIVE = ("train.micro_batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_every", "data.seq_len",
             "data.pack_window", "log.every", "train.activation_checkpointing_every")
@@ -216,6 +265,7 @@ def validate(cfg: Config) -> list[str]:
         problems.append("train.optimizer=muon: LoRA adapters train with train.optimizer=adamw")
     problems.extend(cfg.model.validate())
     problems.extend(cfg.dpo.validate())
+    problems.extend(cfg.grpo.validate())
     return problems
 
 

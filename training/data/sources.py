@@ -129,6 +129,7 @@ class ExampleSource(ShardDir):
 
     def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str, group: int, packed: bool = False):
         super().__init__(path, kind)
+        self.docs_before = np.concatenate([[0], np.cumsum([s["documents"] for s in self.shards])]).astype(np.int64)
         starts, ends = self.document_bounds()
         n = len(starts) // group
         self.doc_starts, self.doc_ends = starts[: n * group].reshape(n, group), ends[: n * group].reshape(n, group)
@@ -145,10 +146,23 @@ class ExampleSource(ShardDir):
                             f"({self.too_long:,} longer ones left out)")
 
     def example(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(tokens, mask) of each document of example j (train: 0..n_train-1, then validation)."""
+        """(tokens, mask) of each document of example j (train: 0..n_train-1, then validation); a kind without a
+        mask (prompts) learns nothing: zeros."""
         e = int(self.ids[j])
-        return [(self.read(int(a), int(b - a)), self.read(int(a), int(b - a), "mask"))
+        masked = "mask" in self.shards[0]["files"]
+        return [(self.read(int(a), int(b - a)),
+                 self.read(int(a), int(b - a), "mask") if masked else np.zeros(int(b - a), np.uint8))
                 for a, b in zip(self.doc_starts[e], self.doc_ends[e], strict=True)]
+
+    def record(self, j: int) -> dict:
+        """The record kept beside example j's first document (prompts: {"record": the prompt as given and the
+        record's other fields, "where": its file:line})."""
+        doc = int(self.ids[j]) * self.doc_starts.shape[1]
+        i = bisect.bisect_right(self.docs_before, doc) - 1
+        local = doc - int(self.docs_before[i])
+        ends = self._maps(i, "field_ends")
+        start = int(ends[local - 1]) if local else 0
+        return json.loads(bytes(self._maps(i, "fields")[start:int(ends[local])]))
 
 
 def open_sources(paths: list[str], seq_len: int, val_fraction: float, kind: str, documents: int = 0,

@@ -101,35 +101,42 @@ def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, tem
 @torch.no_grad()
 def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seeds: list[int],
                  max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 greedy: bool = False, vocab_limit: int | None = None) -> tuple[list[list[int]], list[bool]]:
+                 greedy: bool = False, vocab_limit: int | None = None, with_stop: bool = False,
+                 lockstep=None) -> tuple[list[list[int]], list[bool]]:
     """New ids after each prompt, and whether each ended at one of its stop ids (stops[r]: one id, several or None),
-    all rows decoded together: left-padded
-    to the longest prompt, one KV cache, each row drawing from its own generator and ending as
-    training.generate would end it alone (its stop id, max_new_tokens, or its own end of the context)."""
+    all rows decoded together: left-padded to the longest prompt, one KV cache, each row drawing from its own
+    generator and ending as training.generate would end it alone (its stop id, max_new_tokens, or its own end of
+    the context). with_stop: a row that stopped ends with the stop id it drew. lockstep(live) -> whether any process
+    still has a live row: every process then runs as many forwards (a sharded model gathers its weights in each)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     stops = [stop_set(stop) for stop in stops]
     prompts = [p[-(cfg.max_seq_len - 1):] or [min(stop, default=0)] for p, stop in zip(prompts, stops, strict=True)]
-    longest = max(len(p) for p in prompts)
+    longest = max((len(p) for p in prompts), default=1)
     limits = [min(max_new_tokens, cfg.max_seq_len - len(p) + 1) for p in prompts]  # generate()'s count
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts] or [[0]], device=device)
+    if not prompts:  # a process with nothing to sample that keeps step with the others
+        pad = torch.zeros(1, dtype=torch.long, device=device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    cache = KVCache(cfg, len(prompts), longest + max(limits), device, next(model.parameters()).dtype)
+    steps = max_new_tokens if lockstep is not None else max(limits)
+    cache = KVCache(cfg, len(tokens), longest + steps, device, next(model.parameters()).dtype)
     logits = model(tokens, cache, pad=pad)[:, -1]
     out: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
     live = list(range(len(prompts)))
-    while live:
-        chosen = [0] * len(prompts)  # finished rows are fed a token that no live row attends to
+    while lockstep(bool(live)) if lockstep is not None else live:
+        chosen = [0] * len(tokens)  # finished rows are fed a token that no live row attends to
         for r in live:
             chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                    vocab_limit=vocab_limit, generator=generators[r])
             if chosen[r] in stops[r]:
                 stopped[r] = True
+                if with_stop:
+                    out[r].append(chosen[r])
             else:
                 out[r].append(chosen[r])
         live = [r for r in live if not stopped[r] and len(out[r]) < limits[r]]
-        if live:
+        if live or lockstep is not None:
             logits = model(torch.tensor(chosen, device=device).unsqueeze(1), cache, pad=pad)[:, -1]
     return out, stopped

@@ -129,13 +129,14 @@ def open_data(stage: Stage, cfg: Config, env: D.DistEnv, announce: bool = True) 
     """The run's shard directories (of the stage's kind), their names (val_loss/<name>) and weights; announce:
     rank 0 says how many examples do not fit data.seq_len."""
     names, paths, weights = zip(*data_sources(cfg.data), strict=True)
-    sources = open_sources(list(paths), cfg.data.seq_len, cfg.data.val_fraction, stage.data_kind, stage.documents,
+    room, said = stage.room()
+    sources = open_sources(list(paths), room, cfg.data.val_fraction, stage.data_kind, stage.documents,
                            cfg.data.packing)
     for source in sources:
         if getattr(source, "too_long", 0) and env.is_main and announce:
             shared = " (a packed pair shares one row)" if cfg.data.packing and stage.documents > 1 else ""
-            print(f"data: {source.too_long:,} examples of {source.path} do not fit data.seq_len={cfg.data.seq_len} "
-                  f"positions{shared} and are left out", flush=True)
+            print(f"data: {source.too_long:,} examples of {source.path} do not fit {said}{shared} and are left out",
+                  flush=True)
     return sources, list(names), list(weights)
 
 

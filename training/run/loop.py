@@ -93,12 +93,14 @@ def train(r: Run, saves: bool = True) -> None:
                                                                 functools.partial(r.hooks.loss, done))
         means = r.stage.summarise(global_means(env, {"loss": loss_sum, **metric_sums}, units))  # all ranks agree
         means["padding_share"] = 1 - real / tokens
-        grad_norm, applied = backend.step(cfg.train.grad_clip, means["loss"])
+        empty = not units  # nothing to learn from in the whole global batch (GRPO: no group with an advantage)
+        grad_norm, applied = backend.step(cfg.train.grad_clip, math.nan if empty else means["loss"])
         state.step, state.consumed_samples = done, state.consumed_samples + r.plan.global_batch
         state.tokens += r.log.count_tokens(tokens)
         skipped = not (applied and math.isfinite(means["loss"]))
         if skipped:
-            count_nonfinite(state, means["loss"], grad_norm, cfg.train.max_nonfinite_steps, env)
+            count_nonfinite(state, means["loss"], grad_norm, cfg.train.max_nonfinite_steps, env,
+                            r.stage.empty_step if empty else None)
         else:
             state.nonfinite_in_a_row = 0
 
@@ -130,6 +132,8 @@ def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, au
                           device=env.device).sum(dim=0)
     units, tokens, real = D.all_reduce_sum(env, counts)
     units = units.float()  # the scale of the backward stays in the loss's dtype
+    # no unit anywhere: NaN gradients, which every backend declines to apply, and a step the loop counts as skipped
+    scale = units if units else torch.full_like(units, math.nan)
     loss_sum = torch.zeros((), device=env.device)
     metric_sums: dict[str, torch.Tensor] = {}
     model = backend.model
@@ -141,7 +145,7 @@ def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, au
         if loss_hook is not None:
             loss = loss_hook(loss)
         # backends average gradients over ranks: x world_size turns that average back into the global sum
-        scaled = loss * (env.world_size / units)
+        scaled = loss * (env.world_size / scale)
         aux = model.auxiliary_losses(batch.token_positions())
         if aux is not None:
             scaled = scaled + aux.loss * (env.world_size / real.float())
@@ -179,15 +183,21 @@ def global_means(env: D.DistEnv, sums: dict[str, torch.Tensor], units: torch.Ten
     return means
 
 
-def count_nonfinite(state: TrainState, loss: float, grad_norm: float, limit: int, env: D.DistEnv) -> None:
-    """A step whose loss or gradient is not finite was not applied (the weights are those before it; its data
-    is passed over). It is counted; `limit` of them in a row stop the run."""
+def count_nonfinite(state: TrainState, loss: float, grad_norm: float, limit: int, env: D.DistEnv,
+                    empty: str | None = None) -> None:
+    """A step whose loss or gradient is not finite, or (empty: why) that had nothing to learn from, was not
+    applied (the weights are those before it; its data is passed over). It is counted; `limit` of them in a row
+    stop the run."""
     state.nonfinite_steps += 1
     state.nonfinite_in_a_row += 1
+    what = empty or f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
     if env.is_main:
-        print(f"warning: step {state.step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "
-              f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in this run; "
-              f"train.max_nonfinite_steps={limit})", file=sys.stderr, flush=True)
+        print(f"warning: step {state.step}: {what}: update skipped ({state.nonfinite_in_a_row} in a row, "
+              f"{state.nonfinite_steps} in this run; train.max_nonfinite_steps={limit})", file=sys.stderr, flush=True)
+    if empty and state.nonfinite_in_a_row >= limit:
+        raise UserError(f"step {state.step}: {empty} for {state.nonfinite_in_a_row} steps in a row "
+                        f"(train.max_nonfinite_steps={limit}); the weights are those of step "
+                        f"{state.step - state.nonfinite_in_a_row}")
     if state.nonfinite_in_a_row >= limit:
         raise UserError(f"step {state.step}: the loss or gradient was not finite for {state.nonfinite_in_a_row} "
                         f"steps in a row (train.max_nonfinite_steps={limit}); the weights are those of step "

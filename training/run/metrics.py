@@ -104,6 +104,8 @@ class MetricsLog:
         record = {"step": step, **values}
         if sample is not None:
             record["sample"] = sample
+            if self.tb is not None:
+                self.tb.add_text("sample", sample, step)
         self._write(record)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k)
         message = f"step {step}: {shown}" + (f"\n{sample}" if sample else "")

@@ -29,6 +29,7 @@ class Stage:
     token_loss: bool = False         # the loss is nats per target token (val_bpb is meaningful)
     packs: bool = False              # data.packing packs its examples into rows
     masks_documents: bool = False    # data.document_mask restricts attention to each document of a sample
+    empty_step = "no unit to learn from in the global batch"  # why a step with none is skipped
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -77,5 +78,18 @@ class Stage:
         return int((batch.targets != IGNORE).sum())
 
     def summarise(self, means: dict[str, float]) -> dict[str, float]:
-        """Metrics derived from the global means."""
+        """Metrics derived from the global means (and from what prepare() found over the global batch)."""
         return means
+
+    def room(self) -> tuple[int, str]:
+        """(positions an example may take, how to say so): examples that need more are left out and counted."""
+        return self.cfg.data.seq_len, f"data.seq_len={self.cfg.data.seq_len} positions"
+
+    def evaluation_metrics(self) -> dict[str, float]:
+        """What an evaluation reports besides val_loss (as val_<key>), from the last prepare() (of the validation
+        batches)."""
+        return {}
+
+    def evaluation_sample(self) -> str | None:
+        """What an evaluation shows instead of the continuation of train.sample_prompt (None: that)."""
+        return None

@@ -227,3 +227,76 @@ def kto_summary(means: dict[str, float]) -> dict[str, float]:
     if "rewards/chosen" in means and "rewards/rejected" in means:
         return {**means, "rewards/margins": means["rewards/chosen"] - means["rewards/rejected"]}
     return means
+
+
+# ------------------------------------------------------------------------------------------------------ GRPO
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) at every position (0 where the target is IGNORE), from an fp32 log-softmax of the logits
+    divided by `temperature`: the distribution the completions were sampled from, as TRL scores them."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets != IGNORE)
+
+
+def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                       *, epsilon: float, epsilon_high: float, beta: float = 0.0,
+                       ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate per completion token (rows, width), plus β × the k3 estimate of KL(policy ‖ reference)
+    when β > 0; zero where `mask` is 0. advantages: one per row. Metrics: (sum, count) pairs over the tokens — the
+    share of tokens whose ratio was clipped below (with a negative advantage), above (positive), either, and the
+    KL estimate."""
+    ratio = torch.exp(logps - old_logps)
+    advantages = advantages.unsqueeze(-1)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages)
+    mask = mask.to(loss.dtype)
+    count = mask.sum()
+
+    def share(flags: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(flags.to(loss.dtype) * mask).sum().detach(), count])
+
+    low = (ratio < 1 - epsilon) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    metrics = {"clip_ratio/low": share(low), "clip_ratio/high": share(high), "clip_ratio/region": share(low | high)}
+    if beta:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+        metrics["kl"] = torch.stack([(kl * mask).sum().detach(), count])
+    return loss * mask, metrics
+
+
+@dataclass(frozen=True)
+class GRPOLoss:
+    """How a loss normalises its token losses: each completion's sum is weighted by `weight(tokens)`, and the step's
+    loss is the weighted sum over every completion of the global batch divided by the sum of `units(tokens,
+    max_new_tokens)` over them."""
+    weight: Callable[[torch.Tensor], torch.Tensor]
+    units: Callable[[torch.Tensor, int], torch.Tensor]
+
+
+GRPO_LOSSES = {
+    # the mean over completions of each one's token mean (GRPO's paper; TRL's "grpo")
+    "grpo": GRPOLoss(lambda tokens: 1 / tokens.clamp(min=1), lambda tokens, limit: torch.ones_like(tokens)),
+    # every token of the global batch weighs the same (DAPO; TRL's "dapo")
+    "dapo": GRPOLoss(torch.ones_like, lambda tokens, limit: tokens),
+    # a constant normaliser, completions x max_new_tokens (Dr. GRPO; TRL's "dr_grpo")
+    "dr_grpo": GRPOLoss(torch.ones_like, lambda tokens, limit: torch.full_like(tokens, limit)),
+}
+
+
+def grpo_loss(name: str, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, epsilon: float, epsilon_high: float, beta: float = 0.0,
+              ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the loss summed over the completions (rows) of a batch as `name` weighs them, metrics as (sum, count)
+    pairs): the loop divides the sum by grpo_units of the whole global batch."""
+    losses, metrics = clipped_token_loss(logps, old_logps, advantages, mask, epsilon=epsilon,
+                                         epsilon_high=epsilon_high, beta=beta, ref_logps=ref_logps)
+    tokens = mask.sum(dim=-1).to(losses.dtype)
+    return (losses.sum(dim=-1) * GRPO_LOSSES[name].weight(tokens)).sum(), metrics
+
+
+def grpo_units(name: str, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """What the loss `name` divides by, summed over completions with `tokens` completion tokens each."""
+    return GRPO_LOSSES[name].units(tokens.double(), max_new_tokens).sum()

@@ -7,11 +7,12 @@ from preprocess.errors import UserError
 
 from .base import Stage
 from .dpo import DPO
+from .grpo import GRPO
 from .kto import KTO
 from .pretrain import Pretrain
 from .sft import SFT
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Pretrain, SFT, DPO, KTO)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Pretrain, SFT, DPO, KTO, GRPO)}
 
 
 def stage_for_kind(kind: str, where: str = "") -> type[Stage]:

@@ -1,0 +1,392 @@
+"""GRPO: online reinforcement learning with rewards a program computes. Each step, every rank takes its share of
+the global batch of prompts (the batch plan's, as any stage's examples), samples grpo.generations completions of
+each with the live weights (the batched KV-cache sampler: no second engine, no weight sync), scores them with the
+reward functions, turns the rewards into advantages (each reward minus its group's mean, scaled by the group's or
+the global batch's std) and trains on the completions with PPO's clipped surrogate (grpo.loss weighs their tokens).
+
+Completion k of the prompt at position p of the global order draws from a generator seeded by (seed, p, k): p
+names the step and the prompt's place in it, so the samples, rewards, advantages and losses are the same on 1
+process with accumulation and on N processes, and a resumed run samples what the uninterrupted one sampled. Every
+statistic (advantage scale, reward means, the shares below) is over the whole global batch, never one rank's.
+
+A group whose rewards are all equal (zero spread) has no advantage: it is counted and left out of the loss (TRL
+keeps it, where it only dilutes the normaliser), as are completions no reward scored and, with
+grpo.mask_truncated, completions cut off at grpo.max_new_tokens. A step left with nothing to learn from is
+skipped and counted; train.max_nonfinite_steps of them in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import inspect
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from preprocess.errors import UserError
+from preprocess.tokenizer import TextTokenizer, tokenizer_file
+
+from ..data.batch import IGNORE, Batch, ExampleBatches
+from ..models import lora
+from ..models.decoding import sample_batch, tokenizer_template
+from ..parallel import env as D
+from .losses import grpo_loss, grpo_units, token_logps
+from .reference import ReferenceStage, reference_model
+from .rewards import load_reward, score
+
+TABLE_PROMPTS = 4  # prompts of rank 0's validation share in the sample table of each evaluation
+
+
+@dataclass
+class Prompt:
+    ids: list[int]               # what asks for a completion
+    chat: bool                   # rendered with the chat template: a completion ends at its end of turn
+    record: dict                 # the prompt as given and the record's other fields, for the rewards
+    where: str                   # the input file and line it came from
+    seed: tuple                  # what names its samples' generators, with the completion's number
+
+
+@dataclass
+class Prompts:
+    """A micro-batch of prompts as read (before prepare samples their completions)."""
+    prompts: list[Prompt]
+
+
+@dataclass
+class Completions(Batch):
+    """The completions a micro-batch of prompts gave that the loss learns from, one per row after its prompt."""
+    advantages: torch.Tensor | None = None   # (rows,)
+    counted: torch.Tensor | None = None      # (rows,) 1, or 0 for a filler row
+    reference: torch.Tensor | None = None    # (rows, width) the reference's log-probs of the targets (β > 0)
+    units: float = 0.0                       # what the loss divides by, summed over the rows (GRPO_LOSSES)
+
+
+class PromptBatches(ExampleBatches):
+    """Prompts of the global order, with the seeds of their completions: (seed, position) in training, (seed,
+    "val", source, example) for the fixed validation subset (the same draws at every evaluation)."""
+
+    def micro_batch(self, consumed: int, micro: int):
+        positions = self.plan.micro_indices(consumed, micro)
+        picks = self.picks(positions)
+        return picks, self.collate([[p] for p in picks], positions=positions.tolist())
+
+    def collate(self, rows, positions: list[int] | None = None) -> Prompts:
+        picks = [p for row in rows for p in row]
+        prompts = []
+        for n, (s, j) in enumerate(picks):
+            source = self.sources[s]
+            tokens = source.example(j)[0][0][:-1]  # without the eos that ends every document
+            self.check_vocab([tokens], [(s, j)])
+            kept = source.record(j)
+            seed = (self.seed, positions[n]) if positions is not None else (self.seed, "val", s, j)
+            prompts.append(Prompt(tokens.tolist(), isinstance(kept["record"].get("prompt"), list), kept["record"],
+                                  kept["where"], seed))
+        return Prompts(prompts)
+
+
+def completion_seed(seed: tuple, k: int) -> int:
+    digest = hashlib.blake2b(":".join(map(str, (*seed, k))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class Reward:
+    """One reward function, called with the completion's text and the keywords its signature takes: prompt (as the
+    record gave it), completion_tokens, stopped (whether it ended by itself) and the record's other fields."""
+
+    def __init__(self, spec: str, weight: float):
+        self.spec, self.weight = spec, weight
+        self.name = spec.rpartition(":")[2]
+        self.fn = load_reward(spec)
+        try:
+            parameters = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin: the text alone
+            parameters = []
+        self.takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters)
+        self.takes = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+    def __call__(self, text: str, keywords: dict, where: str) -> float | None:
+        """The reward (None: the function gave none); a UserError naming the function, the prompt and what it
+        did when it raised or gave something else than a finite number."""
+        given = keywords if self.takes_all else {k: v for k, v in keywords.items() if k in self.takes}
+        try:
+            value = self.fn(text, **given)
+        except Exception as e:  # the user's function: name it and the prompt, not our stack
+            raise UserError(f"{where}: reward {self.spec} raised {type(e).__name__}: {e}") from None
+        if value is None:
+            return None
+        return score(lambda _: value, text, f"{where}: reward {self.spec}")
+
+
+class GRPO(ReferenceStage):
+    name = "grpo"
+    data_kind = "prompts"
+    documents = 1
+    unit = "prompts"
+    chat = False
+    batch_class = PromptBatches
+    empty_step = "every group's completions had equal rewards (no advantage to learn from)"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        grpo = cfg.grpo
+        if grpo.max_new_tokens >= cfg.data.seq_len:
+            raise UserError(f"grpo.max_new_tokens={grpo.max_new_tokens}: a row of data.seq_len={cfg.data.seq_len} "
+                            "positions holds a prompt and its completion; raise data.seq_len or lower it")
+        if not grpo.rewards:
+            raise UserError("grpo.rewards: no reward function; give one or more as [module:function, "
+                            "path/to/file.py:function]")
+        weights = grpo.reward_weights or [1.0] * len(grpo.rewards)
+        self.rewards = [Reward(spec, w) for spec, w in zip(grpo.rewards, weights, strict=True)]
+        self.uses_reference = grpo.beta > 0
+        self.stats: dict[str, float] = {}
+        self.last = None  # rank 0: the last prepare's prompts, completions and rewards (the evaluation's table)
+        self.tokenizer = None
+        self.bad_rewards = 0  # grpo.skip_bad_rewards: rewards that raised or gave no number, in this step
+
+    def identity(self) -> dict:
+        g = self.cfg.grpo
+        return {f"grpo.{k}": v for k, v in (
+            ("loss", g.loss), ("generations", g.generations), ("max_new_tokens", g.max_new_tokens),
+            ("temperature", g.temperature), ("top_p", g.top_p), ("top_k", g.top_k), ("beta", g.beta),
+            ("epsilon", g.epsilon), ("epsilon_high", g.clip_high()), ("scale_rewards", g.scale_rewards),
+            ("mask_truncated", g.mask_truncated), ("rewards", list(g.rewards)),
+            ("reward_weights", [r.weight for r in self.rewards]))}
+
+    def room(self) -> tuple[int, str]:
+        """Prompts that leave grpo.max_new_tokens positions in a row of data.seq_len fit; the rest are left out."""
+        seq_len, new = self.cfg.data.seq_len, self.cfg.grpo.max_new_tokens
+        return seq_len - new + 1, f"data.seq_len={seq_len} positions with grpo.max_new_tokens={new}"
+
+    def make_data(self, run) -> PromptBatches:
+        self.env, self.autocast = run.env, run.autocast
+        self.tokenizer = TextTokenizer(tokenizer_file(run.cfg.out_dir))
+        eos = self.tokenizer.eos_id
+        self.stops = {False: frozenset([eos]), True: frozenset([*tokenizer_template(self.tokenizer.info).end_ids(),
+                                                                 eos])}
+        if self.uses_reference:
+            self.reference = reference_model(run, self.pinned) if self.pinned else None  # None: LoRA's adapters off
+        return self.batches(run)
+
+    # ------------------------------------------------------------------------------------------------ prepare
+    def prepare(self, model, batches: list[Prompts], env, autocast) -> list[Completions]:
+        """Sample, score, compute the advantages over the global batch, lay out the completions to learn from."""
+        g = self.cfg.grpo
+        started = time.perf_counter()
+        sampled = [self.sample(model, b.prompts, env, autocast) for b in batches]
+        sampling = time.perf_counter() - started
+        started = time.perf_counter()
+        problem, self.bad_rewards = None, 0
+        try:
+            rewards = [self.score(b.prompts, ids, stopped) for b, (ids, stopped) in zip(batches, sampled, strict=True)]
+        except UserError as e:  # every rank must hear of it before its next collective
+            problem, rewards = str(e), None
+        if int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device))):
+            raise UserError(problem or "a reward failed on another rank (its error is above)")
+        scoring = time.perf_counter() - started
+
+        total = torch.cat([(r * torch.tensor([w.weight for w in self.rewards], dtype=torch.float64)).nan_to_num()
+                           .sum(dim=1).masked_fill(r.isnan().all(dim=1), math.nan) for r in rewards]) \
+            if rewards else torch.zeros(0, dtype=torch.float64)
+        groups = total.view(-1, g.generations)
+        mean, spread = nan_mean_std(groups)
+        lengths = torch.tensor([len(c) for ids, _ in sampled for c in ids], dtype=torch.float64)
+        stopped = torch.tensor([s for _, st in sampled for s in st], dtype=torch.float64)
+        scored = ~total.isnan()
+        per_reward = torch.cat(rewards) if rewards else torch.zeros(0, len(self.rewards), dtype=torch.float64)
+        # zero spread as TRL tells it (isclose to 0), or fewer than two scored completions to compare
+        zero = torch.isclose(spread, torch.zeros_like(spread)) | (scored.view(-1, g.generations).sum(dim=1) < 2)
+        sums = torch.stack([
+            scored.sum(), total[scored].sum(), (total[scored] ** 2).sum(),                      # the total reward
+            *(x for f in range(len(self.rewards)) for x in (
+                (~per_reward[:, f].isnan()).sum(), per_reward[:, f].nan_to_num().sum(),
+                (per_reward[:, f].nan_to_num() ** 2).sum())),
+            torch.tensor(float(len(groups))), zero.sum(), torch.tensor(float(len(total))), lengths.sum(),
+            (1 - stopped).sum(), torch.tensor(float(self.bad_rewards)), torch.tensor(float(sampling)),
+            torch.tensor(float(scoring)),
+        ]).to(torch.float64)
+        sums = D.all_reduce_sum(env, sums.to(env.device)).cpu()
+        longest = -D.all_reduce_min(env, -int(lengths.max()) if len(lengths) else 0)
+        n, s1, s2 = sums[:3].tolist()
+        scale = spread
+        if g.scale_rewards == "batch":  # the global batch's std (unbiased, as TRL's nanstd)
+            scale = torch.full_like(spread, math.sqrt(max(s2 - s1 * s1 / n, 0) / (n - 1)) if n > 1 else 0.0)
+        advantages = total - mean.repeat_interleave(g.generations)
+        if g.scale_rewards != "none":
+            advantages = advantages / (scale.repeat_interleave(g.generations) + 1e-4)
+        learn = scored & ~zero.repeat_interleave(g.generations)
+        if g.mask_truncated:
+            learn &= stopped.bool()
+        self.stats = self.summary(sums, longest)
+        self.last = (batches, sampled, total) if env.is_main else None
+
+        out, at = [], 0
+        for b, (ids, _) in zip(batches, sampled, strict=True):
+            rows = len(ids)
+            out.append(self.lay_out(b.prompts, ids, advantages[at:at + rows], learn[at:at + rows]))
+            at += rows
+        if self.uses_reference:
+            self.reference_logps(model, out, env, autocast)
+        return out
+
+    def sample(self, model, prompts: list[Prompt], env, autocast) -> tuple[list[list[int]], list[bool]]:
+        """grpo.generations completions of each prompt, decoded together, every rank as many forwards."""
+        g = self.cfg.grpo
+        rows = [(p, k) for p in prompts for k in range(g.generations)]
+        lockstep = None
+        if env.distributed:
+            def lockstep(live: bool) -> bool:
+                return bool(D.all_reduce_sum(env, torch.tensor(int(live), device=env.device)))
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast:
+                ids, stopped = sample_batch(model, [p.ids for p, _ in rows], [self.stops[p.chat] for p, _ in rows],
+                                            [completion_seed(p.seed, k) for p, k in rows], g.max_new_tokens,
+                                            temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                            vocab_limit=self.tokenizer.vocab_size, with_stop=True, lockstep=lockstep)
+        finally:
+            model.train(was_training)
+            with contextlib.suppress(AttributeError):
+                model.forget_auxiliary()  # the routers' terms of the sampling forwards
+        return ids, stopped
+
+    def score(self, prompts: list[Prompt], ids: list[list[int]], stopped: list[bool]) -> torch.Tensor:
+        """(completions, rewards): each reward of each completion; NaN where a reward gave none."""
+        g = self.cfg.grpo
+        values = torch.full((len(ids), len(self.rewards)), math.nan, dtype=torch.float64)
+        for r, completion in enumerate(ids):
+            prompt = prompts[r // g.generations]
+            text = self.tokenizer.decode(completion[:-1] if stopped[r] else completion)
+            keywords = {**prompt.record, "completion_tokens": len(completion), "stopped": stopped[r]}
+            for f, reward in enumerate(self.rewards):
+                try:
+                    value = reward(text, keywords, prompt.where)
+                except UserError as e:
+                    if not g.skip_bad_rewards:
+                        raise
+                    self.bad_rewards += 1
+                    if self.bad_rewards == 1:
+                        print(f"warning: {e} (grpo.skip_bad_rewards: counted as no reward, in rewards/bad)",
+                              file=sys.stderr, flush=True)
+                    continue
+                if value is not None:
+                    values[r, f] = value
+        return values
+
+    def lay_out(self, prompts: list[Prompt], ids, advantages: torch.Tensor, learn: torch.Tensor) -> Completions:
+        g = self.cfg.grpo
+        keep = [r for r in range(len(ids)) if learn[r]]
+        seqs = []
+        for r in keep:
+            prompt = prompts[r // g.generations].ids
+            tokens = np.array(prompt + ids[r], dtype=np.int64)
+            seqs.append((tokens, np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(ids[r]), np.uint8)])))
+        data = self.data
+        if not seqs:  # nothing to learn from here: a filler row, as every rank runs as many forwards
+            return data.lay_out([[(*data.filler(), 0)]], batch_type=Completions, advantages=torch.zeros(1),
+                                counted=torch.zeros(1), units=0.0)
+        batch = data.lay_out([[(t, m, i)] for i, (t, m) in enumerate(seqs)], batch_type=Completions,
+                             advantages=advantages[keep].float(), counted=torch.ones(len(seqs)))
+        tokens = (batch.targets != IGNORE).sum(dim=-1)
+        batch.units = float(grpo_units(g.loss, tokens, g.max_new_tokens))
+        return batch
+
+    def batches(self, run, pack_window: int = 0) -> PromptBatches:
+        self.data = super().batches(run, 0)
+        return self.data
+
+    @torch.no_grad()
+    def reference_logps(self, model, batches: list[Completions], env, autocast) -> None:
+        reference = self.reference
+        off = lora.adapters_disabled(model) if reference is None else contextlib.nullcontext()
+        with off, autocast:
+            for batch in batches:
+                rows = batch.to(env.device)
+                logits = (reference or model)(rows.inputs)
+                batch.reference = token_logps(logits, rows.targets, self.cfg.grpo.temperature).cpu()
+
+    # ---------------------------------------------------------------------------------------------------- loss
+    def units(self, batch: Completions) -> float:
+        return batch.units
+
+    def loss(self, model, batch: Completions):
+        g = self.cfg.grpo
+        logps = token_logps(model(batch.inputs), batch.targets, g.temperature)
+        mask = (batch.targets != IGNORE) & batch.counted.to(logps.device).bool().unsqueeze(-1)
+        reference = batch.reference.to(logps) if batch.reference is not None else None
+        # one optimisation pass per sample: the sampling policy is the policy itself (ratio 1, its gradient the
+        # policy gradient)
+        return grpo_loss(g.loss, logps, logps.detach(), batch.advantages.to(logps), mask, epsilon=g.epsilon,
+                         epsilon_high=g.clip_high(), beta=g.beta, ref_logps=reference)
+
+    # ------------------------------------------------------------------------------------------------- metrics
+    def summary(self, sums: torch.Tensor, longest: int) -> dict[str, float]:
+        n, s1, s2 = sums[:3].tolist()
+        out = {}
+        if n:
+            out["reward"], out["reward_std"] = s1 / n, std_of(n, s1, s2)
+        for f, reward in enumerate(self.rewards):
+            m, t1, t2 = sums[3 + 3 * f: 6 + 3 * f].tolist()
+            if m:
+                out[f"rewards/{reward.name}/mean"], out[f"rewards/{reward.name}/std"] = t1 / m, std_of(m, t1, t2)
+        groups, zero, completions, length, truncated, bad, sampling, scoring = sums[3 + 3 * len(self.rewards):].tolist()
+        world = self.env.world_size
+        out.update({"frac_reward_zero_std": zero / max(groups, 1), "rewards/none": (completions - n) / max(completions, 1),
+                    "completions/mean_length": length / max(completions, 1), "completions/max_length": float(longest),
+                    "completions/truncated": truncated / max(completions, 1), "rewards/bad": bad,
+                    "time/sampling": sampling / world, "time/scoring": scoring / world,
+                    "sampled_tokens_per_sec": length / max(sampling / world, 1e-9)})
+        return out
+
+    def summarise(self, means: dict[str, float]) -> dict[str, float]:
+        return {**means, **self.stats}
+
+    def evaluation_metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.stats.items() if k.startswith(("reward", "completions/"))}
+
+    def evaluation_sample(self) -> str | None:
+        """A table of rank 0's first prompts of the last prepare (the evaluation's): the best and the worst
+        completion of each, with their rewards."""
+        if self.last is None:
+            return None
+        batches, sampled, total = self.last
+        g = self.cfg.grpo
+        lines, at = ["| prompt | best | reward | worst | reward |", "|---|---|---|---|---|"], 0
+        for b, (ids, stopped) in zip(batches, sampled, strict=True):
+            for i, prompt in enumerate(b.prompts):
+                values = total[at + i * g.generations: at + (i + 1) * g.generations].nan_to_num(-math.inf)
+                best, worst = int(values.argmax()), int(values.argmin())
+                row = [self.tokenizer.decode(prompt.ids)]
+                for k in (best, worst):
+                    r = i * g.generations + k
+                    row += [self.tokenizer.decode(ids[r][:-1] if stopped[r] else ids[r]), f"{float(values[k]):.3g}"]
+                lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+                if len(lines) - 2 >= TABLE_PROMPTS:
+                    return "\n".join(lines)
+            at += len(ids)
+        return "\n".join(lines) if len(lines) > 2 else None
+
+
+def cell(text: str) -> str:
+    return html.escape(text.replace("\n", " ⏎ ").replace("|", "\\|"), quote=False)
+
+
+def nan_mean_std(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean and unbiased std over its values that are not NaN (TRL's nanmean, nanstd)."""
+    present = ~groups.isnan()
+    count = present.sum(dim=1)
+    values = groups.nan_to_num()
+    mean = values.sum(dim=1) / count.clamp(min=1)
+    squares = ((values - mean.unsqueeze(1)) ** 2 * present).sum(dim=1)
+    return mean, (squares / (count - 1).clamp(min=1)).sqrt()
+
+
+def std_of(n: float, s1: float, s2: float) -> float:
+    return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
