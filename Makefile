@@ -25,6 +25,7 @@ DPO_STEPS := train.max_steps=150
 # fell (docs/benchmarks.md)
 RECIPE_SFT := train.sample_prompt=春望
 RECIPE_DPO := train.sample_prompt=春望 dpo.rpo_alpha=1.0
+GRPO_STEPS := train.max_steps=60
 else
 CORPUS  = $(PLAYS)
 GET_DATA = $(RECIPE) data --plays $(PLAYS) --out $(OUT)/data
@@ -92,6 +93,10 @@ ifeq ($(DEMO),tang)
 	$(RECIPE) shares --prompts $(OUT)/data/eval_prompts.json $(EVAL_SAMPLES) --run "reference (SFT)=$(OUT)/runs/sft" \
 		--run "offline DPO=$(OUT)/runs/dpo" --run "iterative DPO, round 1=$(OUT)/runs/dpo-round1" \
 		--run "iterative DPO, round 2=$(OUT)/runs/dpo-round2"
+	@echo; echo "=== 5/6 continued: GRPO from the SFT model: poems written, scored and learned from at every step ==="
+	$(PY) -m preprocess shards --kind prompts --input $(OUT)/data/grpo_prompts.jsonl --tokenizer $(TOKENIZER) --out $(OUT)/shards/prompts --max-len 64
+	$(PY) -m training.grpo --config configs/grpo/tiny.yaml data.path=$(OUT)/shards/prompts init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/grpo $(GRPO_STEPS) seed=$(SEED)
+	$(RECIPE) shares --prompts $(OUT)/data/eval_prompts.json $(EVAL_SAMPLES) --run "GRPO=$(OUT)/runs/grpo"
 endif
 	@echo; echo "=== 6/6 export: a transformers model and tokenizer, checked against ours ==="
 	rm -rf $(OUT)/hf/dpo

@@ -13,9 +13,11 @@ couplets, couplets of one length), shuffle them with seed 2024 and split them 5:
 - preferences: for a five-character poem's title, that poem (every line five characters, a comma or another
   mid-line mark, five characters and a stop) is chosen over a random poem that is not five-character,
 - the iterative rounds' requests: the first --round-prompts titles of the preference split, for which the model
-  writes poems itself, scored by five_character_reward (training.pairs).
+  writes poems itself, scored by five_character_reward (training.pairs),
+- GRPO's prompts: every title of the preference split as a user turn, for which the model writes poems as it
+  learns, scored by the same reward (training.grpo).
 Measured: the share of five-character poems among replies for 50 held-out titles, from the SFT model (the
-reference), the offline DPO model and each iterative round.
+reference), the offline DPO model, each iterative round and GRPO.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ def cmd_data(args) -> None:
     # the iterative rounds' requests: titles of the preference split, which the model then answers itself
     write_jsonl(os.path.join(args.out, "sample_prompts.jsonl"),
                 [{"prompt": INSTRUCTION + "\n\n" + p["title"]} for p in prefer[:args.round_prompts]])
+    write_jsonl(os.path.join(args.out, "grpo_prompts.jsonl"),
+                [{"prompt": [{"role": "user", "content": INSTRUCTION + "\n\n" + p["title"]}], "title": p["title"]}
+                 for p in prefer])
     share = sum(is_five_character(body(p)) for p in instruct) / max(1, len(instruct))
     print(f"recipe: {len(poems):,} poems kept; {len(pretrain):,} for pretraining, {len(instruct):,} instructions "
           f"({100 * share:.0f}% five-character), {len(pairs):,} preference pairs, {len(held_out)} held-out titles")

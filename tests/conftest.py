@@ -455,6 +455,8 @@ def zero3(tmp_path_factory) -> list[str]:
 SFT_CONFIG = os.path.join(REPO, "configs", "sft", "tiny.yaml")
 DPO_CONFIG = os.path.join(REPO, "configs", "dpo", "tiny.yaml")
 KTO_CONFIG = os.path.join(REPO, "configs", "kto", "tiny.yaml")
+GRPO_CONFIG = os.path.join(REPO, "configs", "grpo", "tiny.yaml")
+REWARDS = os.path.join(REPO, "tests", "rewards.py")  # reward functions for GRPO runs
 CHAT = ["data.seq_len=63", "train.micro_batch_size=4"]
 
 
@@ -495,3 +497,27 @@ def sft_run(tmp_path_factory, pretrain_shards, chat_shards) -> str:
     run_training(f"data.path={chat_shards['sft']}", f"init_from={out / 'pretrain'}", "train.max_steps=3",
                  f"out_dir={out / 'sft'}", *CHAT, stage="sft", config=SFT_CONFIG)
     return str(out / "sft")
+
+
+@pytest.fixture(scope="session")
+def prompt_shards(tmp_path_factory, tokenizer_model) -> str:
+    """Requests as chat turns and names to continue as plain text, 120 of them."""
+    from preprocess.__main__ import main as preprocess_main
+
+    out = tmp_path_factory.mktemp("prompts")
+    names = ["ROMEO", "JULIET", "HAMLET", "OPHELIA", "LEAR", "CORDELIA", "PUCK", "VIOLA", "ORSINO", "ROSALIND"]
+    records = [{"prompt": [{"role": "user", "content": f"Write a line spoken by {n}."}], "name": n} for n in names]
+    records += [{"prompt": f"{n}:", "name": n} for n in names]
+    src = write_jsonl(out / "prompts.jsonl", records * 6)
+    assert preprocess_main(["shards", "--kind", "prompts", "--input", src, "--tokenizer", tokenizer_model,
+                            "--out", str(out / "shards"), "--max-len", "32"]) == 0
+    return str(out / "shards")
+
+
+def grpo_args(prompt_shards, sft_run, *more) -> list[str]:
+    """The shipped config at a tiny model's scale: 4 completions of 12 tokens per prompt, evaluation (with its
+    table) at every other step, a reward that tells a near-random model's completions apart."""
+    return [f"data.path={prompt_shards}", f"init_from={sft_run}", "data.seq_len=40", "grpo.generations=4",
+            "grpo.max_new_tokens=12", f"grpo.rewards=[{REWARDS}:vowel_share]", "train.lr=1e-3", "train.max_steps=4",
+            "train.eval_every=2", "train.eval_samples=6", "train.ckpt_every=2", "log.every=1", "dist.timeout_s=120",
+            *more]

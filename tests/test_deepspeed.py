@@ -17,11 +17,13 @@ from conftest import (
     CHAT,
     DPO_CONFIG,
     FAST,
+    GRPO_CONFIG,
     KTO_CONFIG,
     REPO,
     SFT_CONFIG,
     TINY_CONFIG,
     free_port,
+    grpo_args,
     kill_after_first_checkpoint,
     losses,
     private_copy,
@@ -172,9 +174,10 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo", "orpo", "kto"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo", "orpo", "kto", "grpo"])
 def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(stage, pretrain_shards, chat_shards,
-                                                                                 sft_run, zero3, tmp_path):
+                                                                                 prompt_shards, sft_run, zero3,
+                                                                                 tmp_path):
     """ZeRO-3 gathers its sharded weights in every forward, so evaluation, the sample at every evaluation (every
     tiny config sets sample_prompt) and DPO's reference precompute must run on every rank alike. The validation
     subsets are uneven on purpose: 249 pretraining samples, and eval_samples=17 for SFT and DPO, give the two
@@ -182,12 +185,21 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     precomputed over 377 pairs (data.seq_len=58), 48 micro-batches on one rank and 47 on the other. sft-packed packs
     the conversations (rows of 63 positions take one or two of them) and masks attention per conversation. orpo is
     the DPO stage without any reference: every weight trains, and no reference forward runs. kto runs LoRA with its
-    adapters-off reference live, and its reference point's extra forward before every step and evaluation."""
+    adapters-off reference live, and its reference point's extra forward before every step and evaluation. grpo
+    samples on every rank (a rank whose completions all ended keeps feeding the sharded forwards until the last
+    rank's have), with a KL term to its pinned reference, and evaluates 5 prompts: 3 on one rank, 2 and a filler
+    micro-batch with nothing to sample on the other."""
     packed, orpo = stage == "sft-packed", stage == "orpo"
     stage = "sft" if packed else "dpo" if orpo else stage
-    config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG, "kto": KTO_CONFIG}[stage]
+    config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG, "kto": KTO_CONFIG,
+              "grpo": GRPO_CONFIG}[stage]
     common = ["train.max_steps=4", "train.grad_accum=2", "train.precision=fp32", "dist.timeout_s=120"]
-    if stage == "pretrain":
+    keys = ("loss", "val_loss")
+    if stage == "grpo":  # its validation loss is a surrogate near 0: the validation reward is what it measures
+        common = [*grpo_args(prompt_shards, sft_run, "grpo.beta=0.1", "train.micro_batch_size=2",
+                             "train.eval_samples=5", "train.eval_every=4"), *common]
+        keys = ("loss", "reward", "kl", "val_reward")
+    elif stage == "pretrain":
         common.append(f"data.path={pretrain_shards}")
     elif stage == "sft":
         common += [f"data.path={chat_shards['sft']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT,
@@ -204,7 +216,7 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
                    "lora.rank=4", "dpo.precompute_ref=true"]
     for name, extra in (("ddp", []), ("zero3", zero3)):
         run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage=stage, config=config)
-    for key in ("loss", "val_loss"):
+    for key in keys:
         ddp, zero3 = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
         assert sorted(zero3) == sorted(ddp) and len(ddp) >= 2
         for step in ddp:

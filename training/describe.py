@@ -52,6 +52,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
         f"compute: {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP per trained token",
         plan.describe(cfg.data.seq_len, unit),
         *packing,
+        *stage.describe_batch(plan),
         f"schedule: {t.max_steps:,} steps, lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup), "
         f"precision {t.precision}, checkpoints every {t.ckpt_every}",
         *([lora_line(model, cfg.lora)] if lora.enabled(cfg.lora) else []),

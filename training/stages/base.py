@@ -85,6 +85,10 @@ class Stage:
         """(positions an example may take, how to say so): examples that need more are left out and counted."""
         return self.cfg.data.seq_len, f"data.seq_len={self.cfg.data.seq_len} positions"
 
+    def describe_batch(self, plan) -> list[str]:
+        """Lines `describe` adds about the batch (what a step does with it beyond the forward and backward)."""
+        return []
+
     def evaluation_metrics(self) -> dict[str, float]:
         """What an evaluation reports besides val_loss (as val_<key>), from the last prepare() (of the validation
         batches)."""

@@ -36,7 +36,7 @@ from ..data.batch import IGNORE, Batch, ExampleBatches
 from ..models import lora
 from ..models.decoding import sample_batch, tokenizer_template
 from ..parallel import env as D
-from .losses import grpo_loss, grpo_units, token_logps
+from .losses import group_advantages, grpo_loss, grpo_units, token_logps
 from .reference import ReferenceStage, reference_model
 from .rewards import load_reward, score
 
@@ -163,6 +163,14 @@ class GRPO(ReferenceStage):
         seq_len, new = self.cfg.data.seq_len, self.cfg.grpo.max_new_tokens
         return seq_len - new + 1, f"data.seq_len={seq_len} positions with grpo.max_new_tokens={new}"
 
+    def describe_batch(self, plan) -> list[str]:
+        g = self.cfg.grpo
+        rows = plan.micro_batch * g.generations
+        return [f"sampling: {plan.micro_batch} prompts x {g.generations} completions = {rows} rows decoded together "
+                f"per micro-step; {plan.global_batch:,} prompts x {g.generations} = {plan.global_batch * g.generations:,} "
+                f"completions of at most {g.max_new_tokens} tokens per step, over {plan.world} "
+                f"process{'es' if plan.world != 1 else ''}" + (", and a reference's forward" if g.beta else "")]
+
     def make_data(self, run) -> PromptBatches:
         self.env, self.autocast = run.env, run.autocast
         self.tokenizer = TextTokenizer(tokenizer_file(run.cfg.out_dir))
@@ -193,33 +201,25 @@ class GRPO(ReferenceStage):
         total = torch.cat([(r * torch.tensor([w.weight for w in self.rewards], dtype=torch.float64)).nan_to_num()
                            .sum(dim=1).masked_fill(r.isnan().all(dim=1), math.nan) for r in rewards]) \
             if rewards else torch.zeros(0, dtype=torch.float64)
-        groups = total.view(-1, g.generations)
-        mean, spread = nan_mean_std(groups)
         lengths = torch.tensor([len(c) for ids, _ in sampled for c in ids], dtype=torch.float64)
         stopped = torch.tensor([s for _, st in sampled for s in st], dtype=torch.float64)
         scored = ~total.isnan()
         per_reward = torch.cat(rewards) if rewards else torch.zeros(0, len(self.rewards), dtype=torch.float64)
-        # zero spread as TRL tells it (isclose to 0), or fewer than two scored completions to compare
-        zero = torch.isclose(spread, torch.zeros_like(spread)) | (scored.view(-1, g.generations).sum(dim=1) < 2)
+        _, zero = group_advantages(total, g.generations, "none")
         sums = torch.stack([
             scored.sum(), total[scored].sum(), (total[scored] ** 2).sum(),                      # the total reward
             *(x for f in range(len(self.rewards)) for x in (
                 (~per_reward[:, f].isnan()).sum(), per_reward[:, f].nan_to_num().sum(),
                 (per_reward[:, f].nan_to_num() ** 2).sum())),
-            torch.tensor(float(len(groups))), zero.sum(), torch.tensor(float(len(total))), lengths.sum(),
+            torch.tensor(float(len(zero))), zero.sum(), torch.tensor(float(len(total))), lengths.sum(),
             (1 - stopped).sum(), torch.tensor(float(self.bad_rewards)), torch.tensor(float(sampling)),
             torch.tensor(float(scoring)),
         ]).to(torch.float64)
         sums = D.all_reduce_sum(env, sums.to(env.device)).cpu()
         longest = -D.all_reduce_min(env, -int(lengths.max()) if len(lengths) else 0)
-        n, s1, s2 = sums[:3].tolist()
-        scale = spread
-        if g.scale_rewards == "batch":  # the global batch's std (unbiased, as TRL's nanstd)
-            scale = torch.full_like(spread, math.sqrt(max(s2 - s1 * s1 / n, 0) / (n - 1)) if n > 1 else 0.0)
-        advantages = total - mean.repeat_interleave(g.generations)
-        if g.scale_rewards != "none":
-            advantages = advantages / (scale.repeat_interleave(g.generations) + 1e-4)
-        learn = scored & ~zero.repeat_interleave(g.generations)
+        # scale_rewards=batch: the std of the whole global batch's rewards (unbiased, as TRL's nanstd)
+        advantages, _ = group_advantages(total, g.generations, g.scale_rewards, std_of(*sums[:3].tolist()))
+        learn = scored & ~zero.repeat_interleave(g.generations)  # what has an advantage
         if g.mask_truncated:
             learn &= stopped.bool()
         self.stats = self.summary(sums, longest)
@@ -375,16 +375,6 @@ class GRPO(ReferenceStage):
 
 def cell(text: str) -> str:
     return html.escape(text.replace("\n", " ⏎ ").replace("|", "\\|"), quote=False)
-
-
-def nan_mean_std(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean and unbiased std over its values that are not NaN (TRL's nanmean, nanstd)."""
-    present = ~groups.isnan()
-    count = present.sum(dim=1)
-    values = groups.nan_to_num()
-    mean = values.sum(dim=1) / count.clamp(min=1)
-    squares = ((values - mean.unsqueeze(1)) ** 2 * present).sum(dim=1)
-    return mean, (squares / (count - 1).clamp(min=1)).sqrt()
 
 
 def std_of(n: float, s1: float, s2: float) -> float:

@@ -231,6 +231,34 @@ def kto_summary(means: dict[str, float]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------------ GRPO
 
+def nan_mean_std(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean and unbiased std over its values that are not NaN (as TRL's nanmean and nanstd)."""
+    present = ~groups.isnan()
+    count = present.sum(dim=1)
+    values = groups.nan_to_num()
+    mean = values.sum(dim=1) / count.clamp(min=1)
+    squares = ((values - mean.unsqueeze(1)) ** 2 * present).sum(dim=1)
+    return mean, (squares / (count - 1).clamp(min=1)).sqrt()
+
+
+def group_advantages(rewards: torch.Tensor, generations: int, scale_rewards: str,
+                     batch_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each completion's advantage, whether each group has zero spread) from the rewards of consecutive groups of
+    `generations` completions (NaN: not scored, advantage 0): the reward minus its group's mean, divided by the
+    group's std + 1e-4 (scale_rewards=group), by the global batch's (batch: batch_std) or by nothing (none), as
+    TRL's GRPOTrainer computes them. A group has zero spread when its std is 0 (TRL's isclose) or it has fewer than
+    two scored completions."""
+    groups = rewards.view(-1, generations)
+    mean, std = nan_mean_std(groups)
+    zero = torch.isclose(std, torch.zeros_like(std)) | ((~groups.isnan()).sum(dim=1) < 2)
+    advantages = groups - mean.unsqueeze(1)
+    if scale_rewards == "group":
+        advantages = advantages / (std.unsqueeze(1) + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (batch_std + 1e-4)
+    return advantages.flatten().nan_to_num(0.0), zero
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(target) at every position (0 where the target is IGNORE), from an fp32 log-softmax of the logits
     divided by `temperature`: the distribution the completions were sampled from, as TRL scores them."""

@@ -1,0 +1,31 @@
+"""Reward functions for the GRPO tests: the contract (keywords by signature, None, bad values) and rewards that
+tell a tiny model's completions apart."""
+
+
+def exact_answer(completion, answer):
+    return float(completion.strip() == answer)
+
+
+def vowel_share(text, **_):
+    letters = [c for c in text.lower() if c.isalpha()]
+    return sum(c in "aeiou" for c in letters) / max(1, len(letters))
+
+
+def no_reward(text):
+    return None
+
+
+def raises(text):
+    return 1 / 0
+
+
+def not_a_number(text):
+    return "many"
+
+
+def infinite(text):
+    return float("inf")
+
+
+def constant(text):
+    return 1.0

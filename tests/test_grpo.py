@@ -1,0 +1,218 @@
+"""GRPO: its losses and advantages against TRL's own GRPOTrainer code, the prompts shards, the rewards' contract,
+and runs: the same samples, rewards and losses on 1 process with accumulation and on 2 processes, an exact
+resume after kill -9, ZeRO-3 (tests/test_deepspeed.py), a reward that rises on an arithmetic task."""
+
+import json
+import os
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import (
+    GRPO_CONFIG,
+    REWARDS,
+    grpo_args,
+    kill_after_first_checkpoint,
+    run_training,
+    start_training,
+    write_jsonl,
+)
+
+from preprocess.__main__ import main as preprocess_main
+from preprocess.errors import UserError
+from training.stages.grpo import Reward
+from training.stages.losses import GRPO_LOSSES, group_advantages, grpo_loss, grpo_units
+
+trl = pytest.importorskip("trl", reason="TRL is the reference for the loss formulas (pip install trl)")
+
+ROWS, WIDTH = 6, 9
+
+
+def tensors(seed: int):
+    """Per-token log-probs of the policy, of the sampling policy (off by up to ±0.4, so that ratios leave the clip
+    range both ways) and of a reference; advantages of both signs; completions of 1 to WIDTH tokens."""
+    g = torch.Generator().manual_seed(seed)
+    logps = -torch.rand(ROWS, WIDTH, generator=g, dtype=torch.float64) * 3
+    old = logps + (torch.rand(ROWS, WIDTH, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    ref = logps + torch.randn(ROWS, WIDTH, generator=g, dtype=torch.float64) * 0.3
+    advantages = torch.randn(ROWS, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, WIDTH + 1, (ROWS,), generator=g)
+    mask = (torch.arange(WIDTH) < lengths[:, None]).long()
+    return logps, old, ref, advantages, mask
+
+
+def trl_loss(loss_type: str, logps, old, ref, advantages, mask, *, beta: float, epsilon: float,
+             epsilon_high: float, max_completion_length: int):
+    """GRPOTrainer._compute_loss on a stand-in `self`, one process, no accumulation: (loss, its metrics)."""
+    from trl import GRPOTrainer
+
+    accelerator = SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                  reduce=lambda x, reduction: x)
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, torch.zeros_like(logps), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon_high, use_vllm=False,
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, accelerator=accelerator,
+        max_completion_length=max_completion_length, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)))
+    inputs = {"prompt_ids": torch.zeros(ROWS, 1, dtype=torch.long), "prompt_mask": torch.ones(ROWS, 1),
+              "completion_ids": torch.zeros(ROWS, WIDTH, dtype=torch.long), "completion_mask": mask,
+              "advantages": advantages, "old_per_token_logps": old, "num_items_in_batch": mask.sum(),
+              **({"ref_per_token_logps": ref} if beta else {})}
+    loss = GRPOTrainer._compute_loss(fake, None, inputs)
+    return float(loss), {k: v[-1] for k, v in fake._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", sorted(GRPO_LOSSES))
+@pytest.mark.parametrize("beta, epsilon, epsilon_high", [(0.0, 0.2, 0.2), (0.04, 0.2, 0.28), (0.5, 0.1, 0.3)])
+def test_each_loss_and_option_equals_trls_grpo_trainer(loss_type, beta, epsilon, epsilon_high):
+    for seed in range(3):
+        logps, old, ref, advantages, mask = tensors(seed)
+        ours, metrics = grpo_loss(loss_type, logps, old, advantages, mask, epsilon=epsilon,
+                                  epsilon_high=epsilon_high, beta=beta, ref_logps=ref)
+        units = grpo_units(loss_type, mask.sum(dim=-1), WIDTH)
+        theirs, trl_metrics = trl_loss(loss_type, logps, old, ref, advantages, mask, beta=beta, epsilon=epsilon,
+                                       epsilon_high=epsilon_high, max_completion_length=WIDTH)
+        assert float(ours / units) == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+        for name in ("low", "high", "region"):  # TRL divides these in float32
+            total, count = metrics[f"clip_ratio/{name}"].tolist()
+            assert total / count == pytest.approx(trl_metrics[f"clip_ratio/{name}_mean"], rel=1e-6, abs=1e-12)
+        assert metrics["clip_ratio/region"][0] > 0  # the tensors do clip, both ways between the seeds
+        if beta:
+            total, count = metrics["kl"].tolist()
+            assert total / count == pytest.approx(trl_metrics["kl"], rel=1e-9)
+
+
+def test_the_gradient_at_ratio_one_is_the_advantage_weighted_policy_gradient():
+    """One pass per sample (old = the policy, detached): d loss / d logp of a token is −A / the loss's normaliser
+    (dapo: every token of the batch alike)."""
+    logps, _, _, advantages, mask = tensors(5)
+    logps.requires_grad_(True)
+    loss, _ = grpo_loss("dapo", logps, logps.detach(), advantages, mask, epsilon=0.2, epsilon_high=0.2)
+    loss.backward()
+    torch.testing.assert_close(logps.grad, -advantages[:, None].expand_as(mask) * mask)
+
+
+def test_advantages_equal_trls_formula_with_its_nanstd():
+    from trl.trainer.utils import nanstd
+
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(5 * 4, generator=g, dtype=torch.float64)
+    rewards[4:8] = 0.5           # a group with zero spread
+    rewards[[9, 13]] = torch.nan  # completions no reward scored
+    rewards[16:19] = torch.nan    # a group with one scored completion
+    grouped = rewards.view(-1, 4)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(4)
+    group_std = torch.stack([nanstd(row) for row in grouped]).repeat_interleave(4)
+    for scale, expected in (("group", (rewards - mean) / (group_std + 1e-4)),
+                            ("batch", (rewards - mean) / (nanstd(rewards) + 1e-4)),
+                            ("none", rewards - mean)):
+        ours, zero = group_advantages(rewards, 4, scale, float(nanstd(rewards)))
+        # nanstd's Bessel factor count / (count - 1) is a float32 division: 1.5e-8 apart from float64's
+        torch.testing.assert_close(ours, torch.nan_to_num(expected, nan=0.0), rtol=1e-7, atol=1e-12)
+        assert zero.tolist() == [False, True, False, False, True]
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+def test_a_reward_gets_the_keywords_it_names_and_bad_values_are_one_line():
+    keywords = {"prompt": "17+25=", "answer": "42", "completion_tokens": 3, "stopped": True}
+    assert Reward(f"{REWARDS}:exact_answer", 1.0)("42", keywords, "p.jsonl:3") == 1.0
+    assert Reward(f"{REWARDS}:exact_answer", 1.0)("41", keywords, "p.jsonl:3") == 0.0
+    assert Reward(f"{REWARDS}:vowel_share", 1.0)("aab", keywords, "p.jsonl:3") == pytest.approx(2 / 3)
+    assert Reward(f"{REWARDS}:no_reward", 1.0)("x", keywords, "p.jsonl:3") is None
+    for name, said in (("raises", "raised ZeroDivisionError"), ("not_a_number", "returned 'many'"),
+                       ("infinite", "returned inf")):
+        with pytest.raises(UserError) as e:
+            Reward(f"{REWARDS}:{name}", 1.0)("x", keywords, "p.jsonl:3")
+        assert str(e.value).startswith(f"p.jsonl:3: reward {REWARDS}:{name}") and said in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- prompts shards
+
+def test_prompts_shards_keep_each_record_and_refuse_what_is_no_prompt(tmp_path, tokenizer_model):
+    from training.data.sources import open_sources
+
+    records = [{"prompt": "17+25=", "answer": "42"},
+               {"prompt": [{"role": "user", "content": "Write a line spoken by ROMEO."}], "title": "R"},
+               {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+               {"text": "no prompt"},
+               {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+               {"prompt": "x" * 400}]
+    src = write_jsonl(tmp_path / "prompts.jsonl", records)
+    out = str(tmp_path / "shards")
+    assert preprocess_main(["shards", "--kind", "prompts", "--input", src, "--tokenizer", tokenizer_model,
+                            "--out", out, "--max-len", "64"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["skipped"] == {"bad_messages": 1, "missing_key": 1, "too_long": 1}
+    assert preprocess_main(["verify", out]) == 0
+    source = open_sources([out], 64, 0.0, "prompts", 1)[0]
+    kept = [source.record(j) for j in range(source.n_train)]
+    assert [k["record"] for k in kept] == [records[0], records[1], {"prompt": records[2]["messages"]}]
+    assert [k["where"] for k in kept] == [f"{src}:1", f"{src}:2", f"{src}:3"]
+    from preprocess.tokenizer import TextTokenizer
+
+    sp = TextTokenizer(tokenizer_model)
+    plain, chat = source.example(0)[0][0], source.example(1)[0][0]
+    assert plain[:-1].tolist() == sp.encode("17+25=") and plain[-1] == sp.eos_id
+    assert sp.decode(chat[:-1].tolist()).endswith("ROMEO.") and sp.is_control(int(chat[-2]))
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_give_the_same_run(
+        prompt_shards, sft_run, tmp_path):
+    """The same global batch of 4 prompts as 1 process x 2 micro-steps and as 2 processes x 1: the same samples
+    (completion lengths), rewards, advantages (losses) and validation rewards, step by step; a run killed after
+    its first checkpoint and resumed continues with the same samples and losses."""
+    run_training(*grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=2",
+                            f"out_dir={tmp_path / 'one'}"), stage="grpo", config=GRPO_CONFIG)
+    run_training(*grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=1",
+                            f"out_dir={tmp_path / 'two'}"), nproc=2, stage="grpo", config=GRPO_CONFIG)
+    killed = tmp_path / "killed"
+    args = grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=2", f"out_dir={killed}")
+    kill_after_first_checkpoint(start_training(*args, stage="grpo", config=GRPO_CONFIG), killed)
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-2"
+    run_training(*args, stage="grpo", config=GRPO_CONFIG)
+
+    one = records(tmp_path / "one")
+    train = [r for r in one if "loss" in r and "reward" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert any(r["loss"] != 0 for r in train) and all(0 < r["reward"] < 1 for r in train)
+    assert all(r["frac_reward_zero_std"] < 1 and r["completions/max_length"] <= 12 for r in train)
+    evaluations = [r for r in one if "val_reward" in r]
+    assert [r["step"] for r in evaluations] == [0, 2, 4]
+    assert evaluations[0]["sample"].startswith("| prompt | best | reward | worst | reward |")
+    keys = ("loss", "reward", "reward_std", "rewards/vowel_share/mean", "completions/mean_length",
+            "completions/truncated", "frac_reward_zero_std", "clip_ratio/region", "val_reward", "grad_norm")
+    for other in ("two", "killed"):
+        theirs = records(tmp_path / other)
+        for key in keys:
+            mine = {r["step"]: r[key] for r in one if key in r}
+            assert mine.keys() == {r["step"]: r[key] for r in theirs if key in r}.keys(), (other, key)
+            for step, value in {r["step"]: r[key] for r in theirs if key in r}.items():
+                assert value == pytest.approx(mine[step], rel=1e-5, abs=1e-6), (other, key, step)
+
+
+def test_a_bad_reward_stops_every_rank_with_one_line_and_equal_rewards_skip_steps(prompt_shards, sft_run,
+                                                                                    tmp_path):
+    proc = run_training(*grpo_args(prompt_shards, sft_run, f"grpo.rewards=[{REWARDS}:not_a_number]",
+                                   "train.eval_every=0", f"out_dir={tmp_path / 'bad'}"),
+                        nproc=2, stage="grpo", config=GRPO_CONFIG, expect=1)
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error")]
+    assert line and "prompts.jsonl:" in line[0] and f"reward {REWARDS}:not_a_number" in line[0] \
+        and "returned 'many'" in line[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    proc = run_training(*grpo_args(prompt_shards, sft_run, f"grpo.rewards=[{REWARDS}:constant]",
+                                   "train.eval_every=0", "train.max_nonfinite_steps=2", f"out_dir={tmp_path / 'flat'}"),
+                        stage="grpo", config=GRPO_CONFIG, expect=1)
+    assert proc.stderr.count("equal rewards (no advantage to learn from): update skipped") == 2
+    assert "for 2 steps in a row (train.max_nonfinite_steps=2); the weights are those of step 0" in proc.stderr
