@@ -363,6 +363,9 @@ class KTOKind(_ChatKind):
         return *self._pack(kept), bad
 
 
+RESERVED_FIELDS = ("completion_tokens", "stopped")  # what GRPO tells a reward about each completion
+
+
 def prompt_record(record: object) -> tuple[str | list[Turn], dict] | Bad:
     """(the prompt: a string, or the conversation so far as turns; the record as kept for the rewards: its prompt as
     given and every other field)."""
@@ -386,6 +389,8 @@ def prompt_record(record: object) -> tuple[str | list[Turn], dict] | Bad:
                 break
     if isinstance(prompt, Bad):
         return prompt
+    if reserved := next((k for k in RESERVED_FIELDS if k in record), None):
+        return Bad("unsupported", f"field {reserved!r}: GRPO gives the rewards its own value of that name")
     try:
         json.dumps(record, ensure_ascii=False)
     except (TypeError, ValueError) as e:  # a Parquet column of another type (dates, bytes)
@@ -412,21 +417,35 @@ class PromptsKind(_ChatKind):
         return [prompt] if isinstance(prompt, str) else [t.text for t in prompt]
 
     def dedup_text(self, parsed) -> str:
-        prompt, _ = parsed
-        return prompt if isinstance(prompt, str) else "\x1f".join(t.whole for t in prompt if t.role != "system")
+        """The prompt and every other field: one prompt with two answers is two records."""
+        prompt, record = parsed
+        text = prompt if isinstance(prompt, str) else "\x1f".join(t.whole for t in prompt if t.role != "system")
+        others = {k: v for k, v in record.items() if k != "prompt"}
+        return text + ("\x1e" + json.dumps(others, sort_keys=True, ensure_ascii=False) if others else "")
 
-    def prompt_ids(self, prompt) -> np.ndarray | Bad:
-        if isinstance(prompt, str):
-            return self.encoder.encode_each([prompt])[0]
-        try:
-            return np.array(self.template.prompt_ids(prompt, lambda text: self.encoder.encode_each([text])[0]))
-        except UserError as e:
-            return Bad("template_error", str(e))
+    def prompt_ids(self, batch) -> list[np.ndarray | Bad]:
+        """Each prompt's ids; the texts of plain prompts and of shardlm's own template's turns in one encoder call
+        (a model's template renders and encodes each conversation itself)."""
+        own = isinstance(self.template, ChatTemplate)  # else a model's, or none (message lists refused)
+        texts = [t for prompt, _ in batch for t in ([prompt] if isinstance(prompt, str) else
+                                                    [turn.text for turn in prompt] if own else [])]
+        encoded = iter(self.encoder.encode_each(texts))
+        out = []
+        for prompt, _ in batch:
+            if isinstance(prompt, str):
+                out.append(next(encoded))
+            elif own:
+                out.append(np.array(self.template.prompt(prompt, [next(encoded) for _ in prompt])))
+            else:
+                try:
+                    out.append(np.array(self.template.prompt_ids(prompt)))
+                except UserError as e:
+                    out.append(Bad("template_error", str(e)))
+        return out
 
     def build(self, batch):
         docs, bad = [], []
-        for i, (prompt, _) in enumerate(batch):
-            ids = self.prompt_ids(prompt)
+        for i, ids in enumerate(self.prompt_ids(batch)):
             problem = ids if isinstance(ids, Bad) else None
             if problem is None and len(ids) + 1 > self.max_len:
                 problem = Bad("too_long", f"{len(ids) + 1} tokens > --max-len {self.max_len}")

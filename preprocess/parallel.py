@@ -94,7 +94,7 @@ def changed_input(old: list[dict], new: list[dict]) -> str | None:
 
 def model_template(job: ShardJob) -> dict:
     """A model's chat template and its options, which the documents depend on (shardlm's own is implied)."""
-    identity = job.template().identity() if job.kind != "pretrain" else {}
+    identity = job.template_identity()
     return {"chat_template": identity} if "chat_template_sha256" in identity else {}
 
 

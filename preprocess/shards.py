@@ -62,15 +62,40 @@ class ShardJob:
         return KIND_CLASSES[self.kind](encoder, self.text_key, self.max_len, self.template())
 
     def template(self):
-        """The chat template of a chat kind (None for pretraining): the tokenizer.json's model's, or ours."""
+        """The chat template of a chat kind (None for pretraining): the tokenizer.json's model's, or ours. Prompts
+        need one only for their message lists: without one, those are refused one by one (plain text is not)."""
         if self.kind == "pretrain":
             if self.chat_template or self.chat_template_kwargs is not None:
-                raise UserError("--chat-template and --chat-template-kwargs are for chat kinds (sft, dpo, kto)")
+                raise UserError("--chat-template and --chat-template-kwargs are for chat kinds (sft, dpo, kto, "
+                                "prompts)")
             return None
-        return template_for(self.tokenizer, self.chat_template, self.chat_template_kwargs, self.chat_template_date)
+        try:
+            return template_for(self.tokenizer, self.chat_template, self.chat_template_kwargs, self.chat_template_date)
+        except UserError as e:
+            if self.kind != "prompts" or self.chat_template:
+                raise
+            return NoTemplate(str(e))
+
+    def template_identity(self) -> dict:
+        """What the manifest and the plan record of the template (nothing for pretraining, or without one)."""
+        template = self.template()
+        return template.identity() if template is not None else {}
 
     def unit_record_path(self, name: str) -> str:
         return os.path.join(self.out_dir, WORK_DIR, "units", f"{name}.json")
+
+
+class NoTemplate:
+    """A tokenizer without a chat template, for prompts: plain ones are continued, message lists refused."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def identity(self) -> dict:
+        return {"template": "none"}
+
+    def prompt_ids(self, turns, encode=None):
+        raise UserError(self.why)
 
 
 def begun_date(job: ShardJob) -> str | None:
@@ -301,7 +326,7 @@ def build_manifest(job: ShardJob, plan: dict, stamps: list[dict], records: list[
         "plan_sha256": plan["sha256"],
         "tokenizer": {"file": job.tokenizer.file, **job.tokenizer.to_json()},
         "dtype": job.tokenizer.dtype.name,
-        **(job.template().identity() if job.kind != "pretrain" else {}),
+        **job.template_identity(),
         "options": plan["options"],
         "inputs": stamps,  # path, bytes, mtime_ns (and sha256 with --strict): a re-run sees what changed
         "totals": {

@@ -29,3 +29,12 @@ def infinite(text):
 
 def constant(text):
     return 1.0
+
+
+def fails_on_rank_1(text):
+    """A reward that breaks on one rank only: the other must not wait for it."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("no scorer on this node")
+    return float(len(text) % 2)

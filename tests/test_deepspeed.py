@@ -197,7 +197,7 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     keys = ("loss", "val_loss")
     if stage == "grpo":  # its validation loss is a surrogate near 0: the validation reward is what it measures
         common = [*grpo_args(prompt_shards, sft_run, "grpo.beta=0.1", "train.micro_batch_size=2",
-                             "train.eval_samples=5", "train.eval_every=4"), *common]
+                             "train.eval_samples=5", "train.eval_every=4", "train.sample_prompt=ROMEO"), *common]
         keys = ("loss", "reward", "kl", "val_reward")
     elif stage == "pretrain":
         common.append(f"data.path={pretrain_shards}")

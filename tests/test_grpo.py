@@ -204,6 +204,14 @@ def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_g
 
 def test_a_bad_reward_stops_every_rank_with_one_line_and_equal_rewards_skip_steps(prompt_shards, sft_run,
                                                                                     tmp_path):
+    """A reward that fails on one rank only (at the first evaluation): the other rank stops too, at once; one that
+    returns no number names itself, the prompt's line and the value; rewards all equal leave nothing to learn:
+    each such step is skipped, and grpo.max_empty_steps of them in a row stop the run."""
+    proc = run_training(*grpo_args(prompt_shards, sft_run, f"grpo.rewards=[{REWARDS}:fails_on_rank_1]",
+                                   f"out_dir={tmp_path / 'one-rank'}"), nproc=2, stage="grpo", config=GRPO_CONFIG,
+                        expect=1)
+    assert "reward" in proc.stderr and "raised RuntimeError: no scorer on this node" in proc.stderr
+    assert "a reward failed on another rank" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_training(*grpo_args(prompt_shards, sft_run, f"grpo.rewards=[{REWARDS}:not_a_number]",
                                    "train.eval_every=0", f"out_dir={tmp_path / 'bad'}"),
                         nproc=2, stage="grpo", config=GRPO_CONFIG, expect=1)
@@ -212,7 +220,29 @@ def test_a_bad_reward_stops_every_rank_with_one_line_and_equal_rewards_skip_step
         and "returned 'many'" in line[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     proc = run_training(*grpo_args(prompt_shards, sft_run, f"grpo.rewards=[{REWARDS}:constant]",
-                                   "train.eval_every=0", "train.max_nonfinite_steps=2", f"out_dir={tmp_path / 'flat'}"),
+                                   "train.eval_every=0", "grpo.max_empty_steps=2", f"out_dir={tmp_path / 'flat'}"),
                         stage="grpo", config=GRPO_CONFIG, expect=1)
-    assert proc.stderr.count("equal rewards (no advantage to learn from): update skipped") == 2
-    assert "for 2 steps in a row (train.max_nonfinite_steps=2); the weights are those of step 0" in proc.stderr
+    assert proc.stderr.count("no completion had an advantage: 8 of 8 groups had equal rewards: update skipped") == 2
+    assert "nothing to learn from for 2 steps in a row (grpo.max_empty_steps=2; the last: no completion had an " \
+           "advantage: 8 of 8 groups had equal rewards); the weights are those of step 0" in proc.stderr
+
+
+def test_sampling_in_lockstep_never_runs_past_the_context():
+    """Another rank's completions going on for max_new_tokens steps keep this rank's forwards going: a prompt as
+    long as the room allows (data.seq_len - max_new_tokens + 1 tokens, data.seq_len = the model's context) still
+    never takes a forward past the context."""
+    from training.models.decoding import sample_batch
+    from training.models.transformer import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, max_seq_len=24)).eval()
+    new = 6
+    prompt = list(range(1, 24 - new + 2))
+    calls = []
+
+    def another_rank_goes_on(live: bool) -> bool:
+        calls.append(live)
+        return len(calls) < new  # the other rank's rows end at max_new_tokens
+    ids, stopped = sample_batch(model, [prompt, prompt[:3]], [49, 49], [1, 2], new, lockstep=another_rank_goes_on)
+    assert len(calls) == new and all(len(x) <= new for x in ids)
+    alone, _ = sample_batch(model, [prompt, prompt[:3]], [49, 49], [1, 2], new)
+    assert alone == ids  # the extra forwards change nothing of this rank's rows

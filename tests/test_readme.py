@@ -18,6 +18,7 @@ SHORT = {  # appended to the training commands: the tour's stages in seconds
     "sft": [*FAST, *CHAT, "train.max_steps=2"],
     "dpo": [*FAST, *CHAT, "train.max_steps=2"],
     "kto": [*FAST, *CHAT, "train.max_steps=2"],
+    "grpo": [*FAST, *CHAT, "train.max_steps=2", "grpo.max_new_tokens=16"],
 }
 
 
@@ -46,7 +47,7 @@ def commands(block: str) -> list[str]:
 
 def shortened(command: str) -> str:
     command = re.sub(r"\s+#\s.*$", "", command)  # a trailing comment
-    stage = re.search(r"-m training\.(pretrain|sft|dpo|kto)\b", command)
+    stage = re.search(r"-m training\.(pretrain|sft|dpo|kto|grpo)\b", command)
     return command + (" " + " ".join(map(shlex.quote, SHORT[stage.group(1)])) if stage else "")
 
 
@@ -64,6 +65,8 @@ def make_inputs(root) -> None:
     others = [t for _, t in lines if not is_question(t)]
     write_jsonl(root / "prefs.jsonl", [{"prompt": f"Write a line spoken by {n}.", "chosen": q, "rejected": o}
                                        for (n, q), o in zip(questions, others, strict=False)][:200])
+    write_jsonl(root / "prompts.jsonl", [{"prompt": [{"role": "user", "content": f"Speak as {n}."}], "speaker": n}
+                                         for n, _ in lines[300:400]])
 
 
 @pytest.mark.slow
@@ -73,6 +76,7 @@ def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
     assert sum(kind == "python" for kind, _ in blocks) >= 1 and len(blocks) >= 6
     make_inputs(tmp_path)
     os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")
+    os.symlink(os.path.join(REPO, "recipes"), tmp_path / "recipes")  # the recipes' reward functions
     # the tour's .venv/bin/python: this interpreter, its commands of our code forked from the fork server (conftest)
     os.makedirs(tmp_path / ".venv" / "bin")
     _, fork_env = forking_python(tmp_path / ".venv" / "bin")
@@ -93,7 +97,8 @@ def test_every_command_of_the_readme_tour_runs_as_written(tmp_path):
     assert len(ran) >= 15
     # what the tour promises is there at the end: shards, runs of every stage, a report, an export that loads
     for path in ("shards/pretrain/manifest.json", "runs/tiny/report.png", "runs/sft-lora/checkpoints/latest",
-                 "runs/dpo-lora/checkpoints/latest", "runs/kto/checkpoints/latest", "hf/dpo/model.safetensors",
+                 "runs/dpo-lora/checkpoints/latest", "runs/kto/checkpoints/latest", "runs/grpo/checkpoints/latest",
+                 "hf/dpo/model.safetensors",
                  "hf/sft-lora-adapter/adapter_model.safetensors",
                  "runs/sft-from-hf/checkpoints/latest"):
         assert os.path.exists(tmp_path / path), path

@@ -145,13 +145,14 @@ class GRPOConfig:
     rewards: list[str] = field(default_factory=list)  # module:function or path/to/file.py:function, summed
     reward_weights: list[float] | None = None          # one per reward (default: 1 each)
     scale_rewards: str = "group"  # group (the group's std) | batch (the global batch's std) | none
-    loss: str = "dapo"           # grpo (per-sequence token mean) | dapo (per token) | dr_grpo (constant normaliser)
+    loss: str = "dapo"           # grpo (per-sequence token mean) | dapo (per token) | dr_grpo (completions x max_new_tokens)
     epsilon: float = 0.2         # the importance ratio is clipped to [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # default: epsilon (DAPO's clip-higher uses 0.28)
     beta: float = 0.0            # weight of the k3 KL estimate to the pinned starting weights; 0 builds no reference
     iterations: int = 1          # optimisation passes over one step's samples; TRL's num_iterations
     mask_truncated: bool = False  # completions that hit max_new_tokens are left out of the loss
     skip_bad_rewards: bool = False  # a reward that raises or returns a non-number counts as none, instead of stopping
+    max_empty_steps: int = 20    # steps in a row where no completion had an advantage (each skipped) before the run stops
 
     def clip_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
@@ -162,7 +163,7 @@ class GRPOConfig:
             problems.append(f"grpo.loss: {self.loss!r} is not one of {', '.join(GRPO_LOSSES)}")
         if self.generations < 2:
             problems.append("grpo.generations: must be at least 2 (advantages compare the completions of a prompt)")
-        for key in ("max_new_tokens", "iterations"):
+        for key in ("max_new_tokens", "iterations", "max_empty_steps"):
             if getattr(self, key) < 1:
                 problems.append(f"grpo.{key}: must be at least 1")
         if self.iterations != 1:

@@ -31,6 +31,8 @@ class TrainState:
     tokens: int = 0                   # tokens processed, padding included (as tokens_per_sec counts them)
     nonfinite_steps: int = 0          # steps skipped for a NaN/inf loss or gradient
     nonfinite_in_a_row: int = 0
+    empty_steps: int = 0              # steps skipped with nothing to learn from (GRPO: no completion had an advantage)
+    empty_in_a_row: int = 0
     world_size: int = 1               # the batch split of the run that wrote it: processes,
     micro_batch: int = 0              # samples per micro-step
     grad_accum: int = 0               # and micro-steps per optimizer step

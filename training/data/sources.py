@@ -39,6 +39,7 @@ class ShardDir:
                     raise UserError(f"{file}: {os.path.getsize(file)} bytes, manifest says {meta['bytes']}; "
                                     f"run `python -m preprocess verify {path}`")
         self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self.shards])]).astype(np.int64)
+        self.docs_before = np.concatenate([[0], np.cumsum([s["documents"] for s in self.shards])]).astype(np.int64)
         self.total_tokens = int(self.starts[-1])
         # memory maps opened on demand, a bounded number at a time: thousands of shards never hold thousands of files
         self._maps = functools.lru_cache(maxsize=128)(self._open)
@@ -96,7 +97,6 @@ class ShardSource(ShardDir):
     def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str):
         super().__init__(path, kind)
         self.seq_len = seq_len
-        self.docs_before = np.concatenate([[0], np.cumsum([s["documents"] for s in self.shards])]).astype(np.int64)
         n = max(0, (self.total_tokens - 1) // seq_len)
         n_val = int(np.ceil(n * val_fraction)) if n > 1 else 0
         self.n_train, self.n_val = n - n_val, n_val
@@ -129,7 +129,6 @@ class ExampleSource(ShardDir):
 
     def __init__(self, path: str, seq_len: int, val_fraction: float, kind: str, group: int, packed: bool = False):
         super().__init__(path, kind)
-        self.docs_before = np.concatenate([[0], np.cumsum([s["documents"] for s in self.shards])]).astype(np.int64)
         starts, ends = self.document_bounds()
         n = len(starts) // group
         self.doc_starts, self.doc_ends = starts[: n * group].reshape(n, group), ends[: n * group].reshape(n, group)

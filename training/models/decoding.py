@@ -119,13 +119,13 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
     if not prompts:  # a process with nothing to sample that keeps step with the others
         pad = torch.zeros(1, dtype=torch.long, device=device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    steps = max_new_tokens if lockstep is not None else max(limits)
+    steps = max_new_tokens if lockstep is not None else max(limits, default=1)
     cache = KVCache(cfg, len(tokens), longest + steps, device, next(model.parameters()).dtype)
     logits = model(tokens, cache, pad=pad)[:, -1]
     out: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
     live = list(range(len(prompts)))
-    while lockstep(bool(live)) if lockstep is not None else live:
+    while True:
         chosen = [0] * len(tokens)  # finished rows are fed a token that no live row attends to
         for r in live:
             chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
@@ -137,6 +137,8 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
             else:
                 out[r].append(chosen[r])
         live = [r for r in live if not stopped[r] and len(out[r]) < limits[r]]
-        if live or lockstep is not None:
-            logits = model(torch.tensor(chosen, device=device).unsqueeze(1), cache, pad=pad)[:, -1]
-    return out, stopped
+        # a forward only for a token some row will still draw after: never past the prompt + max_new_tokens - 1
+        # positions that a row of the longest allowed prompt holds
+        if not (lockstep(bool(live)) if lockstep is not None else live):
+            return out, stopped
+        logits = model(torch.tensor(chosen, device=device).unsqueeze(1), cache, pad=pad)[:, -1]

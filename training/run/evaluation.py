@@ -47,9 +47,10 @@ def evaluate(run, step: int) -> None:
             with run.autocast:
                 loss_sums[s] += stage.loss(model, batch.to(env.device))[0].double()
         sums = D.all_reduce_sum(env, torch.cat([loss_sums.unsqueeze(1), counts.to(env.device)], dim=1)).cpu()
-        sample = stage.evaluation_sample()
-        if sample is None and cfg.train.sample_prompt:
-            sample = sample_text(run, step)
+        if stage.own_sample:  # decided by the stage, alike on every rank: sample_text is collective
+            sample = stage.evaluation_sample()
+        else:
+            sample = sample_text(run, step) if cfg.train.sample_prompt else None
         model.train()
         values = validation_metrics(sums, run.names, stage.token_loss)
         values.update({f"val_{k}": v for k, v in stage.evaluation_metrics().items()})

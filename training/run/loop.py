@@ -98,11 +98,12 @@ def train(r: Run, saves: bool = True) -> None:
         state.step, state.consumed_samples = done, state.consumed_samples + r.plan.global_batch
         state.tokens += r.log.count_tokens(tokens)
         skipped = not (applied and math.isfinite(means["loss"]))
-        if skipped:
-            count_nonfinite(state, means["loss"], grad_norm, cfg.train.max_nonfinite_steps, env,
-                            r.stage.empty_step if empty else None)
+        if empty:
+            count_empty(state, r.stage, env)
+        elif skipped:
+            count_nonfinite(state, means["loss"], grad_norm, cfg.train.max_nonfinite_steps, env)
         else:
-            state.nonfinite_in_a_row = 0
+            state.nonfinite_in_a_row = state.empty_in_a_row = 0
 
         if skipped or done % cfg.log.every == 0 or done == cfg.train.max_steps:
             r.log.train_step(done, means, lr, grad_norm, state.tokens, skipped)
@@ -183,21 +184,31 @@ def global_means(env: D.DistEnv, sums: dict[str, torch.Tensor], units: torch.Ten
     return means
 
 
-def count_nonfinite(state: TrainState, loss: float, grad_norm: float, limit: int, env: D.DistEnv,
-                    empty: str | None = None) -> None:
-    """A step whose loss or gradient is not finite, or (empty: why) that had nothing to learn from, was not
-    applied (the weights are those before it; its data is passed over). It is counted; `limit` of them in a row
-    stop the run."""
+def count_empty(state: TrainState, stage: Stage, env: D.DistEnv) -> None:
+    """A step whose global batch held nothing to learn from (GRPO: no completion with an advantage) was not
+    applied. It is counted; the stage's limit of them in a row stop the run."""
+    state.empty_steps += 1
+    state.empty_in_a_row += 1
+    state.nonfinite_in_a_row = 0
+    why, (limit, key) = stage.empty_reason(), stage.empty_limit()
+    if env.is_main:
+        print(f"warning: step {state.step}: {why}: update skipped ({state.empty_in_a_row} in a row, "
+              f"{state.empty_steps} in this run; {key}={limit})", file=sys.stderr, flush=True)
+    if state.empty_in_a_row >= limit:
+        raise UserError(f"step {state.step}: nothing to learn from for {state.empty_in_a_row} steps in a row ({key}="
+                        f"{limit}; the last: {why}); the weights are those of step {state.step - state.empty_in_a_row}")
+
+
+def count_nonfinite(state: TrainState, loss: float, grad_norm: float, limit: int, env: D.DistEnv) -> None:
+    """A step whose loss or gradient is not finite was not applied (the weights are those before it; its data
+    is passed over). It is counted; `limit` of them in a row stop the run."""
     state.nonfinite_steps += 1
     state.nonfinite_in_a_row += 1
-    what = empty or f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+    state.empty_in_a_row = 0
     if env.is_main:
-        print(f"warning: step {state.step}: {what}: update skipped ({state.nonfinite_in_a_row} in a row, "
-              f"{state.nonfinite_steps} in this run; train.max_nonfinite_steps={limit})", file=sys.stderr, flush=True)
-    if empty and state.nonfinite_in_a_row >= limit:
-        raise UserError(f"step {state.step}: {empty} for {state.nonfinite_in_a_row} steps in a row "
-                        f"(train.max_nonfinite_steps={limit}); the weights are those of step "
-                        f"{state.step - state.nonfinite_in_a_row}")
+        print(f"warning: step {state.step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "
+              f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in this run; "
+              f"train.max_nonfinite_steps={limit})", file=sys.stderr, flush=True)
     if state.nonfinite_in_a_row >= limit:
         raise UserError(f"step {state.step}: the loss or gradient was not finite for {state.nonfinite_in_a_row} "
                         f"steps in a row (train.max_nonfinite_steps={limit}); the weights are those of step "

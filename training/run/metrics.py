@@ -94,7 +94,7 @@ class MetricsLog:
             self.bar.set_postfix_str(f"loss {means['loss']:.4f}, {rate:,.0f} tok/s", refresh=False)
             self.bar.update(step - self.bar.n)
         elif self.cfg.log.progress:  # no terminal (a log file, CI): one line per logged step instead of a bar
-            extra = "".join(f", {k} {v:.3f}" for k, v in means.items() if "rewards" in k)
+            extra = "".join(f", {k} {v:.3f}" for k, v in means.items() if "rewards" in k or k == "reward")
             print(f"step {step}: loss {means['loss']:.4f}{extra}, lr {lr:.2e}, {rate:,.0f} tokens/s", flush=True)
 
     def eval_step(self, step: int, values: dict[str, float], sample: str | None) -> None:

@@ -29,7 +29,7 @@ class Stage:
     token_loss: bool = False         # the loss is nats per target token (val_bpb is meaningful)
     packs: bool = False              # data.packing packs its examples into rows
     masks_documents: bool = False    # data.document_mask restricts attention to each document of a sample
-    empty_step = "no unit to learn from in the global batch"  # why a step with none is skipped
+    own_sample: bool = False         # evaluation shows evaluation_sample(), not a continuation of train.sample_prompt
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -95,5 +95,13 @@ class Stage:
         return {}
 
     def evaluation_sample(self) -> str | None:
-        """What an evaluation shows instead of the continuation of train.sample_prompt (None: that)."""
+        """With own_sample: what an evaluation shows (on rank 0; None elsewhere, or for nothing to show)."""
         return None
+
+    def empty_reason(self) -> str:
+        """Why the last step's global batch held no unit (the loop skips such a step and counts it)."""
+        return "no unit to learn from in the global batch"
+
+    def empty_limit(self) -> tuple[int, str]:
+        """(how many such steps in a row stop the run, the key that says so)."""
+        return self.cfg.train.max_nonfinite_steps, "train.max_nonfinite_steps"

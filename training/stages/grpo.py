@@ -24,6 +24,7 @@ import inspect
 import math
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,24 +97,27 @@ def completion_seed(seed: tuple, k: int) -> int:
 
 
 class Reward:
-    """One reward function, called with the completion's text and the keywords its signature takes: prompt (as the
-    record gave it), completion_tokens, stopped (whether it ended by itself) and the record's other fields."""
+    """One reward function, called with the completion's text first, then by keyword with what its signature names
+    (all of it with **kwargs) of: prompt (as the record gave it), completion_tokens, stopped (whether it ended by
+    itself) and the record's other fields."""
 
-    def __init__(self, spec: str, weight: float):
+    def __init__(self, spec: str, weight: float, name: str | None = None):
         self.spec, self.weight = spec, weight
-        self.name = spec.rpartition(":")[2]
+        self.name = name or spec.rpartition(":")[2]
         self.fn = load_reward(spec)
         try:
-            parameters = inspect.signature(self.fn).parameters.values()
+            parameters = list(inspect.signature(self.fn).parameters.values())
         except (TypeError, ValueError):  # a builtin: the text alone
             parameters = []
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.text_name = positional[0].name if positional else None  # takes the text: never also a keyword
         self.takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters)
         self.takes = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
     def __call__(self, text: str, keywords: dict, where: str) -> float | None:
         """The reward (None: the function gave none); a UserError naming the function, the prompt and what it
         did when it raised or gave something else than a finite number."""
-        given = keywords if self.takes_all else {k: v for k, v in keywords.items() if k in self.takes}
+        given = {k: v for k, v in keywords.items() if (self.takes_all or k in self.takes) and k != self.text_name}
         try:
             value = self.fn(text, **given)
         except Exception as e:  # the user's function: name it and the prompt, not our stack
@@ -129,8 +133,8 @@ class GRPO(ReferenceStage):
     documents = 1
     unit = "prompts"
     chat = False
+    own_sample = True  # evaluation shows a table of prompts with their best and worst completions
     batch_class = PromptBatches
-    empty_step = "every group's completions had equal rewards (no advantage to learn from)"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -142,7 +146,9 @@ class GRPO(ReferenceStage):
             raise UserError("grpo.rewards: no reward function; give one or more as [module:function, "
                             "path/to/file.py:function]")
         weights = grpo.reward_weights or [1.0] * len(grpo.rewards)
-        self.rewards = [Reward(spec, w) for spec, w in zip(grpo.rewards, weights, strict=True)]
+        names = [spec.rpartition(":")[2] for spec in grpo.rewards]
+        self.rewards = [Reward(spec, w, name if names.count(name) == 1 else spec)  # metric names: unique
+                        for spec, w, name in zip(grpo.rewards, weights, names, strict=True)]
         self.uses_reference = grpo.beta > 0
         self.stats: dict[str, float] = {}
         self.last = None  # rank 0: the last prepare's prompts, completions and rewards (the evaluation's table)
@@ -171,12 +177,32 @@ class GRPO(ReferenceStage):
                 f"completions of at most {g.max_new_tokens} tokens per step, over {plan.world} "
                 f"process{'es' if plan.world != 1 else ''}" + (", and a reference's forward" if g.beta else "")]
 
+    def empty_reason(self) -> str:
+        s = self.stats
+        parts = [f"{s['groups_zero_std']:.0f} of {s['groups']:.0f} groups had equal rewards"]
+        if s.get("rewards/none"):
+            parts.append(f"{s['rewards/none']:.0%} of the completions no reward scored")
+        if self.cfg.grpo.mask_truncated and s.get("completions/truncated"):
+            parts.append(f"{s['completions/truncated']:.0%} were cut off (grpo.mask_truncated)")
+        return "no completion had an advantage: " + ", ".join(parts)
+
+    def empty_limit(self) -> tuple[int, str]:
+        return self.cfg.grpo.max_empty_steps, "grpo.max_empty_steps"
+
+    def stop_ids(self, chat: bool) -> frozenset:
+        """What ends a completion: eos, and after a chat prompt also the chat template's end of turn (found when
+        first needed: plain prompts need no template)."""
+        if chat not in self.stops:
+            self.stops[chat] = frozenset([*tokenizer_template(self.tokenizer.info).end_ids(), self.tokenizer.eos_id])
+        return self.stops[chat]
+
+    def completion_text(self, ids: list[int], stopped: bool) -> str:
+        return self.tokenizer.decode(ids[:-1] if stopped else ids)
+
     def make_data(self, run) -> PromptBatches:
         self.env, self.autocast = run.env, run.autocast
         self.tokenizer = TextTokenizer(tokenizer_file(run.cfg.out_dir))
-        eos = self.tokenizer.eos_id
-        self.stops = {False: frozenset([eos]), True: frozenset([*tokenizer_template(self.tokenizer.info).end_ids(),
-                                                                 eos])}
+        self.stops = {False: frozenset([self.tokenizer.eos_id])}
         if self.uses_reference:
             self.reference = reference_model(run, self.pinned) if self.pinned else None  # None: LoRA's adapters off
         return self.batches(run)
@@ -192,8 +218,10 @@ class GRPO(ReferenceStage):
         problem, self.bad_rewards = None, 0
         try:
             rewards = [self.score(b.prompts, ids, stopped) for b, (ids, stopped) in zip(batches, sampled, strict=True)]
-        except UserError as e:  # every rank must hear of it before its next collective
-            problem, rewards = str(e), None
+        except Exception as e:  # every rank must hear of it before its next collective; a bug keeps its trace
+            if not isinstance(e, UserError):
+                traceback.print_exc()
+            problem, rewards = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}", None
         if int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device))):
             raise UserError(problem or "a reward failed on another rank (its error is above)")
         scoring = time.perf_counter() - started
@@ -246,7 +274,7 @@ class GRPO(ReferenceStage):
         model.eval()
         try:
             with autocast:
-                ids, stopped = sample_batch(model, [p.ids for p, _ in rows], [self.stops[p.chat] for p, _ in rows],
+                ids, stopped = sample_batch(model, [p.ids for p, _ in rows], [self.stop_ids(p.chat) for p, _ in rows],
                                             [completion_seed(p.seed, k) for p, k in rows], g.max_new_tokens,
                                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                                             vocab_limit=self.tokenizer.vocab_size, with_stop=True, lockstep=lockstep)
@@ -262,7 +290,7 @@ class GRPO(ReferenceStage):
         values = torch.full((len(ids), len(self.rewards)), math.nan, dtype=torch.float64)
         for r, completion in enumerate(ids):
             prompt = prompts[r // g.generations]
-            text = self.tokenizer.decode(completion[:-1] if stopped[r] else completion)
+            text = self.completion_text(completion, stopped[r])
             keywords = {**prompt.record, "completion_tokens": len(completion), "stopped": stopped[r]}
             for f, reward in enumerate(self.rewards):
                 try:
@@ -337,7 +365,8 @@ class GRPO(ReferenceStage):
                 out[f"rewards/{reward.name}/mean"], out[f"rewards/{reward.name}/std"] = t1 / m, std_of(m, t1, t2)
         groups, zero, completions, length, truncated, bad, sampling, scoring = sums[3 + 3 * len(self.rewards):].tolist()
         world = self.env.world_size
-        out.update({"frac_reward_zero_std": zero / max(groups, 1), "rewards/none": (completions - n) / max(completions, 1),
+        out.update({"groups": groups, "groups_zero_std": zero, "frac_reward_zero_std": zero / max(groups, 1),
+                    "rewards/none": (completions - n) / max(completions, 1),
                     "completions/mean_length": length / max(completions, 1), "completions/max_length": float(longest),
                     "completions/truncated": truncated / max(completions, 1), "rewards/bad": bad,
                     "time/sampling": sampling / world, "time/scoring": scoring / world,
@@ -360,12 +389,13 @@ class GRPO(ReferenceStage):
         lines, at = ["| prompt | best | reward | worst | reward |", "|---|---|---|---|---|"], 0
         for b, (ids, stopped) in zip(batches, sampled, strict=True):
             for i, prompt in enumerate(b.prompts):
-                values = total[at + i * g.generations: at + (i + 1) * g.generations].nan_to_num(-math.inf)
-                best, worst = int(values.argmax()), int(values.argmin())
+                values = total[at + i * g.generations: at + (i + 1) * g.generations]
+                # of the scored completions (any, when none was)
+                best, worst = int(values.nan_to_num(-math.inf).argmax()), int(values.nan_to_num(math.inf).argmin())
                 row = [self.tokenizer.decode(prompt.ids)]
                 for k in (best, worst):
                     r = i * g.generations + k
-                    row += [self.tokenizer.decode(ids[r][:-1] if stopped[r] else ids[r]), f"{float(values[k]):.3g}"]
+                    row += [self.completion_text(ids[r], stopped[r]), f"{float(values[k]):.3g}"]
                 lines.append("| " + " | ".join(cell(c) for c in row) + " |")
                 if len(lines) - 2 >= TABLE_PROMPTS:
                     return "\n".join(lines)

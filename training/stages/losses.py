@@ -26,13 +26,20 @@ def next_token_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return lm_loss_sum(model(batch.inputs, segments=batch.segments), batch.targets)[0], {}
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) at every position (0 where the target is IGNORE), from an fp32 log-softmax of the logits
+    divided by `temperature`: the distribution the completions were sampled from, as TRL scores them."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets != IGNORE)
+
+
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None,
                    sequences: int = 0) -> torch.Tensor:
     """Per sequence, the sum of log p(target) over its targets != IGNORE, from an fp32 log-softmax: one sequence
     per row, or with `segments` (packed rows) the `sequences` slots 0..sequences-1 that segments name."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    keep = targets != IGNORE
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    picked = token_logps(logits, targets)
     if segments is None:
         return picked.sum(dim=-1)
     # summed in fp64: the order of additions then changes nothing an fp32 result can show
@@ -257,14 +264,6 @@ def group_advantages(rewards: torch.Tensor, generations: int, scale_rewards: str
     elif scale_rewards == "batch":
         advantages = advantages / (batch_std + 1e-4)
     return advantages.flatten().nan_to_num(0.0), zero
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) at every position (0 where the target is IGNORE), from an fp32 log-softmax of the logits
-    divided by `temperature`: the distribution the completions were sampled from, as TRL scores them."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (targets != IGNORE)
 
 
 def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
