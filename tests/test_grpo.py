@@ -172,13 +172,16 @@ def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_g
         prompt_shards, sft_run, tmp_path):
     """The same global batch of 4 prompts as 1 process x 2 micro-steps and as 2 processes x 1: the same samples
     (completion lengths), rewards, advantages (losses) and validation rewards, step by step; a run killed after
-    its first checkpoint and resumed continues with the same samples and losses."""
+    its first checkpoint and resumed continues with the same samples and losses. Two optimizer steps on each
+    step's samples (grpo.iterations=2): the second compares with the log-probs recorded when sampling, and clips."""
     run_training(*grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=2",
-                            f"out_dir={tmp_path / 'one'}"), stage="grpo", config=GRPO_CONFIG)
+                            "grpo.iterations=2", f"out_dir={tmp_path / 'one'}"), stage="grpo", config=GRPO_CONFIG)
     run_training(*grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=1",
-                            f"out_dir={tmp_path / 'two'}"), nproc=2, stage="grpo", config=GRPO_CONFIG)
+                            "grpo.iterations=2", f"out_dir={tmp_path / 'two'}"), nproc=2, stage="grpo",
+                 config=GRPO_CONFIG)
     killed = tmp_path / "killed"
-    args = grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=2", f"out_dir={killed}")
+    args = grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=2", "grpo.iterations=2",
+                     f"out_dir={killed}")
     kill_after_first_checkpoint(start_training(*args, stage="grpo", config=GRPO_CONFIG), killed)
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step-2"
     run_training(*args, stage="grpo", config=GRPO_CONFIG)
@@ -188,6 +191,9 @@ def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_g
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert any(r["loss"] != 0 for r in train) and all(0 < r["reward"] < 1 for r in train)
     assert all(r["frac_reward_zero_std"] < 1 and r["completions/max_length"] <= 12 for r in train)
+    assert [r["reward"] for r in train][::2] == [r["reward"] for r in train][1::2]  # each sample trained on twice
+    # the first pass on each sample: ratios of 1 (to the recorded log-probs' rounding); the second clips some
+    assert all(r["clip_ratio/region"] == 0 for r in train[::2]) and any(r["clip_ratio/region"] for r in train[1::2])
     evaluations = [r for r in one if "val_reward" in r]
     assert [r["step"] for r in evaluations] == [0, 2, 4]
     assert evaluations[0]["sample"].startswith("| prompt | best | reward | worst | reward |")

@@ -149,7 +149,8 @@ class GRPOConfig:
     epsilon: float = 0.2         # the importance ratio is clipped to [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # default: epsilon (DAPO's clip-higher uses 0.28)
     beta: float = 0.0            # weight of the k3 KL estimate to the pinned starting weights; 0 builds no reference
-    iterations: int = 1          # optimisation passes over one step's samples; TRL's num_iterations
+    iterations: int = 1          # optimizer steps on each step's samples (TRL's num_iterations); ckpt_every and
+                                 # max_steps must be multiples of it
     mask_truncated: bool = False  # completions that hit max_new_tokens are left out of the loss
     skip_bad_rewards: bool = False  # a reward that raises or returns a non-number counts as none, instead of stopping
     max_empty_steps: int = 20    # steps in a row where no completion had an advantage (each skipped) before the run stops
@@ -166,8 +167,6 @@ class GRPOConfig:
         for key in ("max_new_tokens", "iterations", "max_empty_steps"):
             if getattr(self, key) < 1:
                 problems.append(f"grpo.{key}: must be at least 1")
-        if self.iterations != 1:
-            problems.append("grpo.iterations: only 1 (each step samples anew) is implemented so far")
         if self.temperature <= 0:
             problems.append("grpo.temperature: must be positive (the loss compares log-probs at this temperature)")
         if not 0 < self.top_p <= 1:

@@ -78,24 +78,28 @@ def train(r: Run, saves: bool = True) -> None:
     if state.step == 0 and cfg.train.eval_every:
         evaluate(r, step=0)
     stop = StopSignal()
+    reuse, batches = r.stage.steps_per_batch, None  # a stage may train several steps on one prepared batch (GRPO)
     for step in range(state.step, cfg.train.max_steps):
         done = step + 1
         lr = lr_at(step, cfg.train)  # a function of the step alone, whatever the batch (docs/training.md: resuming)
         backend.set_lr(lr)
-        with r.log.data_wait():
-            batches = []
-            for m in range(cfg.train.grad_accum):
-                picks, batch = r.data.micro_batch(state.consumed_samples, m)
-                r.hooks.on_picks(done, m, picks)
-                batches.append(batch)
-        batches = r.stage.prepare(r.model, batches, env, r.autocast)
+        fresh = batches is None or step % reuse == 0  # checkpoints fall between cycles: a resume starts one
+        if fresh:
+            with r.log.data_wait():
+                batches = []
+                for m in range(cfg.train.grad_accum):
+                    picks, batch = r.data.micro_batch(state.consumed_samples, m)
+                    r.hooks.on_picks(done, m, picks)
+                    batches.append(batch)
+            batches = r.stage.prepare(r.model, batches, env, r.autocast)
         loss_sum, metric_sums, units, tokens, real = accumulate(r.stage, backend, batches, env, r.autocast,
                                                                 functools.partial(r.hooks.loss, done))
         means = r.stage.summarise(global_means(env, {"loss": loss_sum, **metric_sums}, units))  # all ranks agree
         means["padding_share"] = 1 - real / tokens
         empty = not units  # nothing to learn from in the whole global batch (GRPO: no group with an advantage)
         grad_norm, applied = backend.step(cfg.train.grad_clip, math.nan if empty else means["loss"])
-        state.step, state.consumed_samples = done, state.consumed_samples + r.plan.global_batch
+        state.step = done
+        state.consumed_samples += r.plan.global_batch if fresh else 0
         state.tokens += r.log.count_tokens(tokens)
         skipped = not (applied and math.isfinite(means["loss"]))
         if empty:
@@ -109,6 +113,8 @@ def train(r: Run, saves: bool = True) -> None:
             r.log.train_step(done, means, lr, grad_norm, state.tokens, skipped)
         if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
             evaluate(r, step=done)
+        if done % reuse:  # within a cycle on one batch: a stop or a checkpoint waits for its end
+            continue
         signum = stop.agreed(env)  # every rank stops at the same step boundary
         if saves and (signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps):
             if r.data.packing is not None:

@@ -30,6 +30,8 @@ class Stage:
     packs: bool = False              # data.packing packs its examples into rows
     masks_documents: bool = False    # data.document_mask restricts attention to each document of a sample
     own_sample: bool = False         # evaluation shows evaluation_sample(), not a continuation of train.sample_prompt
+    steps_per_batch: int = 1         # optimizer steps on each prepared global batch (GRPO's iterations): the data
+                                     # advances, and checkpoints and stops happen, only between such cycles
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

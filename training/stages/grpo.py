@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,13 +60,23 @@ class Prompts:
     prompts: list[Prompt]
 
 
+class Sampled(NamedTuple):
+    """The completions of a micro-batch of prompts: grpo.generations rows per prompt, in order."""
+    ids: list[list[int]]                # each completion's ids, its stop id last when it stopped
+    stopped: list[bool]                 # whether it ended by itself
+    logprobs: list[list[float]] | None  # each id's log-prob when drawn (grpo.iterations > 1)
+
+
 @dataclass
 class Completions(Batch):
     """The completions a micro-batch of prompts gave that the loss learns from, one per row after its prompt."""
     advantages: torch.Tensor | None = None   # (rows,)
     counted: torch.Tensor | None = None      # (rows,) 1, or 0 for a filler row
     reference: torch.Tensor | None = None    # (rows, width) the reference's log-probs of the targets (β > 0)
+    sampled: torch.Tensor | None = None      # (rows, width) their log-probs when sampled (grpo.iterations > 1)
     units: float = 0.0                       # what the loss divides by, summed over the rows (GRPO_LOSSES)
+    stats: dict | None = None                # the first micro-batch's: the step's sampling statistics, as
+                                             # (value, 1) pairs that the loop's global means leave as they are
 
 
 class PromptBatches(ExampleBatches):
@@ -142,6 +153,10 @@ class GRPO(ReferenceStage):
         if grpo.max_new_tokens >= cfg.data.seq_len:
             raise UserError(f"grpo.max_new_tokens={grpo.max_new_tokens}: a row of data.seq_len={cfg.data.seq_len} "
                             "positions holds a prompt and its completion; raise data.seq_len or lower it")
+        if grpo.iterations > 1 and (cfg.train.ckpt_every % grpo.iterations or cfg.train.max_steps % grpo.iterations):
+            raise UserError(f"grpo.iterations={grpo.iterations}: train.ckpt_every ({cfg.train.ckpt_every}) and "
+                            f"train.max_steps ({cfg.train.max_steps}) must be multiples of it (a checkpoint falls "
+                            "between the steps that share one step's samples)")
         if not grpo.rewards:
             raise UserError("grpo.rewards: no reward function; give one or more as [module:function, "
                             "path/to/file.py:function]")
@@ -155,10 +170,14 @@ class GRPO(ReferenceStage):
         self.tokenizer = None
         self.bad_rewards = 0  # grpo.skip_bad_rewards: rewards that raised or gave no number, in this step
 
+    @property
+    def steps_per_batch(self) -> int:
+        return self.cfg.grpo.iterations
+
     def identity(self) -> dict:
         g = self.cfg.grpo
         return {f"grpo.{k}": v for k, v in (
-            ("loss", g.loss), ("generations", g.generations), ("max_new_tokens", g.max_new_tokens),
+            ("loss", g.loss), ("generations", g.generations), ("iterations", g.iterations), ("max_new_tokens", g.max_new_tokens),
             ("temperature", g.temperature), ("top_p", g.top_p), ("top_k", g.top_k), ("beta", g.beta),
             ("epsilon", g.epsilon), ("epsilon_high", g.clip_high()), ("scale_rewards", g.scale_rewards),
             ("mask_truncated", g.mask_truncated), ("rewards", list(g.rewards)),
@@ -217,7 +236,7 @@ class GRPO(ReferenceStage):
         started = time.perf_counter()
         problem, self.bad_rewards = None, 0
         try:
-            rewards = [self.score(b.prompts, ids, stopped) for b, (ids, stopped) in zip(batches, sampled, strict=True)]
+            rewards = [self.score(b.prompts, s.ids, s.stopped) for b, s in zip(batches, sampled, strict=True)]
         except Exception as e:  # every rank must hear of it before its next collective; a bug keeps its trace
             if not isinstance(e, UserError):
                 traceback.print_exc()
@@ -229,8 +248,8 @@ class GRPO(ReferenceStage):
         total = torch.cat([(r * torch.tensor([w.weight for w in self.rewards], dtype=torch.float64)).nan_to_num()
                            .sum(dim=1).masked_fill(r.isnan().all(dim=1), math.nan) for r in rewards]) \
             if rewards else torch.zeros(0, dtype=torch.float64)
-        lengths = torch.tensor([len(c) for ids, _ in sampled for c in ids], dtype=torch.float64)
-        stopped = torch.tensor([s for _, st in sampled for s in st], dtype=torch.float64)
+        lengths = torch.tensor([len(c) for s in sampled for c in s.ids], dtype=torch.float64)
+        stopped = torch.tensor([x for s in sampled for x in s.stopped], dtype=torch.float64)
         scored = ~total.isnan()
         per_reward = torch.cat(rewards) if rewards else torch.zeros(0, len(self.rewards), dtype=torch.float64)
         _, zero = group_advantages(total, g.generations, "none")
@@ -254,15 +273,17 @@ class GRPO(ReferenceStage):
         self.last = (batches, sampled, total) if env.is_main else None
 
         out, at = [], 0
-        for b, (ids, _) in zip(batches, sampled, strict=True):
-            rows = len(ids)
-            out.append(self.lay_out(b.prompts, ids, advantages[at:at + rows], learn[at:at + rows]))
+        for b, s in zip(batches, sampled, strict=True):
+            rows = len(s.ids)
+            out.append(self.lay_out(b.prompts, s, advantages[at:at + rows], learn[at:at + rows]))
             at += rows
         if self.uses_reference:
             self.reference_logps(model, out, env, autocast)
+        # every rank's (value, 1): the loop's global mean of such pairs is the value
+        out[0].stats = {k: torch.tensor([v, 1.0]) for k, v in self.stats.items() if not k.startswith("groups")}
         return out
 
-    def sample(self, model, prompts: list[Prompt], env, autocast) -> tuple[list[list[int]], list[bool]]:
+    def sample(self, model, prompts: list[Prompt], env, autocast) -> Sampled:
         """grpo.generations completions of each prompt, decoded together, every rank as many forwards."""
         g = self.cfg.grpo
         rows = [(p, k) for p in prompts for k in range(g.generations)]
@@ -270,6 +291,7 @@ class GRPO(ReferenceStage):
         if env.distributed:
             def lockstep(live: bool) -> bool:
                 return bool(D.all_reduce_sum(env, torch.tensor(int(live), device=env.device)))
+        logprobs = [] if g.iterations > 1 else None  # the later passes' importance ratios compare with these
         was_training = model.training
         model.eval()
         try:
@@ -277,12 +299,13 @@ class GRPO(ReferenceStage):
                 ids, stopped = sample_batch(model, [p.ids for p, _ in rows], [self.stop_ids(p.chat) for p, _ in rows],
                                             [completion_seed(p.seed, k) for p, k in rows], g.max_new_tokens,
                                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                            vocab_limit=self.tokenizer.vocab_size, with_stop=True, lockstep=lockstep)
+                                            vocab_limit=self.tokenizer.vocab_size, with_stop=True, lockstep=lockstep,
+                                            logprobs=logprobs)
         finally:
             model.train(was_training)
             with contextlib.suppress(AttributeError):
                 model.forget_auxiliary()  # the routers' terms of the sampling forwards
-        return ids, stopped
+        return Sampled(ids, stopped, logprobs)
 
     def score(self, prompts: list[Prompt], ids: list[list[int]], stopped: list[bool]) -> torch.Tensor:
         """(completions, rewards): each reward of each completion; NaN where a reward gave none."""
@@ -307,8 +330,9 @@ class GRPO(ReferenceStage):
                     values[r, f] = value
         return values
 
-    def lay_out(self, prompts: list[Prompt], ids, advantages: torch.Tensor, learn: torch.Tensor) -> Completions:
-        g = self.cfg.grpo
+    def lay_out(self, prompts: list[Prompt], sampled: Sampled, advantages: torch.Tensor,
+                learn: torch.Tensor) -> Completions:
+        g, ids = self.cfg.grpo, sampled.ids
         keep = [r for r in range(len(ids)) if learn[r]]
         seqs = []
         for r in keep:
@@ -323,6 +347,11 @@ class GRPO(ReferenceStage):
                              advantages=advantages[keep].float(), counted=torch.ones(len(seqs)))
         tokens = (batch.targets != IGNORE).sum(dim=-1)
         batch.units = float(grpo_units(g.loss, tokens, g.max_new_tokens))
+        if sampled.logprobs is not None:  # at the targets' positions: completion token j is the target of
+            batch.sampled = torch.zeros(batch.targets.shape)  # position len(prompt) - 1 + j
+            for row, r in enumerate(keep):
+                start = len(prompts[r // g.generations].ids) - 1
+                batch.sampled[row, start:start + len(ids[r])] = torch.tensor(sampled.logprobs[r])
         return batch
 
     def batches(self, run, pack_window: int = 0) -> PromptBatches:
@@ -348,10 +377,13 @@ class GRPO(ReferenceStage):
         logps = token_logps(model(batch.inputs), batch.targets, g.temperature)
         mask = (batch.targets != IGNORE) & batch.counted.to(logps.device).bool().unsqueeze(-1)
         reference = batch.reference.to(logps) if batch.reference is not None else None
-        # one optimisation pass per sample: the sampling policy is the policy itself (ratio 1, its gradient the
-        # policy gradient)
-        return grpo_loss(g.loss, logps, logps.detach(), batch.advantages.to(logps), mask, epsilon=g.epsilon,
-                         epsilon_high=g.clip_high(), beta=g.beta, ref_logps=reference)
+        # one pass per sample: the sampling policy is the policy itself (ratio 1, its gradient the policy gradient);
+        # several: the log-probs recorded when the completions were drawn
+        old = batch.sampled.to(logps) if batch.sampled is not None else logps.detach()
+        loss, metrics = grpo_loss(g.loss, logps, old, batch.advantages.to(logps), mask, epsilon=g.epsilon,
+                                  epsilon_high=g.clip_high(), beta=g.beta, ref_logps=reference)
+        stats = {k: v.to(logps.device) for k, v in (batch.stats or {}).items()}
+        return loss, {**metrics, **stats}
 
     # ------------------------------------------------------------------------------------------------- metrics
     def summary(self, sums: torch.Tensor, longest: int) -> dict[str, float]:
@@ -373,9 +405,6 @@ class GRPO(ReferenceStage):
                     "sampled_tokens_per_sec": length / max(sampling / world, 1e-9)})
         return out
 
-    def summarise(self, means: dict[str, float]) -> dict[str, float]:
-        return {**means, **self.stats}
-
     def evaluation_metrics(self) -> dict[str, float]:
         return {k: v for k, v in self.stats.items() if k.startswith(("reward", "completions/"))}
 
@@ -387,7 +416,8 @@ class GRPO(ReferenceStage):
         batches, sampled, total = self.last
         g = self.cfg.grpo
         lines, at = ["| prompt | best | reward | worst | reward |", "|---|---|---|---|---|"], 0
-        for b, (ids, stopped) in zip(batches, sampled, strict=True):
+        for b, s in zip(batches, sampled, strict=True):
+            ids, stopped = s.ids, s.stopped
             for i, prompt in enumerate(b.prompts):
                 values = total[at + i * g.generations: at + (i + 1) * g.generations]
                 # of the scored completions (any, when none was)
