@@ -84,18 +84,22 @@ endif
 	$(PY) -m training.sft --config configs/sft/tiny.yaml data.path=$(OUT)/shards/sft init_from=$(OUT)/runs/pretrain out_dir=$(OUT)/runs/sft $(SFT_STEPS) $(RECIPE_SFT) seed=$(SEED)
 	$(RECIPE) samples --run $(OUT)/runs/sft --prompts $(OUT)/data/eval_prompts.json
 	@echo; echo "=== 5/6 DPO: reference (SFT) against aligned, on held-out requests ==="
+	@date +%s > $(OUT)/.dpo-start
 	$(PY) -m training.dpo --config configs/dpo/tiny.yaml data.path=$(OUT)/shards/dpo init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/dpo $(DPO_STEPS) $(RECIPE_DPO) seed=$(SEED)
 	$(RECIPE) compare --reference $(OUT)/runs/sft --aligned $(OUT)/runs/dpo --prompts $(OUT)/data/eval_prompts.json $(EVAL_SAMPLES)
 ifeq ($(DEMO),tang)
 	@echo; echo "=== 5/6 continued: iterative DPO, twice: the model's own poems, scored, the best against the worst ==="
 	$(call DPO_ROUND,1,$(OUT)/runs/sft)
 	$(call DPO_ROUND,2,$(OUT)/runs/dpo-round1)
+	@echo "time: offline DPO and two iterative rounds: $$(( $$(date +%s) - $$(cat $(OUT)/.dpo-start) )) s"
 	$(RECIPE) shares --prompts $(OUT)/data/eval_prompts.json $(EVAL_SAMPLES) --run "reference (SFT)=$(OUT)/runs/sft" \
 		--run "offline DPO=$(OUT)/runs/dpo" --run "iterative DPO, round 1=$(OUT)/runs/dpo-round1" \
 		--run "iterative DPO, round 2=$(OUT)/runs/dpo-round2"
 	@echo; echo "=== 5/6 continued: GRPO from the SFT model: poems written, scored and learned from at every step ==="
+	@date +%s > $(OUT)/.grpo-start
 	$(PY) -m preprocess shards --kind prompts --input $(OUT)/data/grpo_prompts.jsonl --tokenizer $(TOKENIZER) --out $(OUT)/shards/prompts --max-len 64
 	$(PY) -m training.grpo --config configs/grpo/tiny.yaml data.path=$(OUT)/shards/prompts init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/grpo $(GRPO_STEPS) seed=$(SEED)
+	@echo "time: GRPO: $$(( $$(date +%s) - $$(cat $(OUT)/.grpo-start) )) s"
 	$(RECIPE) shares --prompts $(OUT)/data/eval_prompts.json $(EVAL_SAMPLES) --run "GRPO=$(OUT)/runs/grpo"
 endif
 	@echo; echo "=== 6/6 export: a transformers model and tokenizer, checked against ours ==="

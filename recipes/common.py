@@ -71,21 +71,23 @@ def table(logs: list[str], what: str) -> None:
 
     rows = []
     for path in logs:
-        found = re.findall(rf"^(.+?): (\d+)/(\d+) replies {re.escape(what)} \((\d+)%\)$",
-                           open(path, encoding="utf-8").read(), re.M)
+        text = open(path, encoding="utf-8").read()
+        found = re.findall(rf"^(.+?): (\d+)/(\d+) replies {re.escape(what)} \((\d+)%\)$", text, re.M)
         shares = {}
         for label, hits, total, _ in found:  # later lines of the same label win: the final table
             shares[label] = int(hits) / int(total)
         if not shares:
             raise SystemExit(f"error: {path}: no share lines ('LABEL: H/N replies {what} (P%)')")
-        rows.append((path, shares))
-    labels = list(dict.fromkeys(label for _, shares in rows for label in shares))
-    print(" | ".join(["run", *labels]))
-    for path, shares in rows:
-        print(" | ".join([path, *(f"{100 * shares[label]:.0f}%" if label in shares else "-" for label in labels)]))
+        rows.append((path, shares, dict(re.findall(r"^time: (.+): (\d+) s$", text, re.M))))
+    labels = list(dict.fromkeys(label for _, shares, _ in rows for label in shares))
+    timed = list(dict.fromkeys(label for _, _, times in rows for label in times))
+    print(" | ".join(["run", *labels, *(f"{label} (s)" for label in timed)]))
+    for path, shares, times in rows:
+        print(" | ".join([path, *(f"{100 * shares[label]:.0f}%" if label in shares else "-" for label in labels),
+                          *(times.get(label, "-") for label in timed)]))
     first, last = labels[0], labels[-1]
     good = [last in shares and first in shares and shares[last] >= 0.9 and shares[last] >= shares[first] + 0.1
-            for _, shares in rows]
+            for _, shares, _ in rows]
     print(f"{last} ≥ 90% and ≥ {first} + 10 points: {sum(good)} of {len(rows)} runs")
 
 

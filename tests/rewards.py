@@ -38,3 +38,11 @@ def fails_on_rank_1(text):
     if os.environ.get("RANK") == "1":
         raise RuntimeError("no scorer on this node")
     return float(len(text) % 2)
+
+
+def leading_number(completion, answer):
+    """1 when the completion starts with the answer's number (an arithmetic prompt's exact answer)."""
+    import re
+
+    found = re.match(r"\s*(\d+)", completion)
+    return float(found is not None and found.group(1) == answer)

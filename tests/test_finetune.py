@@ -169,12 +169,17 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
                            # round; 50 are checked below to leave at least 8). Only step counts are overridden:
                            # the recipe's sample at every evaluation and its rpo_alpha stay on (Makefile)
                            "SFT_STEPS=train.max_steps=50", "DPO_STEPS=train.max_steps=10",
+                           # GRPO: 2 steps of 2 titles x 4 poems, an evaluation (its table) before and after
+                           "GRPO_STEPS=train.max_steps=2 train.micro_batch_size=2 grpo.generations=4 "
+                           "train.eval_every=2 train.eval_samples=2",
                            "EVAL_SAMPLES=--samples 1"],  # one reply per title and model, not four: seconds
                           cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^recipe: [\d,]+ poems kept", proc.stdout, re.M)
     assert re.search(r"^aligned \(DPO\): \d+/50 replies are five-character poems", proc.stdout, re.M)
-    for label in ("reference \\(SFT\\)", "offline DPO", "iterative DPO, round 1", "iterative DPO, round 2"):
+    for label in ("reference \\(SFT\\)", "offline DPO", "iterative DPO, round 1", "iterative DPO, round 2", "GRPO"):
         assert re.search(rf"^{label}: \d+/50 replies are five-character poems", proc.stdout, re.M), label
+    assert re.search(r"^step 2: .*val_reward [\d.]+", proc.stdout, re.M)  # GRPO's last evaluation
+    assert re.search(r"^time: GRPO: \d+ s$", proc.stdout, re.M)
     rounds = [int(n) for n in re.findall(r"^pairs: (\d+) of 32 prompts", proc.stdout, re.M)]
     assert len(rounds) == 2 and min(rounds) >= 8, rounds  # a margin, not a brink: the recipe's rounds have pairs

