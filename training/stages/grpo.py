@@ -230,6 +230,9 @@ class GRPO(ReferenceStage):
     def prepare(self, model, batches: list[Prompts], env, autocast) -> list[Completions]:
         """Sample, score, compute the advantages over the global batch, lay out the completions to learn from."""
         g = self.cfg.grpo
+        if not batches:  # an evaluation without validation prompts (on every rank alike): nothing to report
+            self.stats, self.last = {}, None
+            return []
         started = time.perf_counter()
         sampled = [self.sample(model, b.prompts, env, autocast) for b in batches]
         sampling = time.perf_counter() - started
