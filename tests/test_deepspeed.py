@@ -187,8 +187,9 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     the DPO stage without any reference: every weight trains, and no reference forward runs. kto runs LoRA with its
     adapters-off reference live, and its reference point's extra forward before every step and evaluation. grpo
     samples on every rank (a rank whose completions all ended keeps feeding the sharded forwards until the last
-    rank's have), with a KL term to its pinned reference, and evaluates 5 prompts: 3 on one rank, 2 and a filler
-    micro-batch with nothing to sample on the other."""
+    rank's have), runs LoRA with a KL term to the adapters-off model, and evaluates 5 prompts: 3 on one rank, 2 and
+    a filler micro-batch with nothing to sample on the other; its table replaces the sample_prompt's continuation
+    on every rank alike."""
     packed, orpo = stage == "sft-packed", stage == "orpo"
     stage = "sft" if packed else "dpo" if orpo else stage
     config = {"pretrain": TINY_CONFIG, "sft": SFT_CONFIG, "dpo": DPO_CONFIG, "kto": KTO_CONFIG,
@@ -196,7 +197,7 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     common = ["train.max_steps=4", "train.grad_accum=2", "train.precision=fp32", "dist.timeout_s=120"]
     keys = ("loss", "val_loss")
     if stage == "grpo":  # its validation loss is a surrogate near 0: the validation reward is what it measures
-        common = [*grpo_args(prompt_shards, sft_run, "grpo.beta=0.1", "train.micro_batch_size=2",
+        common = [*grpo_args(prompt_shards, sft_run, "grpo.beta=0.1", "lora.rank=4", "train.micro_batch_size=2",
                              "train.eval_samples=5", "train.eval_every=4", "train.sample_prompt=ROMEO"), *common]
         keys = ("loss", "reward", "kl", "val_reward")
     elif stage == "pretrain":

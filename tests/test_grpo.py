@@ -172,16 +172,17 @@ def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_g
         prompt_shards, sft_run, tmp_path):
     """The same global batch of 4 prompts as 1 process x 2 micro-steps and as 2 processes x 1: the same samples
     (completion lengths), rewards, advantages (losses) and validation rewards, step by step; a run killed after
-    its first checkpoint and resumed continues with the same samples and losses. Two optimizer steps on each
-    step's samples (grpo.iterations=2): the second compares with the log-probs recorded when sampling, and clips."""
-    run_training(*grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=2",
-                            "grpo.iterations=2", f"out_dir={tmp_path / 'one'}"), stage="grpo", config=GRPO_CONFIG)
-    run_training(*grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=1",
-                            "grpo.iterations=2", f"out_dir={tmp_path / 'two'}"), nproc=2, stage="grpo",
-                 config=GRPO_CONFIG)
+    its first checkpoint and resumed continues with the same samples and losses; packing the completions into
+    rows changes nothing but the padding. Two optimizer steps on each step's samples (grpo.iterations=2): the
+    second compares with the log-probs recorded when sampling, and clips."""
+    common = ["train.micro_batch_size=2", "grpo.iterations=2", "grpo.beta=0.05"]  # β: the pinned reference
+    run_training(*grpo_args(prompt_shards, sft_run, *common, "train.grad_accum=2", f"out_dir={tmp_path / 'one'}"),
+                 stage="grpo", config=GRPO_CONFIG)
+    run_training(*grpo_args(prompt_shards, sft_run, *common, "train.grad_accum=1", f"out_dir={tmp_path / 'two'}"),
+                 nproc=2, stage="grpo", config=GRPO_CONFIG)
     killed = tmp_path / "killed"
-    args = grpo_args(prompt_shards, sft_run, "train.micro_batch_size=2", "train.grad_accum=2", "grpo.iterations=2",
-                     f"out_dir={killed}")
+    args = grpo_args(prompt_shards, sft_run, *common, "train.grad_accum=2", f"out_dir={killed}")
+    run_training(*args[:-1], "data.packing=true", f"out_dir={tmp_path / 'packed'}", stage="grpo", config=GRPO_CONFIG)
     kill_after_first_checkpoint(start_training(*args, stage="grpo", config=GRPO_CONFIG), killed)
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step-2"
     run_training(*args, stage="grpo", config=GRPO_CONFIG)
@@ -197,9 +198,12 @@ def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_g
     evaluations = [r for r in one if "val_reward" in r]
     assert [r["step"] for r in evaluations] == [0, 2, 4]
     assert evaluations[0]["sample"].startswith("| prompt | best | reward | worst | reward |")
-    keys = ("loss", "reward", "reward_std", "rewards/vowel_share/mean", "completions/mean_length",
+    assert all(r["kl"] >= 0 for r in train) and train[-1]["kl"] > 0
+    keys = ("loss", "kl", "reward", "reward_std", "rewards/vowel_share/mean", "completions/mean_length",
             "completions/truncated", "frac_reward_zero_std", "clip_ratio/region", "val_reward", "grad_norm")
-    for other in ("two", "killed"):
+    packed = [r for r in records(tmp_path / "packed") if "padding_share" in r]
+    assert all(p["padding_share"] < r["padding_share"] for p, r in zip(packed, train, strict=True))
+    for other in ("two", "killed", "packed"):
         theirs = records(tmp_path / other)
         for key in keys:
             mine = {r["step"]: r[key] for r in one if key in r}

@@ -40,7 +40,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
     plan = BatchPlan.of(t, processes)
     unit = stage.unit
     packing = []
-    if cfg.data.packing and stage.packs:
+    if cfg.data.packing and stage.packs and stage.packs_examples:
         packing, unit = [packing_line(cfg, sources, weights, plan, unit)], "rows"
     vocab = sources[0].tokenizer["vocab_size"]
     return "\n".join([

@@ -27,6 +27,9 @@ PANELS = [  # (title, metric keys drawn in it; "key/" stands for every key it be
     ("tokens/s", ["tokens_per_sec"]),
     ("DPO rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
     ("DPO accuracy", ["rewards/accuracies"]),
+    ("GRPO reward", ["reward", "val_reward"]),
+    ("GRPO completions", ["completions/mean_length", "completions/max_length"]),
+    ("GRPO step time (s)", ["time/step", "time/sampling", "time/scoring"]),
 ]
 
 

@@ -34,6 +34,7 @@ class MetricsLog:
         self.peak = gpu_peak_flops(env.device)
         self.tb = self.bar = self.wandb = None
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
+        self.logged_step = start_step
         if env.is_main:
             if cfg.log.wandb:
                 self.wandb = start_wandb(require_wandb(), cfg, stage)
@@ -78,13 +79,15 @@ class MetricsLog:
     def train_step(self, step: int, means: dict, lr: float, grad_norm: float, tokens: int, skipped: bool) -> None:
         elapsed = max(time.perf_counter() - self.interval_start - self.paused_time, 1e-9)
         rate, data_share = self.interval_tokens / elapsed, self.data_time / elapsed
+        step_time = elapsed / max(step - self.logged_step, 1)
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
+        self.logged_step = step
         if not self.env.is_main:
             return
         # tokens_per_sec counts every position computed (padding too, as MFU must); padding_share (in means)
         # is the share of those that was padding: useful tokens/s = tokens_per_sec * (1 - padding_share)
         record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": rate,
-                  "data_wait_share": data_share}
+                  "data_wait_share": data_share, "time/step": step_time}
         if skipped:
             record["skipped"] = True
         if self.peak:

@@ -28,6 +28,8 @@ class Stage:
     chat: bool = False               # samples are generated as assistant replies
     token_loss: bool = False         # the loss is nats per target token (val_bpb is meaningful)
     packs: bool = False              # data.packing packs its examples into rows
+    packs_examples: bool = True      # ... the examples as read, which the batch plan then counts as rows (GRPO
+                                     # packs the completions it samples instead)
     masks_documents: bool = False    # data.document_mask restricts attention to each document of a sample
     own_sample: bool = False         # evaluation shows evaluation_sample(), not a continuation of train.sample_prompt
     steps_per_batch: int = 1         # optimizer steps on each prepared global batch (GRPO's iterations): the data

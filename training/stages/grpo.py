@@ -12,7 +12,7 @@ statistic (advantage scale, reward means, the shares below) is over the whole gl
 A group whose rewards are all equal (zero spread) has no advantage: it is counted and left out of the loss (TRL
 keeps it, where it only dilutes the normaliser), as are completions no reward scored and, with
 grpo.mask_truncated, completions cut off at grpo.max_new_tokens. A step left with nothing to learn from is
-skipped and counted; train.max_nonfinite_steps of them in a row stop the run.
+skipped and counted; grpo.max_empty_steps of them in a row stop the run.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ import torch
 from preprocess.errors import UserError
 from preprocess.tokenizer import TextTokenizer, tokenizer_file
 
-from ..data.batch import IGNORE, Batch, ExampleBatches
+from ..data.batch import IGNORE, Batch, ExampleBatches, layout_rows
+from ..data.packing import best_fit
 from ..models import lora
 from ..models.decoding import sample_batch, tokenizer_template
 from ..parallel import env as D
-from .losses import group_advantages, grpo_loss, grpo_units, token_logps
+from .losses import group_advantages, grpo_loss, grpo_units, sequence_tokens, token_logps
 from .reference import ReferenceStage, reference_model
 from .rewards import load_reward, score
 
@@ -70,8 +71,7 @@ class Sampled(NamedTuple):
 @dataclass
 class Completions(Batch):
     """The completions a micro-batch of prompts gave that the loss learns from, one per row after its prompt."""
-    advantages: torch.Tensor | None = None   # (rows,)
-    counted: torch.Tensor | None = None      # (rows,) 1, or 0 for a filler row
+    advantages: torch.Tensor | None = None   # one per completion: (rows,), or packed, (slots that segments name,)
     reference: torch.Tensor | None = None    # (rows, width) the reference's log-probs of the targets (β > 0)
     sampled: torch.Tensor | None = None      # (rows, width) their log-probs when sampled (grpo.iterations > 1)
     units: float = 0.0                       # what the loss divides by, summed over the rows (GRPO_LOSSES)
@@ -144,6 +144,7 @@ class GRPO(ReferenceStage):
     documents = 1
     unit = "prompts"
     chat = False
+    packs, packs_examples = True, False  # data.packing packs the sampled completions into rows of data.seq_len
     own_sample = True  # evaluation shows a table of prompts with their best and worst completions
     batch_class = PromptBatches
 
@@ -194,7 +195,8 @@ class GRPO(ReferenceStage):
         return [f"sampling: {plan.micro_batch} prompts x {g.generations} completions = {rows} rows decoded together "
                 f"per micro-step; {plan.global_batch:,} prompts x {g.generations} = {plan.global_batch * g.generations:,} "
                 f"completions of at most {g.max_new_tokens} tokens per step, over {plan.world} "
-                f"process{'es' if plan.world != 1 else ''}" + (", and a reference's forward" if g.beta else "")]
+                f"process{'es' if plan.world != 1 else ''}" + (", and a reference's forward" if g.beta else "") +
+                (f"; packed into rows of {self.cfg.data.seq_len} positions" if self.cfg.data.packing else "")]
 
     def empty_reason(self) -> str:
         s = self.stats
@@ -344,17 +346,27 @@ class GRPO(ReferenceStage):
             seqs.append((tokens, np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(ids[r]), np.uint8)])))
         data = self.data
         if not seqs:  # nothing to learn from here: a filler row, as every rank runs as many forwards
-            return data.lay_out([[(*data.filler(), 0)]], batch_type=Completions, advantages=torch.zeros(1),
-                                counted=torch.zeros(1), units=0.0)
-        batch = data.lay_out([[(t, m, i)] for i, (t, m) in enumerate(seqs)], batch_type=Completions,
-                             advantages=advantages[keep].float(), counted=torch.ones(len(seqs)))
-        tokens = (batch.targets != IGNORE).sum(dim=-1)
+            return data.lay_out([[(*data.filler(), 0)]], batch_type=Completions, advantages=torch.zeros(1), units=0.0)
+        if self.cfg.data.packing:  # rows of data.seq_len positions, each completion attending to itself
+            rows = best_fit(np.array([len(t) - 1 for t, _ in seqs]), self.cfg.data.seq_len)
+            inputs, targets, segments, real = layout_rows([[(*seqs[i], i) for i in row] for row in rows],
+                                                          data.pad_id, width=self.cfg.data.seq_len)
+            batch = Completions(inputs, targets, segments, real_tokens=real, advantages=advantages[keep].float())
+        else:
+            rows = [[i] for i in range(len(seqs))]
+            batch = data.lay_out([[(t, m, i)] for i, (t, m) in enumerate(seqs)], batch_type=Completions,
+                                 advantages=advantages[keep].float())
+        tokens = sequence_tokens(batch.targets, batch.segments, len(seqs))
         batch.units = float(grpo_units(g.loss, tokens, g.max_new_tokens))
-        if sampled.logprobs is not None:  # at the targets' positions: completion token j is the target of
-            batch.sampled = torch.zeros(batch.targets.shape)  # position len(prompt) - 1 + j
-            for row, r in enumerate(keep):
-                start = len(prompts[r // g.generations].ids) - 1
-                batch.sampled[row, start:start + len(ids[r])] = torch.tensor(sampled.logprobs[r])
+        if sampled.logprobs is not None:  # at the targets' positions: completion token j of a sequence that
+            batch.sampled = torch.zeros(batch.targets.shape)  # starts at `at` is the target of at + len(prompt) - 1 + j
+            for row, members in enumerate(rows):
+                at = 0
+                for i in members:
+                    r = keep[i]
+                    start = at + len(prompts[r // g.generations].ids) - 1
+                    batch.sampled[row, start:start + len(ids[r])] = torch.tensor(sampled.logprobs[r])
+                    at += len(seqs[i][0]) - 1
         return batch
 
     def batches(self, run, pack_window: int = 0) -> PromptBatches:
@@ -368,7 +380,7 @@ class GRPO(ReferenceStage):
         with off, autocast:
             for batch in batches:
                 rows = batch.to(env.device)
-                logits = (reference or model)(rows.inputs)
+                logits = (reference or model)(rows.inputs, segments=rows.segments)
                 batch.reference = token_logps(logits, rows.targets, self.cfg.grpo.temperature).cpu()
 
     # ---------------------------------------------------------------------------------------------------- loss
@@ -377,14 +389,14 @@ class GRPO(ReferenceStage):
 
     def loss(self, model, batch: Completions):
         g = self.cfg.grpo
-        logps = token_logps(model(batch.inputs), batch.targets, g.temperature)
-        mask = (batch.targets != IGNORE) & batch.counted.to(logps.device).bool().unsqueeze(-1)
+        logps = token_logps(model(batch.inputs, segments=batch.segments), batch.targets, g.temperature)
+        mask = batch.targets != IGNORE  # a filler row has no target
         reference = batch.reference.to(logps) if batch.reference is not None else None
         # one pass per sample: the sampling policy is the policy itself (ratio 1, its gradient the policy gradient);
         # several: the log-probs recorded when the completions were drawn
         old = batch.sampled.to(logps) if batch.sampled is not None else logps.detach()
-        loss, metrics = grpo_loss(g.loss, logps, old, batch.advantages.to(logps), mask, epsilon=g.epsilon,
-                                  epsilon_high=g.clip_high(), beta=g.beta, ref_logps=reference)
+        loss, metrics = grpo_loss(g.loss, logps, old, batch.advantages.to(logps), mask, segments=batch.segments,
+                                  epsilon=g.epsilon, epsilon_high=g.clip_high(), beta=g.beta, ref_logps=reference)
         stats = {k: v.to(logps.device) for k, v in (batch.stats or {}).items()}
         return loss, {**metrics, **stats}
 

@@ -270,11 +270,10 @@ def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages:
                        *, epsilon: float, epsilon_high: float, beta: float = 0.0,
                        ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate per completion token (rows, width), plus β × the k3 estimate of KL(policy ‖ reference)
-    when β > 0; zero where `mask` is 0. advantages: one per row. Metrics: (sum, count) pairs over the tokens — the
-    share of tokens whose ratio was clipped below (with a negative advantage), above (positive), either, and the
-    KL estimate."""
+    when β > 0; zero where `mask` is 0. advantages: each position's (or (rows, 1): each row's). Metrics: (sum,
+    count) pairs over the tokens — the share of tokens whose ratio was clipped below (with a negative advantage),
+    above (positive), either, and the KL estimate."""
     ratio = torch.exp(logps - old_logps)
-    advantages = advantages.unsqueeze(-1)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     loss = -torch.min(ratio * advantages, clipped * advantages)
     mask = mask.to(loss.dtype)
@@ -314,14 +313,22 @@ GRPO_LOSSES = {
 
 
 def grpo_loss(name: str, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, *, epsilon: float, epsilon_high: float, beta: float = 0.0,
-              ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(the loss summed over the completions (rows) of a batch as `name` weighs them, metrics as (sum, count)
-    pairs): the loop divides the sum by grpo_units of the whole global batch."""
+              mask: torch.Tensor, *, segments: torch.Tensor | None = None, epsilon: float, epsilon_high: float,
+              beta: float = 0.0, ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the loss summed over the completions of a batch as `name` weighs them, metrics as (sum, count) pairs): the
+    loop divides the sum by grpo_units of the whole global batch. advantages: one per completion, each a row, or
+    with `segments` (packed rows) the completions those slots name."""
+    counted = mask.to(logps.dtype)  # each completion's tokens
+    tokens = counted.sum(dim=-1) if segments is None else torch.zeros_like(advantages, dtype=logps.dtype).index_add_(
+        0, segments.clamp(min=0).flatten(), counted.flatten())
+    weights = GRPO_LOSSES[name].weight(tokens)
+    if segments is None:
+        advantages, weights = advantages.unsqueeze(-1), weights.unsqueeze(-1)
+    else:  # each position its completion's
+        advantages, weights = advantages[segments.clamp(min=0)], weights[segments.clamp(min=0)]
     losses, metrics = clipped_token_loss(logps, old_logps, advantages, mask, epsilon=epsilon,
                                          epsilon_high=epsilon_high, beta=beta, ref_logps=ref_logps)
-    tokens = mask.sum(dim=-1).to(losses.dtype)
-    return (losses.sum(dim=-1) * GRPO_LOSSES[name].weight(tokens)).sum(), metrics
+    return (losses * weights).sum(), metrics
 
 
 def grpo_units(name: str, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
