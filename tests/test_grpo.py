@@ -287,3 +287,33 @@ def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
     rewards = [r["reward"] for r in records(tmp_path / "grpo") if "reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert len(rewards) == 30 and 0 < first < 0.2 and last >= 2 * first and last >= first + 0.05, (first, last)
+
+
+def test_chat_prompts_in_a_models_template_are_what_transformers_renders(tmp_path):
+    """A message prompt's ids are transformers' apply_chat_template(..., add_generation_prompt=True) of the same
+    messages with the model's own tokenizer (Qwen3's, with an option); the ids GRPO stops a completion at are the
+    template's end of turn. (Each family's template against transformers for SFT/DPO: test_chat_template.py.)"""
+    model = "qwen3"
+    from conftest import shared_data
+
+    transformers = pytest.importorskip("transformers")
+    from preprocess.tokenizer import load_tokenizer
+    from training.data.sources import open_sources
+    from training.models.decoding import tokenizer_template
+
+    directory = shared_data("tokenizers", model)
+    messages = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "17+25="}]
+    src = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": messages, "answer": "42"}, {"prompt": "17+25="}])
+    out = str(tmp_path / "shards")
+    kwargs = ["--chat-template-kwargs", '{"enable_thinking": false}']
+    assert preprocess_main(["shards", "--kind", "prompts", "--input", src, "--tokenizer", directory, "--out", out,
+                            "--max-len", "256", *kwargs]) == 0
+    source = open_sources([out], 256, 0.0, "prompts", 1)[0]
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             enable_thinking=False)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert source.example(0)[0][0][:-1].tolist() == list(expected)
+    assert source.example(1)[0][0][:-1].tolist() == reference("17+25=", add_special_tokens=False)["input_ids"]
+    ends = tokenizer_template(load_tokenizer(os.path.join(out, source.tokenizer["file"]))).end_ids()
+    assert reference.convert_tokens_to_ids("<|im_end|>") in ends
