@@ -97,7 +97,8 @@ ifeq ($(DEMO),tang)
 		--run "iterative DPO, round 2=$(OUT)/runs/dpo-round2"
 	@echo; echo "=== 5/6 continued: GRPO from the SFT model: poems written, scored and learned from at every step ==="
 	@date +%s > $(OUT)/.grpo-start
-	$(PY) -m preprocess shards --kind prompts --input $(OUT)/data/grpo_prompts.jsonl --tokenizer $(TOKENIZER) --out $(OUT)/shards/prompts --max-len 64
+	# --max-len 41: what configs/grpo/tiny.yaml's rows leave a prompt (data.seq_len 160 - grpo.max_new_tokens 120 + 1)
+	$(PY) -m preprocess shards --kind prompts --input $(OUT)/data/grpo_prompts.jsonl --tokenizer $(TOKENIZER) --out $(OUT)/shards/prompts --max-len 41
 	$(PY) -m training.grpo --config configs/grpo/tiny.yaml data.path=$(OUT)/shards/prompts init_from=$(OUT)/runs/sft out_dir=$(OUT)/runs/grpo $(GRPO_STEPS) seed=$(SEED)
 	@echo "time: GRPO: $$(( $$(date +%s) - $$(cat $(OUT)/.grpo-start) )) s"
 	$(RECIPE) shares --prompts $(OUT)/data/eval_prompts.json $(EVAL_SAMPLES) --run "GRPO=$(OUT)/runs/grpo"

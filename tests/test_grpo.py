@@ -212,6 +212,18 @@ def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_g
                 assert value == pytest.approx(mine[step], rel=1e-5, abs=1e-6), (other, key, step)
 
 
+def test_in_bf16_the_first_pass_on_each_sample_has_ratios_of_one(prompt_shards, sft_run, tmp_path):
+    """The later passes compare with the policy's log-probs computed as its training forward computes them (the
+    sampler's KV-cache arithmetic differs by about 0.02 nats in bf16): the first pass's loss is the one-pass loss
+    (ratios of exactly 1) and clips nothing; the second clips."""
+    common = grpo_args(prompt_shards, sft_run, "train.precision=bf16", "train.eval_every=0", "train.lr=3e-3")
+    run_training(*common, "grpo.iterations=2", f"out_dir={tmp_path / 'two'}", stage="grpo", config=GRPO_CONFIG)
+    run_training(*common, "train.max_steps=1", f"out_dir={tmp_path / 'one'}", stage="grpo", config=GRPO_CONFIG)
+    train = [r for r in records(tmp_path / "two") if "loss" in r]
+    assert train[0]["loss"] == pytest.approx(records(tmp_path / "one")[-1]["loss"], rel=1e-6, abs=1e-9)
+    assert [r["clip_ratio/region"] for r in train[::2]] == [0, 0] and any(r["clip_ratio/region"] for r in train[1::2])
+
+
 def test_a_bad_reward_stops_every_rank_with_one_line_and_equal_rewards_skip_steps(prompt_shards, sft_run,
                                                                                     tmp_path):
     """A reward that fails on one rank only (at the first evaluation): the other rank stops too, at once; one that

@@ -20,7 +20,8 @@ but each rate's loss is read after a few steps at it, from weights trained at th
 
 Which is more reliable on the tiny preset, and by how much: docs/benchmarks.md (bench/lr_find.py).
 
-The stage is the one the data's shards are for (pretrain, sft, dpo, kto). Everything else is the config's —
+The stage is the one the data's shards are for (pretrain, sft, dpo, kto; not GRPO, whose loss is a surrogate that
+says nothing about the rate). Everything else is the config's —
 batch, accumulation, precision, clipping, backend, init_from, LoRA — except the rate, its schedule and the step
 count; sampling is off, and evaluation (fixed: at the start and the end of each run; sweep: none). The runs go to DIR (default:
 OUT_DIR/lr_find), run directories of their own where no checkpoint is written: out_dir's are never read or
@@ -181,7 +182,11 @@ def save(plt, fig, ax, path: str) -> None:
 def stage_of(cfg):
     """The stage class whose shards data.path holds (the first source's kind)."""
     path = data_sources(cfg.data)[0][1]
-    return stage_for_kind(read_manifest(path)["kind"], f"data.path {path}")
+    stage = stage_for_kind(read_manifest(path)["kind"], f"data.path {path}")
+    if not stage.loss_measures_fit:
+        raise UserError(f"data.path {path}: {stage.name}'s loss does not measure how well a rate trains (it is a "
+                        "surrogate whose value stays near 0); choose train.lr from short runs' rewards instead")
+    return stage
 
 
 def sweep_overrides(args, out: str) -> list[str]:

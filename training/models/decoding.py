@@ -102,14 +102,12 @@ def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, tem
 def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seeds: list[int],
                  max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, vocab_limit: int | None = None, with_stop: bool = False,
-                 lockstep=None, logprobs: list | None = None) -> tuple[list[list[int]], list[bool]]:
+                 lockstep=None) -> tuple[list[list[int]], list[bool]]:
     """New ids after each prompt, and whether each ended at one of its stop ids (stops[r]: one id, several or None),
     all rows decoded together: left-padded to the longest prompt, one KV cache, each row drawing from its own
     generator and ending as training.generate would end it alone (its stop id, max_new_tokens, or its own end of
     the context). with_stop: a row that stopped ends with the stop id it drew. lockstep(live) -> whether any process
-    still has a live row: every process then runs as many forwards (a sharded model gathers its weights in each).
-    logprobs: a list that receives, per row, the log-probability of each id drawn (the stop id too) under the
-    distribution it was drawn from before top-k and top-p (the logits divided by the temperature)."""
+    still has a live row: every process then runs as many forwards (a sharded model gathers its weights in each)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     stops = [stop_set(stop) for stop in stops]
@@ -127,20 +125,11 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
     out: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
     live = list(range(len(prompts)))
-    if logprobs is not None:
-        logprobs[:] = [[] for _ in prompts]
     while True:
         chosen = [0] * len(tokens)  # finished rows are fed a token that no live row attends to
         for r in live:
             chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                    vocab_limit=vocab_limit, generator=generators[r])
-        if logprobs is not None and live:
-            scaled = logits[live].float() / (temperature if temperature > 0 and not greedy else 1.0)
-            drawn = torch.tensor([[chosen[r]] for r in live], device=device)
-            for r, value in zip(live, torch.log_softmax(scaled, dim=-1).gather(1, drawn).squeeze(1).tolist(),
-                                strict=True):
-                logprobs[r].append(value)
-        for r in live:
             if chosen[r] in stops[r]:
                 stopped[r] = True
                 if with_stop:

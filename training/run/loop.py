@@ -103,7 +103,7 @@ def train(r: Run, saves: bool = True) -> None:
         state.tokens += r.log.count_tokens(tokens)
         skipped = not (applied and math.isfinite(means["loss"]))
         if empty:
-            count_empty(state, r.stage, env)
+            count_empty(state, r.stage.empty_reason(batches), r.stage.empty_limit(), env)
         elif skipped:
             count_nonfinite(state, means["loss"], grad_norm, cfg.train.max_nonfinite_steps, env)
         else:
@@ -190,13 +190,13 @@ def global_means(env: D.DistEnv, sums: dict[str, torch.Tensor], units: torch.Ten
     return means
 
 
-def count_empty(state: TrainState, stage: Stage, env: D.DistEnv) -> None:
+def count_empty(state: TrainState, why: str, limit_key: tuple[int, str], env: D.DistEnv) -> None:
     """A step whose global batch held nothing to learn from (GRPO: no completion with an advantage) was not
-    applied. It is counted; the stage's limit of them in a row stop the run."""
+    applied. It is counted; `limit` of them in a row (the stage's, named by `key`) stop the run."""
     state.empty_steps += 1
     state.empty_in_a_row += 1
     state.nonfinite_in_a_row = 0
-    why, (limit, key) = stage.empty_reason(), stage.empty_limit()
+    limit, key = limit_key
     if env.is_main:
         print(f"warning: step {state.step}: {why}: update skipped ({state.empty_in_a_row} in a row, "
               f"{state.empty_steps} in this run; {key}={limit})", file=sys.stderr, flush=True)

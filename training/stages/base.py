@@ -32,6 +32,7 @@ class Stage:
                                      # packs the completions it samples instead)
     masks_documents: bool = False    # data.document_mask restricts attention to each document of a sample
     own_sample: bool = False         # evaluation shows evaluation_sample(), not a continuation of train.sample_prompt
+    loss_measures_fit: bool = True   # a lower loss means a better model (training.lr_find compares rates by it)
     steps_per_batch: int = 1         # optimizer steps on each prepared global batch (GRPO's iterations): the data
                                      # advances, and checkpoints and stops happen, only between such cycles
 
@@ -102,8 +103,8 @@ class Stage:
         """With own_sample: what an evaluation shows (on rank 0; None elsewhere, or for nothing to show)."""
         return None
 
-    def empty_reason(self) -> str:
-        """Why the last step's global batch held no unit (the loop skips such a step and counts it)."""
+    def empty_reason(self, batches: list) -> str:
+        """Why a step's global batch (this rank's `batches` of it) held no unit: the loop skips it and counts it."""
         return "no unit to learn from in the global batch"
 
     def empty_limit(self) -> tuple[int, str]:

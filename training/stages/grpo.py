@@ -65,7 +65,6 @@ class Sampled(NamedTuple):
     """The completions of a micro-batch of prompts: grpo.generations rows per prompt, in order."""
     ids: list[list[int]]                # each completion's ids, its stop id last when it stopped
     stopped: list[bool]                 # whether it ended by itself
-    logprobs: list[list[float]] | None  # each id's log-prob when drawn (grpo.iterations > 1)
 
 
 @dataclass
@@ -73,7 +72,8 @@ class Completions(Batch):
     """The completions a micro-batch of prompts gave that the loss learns from, one per row after its prompt."""
     advantages: torch.Tensor | None = None   # one per completion: (rows,), or packed, (slots that segments name,)
     reference: torch.Tensor | None = None    # (rows, width) the reference's log-probs of the targets (β > 0)
-    sampled: torch.Tensor | None = None      # (rows, width) their log-probs when sampled (grpo.iterations > 1)
+    old: torch.Tensor | None = None          # (rows, width) the policy's log-probs before the cycle's first update
+                                             # (grpo.iterations > 1)
     units: float = 0.0                       # what the loss divides by, summed over the rows (GRPO_LOSSES)
     stats: dict | None = None                # the first micro-batch's: the step's sampling statistics, as
                                              # (value, 1) pairs that the loop's global means leave as they are
@@ -145,6 +145,7 @@ class GRPO(ReferenceStage):
     unit = "prompts"
     chat = False
     packs, packs_examples = True, False  # data.packing packs the sampled completions into rows of data.seq_len
+    loss_measures_fit = False  # a surrogate near 0 whatever the policy's quality: rewards say how it does
     own_sample = True  # evaluation shows a table of prompts with their best and worst completions
     batch_class = PromptBatches
 
@@ -181,8 +182,8 @@ class GRPO(ReferenceStage):
             ("loss", g.loss), ("generations", g.generations), ("iterations", g.iterations), ("max_new_tokens", g.max_new_tokens),
             ("temperature", g.temperature), ("top_p", g.top_p), ("top_k", g.top_k), ("beta", g.beta),
             ("epsilon", g.epsilon), ("epsilon_high", g.clip_high()), ("scale_rewards", g.scale_rewards),
-            ("mask_truncated", g.mask_truncated), ("rewards", list(g.rewards)),
-            ("reward_weights", [r.weight for r in self.rewards]))}
+            ("mask_truncated", g.mask_truncated),
+            ("rewards", [[r.spec, r.weight] for r in self.rewards]))}  # pairs: a weight stays with its reward
 
     def room(self) -> tuple[int, str]:
         """Prompts that leave grpo.max_new_tokens positions in a row of data.seq_len fit; the rest are left out."""
@@ -196,11 +197,13 @@ class GRPO(ReferenceStage):
                 f"per micro-step; {plan.global_batch:,} prompts x {g.generations} = {plan.global_batch * g.generations:,} "
                 f"completions of at most {g.max_new_tokens} tokens per step, over {plan.world} "
                 f"process{'es' if plan.world != 1 else ''}" + (", and a reference's forward" if g.beta else "") +
+                (f"; each step's samples trained on for {g.iterations} steps" if g.iterations > 1 else "") +
                 (f"; packed into rows of {self.cfg.data.seq_len} positions" if self.cfg.data.packing else "")]
 
-    def empty_reason(self) -> str:
-        s = self.stats
-        parts = [f"{s['groups_zero_std']:.0f} of {s['groups']:.0f} groups had equal rewards"]
+    def empty_reason(self, batches: list[Completions]) -> str:
+        """From the step's own statistics (an evaluation since may have sampled others)."""
+        s = {k: float(v[0]) for k, v in (batches[0].stats or {}).items()} if batches else {}
+        parts = [f"{s.get('groups/zero_std', 0):.0f} of {s.get('groups', 0):.0f} groups had equal rewards"]
         if s.get("rewards/none"):
             parts.append(f"{s['rewards/none']:.0%} of the completions no reward scored")
         if self.cfg.grpo.mask_truncated and s.get("completions/truncated"):
@@ -282,10 +285,17 @@ class GRPO(ReferenceStage):
             rows = len(s.ids)
             out.append(self.lay_out(b.prompts, s, advantages[at:at + rows], learn[at:at + rows]))
             at += rows
-        if self.uses_reference:
-            self.reference_logps(model, out, env, autocast)
+        if self.uses_reference:  # the pinned weights, or with LoRA the policy with its adapters off
+            off = lora.adapters_disabled(model) if self.reference is None else contextlib.nullcontext()
+            with off:
+                for batch, logps in zip(out, self.logps(self.reference or model, out, env, autocast), strict=True):
+                    batch.reference = logps
+        if g.iterations > 1:  # the later passes' ratios compare with the policy as it samples, computed as the
+            # training forward computes (the sampler's KV-cache arithmetic differs: by 0.02 nats on average in bf16)
+            for batch, logps in zip(out, self.logps(model, out, env, autocast), strict=True):
+                batch.old = logps
         # every rank's (value, 1): the loop's global mean of such pairs is the value
-        out[0].stats = {k: torch.tensor([v, 1.0]) for k, v in self.stats.items() if not k.startswith("groups")}
+        out[0].stats = {k: torch.tensor([v, 1.0]) for k, v in self.stats.items()}
         return out
 
     def sample(self, model, prompts: list[Prompt], env, autocast) -> Sampled:
@@ -296,7 +306,6 @@ class GRPO(ReferenceStage):
         if env.distributed:
             def lockstep(live: bool) -> bool:
                 return bool(D.all_reduce_sum(env, torch.tensor(int(live), device=env.device)))
-        logprobs = [] if g.iterations > 1 else None  # the later passes' importance ratios compare with these
         was_training = model.training
         model.eval()
         try:
@@ -304,13 +313,12 @@ class GRPO(ReferenceStage):
                 ids, stopped = sample_batch(model, [p.ids for p, _ in rows], [self.stop_ids(p.chat) for p, _ in rows],
                                             [completion_seed(p.seed, k) for p, k in rows], g.max_new_tokens,
                                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                            vocab_limit=self.tokenizer.vocab_size, with_stop=True, lockstep=lockstep,
-                                            logprobs=logprobs)
+                                            vocab_limit=self.tokenizer.vocab_size, with_stop=True, lockstep=lockstep)
         finally:
             model.train(was_training)
             with contextlib.suppress(AttributeError):
                 model.forget_auxiliary()  # the routers' terms of the sampling forwards
-        return Sampled(ids, stopped, logprobs)
+        return Sampled(ids, stopped)
 
     def score(self, prompts: list[Prompt], ids: list[list[int]], stopped: list[bool]) -> torch.Tensor:
         """(completions, rewards): each reward of each completion; NaN where a reward gave none."""
@@ -358,15 +366,6 @@ class GRPO(ReferenceStage):
                                  advantages=advantages[keep].float())
         tokens = sequence_tokens(batch.targets, batch.segments, len(seqs))
         batch.units = float(grpo_units(g.loss, tokens, g.max_new_tokens))
-        if sampled.logprobs is not None:  # at the targets' positions: completion token j of a sequence that
-            batch.sampled = torch.zeros(batch.targets.shape)  # starts at `at` is the target of at + len(prompt) - 1 + j
-            for row, members in enumerate(rows):
-                at = 0
-                for i in members:
-                    r = keep[i]
-                    start = at + len(prompts[r // g.generations].ids) - 1
-                    batch.sampled[row, start:start + len(ids[r])] = torch.tensor(sampled.logprobs[r])
-                    at += len(seqs[i][0]) - 1
         return batch
 
     def batches(self, run, pack_window: int = 0) -> PromptBatches:
@@ -374,14 +373,16 @@ class GRPO(ReferenceStage):
         return self.data
 
     @torch.no_grad()
-    def reference_logps(self, model, batches: list[Completions], env, autocast) -> None:
-        reference = self.reference
-        off = lora.adapters_disabled(model) if reference is None else contextlib.nullcontext()
-        with off, autocast:
+    def logps(self, model, batches: list[Completions], env, autocast) -> list[torch.Tensor]:
+        """Each batch's log-probs of its targets under `model`, at the sampling temperature (every rank as many
+        forwards)."""
+        out = []
+        with autocast:
             for batch in batches:
                 rows = batch.to(env.device)
-                logits = (reference or model)(rows.inputs, segments=rows.segments)
-                batch.reference = token_logps(logits, rows.targets, self.cfg.grpo.temperature).cpu()
+                logits = model(rows.inputs, segments=rows.segments)
+                out.append(token_logps(logits, rows.targets, self.cfg.grpo.temperature).cpu())
+        return out
 
     # ---------------------------------------------------------------------------------------------------- loss
     def units(self, batch: Completions) -> float:
@@ -393,8 +394,8 @@ class GRPO(ReferenceStage):
         mask = batch.targets != IGNORE  # a filler row has no target
         reference = batch.reference.to(logps) if batch.reference is not None else None
         # one pass per sample: the sampling policy is the policy itself (ratio 1, its gradient the policy gradient);
-        # several: the log-probs recorded when the completions were drawn
-        old = batch.sampled.to(logps) if batch.sampled is not None else logps.detach()
+        # several: the policy's before the cycle's first update
+        old = batch.old.to(logps) if batch.old is not None else logps.detach()
         loss, metrics = grpo_loss(g.loss, logps, old, batch.advantages.to(logps), mask, segments=batch.segments,
                                   epsilon=g.epsilon, epsilon_high=g.clip_high(), beta=g.beta, ref_logps=reference)
         stats = {k: v.to(logps.device) for k, v in (batch.stats or {}).items()}
@@ -402,6 +403,7 @@ class GRPO(ReferenceStage):
 
     # ------------------------------------------------------------------------------------------------- metrics
     def summary(self, sums: torch.Tensor, longest: int) -> dict[str, float]:
+        g = self.cfg.grpo
         n, s1, s2 = sums[:3].tolist()
         out = {}
         if n:
@@ -412,11 +414,12 @@ class GRPO(ReferenceStage):
                 out[f"rewards/{reward.name}/mean"], out[f"rewards/{reward.name}/std"] = t1 / m, std_of(m, t1, t2)
         groups, zero, completions, length, truncated, bad, sampling, scoring = sums[3 + 3 * len(self.rewards):].tolist()
         world = self.env.world_size
-        out.update({"groups": groups, "groups_zero_std": zero, "frac_reward_zero_std": zero / max(groups, 1),
+        out.update({"groups": groups, "groups/zero_std": zero, "frac_reward_zero_std": zero / max(groups, 1),
                     "rewards/none": (completions - n) / max(completions, 1),
                     "completions/mean_length": length / max(completions, 1), "completions/max_length": float(longest),
                     "completions/truncated": truncated / max(completions, 1), "rewards/bad": bad,
-                    "time/sampling": sampling / world, "time/scoring": scoring / world,
+                    # per step of the cycle that trains on these samples: the part of time/step they take
+                    "time/sampling": sampling / world / g.iterations, "time/scoring": scoring / world / g.iterations,
                     "sampled_tokens_per_sec": length / max(sampling / world, 1e-9)})
         return out
 
