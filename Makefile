@@ -125,6 +125,7 @@ bench: $(STAMP)
 	$(PY) bench/dpo.py
 	$(PY) bench/packing.py
 	$(PY) bench/sampling.py
+	$(PY) bench/grpo.py
 
 # the randomised fault campaign of docs/reliability.md (about 15 min on 2 cores)
 faults: $(STAMP)
