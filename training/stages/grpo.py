@@ -286,9 +286,10 @@ class GRPO(ReferenceStage):
             out.append(self.lay_out(b.prompts, s, advantages[at:at + rows], learn[at:at + rows]))
             at += rows
         if self.uses_reference:  # the pinned weights, or with LoRA the policy with its adapters off
+            reference = model if self.reference is None else self.reference
             off = lora.adapters_disabled(model) if self.reference is None else contextlib.nullcontext()
             with off:
-                for batch, logps in zip(out, self.logps(self.reference or model, out, env, autocast), strict=True):
+                for batch, logps in zip(out, self.logps(reference, out, env, autocast), strict=True):
                     batch.reference = logps
         if g.iterations > 1:  # the later passes' ratios compare with the policy as it samples, computed as the
             # training forward computes (the sampler's KV-cache arithmetic differs: by 0.02 nats on average in bf16)
