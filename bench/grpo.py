@@ -77,7 +77,8 @@ def ours(setup: dict, args, out: str) -> dict:
     run("-m", "training.grpo", "--config", "configs/grpo/tiny.yaml", f"data.path={setup['prompts']}",
         f"init_from={setup['start']}", f"out_dir={out}", f"train.max_steps={steps}", "train.eval_every=0",
         f"train.ckpt_every={steps}", "log.progress=false", "log.every=1", "data.seq_len=96",
-        f"train.micro_batch_size={args.prompts}", "train.grad_accum=1", f"grpo.generations={args.generations}",
+        f"train.micro_batch_size={args.prompts}", f"grpo.prompts_per_step={args.prompts}",
+        f"grpo.generations={args.generations}",
         f"grpo.max_new_tokens={args.max_new_tokens}", "grpo.loss=dapo", "grpo.beta=0", f"train.lr={args.lr}",
         "train.warmup_steps=0", "train.schedule=constant", "data.val_fraction=0",
         "grpo.rewards=[bench/grpo.py:vowel_share]", "grpo.max_empty_steps=1000")

@@ -170,7 +170,8 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
                            # the recipe's sample at every evaluation and its rpo_alpha stay on (Makefile)
                            "SFT_STEPS=train.max_steps=50", "DPO_STEPS=train.max_steps=10",
                            # GRPO: 2 steps of 2 titles x 4 poems, an evaluation (its table) before and after
-                           "GRPO_STEPS=train.max_steps=2 train.micro_batch_size=2 grpo.generations=4 "
+                           "GRPO_STEPS=train.max_steps=2 train.micro_batch_size=2 grpo.prompts_per_step=2 "
+                           "grpo.generations=4 "
                            "train.eval_every=2 train.eval_samples=2",
                            "EVAL_SAMPLES=--samples 1"],  # one reply per title and model, not four: seconds
                           cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, **env})

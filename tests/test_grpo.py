@@ -175,13 +175,14 @@ def test_one_process_with_accumulation_two_processes_and_a_resume_after_kill_9_g
     its first checkpoint and resumed continues with the same samples and losses; packing the completions into
     rows changes nothing but the padding. Two optimizer steps on each step's samples (grpo.iterations=2): the
     second compares with the log-probs recorded when sampling, and clips."""
-    common = ["train.micro_batch_size=2", "grpo.iterations=2", "grpo.beta=0.05"]  # β: the pinned reference
-    run_training(*grpo_args(prompt_shards, sft_run, *common, "train.grad_accum=2", f"out_dir={tmp_path / 'one'}"),
-                 stage="grpo", config=GRPO_CONFIG)
-    run_training(*grpo_args(prompt_shards, sft_run, *common, "train.grad_accum=1", f"out_dir={tmp_path / 'two'}"),
-                 nproc=2, stage="grpo", config=GRPO_CONFIG)
+    # the global batch as grpo.prompts_per_step: 2 micro-steps on 1 process, 1 on 2 (the accumulation follows)
+    common = ["train.micro_batch_size=2", "grpo.prompts_per_step=4", "grpo.iterations=2", "grpo.beta=0.05"]
+    run_training(*grpo_args(prompt_shards, sft_run, *common, f"out_dir={tmp_path / 'one'}"), stage="grpo",
+                 config=GRPO_CONFIG)  # β: the pinned reference
+    run_training(*grpo_args(prompt_shards, sft_run, *common, f"out_dir={tmp_path / 'two'}"), nproc=2, stage="grpo",
+                 config=GRPO_CONFIG)
     killed = tmp_path / "killed"
-    args = grpo_args(prompt_shards, sft_run, *common, "train.grad_accum=2", f"out_dir={killed}")
+    args = grpo_args(prompt_shards, sft_run, *common, f"out_dir={killed}")
     run_training(*args[:-1], "data.packing=true", f"out_dir={tmp_path / 'packed'}", stage="grpo", config=GRPO_CONFIG)
     kill_after_first_checkpoint(start_training(*args, stage="grpo", config=GRPO_CONFIG), killed)
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step-2"
@@ -293,7 +294,7 @@ def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
                  config=TINY_CONFIG)
     run_training(f"data.path={tmp_path / 'prompts'}", f"init_from={tmp_path / 'pretrained'}", "data.seq_len=16",
                  "data.val_fraction=0", "train.eval_every=0", "grpo.max_new_tokens=2", "grpo.generations=8",
-                 f"grpo.rewards=[{REWARDS}:leading_number]", "train.micro_batch_size=16", "train.grad_accum=1",
+                 f"grpo.rewards=[{REWARDS}:leading_number]", "train.micro_batch_size=16", "grpo.prompts_per_step=16",
                  "train.max_steps=30", "train.lr=3e-3", "train.warmup_steps=2", "log.every=1",
                  "grpo.max_empty_steps=30", f"out_dir={tmp_path / 'grpo'}", stage="grpo", config=GRPO_CONFIG)
     rewards = [r["reward"] for r in records(tmp_path / "grpo") if "reward" in r]

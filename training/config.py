@@ -137,6 +137,8 @@ class DPOConfig:
 
 @dataclass
 class GRPOConfig:
+    prompts_per_step: int = 0    # the global batch of prompts; 0: train.micro_batch_size x grad_accum x processes.
+                                 # Set, the accumulation follows from it on any number of processes
     generations: int = 8         # completions sampled per prompt (a group); TRL's num_generations
     max_new_tokens: int = 256    # a completion's length limit; TRL's max_completion_length
     temperature: float = 1.0     # sampling temperature, also of the log-probs the loss compares (as TRL)
@@ -164,6 +166,8 @@ class GRPOConfig:
             problems.append(f"grpo.loss: {self.loss!r} is not one of {', '.join(GRPO_LOSSES)}")
         if self.generations < 2:
             problems.append("grpo.generations: must be at least 2 (advantages compare the completions of a prompt)")
+        if self.prompts_per_step < 0:
+            problems.append("grpo.prompts_per_step: must be 0 (the batch plan's) or positive")
         for key in ("max_new_tokens", "iterations", "max_empty_steps"):
             if getattr(self, key) < 1:
                 problems.append(f"grpo.{key}: must be at least 1")

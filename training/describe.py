@@ -37,7 +37,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
     m, t = start.model_cfg, cfg.train
     with torch.device("meta"):
         model = Transformer(m)
-    plan = BatchPlan.of(t, processes)
+    plan = stage.batch_plan(processes)
     unit = stage.unit
     packing = []
     if cfg.data.packing and stage.packs and stage.packs_examples:

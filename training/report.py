@@ -29,7 +29,7 @@ PANELS = [  # (title, metric keys drawn in it; "key/" stands for every key it be
     ("DPO accuracy", ["rewards/accuracies"]),
     ("GRPO reward", ["reward", "val_reward"]),
     ("GRPO completions", ["completions/mean_length", "completions/max_length"]),
-    ("step time (s)", ["time/step", "time/sampling", "time/scoring"]),
+    ("GRPO sampling and scoring per step (s)", ["time/sampling", "time/scoring"]),
 ]
 
 

@@ -87,7 +87,7 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     start = starting_point(cfg, sources[0], env)
     cfg = dataclasses.replace(cfg, model=start.model_cfg)
     precision = resolve_precision(cfg.train.precision, env.device)
-    plan = BatchPlan.of(cfg.train, env.world_size, env.rank)
+    plan = stage.batch_plan(env.world_size, env.rank)
     backend = backend_class(cfg.dist.backend)(cfg, env, plan, precision)
     identity = run_identity(stage.name, cfg, list(zip(sources, weights, strict=True)), start.model_cfg,
                             backend.identity(), stage.identity())

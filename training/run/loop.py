@@ -87,7 +87,7 @@ def train(r: Run, saves: bool = True) -> None:
         if fresh:
             with r.log.data_wait():
                 batches = []
-                for m in range(cfg.train.grad_accum):
+                for m in range(r.plan.grad_accum):
                     picks, batch = r.data.micro_batch(state.consumed_samples, m)
                     r.hooks.on_picks(done, m, picks)
                     batches.append(batch)

@@ -18,6 +18,7 @@ from preprocess.errors import UserError
 
 from ..config import Config
 from ..data.batch import IGNORE, Batch, GlobalBatches
+from ..data.order import BatchPlan
 
 
 class Stage:
@@ -85,6 +86,10 @@ class Stage:
     def summarise(self, means: dict[str, float]) -> dict[str, float]:
         """Metrics derived from the global means (and from what prepare() found over the global batch)."""
         return means
+
+    def batch_plan(self, world: int, rank: int = 0) -> BatchPlan:
+        """How a step's global batch is split: the config's micro-batch x accumulation x processes."""
+        return BatchPlan.of(self.cfg.train, world, rank)
 
     def room(self) -> tuple[int, str]:
         """(positions an example may take, how to say so): examples that need more are left out and counted."""

@@ -35,6 +35,7 @@ from preprocess.errors import UserError
 from preprocess.tokenizer import TextTokenizer, tokenizer_file
 
 from ..data.batch import IGNORE, Batch, ExampleBatches, layout_rows
+from ..data.order import BatchPlan
 from ..data.packing import best_fit
 from ..models import lora
 from ..models.decoding import sample_batch, tokenizer_template
@@ -155,6 +156,9 @@ class GRPO(ReferenceStage):
         if grpo.max_new_tokens >= cfg.data.seq_len:
             raise UserError(f"grpo.max_new_tokens={grpo.max_new_tokens}: a row of data.seq_len={cfg.data.seq_len} "
                             "positions holds a prompt and its completion; raise data.seq_len or lower it")
+        if grpo.prompts_per_step and cfg.train.grad_accum != 1:
+            raise UserError("grpo.prompts_per_step and train.grad_accum: set one (the accumulation follows from the "
+                            "prompts per step, the micro-batch and the processes)")
         if grpo.iterations > 1 and (cfg.train.ckpt_every % grpo.iterations or cfg.train.max_steps % grpo.iterations):
             raise UserError(f"grpo.iterations={grpo.iterations}: train.ckpt_every ({cfg.train.ckpt_every}) and "
                             f"train.max_steps ({cfg.train.max_steps}) must be multiples of it (a checkpoint falls "
@@ -171,6 +175,17 @@ class GRPO(ReferenceStage):
         self.last = None  # rank 0: the last prepare's prompts, completions and rewards (the evaluation's table)
         self.tokenizer = None
         self.bad_rewards = 0  # grpo.skip_bad_rewards: rewards that raised or gave no number, in this step
+
+    def batch_plan(self, world: int, rank: int = 0) -> BatchPlan:
+        """With grpo.prompts_per_step, the accumulation that makes it the global batch on `world` processes: the
+        same step on any number of them."""
+        per, micro = self.cfg.grpo.prompts_per_step, self.cfg.train.micro_batch_size
+        if not per:
+            return super().batch_plan(world, rank)
+        if per % (micro * world):
+            raise UserError(f"grpo.prompts_per_step={per}: not a multiple of train.micro_batch_size x processes "
+                            f"({micro} x {world})")
+        return BatchPlan(micro, per // (micro * world), world, rank)
 
     @property
     def steps_per_batch(self) -> int:
