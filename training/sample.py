@@ -23,7 +23,6 @@ merged into OUT at the end.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from preprocess.fileio import atomic_write, file_sha256, numbered_lines
 from preprocess.formats import Bad, Turn, messages_to_turns
 
 from .checkpoint.weights import load_for_inference, resolve, weights_fingerprint
-from .models.decoding import chat_prompt, sample_batch
+from .models.decoding import chat_prompt, sample_batch, sample_seed
 from .models.transformer import Transformer
 from .parallel import env as D
 
@@ -79,11 +78,6 @@ def prompt_ids(sp, value, chat: bool, where: str) -> tuple[list[int], object, bo
         return *chat_prompt(sp, turns), True
     except UserError as e:  # the template refuses this prompt: say which one
         raise UserError(f"{where}: {e}") from None
-
-
-def sample_seed(seed: int, prompt: int, sample: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{prompt}:{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def prompt_batches(count: int, batch_size: int, n: int) -> list[range]:

@@ -157,10 +157,12 @@ class ExampleBatches(GlobalBatches):
 
     batch_type = Batch  # what collate() returns: a stage's Batch with its own fields
 
-    def lay_out(self, rows: list[list[tuple[np.ndarray, np.ndarray, int]]], batch_type=None, **fields) -> Batch:
-        """Rows of (tokens, mask, slot) sequences as a batch_type (default: the class's) with `fields` besides."""
+    def lay_out(self, rows: list[list[tuple[np.ndarray, np.ndarray, int]]], batch_type=None,
+                packed: bool | None = None, **fields) -> Batch:
+        """Rows of (tokens, mask, slot) sequences as a batch_type (default: the class's) with `fields` besides;
+        packed (default: whether the examples are): rows of seq_len positions with segments."""
         make = batch_type or self.batch_type
-        if self.packing is None:
+        if not (self.packing is not None if packed is None else packed):
             inputs, targets, segments, real = layout_rows(rows, self.pad_id, limit=self.seq_len)
             return make(inputs, targets, real_tokens=real, positions=segments >= 0, **fields)
         # packed rows are nearly full: one width for every batch and rank, so compiled kernels see one shape

@@ -5,6 +5,8 @@ Used by training.generate, training.sample, the samples of evaluation and the re
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from preprocess.chat import Turn
@@ -33,6 +35,13 @@ def pick_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0
         outside = ordered.cumsum(-1) - ordered >= top_p  # tokens after the nucleus is full
         probs[order[outside]] = 0
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_seed(*names) -> int:
+    """The seed of one sample's generator, from what names it (training.sample: seed, prompt, sample; GRPO: seed,
+    the prompt's position, the completion): the same on any process."""
+    digest = hashlib.blake2b(":".join(map(str, names)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def stop_set(stop) -> frozenset:

@@ -18,7 +18,6 @@ skipped and counted; grpo.max_empty_steps of them in a row stop the run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import html
 import inspect
 import math
@@ -34,11 +33,11 @@ import torch
 from preprocess.errors import UserError
 from preprocess.tokenizer import TextTokenizer, tokenizer_file
 
-from ..data.batch import IGNORE, Batch, ExampleBatches, layout_rows
+from ..data.batch import IGNORE, Batch, ExampleBatches
 from ..data.order import BatchPlan
 from ..data.packing import best_fit
 from ..models import lora
-from ..models.decoding import sample_batch, tokenizer_template
+from ..models.decoding import sample_batch, sample_seed, tokenizer_template
 from ..parallel import env as D
 from .losses import group_advantages, grpo_loss, grpo_units, sequence_tokens, token_logps
 from .reference import ReferenceStage, reference_model
@@ -101,11 +100,6 @@ class PromptBatches(ExampleBatches):
             prompts.append(Prompt(tokens.tolist(), isinstance(kept["record"].get("prompt"), list), kept["record"],
                                   kept["where"], seed))
         return Prompts(prompts)
-
-
-def completion_seed(seed: tuple, k: int) -> int:
-    digest = hashlib.blake2b(":".join(map(str, (*seed, k))).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class Reward:
@@ -327,7 +321,7 @@ class GRPO(ReferenceStage):
         try:
             with autocast:
                 ids, stopped = sample_batch(model, [p.ids for p, _ in rows], [self.stop_ids(p.chat) for p, _ in rows],
-                                            [completion_seed(p.seed, k) for p, k in rows], g.max_new_tokens,
+                                            [sample_seed(*p.seed, k) for p, k in rows], g.max_new_tokens,
                                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                                             vocab_limit=self.tokenizer.vocab_size, with_stop=True, lockstep=lockstep)
         finally:
@@ -371,15 +365,11 @@ class GRPO(ReferenceStage):
         data = self.data
         if not seqs:  # nothing to learn from here: a filler row, as every rank runs as many forwards
             return data.lay_out([[(*data.filler(), 0)]], batch_type=Completions, advantages=torch.zeros(1), units=0.0)
-        if self.cfg.data.packing:  # rows of data.seq_len positions, each completion attending to itself
-            rows = best_fit(np.array([len(t) - 1 for t, _ in seqs]), self.cfg.data.seq_len)
-            inputs, targets, segments, real = layout_rows([[(*seqs[i], i) for i in row] for row in rows],
-                                                          data.pad_id, width=self.cfg.data.seq_len)
-            batch = Completions(inputs, targets, segments, real_tokens=real, advantages=advantages[keep].float())
-        else:
-            rows = [[i] for i in range(len(seqs))]
-            batch = data.lay_out([[(t, m, i)] for i, (t, m) in enumerate(seqs)], batch_type=Completions,
-                                 advantages=advantages[keep].float())
+        packed = self.cfg.data.packing  # rows of data.seq_len positions, each completion attending to itself
+        rows = best_fit(np.array([len(t) - 1 for t, _ in seqs]), self.cfg.data.seq_len) if packed else \
+            [[i] for i in range(len(seqs))]
+        batch = data.lay_out([[(*seqs[i], i) for i in row] for row in rows], batch_type=Completions, packed=packed,
+                             advantages=advantages[keep].float())
         tokens = sequence_tokens(batch.targets, batch.segments, len(seqs))
         batch.units = float(grpo_units(g.loss, tokens, g.max_new_tokens))
         return batch
