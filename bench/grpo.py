@@ -17,6 +17,12 @@ apart as the runs learn: each side's mean is printed, and the sampled tokens per
 
 Steps per second: ours from time/step in metrics.jsonl after the --warmup steps, TRL's from the wall time
 between its step ends after the first --warmup steps.
+
+--sampler: where our sampling time goes, on the same model, prompts and shapes (one micro-batch of prompts x
+generations rows, max-new-tokens each, no stop): the whole decode, its forwards alone, its per-row token draws
+alone, the draws with the softmax batched over the rows (the same tokens), and in bf16 autocast how far the
+sampler's log-probs of the drawn tokens lie from a training forward's (what GRPO's later passes must not compare
+with).
 """
 
 from __future__ import annotations
@@ -130,6 +136,60 @@ def trl(setup: dict, args, out: str) -> dict:
             "zero_std_share": sum(h.get("frac_reward_zero_std", 0) for h in logged) / max(1, len(logged))}
 
 
+def sampler(setup: dict, args) -> dict:
+    import torch
+
+    from training.checkpoint.weights import load_for_inference
+    from training.models.decoding import pick_token, sample_batch
+    from training.models.transformer import KVCache
+    from training.stages.losses import token_logps
+
+    torch.manual_seed(0)
+    model, sp = load_for_inference(setup["start"])
+    rows = args.prompts * args.generations
+    prompt = sp.encode(setup["records"][0]["prompt"])
+    never = sp.vocab_size + 1  # no stop: every row decodes max_new_tokens
+    start = time.perf_counter()
+    ids, _ = sample_batch(model, [prompt] * rows, [never] * rows, list(range(rows)), args.max_new_tokens,
+                          vocab_limit=sp.vocab_size)
+    decode = time.perf_counter() - start
+    with torch.no_grad():
+        cache = KVCache(model.cfg, rows, len(prompt) + args.max_new_tokens, "cpu", torch.float32)
+        model(torch.tensor([prompt] * rows), cache)
+        start = time.perf_counter()
+        for _ in range(args.max_new_tokens - 1):
+            logits = model(torch.zeros(rows, 1, dtype=torch.long), cache)[:, -1]
+        forwards = time.perf_counter() - start
+    generators = [torch.Generator().manual_seed(r) for r in range(rows)]
+    start = time.perf_counter()
+    for _ in range(args.max_new_tokens):
+        drawn = [pick_token(logits[r], vocab_limit=sp.vocab_size, generator=generators[r]) for r in range(rows)]
+    draws = time.perf_counter() - start
+    generators = [torch.Generator().manual_seed(r) for r in range(rows)]
+    start = time.perf_counter()
+    for _ in range(args.max_new_tokens):
+        masked = logits.clone()
+        masked[:, sp.vocab_size:] = -float("inf")
+        probs = torch.softmax(masked, -1)
+        batched = [int(torch.multinomial(probs[r], 1, generator=generators[r])) for r in range(rows)]
+    batched_draws = time.perf_counter() - start
+    # bf16: the sampler's log-probs of what it drew against a full forward's of the same sequences
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = KVCache(model.cfg, rows, len(prompt) + args.max_new_tokens, "cpu", torch.bfloat16)
+        logits = model(torch.tensor([prompt] * rows), cache)[:, -1:]
+        steps = [logits]
+        for j in range(args.max_new_tokens - 1):
+            steps.append(model(torch.tensor([[x[j]] for x in ids]), cache)[:, -1:])
+        drawn_ids = torch.tensor(ids)
+        sampled = token_logps(torch.cat(steps, 1), drawn_ids)
+        full = model(torch.cat([torch.tensor([prompt] * rows), drawn_ids], 1))[:, len(prompt) - 1:-1]
+        trained = token_logps(full, drawn_ids)
+    gap = (sampled - trained).abs()
+    return {"rows": rows, "decode_s": decode, "forwards_s": forwards, "draws_s": draws,
+            "draw_us": draws / (rows * args.max_new_tokens) * 1e6, "batched_softmax_draws_s": batched_draws,
+            "same_tokens": drawn == batched, "bf16_logp_gap_mean": float(gap.mean()), "bf16_logp_gap_max": float(gap.max())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
@@ -139,8 +199,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--out", default=os.path.join(REPO, "bench_out", "grpo"))
+    p.add_argument("--sampler", action="store_true", help="only where our sampling time goes (see above)")
     args = p.parse_args()
     setup = prepare(args.out, args.prompts)
+    if args.sampler:
+        print(json.dumps(sampler(setup, args), indent=1))
+        return
     ours_result = ours(setup, args, os.path.join(args.out, "ours"))
     trl_result = trl(setup, args, os.path.join(args.out, "trl"))
     print(json.dumps({"ours": ours_result, "trl": trl_result}, indent=1))

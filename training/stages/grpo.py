@@ -301,7 +301,7 @@ class GRPO(ReferenceStage):
                 for batch, logps in zip(out, self.logps(reference, out, env, autocast), strict=True):
                     batch.reference = logps
         if g.iterations > 1:  # the later passes' ratios compare with the policy as it samples, computed as the
-            # training forward computes (the sampler's KV-cache arithmetic differs: by 0.02 nats on average in bf16)
+            # training forward computes (the sampler's KV-cache arithmetic rounds otherwise in bf16)
             for batch, logps in zip(out, self.logps(model, out, env, autocast), strict=True):
                 batch.old = logps
         # every rank's (value, 1): the loop's global mean of such pairs is the value
