@@ -19,8 +19,8 @@ Steps per second: ours from time/step in metrics.jsonl after the --warmup steps,
 between its step ends after the first --warmup steps.
 
 --sampler: where our sampling time goes, on the same model, prompts and shapes (one micro-batch of prompts x
-generations rows, max-new-tokens each, no stop): the whole decode, its forwards alone, its per-row token draws
-alone, the draws with the softmax batched over the rows (the same tokens), and in bf16 autocast how far the
+generations rows, max-new-tokens each, no stop): the whole decode, its forwards alone, its token draws alone
+(each step's uniforms from the rows' generators and one batched pick_tokens), and in bf16 autocast how far the
 sampler's log-probs of the drawn tokens lie from a training forward's (what GRPO's later passes must not compare
 with).
 """
@@ -140,7 +140,7 @@ def sampler(setup: dict, args) -> dict:
     import torch
 
     from training.checkpoint.weights import load_for_inference
-    from training.models.decoding import pick_token, sample_batch
+    from training.models.decoding import pick_tokens, sample_batch, uniforms_of
     from training.models.transformer import KVCache
     from training.stages.losses import token_logps
 
@@ -163,16 +163,8 @@ def sampler(setup: dict, args) -> dict:
     generators = [torch.Generator().manual_seed(r) for r in range(rows)]
     start = time.perf_counter()
     for _ in range(args.max_new_tokens):
-        drawn = [pick_token(logits[r], vocab_limit=sp.vocab_size, generator=generators[r]) for r in range(rows)]
+        pick_tokens(logits, uniforms_of(generators), vocab_limit=sp.vocab_size).tolist()
     draws = time.perf_counter() - start
-    generators = [torch.Generator().manual_seed(r) for r in range(rows)]
-    start = time.perf_counter()
-    for _ in range(args.max_new_tokens):
-        masked = logits.clone()
-        masked[:, sp.vocab_size:] = -float("inf")
-        probs = torch.softmax(masked, -1)
-        batched = [int(torch.multinomial(probs[r], 1, generator=generators[r])) for r in range(rows)]
-    batched_draws = time.perf_counter() - start
     # bf16: the sampler's log-probs of what it drew against a full forward's of the same sequences
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cache = KVCache(model.cfg, rows, len(prompt) + args.max_new_tokens, "cpu", torch.bfloat16)
@@ -186,8 +178,7 @@ def sampler(setup: dict, args) -> dict:
         trained = token_logps(full, drawn_ids)
     gap = (sampled - trained).abs()
     return {"rows": rows, "decode_s": decode, "forwards_s": forwards, "draws_s": draws,
-            "draw_us": draws / (rows * args.max_new_tokens) * 1e6, "batched_softmax_draws_s": batched_draws,
-            "same_tokens": drawn == batched, "bf16_logp_gap_mean": float(gap.mean()), "bf16_logp_gap_max": float(gap.max())}
+            "draw_us": draws / (rows * args.max_new_tokens) * 1e6, "bf16_logp_gap_mean": float(gap.mean()), "bf16_logp_gap_max": float(gap.max())}
 
 
 def main() -> None:

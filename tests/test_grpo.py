@@ -275,9 +275,10 @@ def test_sampling_in_lockstep_never_runs_past_the_context():
 @pytest.mark.slow
 def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
     """A tiny model pretrained for 100 steps on sums of two digits ("3+4=7", one per document) answers about 5% of
-    the 55 prompts "a+b=" right; 30 GRPO steps with the exact-answer reward (16 prompts x 8 completions of 2
-    tokens a step, the shipped config otherwise) at least double the mean reward of the first 10 steps over the
-    last 10 (measured: 0.047 → 0.116). A sign error, a wrong advantage or no update leaves it flat or lower."""
+    the 55 prompts "a+b=" right; 60 GRPO steps with the exact-answer reward (16 prompts x 8 completions of 2
+    tokens a step, the shipped config otherwise) raise the mean reward of the last 10 steps at least 0.04 above the
+    first 10's (measured: 0.099 → 0.214 at this seed; seeds 1, 2, 3: +0.074, +0.048, +0.061; with lr 0: -0.010).
+    A sign error, a wrong advantage or no update leaves it flat or lower."""
     import random
 
     from conftest import FAST, TINY_CONFIG
@@ -297,11 +298,11 @@ def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
                  # every prompt trains; the shipped evaluations run with no validation prompt (they report nothing)
                  "data.val_fraction=0", "grpo.max_new_tokens=2", "grpo.generations=8",
                  f"grpo.rewards=[{REWARDS}:leading_number]", "train.micro_batch_size=16", "grpo.prompts_per_step=16",
-                 "train.max_steps=30", "train.lr=3e-3", "train.warmup_steps=2", "log.every=1",
-                 "grpo.max_empty_steps=30", f"out_dir={tmp_path / 'grpo'}", stage="grpo", config=GRPO_CONFIG)
+                 "train.max_steps=60", "train.lr=3e-3", "train.warmup_steps=2", "log.every=1",
+                 "grpo.max_empty_steps=60", f"out_dir={tmp_path / 'grpo'}", stage="grpo", config=GRPO_CONFIG)
     rewards = [r["reward"] for r in records(tmp_path / "grpo") if "reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert len(rewards) == 30 and 0 < first < 0.2 and last >= 2 * first and last >= first + 0.05, (first, last)
+    assert len(rewards) == 60 and 0 < first < 0.2 and last >= first + 0.04, (first, last)
 
 
 def test_chat_prompts_in_a_models_template_are_what_transformers_renders(tmp_path):

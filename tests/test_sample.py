@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import Forked, finish, start_ranks
 
-from training.models.decoding import generate, sample_batch
+from training.models.decoding import generate, pick_tokens, sample_batch
 from training.models.transformer import KVCache, ModelConfig, Transformer
 from training.sample import sample_seed
 
@@ -53,6 +53,34 @@ def test_batched_sampling_gives_each_row_what_one_at_a_time_generation_gives(gre
         assert stopped[r] == (len(alone) < 25), r
     assert len({len(b) for b in batched}) > 1 or greedy  # rows end at different lengths
     assert all(t < 90 for row in batched for t in row)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 9},
+                                     {"temperature": 1.3, "top_p": 0.8}, {"temperature": 0.9, "top_k": 20, "top_p": 0.6}])
+def test_drawn_tokens_follow_the_distribution_transformers_filters_to(options):
+    """Evenly spaced uniforms through pick_tokens: each token's share of the draws is its probability after
+    transformers' own temperature, top-k and top-p warpers (within the grid's 1/n); padding ids are never drawn,
+    not even at the ends of [0, 1)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 2
+    logits[:, 45:] = 5.0  # the padding of a rounded-up vocabulary, made likely: vocab_limit must keep it out
+    n = 20_000
+    uniforms = torch.cat([(torch.arange(n, dtype=torch.float64) + 0.5) / n, torch.tensor([0.0, 1 - 2**-53])])
+    warpers = [TemperatureLogitsWarper(options["temperature"])]
+    warpers += [TopKLogitsWarper(options["top_k"])] if "top_k" in options else []
+    warpers += [TopPLogitsWarper(options["top_p"])] if "top_p" in options else []
+    for row in logits:
+        drawn = pick_tokens(row.expand(n + 2, -1), uniforms, vocab_limit=45, **options)
+        assert drawn.max() < 45
+        expected = row.clone().unsqueeze(0)
+        expected[:, 45:] = -float("inf")
+        for warp in warpers:
+            expected = warp(None, expected)
+        expected = torch.softmax(expected[0], -1)
+        share = torch.bincount(drawn[:n], minlength=50) / n
+        assert (share - expected).abs().max() <= 1 / n + 1e-6
+        assert expected[drawn[n:]].min() > 0  # the end points land on tokens that can be drawn
 
 
 def test_a_short_prompt_beside_one_near_the_context_gets_all_its_tokens():

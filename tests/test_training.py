@@ -95,6 +95,25 @@ def test_kv_cache_decoding_matches_the_full_forward():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_logits_at_kept_positions_are_the_full_forwards_and_so_are_their_gradients():
+    """keep= runs the output layer at some positions of packed rows (GRPO's targets): their logits, and the
+    gradients of a loss on them, are the full forward's."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=40)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 97, (3, 30))
+    segments = torch.tensor([[0] * 12 + [1] * 18, [2] * 30, [3] * 20 + [-1] * 10])
+    keep = torch.rand(3, 30) < 0.4
+    grads = []
+    for kept in (model(tokens, segments=segments)[keep], model(tokens, segments=segments, keep=keep)):
+        model.zero_grad()
+        kept.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        torch.testing.assert_close(kept, model(tokens, segments=segments)[keep].detach(), rtol=1e-5, atol=1e-5)
+    for full, kept in zip(*grads, strict=True):
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+
+
 def test_learning_rate_schedules():
     cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)

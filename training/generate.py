@@ -43,7 +43,7 @@ def run_generate(args) -> str:
     if args.chat:
         return chat_reply(model, sp, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.greedy,
                           args.seed, args.top_p)
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
     ids = generate(model, sp.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, eos_id=sp.eos_id, vocab_limit=sp.vocab_size,
                    generator=generator)

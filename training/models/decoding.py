@@ -1,5 +1,5 @@
 """Decoding with a KV cache: one sequence (generate), or many rows at once, left-padded, each as it would decode
-alone (sample_batch); the next token of one position's logits (pick_token); a chat turn's prompt and reply.
+alone (sample_batch); the next token of each row of logits (pick_tokens), or of one position's (pick_token); a chat turn's prompt and reply.
 
 Used by training.generate, training.sample, the samples of evaluation and the recipes."""
 
@@ -15,26 +15,45 @@ from preprocess.chat_template import template_for
 from .transformer import KVCache, Transformer
 
 
-def pick_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               greedy: bool = False, vocab_limit: int | None = None, generator: torch.Generator | None = None) -> int:
-    """The next token from one position's logits: the most likely (greedy, or temperature 0), else sampled at
-    `temperature` from the top_k most likely and the smallest set of those holding top_p of the probability.
-    Ids >= vocab_limit (the padding of a rounded-up vocabulary) are never chosen."""
-    logits = logits.float().clone()
-    if vocab_limit is not None:
-        logits[vocab_limit:] = -float("inf")
+def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, *, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, greedy: bool = False, vocab_limit: int | None = None) -> torch.Tensor:
+    """The next token of each row of `logits` [rows, vocab]: the most likely (greedy, or temperature 0), else
+    sampled at `temperature` from the top_k most likely and the smallest set of those holding top_p of the
+    probability, by the inverse of the row's cumulative distribution at its uniform in [0, 1) — so all rows draw in
+    a few batched operations, and a row's token depends only on its logits and its uniform. Ids >= vocab_limit (the
+    padding of a rounded-up vocabulary) are never chosen."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = -float("inf")
     if greedy or temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits[logits < kth] = -float("inf")
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
     probs = torch.softmax(logits, -1)
+    order = None
     if top_p < 1.0:
-        ordered, order = probs.sort(descending=True)
-        outside = ordered.cumsum(-1) - ordered >= top_p  # tokens after the nucleus is full
-        probs[order[outside]] = 0
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0)  # the tokens after the nucleus is full
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    # strictly below the total, so the first token whose cumulative sum passes it has a probability above 0
+    point = torch.minimum(uniforms.to(cdf).view(-1, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, point, right=True)
+    return (index if order is None else order.gather(-1, index)).squeeze(-1)
+
+
+def uniforms_of(generators: list[torch.Generator]) -> torch.Tensor:
+    """One uniform in [0, 1) from each row's generator: what pick_tokens draws that row's next token with."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device).cpu() for g in generators])
+
+
+def pick_token(logits: torch.Tensor, *, generator: torch.Generator | None = None, **options) -> int:
+    """pick_tokens for one position's logits, with a uniform from `generator` (one per token drawn)."""
+    generator = generator if generator is not None else torch.default_generator
+    return int(pick_tokens(logits.unsqueeze(0), uniforms_of([generator]), **options)[0])
 
 
 def sample_seed(*names) -> int:
@@ -101,7 +120,7 @@ def chat_reply(model: Transformer, sp, text: str, max_new_tokens: int = 200, tem
                top_k: int = 50, greedy: bool = False, seed: int = 0, top_p: float = 1.0) -> str:
     """The assistant's reply to one user turn, rendered with the chat template; stops at its end of turn."""
     prompt, stop = chat_prompt(sp, [Turn("user", text)])
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     ids = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                    eos_id=stop, vocab_limit=sp.vocab_size, generator=generator)
     return sp.decode(ids)
@@ -127,7 +146,7 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts] or [[0]], device=device)
     if not prompts:  # a process with nothing to sample that keeps step with the others
         pad = torch.zeros(1, dtype=torch.long, device=device)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]  # on the CPU: the same draws on any device
     steps = max_new_tokens if lockstep is not None else max(limits, default=1)
     cache = KVCache(cfg, len(tokens), longest + steps, device, next(model.parameters()).dtype)
     logits = model(tokens, cache, pad=pad)[:, -1]
@@ -135,19 +154,23 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
     stopped = [False] * len(prompts)
     live = list(range(len(prompts)))
     while True:
-        chosen = [0] * len(tokens)  # finished rows are fed a token that no live row attends to
-        for r in live:
-            chosen[r] = pick_token(logits[r], temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                   vocab_limit=vocab_limit, generator=generators[r])
-            if chosen[r] in stops[r]:
+        # finished rows are fed a token that no live row attends to
+        chosen = torch.zeros(len(tokens), dtype=torch.long, device=device)
+        if live:
+            index = torch.tensor(live, device=device)
+            chosen[index] = pick_tokens(logits[index], uniforms_of([generators[r] for r in live]),
+                                        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                        vocab_limit=vocab_limit)
+        for r, token in zip(live, chosen[live].tolist()):
+            if token in stops[r]:
                 stopped[r] = True
                 if with_stop:
-                    out[r].append(chosen[r])
+                    out[r].append(token)
             else:
-                out[r].append(chosen[r])
+                out[r].append(token)
         live = [r for r in live if not stopped[r] and len(out[r]) < limits[r]]
         # a forward only for a token some row will still draw after: never past the prompt + max_new_tokens - 1
         # positions that a row of the longest allowed prompt holds
         if not (lockstep(bool(live)) if lockstep is not None else live):
             return out, stopped
-        logits = model(torch.tensor(chosen, device=device).unsqueeze(1), cache, pad=pad)[:, -1]
+        logits = model(chosen.unsqueeze(1), cache, pad=pad)[:, -1]

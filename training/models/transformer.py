@@ -234,9 +234,11 @@ class Attention(nn.Module):
                 causal = False
             elif past > 0:
                 mask, causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past), False
-        if mask is not None and gqa:  # on CUDA only the flash and math kernels group heads, and flash takes no mask:
-            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # shared heads copied, the memory-
-            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # efficient kernel then takes the mask
+        if mask is not None and gqa and x.device.type == "cuda":  # on CUDA only the flash and math kernels group
+            # heads, and flash takes no mask: shared heads copied, the memory-efficient kernel then takes the mask
+            # (the CPU's kernels group heads under a mask, 1.3-4x faster than the copies)
+            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             gqa = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                              enable_gqa=gqa)
@@ -483,10 +485,12 @@ class Transformer(nn.Module):
         self.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                segments: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, pad: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (batch, seq) → logits (batch, seq, vocab); segments: see the module's docstring. pad (batch,):
         left padding of each row (batched decoding), whose positions no token attends to and which rotary
-        positions skip, so that each row computes as its sequence alone."""
+        positions skip, so that each row computes as its sequence alone. keep: a bool (batch, seq) mask of the
+        positions whose logits are wanted → (kept, vocab), the output layer run at those alone."""
         start = cache.length if cache is not None else 0
         end = start + tokens.shape[1]
         # left-padded rows: the shortest must fit; longer rows that reach the context stop there (caller's rule)
@@ -520,7 +524,8 @@ class Transformer(nn.Module):
             x = layer(x, *tables[local], cache, i, masks[window])
         if cache is not None:
             cache.length = end
-        return self.output(self.norm(x))
+        x = self.norm(x)
+        return self.output(x if keep is None else x[keep])
 
     def window_mask(self, window: int, mask, segments, start: int, end: int, device):
         """The mask of a sliding layer: the full layers' (None: causal) limited to each query's last `window` keys."""

@@ -106,7 +106,7 @@ def sample_text(run, step: int) -> str:
     prompt, stop = sp.encode(cfg.train.sample_prompt), sp.eos_id
     if run.stage.chat:  # the prompt as a user turn; the reply ends at the chat template's end of turn
         prompt, stop = chat_prompt(sp, [Turn("user", cfg.train.sample_prompt)])
-    generator = torch.Generator(device=env.device).manual_seed(cfg.seed + step)
+    generator = torch.Generator().manual_seed(cfg.seed + step)
     follow = None
     if env.distributed:  # every rank feeds rank 0's token: the same forwards everywhere, the same stop
         def follow(token: int) -> int:

@@ -386,9 +386,16 @@ class GRPO(ReferenceStage):
         with autocast:
             for batch in batches:
                 rows = batch.to(env.device)
-                logits = model(rows.inputs, segments=rows.segments)
-                out.append(token_logps(logits, rows.targets, self.cfg.grpo.temperature).cpu())
+                out.append(self.target_logps(model, rows).cpu())
         return out
+
+    def target_logps(self, model, batch: Completions) -> torch.Tensor:
+        """log p(target) at the sampling temperature at every position (0 where there is none), the output layer
+        run at the targets alone: a prompt's and the padding's positions cost no logits."""
+        targets = batch.targets != IGNORE
+        logits = model(batch.inputs, segments=batch.segments, keep=targets)
+        picked = token_logps(logits, batch.targets[targets], self.cfg.grpo.temperature)
+        return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(targets, picked)
 
     # ---------------------------------------------------------------------------------------------------- loss
     def units(self, batch: Completions) -> float:
@@ -396,7 +403,7 @@ class GRPO(ReferenceStage):
 
     def loss(self, model, batch: Completions):
         g = self.cfg.grpo
-        logps = token_logps(model(batch.inputs, segments=batch.segments), batch.targets, g.temperature)
+        logps = self.target_logps(model, batch)
         mask = batch.targets != IGNORE  # a filler row has no target
         reference = batch.reference.to(logps) if batch.reference is not None else None
         # one pass per sample: the sampling policy is the policy itself (ratio 1, its gradient the policy gradient);
