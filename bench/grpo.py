@@ -218,5 +218,6 @@ def main() -> None:
     print(f"| TRL GRPOTrainer | {t['steps_per_sec']:.3f} | 1.00x | {t['sampled_tokens_per_sec']:,.0f} | "
           f"{t['completion_length']:.1f} | {t['zero_std_share']:.0%} | |")
 
+
 if __name__ == "__main__":
     main()

@@ -276,9 +276,10 @@ def test_sampling_in_lockstep_never_runs_past_the_context():
 def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
     """A tiny model pretrained for 100 steps on sums of two digits ("3+4=7", one per document) answers about 5% of
     the 55 prompts "a+b=" right; 60 GRPO steps with the exact-answer reward (16 prompts x 8 completions of 2
-    tokens a step, the shipped config otherwise) raise the mean reward of the last 10 steps at least 0.04 above the
-    first 10's (measured: 0.099 → 0.214 at this seed; seeds 1, 2, 3: +0.074, +0.048, +0.061; with lr 0: -0.010).
-    A sign error, a wrong advantage or no update leaves it flat or lower."""
+    tokens a step, the shipped config otherwise) raise the mean reward of the last 10 steps at least 0.03 above the
+    first 10's (measured: 0.099 → 0.214 at this seed; +0.048 to +0.090 at seeds 1-7; with lr 0: -0.010, and a
+    10-step mean of ~1,280 completions varies by ~0.01). A sign error, a wrong advantage or no update leaves it
+    flat or lower."""
     import random
 
     from conftest import FAST, TINY_CONFIG
@@ -302,7 +303,7 @@ def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
                  "grpo.max_empty_steps=60", f"out_dir={tmp_path / 'grpo'}", stage="grpo", config=GRPO_CONFIG)
     rewards = [r["reward"] for r in records(tmp_path / "grpo") if "reward" in r]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert len(rewards) == 60 and 0 < first < 0.2 and last >= first + 0.04, (first, last)
+    assert len(rewards) == 60 and 0 < first < 0.2 and last >= first + 0.03, (first, last)
 
 
 def test_chat_prompts_in_a_models_template_are_what_transformers_renders(tmp_path):

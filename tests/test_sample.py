@@ -83,6 +83,17 @@ def test_drawn_tokens_follow_the_distribution_transformers_filters_to(options):
         assert expected[drawn[n:]].min() > 0  # the end points land on tokens that can be drawn
 
 
+def test_many_rows_draw_in_chunks_as_each_row_alone_and_nan_logits_raise():
+    logits = torch.randn(150, 50, generator=torch.Generator().manual_seed(5))
+    uniforms = torch.rand(150, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    together = pick_tokens(logits, uniforms, top_p=0.9, top_k=30)  # more rows than one chunk
+    alone = torch.cat([pick_tokens(logits[i:i + 1], uniforms[i:i + 1], top_p=0.9, top_k=30) for i in range(150)])
+    assert torch.equal(together, alone) and len(set(together.tolist())) > 10
+    logits[140, 7] = float("nan")  # torch.multinomial refused such a row; a search would run past the vocabulary
+    with pytest.raises(FloatingPointError, match="NaN"):
+        pick_tokens(logits, uniforms)
+
+
 def test_a_short_prompt_beside_one_near_the_context_gets_all_its_tokens():
     """The context (64) ends the long row after 5 new tokens; the short row still gets its 20, as alone."""
     model = tiny_model()

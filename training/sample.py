@@ -36,7 +36,7 @@ from preprocess.fileio import atomic_write, file_sha256, numbered_lines
 from preprocess.formats import Bad, Turn, messages_to_turns
 
 from .checkpoint.weights import load_for_inference, resolve, weights_fingerprint
-from .models.decoding import chat_prompt, sample_batch, sample_seed
+from .models.decoding import DRAW_RULE, chat_prompt, sample_batch, sample_seed
 from .models.transformer import Transformer
 from .parallel import env as D
 
@@ -103,7 +103,8 @@ def sample_chunk(model: Transformer, sp, encoded: list, chunk: range, n: int, se
 
 def options_of(args, checkpoint: str, prompts_path: str, device: torch.device) -> dict:
     return {"checkpoint": weights_fingerprint(checkpoint), "prompts": file_sha256(prompts_path),
-            "device": device.type,  # CPU and CUDA generators draw different streams from one seed
+            "device": device.type,  # the logits a seed's uniforms meet differ between device types
+            "draws": DRAW_RULE,  # parts drawn by another rule would mix two samplers in one file
             **{k: getattr(args, k) for k in ("n", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
                                              "seed", "chat", "batch_size")}}
 

@@ -15,14 +15,21 @@ from preprocess.chat_template import template_for
 
 from .transformer import KVCache, Transformer
 
+DRAW_RULE = "inverse-cdf/1"  # how a uniform becomes a token: a change here changes every sample drawn from a seed
+CHUNK_ROWS = 64  # rows filtered and drawn at once: the sort and the cumulative sums hold ~40 bytes per row x vocab
+
 
 def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, *, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0, greedy: bool = False, vocab_limit: int | None = None) -> torch.Tensor:
-    """The next token of each row of `logits` [rows, vocab]: the most likely (greedy, or temperature 0), else
-    sampled at `temperature` from the top_k most likely and the smallest set of those holding top_p of the
-    probability, by the inverse of the row's cumulative distribution at its uniform in [0, 1) — so all rows draw in
-    a few batched operations, and a row's token depends only on its logits and its uniform. Ids >= vocab_limit (the
-    padding of a rounded-up vocabulary) are never chosen."""
+    """The next token of each row of `logits` [rows, vocab]: the most likely (greedy, or temperature 0: uniforms
+    unused), else sampled at `temperature` from the top_k most likely and the smallest set of those holding top_p of
+    the probability, by the inverse of the row's cumulative distribution at its uniform in [0, 1) — so all rows
+    draw in a few batched operations, and a row's token depends only on its logits and its uniform. Ids >=
+    vocab_limit (the padding of a rounded-up vocabulary) are never chosen; a row of NaN or infinite logits raises."""
+    options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy, "vocab_limit": vocab_limit}
+    if len(logits) > CHUNK_ROWS:
+        return torch.cat([pick_tokens(part, None if uniforms is None else uniforms[i:i + CHUNK_ROWS], **options)
+                          for i, part in zip(range(0, len(logits), CHUNK_ROWS), logits.split(CHUNK_ROWS), strict=True)])
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits.clone()
@@ -40,6 +47,8 @@ def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, *, temperat
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0)  # the tokens after the nucleus is full
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all()):  # torch.multinomial's check: NaN would search past the vocabulary
+        raise FloatingPointError("sampling: the model's logits hold NaN or infinity (diverged weights?)")
     # strictly below the total, so the first token whose cumulative sum passes it has a probability above 0
     point = torch.minimum(uniforms.to(cdf).view(-1, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
     index = torch.searchsorted(cdf, point, right=True)
@@ -51,10 +60,12 @@ def uniforms_of(generators: list[torch.Generator]) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device).cpu() for g in generators])
 
 
-def pick_token(logits: torch.Tensor, *, generator: torch.Generator | None = None, **options) -> int:
-    """pick_tokens for one position's logits, with a uniform from `generator` (one per token drawn)."""
-    generator = generator if generator is not None else torch.default_generator
-    return int(pick_tokens(logits.unsqueeze(0), uniforms_of([generator]), **options)[0])
+def pick_token(logits: torch.Tensor, *, generator: torch.Generator | None = None, greedy: bool = False,
+               **options) -> int:
+    """pick_tokens for one position's logits, with a uniform from `generator` (the global CPU one if None) for
+    each token drawn; greedy draws none."""
+    uniforms = None if greedy else uniforms_of([generator if generator is not None else torch.default_generator])
+    return int(pick_tokens(logits.unsqueeze(0), uniforms, greedy=greedy, **options)[0])
 
 
 def sample_seed(*names) -> int:
@@ -157,12 +168,14 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
     while True:
         # finished rows are fed a token that no live row attends to
         chosen = torch.zeros(len(tokens), dtype=torch.long, device=device)
+        drawn: list[int] = []
         if live:
             index = torch.tensor(live, device=device)
-            chosen[index] = pick_tokens(logits[index], uniforms_of([generators[r] for r in live]),
-                                        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                        vocab_limit=vocab_limit)
-        for r, token in zip(live, chosen[live].tolist(), strict=True):
+            picked = pick_tokens(logits[index], None if greedy else uniforms_of([generators[r] for r in live]),
+                                 temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                 vocab_limit=vocab_limit)
+            chosen[index], drawn = picked, picked.tolist()
+        for r, token in zip(live, drawn, strict=True):
             if token in stops[r]:
                 stopped[r] = True
                 if with_stop:

@@ -234,7 +234,7 @@ class Attention(nn.Module):
                 causal = False
             elif past > 0:
                 mask, causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past), False
-        if mask is not None and gqa and x.device.type == "cuda":  # on CUDA only the flash and math kernels group
+        if mask is not None and gqa and x.device.type != "cpu":  # on CUDA only the flash and math kernels group
             # heads, and flash takes no mask: shared heads copied, the memory-efficient kernel then takes the mask
             # (the CPU's kernels group heads under a mask, 1.3-4x faster than the copies)
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
@@ -525,6 +525,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = end
         x = self.norm(x)
+        if keep is not None and keep.dtype != torch.bool:
+            raise TypeError(f"keep: a bool mask of positions, not {keep.dtype}")
         return self.output(x if keep is None else x[keep])
 
     def window_mask(self, window: int, mask, segments, start: int, end: int, device):
