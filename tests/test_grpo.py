@@ -263,18 +263,43 @@ def test_sampling_in_lockstep_never_runs_past_the_context():
     prompt = list(range(1, 24 - new + 2))
     calls = []
 
-    def another_rank_goes_on(live: bool) -> bool:
+    def another_rank_goes_on(live: bool, failed: bool) -> tuple[bool, bool]:
         calls.append(live)
-        return len(calls) < new  # the other rank's rows end at max_new_tokens
+        return len(calls) < new, False  # the other rank's rows end at max_new_tokens
     ids, stopped = sample_batch(model, [prompt, prompt[:3]], [49, 49], [1, 2], new, lockstep=another_rank_goes_on)
     assert len(calls) == new and all(len(x) <= new for x in ids)
     alone, _ = sample_batch(model, [prompt, prompt[:3]], [49, 49], [1, 2], new)
     assert alone == ids  # the extra forwards change nothing of this rank's rows
 
 
+def test_a_rank_whose_logits_are_not_finite_stops_every_rank_at_the_same_step():
+    """NaN logits on one rank (weights broken there only) are told through the lockstep reduction: that rank stops
+    drawing and reports, the others hear it at the same step, and each raises one line — none waits for a rank
+    that has stopped."""
+    from training.models.decoding import NonFiniteLogits, sample_batch
+    from training.models.transformer import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, max_seq_len=24)).eval()
+    reports = []
+
+    def together(live: bool, failed: bool) -> tuple[bool, bool]:  # this rank and one that fails at its 3rd step
+        reports.append((live, failed))
+        return True, failed or len(reports) == 3
+    with pytest.raises(NonFiniteLogits, match="another process"):
+        sample_batch(model, [[1, 2, 3]], [None], [1], 8, lockstep=together)
+    assert len(reports) == 3 and not any(failed for _, failed in reports)
+    with torch.no_grad():
+        model.output.weight[7] = float("nan")
+    reports.clear()
+    with pytest.raises(NonFiniteLogits, match="logits hold NaN"):
+        sample_batch(model, [[1, 2, 3]], [None], [1], 8, lockstep=lambda live, failed: (reports.append(
+            (live, failed)), (True, failed))[1])
+    assert reports == [(False, True)]  # told before raising
+
+
 @pytest.mark.slow
 def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
-    """A tiny model pretrained for 100 steps on sums of two digits ("3+4=7", one per document) answers about 5% of
+    """A tiny model pretrained for 100 steps on sums of two digits ("3+4=7", one per document) answers about 10% of
     the 55 prompts "a+b=" right; 60 GRPO steps with the exact-answer reward (16 prompts x 8 completions of 2
     tokens a step, the shipped config otherwise) raise the mean reward of the last 10 steps at least 0.03 above the
     first 10's (measured: 0.099 → 0.214 at this seed; +0.048 to +0.090 at seeds 1-7; with lr 0: -0.010, and a

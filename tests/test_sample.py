@@ -94,6 +94,23 @@ def test_many_rows_draw_in_chunks_as_each_row_alone_and_nan_logits_raise():
         pick_tokens(logits, uniforms)
 
 
+def test_parts_or_samples_of_an_older_sampler_are_refused_by_name(tmp_path):
+    from preprocess.errors import UserError
+    from training.sample import claim
+
+    options = {"prompts": "abc", "n": 4, "draws": "inverse-cdf/1"}
+    older = {k: v for k, v in options.items() if k != "draws"}  # written before the draw rule was recorded
+    parts, out = tmp_path / "s.jsonl.parts", tmp_path / "s.jsonl"
+    parts.mkdir()
+    (parts / "options.json").write_text(json.dumps(older))
+    with pytest.raises(UserError, match=r"drawn by another sampler \(multinomial; this one draws by inverse-cdf/1\); "
+                                        "remove the directory"):
+        claim(str(out), str(parts), str(tmp_path / "s.jsonl.options.json"), options)
+    (parts / "options.json").write_text(json.dumps({**options, "n": 8}))
+    with pytest.raises(UserError, match="other options or prompts; rerun with those"):
+        claim(str(out), str(parts), str(tmp_path / "s.jsonl.options.json"), options)
+
+
 def test_a_short_prompt_beside_one_near_the_context_gets_all_its_tokens():
     """The context (64) ends the long row after 5 new tokens; the short row still gets its 20, as alone."""
     model = tiny_model()

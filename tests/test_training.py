@@ -124,13 +124,15 @@ def test_packed_rows_with_grouped_heads_train_alike_compiled_and_eager():
     tokens = torch.randint(0, 97, (2, 24))
     segments = torch.tensor([[0] * 10 + [1] * 14, [2] * 20 + [-1] * 4])
     grads, outputs = [], []
-    for forward in (model, torch.compile(model, backend="aot_eager")):
-        model.zero_grad()
-        out = forward(tokens, segments=segments)
-        out.square().mean().backward()
-        outputs.append(out.detach())
-        grads.append([p.grad.clone() for p in model.parameters()])
-    torch._dynamo.reset()
+    try:
+        for forward in (model, torch.compile(model, backend="aot_eager")):
+            model.zero_grad()
+            out = forward(tokens, segments=segments)
+            out.square().mean().backward()
+            outputs.append(out.detach())
+            grads.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        torch._dynamo.reset()
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     for compiled, eager in zip(grads[1], grads[0], strict=True):
         assert torch.isfinite(compiled).all()

@@ -179,20 +179,30 @@ def sample_share(args, prompts: list, lines: list[int], checkpoint: str, parts: 
 def claim(out: str, parts: str, meta: str, options: dict) -> bool:
     """True when `out` holds these samples already; else the parts directory, checked to be of these options."""
     if os.path.exists(out):
-        if os.path.exists(meta) and json.load(open(meta)) == options:
+        written = json.load(open(meta)) if os.path.exists(meta) else None
+        if written == options:
             shutil.rmtree(parts, ignore_errors=True)  # left by a run stopped between the merge and its clean-up
             return True
-        raise UserError(f"{out}: exists, written with other options or prompts (see {meta}); choose another --out "
-                        "or remove it")
+        raise UserError(f"{out}: exists, {written_by(written, options)} (see {meta}); choose another --out or "
+                        "remove it")
     os.makedirs(parts, exist_ok=True)
     recorded = os.path.join(parts, "options.json")
     if os.path.exists(recorded):
-        if json.load(open(recorded)) != options:
-            raise UserError(f"{parts}: parts of an unfinished run with other options or prompts; rerun with those, "
-                            "or remove the directory")
+        written = json.load(open(recorded))
+        if written != options:
+            again = "" if written_by(written, options).startswith("drawn") else "rerun with those, or "
+            raise UserError(f"{parts}: parts of an unfinished run {written_by(written, options)}; {again}remove "
+                            "the directory")
     else:
         atomic_write(recorded, json.dumps(options, indent=1).encode())
     return False
+
+
+def written_by(written: dict | None, options: dict) -> str:
+    """How recorded options differ from these: only in the sampler's draw rule (older code), or otherwise."""
+    if written is not None and {**written, "draws": options["draws"]} == options:
+        return f"drawn by another sampler ({written.get('draws', 'multinomial')}; this one draws by {options['draws']})"
+    return "written with other options or prompts"
 
 
 def merge(parts: str, out: str, meta: str, batches: int, options: dict) -> None:

@@ -12,8 +12,14 @@ import torch
 
 from preprocess.chat import Turn
 from preprocess.chat_template import template_for
+from preprocess.errors import UserError
 
 from .transformer import KVCache, Transformer
+
+
+class NonFiniteLogits(UserError, FloatingPointError):
+    """Logits that no distribution can be drawn from (NaN, +inf, or all -inf): diverged or broken weights."""
+
 
 DRAW_RULE = "inverse-cdf/1"  # how a uniform becomes a token: a change here changes every sample drawn from a seed
 CHUNK_ROWS = 64  # rows filtered and drawn at once: the sort and the cumulative sums hold ~40 bytes per row x vocab
@@ -25,7 +31,8 @@ def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, *, temperat
     unused), else sampled at `temperature` from the top_k most likely and the smallest set of those holding top_p of
     the probability, by the inverse of the row's cumulative distribution at its uniform in [0, 1) — so all rows
     draw in a few batched operations, and a row's token depends only on its logits and its uniform. Ids >=
-    vocab_limit (the padding of a rounded-up vocabulary) are never chosen; a row of NaN or infinite logits raises."""
+    vocab_limit (the padding of a rounded-up vocabulary) are never chosen. A sampled row that holds NaN or +inf, or
+    only -inf, raises NonFiniteLogits (greedy takes the argmax unchecked)."""
     options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy, "vocab_limit": vocab_limit}
     if len(logits) > CHUNK_ROWS:
         return torch.cat([pick_tokens(part, None if uniforms is None else uniforms[i:i + CHUNK_ROWS], **options)
@@ -47,8 +54,8 @@ def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, *, temperat
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0)  # the tokens after the nucleus is full
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
-    if not bool(torch.isfinite(total).all()):  # torch.multinomial's check: NaN would search past the vocabulary
-        raise FloatingPointError("sampling: the model's logits hold NaN or infinity (diverged weights?)")
+    if not bool((torch.isfinite(total) & (total > 0)).all()):  # NaN would search past the vocabulary
+        raise NonFiniteLogits("sampling: the model's logits hold NaN or infinity (diverged weights?)")
     # strictly below the total, so the first token whose cumulative sum passes it has a probability above 0
     point = torch.minimum(uniforms.to(cdf).view(-1, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
     index = torch.searchsorted(cdf, point, right=True)
@@ -64,7 +71,8 @@ def pick_token(logits: torch.Tensor, *, generator: torch.Generator | None = None
                **options) -> int:
     """pick_tokens for one position's logits, with a uniform from `generator` (the global CPU one if None) for
     each token drawn; greedy draws none."""
-    uniforms = None if greedy else uniforms_of([generator if generator is not None else torch.default_generator])
+    drawn = not greedy and options.get("temperature", 1.0) > 0
+    uniforms = uniforms_of([generator if generator is not None else torch.default_generator]) if drawn else None
     return int(pick_tokens(logits.unsqueeze(0), uniforms, greedy=greedy, **options)[0])
 
 
@@ -146,8 +154,9 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
     """New ids after each prompt, and whether each ended at one of its stop ids (stops[r]: one id, several or None),
     all rows decoded together: left-padded to the longest prompt, one KV cache, each row drawing from its own
     generator and ending as training.generate would end it alone (its stop id, max_new_tokens, or its own end of
-    the context). with_stop: a row that stopped ends with the stop id it drew. lockstep(live) -> whether any process
-    still has a live row: every process then runs as many forwards (a sharded model gathers its weights in each)."""
+    the context). with_stop: a row that stopped ends with the stop id it drew. lockstep(live, failed) -> (whether
+    any process still has a live row, whether any failed to draw): every process then runs as many forwards (a
+    sharded model gathers its weights in each), and all raise NonFiniteLogits at the same step."""
     cfg = model.cfg
     device = next(model.parameters()).device
     stops = [stop_set(stop) for stop in stops]
@@ -165,16 +174,24 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
     out: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
     live = list(range(len(prompts)))
+    failure = None
     while True:
         # finished rows are fed a token that no live row attends to
         chosen = torch.zeros(len(tokens), dtype=torch.long, device=device)
         drawn: list[int] = []
         if live:
             index = torch.tensor(live, device=device)
-            picked = pick_tokens(logits[index], None if greedy else uniforms_of([generators[r] for r in live]),
-                                 temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                 vocab_limit=vocab_limit)
-            chosen[index], drawn = picked, picked.tolist()
+            sampled = not greedy and temperature > 0
+            try:
+                picked = pick_tokens(logits[index], uniforms_of([generators[r] for r in live]) if sampled else None,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                     vocab_limit=vocab_limit)
+            except NonFiniteLogits as e:
+                if lockstep is None:
+                    raise
+                failure, live = e, []  # told to every process below, before any waits for this one
+            else:
+                chosen[index], drawn = picked, picked.tolist()
         for r, token in zip(live, drawn, strict=True):
             if token in stops[r]:
                 stopped[r] = True
@@ -185,6 +202,9 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
         live = [r for r in live if not stopped[r] and len(out[r]) < limits[r]]
         # a forward only for a token some row will still draw after: never past the prompt + max_new_tokens - 1
         # positions that a row of the longest allowed prompt holds
-        if not (lockstep(bool(live)) if lockstep is not None else live):
+        going, failed = lockstep(bool(live), failure is not None) if lockstep is not None else (bool(live), False)
+        if failed:
+            raise failure or NonFiniteLogits("sampling: another process's logits hold NaN or infinity")
+        if not going:
             return out, stopped
         logits = model(chosen.unsqueeze(1), cache, pad=pad)[:, -1]

@@ -234,9 +234,9 @@ class Attention(nn.Module):
                 causal = False
             elif past > 0:
                 mask, causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past), False
-        if mask is not None and gqa and x.device.type != "cpu":  # on CUDA only the flash and math kernels group
-            # heads, and flash takes no mask: shared heads copied, the memory-efficient kernel then takes the mask
-            # (the CPU's kernels group heads under a mask, 1.3-4x faster than the copies)
+        if mask is not None and gqa and x.device.type != "cpu":  # off the CPU (on CUDA only the flash and math
+            # kernels group heads, and flash takes no mask): shared heads copied, the memory-efficient kernel then
+            # takes the mask (the CPU's kernels group heads under a mask, 1.3-4x faster than the copies)
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             gqa = False
@@ -491,6 +491,8 @@ class Transformer(nn.Module):
         left padding of each row (batched decoding), whose positions no token attends to and which rotary
         positions skip, so that each row computes as its sequence alone. keep: a bool (batch, seq) mask of the
         positions whose logits are wanted → (kept, vocab), the output layer run at those alone."""
+        if keep is not None and keep.dtype != torch.bool:
+            raise TypeError(f"keep: a bool mask of positions, not {keep.dtype}")
         start = cache.length if cache is not None else 0
         end = start + tokens.shape[1]
         # left-padded rows: the shortest must fit; longer rows that reach the context stop there (caller's rule)
@@ -525,8 +527,6 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = end
         x = self.norm(x)
-        if keep is not None and keep.dtype != torch.bool:
-            raise TypeError(f"keep: a bool mask of positions, not {keep.dtype}")
         return self.output(x if keep is None else x[keep])
 
     def window_mask(self, window: int, mask, segments, start: int, end: int, device):

@@ -314,8 +314,9 @@ class GRPO(ReferenceStage):
         rows = [(p, k) for p in prompts for k in range(g.generations)]
         lockstep = None
         if env.distributed:
-            def lockstep(live: bool) -> bool:
-                return bool(D.all_reduce_sum(env, torch.tensor(int(live), device=env.device)))
+            def lockstep(live: bool, failed: bool) -> tuple[bool, bool]:
+                counts = D.all_reduce_sum(env, torch.tensor([int(live), int(failed)], device=env.device)).tolist()
+                return counts[0] > 0, counts[1] > 0
         was_training = model.training
         model.eval()
         try:
