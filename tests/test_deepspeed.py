@@ -222,7 +222,9 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
         ddp, zero3 = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
         assert sorted(zero3) == sorted(ddp) and len(ddp) >= 2
         for step in ddp:
-            assert zero3[step] == pytest.approx(ddp[step], rel=1e-4), (key, step)
+            # GRPO's loss is what is left of terms of size ~1 that cancel (advantages sum to 0 per group): its
+            # last digits are the terms' rounding, so it is compared to their size, not its own
+            assert zero3[step] == pytest.approx(ddp[step], rel=1e-4, abs=1e-8 if stage == "grpo" else 0), (key, step)
     samples = losses(tmp_path / "zero3", "sample")
     assert sorted(samples) == [0, 4] and all(len(s) > 10 for s in samples.values())
 
