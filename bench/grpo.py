@@ -16,19 +16,21 @@ the same learning rate, one process with every core torch uses by default. TRL g
 apart as the runs learn: each side's mean is printed, and the sampled tokens per second beside the steps.
 
 Steps per second: ours from time/step in metrics.jsonl after the --warmup steps, TRL's from the wall time
-between its step ends after the first --warmup steps. The two run in turn --rounds times (this VM's speed drifts
-by a quarter between minutes); the table gives each side's medians and the median of the rounds' ratios.
+between its step ends after the first --warmup steps. The two run in turn --rounds times (a shared VM's speed drifts
+from minute to minute); the table gives each side's medians and the median of the rounds' ratios.
 
 --sampler: where our sampling time goes, on the same model, prompts and shapes (one micro-batch of prompts x
 generations rows, max-new-tokens each, no stop): the whole decode, its forwards alone, its token draws alone
-(each step's uniforms from the rows' generators and one batched pick_tokens), and in bf16 autocast how far the
+(each step's uniforms from the rows' generators and one batched pick_tokens), in bf16 autocast how far the
 sampler's log-probs of the drawn tokens lie from a training forward's (what GRPO's later passes must not compare
-with).
+with), how much slower grouped-query attention under a mask runs with the shared heads copied first, and the
+loss's forward and backward with the output layer at every position against at the targets alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -181,7 +183,72 @@ def sampler(setup: dict, args) -> dict:
     gap = (sampled - trained).abs()
     return {"rows": rows, "decode_s": decode, "forwards_s": forwards, "draws_s": draws,
             "draw_us": draws / (rows * args.max_new_tokens) * 1e6, "bf16_logp_gap_mean": float(gap.mean()),
-            "bf16_logp_gap_max": float(gap.max())}
+            "bf16_logp_gap_max": float(gap.max()), **attention_copies(model, rows, len(prompt) + args.max_new_tokens),
+            **logits_at_targets(model, prompt, ids)}
+
+
+def median_time(work, repeats: int = 5) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def attention_copies(model, rows: int, length: int) -> dict:
+    """Attention with grouped key/value heads under a mask (left-padded decoding, packed rows), forward and
+    backward at the training shape and forward at a decoding step's: the kernel grouping the heads itself (what
+    the CPU now does) against copying the shared heads first (what other devices still do)."""
+    import torch
+
+    cfg, g = model.cfg, torch.Generator().manual_seed(0)
+    group = cfg.n_heads // cfg.kv_heads
+    out = {}
+    for name, queries in (("training", length), ("decoding", 1)):
+        q = torch.randn(rows, cfg.n_heads, queries, cfg.head_dim, generator=g, requires_grad=queries > 1)
+        k, v = (torch.randn(rows, cfg.kv_heads, length, cfg.head_dim, generator=g, requires_grad=queries > 1)
+                for _ in range(2))
+        mask = torch.ones(rows, 1, queries, length, dtype=torch.bool).tril(length - queries)
+        copies, grouped = (functools.partial(attend, q, k, v, mask, group if copy else 1) for copy in (True, False))
+        out[f"attention_{name}_copies_over_grouped"] = median_time(copies) / median_time(grouped)
+    return out
+
+
+def attend(q, k, v, mask, copies: int) -> None:
+    """Masked attention, its backward where q needs a gradient; copies > 1: the key/value heads copied that many
+    times first, else grouped by the kernel."""
+    import torch.nn.functional as F
+
+    if copies > 1:
+        k, v = k.repeat_interleave(copies, 1), v.repeat_interleave(copies, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=copies == 1)
+    if q.requires_grad:
+        out.sum().backward()
+
+
+def logits_at_targets(model, prompt: list[int], completions: list[list[int]]) -> dict:
+    """GRPO's loss forward and backward over the sampled rows (prompt + completion, targets at the completion):
+    the output layer at every position against at the targets alone (keep=)."""
+    import torch
+
+    from training.stages.losses import token_logps
+
+    model.train()
+    inputs = torch.tensor([prompt + c for c in completions])[:, :-1]
+    targets = torch.tensor([[-100] * len(prompt) + c for c in completions])[:, 1:]
+    keep = targets != -100
+
+    def every_position():
+        token_logps(model(inputs), targets).sum().backward()
+
+    def targets_alone():
+        token_logps(model(inputs, keep=keep), targets[keep]).sum().backward()
+    full, kept = median_time(every_position), median_time(targets_alone)
+    model.eval()
+    return {"loss_step_every_position_s": full, "loss_step_targets_alone_s": kept,
+            "target_share": float(keep.float().mean())}
 
 
 def main() -> None:

@@ -291,9 +291,12 @@ def test_a_rank_whose_logits_are_not_finite_stops_every_rank_at_the_same_step():
     with torch.no_grad():
         model.output.weight[7] = float("nan")
     reports.clear()
+
+    def alone_in_trouble(live: bool, failed: bool) -> tuple[bool, bool]:  # the other rank is fine
+        reports.append((live, failed))
+        return True, failed
     with pytest.raises(NonFiniteLogits, match="logits hold NaN"):
-        sample_batch(model, [[1, 2, 3]], [None], [1], 8, lockstep=lambda live, failed: (reports.append(
-            (live, failed)), (True, failed))[1])
+        sample_batch(model, [[1, 2, 3]], [None], [1], 8, lockstep=alone_in_trouble)
     assert reports == [(False, True)]  # told before raising
 
 

@@ -183,26 +183,28 @@ def claim(out: str, parts: str, meta: str, options: dict) -> bool:
         if written == options:
             shutil.rmtree(parts, ignore_errors=True)  # left by a run stopped between the merge and its clean-up
             return True
-        raise UserError(f"{out}: exists, {written_by(written, options)} (see {meta}); choose another --out or "
+        raise UserError(f"{out}: exists, {differs(written, options)[0]} (see {meta}); choose another --out or "
                         "remove it")
     os.makedirs(parts, exist_ok=True)
     recorded = os.path.join(parts, "options.json")
     if os.path.exists(recorded):
         written = json.load(open(recorded))
         if written != options:
-            again = "" if written_by(written, options).startswith("drawn") else "rerun with those, or "
-            raise UserError(f"{parts}: parts of an unfinished run {written_by(written, options)}; {again}remove "
-                            "the directory")
+            why, rerun = differs(written, options)
+            raise UserError(f"{parts}: parts of an unfinished run {why}; {'rerun with those, or ' if rerun else ''}"
+                            "remove the directory")
     else:
         atomic_write(recorded, json.dumps(options, indent=1).encode())
     return False
 
 
-def written_by(written: dict | None, options: dict) -> str:
-    """How recorded options differ from these: only in the sampler's draw rule (older code), or otherwise."""
+def differs(written: dict | None, options: dict) -> tuple[str, bool]:
+    """(how recorded options differ from these, whether a run with the recorded ones could finish the parts): only
+    in the sampler's draw rule (older code: no flag brings it back), or otherwise."""
     if written is not None and {**written, "draws": options["draws"]} == options:
-        return f"drawn by another sampler ({written.get('draws', 'multinomial')}; this one draws by {options['draws']})"
-    return "written with other options or prompts"
+        return f"drawn by another sampler ({written.get('draws', 'multinomial')}; this one draws by " \
+               f"{options['draws']})", False
+    return "written with other options or prompts", True
 
 
 def merge(parts: str, out: str, meta: str, batches: int, options: dict) -> None:

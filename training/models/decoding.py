@@ -41,7 +41,7 @@ def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, *, temperat
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits.clone()
         logits[:, vocab_limit:] = -float("inf")
-    if greedy or temperature <= 0:
+    if not draws(greedy, temperature):
         return logits.argmax(-1)
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -62,16 +62,21 @@ def pick_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, *, temperat
     return (index if order is None else order.gather(-1, index)).squeeze(-1)
 
 
+def draws(greedy: bool, temperature: float) -> bool:
+    """Whether a token is drawn (from a uniform), not taken as the most likely."""
+    return not greedy and temperature > 0
+
+
 def uniforms_of(generators: list[torch.Generator]) -> torch.Tensor:
-    """One uniform in [0, 1) from each row's generator: what pick_tokens draws that row's next token with."""
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device).cpu() for g in generators])
+    """One uniform in [0, 1) from each row's (CPU) generator: what pick_tokens draws that row's next token with."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
 
 
 def pick_token(logits: torch.Tensor, *, generator: torch.Generator | None = None, greedy: bool = False,
                **options) -> int:
     """pick_tokens for one position's logits, with a uniform from `generator` (the global CPU one if None) for
     each token drawn; greedy draws none."""
-    drawn = not greedy and options.get("temperature", 1.0) > 0
+    drawn = draws(greedy, options.get("temperature", 1.0))
     uniforms = uniforms_of([generator if generator is not None else torch.default_generator]) if drawn else None
     return int(pick_tokens(logits.unsqueeze(0), uniforms, greedy=greedy, **options)[0])
 
@@ -181,9 +186,9 @@ def sample_batch(model: Transformer, prompts: list[list[int]], stops: list, seed
         drawn: list[int] = []
         if live:
             index = torch.tensor(live, device=device)
-            sampled = not greedy and temperature > 0
             try:
-                picked = pick_tokens(logits[index], uniforms_of([generators[r] for r in live]) if sampled else None,
+                uniforms = uniforms_of([generators[r] for r in live]) if draws(greedy, temperature) else None
+                picked = pick_tokens(logits[index], uniforms,
                                      temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                      vocab_limit=vocab_limit)
             except NonFiniteLogits as e:

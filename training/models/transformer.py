@@ -236,7 +236,7 @@ class Attention(nn.Module):
                 mask, causal = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past), False
         if mask is not None and gqa and x.device.type != "cpu":  # off the CPU (on CUDA only the flash and math
             # kernels group heads, and flash takes no mask): shared heads copied, the memory-efficient kernel then
-            # takes the mask (the CPU's kernels group heads under a mask, 1.3-4x faster than the copies)
+            # takes the mask (the CPU's kernels group heads under a mask, faster than the copies: bench/grpo.py)
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             gqa = False
