@@ -46,7 +46,7 @@ define DPO_ROUND
 		train.max_steps=$$(( ($$(wc -l < $(OUT)/rounds/$(1)/pairs.jsonl) * $(ROUND_EPOCHS) + 7) / 8 ))
 endef
 
-.PHONY: demo tang-seeds test bench faults lint clean
+.PHONY: demo tang-seeds test bench faults lint clean device-bundle
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -126,6 +126,17 @@ bench: $(STAMP)
 	$(PY) bench/packing.py
 	$(PY) bench/sampling.py
 	$(PY) bench/grpo.py
+
+# The wheels a bare GPU machine without network lacks for bench/device.sh (Python 3.12, x86_64; see
+# docs/benchmarks.md), into .device-bundle/: the same versions as this checkout's environment uses.
+DEVICE_WHEELS := omegaconf==2.4.0 orjson==3.13.0
+DEVICE_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+device-bundle: $(STAMP)
+	rm -rf .device-bundle
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(DEVICE_PLATFORMS) -d .device-bundle $(DEVICE_WHEELS)
+	@test $$(du -sk .device-bundle | cut -f1) -le 40960 || { echo "error: .device-bundle is over 40 MiB"; exit 1; }
+	@ls -1 .device-bundle; du -sh .device-bundle
 
 # the randomised fault campaign of docs/reliability.md (about 15 min on 2 cores)
 faults: $(STAMP)

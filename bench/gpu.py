@@ -1,39 +1,226 @@
-"""GPU tokens/s and MFU of the pretraining presets in bf16, our loop against a nanoGPT-style baseline of the
-same shapes, with and without torch.compile, in one run.
+"""The GPU benchmark: one process on one GPU, bf16, compile on, in one command that ends within its time budget and
+needs nothing beyond the repository and its Python packages (bench/device.sh starts it on a bare machine).
 
-    python bench/gpu.py [--presets 125m 350m 1b] [--steps 30] [--grad-accum 4] [--compile on off]
+    python bench/gpu.py [--out DIR] [--budget-s 330] [--tiny]
 
-ours:     `python -m training.pretrain --config configs/pretrain/<preset>.yaml` on shards of real text (the
-          vocabulary padded to 32,000 as the presets assume), rate and MFU as logged after the first interval.
-baseline: a GPT in the style of nanoGPT (LayerNorm, learned positions, GELU MLP of 4 x dim, causal SDPA, tied
-          embeddings, fused AdamW, bf16 autocast, compiled whole when compile is on) with the same dim, layers,
-          heads, vocabulary, sequence length, micro-batch and accumulation, on random tokens already on the GPU.
-MFU counts 6 FLOPs per matmul weight per token plus attention (12 * layers * dim * seq_len), for both models,
-against the GPU's dense bf16 peak. Runs on CPU too (slowly, without MFU), so the code is checked without a GPU.
---attention: forward + backward of the 125M preset's model (bf16 autocast) on rows packed with documents of
-          64-1,024 tokens, its three ways to attend: causal over the whole row (the cost without a mask, wrong for
-          packing), SDPA with a boolean document mask, and FlexAttention with a block mask (CUDA only).
+What it writes to DIR (gpu.json, gpu.md) and prints, each figure measured in this one run:
+- matmul: the dense bf16 matmul rate this GPU reaches (8192^3, random data), beside its datasheet peak.
+- training, per preset (125m, 1b): tokens/s, MFU (against the datasheet peak and against the measured matmul
+  rate), peak memory and the host share (the share of step time in which no kernel ran: the GPU waiting for
+  the host) of
+    ours      `training.run.loop.run` on the preset's config, as `python -m training.pretrain` runs it (data from
+              shards, accumulation, clipping, schedule, metrics.jsonl), timed by its own metrics after warm-up;
+    ours, document mask (125m): the same with data.document_mask=true (packed documents attend to themselves);
+    baseline  a GPT in nanoGPT's style (LayerNorm, learned positions, GELU MLP of 4 x dim, causal SDPA, tied
+              embeddings, fused AdamW, bf16 autocast, compiled whole) with the preset's dim, layers, heads,
+              vocabulary, sequence length, micro-batch and accumulation, on token ids already on the GPU, and the
+              same loss treatment as ours (training.stages.losses.lm_loss_sum).
+  MFU counts 6 FLOPs per matmul weight per token plus attention (12 x layers x dim x seq_len) for both.
+- attention: forward + backward of the 125m model on rows packed with documents of 64-1,024 tokens, each way to
+  attend: causal over the whole row (the cost without a mask, wrong for packing), SDPA with a boolean document
+  mask, FlexAttention with a block mask, and flash-attention's varlen kernel when its package is installed.
+
+Tokens are sentencepiece pieces of a synthetic corpus made here from a fixed seed (the model's vocabulary padded
+to 32,000 as the presets assume). Each measurement runs in a process of its own (memory and compile caches start
+clean) and is skipped, and said so, when the budget left is too small. --tiny: the tiny preset on CPU, compile
+off, a few steps: the same code paths in about a minute (tests/test_gpu_bench.py runs it through device.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
 import json
+import math
 import os
+import platform
 import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import REPO, make_shards  # noqa: E402
-from train import ours as run_ours  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from training.config import load_config  # noqa: E402
+from training.models.transformer import Transformer  # noqa: E402
+from training.run.hooks import Hooks  # noqa: E402
+from training.run.metrics import gpu_peak_flops  # noqa: E402
+from training.stages.losses import lm_loss_sum  # noqa: E402
 
 VOCAB = 32000
+# (preset, document_mask): the rows of the training table, in the order they are measured
+TRAINING = [("125m", False), ("1b", False), ("125m", True)]
+
+
+@dataclasses.dataclass
+class Shape:
+    """How one training measurement runs: steps of warm-up (compile included), timed, then profiled."""
+    config: str
+    vocab: int
+    micro: int
+    grad_accum: int
+    warmup: int
+    timed: int
+    profiled: int
+    compile: bool
+
+
+def shape(preset: str, tiny: bool) -> Shape:
+    if tiny:
+        return Shape(os.path.join(REPO, "configs", "pretrain", "tiny.yaml"), 4096, 4, 2, 2, 2, 0, False)
+    micro = {"125m": 16, "1b": 4}[preset]  # the presets' own micro-batches
+    return Shape(os.path.join(REPO, "configs", "pretrain", f"{preset}.yaml"), VOCAB, micro, 2, 4, 8, 2, True)
+
+
+# ------------------------------------------------------------------------------------------------ the corpus
+
+def synthetic_corpus(path: str, documents: int, seed: int = 0) -> None:
+    """JSONL documents of pseudo-words (Zipf-distributed over 6,000 words of 1-4 syllables), 40-700 words each: text
+    whose pieces and document lengths look like a corpus's, made without any download."""
+    rng = np.random.default_rng(seed)
+    syllables = [c + v for c in "bdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words = ["".join(rng.choice(syllables, size=rng.integers(1, 5))) for _ in range(6000)]
+    p = 1.0 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+    with open(path, "w") as f:
+        for _ in range(documents):
+            picks = rng.choice(len(words), size=int(rng.integers(40, 700)), p=p)
+            text = " ".join(words[i] for i in picks)
+            f.write(json.dumps({"text": text[0].upper() + text[1:] + "."}) + "\n")
+
+
+def make_shards(out: str, documents: int) -> str:
+    shards = os.path.join(out, "shards")
+    if os.path.isfile(os.path.join(shards, "manifest.json")):
+        return shards
+    os.makedirs(out, exist_ok=True)
+    corpus = os.path.join(out, "corpus.jsonl")
+    synthetic_corpus(corpus, documents)
+    run = [sys.executable, "-m", "preprocess"]
+    quiet = {"check": True, "cwd": REPO, "stdout": subprocess.DEVNULL}
+    subprocess.run([*run, "tokenizer", "--input", corpus, "--vocab-size", "4000", "--sample-mb", "2",
+                    "--out", os.path.join(out, "tok")], **quiet)
+    subprocess.run([*run, "shards", "--input", corpus, "--tokenizer", os.path.join(out, "tok", "tokenizer.model"),
+                    "--out", shards], **quiet)
+    return shards
+
+
+# ------------------------------------------------------------------------------------------- measuring tools
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time in which at least one kernel ran."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+class HostShare:
+    """Profiles the GPU's kernels over a window of steps: the share of the window's wall time in which none ran
+    (the GPU waiting for the host). CUDA only: None elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.profiler, self.share = device, None, None
+
+    def start(self) -> None:
+        if self.device.type != "cuda":
+            return
+        synchronize(self.device)
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self.profiler.start()
+        self.began = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.profiler is None:
+            return
+        synchronize(self.device)
+        wall = time.perf_counter() - self.began
+        self.profiler.stop()
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            self.profiler.export_chrome_trace(f.name)
+            events = json.load(open(f.name)).get("traceEvents", [])
+        kernels = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+        self.share = max(0.0, 1 - busy_time(kernels) / 1e6 / wall)
+        self.profiler = None
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def matmul_rate(tiny: bool) -> dict:
+    """FLOP/s of a dense square matmul: bf16 8192^3 on a GPU (fp32 256^3 on CPU with --tiny), after warm-up."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n, dtype = (256, torch.float32) if tiny or device.type != "cuda" else (8192, torch.bfloat16)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return {"flops": 2 * n**3 * repeats / (time.perf_counter() - start), "n": n, "dtype": str(dtype)}
+
+
+# ------------------------------------------------------------------------------------------ the two trainers
+
+class Profiled(Hooks):
+    """Profiles steps [first, first + count) of our loop (counted from 1), from their first data read."""
+
+    def __init__(self, host: HostShare, first: int, count: int):
+        self.host, self.first, self.last = host, first, first + count
+
+    def on_picks(self, step: int, micro: int, picks) -> None:
+        if micro == 0 and step == self.first:
+            self.host.start()
+        elif micro == 0 and step == self.last:
+            self.host.stop()
+
+
+def ours(preset: str, document_mask: bool, shards: str, out: str, tiny: bool) -> dict:
+    from training.run.loop import run
+    from training.stages.registry import STAGES
+
+    s = shape(preset, tiny)
+    steps = s.warmup + s.timed + s.profiled + (1 if s.profiled else 0)  # a step after the window closes it
+    out_dir = os.path.join(out, f"run-{preset}{'-docmask' if document_mask else ''}")
+    cfg = load_config(s.config, [
+        f"data.path={shards}", f"out_dir={out_dir}", f"model.vocab_size={s.vocab}", f"train.max_steps={steps}",
+        f"train.micro_batch_size={s.micro}", f"train.grad_accum={s.grad_accum}", f"train.compile={str(s.compile).lower()}",
+        f"data.document_mask={str(document_mask).lower()}", "train.eval_every=0", "train.sample_prompt=null",
+        "train.warmup_steps=2", f"log.every={s.warmup}", "log.progress=false", "train.device=auto"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    host = HostShare(device)
+    with contextlib.redirect_stdout(sys.stderr):
+        run(STAGES["pretrain"](cfg), cfg, Profiled(host, s.warmup + s.timed + 1, s.profiled), saves=False)
+    lines = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"loss"' in line]
+    timed = [r for r in lines if s.warmup < r["step"] <= s.warmup + s.timed]  # intervals of log.every = warmup steps
+    seconds = sum(r["time/step"] * s.warmup for r in timed)
+    rate = sum(r["tokens_per_sec"] * r["time/step"] * s.warmup for r in timed) / seconds
+    return {"rate": rate, "flops_per_token": flops_per_token_of(cfg, s.vocab), "peak_gib": peak_memory_gib(device),
+            "host_share": host.share, "loss": lines[-1]["loss"]}
+
+
+def flops_per_token_of(cfg, vocab: int) -> float:
+    with torch.device("meta"):
+        return Transformer(dataclasses.replace(cfg.model, vocab_size=vocab)).flops_per_token(cfg.data.seq_len)
 
 
 class Block(nn.Module):
@@ -53,12 +240,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, dim: int, layers: int, heads: int, seq_len: int):
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq_len: int):
         super().__init__()
-        self.tok, self.pos = nn.Embedding(VOCAB, dim), nn.Embedding(seq_len, dim)
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq_len, dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, VOCAB, bias=False)
+        self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.tok.weight
 
     def forward(self, idx):
@@ -72,119 +259,198 @@ class GPT(nn.Module):
         return 6 * weights + 12 * len(self.blocks) * self.tok.embedding_dim * seq_len
 
 
-def baseline(preset: str, steps: int, grad_accum: int, compile_: bool, micro: int | None) -> dict:
-    sys.path.insert(0, REPO)
-    from training.config import load_config
-    from training.run.metrics import gpu_peak_flops
-
-    cfg = load_config(os.path.join(REPO, "configs", "pretrain", f"{preset}.yaml"), ["data.path=unused"])
+def baseline(preset: str, tiny: bool) -> dict:
+    s = shape(preset, tiny)
+    cfg = load_config(s.config, ["data.path=unused"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seq, micro = cfg.data.seq_len, micro or cfg.train.micro_batch_size
+    seq = cfg.data.seq_len
     torch.manual_seed(0)
-    model = GPT(cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, seq).to(device)
+    model = GPT(s.vocab, cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, seq).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if compile_ else model
-    data = torch.randint(0, VOCAB, (grad_accum, micro, seq + 1), device=device)
-    warmup, start = 3, None
-    for step in range(steps):
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    step_model = torch.compile(model) if s.compile else model
+    data = torch.randint(0, s.vocab, (s.grad_accum, s.micro, seq + 1), device=device)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    host, start = HostShare(device), None
+    for step in range(s.warmup + s.timed + s.profiled):
+        if step == s.warmup:
+            synchronize(device)
             start = time.perf_counter()
-        for m in range(grad_accum):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+        if step == s.warmup + s.timed:
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            host.start()
+        for m in range(s.grad_accum):
+            with bf16:
                 logits = step_model(data[m, :, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), data[m, :, 1:].flatten()) / grad_accum
-            loss.backward()
+            loss, _ = lm_loss_sum(logits, data[m, :, 1:])
+            (loss / (s.micro * seq * s.grad_accum)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    loss.item()
-    rate = grad_accum * micro * seq * (steps - warmup) / (time.perf_counter() - start)
-    peak = gpu_peak_flops(device)
-    return {"rate": rate, "mfu": rate * model.flops_per_token(seq) / peak if peak else None}
+    host.stop()
+    if not s.profiled:
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return {"rate": s.grad_accum * s.micro * seq * s.timed / seconds, "flops_per_token": model.flops_per_token(seq),
+            "peak_gib": peak_memory_gib(device), "host_share": host.share}
 
 
-def ours(preset: str, shards: str, out: str, steps: int, grad_accum: int, compile_: bool, micro: int | None) -> dict:
-    overrides = [f"train.grad_accum={grad_accum}", f"train.compile={str(compile_).lower()}", f"model.vocab_size={VOCAB}",
-                 "log.every=3", "train.sample_prompt=null", "train.warmup_steps=2",
-                 *([f"train.micro_batch_size={micro}"] if micro else [])]
-    return run_ours(os.path.join(REPO, "configs", "pretrain", f"{preset}.yaml"), shards, out, steps, overrides)
+# ------------------------------------------------------------------------------------------- attention paths
+
+def packed_segments(micro: int, seq: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows of documents of 64-1,024 tokens: each position's document number."""
+    lengths = torch.randint(64, 1025, (micro, seq // 64 + 1), generator=generator)
+    return torch.stack([torch.repeat_interleave(torch.arange(len(row)), row)[:seq] for row in lengths])
 
 
-def attention_paths(steps: int) -> None:
-    """Time per forward + backward of packed rows, each way our model can attend."""
-    sys.path.insert(0, REPO)
-    from training.config import load_config
-    from training.models.transformer import Transformer
+def flash_varlen():
+    """flash-attention's varlen kernel, when its package is installed (None otherwise)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    from flash_attn import flash_attn_varlen_func  # optional: not a dependency
 
-    cfg = load_config(os.path.join(REPO, "configs", "pretrain", "125m.yaml"), ["data.path=unused"])
+    return flash_attn_varlen_func
+
+
+def attention(tiny: bool) -> dict:
+    """ms per forward + backward of packed rows through the 125m model (tiny: the tiny preset), each way to attend."""
+    s = shape("125m", tiny)
+    cfg = load_config(s.config, ["data.path=unused"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seq, micro = cfg.data.seq_len, cfg.train.micro_batch_size if device.type == "cuda" else 1
+    seq, micro = cfg.data.seq_len, s.micro
     torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(cfg.model, vocab_size=VOCAB)).to(device)
-    tokens = torch.randint(0, VOCAB, (micro, seq), device=device)
-    lengths = torch.randint(64, 1025, (micro, seq // 64 + 1))
-    segments = torch.stack([torch.repeat_interleave(torch.arange(len(row)), row)[:seq] for row in lengths]).to(device)
-    ways = {"causal, no mask": ("sdpa", None), "SDPA, boolean mask": ("sdpa", segments)}
+    model = Transformer(dataclasses.replace(cfg.model, vocab_size=s.vocab)).to(device)
+    tokens = torch.randint(0, s.vocab, (micro, seq), device=device)
+    segments = packed_segments(micro, seq, torch.Generator().manual_seed(0)).to(device)
+    ways = {"causal over the whole row (no mask)": ("sdpa", None), "SDPA, boolean document mask": ("sdpa", segments)}
+    skipped = {}
     if device.type == "cuda":
         ways["FlexAttention, block mask"] = ("flex", segments)
+    else:
+        skipped["FlexAttention, block mask"] = "no backward on CPU"
+    if flash_varlen() is None:
+        skipped["flash-attention varlen"] = "flash_attn not installed"
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    repeats = 2 if tiny else 10
     times = {}
     for name, (impl, segs) in ways.items():
         model.attention_impl = impl
-        for step in range(steps + 3):
+        for step in range(repeats + 3):
             if step == 3:
-                torch.cuda.synchronize() if device.type == "cuda" else None
+                synchronize(device)
                 start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with bf16:
                 loss = model(tokens, segments=segs).float().logsumexp(-1).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        times[name] = (time.perf_counter() - start) / steps
-    base = times["causal, no mask"]
-    for name, t in times.items():
-        print(f"{name}: {1e3 * t:.1f} ms per forward + backward of {micro} x {seq} tokens, x{t / base:.2f} causal")
+        synchronize(device)
+        times[name] = 1e3 * (time.perf_counter() - start) / repeats
+    return {"micro": micro, "seq": seq, "ms": times, "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+def pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def gib(x) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def report(results: dict) -> str:
+    peak, measured = results["datasheet_peak"], results.get("matmul", {}).get("flops")
+    lines = [f"{results['device']}, torch {results['torch']}, {results['when']}; {results['budget']}",
+             "", f"matmul: {measured / 1e12:.3g} TFLOP/s measured ({results['matmul']['n']}^3, "
+                 f"{results['matmul']['dtype']})" + (f", datasheet {peak / 1e12:.0f}" if peak else "")
+             if measured else "matmul: not measured", "",
+             "| preset | loop | tokens/s | MFU (datasheet) | MFU (measured matmul) | peak GiB | host share | ours / baseline |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results["training"]:
+        if "skipped" in row:
+            lines.append(f"| {row['preset']} | {row['loop']} | skipped: {row['skipped']} | | | | | |")
+            continue
+        work = row["rate"] * row["flops_per_token"]
+        ratio = row.get("vs_baseline")
+        lines.append(f"| {row['preset']} | {row['loop']} | {row['rate']:,.0f} | {pct(work / peak if peak else None)} | "
+                     f"{pct(work / measured if measured else None)} | {gib(row['peak_gib'])} | "
+                     f"{pct(row['host_share'])} | {'–' if ratio is None else f'{ratio:.2f}'} |")
+    att = results.get("attention")
+    if att:
+        if "skipped" in att and isinstance(att["skipped"], str):
+            lines += ["", f"attention: skipped: {att['skipped']}"]
+        else:
+            base = next(iter(att["ms"].values()))
+            lines += ["", f"attention, forward + backward of {att['micro']} x {att['seq']} packed tokens:", "",
+                      "| way | ms | x causal |", "|---|---:|---:|"]
+            lines += [f"| {name} | {ms:.1f} | {ms / base:.2f} |" for name, ms in att["ms"].items()]
+            lines += [f"| {name} | skipped: {why} | |" for name, why in att["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def worker(job: dict) -> dict:
+    if job["part"] == "matmul":
+        return matmul_rate(job["tiny"])
+    if job["part"] == "ours":
+        return ours(job["preset"], job["document_mask"], job["shards"], job["out"], job["tiny"])
+    if job["part"] == "baseline":
+        return baseline(job["preset"], job["tiny"])
+    return attention(job["tiny"])
+
+
+def in_process(job: dict, deadline: float) -> dict:
+    """A job in a process of its own, given the time left: its result, or {"skipped": why}."""
+    left = deadline - time.monotonic()
+    if left < 20:
+        return {"skipped": "time budget spent"}
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], cwd=REPO, timeout=left,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"ran past the time budget ({left:.0f} s left)"}
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"skipped": f"failed: {tail[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["125m", "350m", "1b"])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--grad-accum", type=int, default=4)
-    ap.add_argument("--micro-batch", type=int, help="override the presets' micro-batch (e.g. 1 for a CPU check)")
-    ap.add_argument("--compile", nargs="+", choices=["on", "off"], default=["off", "on"])
-    ap.add_argument("--baseline-worker", nargs=2, metavar=("PRESET", "COMPILE"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "gpu"))
-    ap.add_argument("--attention", action="store_true", help="only the packed-row attention paths (see above)")
+    ap.add_argument("--budget-s", type=float, default=330, help="stop starting measurements after this (seconds)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset, compile off, few steps (a CPU check)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.attention:
-        attention_paths(args.steps)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
         return
-    if args.baseline_worker:
-        preset, on = args.baseline_worker
-        print(json.dumps(baseline(preset, args.steps, args.grad_accum, on == "on", args.micro_batch)))
-        return
-    shards = make_shards(args.out)
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"{name}, torch {torch.__version__}; {args.steps} steps x {args.grad_accum} micro-batches, bf16")
-    print("| preset | compile | ours tokens/s | ours MFU | nanoGPT-style tokens/s | its MFU | ours / baseline |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for preset in args.presets:
-        for on in args.compile:
-            proc = subprocess.run([sys.executable, __file__, "--baseline-worker", preset, on, "--steps", str(args.steps),
-                                   "--grad-accum", str(args.grad_accum),
-                                   *(["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])],
-                                  check=True, cwd=REPO, capture_output=True, text=True)
-            base = json.loads(proc.stdout.strip().splitlines()[-1])
-            mine = ours(preset, shards, os.path.join(args.out, "run"), args.steps, args.grad_accum, on == "on",
-                        args.micro_batch)
-
-            def pct(x):
-                return "–" if x is None else f"{100 * x:.1f}%"
-
-            print(f"| {preset} | {on} | {mine['rate']:,.0f} | {pct(mine['mfu'])} | {base['rate']:,.0f} | "
-                  f"{pct(base['mfu'])} | {mine['rate'] / base['rate']:.2f} |", flush=True)
+    deadline = time.monotonic() + args.budget_s
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",
+               "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"), "datasheet_peak": gpu_peak_flops(device),
+               "budget": f"budget {args.budget_s:.0f} s" + (", tiny" if args.tiny else ""), "training": []}
+    shards = make_shards(os.path.join(args.out, "data"), 100 if args.tiny else 3000)
+    results["matmul"] = in_process({"part": "matmul", "tiny": args.tiny}, deadline)
+    for preset, document_mask in [("125m", False), ("125m", True)] if args.tiny else TRAINING:
+        name = "tiny" if args.tiny else preset
+        mine = in_process({"part": "ours", "preset": preset, "document_mask": document_mask, "shards": shards,
+                           "out": args.out, "tiny": args.tiny}, deadline)
+        results["training"].append({"preset": name, "loop": "ours, document mask" if document_mask else "ours", **mine})
+        if document_mask:
+            continue
+        base = in_process({"part": "baseline", "preset": preset, "tiny": args.tiny}, deadline)
+        results["training"].append({"preset": name, "loop": "nanoGPT-style", **base})
+        if "rate" in mine and "rate" in base:
+            results["training"][-2]["vs_baseline"] = mine["rate"] / base["rate"]
+    results["attention"] = in_process({"part": "attention", "tiny": args.tiny}, deadline)
+    table = report(results)
+    with open(os.path.join(args.out, "gpu.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+        f.write(table)
+    print(table)
 
 
 if __name__ == "__main__":

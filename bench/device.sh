@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU benchmark on a bare device machine, in one command that ends within 6 minutes:
+#
+#     bash bench/device.sh [--tiny]      (writes gpu.json and gpu.md to $OUT, default bench_out/gpu)
+#
+# The wheels `make device-bundle` wrote into .device-bundle/ (what such a machine lacks: omegaconf, orjson) are
+# installed first when they are missing, offline, into a folder of their own; then bench/gpu.py runs with the repository on the path.
+# tests/test_gpu_bench.py runs this script with --tiny on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-bench_out/gpu}
+if ! "$PYTHON" -c "import omegaconf, orjson" 2> /dev/null; then
+    compgen -G ".device-bundle/*.whl" > /dev/null || { echo "error: no omegaconf/orjson here and no .device-bundle/ (make device-bundle)" >&2; exit 2; }
+    site=$(mktemp -d)
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" .device-bundle/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the benchmark stops starting measurements after 330 s; the rest of the 6 minutes is start-up and the report
+exec timeout --kill-after=10 360 "$PYTHON" bench/gpu.py --out "$OUT" --budget-s 330 "$@"
