@@ -12,13 +12,14 @@ What it writes to DIR (gpu.json, gpu.md) and prints, each figure measured in thi
               shards, accumulation, clipping, schedule, metrics.jsonl), timed by its own metrics after warm-up;
     ours, document mask (125m): the same with data.document_mask=true (packed documents attend to themselves);
     baseline  a GPT in nanoGPT's style (LayerNorm, learned positions, GELU MLP of 4 x dim, causal SDPA, tied
-              embeddings, fused AdamW, bf16 autocast, compiled whole) with the preset's dim, layers, heads,
+              embeddings, fused AdamW, bf16 autocast, compiled whole but the loss) with the preset's dim, layers, heads,
               vocabulary, sequence length, micro-batch and accumulation, on token ids already on the GPU, and the
-              same loss treatment as ours (training.stages.losses.lm_loss_sum).
+              same loss as ours (models/output.py: the targets' log-probs in chunks, no whole logits).
   MFU counts 6 FLOPs per matmul weight per token plus attention (12 x layers x dim x seq_len) for both.
 - attention: forward + backward of the 125m model on rows packed with documents of 64-1,024 tokens, each way to
   attend: causal over the whole row (the cost without a mask, wrong for packing), SDPA with a boolean document
-  mask, FlexAttention with a block mask, and flash-attention's varlen kernel when its package is installed.
+  mask and FlexAttention with a block mask; whether flash-attention (varlen) is installed is reported (our model
+  has no path for it: PyPI has its source alone, which a machine without network cannot build).
 
 Tokens are sentencepiece pieces of a synthetic corpus made here from a fixed seed (the model's vocabulary padded
 to 32,000 as the presets assume). Each measurement runs in a process of its own (memory and compile caches start
@@ -50,10 +51,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from training.config import load_config  # noqa: E402
+from training.models.output import target_logp_sum  # noqa: E402
 from training.models.transformer import Transformer  # noqa: E402
 from training.run.hooks import Hooks  # noqa: E402
 from training.run.metrics import gpu_peak_flops  # noqa: E402
-from training.stages.losses import lm_loss_sum  # noqa: E402
 
 VOCAB = 32000
 # (preset, document_mask): the rows of the training table, in the order they are measured
@@ -249,10 +250,12 @@ class GPT(nn.Module):
         self.head.weight = self.tok.weight
 
     def forward(self, idx):
+        """The final hidden states: the loss is taken outside the compiled forward, as ours is (its output layer
+        runs uncompiled, in chunks)."""
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln(x))
+        return self.ln(x)
 
     def flops_per_token(self, seq_len: int) -> float:
         weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
@@ -281,8 +284,7 @@ def baseline(preset: str, tiny: bool) -> dict:
             host.start()
         for m in range(s.grad_accum):
             with bf16:
-                logits = step_model(data[m, :, :-1])
-            loss, _ = lm_loss_sum(logits, data[m, :, 1:])
+                loss = -target_logp_sum(step_model(data[m, :, :-1]), model.head.weight, data[m, :, 1:])
             (loss / (s.micro * seq * s.grad_accum)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -303,15 +305,6 @@ def packed_segments(micro: int, seq: int, generator: torch.Generator) -> torch.T
     return torch.stack([torch.repeat_interleave(torch.arange(len(row)), row)[:seq] for row in lengths])
 
 
-def flash_varlen():
-    """flash-attention's varlen kernel, when its package is installed (None otherwise)."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    from flash_attn import flash_attn_varlen_func  # optional: not a dependency
-
-    return flash_attn_varlen_func
-
-
 def attention(tiny: bool) -> dict:
     """ms per forward + backward of packed rows through the 125m model (tiny: the tiny preset), each way to attend."""
     s = shape("125m", tiny)
@@ -320,7 +313,7 @@ def attention(tiny: bool) -> dict:
     seq, micro = cfg.data.seq_len, s.micro
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(cfg.model, vocab_size=s.vocab)).to(device)
-    tokens = torch.randint(0, s.vocab, (micro, seq), device=device)
+    tokens = torch.randint(0, s.vocab, (micro, seq + 1), device=device)
     segments = packed_segments(micro, seq, torch.Generator().manual_seed(0)).to(device)
     ways = {"causal over the whole row (no mask)": ("sdpa", None), "SDPA, boolean document mask": ("sdpa", segments)}
     skipped = {}
@@ -328,8 +321,8 @@ def attention(tiny: bool) -> dict:
         ways["FlexAttention, block mask"] = ("flex", segments)
     else:
         skipped["FlexAttention, block mask"] = "no backward on CPU"
-    if flash_varlen() is None:
-        skipped["flash-attention varlen"] = "flash_attn not installed"
+    installed = importlib.util.find_spec("flash_attn") is not None
+    skipped["flash-attention varlen"] = f"flash_attn {'installed' if installed else 'not installed'}; no model path"
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     repeats = 2 if tiny else 10
     times = {}
@@ -340,7 +333,7 @@ def attention(tiny: bool) -> dict:
                 synchronize(device)
                 start = time.perf_counter()
             with bf16:
-                loss = model(tokens, segments=segs).float().logsumexp(-1).mean()
+                loss = -model(tokens[:, :-1], segments=segs, targets=tokens[:, 1:], summed=True)
             loss.backward()
             model.zero_grad(set_to_none=True)
         synchronize(device)

@@ -20,7 +20,7 @@ from conftest import (
 )
 
 from training.data.batch import layout_rows
-from training.stages.losses import IGNORE, dpo_loss, sequence_logps
+from training.stages.losses import IGNORE, dpo_loss
 
 # ------------------------------------------------------------------------------------------ pure functions
 
@@ -43,14 +43,6 @@ def test_dpo_loss_and_gradients_equal_a_hand_computed_reference():
     at_start, start_metrics = dpo_loss(same, same - 1, same, same - 1, 0.1)  # policy == reference
     assert at_start.item() == pytest.approx(math.log(2), abs=1e-12)
     assert start_metrics["rewards/chosen"].item() == 0 and start_metrics["rewards/margins"].item() == 0
-
-
-def test_sequence_log_probs_sum_only_the_completion_tokens():
-    logits = torch.randn(2, 5, 11)
-    targets = torch.tensor([[3, IGNORE, 4, 1, IGNORE], [IGNORE] * 4 + [7]])
-    logp = torch.log_softmax(logits, -1)
-    expected = torch.stack([logp[0, 0, 3] + logp[0, 2, 4] + logp[0, 3, 1], logp[1, 4, 7]])
-    torch.testing.assert_close(sequence_logps(logits, targets), expected)
 
 
 def pad_sequences(docs, **kwargs):

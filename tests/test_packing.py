@@ -31,7 +31,7 @@ from training.data.packing import best_fit
 from training.data.sources import ExampleSource, ShardSource
 from training.models.transformer import ModelConfig, Transformer
 from training.stages.dpo import DPO, PairBatches
-from training.stages.losses import PREFERENCE_LOSSES, lm_loss_sum, preference_loss, sequence_logps, sequence_tokens
+from training.stages.losses import PREFERENCE_LOSSES, next_token_loss, preference_loss, sequence_logps, sequence_tokens
 from training.stages.pretrain import PretrainData
 from training.stages.reference import LiveReference
 
@@ -145,12 +145,11 @@ def test_packed_and_padded_sft_give_the_same_per_example_losses_and_gradients(ch
     assert packed.inputs.numel() < padded.inputs.numel() and len(packed.inputs) < len(padded.inputs) / 2
     assert packed.real_tokens == padded.real_tokens
     model = tiny_model()
-    per_padded = sequence_logps(model(padded.inputs), padded.targets)
-    per_packed = sequence_logps(model(packed.inputs, segments=packed.segments), packed.targets, packed.segments,
-                                len(per_padded))
+    per_padded = sequence_logps(model, padded)
+    per_packed = sequence_logps(model, packed, len(per_padded))
     torch.testing.assert_close(per_packed, per_padded, rtol=1e-5, atol=0)
-    g_padded = _gradients(model, lm_loss_sum(model(padded.inputs), padded.targets)[0])
-    g_packed = _gradients(model, lm_loss_sum(model(packed.inputs, segments=packed.segments), packed.targets)[0])
+    g_padded = _gradients(model, next_token_loss(model, padded)[0])
+    g_packed = _gradients(model, next_token_loss(model, packed)[0])
     assert_same_gradients(g_packed, g_padded)
 
 
@@ -173,7 +172,7 @@ def test_packed_and_padded_dpo_give_the_same_per_pair_losses_and_gradients(chat_
     n = len(picks)
 
     def pair_losses(batch, name):  # every loss: the length-normalised ones also count each sequence's tokens
-        logps = sequence_logps(model(batch.inputs, segments=batch.segments), batch.targets, batch.segments, 2 * n)
+        logps = sequence_logps(model, batch, 2 * n)
         tokens = sequence_tokens(batch.targets, batch.segments, 2 * n)
         return preference_loss(name, logps[:n], logps[n:], batch.reference[:n], batch.reference[n:], beta=0.5,
                                chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])[0]
@@ -181,7 +180,7 @@ def test_packed_and_padded_dpo_give_the_same_per_pair_losses_and_gradients(chat_
     # a loss linear in the log-ratios (hinge) carries the last float32 step of log-probs of ~100 (7.6e-6) into its
     # value as it is: compared at 1e-6 of the log-probs' scale, where a wrong layout would be off by whole nats
     with torch.no_grad():
-        scale = float(sequence_logps(model(padded.inputs), padded.targets).abs().max())
+        scale = float(sequence_logps(model, padded).abs().max())
     for name in PREFERENCE_LOSSES:
         l_padded, l_packed = pair_losses(padded, name), pair_losses(packed, name)
         assert l_padded.std() > 1e-3, name  # the reference differs from the policy: the losses are not all ln 2
@@ -307,6 +306,11 @@ def test_packed_sft_is_the_same_on_two_processes_and_resumes_exactly_after_kill_
         assert two[step] == pytest.approx(one[step], rel=1e-5)
     for step, value in val_losses(tmp_path / "one").items():
         assert val_losses(tmp_path / "two")[step] == pytest.approx(value, rel=1e-5)
+    # the batches read a step ahead (by default, while the packing plan grows window by window, with an evaluation
+    # and a checkpoint between steps) are those read at each step
+    run_training(*common, f"out_dir={tmp_path / 'at-step'}", "train.grad_accum=4", "data.read_ahead=false",
+                 stage="sft", config=SFT_CONFIG)
+    assert losses(tmp_path / "at-step") == one and val_losses(tmp_path / "at-step") == val_losses(tmp_path / "one")
 
     out = tmp_path / "killed"
     command = start_training(*common, f"out_dir={out}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)

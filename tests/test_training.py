@@ -115,6 +115,51 @@ def test_logits_at_kept_positions_are_the_full_forwards_and_so_are_their_gradien
         torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_target_log_probs_in_chunks_are_the_log_softmax_of_the_whole_logits(monkeypatch, autocast):
+    """The output layer given targets (models/output.py) computes log p(target) a chunk of rows at a time: per
+    row (at a temperature, with IGNORE targets and at kept positions) and summed (its gradient made in the forward),
+    values and gradients equal those of F.log_softmax / F.cross_entropy over the whole logits. Chunks of 7 rows:
+    several per micro-batch, the last one short. Under bf16 autocast both compute their matmuls in bf16 and differ
+    only by where they round."""
+    monkeypatch.setattr("training.models.output.CHUNK_LOGIT_BYTES", 7 * 4 * 97)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=40))
+    tokens = torch.randint(0, 97, (3, 30))
+    targets = torch.randint(0, 97, (3, 30)).masked_fill(torch.rand(3, 30) < 0.3, IGNORE)
+    segments = torch.tensor([[0] * 12 + [1] * 18, [2] * 30, [3] * 20 + [-1] * 10])
+    keep = targets != IGNORE
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+
+    def run(loss_of):
+        model.zero_grad()
+        with context:
+            value = loss_of()
+        (value if value.dim() == 0 else value.square().mean()).backward()
+        return value.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def whole(temperature=1.0):
+        logits = model(tokens, segments=segments).float() / temperature
+        return torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+
+    cases = {
+        "per row": (lambda: whole(), lambda: model(tokens, segments=segments, targets=targets)),
+        "temperature": (lambda: whole(0.7), lambda: model(tokens, segments=segments, targets=targets, temperature=0.7)),
+        "kept rows": (lambda: whole(0.7)[keep], lambda: model(tokens, segments=segments, keep=keep,
+                                                               targets=targets[keep], temperature=0.7)),
+        "summed": (lambda: -lm_loss_sum(model(tokens, segments=segments), targets)[0],
+                   lambda: model(tokens, segments=segments, targets=targets, summed=True)),
+    }
+    for name, (reference, chunked) in cases.items():
+        (want, want_grads), (got, got_grads) = run(reference), run(chunked)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, **tolerance, msg=name)
+    assert (model(tokens, segments=segments, targets=targets)[~keep] == 0).all()
+
+
 def test_packed_rows_with_grouped_heads_train_alike_compiled_and_eager():
     """Packed rows give attention a mask, which the CPU's kernels take with grouped key/value heads as they are
     (no copies); train.compile must trace that to the same logits and gradients. aot_eager traces forward and

@@ -31,6 +31,8 @@ class DataConfig:
                                  # the batch counts rows
     pack_window: int = 1024      # packing: examples of the global order packed together (best fit)
     document_mask: bool = False  # pretraining: attention (and positions) restart at every document of a sample
+    read_ahead: bool = True      # a thread reads (and pins, for a GPU) step t+1's batches while step t computes:
+                                 # the same batches in the same order (run/reader.py)
 
     def packing_window(self) -> int:
         """Examples packed together, or 0 without packing."""
@@ -68,7 +70,8 @@ class TrainConfig:
     eval_samples: int = 512      # validation samples per evaluation, split over the ranks (same set for any count)
     sample_prompt: str | None = None  # text continued at every evaluation (none: no sample)
     sample_tokens: int = 64
-    attention: str = "auto"      # packed rows and document masks: auto (sdpa) | sdpa (boolean mask) | flex (CUDA)
+    attention: str = "auto"      # packed rows and document masks: auto (flex on CUDA, sdpa elsewhere) | sdpa (a
+                                 # boolean mask) | flex (FlexAttention's block mask; CUDA)
 
 
 @dataclass

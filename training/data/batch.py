@@ -39,6 +39,11 @@ class Batch:
             return self.positions
         return None if self.segments is None else self.segments >= 0
 
+    def pin(self) -> Batch:
+        """The same, its tensors in pinned (page-locked) memory: their copies to a GPU then run asynchronously."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def to(self, device: torch.device) -> Batch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
                                             for f in dataclasses.fields(self)

@@ -28,6 +28,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as flex
 from torch.utils.checkpoint import checkpoint
 
+from .output import target_logp_sum, target_logps
+
 
 @dataclass
 class MoEConfig:
@@ -283,6 +285,22 @@ def flex_attention():
     return torch.compile(flex)
 
 
+class OutputLayer(nn.Linear):
+    """The vocabulary projection: logits, or given targets the log-probabilities of those alone (models/output.py:
+    computed a chunk of rows at a time, no (positions, vocabulary) tensor kept). A module of its own, so that a
+    backend that gathers a module's weights around its forward (ZeRO-3) gathers them for the log-probs too."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, temperature: float = 1.0,
+                summed: bool = False) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        if summed:
+            if temperature != 1:
+                raise ValueError("summed log-probs are the training loss's: temperature 1")
+            return target_logp_sum(x, self.weight, targets)
+        return target_logps(x, self.weight, targets, temperature)
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, hidden: int = 0):
         super().__init__()
@@ -437,7 +455,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = OutputLayer(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         for name in self.rope_names():
@@ -486,11 +504,16 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 segments: torch.Tensor | None = None, pad: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, targets: torch.Tensor | None = None, temperature: float = 1.0,
+                summed: bool = False) -> torch.Tensor:
         """tokens: (batch, seq) → logits (batch, seq, vocab); segments: see the module's docstring. pad (batch,):
         left padding of each row (batched decoding), whose positions no token attends to and which rotary
         positions skip, so that each row computes as its sequence alone. keep: a bool (batch, seq) mask of the
-        positions whose logits are wanted → (kept, vocab), the output layer run at those alone."""
+        positions whose logits are wanted → (kept, vocab), the output layer run at those alone.
+
+        targets (batch, seq), or (kept,) with keep: instead of logits, log p(target) at each position in fp32 (0
+        where the target is negative: IGNORE), of the logits divided by `temperature`, without the whole logits
+        tensor ever existing; summed=True: their sum (the negative of the summed cross-entropy)."""
         if keep is not None and keep.dtype != torch.bool:
             raise TypeError(f"keep: a bool mask of positions, not {keep.dtype}")
         start = cache.length if cache is not None else 0
@@ -527,7 +550,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = end
         x = self.norm(x)
-        return self.output(x if keep is None else x[keep])
+        x = x if keep is None else x[keep]
+        return self.output(x) if targets is None else self.output(x, targets, temperature, summed)
 
     def window_mask(self, window: int, mask, segments, start: int, end: int, device):
         """The mask of a sliding layer: the full layers' (None: causal) limited to each query's last `window` keys."""

@@ -258,14 +258,21 @@ def build_model(cfg: Config, start: StartingPoint, backend, precision: str, pinn
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    if device.type == "cuda":  # what stays fp32 (train.precision=fp32, the optimizer's and norms' own matmuls) runs
+        torch.backends.cuda.matmul.allow_tf32 = True  # on TF32 tensor cores: 10 mantissa bits in, fp32 sums
+        torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":  # bf16 autocast pays off on GPUs; on CPUs it is slower than fp32
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
 
 
 def resolve_attention(attention: str, device: torch.device) -> str:
-    """How packed rows and document masks attend. SDPA with a boolean mask runs everywhere; FlexAttention has no
-    backward on CPU (torch 2.13), and auto keeps SDPA until FlexAttention is measured faster (docs/benchmarks.md)."""
+    """How packed rows and document masks attend. On CUDA auto is FlexAttention: its kernels skip the blocks a
+    document mask leaves empty and take grouped key/value heads as they are, where SDPA with a boolean mask falls
+    back to its memory-efficient kernel with copied heads. SDPA's boolean mask stays the CPU's way: FlexAttention
+    has no backward on CPU (torch 2.13), and SDPA there was measured faster (docs/benchmarks.md)."""
     if attention == "flex" and device.type != "cuda":
         raise UserError("train.attention=flex: FlexAttention has no backward pass on CPU; use train.attention=sdpa")
-    return "sdpa" if attention == "auto" else attention
+    if attention == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return attention

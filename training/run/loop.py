@@ -2,8 +2,8 @@
 model, the backward and the update; the loop does the rest: accumulation over the global batch, precision,
 evaluation, logging, checkpoints, stopping.
 
-Read top to bottom: run() → build() (run/build.py: everything a run needs, fresh or resumed) → train() (the step
-loop) → accumulate() (one step's micro-batches).
+Read top to bottom: run() → build() (run/build.py: everything a run needs, fresh or resumed) → train() → steps()
+(the step loop) → accumulate() (one step's micro-batches).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from . import rundir
 from .build import Run, build, check
 from .evaluation import evaluate
 from .hooks import Hooks
+from .reader import StepReader
 from .signals import Stopped, StopSignal
 
 
@@ -70,14 +71,25 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, saves: bool = Tru
 
 
 def train(r: Run, saves: bool = True) -> None:
-    """The step loop: batches → gradients → update → log, evaluate, checkpoint (unless saves=False)."""
-    cfg, env, state, backend = r.cfg, r.env, r.state, r.backend
+    """The evaluation before the first step, then the steps, with their data read a step ahead."""
+    cfg, env, state = r.cfg, r.env, r.state
     if state.step >= cfg.train.max_steps and env.is_main:
         print(f"{cfg.out_dir}: already at step {state.step} of train.max_steps={cfg.train.max_steps}; nothing to do "
               f"(raise train.max_steps to train further)", flush=True)
     if state.step == 0 and cfg.train.eval_every:
         evaluate(r, step=0)
     stop = StopSignal()
+    reader = StepReader(r.data, r.plan.grad_accum, env.device, cfg.data.read_ahead)
+    try:
+        steps(r, saves, stop, reader)
+    finally:
+        reader.close()
+    stop.restore()
+
+
+def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
+    """The step loop: batches → gradients → update → log, evaluate, checkpoint (unless saves=False)."""
+    cfg, env, state, backend = r.cfg, r.env, r.state, r.backend
     reuse, batches = r.stage.steps_per_batch, None  # a stage may train several steps on one prepared batch (GRPO)
     for step in range(state.step, cfg.train.max_steps):
         done = step + 1
@@ -87,10 +99,11 @@ def train(r: Run, saves: bool = True) -> None:
         if fresh:
             with r.log.data_wait():
                 batches = []
-                for m in range(r.plan.grad_accum):
-                    picks, batch = r.data.micro_batch(state.consumed_samples, m)
+                for m, (picks, batch) in enumerate(reader.read(state.consumed_samples)):
                     r.hooks.on_picks(done, m, picks)
                     batches.append(batch)
+                if step + reuse < cfg.train.max_steps:  # the next cycle's, while this one computes
+                    reader.read_ahead(state.consumed_samples + r.plan.global_batch)
             batches = r.stage.prepare(r.model, batches, env, r.autocast)
         loss_sum, metric_sums, units, tokens, real = accumulate(r.stage, backend, batches, env, r.autocast,
                                                                 functools.partial(r.hooks.loss, done))
@@ -112,19 +125,20 @@ def train(r: Run, saves: bool = True) -> None:
         if skipped or done % cfg.log.every == 0 or done == cfg.train.max_steps:
             r.log.train_step(done, means, lr, grad_norm, state.tokens, skipped)
         if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+            reader.settle()  # evaluation reads the data too
             evaluate(r, step=done)
         if done % reuse:  # within a cycle on one batch: a stop or a checkpoint waits for its end
             continue
         signum = stop.agreed(env)  # every rank stops at the same step boundary
         if saves and (signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps):
             if r.data.packing is not None:
+                reader.settle()  # the packing plan is the reader's while it reads
                 state.packing_cursor = r.data.packing.cursor(state.consumed_samples)
             with r.log.paused():
                 store.save(env, cfg.out_dir, state, backend, r.config_yaml, tokenizer_file(cfg.out_dir),
                            cfg.train.keep_checkpoints, rank_files=lambda tmp: [save_rng(tmp, env)])
         if signum and (done < cfg.train.max_steps or not saves):  # saving nothing, the caller must hear of it
             raise Stopped(signum, done, saves)
-    stop.restore()
 
 
 def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, autocast=None, loss_hook=None):

@@ -77,8 +77,7 @@ class DPO(ReferenceStage):
 
     def loss(self, model, batch):
         n = batch.examples()
-        logits = model(batch.inputs, segments=batch.segments)
-        logps = sequence_logps(logits, batch.targets, batch.segments, 2 * n)
+        logps = sequence_logps(model, batch, 2 * n)
         tokens = sequence_tokens(batch.targets, batch.segments, 2 * n)
         ref = batch.reference.to(logps) if self.uses_reference else torch.zeros_like(logps)
         real = batch.counted.to(logps.device).bool()  # a filler pair (no tokens) is left out, not multiplied by 0

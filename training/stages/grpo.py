@@ -39,7 +39,7 @@ from ..data.packing import best_fit
 from ..models import lora
 from ..models.decoding import sample_batch, sample_seed, tokenizer_template
 from ..parallel import env as D
-from .losses import group_advantages, grpo_loss, grpo_units, sequence_tokens, token_logps
+from .losses import group_advantages, grpo_loss, grpo_units, sequence_tokens
 from .reference import ReferenceStage, reference_model
 from .rewards import load_reward, score
 
@@ -394,8 +394,8 @@ class GRPO(ReferenceStage):
         """log p(target) at the sampling temperature at every position (0 where there is none), the output layer
         run at the targets alone: a prompt's and the padding's positions cost no logits."""
         targets = batch.targets != IGNORE
-        logits = model(batch.inputs, segments=batch.segments, keep=targets)
-        picked = token_logps(logits, batch.targets[targets], self.cfg.grpo.temperature)
+        picked = model(batch.inputs, segments=batch.segments, keep=targets, targets=batch.targets[targets],
+                       temperature=self.cfg.grpo.temperature)
         return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(targets, picked)
 
     # ---------------------------------------------------------------------------------------------------- loss

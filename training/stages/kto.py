@@ -106,7 +106,7 @@ class KTO(ReferenceStage):
             for batch in batches:
                 n = batch.examples()
                 kl = batch.kl_rows.to(env.device)
-                logps = sequence_logps(model(kl.inputs), kl.targets)
+                logps = sequence_logps(model, kl)
                 # a filler, or an example of a split too small to have partners, has no KL sequence to count
                 real = batch.counted.to(env.device).bool() & (kl.targets != IGNORE).any(dim=-1)
                 reference = batch.reference[n:].to(logps)
@@ -119,7 +119,7 @@ class KTO(ReferenceStage):
 
     def loss(self, model, batch):
         n = batch.examples()
-        logps = sequence_logps(model(batch.inputs), batch.targets)
+        logps = sequence_logps(model, batch)
         real = batch.counted.to(logps.device).bool()
         ref = batch.reference[:n].to(logps)
         dpo = self.cfg.dpo

@@ -15,35 +15,39 @@ from ..data.batch import IGNORE
 
 
 def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (in fp32) over targets != IGNORE, and how many targets there were."""
+    """Summed next-token cross-entropy (in fp32) over targets != IGNORE, and how many targets there were, from
+    logits already computed (the training loss computes it without them: next_token_loss)."""
     loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, (targets != IGNORE).sum()
 
 
 def next_token_loss(model, batch) -> tuple[torch.Tensor, dict]:
     """Pretraining's and SFT's loss: the summed cross-entropy of every target of the batch (packed rows attend
-    within their segments), no metrics."""
-    return lm_loss_sum(model(batch.inputs, segments=batch.segments), batch.targets)[0], {}
+    within their segments), no metrics; through the output layer a chunk at a time (models/output.py)."""
+    return -model(batch.inputs, segments=batch.segments, targets=batch.targets, summed=True), {}
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) at every position (0 where the target is IGNORE), from an fp32 log-softmax of the logits
-    divided by `temperature`: the distribution the completions were sampled from, as TRL scores them."""
+    """log p(target) at every position (0 where the target is IGNORE), from an fp32 log-softmax of logits already
+    computed, divided by `temperature` (the model computes the same without them: model(..., targets=...))."""
     logits = logits.float()
     logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * (targets != IGNORE)
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None,
-                   sequences: int = 0) -> torch.Tensor:
-    """Per sequence, the sum of log p(target) over its targets != IGNORE, from an fp32 log-softmax: one sequence
-    per row, or with `segments` (packed rows) the `sequences` slots 0..sequences-1 that segments name."""
-    picked = token_logps(logits, targets)
+def sequence_logps(model, batch, sequences: int = 0) -> torch.Tensor:
+    """Per sequence of the batch, the sum of log p(target) over its targets != IGNORE: one sequence per row, or
+    with segments (packed rows) the `sequences` slots 0..sequences-1 that they name."""
+    return sequence_sums(model(batch.inputs, segments=batch.segments, targets=batch.targets), batch.segments, sequences)
+
+
+def sequence_sums(picked: torch.Tensor, segments: torch.Tensor | None = None, sequences: int = 0) -> torch.Tensor:
+    """Per-position values (batch, seq) summed per sequence: per row, or per slot of `segments`."""
     if segments is None:
         return picked.sum(dim=-1)
     # summed in fp64: the order of additions then changes nothing an fp32 result can show
-    sums = torch.zeros(sequences, dtype=torch.float64, device=logits.device)
+    sums = torch.zeros(sequences, dtype=torch.float64, device=picked.device)
     return sums.index_add_(0, segments.clamp(min=0).flatten(), picked.flatten().double()).float()
 
 

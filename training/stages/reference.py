@@ -66,8 +66,7 @@ class LiveReference:
             for rows, sequences in self.columns(batch):
                 rows = rows.to(self.device)
                 with self.autocast:
-                    logits = self.model(rows.inputs, segments=rows.segments)
-                values.append(sequence_logps(logits, rows.targets, rows.segments, sequences))
+                    values.append(sequence_logps(self.model, rows, sequences))
         return torch.cat(values)
 
 
