@@ -108,11 +108,25 @@ def test_a_nan_step_is_skipped_and_counted_and_k_in_a_row_stop_the_run(pretrain_
     state = json.load(open(tmp_path / "one" / "checkpoints" / "step-6" / "state.json"))
     assert state["nonfinite_steps"] == 1 and state["nonfinite_in_a_row"] == 0
 
+    stopped = ("error: step 4: the loss or gradient was not finite for 3 steps in a row (train.max_nonfinite_steps=3); "
+               "the weights are those of step 1. Lower train.lr or check the data, then resume from a checkpoint")
     proc = nan_run("2+3+4", *common, "train.max_nonfinite_steps=3", f"out_dir={tmp_path / 'three'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: step 4: the loss or gradient was not finite for 3 steps in a row (train.max_nonfinite_steps=3); the "
-        "weights are those of step 1. Lower train.lr or check the data, then resume from a checkpoint")
+    assert proc.stderr.strip().splitlines()[-1] == stopped
+
+    # logged every 4 steps (the steps between are read back from the device at a logged one): the skipped step is
+    # counted, warned about and written as it was at once, and the training is the same
+    proc = nan_run("3", *common, "log.every=4", f"out_dir={tmp_path / 'every4'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: step 3: loss nan, gradient norm nan: update skipped (1 in a row" in proc.stderr
+    logged = {r["step"]: r for r in map(json.loads, open(tmp_path / "every4" / "metrics.jsonl")) if "loss" in r}
+    assert sorted(logged) == [3, 4, 6] and logged[3]["skipped"] and "tokens_per_sec" not in logged[3]
+    assert all(logged[s]["loss"] == r["loss"] for r in records for s in (4, 6) if r["step"] == s)
+    state = json.load(open(tmp_path / "every4" / "checkpoints" / "step-6" / "state.json"))
+    assert state["nonfinite_steps"] == 1 and state["nonfinite_in_a_row"] == 0
+    # the run stops at the read after the third in a row, with the same line
+    proc = nan_run("2+3+4", *common, "train.max_nonfinite_steps=3", "log.every=5", f"out_dir={tmp_path / 'five'}")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == stopped
 
 
 @pytest.mark.slow

@@ -104,12 +104,19 @@ def job_state(env, job: str) -> str:
 TRAIN_ARGS = [*FAST, "train.grad_accum=1", "train.ckpt_every=1000"]
 
 
+def training_export() -> str:
+    """The environment of a training job: the script's own rendezvous port (20000 + job id) lies in the block that
+    conftest.free_port gives this session's tests, whose rendezvous could hold it (seen: a requeued job's ranks
+    failing with EADDRINUSE), so the job is given a free one. A requeue keeps it."""
+    return f"--export=ALL,PYTHON={sys.executable},MASTER_PORT={free_port()}"
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("slurm")  # one local Slurm cluster (the module's fixture) for all
 def test_sbatch_runs_one_rank_per_task(slurm, pretrain_shards, tmp_path):
     run_training(f"data.path={pretrain_shards}", "train.max_steps=5", "train.grad_accum=2", f"out_dir={tmp_path / 'one'}")
-    job = sbatch(slurm, "--wait", "--ntasks=2", f"--output={tmp_path / 'job.out'}",
-                 f"--export=ALL,PYTHON={sys.executable}", os.path.join(LAUNCH, "slurm", "train.sbatch"), "pretrain",
+    job = sbatch(slurm, "--wait", "--ntasks=2", f"--output={tmp_path / 'job.out'}", training_export(),
+                 os.path.join(LAUNCH, "slurm", "train.sbatch"), "pretrain",
                  TINY_CONFIG, *TRAIN_ARGS, f"data.path={pretrain_shards}", "train.max_steps=5",
                  f"out_dir={tmp_path / 'slurm'}")
     assert job_state(slurm, job) in ("COMPLETED", "GONE")
@@ -126,7 +133,7 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, pret
     run_training(f"data.path={pretrain_shards}", f"train.max_steps={steps}", "train.grad_accum=2",
                  f"out_dir={tmp_path / 'straight'}")
     out = tmp_path / "slurm"
-    job = sbatch(slurm, "--ntasks=2", f"--output={tmp_path / 'job.out'}", f"--export=ALL,PYTHON={sys.executable}",
+    job = sbatch(slurm, "--ntasks=2", f"--output={tmp_path / 'job.out'}", training_export(),
                  os.path.join(LAUNCH, "slurm", "train.sbatch"), "pretrain", TINY_CONFIG, *TRAIN_ARGS,
                  f"data.path={pretrain_shards}", f"train.max_steps={steps}", f"out_dir={out}")
     metrics = out / "metrics.jsonl"

@@ -2,6 +2,7 @@ import ast
 import glob
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -184,6 +185,57 @@ def test_packed_rows_with_grouped_heads_train_alike_compiled_and_eager():
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
 
 
+def test_the_whole_model_compiles_with_its_loss_into_one_graph_and_trains_alike(monkeypatch):
+    """train.compile_scope=model (auto under DDP) compiles the training forward with its loss: packed rows with
+    grouped heads, and the output layer's chunked log-probs (summed, as pretraining and SFT take them, and per
+    position, as DPO, KTO and GRPO do) make one graph without a break, whose loss and gradients are eager's.
+    Several chunks per micro-batch (7 rows each)."""
+    monkeypatch.setattr("training.models.output.CHUNK_LOGIT_BYTES", 7 * 4 * 97)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=40))
+    tokens = torch.randint(0, 97, (2, 25))
+    segments = torch.tensor([[0] * 10 + [1] * 14, [2] * 20 + [-1] * 4])
+    targets = tokens[:, 1:].masked_fill(segments < 0, IGNORE)
+    try:
+        for summed in (True, False):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model)(tokens[:, :-1], segments=segments, targets=targets, summed=summed)
+            assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+            results = []
+            for forward in (model, torch.compile(model, backend="aot_eager")):
+                model.zero_grad()
+                out = forward(tokens[:, :-1], segments=segments, targets=targets, summed=summed)
+                (out if summed else out.square().sum()).backward()
+                results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+            (eager, eager_grads), (compiled, compiled_grads) = results
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+            for c, e in zip(compiled_grads, eager_grads, strict=True):
+                torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_train_compile_takes_the_whole_model_under_ddp_and_each_block_under_deepspeed():
+    from training.parallel.backends import backend_class
+    from training.run.build import compile_scope
+
+    def cfg(*overrides):
+        return load_config(TINY_CONFIG, ["data.path=unused", *overrides])
+
+    ddp, deepspeed = backend_class("ddp"), backend_class("deepspeed")
+    assert compile_scope(cfg("train.compile=true"), ddp) == "model"
+    assert compile_scope(cfg("train.compile=true"), deepspeed) == "blocks"
+    assert compile_scope(cfg("train.compile=true", "train.compile_scope=blocks"), ddp) == "blocks"
+    assert compile_scope(cfg("train.compile=false", "train.compile_scope=model"), ddp) is None
+    assert deepspeed.check(cfg("train.compile=true", "train.compile_scope=model"))[0].startswith(
+        "train.compile_scope=model: DeepSpeed")
+    backend = DDP(None, D.DistEnv(), None, "fp32")
+    backend.setup(_small_model(), lambda m: None)
+    backend.compile()  # the training forwards through a compiled wrapper; evaluation and sampling keep the model
+    assert isinstance(backend.train_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert backend.train_model._orig_mod is backend.model
+
+
 def test_learning_rate_schedules():
     cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
@@ -362,6 +414,86 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
     D.shutdown(env)
     D.exit_process(0)  # as the training commands end (see its docstring): no abort in gloo's teardown
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts, per step of a run, what would make the host wait for a GPU: a tensor's value read into Python
+    (item, float, int, bool, tolist) and the operations whose result's size depends on values (nonzero,
+    indexing by a boolean mask). A CPU run has no GPU to wait for; the same calls are what would."""
+    READS = {"item", "__float__", "__int__", "__bool__", "tolist", "nonzero", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.step, self.paused, self.reads = 0, False, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        masked = name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:])
+        if not self.paused and (name in self.READS or masked):
+            self.reads.setdefault(self.step, []).append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_that_does_not_log_reads_nothing_back_from_the_device(pretrain_shards, tmp_path, monkeypatch):
+    """Steps 1, 2, 4 and 5 of a run logging every 3 steps read no tensor value into Python: the loss, the gradient
+    norm and whether the update was applied stay on the device until step 3 and 6 read them back. The counts of
+    a batch are the host's (read from the batch before it moves to the device: left out of the count here). The
+    optimizer is fused AdamW, as on a GPU, whose update skips a non-finite step by itself."""
+    from training.cli import stage_main
+    from training.run.hooks import Hooks
+    from training.stages.pretrain import Pretrain
+
+    reads = HostReads()
+
+    class Steps(Hooks):
+        def on_picks(self, step, micro, picks):
+            reads.step = step
+
+    units = Pretrain.units
+
+    def host_units(self, batch):
+        reads.paused = True
+        try:
+            return units(self, batch)
+        finally:
+            reads.paused = False
+
+    monkeypatch.setattr(Pretrain, "units", host_units)
+    monkeypatch.setattr("training.models.optim.fused_adamw", lambda device: True)
+    argv = ["--config", TINY_CONFIG, *FAST, f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'run'}",
+            "train.max_steps=6", "log.every=3", "train.eval_every=0", "train.grad_accum=2", "log.tensorboard=false"]
+    with reads:
+        assert stage_main("pretrain", argv, hooks=Steps()) == 0
+    assert all(not reads.reads.get(step) for step in (1, 2, 4, 5)), reads.reads
+    assert reads.reads.get(3) and reads.reads.get(6)  # the counter sees what a logged step reads
+    assert sorted(losses(tmp_path / "run")) == [3, 6]
+
+
+def test_fused_adamw_skips_a_non_finite_step_on_the_device_as_the_host_check_does():
+    """DDP's step with fused AdamW decides on the device (found_inf): a NaN gradient changes neither the weights nor
+    the optimizer's moments and step count, and the finite steps around it update as the foreach AdamW, whose
+    skip the host decides, does."""
+    runs = {}
+    for fused in (False, True):
+        model = _small_model()
+        backend = DDP(None, D.DistEnv(), None, "fp32")
+        backend.setup(model, lambda m, fused=fused: torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused))
+        norms, applied = [], []
+        for step in range(3):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.full_like(p, math.nan if step == 1 else 0.01 * (i + 1))
+            norm, ok = backend.step(1.0, torch.tensor(2.0))
+            norms.append(float(norm))
+            applied.append(bool(ok))
+            assert isinstance(ok, torch.Tensor) == fused  # fused: left on the device
+        state = backend.optimizer.state_dict()["state"]
+        runs[fused] = ([p.detach().clone() for p in model.parameters()], state, applied)
+    assert runs[True][2] == runs[False][2] == [True, False, True]
+    for a, b in zip(runs[True][0], runs[False][0], strict=True):
+        torch.testing.assert_close(a, b)
+    for key, s in runs[False][1].items():
+        assert float(runs[True][1][key]["step"]) == float(s["step"]) == 2  # the skipped step is not counted
+        torch.testing.assert_close(runs[True][1][key]["exp_avg_sq"], s["exp_avg_sq"])
 
 
 def test_loss_is_normalised_by_the_target_tokens_of_the_whole_global_batch(tmp_path):

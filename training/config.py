@@ -60,6 +60,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # steps in a row with a NaN/inf loss or gradient (each skipped) before the run stops
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    compile_scope: str = "auto"  # what train.compile compiles: auto (the backend's choice: ddp the whole model with
+                                 # its loss, deepspeed each block) | model | blocks (each block in place: evaluation's
+                                 # and sampling's forwards too)
     activation_checkpointing: str = "none"  # none | full | every_n: blocks that recompute their activations in the
                                             # backward instead of keeping them (memory for time)
     activation_checkpointing_every: int = 2  # every_n: every n-th block, from the first
@@ -210,6 +213,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "dist.backend": ("none", "ddp", "deepspeed"),
     "train.attention": ("auto", "sdpa", "flex"),
+    "train.compile_scope": ("auto", "model", "blocks"),
     "train.optimizer": ("adamw", "muon"),
     "train.activation_checkpointing": ("none", "full", "every_n"),
     "grpo.scale_rewards": ("group", "batch", "none"),

@@ -71,8 +71,13 @@ def adamw_for(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.
     decay = [p for p in params if p.dim() >= 2]        # matmuls and embeddings
     no_decay = [p for p in params if p.dim() < 2]      # norm gains
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"  # one kernel for the whole update on GPU; the default foreach path on CPU
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused_adamw(device))
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """One kernel for the whole update on GPU, which also skips a non-finite one without the host looking
+    (parallel/ddp.py); the default foreach path on CPU."""
+    return device.type == "cuda"
 
 
 class CombinedOptimizer:

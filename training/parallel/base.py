@@ -16,6 +16,7 @@ A backend is made, set up once with the built model and a way to make its optimi
                 loss = stage.loss(backend.train_model, batch)
             backend.backward(scaled)
         norm, applied = backend.step(max_norm, loss)           # clip, apply unless not finite, zero the gradients
+                                                               # (on the device: the loop reads them back later)
         backend.save(tmp_dir) -> files this rank wrote         # the store fsyncs and checksums them
     backend.close()
 """
@@ -36,6 +37,8 @@ from .env import DistEnv
 class Backend(ABC):
     name: str                        # as dist.backend names it
     group_always = False             # wants a process group even for one process
+    compile_scope = "model"          # what train.compile_scope=auto compiles: the training forward whole (with its
+                                     # loss, through the wrapper) or each block in place
 
     def __init__(self, cfg: Config, env: DistEnv, plan: BatchPlan, precision: str):
         self.cfg, self.env, self.plan, self.precision = cfg, env, plan, precision
@@ -70,6 +73,11 @@ class Backend(ABC):
         them, as the parameter is."""
         return None
 
+    def compile(self) -> None:
+        """train.compile of the whole model: the training forwards (and their loss) through a compiled wrapper of
+        train_model; evaluation and sampling keep the bare model, uncompiled."""
+        self.train_model = torch.compile(self.train_model)
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -83,9 +91,10 @@ class Backend(ABC):
         """Accumulate the gradient of `loss`, already scaled for the global batch (the backend averages over ranks)."""
 
     @abstractmethod
-    def step(self, max_norm: float, loss: float) -> tuple[float, bool]:
-        """Clip the accumulated gradients to max_norm (0: no clipping) and apply them unless they or the loss are not
-        finite; zero them. (gradient norm before clipping, whether the update was applied)."""
+    def step(self, max_norm: float, loss: torch.Tensor) -> tuple:
+        """Clip the accumulated gradients to max_norm (0: no clipping) and apply them unless they or the loss (the
+        global batch's mean, on the device) are not finite; zero them. (gradient norm before clipping, whether the
+        update was applied): 0-dim tensors left on the device where the backend decides there, else numbers."""
 
     @abstractmethod
     def save(self, directory: str) -> list[str]:

@@ -16,6 +16,12 @@ from .base import Backend
 OPTIMIZER = "optimizer.pt"
 
 
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer leaves out an update when its found_inf is 1: torch's fused Adam and AdamW (their
+    kernels then change neither the weights nor the moments, and take the step count back)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
 class DDP(Backend):
     name = "ddp"
 
@@ -39,11 +45,19 @@ class DDP(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, max_norm: float, loss: float) -> tuple[float, bool]:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf))
-        applied = math.isfinite(loss) and math.isfinite(grad_norm)
-        if applied:
+    def step(self, max_norm: float, loss: torch.Tensor):
+        """Clipped and applied on the device, nothing read back, when the optimizer skips non-finite updates itself
+        (fused AdamW: its found_inf, as a GradScaler sets it); else the decision reads the norm and the loss."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+        if skips_on_device(self.optimizer):
+            self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
+            applied = finite
+        else:
+            applied = bool(finite)
+            if applied:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
 

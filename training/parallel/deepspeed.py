@@ -286,6 +286,7 @@ class DeepSpeed(Backend):
     """The engine steps, clips and accumulates (it knows its accumulation boundaries); the loop keeps the rest."""
     name = "deepspeed"
     group_always = True  # DeepSpeed wants a process group even for one process
+    compile_scope = "blocks"  # ZeRO's gathering hooks around each module stay outside the compiled graphs
 
     def __init__(self, cfg: Config, env: D.DistEnv, plan: BatchPlan, precision: str):
         super().__init__(cfg, env, plan, precision)
@@ -297,6 +298,9 @@ class DeepSpeed(Backend):
         if cfg.train.optimizer == "muon":
             return ["train.optimizer=muon: DeepSpeed's ZeRO partitions each matrix over the ranks, and Muon "
                     "orthogonalises whole matrices; use dist.backend=ddp (or train.optimizer=adamw)"]
+        if cfg.train.compile and cfg.train.compile_scope == "model":
+            return ["train.compile_scope=model: DeepSpeed's engine gathers and releases weights in hooks around each "
+                    "module, which a whole-model graph would trace through; use train.compile_scope=blocks (or auto)"]
         return []
 
     def setup(self, model, make_optimizer, resume_from=None, saved=None) -> None:
@@ -332,7 +336,7 @@ class DeepSpeed(Backend):
         self.engine.backward(loss, scale_wrt_gas=False)  # our scaling already accounts for the micro-steps
         self.engine.step()  # applies the update (and clipping) only at the last micro-step
 
-    def step(self, max_norm: float, loss: float) -> tuple[float, bool]:
+    def step(self, max_norm: float, loss: torch.Tensor) -> tuple[float, bool]:
         """The engine stepped at the last micro-batch, after clipping; it skips non-finite gradients."""
         grad_norm = self.engine.get_global_grad_norm()
         return (float("inf") if grad_norm is None else float(grad_norm)), self.engine.was_step_applied()

@@ -108,6 +108,8 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
         require_wandb()  # on every rank, before any work: all stop together when it is missing
     backend.setup(model, functools.partial(make_optimizer, cfg=cfg.train, device=env.device), start.checkpoint,
                   start.saved)
+    if compile_scope(cfg, backend) == "model":
+        backend.compile()
     if start.saved:
         backend.load(start.checkpoint, start.saved)
         restore_rng(start.checkpoint, env, start.saved.world_size, cfg.seed, start.saved.step)
@@ -251,10 +253,18 @@ def build_model(cfg: Config, start: StartingPoint, backend, precision: str, pinn
     model.checkpoint_activations(cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every)
     model.choose_expert_matmul(device.type, torch.bfloat16 if precision == "bf16" else torch.float32,
                                cfg.train.compile)
-    if cfg.train.compile:
+    if compile_scope(cfg, backend) == "blocks":
         for layer in model.layers:
             layer.compile()
     return model
+
+
+def compile_scope(cfg: Config, backend) -> str | None:
+    """What train.compile compiles (None: nothing): the whole training forward with its loss (the backend's
+    wrapper, after setup) or each block in place (before)."""
+    if not cfg.train.compile:
+        return None
+    return backend.compile_scope if cfg.train.compile_scope == "auto" else cfg.train.compile_scope
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -88,9 +88,16 @@ def train(r: Run, saves: bool = True) -> None:
 
 
 def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
-    """The step loop: batches → gradients → update → log, evaluate, checkpoint (unless saves=False)."""
+    """The step loop: batches → gradients → update → log, evaluate, checkpoint (unless saves=False).
+
+    A step reads nothing back from the device: its losses, gradient norm and whether the update was applied stay
+    there (StepResults) until a step that logs, evaluates, checkpoints or ends the run reads those of every step
+    since in one transfer, and counts, warns about and logs what they hold, in step order. The step's counts
+    (units, positions) are the host's, from the batches; with several processes their sums over the processes,
+    and the agreement on a stop signal, are the two values a step reads back."""
     cfg, env, state, backend = r.cfg, r.env, r.state, r.backend
     reuse, batches = r.stage.steps_per_batch, None  # a stage may train several steps on one prepared batch (GRPO)
+    results = StepResults(r)
     for step in range(state.step, cfg.train.max_steps):
         done = step + 1
         lr = lr_at(step, cfg.train)  # a function of the step alone, whatever the batch (docs/training.md: resuming)
@@ -107,30 +114,31 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
             batches = r.stage.prepare(r.model, batches, env, r.autocast)
         loss_sum, metric_sums, units, tokens, real = accumulate(r.stage, backend, batches, env, r.autocast,
                                                                 functools.partial(r.hooks.loss, done))
-        means = r.stage.summarise(global_means(env, {"loss": loss_sum, **metric_sums}, units))  # all ranks agree
-        means["padding_share"] = 1 - real / tokens
-        empty = not units  # nothing to learn from in the whole global batch (GRPO: no group with an advantage)
-        grad_norm, applied = backend.step(cfg.train.grad_clip, math.nan if empty else means["loss"])
+        keys, totals = global_sums(env, {"loss": loss_sum, **metric_sums})  # all ranks agree; on the device
+        # no unit in the whole global batch (GRPO: no group with an advantage): a NaN loss, which no backend applies
+        loss = totals[0, 0] / units if units else totals[0, 0] * math.nan
+        grad_norm, applied = backend.step(cfg.train.grad_clip, loss)
         state.step = done
         state.consumed_samples += r.plan.global_batch if fresh else 0
         state.tokens += r.log.count_tokens(tokens)
-        skipped = not (applied and math.isfinite(means["loss"]))
-        if empty:
-            count_empty(state, r.stage.empty_reason(batches), r.stage.empty_limit(), env)
-        elif skipped:
-            count_nonfinite(state, means["loss"], grad_norm, cfg.train.max_nonfinite_steps, env)
-        else:
-            state.nonfinite_in_a_row = state.empty_in_a_row = 0
+        results.add(done, lr, keys, totals, units, 1 - real / tokens, grad_norm, applied, state.tokens,
+                    None if units else r.stage.empty_reason(batches))
 
-        if skipped or done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            r.log.train_step(done, means, lr, grad_norm, state.tokens, skipped)
-        if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+        evaluates = cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps)
+        cycle_ends = not done % reuse  # within a cycle on one batch: a stop or a checkpoint waits for its end
+        saves_now = saves and cycle_ends and (done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps)
+        if done % cfg.log.every == 0 or evaluates or saves_now or done == cfg.train.max_steps:
+            results.settle()  # every rank at the same steps: the means were all-reduced already
+        if evaluates:
             reader.settle()  # evaluation reads the data too
             evaluate(r, step=done)
-        if done % reuse:  # within a cycle on one batch: a stop or a checkpoint waits for its end
+        if not cycle_ends:
             continue
-        signum = stop.agreed(env)  # every rank stops at the same step boundary
-        if saves and (signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps):
+        # every rank stops at the same step boundary (several processes: a read back from the device at each, as
+        # their counts are: a preemption's grace period does not wait for the next logged step)
+        signum = stop.agreed(env)
+        if saves and (saves_now or signum):
+            results.settle()
             if r.data.packing is not None:
                 reader.settle()  # the packing plan is the reader's while it reads
                 state.packing_cursor = r.data.packing.cursor(state.consumed_samples)
@@ -138,7 +146,63 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
                 store.save(env, cfg.out_dir, state, backend, r.config_yaml, tokenizer_file(cfg.out_dir),
                            cfg.train.keep_checkpoints, rank_files=lambda tmp: [save_rng(tmp, env)])
         if signum and (done < cfg.train.max_steps or not saves):  # saving nothing, the caller must hear of it
+            results.settle()
             raise Stopped(signum, done, saves)
+
+
+class StepResults:
+    """What the steps since the last read left on the device, read back in one transfer (settle) and then acted
+    on in step order: a skipped update counted and warned about (a step with no unit, or a non-finite loss or
+    gradient), `limit` of them in a row stopping the run, the logged steps and the skipped ones written to
+    metrics.jsonl. With log.every=1 every step is read at its end."""
+
+    def __init__(self, r: Run):
+        self.r = r
+        self.pending: list[dict] = []
+
+    def add(self, step: int, lr: float, keys: list[str], totals, units: float, padding_share: float, grad_norm,
+            applied, tokens: int, empty: str | None) -> None:
+        self.pending.append({"step": step, "lr": lr, "keys": keys, "totals": totals, "units": units,
+                             "padding_share": padding_share, "grad_norm": grad_norm, "applied": applied,
+                             "tokens": tokens, "empty": empty})
+
+    def settle(self) -> None:
+        if not self.pending:
+            return
+        r, state = self.r, self.r.state
+        pending, self.pending = self.pending, []
+        values = read_back([[p["totals"], p["grad_norm"], p["applied"]] for p in pending])
+        for p, (totals, grad_norm, applied) in zip(pending, values, strict=True):
+            means = r.stage.summarise(means_of(p["keys"], totals, p["units"]))
+            means["padding_share"] = p["padding_share"]
+            skipped = not (applied and math.isfinite(means["loss"]))
+            if p["empty"] is not None:
+                count_empty(state, p["step"], p["empty"], r.stage.empty_limit(), r.env)
+            elif skipped:
+                count_nonfinite(state, p["step"], means["loss"], grad_norm, r.cfg.train.max_nonfinite_steps, r.env)
+            else:
+                state.nonfinite_in_a_row = state.empty_in_a_row = 0
+            logs = p["step"] % r.cfg.log.every == 0 or p["step"] == r.cfg.train.max_steps
+            if skipped or logs:
+                r.log.train_step(p["step"], means, p["lr"], grad_norm, p["tokens"], skipped, interval=logs)
+
+
+def read_back(rows: list[list]) -> list[list]:
+    """Tensors (on the device) and numbers, as they are nested, with the tensors' values read in one transfer."""
+    tensors = [x for row in rows for x in row if isinstance(x, torch.Tensor)]
+    flat = torch.cat([t.detach().float().flatten() for t in tensors]).tolist() if tensors else []
+    out, at = [], 0
+    for row in rows:
+        values = []
+        for x in row:
+            if isinstance(x, torch.Tensor):
+                n = x.numel()
+                values.append(flat[at] if x.dim() == 0 else torch.tensor(flat[at:at + n]).view(x.shape))
+                at += n
+            else:
+                values.append(x)
+        out.append(values)
+    return out
 
 
 def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, autocast=None, loss_hook=None):
@@ -148,13 +212,15 @@ def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, au
     The units are counted before any backward, so every target token (or pair) weighs the same however
     micro-batches and ranks split them. The model's auxiliary losses (MoE routers) are sums over positions,
     divided by the positions of the global batch. Returns (local loss sum, local metric sums, global unit count,
-    global count of positions computed, global count of those that held a token rather than padding)."""
-    counts = torch.tensor([[stage.units(b), b.inputs.numel(), b.real_tokens] for b in batches], dtype=torch.float64,
-                          device=env.device).sum(dim=0)
-    units, tokens, real = D.all_reduce_sum(env, counts)
-    units = units.float()  # the scale of the backward stays in the loss's dtype
+    global count of positions computed, global count of those that held a token rather than padding): the sums on
+    the device, the counts on the host (read from the batches before they move to the device; with several
+    processes, added up over them and read back)."""
+    counts = [sum(c) for c in zip(*[(stage.units(b), b.inputs.numel(), b.real_tokens) for b in batches], strict=True)]
+    if env.distributed:
+        counts = D.all_reduce_sum(env, torch.tensor(counts, dtype=torch.float64, device=env.device)).tolist()
+    units, tokens, real = float(counts[0]), int(counts[1]), int(counts[2])
     # no unit anywhere: NaN gradients, which every backend declines to apply, and a step the loop counts as skipped
-    scale = units if units else torch.full_like(units, math.nan)
+    scale = units or math.nan
     loss_sum = torch.zeros((), device=env.device)
     metric_sums: dict[str, torch.Tensor] = {}
     model = backend.model
@@ -169,7 +235,7 @@ def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, au
         scaled = loss * (env.world_size / scale)
         aux = model.auxiliary_losses(batch.token_positions())
         if aux is not None:
-            scaled = scaled + aux.loss * (env.world_size / real.float())
+            scaled = scaled + aux.loss * (env.world_size / real)
             positions = torch.tensor(float(batch.real_tokens), device=env.device)
             for k, v in aux.metrics.items():  # means per position: (sum, count) pairs
                 metric_sums[k] = metric_sums.get(k, 0) + torch.stack([v, positions])
@@ -184,27 +250,35 @@ def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, au
     if loads:  # tokens per expert over the global batch: the busiest expert's against the mean, per MoE layer
         total = D.all_reduce_sum(env, torch.stack(list(loads.values())))
         one = torch.ones((), device=env.device)
-        for layer, load in zip(loads, total, strict=True):  # (ratio, 1) on every rank: global_means keeps the ratio
+        for layer, load in zip(loads, total, strict=True):  # (ratio, 1) on every rank: global_sums keeps the ratio
             metric_sums[f"moe_load/{layer}"] = torch.stack([load.max() / load.mean().clamp(min=1e-9), one])
-    return loss_sum, metric_sums, units, int(tokens), int(real)
+    return loss_sum, metric_sums, units, tokens, real
 
 
-def global_means(env: D.DistEnv, sums: dict[str, torch.Tensor], units: torch.Tensor) -> dict[str, float]:
-    """Sums over this rank's units → means over the global batch's. A metric given as a (sum, count) pair is a
-    mean over what it counted (KTO: the desirable completions), and is left out when nothing was."""
-    rows = torch.stack([v.float() if v.dim() else torch.stack([v.float(), torch.zeros_like(v.float())])
+def global_sums(env: D.DistEnv, sums: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """Sums over this rank's units → (their keys, (keys, 2) sums over the global batch, on the device). A metric
+    given as a (sum, count) pair is a mean over what it counted (KTO: the desirable completions); a plain sum is
+    a mean over the units, its count left -1."""
+    rows = torch.stack([v.float() if v.dim() else torch.stack([v.float(), torch.full_like(v.float(), -1)])
                         for v in sums.values()])
     totals = D.all_reduce_sum(env, rows)
+    if env.distributed:  # the -1s were added up too
+        totals[:, 1] = torch.where(rows[:, 1] < 0, -1, totals[:, 1])
+    return list(sums), totals
+
+
+def means_of(keys: list[str], totals: torch.Tensor, units: float) -> dict[str, float]:
+    """global_sums' values (read back) → means; a (sum, count) mean is left out when nothing was counted."""
     means = {}
-    for (key, value), (total, count) in zip(sums.items(), totals, strict=True):
-        if value.dim() == 0:
-            means[key] = float(total / units)
+    for key, (total, count) in zip(keys, totals.tolist(), strict=True):
+        if count < 0:
+            means[key] = total / units if units else math.nan
         elif count:
-            means[key] = float(total / count)
+            means[key] = total / count
     return means
 
 
-def count_empty(state: TrainState, why: str, limit_key: tuple[int, str], env: D.DistEnv) -> None:
+def count_empty(state: TrainState, step: int, why: str, limit_key: tuple[int, str], env: D.DistEnv) -> None:
     """A step whose global batch held nothing to learn from (GRPO: no completion with an advantage) was not
     applied. It is counted; `limit` of them in a row (the stage's, named by `key`) stop the run."""
     state.empty_steps += 1
@@ -212,27 +286,27 @@ def count_empty(state: TrainState, why: str, limit_key: tuple[int, str], env: D.
     state.nonfinite_in_a_row = 0
     limit, key = limit_key
     if env.is_main:
-        print(f"warning: step {state.step}: {why}: update skipped ({state.empty_in_a_row} in a row, "
+        print(f"warning: step {step}: {why}: update skipped ({state.empty_in_a_row} in a row, "
               f"{state.empty_steps} in this run; {key}={limit})", file=sys.stderr, flush=True)
     if state.empty_in_a_row >= limit:
-        raise UserError(f"step {state.step}: nothing to learn from for {state.empty_in_a_row} steps in a row ({key}="
-                        f"{limit}; the last: {why}); the weights are those of step {state.step - state.empty_in_a_row}")
+        raise UserError(f"step {step}: nothing to learn from for {state.empty_in_a_row} steps in a row ({key}="
+                        f"{limit}; the last: {why}); the weights are those of step {step - state.empty_in_a_row}")
 
 
-def count_nonfinite(state: TrainState, loss: float, grad_norm: float, limit: int, env: D.DistEnv) -> None:
+def count_nonfinite(state: TrainState, step: int, loss: float, grad_norm: float, limit: int, env: D.DistEnv) -> None:
     """A step whose loss or gradient is not finite was not applied (the weights are those before it; its data
     is passed over). It is counted; `limit` of them in a row stop the run."""
     state.nonfinite_steps += 1
     state.nonfinite_in_a_row += 1
     state.empty_in_a_row = 0
     if env.is_main:
-        print(f"warning: step {state.step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "
+        print(f"warning: step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "
               f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in this run; "
               f"train.max_nonfinite_steps={limit})", file=sys.stderr, flush=True)
     if state.nonfinite_in_a_row >= limit:
-        raise UserError(f"step {state.step}: the loss or gradient was not finite for {state.nonfinite_in_a_row} "
+        raise UserError(f"step {step}: the loss or gradient was not finite for {state.nonfinite_in_a_row} "
                         f"steps in a row (train.max_nonfinite_steps={limit}); the weights are those of step "
-                        f"{state.step - state.nonfinite_in_a_row}. Lower train.lr or check the data, then resume "
+                        f"{step - state.nonfinite_in_a_row}. Lower train.lr or check the data, then resume "
                         "from a checkpoint")
 
 

@@ -76,29 +76,36 @@ class MetricsLog:
         finally:
             setattr(self, counter, getattr(self, counter) + time.perf_counter() - t)
 
-    def train_step(self, step: int, means: dict, lr: float, grad_norm: float, tokens: int, skipped: bool) -> None:
-        elapsed = max(time.perf_counter() - self.interval_start - self.paused_time, 1e-9)
-        rate, data_share = self.interval_tokens / elapsed, self.data_time / elapsed
-        step_time = elapsed / max(step - self.logged_step, 1)
-        self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
-        self.logged_step = step
+    def train_step(self, step: int, means: dict, lr: float, grad_norm: float, tokens: int, skipped: bool,
+                   interval: bool = True) -> None:
+        """A step's line; interval=False: a skipped step between logged ones (read back later than it ran), whose
+        line leaves the throughput to the next logged step's interval."""
+        record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        if interval:
+            elapsed = max(time.perf_counter() - self.interval_start - self.paused_time, 1e-9)
+            rate, data_share = self.interval_tokens / elapsed, self.data_time / elapsed
+            # tokens_per_sec counts every position computed (padding too, as MFU must); padding_share (in means)
+            # is the share of those that was padding: useful tokens/s = tokens_per_sec * (1 - padding_share)
+            record.update({"tokens_per_sec": rate, "data_wait_share": data_share,
+                           "time/step": elapsed / max(step - self.logged_step, 1)})
+            if self.peak:
+                record["mfu"] = rate * self.flops_per_token / (self.peak * self.env.world_size)
+            self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0, 0
+            self.logged_step = step
         if not self.env.is_main:
             return
-        # tokens_per_sec counts every position computed (padding too, as MFU must); padding_share (in means)
-        # is the share of those that was padding: useful tokens/s = tokens_per_sec * (1 - padding_share)
-        record = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": rate,
-                  "data_wait_share": data_share, "time/step": step_time}
         if skipped:
             record["skipped"] = True
-        if self.peak:
-            record["mfu"] = rate * self.flops_per_token / (self.peak * self.env.world_size)
         self._write(record)
+        if not interval:
+            return
         if self.bar is not None and not self.bar.disable:
-            self.bar.set_postfix_str(f"loss {means['loss']:.4f}, {rate:,.0f} tok/s", refresh=False)
+            self.bar.set_postfix_str(f"loss {means['loss']:.4f}, {record['tokens_per_sec']:,.0f} tok/s", refresh=False)
             self.bar.update(step - self.bar.n)
         elif self.cfg.log.progress:  # no terminal (a log file, CI): one line per logged step instead of a bar
             extra = "".join(f", {k} {v:.3f}" for k, v in means.items() if "rewards" in k or k == "reward")
-            print(f"step {step}: loss {means['loss']:.4f}{extra}, lr {lr:.2e}, {rate:,.0f} tokens/s", flush=True)
+            print(f"step {step}: loss {means['loss']:.4f}{extra}, lr {lr:.2e}, {record['tokens_per_sec']:,.0f} "
+                  "tokens/s", flush=True)
 
     def eval_step(self, step: int, values: dict[str, float], sample: str | None) -> None:
         """values: val_loss and its kin (val_loss/<source>, val_bpb)."""
