@@ -1,9 +1,10 @@
 """The GPU benchmark: one process on one GPU, bf16, compile on, in one command that ends within its time budget and
 needs nothing beyond the repository and its Python packages (bench/device.sh starts it on a bare machine).
 
-    python bench/gpu.py [--out DIR] [--budget-s 330] [--tiny]
+    python bench/gpu.py [--out DIR] [--budget-s 320] [--tiny]
 
-What it writes to DIR (gpu.json, gpu.md) and prints, each figure measured in this one run:
+What it writes to DIR (gpu.json, gpu.md: nothing else, so that a machine returning few files returns them) and
+prints, each figure measured in this one run, in this order (the first ones are the likeliest to fit the budget):
 - matmul: the dense bf16 matmul rate this GPU reaches (8192^3, random data), beside its datasheet peak.
 - training, per preset (125m, 1b): tokens/s, MFU (against the datasheet peak and against the measured matmul
   rate), peak memory and the host share (the share of step time in which no kernel ran: the GPU waiting for
@@ -12,9 +13,10 @@ What it writes to DIR (gpu.json, gpu.md) and prints, each figure measured in thi
               shards, accumulation, clipping, schedule, metrics.jsonl), timed by its own metrics after warm-up;
     ours, document mask (125m): the same with data.document_mask=true (packed documents attend to themselves);
     baseline  a GPT in nanoGPT's style (LayerNorm, learned positions, GELU MLP of 4 x dim, causal SDPA, tied
-              embeddings, fused AdamW, bf16 autocast, compiled whole but the loss) with the preset's dim, layers, heads,
-              vocabulary, sequence length, micro-batch and accumulation, on token ids already on the GPU, and the
-              same loss as ours (models/output.py: the targets' log-probs in chunks, no whole logits).
+              embeddings, fused AdamW, bf16 autocast) with the preset's dim, layers, heads, vocabulary, sequence
+              length, micro-batch and accumulation, on token ids already on the GPU, with the same loss as ours
+              (models/output.py: the targets' log-probs in chunks, no whole logits), compiled whole with it as
+              ours is (train.compile_scope=auto under DDP).
   MFU counts 6 FLOPs per matmul weight per token plus attention (12 x layers x dim x seq_len) for both.
 - attention: forward + backward of the 125m model on rows packed with documents of 64-1,024 tokens, each way to
   attend: causal over the whole row (the cost without a mask, wrong for packing), SDPA with a boolean document
@@ -22,8 +24,8 @@ What it writes to DIR (gpu.json, gpu.md) and prints, each figure measured in thi
   has no path for it: PyPI has its source alone, which a machine without network cannot build).
 
 Tokens are sentencepiece pieces of a synthetic corpus made here from a fixed seed (the model's vocabulary padded
-to 32,000 as the presets assume). Each measurement runs in a process of its own (memory and compile caches start
-clean) and is skipped, and said so, when the budget left is too small. --tiny: the tiny preset on CPU, compile
+to 32,000 as the presets assume), in a scratch directory. Each measurement runs in a process of its own (its
+peak memory its own) and is skipped, and said so, when the budget left is too small. --tiny: the tiny preset on CPU, compile
 off, a few steps: the same code paths in about a minute (tests/test_gpu_bench.py runs it through device.sh).
 """
 
@@ -58,7 +60,7 @@ from training.run.metrics import gpu_peak_flops  # noqa: E402
 
 VOCAB = 32000
 # (preset, document_mask): the rows of the training table, in the order they are measured
-TRAINING = [("125m", False), ("1b", False), ("125m", True)]
+TRAINING = [("125m", False), ("125m", True), ("1b", False)]
 
 
 @dataclasses.dataclass
@@ -212,7 +214,8 @@ def ours(preset: str, document_mask: bool, shards: str, out: str, tiny: bool) ->
     with contextlib.redirect_stdout(sys.stderr):
         run(STAGES["pretrain"](cfg), cfg, Profiled(host, s.warmup + s.timed + 1, s.profiled), saves=False)
     lines = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"loss"' in line]
-    timed = [r for r in lines if s.warmup < r["step"] <= s.warmup + s.timed]  # intervals of log.every = warmup steps
+    timed = [r for r in lines if s.warmup < r["step"] <= s.warmup + s.timed and "tokens_per_sec" in r]  # intervals
+    # of log.every = warmup steps (a skipped step's own line has no rate)
     seconds = sum(r["time/step"] * s.warmup for r in timed)
     rate = sum(r["tokens_per_sec"] * r["time/step"] * s.warmup for r in timed) / seconds
     return {"rate": rate, "flops_per_token": flops_per_token_of(cfg, s.vocab), "peak_gib": peak_memory_gib(device),
@@ -249,13 +252,12 @@ class GPT(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.tok.weight
 
-    def forward(self, idx):
-        """The final hidden states: the loss is taken outside the compiled forward, as ours is (its output layer
-        runs uncompiled, in chunks)."""
+    def forward(self, idx, targets):
+        """The summed log-probs of the targets, through our chunked output layer, as ours computes its loss."""
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.ln(x)
+        return target_logp_sum(self.ln(x), self.head.weight, targets)
 
     def flops_per_token(self, seq_len: int) -> float:
         weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
@@ -284,7 +286,7 @@ def baseline(preset: str, tiny: bool) -> dict:
             host.start()
         for m in range(s.grad_accum):
             with bf16:
-                loss = -target_logp_sum(step_model(data[m, :, :-1]), model.head.weight, data[m, :, 1:])
+                loss = -step_model(data[m, :, :-1], data[m, :, 1:])
             (loss / (s.micro * seq * s.grad_accum)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -401,17 +403,19 @@ def in_process(job: dict, deadline: float) -> dict:
                               capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         return {"skipped": f"ran past the time budget ({left:.0f} s left)"}
-    if proc.returncode:
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         print(proc.stderr[-3000:], file=sys.stderr)
-        return {"skipped": f"failed: {tail[:200]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"skipped": f"failed (exit {proc.returncode}): {tail[:200]}"}
+    return json.loads(lines[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "bench_out", "gpu"))
-    ap.add_argument("--budget-s", type=float, default=330, help="stop starting measurements after this (seconds)")
+    ap.add_argument("--budget-s", type=float, default=320, help="stop starting measurements after this (seconds)")
+    ap.add_argument("--work", help="scratch directory: corpus, shards, runs (default: a temporary one, removed)")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset, compile off, few steps (a CPU check)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -420,16 +424,29 @@ def main() -> None:
         return
     deadline = time.monotonic() + args.budget_s
     os.makedirs(args.out, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="shardlm-gpu-"))
+        results = measure(args, deadline, work)
+    table = report(results)
+    with open(os.path.join(args.out, "gpu.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+def measure(args, deadline: float, work: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",
                "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"), "datasheet_peak": gpu_peak_flops(device),
                "budget": f"budget {args.budget_s:.0f} s" + (", tiny" if args.tiny else ""), "training": []}
-    shards = make_shards(os.path.join(args.out, "data"), 100 if args.tiny else 3000)
+    shards = make_shards(os.path.join(work, "data"), 100 if args.tiny else 3000)
     results["matmul"] = in_process({"part": "matmul", "tiny": args.tiny}, deadline)
+    results["attention"] = in_process({"part": "attention", "tiny": args.tiny}, deadline)
     for preset, document_mask in [("125m", False), ("125m", True)] if args.tiny else TRAINING:
         name = "tiny" if args.tiny else preset
         mine = in_process({"part": "ours", "preset": preset, "document_mask": document_mask, "shards": shards,
-                           "out": args.out, "tiny": args.tiny}, deadline)
+                           "out": work, "tiny": args.tiny}, deadline)
         results["training"].append({"preset": name, "loop": "ours, document mask" if document_mask else "ours", **mine})
         if document_mask:
             continue
@@ -437,13 +454,7 @@ def main() -> None:
         results["training"].append({"preset": name, "loop": "nanoGPT-style", **base})
         if "rate" in mine and "rate" in base:
             results["training"][-2]["vs_baseline"] = mine["rate"] / base["rate"]
-    results["attention"] = in_process({"part": "attention", "tiny": args.tiny}, deadline)
-    table = report(results)
-    with open(os.path.join(args.out, "gpu.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "gpu.md"), "w") as f:
-        f.write(table)
-    print(table)
+    return results
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ import pytest
 import torch
 from conftest import CHAT, DPO_CONFIG, SFT_CONFIG, kill_after_first_checkpoint, losses, run_command, run_training, start_training
 
+from preprocess.errors import UserError
+from training.config import LoraConfig
+from training.models import lora
+from training.models.transformer import ModelConfig, Transformer
+
 pytest.importorskip("peft")
 
 LORA = ["lora.rank=4", "lora.alpha=8", "train.lr=3e-3", "train.warmup_steps=1"]
@@ -108,6 +113,10 @@ def test_lora_targets_must_name_linear_layers(sft_run, chat_shards, tmp_path):
                         config=SFT_CONFIG, check=False)
     assert proc.returncode == 1 and "lora.targets: ['attention_norm'] names no linear layer" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the output layer is a linear one, whose weight the loss reads directly: refused by name
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, max_seq_len=16))
+    with pytest.raises(UserError, match="lora.targets: output takes no adapter"):
+        lora.apply(model, LoraConfig(rank=4, targets=["wq", "output"]))
 
 
 def test_describe_counts_the_adapters_the_run_trains(sft_run, lora_sft, chat_shards):

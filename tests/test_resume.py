@@ -263,8 +263,10 @@ BEFORE_ROOMS = "af5ac9f7c8f04f28e9ddadf70d03fd7e636abafb"
 @pytest.mark.slow
 def test_a_checkpoint_written_before_the_rooms_resumes_exactly(pretrain_shards, tmp_path):
     """The code of that commit trains 2 steps and checkpoints; today's code resumes it and trains 2 more, and the
-    curve is an uninterrupted run's of today's code, exactly: the checkpoint's files (model, optimizer, RNG, train
-    state, identity, checksums) still mean what they meant."""
+    curve is an uninterrupted run's of today's code: the checkpoint's files (model, optimizer, RNG, train state,
+    identity, checksums) still mean what they meant. Within 1e-6, not bit for bit: today's loss sums the output
+    layer's log-probs a chunk at a time (models/output.py), which rounds in another order than that commit's
+    cross-entropy did (7e-8 apart at step 1); a file read with another meaning would be off by whole nats."""
     if subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{BEFORE_ROOMS}^{{commit}}"]).returncode:
         pytest.skip(f"commit {BEFORE_ROOMS} is not in this clone (a shallow one?)")
     archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_ROOMS, "training", "preprocess", "configs"],
@@ -283,5 +285,8 @@ def test_a_checkpoint_written_before_the_rooms_resumes_exactly(pretrain_shards, 
     run_training(*common, f"out_dir={tmp_path / 'run'}")
     run_training(*common, f"out_dir={tmp_path / 'straight'}")
     resumed, straight = losses(tmp_path / "run"), losses(tmp_path / "straight")
-    assert resumed == straight and sorted(resumed) == [1, 2, 3, 4]
-    assert {s: old_losses[s] for s in (1, 2)} == {s: straight[s] for s in (1, 2)}  # the old code computed the same
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
+    for step, value in straight.items():
+        assert resumed[step] == pytest.approx(value, rel=1e-6, abs=0), step
+        if step <= 2:  # the old code computed the same
+            assert old_losses[step] == pytest.approx(value, rel=1e-6, abs=0), step

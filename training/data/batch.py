@@ -39,15 +39,26 @@ class Batch:
             return self.positions
         return None if self.segments is None else self.segments >= 0
 
-    def pin(self) -> Batch:
-        """The same, its tensors in pinned (page-locked) memory: their copies to a GPU then run asynchronously."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
-
     def to(self, device: torch.device) -> Batch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
                                             for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def pinned(batch):
+    """A stage's micro-batch (a dataclass: Batch and its kin, GRPO's prompts) with its tensors, and those of the
+    batches it holds (KTO's KL rows), in pinned (page-locked) memory: their copies to a GPU then run
+    asynchronously. Anything else as it is."""
+    if not dataclasses.is_dataclass(batch) or isinstance(batch, type):
+        return batch
+    changes = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.pin_memory()
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = pinned(value)
+    return dataclasses.replace(batch, **changes) if changes else batch
 
 
 def layout_rows(rows: list[list[tuple[np.ndarray, np.ndarray, int]]], pad_id: int, multiple: int = 8,

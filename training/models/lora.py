@@ -14,6 +14,8 @@ import torch
 
 from preprocess.errors import UserError
 
+from .transformer import OutputLayer
+
 ADAPTER_KEY = ".lora_A."  # in the state-dict names of adapted layers
 
 
@@ -27,7 +29,11 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
         from peft import LoraConfig, inject_adapter_in_model  # optional: the lora extra
     except ImportError:
         raise UserError("lora.rank > 0 needs peft: pip install 'shardlm[lora]'") from None
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if "output" in cfg.targets:  # what peft would wrap: logits plus the adapter's, which the log-probs never see
+        raise UserError("lora.targets: output takes no adapter: the loss computes the targets' log-probs from the "
+                        "output layer's weight a chunk at a time (models/output.py); adapt the blocks' projections")
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not isinstance(m, OutputLayer)}
     unknown = sorted(set(cfg.targets) - names)
     if unknown or not cfg.targets:
         experts = " (the experts of MoE blocks take no adapters)" if any(t in ("w1", "w2", "w3") for t in unknown) and \

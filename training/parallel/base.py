@@ -73,10 +73,11 @@ class Backend(ABC):
         them, as the parameter is."""
         return None
 
-    def compile(self) -> None:
+    def compile(self, **options) -> None:
         """train.compile of the whole model: the training forwards (and their loss) through a compiled wrapper of
-        train_model; evaluation and sampling keep the bare model, uncompiled."""
-        self.train_model = torch.compile(self.train_model)
+        train_model (torch.compile's options: tests trace with backend="aot_eager"); evaluation and sampling keep
+        the bare model, uncompiled. A backend keeps its own reference to what it wrapped (DDP's no_sync)."""
+        self.train_model = torch.compile(self.train_model, **options)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -28,18 +28,19 @@ class DDP(Backend):
     def setup(self, model, make_optimizer, resume_from=None, saved=None) -> None:
         self.model = model
         self.optimizer = make_optimizer(model)
+        self.ddp = None  # the DistributedDataParallel wrapper (train_model, or what a compiled train_model wraps)
         if not self.env.distributed:
             self.train_model = model
             return
         # The model's only buffers are rotary tables, identical everywhere: syncing them before every forward would
         # cost a collective per micro-step (and deadlock ranks that run different numbers of forwards).
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        self.train_model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+        self.train_model = self.ddp = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
     def micro_step(self, index: int, count: int):
         """DDP's no_sync on every micro-step but the last: gradients are all-reduced once per optimizer step."""
-        if index < count - 1 and isinstance(self.train_model, DistributedDataParallel):
-            return self.train_model.no_sync()
+        if index < count - 1 and self.ddp is not None:
+            return self.ddp.no_sync()
         return super().micro_step(index, count)
 
     def backward(self, loss: torch.Tensor) -> None:

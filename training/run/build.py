@@ -268,9 +268,9 @@ def compile_scope(cfg: Config, backend) -> str | None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if device.type == "cuda":  # what stays fp32 (train.precision=fp32, the optimizer's and norms' own matmuls) runs
-        torch.backends.cuda.matmul.allow_tf32 = True  # on TF32 tensor cores: 10 mantissa bits in, fp32 sums
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda" and precision != "fp32":  # fp32 matmuls outside autocast run on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True   # (10 mantissa bits in, fp32 sums); train.precision=fp32
+        torch.backends.cudnn.allow_tf32 = True         # asked by name keeps them exact
     if precision == "auto":  # bf16 autocast pays off on GPUs; on CPUs it is slower than fp32
         return "bf16" if device.type == "cuda" else "fp32"
     return precision

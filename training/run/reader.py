@@ -15,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..data.batch import pinned
+
 
 class StepReader:
     def __init__(self, data, grad_accum: int, device: torch.device, ahead: bool):
@@ -49,4 +51,4 @@ class StepReader:
 
     def _read(self, consumed: int) -> list[tuple[list, object]]:
         steps = [self.data.micro_batch(consumed, m) for m in range(self.grad_accum)]
-        return [(picks, batch.pin()) for picks, batch in steps] if self.pin else steps
+        return [(picks, pinned(batch)) for picks, batch in steps] if self.pin else steps

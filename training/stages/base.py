@@ -84,7 +84,7 @@ class Stage:
         return int((batch.targets != IGNORE).sum())
 
     def summarise(self, means: dict[str, float]) -> dict[str, float]:
-        """Metrics derived from the global means (and from what prepare() found over the global batch)."""
+        """Metrics derived from the means over the global batch (and from what prepare() found over it)."""
         return means
 
     def batch_plan(self, world: int, rank: int = 0) -> BatchPlan:

@@ -76,7 +76,7 @@ class Completions(Batch):
                                              # (grpo.iterations > 1)
     units: float = 0.0                       # what the loss divides by, summed over the rows (GRPO_LOSSES)
     stats: dict | None = None                # the first micro-batch's: the step's sampling statistics, as
-                                             # (value, 1) pairs that the loop's global means leave as they are
+                                             # (value, 1) pairs that the loop's global sums leave as they are
 
 
 class PromptBatches(ExampleBatches):
