@@ -122,6 +122,7 @@ bench: $(STAMP)
 	$(PY) bench/preprocessing.py
 	$(PY) bench/mpi_skew.py
 	$(PY) bench/train.py --variants
+	$(PY) bench/output_memory.py
 	$(PY) bench/dpo.py
 	$(PY) bench/packing.py
 	$(PY) bench/sampling.py

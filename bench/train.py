@@ -10,7 +10,8 @@ ours: `python -m training.pretrain` as users run it (data from memory-mapped sha
 bare: the same model, optimizer, precision and batch shapes in a minimal loop — batches pre-loaded in memory,
       forward, cross-entropy, backward, AdamW step — timed over the same steps.
 loader: the data path alone (sample order, memory-mapped reads, batch assembly) against what a step consumes,
-      and the share of our loop's time spent waiting for batches (data_wait_share in metrics.jsonl).
+      and the share of our loop's time spent waiting for batches (data_wait_share in metrics.jsonl), with the
+      batches read at the step (a CPU's default) and a step ahead by a thread (data.read_ahead=true, a GPU's).
 --variants, each against its own baseline in the same run: torch.compile (ours), fused AdamW and SDPA (bare:
       fused AdamW against the default implementation; SDPA against attention written out in PyTorch ops), and two DDP processes
       against one (ours, the same global batch: half the micro-batch each).
@@ -191,11 +192,12 @@ def main() -> None:
     print(f"config {os.path.relpath(args.config, REPO)} {' '.join(args.overrides)}; {args.steps} steps; "
           f"machine: {platform.machine()}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}")
-    ours_runs, bare_rates = [], []
+    ours_runs, bare_rates, ahead_runs = [], [], []
     run_dir = os.path.join(args.out, "run")
     for _ in range(args.repeat):  # alternating, so a noisy phase of the machine hits both
         bare_rates.append(bare_in_subprocess(args.config, shards, args.steps, args.overrides))
         ours_runs.append(ours(args.config, shards, run_dir, args.steps, args.overrides))
+        ahead_runs.append(ours(args.config, shards, run_dir, args.steps, [*args.overrides, "data.read_ahead=true"]))
     ours_rates = [r["rate"] for r in ours_runs]
     o, b = statistics.median(ours_rates), statistics.median(bare_rates)
     per_run = ", ".join(f"{100 * (bb / oo - 1):+.1f}%" for bb, oo in zip(bare_rates, ours_rates, strict=True))
@@ -210,6 +212,11 @@ def main() -> None:
     share = statistics.median(r["data_share"] for r in ours_runs)
     print(f"loader alone {loader:,.0f} samples/s; training consumes {consumed:,.0f} samples/s -> x{loader / consumed:,.0f} "
           f"headroom; waiting for data: {100 * share:.2f}% of our loop's time (median of {args.repeat})", flush=True)
+    ahead = statistics.median(r["data_share"] for r in ahead_runs)
+    ahead_rate = statistics.median(r["rate"] for r in ahead_runs)
+    print(f"batches read a step ahead by a thread (data.read_ahead=true; on CPU the default is at the step): waiting "
+          f"for data {100 * ahead:.2f}% of the loop's time, {ahead_rate:,.0f} tokens/s -> x{ahead_rate / o:.3f}",
+          flush=True)
     if not args.variants:
         return
 

@@ -31,8 +31,10 @@ class DataConfig:
                                  # the batch counts rows
     pack_window: int = 1024      # packing: examples of the global order packed together (best fit)
     document_mask: bool = False  # pretraining: attention (and positions) restart at every document of a sample
-    read_ahead: bool = True      # a thread reads (and pins, for a GPU) step t+1's batches while step t computes:
-                                 # the same batches in the same order (run/reader.py)
+    read_ahead: bool | None = None  # a thread reads (and pins, for a GPU) step t+1's batches while step t computes:
+                                    # the same batches in the same order (run/reader.py). null: on a GPU, whose host
+                                    # waits anyway; not on a CPU, where the thread slows the compute it shares the
+                                    # cores with (docs/benchmarks.md)
 
     def packing_window(self) -> int:
         """Examples packed together, or 0 without packing."""

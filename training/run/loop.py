@@ -79,7 +79,8 @@ def train(r: Run, saves: bool = True) -> None:
     if state.step == 0 and cfg.train.eval_every:
         evaluate(r, step=0)
     stop = StopSignal()
-    reader = StepReader(r.data, r.plan.grad_accum, env.device, cfg.data.read_ahead)
+    ahead = cfg.data.read_ahead if cfg.data.read_ahead is not None else env.device.type == "cuda"
+    reader = StepReader(r.data, r.plan.grad_accum, env.device, ahead)
     try:
         steps(r, saves, stop, reader)
     finally:
