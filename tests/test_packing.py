@@ -297,7 +297,7 @@ def test_packed_sft_is_the_same_on_two_processes_and_resumes_exactly_after_kill_
                                                                                   tmp_path):
     # windows of 16 conversations make ~5 rows: the checkpoint of step 3 (24 rows) lies in a later window
     common = [f"data.path={chat_shards['sft']}", f"init_from={long_context_sft}", "train.max_steps=6",
-              "train.eval_every=3", "train.ckpt_every=3", "data.pack_window=16", "data.read_ahead=true", *PACKED]
+              "train.eval_every=3", "train.ckpt_every=3", "data.read_ahead=true", "data.pack_window=16", *PACKED]
     run_training(*common, f"out_dir={tmp_path / 'one'}", "train.grad_accum=4", stage="sft", config=SFT_CONFIG)
     run_training(*common, f"out_dir={tmp_path / 'two'}", "train.grad_accum=2", nproc=2, stage="sft", config=SFT_CONFIG)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -237,7 +237,7 @@ def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, au
         aux = model.auxiliary_losses(batch.token_positions())
         if aux is not None:
             scaled = scaled + aux.loss * (env.world_size / (real or math.nan))
-            positions = torch.tensor(float(batch.real_tokens), device=env.device)
+            positions = torch.full((), float(batch.real_tokens), device=env.device)  # a fill, not a copy to wait for
             for k, v in aux.metrics.items():  # means per position: (sum, count) pairs
                 metric_sums[k] = metric_sums.get(k, 0) + torch.stack([v, positions])
             for layer, load in aux.loads.items():

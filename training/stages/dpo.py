@@ -19,7 +19,7 @@ from preprocess.errors import UserError
 
 from ..data.batch import ExampleBatches, numbered
 from .losses import PREFERENCE_LOSSES, preference_loss, sequence_logps, sequence_tokens
-from .reference import ReferencedBatch, ReferenceStage
+from .reference import ReferencedBatch, ReferenceStage, filler_stand_in
 
 
 class PairBatches(ExampleBatches):
@@ -80,9 +80,12 @@ class DPO(ReferenceStage):
         logps = sequence_logps(model, batch, 2 * n)
         tokens = sequence_tokens(batch.targets, batch.segments, 2 * n)
         ref = batch.reference.to(logps) if self.uses_reference else torch.zeros_like(logps)
-        real = batch.counted.to(logps.device).bool()  # a filler pair (no tokens) is left out, not multiplied by 0
+        # a filler pair (no tokens: 1 in counted, else 0) computes on stand-in values and weighs 0: masked arithmetic,
+        # where indexing by a mask would wait for the device to say how many pairs are real
+        real = batch.counted.to(logps)
+        stand_in = filler_stand_in(real.repeat(2))
+        logps, ref = stand_in(logps), stand_in(ref)
         dpo = self.cfg.dpo
-        losses, metrics = preference_loss(dpo.loss, logps[:n][real], logps[n:][real], ref[:n][real], ref[n:][real],
-                                          beta=dpo.beta, chosen_tokens=tokens[:n][real],
-                                          rejected_tokens=tokens[n:][real], **dpo.options())
-        return losses.sum(), {k: v.sum() for k, v in metrics.items()}
+        losses, metrics = preference_loss(dpo.loss, logps[:n], logps[n:], ref[:n], ref[n:], beta=dpo.beta,
+                                          chosen_tokens=tokens[:n], rejected_tokens=tokens[n:], **dpo.options())
+        return (losses * real).sum(), {k: (v * real).sum() for k, v in metrics.items()}

@@ -18,7 +18,7 @@ from preprocess.errors import UserError
 from ..data.batch import IGNORE, Batch, ExampleBatches
 from ..parallel import env as D
 from .losses import kl_estimate, kto_loss, kto_summary, sequence_logps
-from .reference import ReferencedBatch, ReferenceStage
+from .reference import ReferencedBatch, ReferenceStage, filler_stand_in
 
 
 @dataclass
@@ -110,7 +110,9 @@ class KTO(ReferenceStage):
                 # a filler, or an example of a split too small to have partners, has no KL sequence to count
                 real = batch.counted.to(env.device).bool() & (kl.targets != IGNORE).any(dim=-1)
                 reference = batch.reference[n:].to(logps)
-                sums += torch.stack([logps[real].double().sum(), reference[real].double().sum(), real.sum().double()])
+                counted = filler_stand_in(real.double(), 0.0)
+                sums += torch.stack([counted(logps.double()).sum(), counted(reference.double()).sum(),
+                                     real.sum().double()])
         policy, reference, count = D.all_reduce_sum(env, sums)
         z0 = kl_estimate(policy, reference, count).float()
         for batch in batches:
@@ -120,13 +122,13 @@ class KTO(ReferenceStage):
     def loss(self, model, batch):
         n = batch.examples()
         logps = sequence_logps(model, batch)
-        real = batch.counted.to(logps.device).bool()
-        ref = batch.reference[:n].to(logps)
+        real = batch.counted.to(logps)  # 1 per completion, 0 for a filler: masked arithmetic, as DPO's
+        stand_in = filler_stand_in(real)
         dpo = self.cfg.dpo
-        losses, metrics = kto_loss(logps[real], ref[real], batch.labels.to(logps.device)[real], batch.kl.to(logps),
-                                   beta=dpo.beta, desirable_weight=dpo.desirable_weight,
-                                   undesirable_weight=dpo.undesirable_weight)
-        return losses.sum(), metrics
+        losses, metrics = kto_loss(stand_in(logps), stand_in(batch.reference[:n].to(logps)),
+                                   batch.labels.to(logps.device), batch.kl.to(logps), counted=real, beta=dpo.beta,
+                                   desirable_weight=dpo.desirable_weight, undesirable_weight=dpo.undesirable_weight)
+        return (losses * real).sum(), metrics
 
     def summarise(self, means: dict[str, float]) -> dict[str, float]:
         return kto_summary(means)

@@ -208,17 +208,19 @@ def kl_estimate(policy_kl_logps_sum: torch.Tensor, ref_kl_logps_sum: torch.Tenso
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *,
-             beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             counted: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KTO (TRL's KTOTrainer, loss_type="kto") per completion: 1 − σ(β(r − z₀)) for a desirable one, 1 − σ(β(z₀ − r))
     for an undesirable one, times its weight; r is the log-ratio of its summed log-probs. Metrics are (sum, count)
-    pairs: rewards and log-probs are means over the desirable (chosen) or undesirable (rejected) completions."""
+    pairs: rewards and log-probs are means over the desirable (chosen) or undesirable (rejected) completions.
+    counted (1 per completion, 0 for one the metrics leave out: a filler; None: all count)."""
     logratios = policy_logps - ref_logps
     desirable = desirable.bool()
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))
     rewards = beta * logratios.detach()
-    chosen, rejected = desirable.to(rewards.dtype), (~desirable).to(rewards.dtype)
+    counted = torch.ones_like(rewards) if counted is None else counted.to(rewards.dtype)
+    chosen, rejected = desirable.to(rewards.dtype) * counted, (~desirable).to(rewards.dtype) * counted
 
     def share(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         return torch.stack([(values * members).sum(), members.sum()])
@@ -228,7 +230,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
         "rewards/rejected": share(rewards, rejected),
         "logps/chosen": share(policy_logps.detach(), chosen),
         "logps/rejected": share(policy_logps.detach(), rejected),
-        "kl": share(kl.expand_as(rewards), torch.ones_like(rewards)),
+        "kl": share(kl.expand_as(rewards), counted),
     }
     return losses, metrics
 
