@@ -490,7 +490,9 @@ def test_a_step_that_does_not_log_reads_nothing_back_from_the_device(pretrain_sh
     """Steps 1, 2, 4 and 5 of a run logging every 3 steps read no tensor value into Python: the loss, the gradient
     norm and whether the update was applied stay on the device until step 3 and 6 read them back. The counts of
     a batch are the host's (read from the batch before it moves to the device: left out of the count here). The
-    optimizer is fused AdamW, as on a GPU, whose update skips a non-finite step by itself."""
+    optimizer is fused AdamW, as on a GPU, whose update skips a non-finite step by itself. Evaluation with its
+    sample, TensorBoard and the progress output are on, as shipped: they run at the logged steps (3, 6), which may
+    read."""
     from training.cli import stage_main
     from training.run.hooks import Hooks
     from training.stages.pretrain import Pretrain
@@ -513,12 +515,12 @@ def test_a_step_that_does_not_log_reads_nothing_back_from_the_device(pretrain_sh
     monkeypatch.setattr(Pretrain, "units", host_units)
     monkeypatch.setattr("training.models.optim.fused_adamw", lambda device: True)
     argv = ["--config", TINY_CONFIG, *FAST, f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'run'}",
-            "train.max_steps=6", "log.every=3", "train.eval_every=0", "train.grad_accum=2", "log.tensorboard=false"]
+            "train.max_steps=6", "log.every=3", "train.eval_every=3", "train.grad_accum=2"]
     with reads:
         assert stage_main("pretrain", argv, hooks=Steps()) == 0
     assert all(not reads.reads.get(step) for step in (1, 2, 4, 5)), reads.reads
     assert reads.reads.get(3) and reads.reads.get(6)  # the counter sees what a logged step reads
-    assert sorted(losses(tmp_path / "run")) == [3, 6]
+    assert sorted(losses(tmp_path / "run")) == [3, 6] and sorted(val_losses(tmp_path / "run")) == [0, 3, 6]
 
 
 def test_fused_adamw_skips_a_non_finite_step_on_the_device_as_the_host_check_does():
