@@ -51,6 +51,9 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train import make_shards  # noqa: E402
 
 from training.config import load_config  # noqa: E402
 from training.models.output import target_logp_sum  # noqa: E402
@@ -100,20 +103,12 @@ def synthetic_corpus(path: str, documents: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": text[0].upper() + text[1:] + "."}) + "\n")
 
 
-def make_shards(out: str, documents: int) -> str:
-    shards = os.path.join(out, "shards")
-    if os.path.isfile(os.path.join(shards, "manifest.json")):
-        return shards
+def make_corpus_shards(out: str, documents: int) -> str:
     os.makedirs(out, exist_ok=True)
     corpus = os.path.join(out, "corpus.jsonl")
-    synthetic_corpus(corpus, documents)
-    run = [sys.executable, "-m", "preprocess"]
-    quiet = {"check": True, "cwd": REPO, "stdout": subprocess.DEVNULL}
-    subprocess.run([*run, "tokenizer", "--input", corpus, "--vocab-size", "4000", "--sample-mb", "2",
-                    "--out", os.path.join(out, "tok")], **quiet)
-    subprocess.run([*run, "shards", "--input", corpus, "--tokenizer", os.path.join(out, "tok", "tokenizer.model"),
-                    "--out", shards], **quiet)
-    return shards
+    if not os.path.isfile(corpus):
+        synthetic_corpus(corpus, documents)
+    return make_shards(out, corpus)
 
 
 # ------------------------------------------------------------------------------------------- measuring tools
@@ -440,7 +435,7 @@ def measure(args, deadline: float, work: str) -> dict:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",
                "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"), "datasheet_peak": gpu_peak_flops(device),
                "budget": f"budget {args.budget_s:.0f} s" + (", tiny" if args.tiny else ""), "training": []}
-    shards = make_shards(os.path.join(work, "data"), 100 if args.tiny else 3000)
+    shards = make_corpus_shards(os.path.join(work, "data"), 100 if args.tiny else 3000)
     results["matmul"] = in_process({"part": "matmul", "tiny": args.tiny}, deadline)
     results["attention"] = in_process({"part": "attention", "tiny": args.tiny}, deadline)
     for preset, document_mask in [("125m", False), ("125m", True)] if args.tiny else TRAINING:

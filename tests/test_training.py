@@ -472,7 +472,8 @@ class HostReads(torch.overrides.TorchFunctionMode):
     """Counts, per step of a run, what would make the host wait for a GPU: a tensor's value read into Python
     (item, float, int, bool, tolist) and the operations whose result's size depends on values (nonzero,
     indexing by a boolean mask). A CPU run has no GPU to wait for; the same calls are what would."""
-    READS = {"item", "__float__", "__int__", "__bool__", "tolist", "nonzero", "__index__"}
+    READS = {"item", "__float__", "__int__", "__bool__", "__index__", "__format__", "__array__", "tolist", "numpy",
+             "cpu", "nonzero"}
 
     def __init__(self):
         super().__init__()

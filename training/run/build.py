@@ -87,6 +87,9 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     start = starting_point(cfg, sources[0], env)
     cfg = dataclasses.replace(cfg, model=start.model_cfg)
     precision = resolve_precision(cfg.train.precision, env.device)
+    if env.device.type == "cuda" and cfg.train.precision != "fp32":  # fp32 matmuls outside autocast run on TF32
+        torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores (10 mantissa bits in, fp32 sums);
+        torch.backends.cudnn.allow_tf32 = True        # train.precision=fp32 asked by name keeps them exact
     plan = stage.batch_plan(env.world_size, env.rank)
     backend = backend_class(cfg.dist.backend)(cfg, env, plan, precision)
     identity = run_identity(stage.name, cfg, list(zip(sources, weights, strict=True)), start.model_cfg,
@@ -268,9 +271,6 @@ def compile_scope(cfg: Config, backend) -> str | None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if device.type == "cuda" and precision != "fp32":  # fp32 matmuls outside autocast run on TF32 tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = True   # (10 mantissa bits in, fp32 sums); train.precision=fp32
-        torch.backends.cudnn.allow_tf32 = True         # asked by name keeps them exact
     if precision == "auto":  # bf16 autocast pays off on GPUs; on CPUs it is slower than fp32
         return "bf16" if device.type == "cuda" else "fp32"
     return precision

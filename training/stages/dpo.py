@@ -18,8 +18,8 @@ import torch
 from preprocess.errors import UserError
 
 from ..data.batch import ExampleBatches, numbered
-from .losses import PREFERENCE_LOSSES, preference_loss, sequence_logps, sequence_tokens
-from .reference import ReferencedBatch, ReferenceStage, filler_stand_in
+from .losses import PREFERENCE_LOSSES, filler_stand_in, preference_loss, sequence_logps, sequence_tokens
+from .reference import ReferencedBatch, ReferenceStage
 
 
 class PairBatches(ExampleBatches):

@@ -17,8 +17,8 @@ from preprocess.errors import UserError
 
 from ..data.batch import IGNORE, Batch, ExampleBatches
 from ..parallel import env as D
-from .losses import kl_estimate, kto_loss, kto_summary, sequence_logps
-from .reference import ReferencedBatch, ReferenceStage, filler_stand_in
+from .losses import filler_stand_in, kl_estimate, kto_loss, kto_summary, sequence_logps
+from .reference import ReferencedBatch, ReferenceStage
 
 
 @dataclass

@@ -51,6 +51,14 @@ def sequence_sums(picked: torch.Tensor, segments: torch.Tensor | None = None, se
     return sums.index_add_(0, segments.clamp(min=0).flatten(), picked.flatten().double()).float()
 
 
+def filler_stand_in(real: torch.Tensor, value: float = -1.0):
+    """x → x where `real` (1 per example) is 1, else `value`: a filler example's log-probs replaced by a finite
+    stand-in, so that a loss computed on every example and weighed by `real` is the real examples' (a gradient
+    through torch.where reaches only the real ones, and no NaN of a filler's can reach it)."""
+    keep = real.bool()
+    return lambda x: torch.where(keep, x, torch.full_like(x, value))
+
+
 def sequence_tokens(targets: torch.Tensor, segments: torch.Tensor | None = None, sequences: int = 0) -> torch.Tensor:
     """Per sequence (as sequence_logps counts them), how many targets != IGNORE it has."""
     keep = (targets != IGNORE).long()

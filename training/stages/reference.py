@@ -70,14 +70,6 @@ class LiveReference:
         return torch.cat(values)
 
 
-def filler_stand_in(real: torch.Tensor, value: float = -1.0):
-    """x → x where `real` (1 per example) is 1, else `value`: a filler example's log-probs replaced by a finite
-    stand-in, so that a loss computed on every example and weighed by `real` is the real examples' (a gradient
-    through torch.where reaches only the real ones, and no NaN of a filler's can reach it)."""
-    keep = real.bool()
-    return lambda x: torch.where(keep, x, torch.full_like(x, value))
-
-
 class PrecomputedReference:
     """Reference log-probs looked up in arrays of shape (examples, 2), one per source."""
 
