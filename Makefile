@@ -123,6 +123,7 @@ bench: $(STAMP)
 	$(PY) bench/mpi_skew.py
 	$(PY) bench/train.py --variants
 	$(PY) bench/output_memory.py
+	$(PY) bench/host_reads.py
 	$(PY) bench/dpo.py
 	$(PY) bench/packing.py
 	$(PY) bench/sampling.py
@@ -130,7 +131,7 @@ bench: $(STAMP)
 
 # The wheels a bare GPU machine without network lacks for bench/device.sh (Python 3.12, x86_64; see
 # docs/benchmarks.md), into .device-bundle/: the same versions as this checkout's environment uses.
-DEVICE_WHEELS := omegaconf==2.4.0 orjson==3.13.0
+DEVICE_WHEELS := omegaconf==2.4.0 orjson==3.13.0 torchao==0.18.0
 DEVICE_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 device-bundle: $(STAMP)
 	rm -rf .device-bundle

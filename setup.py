@@ -8,8 +8,9 @@ setup(
     packages=find_packages(include=["preprocess", "preprocess.*", "training", "training.*"]),
     install_requires=[
         # A range, so that the CUDA build a cluster already has is kept; the Makefile installs the exact CPU build
-        # first on machines without one (left to pip alone, a plain install pulls a multi-GB CUDA build).
-        "torch>=2.6,<3",
+        # first on machines without one (left to pip alone, a plain install pulls a multi-GB CUDA build). 2.11:
+        # the oldest release the test suite has passed on (docs/architecture.md: supported versions).
+        "torch>=2.11,<3",
         "numpy>=1.26",
         "sentencepiece>=0.2.0",
         "orjson>=3.9",
@@ -28,9 +29,10 @@ setup(
         "hf": ["transformers>=5.0"],  # training.export_hf
         "lora": ["peft>=0.17"],
         "dedup": ["datasketch>=1.6"],  # preprocess shards --dedup near
+        "float8": ["torchao>=0.13"],  # train.float8 on GPUs with float8 matmuls
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3", "psutil>=5.9", "py-spy>=0.3", "ruff>=0.6",
                 "mpich", "mpi4py>=4", "deepspeed==0.19.8", "transformers>=5.0", "peft>=0.17", "gigatoken>=0.10",
-                "datasketch>=1.6",
+                "datasketch>=1.6", "torchao>=0.13",
                 # the reference for the preference losses' formulas (tests only; its loss code is internal, so
                 # the exact version the parity tests were written against)
                 "trl==1.16.0"],

@@ -3,16 +3,16 @@
 #
 #     bash bench/device.sh [--tiny]      (writes gpu.json and gpu.md to $OUT, default bench_out/gpu)
 #
-# The wheels `make device-bundle` wrote into .device-bundle/ (what such a machine lacks: omegaconf, orjson; an
-# ignored folder, so whatever copies the checkout there must carry it) are installed first when they are missing,
+# The wheels `make device-bundle` wrote into .device-bundle/ (what such a machine lacks: omegaconf, orjson,
+# torchao; an ignored folder, so whatever copies the checkout there must carry it) are installed first when missing,
 # offline, into a folder of their own; then bench/gpu.py runs with the repository on the path.
 # tests/test_gpu_bench.py runs this script with --tiny on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-bench_out/gpu}
-if ! "$PYTHON" -c "import omegaconf, orjson" 2> /dev/null; then
-    compgen -G ".device-bundle/*.whl" > /dev/null || { echo "error: no omegaconf/orjson here and no .device-bundle/ (make device-bundle)" >&2; exit 2; }
+if ! "$PYTHON" -c "import omegaconf, orjson, torchao" 2> /dev/null; then
+    compgen -G ".device-bundle/*.whl" > /dev/null || { echo "error: no omegaconf/orjson/torchao here and no .device-bundle/ (make device-bundle)" >&2; exit 2; }
     site=$(mktemp -d)
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" .device-bundle/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"

@@ -12,6 +12,8 @@ prints, each figure measured in this one run, in this order (the first ones are 
     ours      `training.run.loop.run` on the preset's config, as `python -m training.pretrain` runs it (data from
               shards, accumulation, clipping, schedule, metrics.jsonl), timed by its own metrics after warm-up;
     ours, document mask (125m): the same with data.document_mask=true (packed documents attend to themselves);
+    ours, float8 (1b): the same with train.float8=true (the blocks' linear layers in float8 through torchao,
+              where it is installed and the GPU has float8 matmuls; MFU still counted against the bf16 peak);
     baseline  a GPT in nanoGPT's style (LayerNorm, learned positions, GELU MLP of 4 x dim, causal SDPA, tied
               embeddings, fused AdamW, bf16 autocast) with the preset's dim, layers, heads, vocabulary, sequence
               length, micro-batch and accumulation, on token ids already on the GPU, with the same loss as ours
@@ -53,17 +55,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train import make_shards  # noqa: E402
+from train import make_shards, steady_rate  # noqa: E402
 
+from preprocess.errors import UserError  # noqa: E402
 from training.config import load_config  # noqa: E402
+from training.models import float8  # noqa: E402
 from training.models.output import target_logp_sum  # noqa: E402
 from training.models.transformer import Transformer  # noqa: E402
 from training.run.hooks import Hooks  # noqa: E402
 from training.run.metrics import gpu_peak_flops  # noqa: E402
 
 VOCAB = 32000
-# (preset, document_mask): the rows of the training table, in the order they are measured
-TRAINING = [("125m", False), ("125m", True), ("1b", False)]
+# (preset, variant): the rows of ours in the training table, in the order they are measured; each variant's
+# overrides. The plain rows are followed by the baseline's.
+TRAINING = [("125m", "plain"), ("125m", "document mask"), ("1b", "plain"), ("1b", "float8")]
+VARIANTS = {"plain": [], "document mask": ["data.document_mask=true"], "float8": ["train.float8=true"]}
 
 
 @dataclasses.dataclass
@@ -192,27 +198,24 @@ class Profiled(Hooks):
             self.host.stop()
 
 
-def ours(preset: str, document_mask: bool, shards: str, out: str, tiny: bool) -> dict:
+def ours(preset: str, variant: str, shards: str, out: str, tiny: bool) -> dict:
     from training.run.loop import run
     from training.stages.registry import STAGES
 
     s = shape(preset, tiny)
     steps = s.warmup + s.timed + s.profiled + (1 if s.profiled else 0)  # a step after the window closes it
-    out_dir = os.path.join(out, f"run-{preset}{'-docmask' if document_mask else ''}")
+    out_dir = os.path.join(out, f"run-{preset}-{variant.replace(' ', '-')}")
     cfg = load_config(s.config, [
         f"data.path={shards}", f"out_dir={out_dir}", f"model.vocab_size={s.vocab}", f"train.max_steps={steps}",
         f"train.micro_batch_size={s.micro}", f"train.grad_accum={s.grad_accum}", f"train.compile={str(s.compile).lower()}",
-        f"data.document_mask={str(document_mask).lower()}", "train.eval_every=0", "train.sample_prompt=null",
+        *VARIANTS[variant], "train.eval_every=0", "train.sample_prompt=null",
         "train.warmup_steps=2", f"log.every={s.warmup}", "log.progress=false", "train.device=auto"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     host = HostShare(device)
     with contextlib.redirect_stdout(sys.stderr):
         run(STAGES["pretrain"](cfg), cfg, Profiled(host, s.warmup + s.timed + 1, s.profiled), saves=False)
     lines = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"loss"' in line]
-    timed = [r for r in lines if s.warmup < r["step"] <= s.warmup + s.timed and "tokens_per_sec" in r]  # intervals
-    # of log.every = warmup steps (a skipped step's own line has no rate)
-    seconds = sum(r["time/step"] * s.warmup for r in timed)
-    rate = sum(r["tokens_per_sec"] * r["time/step"] * s.warmup for r in timed) / seconds
+    rate = steady_rate(out_dir, after=s.warmup, until=s.warmup + s.timed)["rate"]  # intervals of log.every=warmup
     return {"rate": rate, "flops_per_token": flops_per_token_of(cfg, s.vocab), "peak_gib": peak_memory_gib(device),
             "host_share": host.share, "loss": lines[-1]["loss"]}
 
@@ -382,7 +385,7 @@ def worker(job: dict) -> dict:
     if job["part"] == "matmul":
         return matmul_rate(job["tiny"])
     if job["part"] == "ours":
-        return ours(job["preset"], job["document_mask"], job["shards"], job["out"], job["tiny"])
+        return ours(job["preset"], job["variant"], job["shards"], job["out"], job["tiny"])
     if job["part"] == "baseline":
         return baseline(job["preset"], job["tiny"])
     return attention(job["tiny"])
@@ -430,6 +433,15 @@ def main() -> None:
     print(table)
 
 
+def float8_refusal(device: torch.device) -> str | None:
+    """Why train.float8 cannot run here (training's own one line), or None."""
+    try:
+        float8.check(device)
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def measure(args, deadline: float, work: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",
@@ -438,12 +450,15 @@ def measure(args, deadline: float, work: str) -> dict:
     shards = make_corpus_shards(os.path.join(work, "data"), 100 if args.tiny else 3000)
     results["matmul"] = in_process({"part": "matmul", "tiny": args.tiny}, deadline)
     results["attention"] = in_process({"part": "attention", "tiny": args.tiny}, deadline)
-    for preset, document_mask in [("125m", False), ("125m", True)] if args.tiny else TRAINING:
+    for preset, variant in [r for r in TRAINING if r[0] == "125m"] + [("125m", "float8")] if args.tiny else TRAINING:
         name = "tiny" if args.tiny else preset
-        mine = in_process({"part": "ours", "preset": preset, "document_mask": document_mask, "shards": shards,
-                           "out": work, "tiny": args.tiny}, deadline)
-        results["training"].append({"preset": name, "loop": "ours, document mask" if document_mask else "ours", **mine})
-        if document_mask:
+        refused = float8_refusal(device) if variant == "float8" else None
+        mine = {"skipped": refused} if refused else in_process(
+            {"part": "ours", "preset": preset, "variant": variant, "shards": shards, "out": work, "tiny": args.tiny},
+            deadline)
+        results["training"].append({"preset": name, "loop": "ours" + ("" if variant == "plain" else f", {variant}"),
+                                    **mine})
+        if variant != "plain":
             continue
         base = in_process({"part": "baseline", "preset": preset, "tiny": args.tiny}, deadline)
         results["training"].append({"preset": name, "loop": "nanoGPT-style", **base})

@@ -146,7 +146,6 @@ def sampler(setup: dict, args) -> dict:
     from training.checkpoint.weights import load_for_inference
     from training.models.decoding import pick_tokens, sample_batch, uniforms_of
     from training.models.transformer import KVCache
-    from training.stages.losses import token_logps
 
     torch.manual_seed(0)
     model, sp = load_for_inference(setup["start"])
@@ -177,9 +176,10 @@ def sampler(setup: dict, args) -> dict:
         for j in range(args.max_new_tokens - 1):
             steps.append(model(torch.tensor([[x[j]] for x in ids]), cache)[:, -1:])
         drawn_ids = torch.tensor(ids)
-        sampled = token_logps(torch.cat(steps, 1), drawn_ids)
-        full = model(torch.cat([torch.tensor([prompt] * rows), drawn_ids], 1))[:, len(prompt) - 1:-1]
-        trained = token_logps(full, drawn_ids)
+        sampled = torch.log_softmax(torch.cat(steps, 1).float(), -1).gather(-1, drawn_ids.unsqueeze(-1)).squeeze(-1)
+        targets = torch.cat([torch.full((rows, len(prompt) - 1), -100), drawn_ids], 1)  # the loss's forward
+        trained = model(torch.cat([torch.tensor([prompt] * rows), drawn_ids], 1)[:, :-1],
+                        targets=targets)[:, len(prompt) - 1:]
     gap = (sampled - trained).abs()
     return {"rows": rows, "decode_s": decode, "forwards_s": forwards, "draws_s": draws,
             "draw_us": draws / (rows * args.max_new_tokens) * 1e6, "bf16_logp_gap_mean": float(gap.mean()),
@@ -230,10 +230,9 @@ def attend(q, k, v, mask, copies: int) -> None:
 
 def logits_at_targets(model, prompt: list[int], completions: list[list[int]]) -> dict:
     """GRPO's loss forward and backward over the sampled rows (prompt + completion, targets at the completion):
-    the output layer at every position against at the targets alone (keep=)."""
+    the output layer at every position against at the targets alone (keep=), both through its chunked log-probs
+    (models/output.py)."""
     import torch
-
-    from training.stages.losses import token_logps
 
     model.train()
     inputs = torch.tensor([prompt + c for c in completions])[:, :-1]
@@ -241,10 +240,10 @@ def logits_at_targets(model, prompt: list[int], completions: list[list[int]]) ->
     keep = targets != -100
 
     def every_position():
-        token_logps(model(inputs), targets).sum().backward()
+        model(inputs, targets=targets).sum().backward()
 
     def targets_alone():
-        token_logps(model(inputs, keep=keep), targets[keep]).sum().backward()
+        model(inputs, keep=keep, targets=targets[keep]).sum().backward()
     full, kept = median_time(every_position), median_time(targets_alone)
     model.eval()
     return {"loss_step_every_position_s": full, "loss_step_targets_alone_s": kept,

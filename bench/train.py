@@ -60,14 +60,22 @@ def ours(config: str, shards: str, out: str, steps: int, overrides: list[str], n
                     f"out_dir={out}", f"train.max_steps={steps}", "train.eval_every=0", f"train.ckpt_every={steps}",
                     "log.progress=false", *overrides], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
-    steady = lines[1:]  # the first interval holds start-up
-    tokens = sum(b["tokens"] - a["tokens"] for a, b in zip(lines, steady, strict=False))
-    seconds = [(b["tokens"] - a["tokens"]) / b["tokens_per_sec"] for a, b in zip(lines, steady, strict=False)]
-    waited = sum(t * b["data_wait_share"] for t, b in zip(seconds, steady, strict=True))
-    mfu = [b["mfu"] for b in steady if "mfu" in b]
-    return {"rate": tokens / sum(seconds), "data_share": waited / sum(seconds),
-            "mfu": statistics.median(mfu) if mfu else None}
+    return steady_rate(out)
+
+
+def steady_rate(run_dir: str, after: int | None = None, until: int | None = None) -> dict:
+    """From a run's metrics.jsonl: tokens/s over the logged intervals from step `after` (default: the first
+    logged step, so the interval that holds start-up is left out) to step `until`, the share of that time spent
+    waiting for data, and the intervals' median MFU where it is logged."""
+    lines = [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "tokens_per_sec" in r]
+    after = lines[0]["step"] if after is None else after
+    intervals = [(a, b) for a, b in zip(lines, lines[1:], strict=False)
+                 if a["step"] >= after and (until is None or b["step"] <= until)]
+    seconds = [(b["tokens"] - a["tokens"]) / b["tokens_per_sec"] for a, b in intervals]
+    waited = sum(t * b["data_wait_share"] for t, (_, b) in zip(seconds, intervals, strict=True))
+    mfu = [b["mfu"] for _, b in intervals if "mfu" in b]
+    return {"rate": sum(b["tokens"] - a["tokens"] for a, b in intervals) / sum(seconds),
+            "data_share": waited / sum(seconds), "mfu": statistics.median(mfu) if mfu else None}
 
 
 def loader_rate(config: str, shards: str, overrides: list[str], steps: int = 2000) -> float:

@@ -7,21 +7,65 @@ HOOKS is a comma-separated list ('-' for none):
   stop@5       SIGTERM to this process while step 5 runs, as a preemption notice: the loop finishes the step,
                checkpoints and exits 143
   picks=FILE   each rank appends {"step", "rank", "micro", "picks"} lines to FILE.rank-R.jsonl
+  reads=FILE   each rank writes to FILE.rank-R.json what it read back from the device at each step (HostReads),
+               with fused AdamW as on a GPU (its update skips a non-finite step on the device by itself)
 """
 
+import atexit
 import json
 import os
 import signal
 import sys
 
+import torch
+
 from training.cli import stage_main
 from training.parallel.env import ranks_from_env
 from training.run.hooks import Hooks
+from training.stages.registry import STAGES
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts, per step of a run, what would make the host wait for a GPU: a tensor's value read into Python
+    (item, float, int, bool, tolist) and the operations whose result's size depends on values (nonzero,
+    indexing by a boolean mask). A CPU run has no GPU to wait for; the same calls are what would. A stage's
+    units() are left out: counted from the batch before it moves to the device."""
+    READS = {"item", "__float__", "__int__", "__bool__", "__index__", "__format__", "__array__", "tolist", "numpy",
+             "cpu", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.step, self.paused, self.reads = 0, False, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        masked = name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:])
+        if not self.paused and (name in self.READS or masked):
+            self.reads.setdefault(self.step, []).append(name)
+        return func(*args, **(kwargs or {}))
+
+    def host_units(self, units):
+        def counted_on_the_host(stage, batch):
+            self.paused = True
+            try:
+                return units(stage, batch)
+            finally:
+                self.paused = False
+        return counted_on_the_host
+
+
+class FusedAdamW(torch.optim.AdamW):
+    """AdamW as a GPU run makes it, whatever the device: fused (one kernel, which skips a non-finite update
+    itself). Set in place of torch.optim.AdamW, so that older training code (bench/host_reads.py --tree) takes it
+    too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "fused": True})
 
 
 class TestHooks(Hooks):
     def __init__(self, spec: str):
-        self.nan, self.stop, self.picks_file = set(), None, None
+        self.nan, self.stop, self.picks_file, self.reads_file, self.reads = set(), None, None, None, None
         for item in filter(None, spec.split(",")):
             if item.startswith("nan@"):
                 self.nan = {int(s) for s in item[4:].split("+")}
@@ -29,10 +73,14 @@ class TestHooks(Hooks):
                 self.stop = int(item[5:])
             elif item.startswith("picks="):
                 self.picks_file = f"{item[6:]}.rank-{ranks_from_env()[0]}.jsonl"
+            elif item.startswith("reads="):
+                self.reads_file, self.reads = f"{item[6:]}.rank-{ranks_from_env()[0]}.json", HostReads()
             elif item != "-":
                 raise SystemExit(f"unknown hook {item!r}")
 
     def on_picks(self, step, micro, picks):
+        if self.reads:
+            self.reads.step = step
         if self.picks_file:
             with open(self.picks_file, "a") as f:
                 f.write(json.dumps({"step": step, "rank": ranks_from_env()[0], "micro": micro, "picks": picks}) + "\n")
@@ -43,5 +91,20 @@ class TestHooks(Hooks):
         return loss * float("nan") if step in self.nan else loss
 
 
+    def run(self, stage: str, argv: list[str]) -> int:
+        if not self.reads:
+            return stage_main(stage, argv, hooks=self)
+        torch.optim.AdamW = FusedAdamW
+        for cls in {c for stage in STAGES.values() for c in stage.__mro__ if "units" in vars(c)}:
+            cls.units = self.reads.host_units(cls.units)
+        atexit.register(self.write_reads)  # a run on several processes ends in exit_process, which runs atexit's
+        with self.reads:
+            return stage_main(stage, argv, hooks=self)
+
+    def write_reads(self) -> None:
+        with open(self.reads_file, "w") as f:
+            json.dump(self.reads.reads, f)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(sys.argv[2], sys.argv[3:], hooks=TestHooks(sys.argv[1])))
+    sys.exit(TestHooks(sys.argv[1]).run(sys.argv[2], sys.argv[3:]))

@@ -27,7 +27,8 @@ MAY_IMPORT = {
     "config": {"models.transformer", "stages.losses", "data.batch"},
 }
 # imports that may sit inside a function, and why (each such line also says why, in a comment beside it)
-OPTIONAL = ("deepspeed", "transformers", "tokenizers", "peft", "wandb", "matplotlib", "torch.utils.tensorboard")
+OPTIONAL = ("deepspeed", "transformers", "tokenizers", "peft", "wandb", "matplotlib", "torch.utils.tensorboard",
+            "torchao")
 
 
 def modules() -> dict[str, ast.Module]:

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAST, REPO, TINY_CONFIG, free_port, kill_after_first_checkpoint, losses, run_training, val_losses, write_jsonl
 
 from preprocess.__main__ import main as preprocess_main
@@ -22,9 +23,9 @@ from training.models.optim import lr_at
 from training.models.transformer import KVCache, ModelConfig, Transformer
 from training.parallel import env as D
 from training.parallel.ddp import DDP
-from training.run.loop import accumulate
+from training.run.loop import accumulate, global_counts
 from training.stages.base import Stage
-from training.stages.losses import IGNORE, lm_loss_sum
+from training.stages.losses import IGNORE
 from training.stages.pretrain import PretrainData
 
 # ------------------------------------------------------------------------------------------- configs
@@ -114,6 +115,12 @@ def test_logits_at_kept_positions_are_the_full_forwards_and_so_are_their_gradien
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     for full, kept in zip(*grads, strict=True):
         torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+
+
+def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: summed cross-entropy of whole fp32 logits over the targets != IGNORE, and their count."""
+    loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (targets != IGNORE).sum()
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
@@ -443,6 +450,12 @@ def _small_model() -> Transformer:
     return Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, max_seq_len=16))
 
 
+def _accumulate(stage, backend, batches, env):
+    """One step's gradients, as the loop takes them: the global batch's counts first, then the micro-batches."""
+    units, _, real, _ = global_counts(stage, batches, env)
+    return accumulate(stage, backend, batches, env, units, real)
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str, compiled: bool = False) -> None:
     """Rank `rank`'s micro-batches through the ddp backend (compiled whole: train.compile_scope=model, traced by
     aot_eager); rank 0 saves the gradients and how many buckets DDP reduced."""
@@ -461,67 +474,71 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, compiled: bool = Fal
     backend.ddp.register_comm_hook(None, counted)
     if compiled:
         backend.compile(backend="aot_eager")
-    accumulate(_lm_stage(), backend, _uneven_batches(rank), env)
+    _accumulate(_lm_stage(), backend, _uneven_batches(rank), env)
     if rank == 0:
         torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "reductions": len(reductions)}, out)
     D.shutdown(env)
     D.exit_process(0)  # as the training commands end (see its docstring): no abort in gloo's teardown
 
 
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts, per step of a run, what would make the host wait for a GPU: a tensor's value read into Python
-    (item, float, int, bool, tolist) and the operations whose result's size depends on values (nonzero,
-    indexing by a boolean mask). A CPU run has no GPU to wait for; the same calls are what would."""
-    READS = {"item", "__float__", "__int__", "__bool__", "__index__", "__format__", "__array__", "tolist", "numpy",
-             "cpu", "nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.step, self.paused, self.reads = 0, False, {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        masked = name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:])
-        if not self.paused and (name in self.READS or masked):
-            self.reads.setdefault(self.step, []).append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_step_that_does_not_log_reads_nothing_back_from_the_device(pretrain_shards, tmp_path, monkeypatch):
-    """Steps 1, 2, 4 and 5 of a run logging every 3 steps read no tensor value into Python: the loss, the gradient
-    norm and whether the update was applied stay on the device until step 3 and 6 read them back. The counts of
-    a batch are the host's (read from the batch before it moves to the device: left out of the count here). The
-    optimizer is fused AdamW, as on a GPU, whose update skips a non-finite step by itself. Evaluation with its
-    sample, TensorBoard and the progress output are on, as shipped: they run at the logged steps (3, 6), which may
-    read."""
-    from training.cli import stage_main
-    from training.run.hooks import Hooks
-    from training.stages.pretrain import Pretrain
-
-    reads = HostReads()
-
-    class Steps(Hooks):
-        def on_picks(self, step, micro, picks):
-            reads.step = step
-
-    units = Pretrain.units
-
-    def host_units(self, batch):
-        reads.paused = True
-        try:
-            return units(self, batch)
-        finally:
-            reads.paused = False
-
-    monkeypatch.setattr(Pretrain, "units", host_units)
-    monkeypatch.setattr("training.models.optim.fused_adamw", lambda device: True)
-    argv = ["--config", TINY_CONFIG, *FAST, f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'run'}",
-            "train.max_steps=6", "log.every=3", "train.eval_every=3", "train.grad_accum=2"]
-    with reads:
-        assert stage_main("pretrain", argv, hooks=Steps()) == 0
-    assert all(not reads.reads.get(step) for step in (1, 2, 4, 5)), reads.reads
-    assert reads.reads.get(3) and reads.reads.get(6)  # the counter sees what a logged step reads
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_step_that_does_not_log_reads_nothing_back_from_the_device(pretrain_shards, tmp_path, nproc):
+    """Steps 1, 2, 4 and 5 of a run logging every 3 steps read no tensor value into Python (tests/hooked_run.py's
+    HostReads counts what would wait for a GPU), on one process and on two: the loss, the gradient norm and
+    whether the update was applied stay on the device until steps 3 and 6 read them back; the counts of a batch
+    are the host's, summed over the processes on the host with the stop-signal flags. The optimizer is fused
+    AdamW, as on a GPU, whose update skips a non-finite step by itself. Evaluation with its sample, TensorBoard
+    and the progress output are on, as shipped: they run at the logged steps (3, 6), which may read."""
+    run_training(f"data.path={pretrain_shards}", f"out_dir={tmp_path / 'run'}", "train.max_steps=6", "log.every=3",
+                 "train.eval_every=3", "train.grad_accum=2", nproc=nproc, hooks=f"reads={tmp_path / 'reads'}")
+    for rank in range(nproc):
+        reads = {int(k): v for k, v in json.load(open(tmp_path / f"reads.rank-{rank}.json")).items()}
+        assert all(not reads.get(step) for step in (1, 2, 4, 5)), (rank, reads)
+        assert reads.get(3) and reads.get(6)  # the counter sees what a logged step reads
     assert sorted(losses(tmp_path / "run")) == [3, 6] and sorted(val_losses(tmp_path / "run")) == [0, 3, 6]
+
+
+def test_float8_converts_the_blocks_projections_keeps_the_checkpoint_format_and_is_refused_where_it_cannot_run():
+    """train.float8 swaps the blocks' linear layers for torchao's Float8Linear (the output layer, the embedding and
+    the norms stay), the state dict keeps its keys, and a step's loss and gradients stay near the unconverted
+    model's (float8 rounds each matmul's inputs: within 10% of each gradient's size). On a CPU, with LoRA and
+    under DeepSpeed it is refused in one line. (torchao's float8 matmuls run on this CPU, slowly: a GPU of compute
+    capability 8.9+ is what the option is for, and what the check asks.)"""
+    pytest.importorskip("torchao", reason="the dev extra installs torchao")
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    from training.config import Config, validate
+    from training.models import float8
+    from training.parallel.deepspeed import DeepSpeed
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    plain, converted = Transformer(cfg), Transformer(cfg)
+    converted.load_state_dict(plain.state_dict())
+    keys = list(plain.state_dict())
+    convert_to_float8_training(converted, module_filter_fn=float8.float8_layer)  # convert() past its device check
+    swapped = {n for n, m in converted.named_modules() if isinstance(m, Float8Linear)}
+    assert swapped == {f"layers.{i}.{part}" for i in range(2) for part in
+                       ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    assert list(converted.state_dict()) == keys
+    tokens, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    results = []
+    for model in (plain, converted):
+        loss = -model(tokens, targets=targets, summed=True) / targets.numel()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert abs(results[1][0] - results[0][0]) < 0.01 * results[0][0]
+    for name, grad in results[0][1].items():
+        assert (results[1][1][name] - grad).norm() <= 0.2 * grad.norm(), name
+    with pytest.raises(UserError, match=r"^train.float8=true: float8 matmuls need a CUDA GPU .* this run is on cpu$"):
+        float8.convert(Transformer(cfg), torch.device("cpu"))
+    config = Config()
+    config.train.float8, config.lora.rank = True, 8
+    assert any(p.startswith("train.float8=true: LoRA") for p in validate(config))
+    config.lora.rank = 0
+    assert DeepSpeed.check(config)[0].startswith("train.float8=true: not with DeepSpeed")
 
 
 def test_fused_adamw_skips_a_non_finite_step_on_the_device_as_the_host_check_does():
@@ -739,7 +756,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_bit_for_bi
         model.checkpoint_activations(mode, every=2)
         assert [b.checkpointed for b in model.layers] == {"none": [False] * 3, "full": [True] * 3,
                                                            "every_n": [True, False, True]}[mode]
-        loss, metrics, *_ = accumulate(stage, _backend(model, env), batches, env)
+        loss, metrics = _accumulate(stage, _backend(model, env), batches, env)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         assert all(m.routing is None for m in model.modules() if hasattr(m, "routing"))  # nothing held after
         results[mode] = (loss, metrics["moe_aux"], grads)

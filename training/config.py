@@ -75,6 +75,7 @@ class TrainConfig:
     eval_samples: int = 512      # validation samples per evaluation, split over the ranks (same set for any count)
     sample_prompt: str | None = None  # text continued at every evaluation (none: no sample)
     sample_tokens: int = 64
+    float8: bool = False         # the blocks' linear layers in float8 (torchao; CUDA GPUs of compute capability 8.9+)
     attention: str = "auto"      # packed rows and document masks: auto (flex on CUDA, sdpa elsewhere) | sdpa (a
                                  # boolean mask) | flex (FlexAttention's block mask; CUDA)
 
@@ -276,6 +277,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append("train.muon_momentum: must be in [0, 1)")
     if cfg.train.optimizer == "muon" and cfg.lora.rank:
         problems.append("train.optimizer=muon: LoRA adapters train with train.optimizer=adamw")
+    if cfg.train.float8 and cfg.lora.rank:
+        problems.append("train.float8=true: LoRA's adapted layers are not converted to float8; use one or the other")
     problems.extend(cfg.model.validate())
     problems.extend(cfg.dpo.validate())
     problems.extend(cfg.grpo.validate())

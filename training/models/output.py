@@ -46,70 +46,81 @@ def chunk_logit_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Ten
 
 
 def chunks(n: int, vocab: int):
-    rows = chunk_rows(vocab)
-    return ((s, min(s + rows, n)) for s in range(0, n, rows))
+    rows = chunk_rows(vocab)  # no rows (GRPO: no kept position): one empty chunk, whose results have their shapes
+    return ((s, min(s + rows, n)) for s in range(0, max(n, 1), rows))
+
+
+class ChunkGrads:
+    """The gradients of x and of the weight, gathered chunk by chunk: x's rows in order, the weight's added up in
+    fp32. Built from each chunk's result rather than written into buffers made beforehand: torch 2.11's compiled
+    autograd.Function loses writes into a tensor that it then saves (every gradient came out 0)."""
+
+    def __init__(self, needs: tuple[bool, bool]):
+        self.needs, self.rows, self.weight = needs, [], None
+
+    def add(self, g: torch.Tensor, xc: torch.Tensor, wc: torch.Tensor, s: int, e: int) -> None:
+        """A chunk's logit gradient (rows s:e) through x W^T."""
+        if self.needs[0]:
+            self.rows.append(g @ wc)
+        if self.needs[1]:
+            part = (g.T @ xc[s:e]).float()
+            self.weight = part if self.weight is None else self.weight + part
+
+    def of_x(self, x: torch.Tensor) -> torch.Tensor | None:
+        return torch.cat(self.rows).to(x.dtype) if self.needs[0] else None
 
 
 class TargetLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, temperature, dtype):
         xc, wc = x.to(dtype), weight.to(dtype)
-        out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        lse = torch.empty_like(out)
+        picked, lses = [], []
         for s, e in chunks(x.shape[0], weight.shape[0]):
             logits = chunk_logits(xc[s:e], wc, temperature)
-            lse[s:e] = logits.logsumexp(dim=-1)
-            out[s:e] = logits.gather(1, targets[s:e].clamp(min=0).unsqueeze(1)).squeeze(1) - lse[s:e]
+            lses.append(logits.logsumexp(dim=-1))
+            picked.append(logits.gather(1, targets[s:e].clamp(min=0).unsqueeze(1)).squeeze(1) - lses[-1])
+        lse = torch.cat(lses)
         ctx.save_for_backward(x, weight, targets, lse)
         ctx.temperature, ctx.dtype = temperature, dtype
-        return out * (targets >= 0)
+        return torch.cat(picked) * (targets >= 0)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, targets, lse = ctx.saved_tensors
         xc, wc = x.to(ctx.dtype), weight.to(ctx.dtype)
         grad = grad.float() * (targets >= 0)
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grads = ChunkGrads(ctx.needs_input_grad[:2])
         for s, e in chunks(x.shape[0], weight.shape[0]):
             logits = chunk_logits(xc[s:e], wc, ctx.temperature)
-            g = chunk_logit_grad(logits, lse[s:e], targets[s:e], grad[s:e], ctx.temperature).to(ctx.dtype)
-            if gx is not None:
-                gx[s:e] = g @ wc
-            if gw is not None:
-                gw += (g.T @ xc[s:e]).float()
-        return gx, None if gw is None else gw.to(weight.dtype), None, None, None
+            grads.add(chunk_logit_grad(logits, lse[s:e], targets[s:e], grad[s:e], ctx.temperature).to(ctx.dtype),
+                      xc, wc, s, e)
+        return grads.of_x(x), None if grads.weight is None else grads.weight.to(weight.dtype), None, None, None
 
 
 class TargetLogpSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype, grads: tuple[bool, bool]):
+    def forward(ctx, x, weight, targets, dtype, needs: tuple[bool, bool]):
         xc, wc = x.to(dtype), weight.to(dtype)
-        gx = torch.empty_like(x) if grads[0] else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads[1] else None
+        grads = ChunkGrads(needs)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for s, e in chunks(x.shape[0], weight.shape[0]):
             logits = chunk_logits(xc[s:e], wc, 1.0)
             lse = logits.logsumexp(dim=-1)
             t = targets[s:e]
             real = (t >= 0).float()
-            total += ((logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) - lse) * real).sum()
-            if gx is None and gw is None:
-                continue
-            g = chunk_logit_grad(logits, lse, t, real, 1.0).to(dtype)
-            if gx is not None:
-                gx[s:e] = g @ wc
-            if gw is not None:
-                gw += (g.T @ xc[s:e]).float()
+            total = total + ((logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) - lse) * real).sum()
+            if any(needs):
+                grads.add(chunk_logit_grad(logits, lse, t, real, 1.0).to(dtype), xc, wc, s, e)
+        gx, gw = grads.of_x(x), grads.weight
         ctx.save_for_backward(*(g for g in (gx, gw) if g is not None))
-        ctx.grads, ctx.weight_dtype = grads, weight.dtype
+        ctx.needs, ctx.weight_dtype = needs, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
-        gx = next(saved) if ctx.grads[0] else None
-        gw = next(saved) if ctx.grads[1] else None
+        gx = next(saved) if ctx.needs[0] else None
+        gw = next(saved) if ctx.needs[1] else None
         return (None if gx is None else gx * grad.to(gx.dtype), None if gw is None else (gw * grad).to(ctx.weight_dtype),
                 None, None, None)
 
@@ -123,5 +134,5 @@ def target_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, t
 
 def target_logp_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The sum of log p(target) over the targets that are not negative: a 0-dim fp32 tensor."""
-    grads = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
-    return TargetLogpSum.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), compute_dtype(x), grads)
+    needs = (torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+    return TargetLogpSum.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), compute_dtype(x), needs)

@@ -4,6 +4,7 @@ writes the checkpoint's model.pt and optimizer.pt (every rank holds the same).""
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -22,6 +23,12 @@ def skips_on_device(optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
+# torch 2.12 renamed DDP's broadcast_buffers (deprecated since, with a warning) to forward_sync_buffers
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+
+
 class DDP(Backend):
     name = "ddp"
 
@@ -35,7 +42,7 @@ class DDP(Backend):
         # The model's only buffers are rotary tables, identical everywhere: syncing them before every forward would
         # cost a collective per micro-step (and deadlock ranks that run different numbers of forwards).
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        self.train_model = self.ddp = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+        self.train_model = self.ddp = DistributedDataParallel(model, device_ids=device_ids, **NO_FORWARD_BUFFER_SYNC)
 
     def micro_step(self, index: int, count: int):
         """DDP's no_sync on every micro-step but the last: gradients are all-reduced once per optimizer step."""

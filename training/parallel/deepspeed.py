@@ -298,6 +298,9 @@ class DeepSpeed(Backend):
         if cfg.train.optimizer == "muon":
             return ["train.optimizer=muon: DeepSpeed's ZeRO partitions each matrix over the ranks, and Muon "
                     "orthogonalises whole matrices; use dist.backend=ddp (or train.optimizer=adamw)"]
+        if cfg.train.float8:
+            return ["train.float8=true: not with DeepSpeed (its engine's bf16 weights and torchao's float8 layers are "
+                    "untested together); use dist.backend=ddp"]
         if cfg.train.compile and cfg.train.compile_scope == "model":
             return ["train.compile_scope=model: DeepSpeed's engine gathers and releases weights in hooks around each "
                     "module, which a whole-model graph would trace through; use train.compile_scope=blocks (or auto)"]

@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,6 +30,7 @@ _from_rank0_calls = itertools.count()
 
 _started_process_group = False
 _shared_group = False  # set by shared_process_group(): a run's init and shutdown leave the group to its owner
+_host_group = None  # beside an NCCL group: gloo, for the values the host holds (host_sums)
 
 
 @dataclass
@@ -73,12 +75,17 @@ def init(backend: str, device: str, timeout_s: int, group_always: bool = False) 
         _started_process_group = True
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
+        if dev.type == "cuda":
+            global _host_group
+            _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return env
 
 
 def shutdown(env: DistEnv) -> None:
+    global _host_group
     if dist.is_initialized() and not _shared_group:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host's too
+        _host_group = None
 
 
 @contextlib.contextmanager
@@ -145,6 +152,16 @@ def all_reduce_sum(env: DistEnv, tensor: torch.Tensor) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def host_sums(env: DistEnv, values: list[float]) -> list[float]:
+    """Each value summed over the ranks, where the host holds them: through gloo (a group of its own beside
+    NCCL), so neither a copy to the GPU nor a read back from it waits for the work queued there."""
+    if not env.distributed:
+        return list(values)
+    buffer = np.array(values, dtype=np.float64)
+    dist.all_reduce(torch.from_numpy(buffer), group=_host_group)
+    return buffer.tolist()
 
 
 def all_reduce_min(env: DistEnv, value: int) -> int:

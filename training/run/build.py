@@ -29,7 +29,7 @@ from ..checkpoint.weights import model_config, resolve, starting_model, weights_
 from ..config import Config, data_sources
 from ..data.order import BatchPlan
 from ..data.sources import ShardDir, open_sources
-from ..models import lora
+from ..models import float8, lora
 from ..models.optim import make_optimizer
 from ..models.transformer import ModelConfig, Transformer
 from ..parallel import env as D
@@ -253,6 +253,8 @@ def build_model(cfg: Config, start: StartingPoint, backend, precision: str, pinn
     if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
         lora.apply(model, cfg.lora)
     model.to(device)
+    if cfg.train.float8:
+        float8.convert(model, device)
     model.checkpoint_activations(cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every)
     model.choose_expert_matmul(device.type, torch.bfloat16 if precision == "bf16" else torch.float32,
                                cfg.train.compile)

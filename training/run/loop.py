@@ -94,8 +94,8 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
     A step reads nothing back from the device: its losses, gradient norm and whether the update was applied stay
     there (StepResults) until a step that logs, evaluates, checkpoints or ends the run reads those of every step
     since in one transfer, and counts, warns about and logs what they hold, in step order. The step's counts
-    (units, positions) are the host's, from the batches; with several processes their sums over the processes,
-    and the agreement on a stop signal, are the two values a step reads back."""
+    (units, positions) are the host's, from the batches; with several processes they are summed over the processes
+    on the host, together with the stop-signal flags, in one collective that waits for nothing on the device."""
     cfg, env, state, backend = r.cfg, r.env, r.state, r.backend
     reuse, batches = r.stage.steps_per_batch, None  # a stage may train several steps on one prepared batch (GRPO)
     results = StepResults(r)
@@ -113,16 +113,17 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
                 if step + reuse < cfg.train.max_steps:  # the next cycle's, while this one computes
                     reader.read_ahead(state.consumed_samples + r.plan.global_batch)
             batches = r.stage.prepare(r.model, batches, env, r.autocast)
-        loss_sum, metric_sums, units, tokens, real = accumulate(r.stage, backend, batches, env, r.autocast,
-                                                                functools.partial(r.hooks.loss, done))
-        keys, totals = global_sums(env, {"loss": loss_sum, **metric_sums})  # all ranks agree; on the device
+        units, tokens, real, signals = global_counts(r.stage, batches, env, stop.flags())
+        loss_sum, metric_sums = accumulate(r.stage, backend, batches, env, units, real, r.autocast,
+                                           functools.partial(r.hooks.loss, done))
+        paired, totals = global_sums(env, {"loss": loss_sum, **metric_sums})  # all ranks agree; on the device
         # no unit in the whole global batch (GRPO: no group with an advantage): a NaN loss, which no backend applies
         loss = totals[0, 0] / units if units else totals[0, 0] * math.nan
         grad_norm, applied = backend.step(cfg.train.grad_clip, loss)
         state.step = done
         state.consumed_samples += r.plan.global_batch if fresh else 0
         state.tokens += r.log.count_tokens(tokens)
-        results.add(done, lr, keys, totals, units, 1 - real / tokens, grad_norm, applied, state.tokens,
+        results.add(done, lr, paired, totals, units, 1 - real / tokens, grad_norm, applied, state.tokens,
                     None if units else r.stage.empty_reason(batches))
 
         evaluates = cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps)
@@ -135,9 +136,9 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
             evaluate(r, step=done)
         if not cycle_ends:
             continue
-        # every rank stops at the same step boundary (several processes: a read back from the device at each, as
-        # their counts are: a preemption's grace period does not wait for the next logged step)
-        signum = stop.agreed(env)
+        # every rank stops at the same step boundary: on the signals exchanged with this step's counts (a
+        # preemption's grace period does not wait for the next logged step), at the last step on a fresh exchange
+        signum = stop.agreed(env) if done == cfg.train.max_steps else stop.agree(signals)
         if saves and (saves_now or signum):
             results.settle()
             if r.data.packing is not None:
@@ -161,9 +162,9 @@ class StepResults:
         self.r = r
         self.pending: list[dict] = []
 
-    def add(self, step: int, lr: float, keys: list[str], totals, units: float, padding_share: float, grad_norm,
+    def add(self, step: int, lr: float, paired: dict[str, bool], totals, units: float, padding_share: float, grad_norm,
             applied, tokens: int, empty: str | None) -> None:
-        self.pending.append({"step": step, "lr": lr, "keys": keys, "totals": totals, "units": units,
+        self.pending.append({"step": step, "lr": lr, "paired": paired, "totals": totals, "units": units,
                              "padding_share": padding_share, "grad_norm": grad_norm, "applied": applied,
                              "tokens": tokens, "empty": empty})
 
@@ -174,7 +175,7 @@ class StepResults:
         pending, self.pending = self.pending, []
         values = read_back([[p["totals"], p["grad_norm"], p["applied"]] for p in pending])
         for p, (totals, grad_norm, applied) in zip(pending, values, strict=True):
-            means = r.stage.summarise(means_of(p["keys"], totals, p["units"]))
+            means = r.stage.summarise(means_of(p["paired"], totals, p["units"]))
             means["padding_share"] = p["padding_share"]
             skipped = not (applied and math.isfinite(means["loss"]))
             if p["empty"] is not None:
@@ -206,20 +207,24 @@ def read_back(rows: list[list]) -> list[list]:
     return out
 
 
-def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, autocast=None, loss_hook=None):
+def global_counts(stage: Stage, batches: list, env: D.DistEnv, flags: list[int] = ()) -> tuple:
+    """(units, positions computed, positions that held a token rather than padding) of the global batch, and
+    `flags` (the stop signals) summed over the ranks: read from the batches before they move to the device, and
+    added up over the processes on the host."""
+    local = [sum(c) for c in zip(*[(stage.units(b), b.inputs.numel(), b.real_tokens) for b in batches], strict=True)]
+    sums = D.host_sums(env, [*local, *flags])
+    return float(sums[0]), int(sums[1]), int(sums[2]), sums[3:]
+
+
+def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, units: float, real: int,
+               autocast=None, loss_hook=None):
     """Forward and backward over this rank's micro-batches of one optimizer step, leaving in .grad the gradient
     of (sum of the loss over every unit of the global batch) / (number of those units).
 
-    The units are counted before any backward, so every target token (or pair) weighs the same however
-    micro-batches and ranks split them. The model's auxiliary losses (MoE routers) are sums over positions,
-    divided by the positions of the global batch. Returns (local loss sum, local metric sums, global unit count,
-    global count of positions computed, global count of those that held a token rather than padding): the sums on
-    the device, the counts on the host (read from the batches before they move to the device; with several
-    processes, added up over them and read back)."""
-    counts = [sum(c) for c in zip(*[(stage.units(b), b.inputs.numel(), b.real_tokens) for b in batches], strict=True)]
-    if env.distributed:
-        counts = D.all_reduce_sum(env, torch.tensor(counts, dtype=torch.float64, device=env.device)).tolist()
-    units, tokens, real = float(counts[0]), int(counts[1]), int(counts[2])
+    The units (global_counts) are counted before any backward, so every target token (or pair) weighs the same
+    however micro-batches and ranks split them. The model's auxiliary losses (MoE routers) are sums over
+    positions, divided by the `real` token positions of the global batch. Returns (local loss sum, local metric
+    sums), on the device."""
     # no unit anywhere: NaN gradients, which every backend declines to apply, and a step the loop counts as skipped
     scale = units or math.nan
     loss_sum = torch.zeros((), device=env.device)
@@ -253,26 +258,24 @@ def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, au
         one = torch.ones((), device=env.device)
         for layer, load in zip(loads, total, strict=True):  # (ratio, 1) on every rank: global_sums keeps the ratio
             metric_sums[f"moe_load/{layer}"] = torch.stack([load.max() / load.mean().clamp(min=1e-9), one])
-    return loss_sum, metric_sums, units, tokens, real
+    return loss_sum, metric_sums
 
 
-def global_sums(env: D.DistEnv, sums: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
-    """Sums over this rank's units → (their keys, (keys, 2) sums over the global batch, on the device). A metric
-    given as a (sum, count) pair is a mean over what it counted (KTO: the desirable completions); a plain sum is
-    a mean over the units, its count left -1."""
-    rows = torch.stack([v.float() if v.dim() else torch.stack([v.float(), torch.full_like(v.float(), -1)])
-                        for v in sums.values()])
-    totals = D.all_reduce_sum(env, rows)
-    if env.distributed:  # the -1s were added up too
-        totals[:, 1] = torch.where(rows[:, 1] < 0, -1, totals[:, 1])
-    return list(sums), totals
+def global_sums(env: D.DistEnv, sums: dict[str, torch.Tensor]) -> tuple[dict[str, bool], torch.Tensor]:
+    """Sums over this rank's units → ({key: whether it is a (sum, count) pair}, (keys, 2) sums over the global
+    batch, on the device). A pair is a mean over what it counted (KTO: the desirable completions); a plain sum is
+    a mean over the units (its second column unused)."""
+    paired = {k: v.dim() > 0 for k, v in sums.items()}
+    rows = torch.stack([v.float() if paired[k] else torch.stack([v.float(), torch.zeros_like(v.float())])
+                        for k, v in sums.items()])
+    return paired, D.all_reduce_sum(env, rows)
 
 
-def means_of(keys: list[str], totals: torch.Tensor, units: float) -> dict[str, float]:
+def means_of(paired: dict[str, bool], totals: torch.Tensor, units: float) -> dict[str, float]:
     """global_sums' values (read back) → means; a (sum, count) mean is left out when nothing was counted."""
     means = {}
-    for key, (total, count) in zip(keys, totals.tolist(), strict=True):
-        if count < 0:
+    for (key, pair), (total, count) in zip(paired.items(), totals.tolist(), strict=True):
+        if not pair:
             means[key] = total / units if units else math.nan
         elif count:
             means[key] = total / count

@@ -14,26 +14,10 @@ import torch.nn.functional as F
 from ..data.batch import IGNORE
 
 
-def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (in fp32) over targets != IGNORE, and how many targets there were, from
-    logits already computed (the training loss computes it without them: next_token_loss)."""
-    loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, (targets != IGNORE).sum()
-
-
 def next_token_loss(model, batch) -> tuple[torch.Tensor, dict]:
     """Pretraining's and SFT's loss: the summed cross-entropy of every target of the batch (packed rows attend
     within their segments), no metrics; through the output layer a chunk at a time (models/output.py)."""
     return -model(batch.inputs, segments=batch.segments, targets=batch.targets, summed=True), {}
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) at every position (0 where the target is IGNORE), from an fp32 log-softmax of logits already
-    computed, divided by `temperature` (the model computes the same without them: model(..., targets=...))."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (targets != IGNORE)
 
 
 def sequence_logps(model, batch, sequences: int = 0) -> torch.Tensor:
