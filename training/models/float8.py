@@ -2,22 +2,30 @@
 in float8 with a scale per tensor computed from the current values (dynamic scaling), the weights, gradients and
 optimizer state staying as they were, so checkpoints keep their format. The output layer stays in the training
 precision: its loss reads the weight a chunk at a time (models/output.py), and the vocabulary projection is the
-most sensitive matmul. Mixture-of-experts experts (grouped matmuls) are not nn.Linear and stay as they are.
-It pays off where the matmuls are large (the 1B preset and up) on GPUs with float8 tensor cores."""
+most sensitive matmul; so do a mixture-of-experts block's router, its shared expert and its experts (grouped
+matmuls), and the pinned reference of DPO, KTO and GRPO (whose log-probs therefore differ from the policy's by
+float8's rounding from the first step). It pays off where the matmuls are large (the 1B preset and up) on GPUs
+with float8 tensor cores."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import torch
 from torch import nn
 
 from preprocess.errors import UserError
 
+# the dense blocks' projections, by name: not a MoE block's router (its top-k choice would see rounded inputs) nor
+# its shared expert, not the output layer
+PROJECTIONS = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])")
+
 
 def float8_layer(module: nn.Module, fqn: str) -> bool:
-    """The layers converted: the blocks' linear projections whose sizes float8 matmuls take (multiples of 16)."""
-    return (type(module) is nn.Linear and fqn.startswith("layers.") and module.in_features % 16 == 0
+    """The layers converted: the dense blocks' linear projections whose sizes float8 matmuls take (multiples of
+    16)."""
+    return (type(module) is nn.Linear and PROJECTIONS.fullmatch(fqn) is not None and module.in_features % 16 == 0
             and module.out_features % 16 == 0)
 
 
@@ -37,8 +45,10 @@ def check(device: torch.device) -> None:
 def convert(model: nn.Module, device: torch.device) -> list[str]:
     """Swap float8_layer's layers for torchao's Float8Linear in place; their names."""
     check(device)
-    from torchao.float8 import convert_to_float8_training  # optional: imported only where float8 is asked for
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional: where float8 is asked for
 
     names = [name for name, m in model.named_modules() if float8_layer(m, name)]
-    convert_to_float8_training(model, module_filter_fn=float8_layer)
+    # the weight gradient's matmul runs over the micro-batch's positions, which padded rows (to a multiple of 8) and
+    # GRPO's filler row need not make a multiple of 16, as float8 matmuls require: padded there
+    convert_to_float8_training(model, config=Float8LinearConfig(pad_inner_dim=True), module_filter_fn=float8_layer)
     return names

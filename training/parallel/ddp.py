@@ -23,7 +23,8 @@ def skips_on_device(optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
-# torch 2.12 renamed DDP's broadcast_buffers (deprecated since, with a warning) to forward_sync_buffers
+# DDP's broadcast_buffers (torch 2.11) became forward_sync_buffers, the old name deprecated with a warning by 2.13;
+# the new one still syncs the buffers once at construction, which for our identical rotary tables changes nothing
 NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})

@@ -30,7 +30,8 @@ _from_rank0_calls = itertools.count()
 
 _started_process_group = False
 _shared_group = False  # set by shared_process_group(): a run's init and shutdown leave the group to its owner
-_host_group = None  # beside an NCCL group: gloo, for the values the host holds (host_sums)
+_host_group = None  # gloo, beside the default group: for the values the host holds (host_sums, host_group)
+_timeout: timedelta | None = None  # dist.timeout_s of the group init() made
 
 
 @dataclass
@@ -73,11 +74,9 @@ def init(backend: str, device: str, timeout_s: int, group_always: bool = False) 
         os.environ.setdefault("MASTER_PORT", "29500")
         global _started_process_group
         _started_process_group = True
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-        if dev.type == "cuda":
-            global _host_group
-            _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        global _timeout
+        _timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world, timeout=_timeout)
     return env
 
 
@@ -155,13 +154,32 @@ def all_reduce_sum(env: DistEnv, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def host_sums(env: DistEnv, values: list[float]) -> list[float]:
-    """Each value summed over the ranks, where the host holds them: through gloo (a group of its own beside
-    NCCL), so neither a copy to the GPU nor a read back from it waits for the work queued there."""
+    """Each value summed over the ranks, where the host holds them: through gloo, so neither a copy to the GPU nor
+    a read back from it waits for the work queued there."""
     if not env.distributed:
         return list(values)
     buffer = np.array(values, dtype=np.float64)
-    dist.all_reduce(torch.from_numpy(buffer), group=_host_group)
+    dist.all_reduce(torch.from_numpy(buffer), group=host_group())
     return buffer.tolist()
+
+
+def host_group():
+    """The gloo group of host_sums, beside the default group whatever its backend (NCCL on GPUs; on CPUs, where the
+    tests run it, gloo too): made at its first use, which every rank reaches at the same point of the loop. gloo
+    finds its interface by the host's name, not by the default route; where NCCL is told its interface by a plain
+    NCCL_SOCKET_IFNAME, gloo takes the same unless GLOO_SOCKET_IFNAME says otherwise."""
+    global _host_group
+    if _host_group is None:
+        nccl = os.environ.get("NCCL_SOCKET_IFNAME", "")
+        if nccl and not nccl.startswith(("^", "=")):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", nccl)
+        try:
+            _host_group = dist.new_group(backend="gloo", timeout=_timeout)
+        except RuntimeError as e:  # DistBackendError and gloo's connection errors among them
+            raise UserError(f"gloo (each step's counts and stop flags, summed on the host) could not connect the "
+                            f"ranks ({first_line(e)}): set GLOO_SOCKET_IFNAME to the network interface they reach "
+                            f"each other on (e.g. ib0, eth1)") from e
+    return _host_group
 
 
 def all_reduce_min(env: DistEnv, value: int) -> int:

@@ -87,6 +87,8 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     start = starting_point(cfg, sources[0], env)
     cfg = dataclasses.replace(cfg, model=start.model_cfg)
     precision = resolve_precision(cfg.train.precision, env.device)
+    if cfg.train.float8:
+        float8.check(env.device)  # before any work: a one-line refusal where it cannot run
     if env.device.type == "cuda" and cfg.train.precision != "fp32":  # fp32 matmuls outside autocast run on TF32
         torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores (10 mantissa bits in, fp32 sums);
         torch.backends.cudnn.allow_tf32 = True        # train.precision=fp32 asked by name keeps them exact

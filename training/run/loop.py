@@ -94,8 +94,8 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
     A step reads nothing back from the device: its losses, gradient norm and whether the update was applied stay
     there (StepResults) until a step that logs, evaluates, checkpoints or ends the run reads those of every step
     since in one transfer, and counts, warns about and logs what they hold, in step order. The step's counts
-    (units, positions) are the host's, from the batches; with several processes they are summed over the processes
-    on the host, together with the stop-signal flags, in one collective that waits for nothing on the device."""
+    (units, positions) are the host's, from the batches; with several processes they, and the stop-signal flags,
+    are summed over the processes on the host, in collectives that wait for nothing on the device."""
     cfg, env, state, backend = r.cfg, r.env, r.state, r.backend
     reuse, batches = r.stage.steps_per_batch, None  # a stage may train several steps on one prepared batch (GRPO)
     results = StepResults(r)
@@ -113,7 +113,7 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
                 if step + reuse < cfg.train.max_steps:  # the next cycle's, while this one computes
                     reader.read_ahead(state.consumed_samples + r.plan.global_batch)
             batches = r.stage.prepare(r.model, batches, env, r.autocast)
-        units, tokens, real, signals = global_counts(r.stage, batches, env, stop.flags())
+        units, tokens, real = global_counts(r.stage, batches, env)
         loss_sum, metric_sums = accumulate(r.stage, backend, batches, env, units, real, r.autocast,
                                            functools.partial(r.hooks.loss, done))
         paired, totals = global_sums(env, {"loss": loss_sum, **metric_sums})  # all ranks agree; on the device
@@ -136,9 +136,9 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
             evaluate(r, step=done)
         if not cycle_ends:
             continue
-        # every rank stops at the same step boundary: on the signals exchanged with this step's counts (a
-        # preemption's grace period does not wait for the next logged step), at the last step on a fresh exchange
-        signum = stop.agreed(env) if done == cfg.train.max_steps else stop.agree(signals)
+        # every rank stops at the same step boundary (several processes: a host-side exchange at each, which
+        # waits for nothing on the device; a preemption's grace period does not wait for the next logged step)
+        signum = stop.agreed(env)
         if saves and (saves_now or signum):
             results.settle()
             if r.data.packing is not None:
@@ -207,13 +207,12 @@ def read_back(rows: list[list]) -> list[list]:
     return out
 
 
-def global_counts(stage: Stage, batches: list, env: D.DistEnv, flags: list[int] = ()) -> tuple:
-    """(units, positions computed, positions that held a token rather than padding) of the global batch, and
-    `flags` (the stop signals) summed over the ranks: read from the batches before they move to the device, and
-    added up over the processes on the host."""
+def global_counts(stage: Stage, batches: list, env: D.DistEnv) -> tuple[float, int, int]:
+    """(units, positions computed, positions that held a token rather than padding) of the global batch: read
+    from the batches before they move to the device, and added up over the processes on the host."""
     local = [sum(c) for c in zip(*[(stage.units(b), b.inputs.numel(), b.real_tokens) for b in batches], strict=True)]
-    sums = D.host_sums(env, [*local, *flags])
-    return float(sums[0]), int(sums[1]), int(sums[2]), sums[3:]
+    units, tokens, real = D.host_sums(env, local)
+    return units, int(tokens), int(real)
 
 
 def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, units: float, real: int,

@@ -1,7 +1,5 @@
 """Stopping at a step boundary: SIGTERM and SIGUSR1 (Slurm's notice before a time limit or preemption) only set a
-flag; the loop acts on it once every rank has agreed, so no rank is left waiting in a collective. With several
-processes the flags travel with the step's counts (one host-side collective a step: flags()/agree()), so a signal
-that arrives while a step computes is acted on at the end of the next one."""
+flag; the loop acts on it once every rank has agreed, so no rank is left waiting in a collective."""
 
 from __future__ import annotations
 
@@ -31,17 +29,11 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def flags(self) -> list[int]:
-        """This rank's received signals, one 0/1 per SIGNALS entry: summed over the ranks, read by agree()."""
-        return [int(self.signum == s) for s in self.SIGNALS]
-
-    def agree(self, sums: list[float]) -> int:
-        """The signal some rank had received (0: none) when the sums of flags() were taken."""
-        return next((int(s) for s, n in zip(self.SIGNALS, sums, strict=True) if n), 0)
-
     def agreed(self, env: D.DistEnv) -> int:
-        """The signal any rank has received by now (0: none), on every rank: a collective of its own."""
-        return self.agree(D.host_sums(env, self.flags()))
+        """The signal any rank has received by now (0: none), on every rank: each rank's flags (one 0/1 per
+        signal) summed over the ranks on the host."""
+        sums = D.host_sums(env, [int(self.signum == s) for s in self.SIGNALS])
+        return next((int(s) for s, n in zip(self.SIGNALS, sums, strict=True) if n), 0)
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
