@@ -12,6 +12,8 @@ prints, each figure measured in this one run, in this order (the first ones are 
     ours      `training.run.loop.run` on the preset's config, as `python -m training.pretrain` runs it (data from
               shards, accumulation, clipping, schedule, metrics.jsonl), timed by its own metrics after warm-up;
     ours, document mask (125m): the same with data.document_mask=true (packed documents attend to themselves);
+    ours, fsdp2, bf16 weights (125m): the same under dist.backend=fsdp2 on its one process: bf16 weights gathered
+              from fp32 shards (the optimizer's masters), where DDP's bf16 is autocast over fp32 weights;
     ours, float8 (1b): the same with train.float8=true (the blocks' linear layers in float8 through torchao,
               where it is installed and the GPU has float8 matmuls; MFU still counted against the bf16 peak);
     baseline  a GPT in nanoGPT's style (LayerNorm, learned positions, GELU MLP of 4 x dim, causal SDPA, tied
@@ -41,6 +43,7 @@ import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,8 +71,10 @@ from training.run.metrics import gpu_peak_flops  # noqa: E402
 VOCAB = 32000
 # (preset, variant): the rows of ours in the training table, in the order they are measured; each variant's
 # overrides. The plain rows are followed by the baseline's.
-TRAINING = [("125m", "plain"), ("125m", "document mask"), ("1b", "plain"), ("1b", "float8")]
-VARIANTS = {"plain": [], "document mask": ["data.document_mask=true"], "float8": ["train.float8=true"]}
+TRAINING = [("125m", "plain"), ("125m", "document mask"), ("125m", "fsdp2, bf16 weights"), ("1b", "plain"),
+            ("1b", "float8")]
+VARIANTS = {"plain": [], "document mask": ["data.document_mask=true"], "float8": ["train.float8=true"],
+            "fsdp2, bf16 weights": ["dist.backend=fsdp2"]}
 
 
 @dataclasses.dataclass
@@ -204,7 +209,10 @@ def ours(preset: str, variant: str, shards: str, out: str, tiny: bool) -> dict:
 
     s = shape(preset, tiny)
     steps = s.warmup + s.timed + s.profiled + (1 if s.profiled else 0)  # a step after the window closes it
-    out_dir = os.path.join(out, f"run-{preset}-{variant.replace(' ', '-')}")
+    out_dir = os.path.join(out, f"run-{preset}-{variant.replace(' ', '-').replace(',', '')}")
+    with socket.socket() as free:  # a backend that wants a process group on one process (fsdp2) rendezvous here
+        free.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(free.getsockname()[1]))
     cfg = load_config(s.config, [
         f"data.path={shards}", f"out_dir={out_dir}", f"model.vocab_size={s.vocab}", f"train.max_steps={steps}",
         f"train.micro_batch_size={s.micro}", f"train.grad_accum={s.grad_accum}", f"train.compile={str(s.compile).lower()}",

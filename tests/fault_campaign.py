@@ -38,7 +38,7 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
         "train.micro_batch_size=4", "train.eval_every=4", "train.eval_samples=16", "train.warmup_steps=2",
         "log.every=1", "train.ckpt_every=2", "train.keep_checkpoints=3"]  # sampling, TensorBoard on, as shipped
 CONFIGS = {"pretrain": "configs/pretrain/tiny.yaml", "sft": "configs/sft/tiny.yaml", "dpo": "configs/dpo/tiny.yaml"}
-BACKENDS = {"ddp": [], "deepspeed": ["dist.backend=deepspeed", "dist.zero_stage=2"]}
+BACKENDS = {"ddp": [], "deepspeed": ["dist.backend=deepspeed", "dist.zero_stage=2"], "fsdp2": ["dist.backend=fsdp2"]}
 STEPS = 16
 
 

@@ -7,6 +7,8 @@ HOOKS is a comma-separated list ('-' for none):
   stop@5       SIGTERM to this process while step 5 runs, as a preemption notice: the loop finishes the step,
                checkpoints and exits 143
   picks=FILE   each rank appends {"step", "rank", "micro", "picks"} lines to FILE.rank-R.jsonl
+  die-in-save@4  kill -9 of every rank while it writes the checkpoint of step 4: after its backend wrote the
+               model and optimizer into step-4.tmp, before the checkpoint is complete
   reads=FILE   each rank writes to FILE.rank-R.json what it read back from the device at each step (HostReads),
                with fused AdamW as on a GPU (its update skips a non-finite step on the device by itself)
 """
@@ -20,6 +22,7 @@ import sys
 import torch
 
 from training.cli import stage_main
+from training.parallel.backends import BACKENDS
 from training.parallel.env import ranks_from_env
 from training.run.hooks import Hooks
 from training.stages.registry import STAGES
@@ -63,9 +66,19 @@ class FusedAdamW(torch.optim.AdamW):
         super().__init__(*args, **{**kwargs, "fused": True})
 
 
+def dying_in_save(save, step: int):
+    def save_then_die(self, directory):
+        written = save(self, directory)
+        if os.path.basename(directory.rstrip("/")) == f"step-{step}.tmp":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+    return save_then_die
+
+
 class TestHooks(Hooks):
     def __init__(self, spec: str):
         self.nan, self.stop, self.picks_file, self.reads_file, self.reads = set(), None, None, None, None
+        self.die_in_save = None
         for item in filter(None, spec.split(",")):
             if item.startswith("nan@"):
                 self.nan = {int(s) for s in item[4:].split("+")}
@@ -73,6 +86,8 @@ class TestHooks(Hooks):
                 self.stop = int(item[5:])
             elif item.startswith("picks="):
                 self.picks_file = f"{item[6:]}.rank-{ranks_from_env()[0]}.jsonl"
+            elif item.startswith("die-in-save@"):
+                self.die_in_save = int(item[len("die-in-save@"):])
             elif item.startswith("reads="):
                 self.reads_file, self.reads = f"{item[6:]}.rank-{ranks_from_env()[0]}.json", HostReads()
             elif item != "-":
@@ -92,6 +107,9 @@ class TestHooks(Hooks):
 
 
     def run(self, stage: str, argv: list[str]) -> int:
+        if self.die_in_save:
+            for backend in set(BACKENDS.values()):
+                backend.save = dying_in_save(backend.save, self.die_in_save)
         if not self.reads:
             return stage_main(stage, argv, hooks=self)
         torch.optim.AdamW = FusedAdamW

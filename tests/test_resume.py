@@ -32,7 +32,8 @@ from conftest import (
 from preprocess.__main__ import main as preprocess_main
 
 STOPPED = 128 + signal.SIGTERM  # exit code of a run stopped by a preemption notice (its checkpoint is written)
-BACKENDS = {"ddp": [], "zero2": ["dist.backend=deepspeed", "dist.zero_stage=2"], "zero3": None}  # zero3: the fixture
+BACKENDS = {"ddp": [], "zero2": ["dist.backend=deepspeed", "dist.zero_stage=2"], "zero3": None,  # zero3: the fixture
+            "fsdp2": ["dist.backend=fsdp2"]}
 
 
 def state(run_dir, step: int) -> dict:
@@ -44,15 +45,16 @@ def state(run_dir, step: int) -> dict:
 def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uninterrupted_run(
         backend, pretrain_shards, zero3, tmp_path):
     """Each segment is stopped as a preemption stops it (SIGTERM: checkpoint at the step boundary), then run
-    again on another number of processes; DeepSpeed converts its partitioned checkpoint to a universal one.
-    DDP trains with Muon (its momentum is the state to restore); ZeRO-3 runs a mixture-of-experts block beside a
-    dense one (its stacked experts are partitioned too), the first block's activations recomputed in the backward
-    (ZeRO-3 gathers the weights again for the recomputation)."""
-    if backend != "ddp" and importlib.util.find_spec("deepspeed") is None:
+    again on another number of processes; DeepSpeed converts its partitioned checkpoint to a universal one, FSDP2
+    reads its DCP checkpoint as it is, each rank the pieces of its own shards. DDP and FSDP2 train with Muon (its
+    momentum is the state to restore); ZeRO-3 and FSDP2 run a mixture-of-experts block beside a dense one (its stacked
+    experts are partitioned too), the first block's activations recomputed in the backward (the weights gathered
+    again for the recomputation)."""
+    if backend in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (the dev extra installs it)")
     moe = ["model.moe.experts=4", "model.moe.every=2", "model.moe.shared_experts=1",
-           "train.activation_checkpointing=every_n"] if backend == "zero3" else []
-    muon = ["train.optimizer=muon"] if backend == "ddp" else []
+           "train.activation_checkpointing=every_n"] if backend in ("zero3", "fsdp2") else []
+    muon = ["train.optimizer=muon"] if backend in ("ddp", "fsdp2") else []
     common = [f"data.path={pretrain_shards}", "train.max_steps=8", "train.precision=fp32", "train.ckpt_every=100",
               *(BACKENDS[backend] if backend != "zero3" else zero3), *moe, *muon]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
@@ -68,7 +70,7 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
     assert (out / "checkpoints" / "latest").read_text() == "step-7\n"
     last = run_training(*common, f"out_dir={out}", nproc=2)  # on as many processes as the last segment
     assert "converting" not in last.stdout and "resuming at step 7" not in last.stdout
-    if backend != "ddp":
+    if backend in ("zero2", "zero3"):
         universal = out / "checkpoints" / "step-6.universal"  # cached beside its checkpoint (step-3's was pruned)
         assert (universal / "checksums.json").is_file() and not (out / "checkpoints" / "latest_universal").exists()
         assert not os.path.exists(out / "checkpoints" / "step-7.universal")
@@ -77,7 +79,7 @@ def test_two_then_one_then_two_processes_with_the_same_global_batch_equal_an_uni
     if moe:
         assert losses(out, "moe_aux")[8] == pytest.approx(losses(tmp_path / "straight", "moe_aux")[8], rel=1e-4)
     for step, value in straight.items():
-        assert resumed[step] == pytest.approx(value, rel=1e-5 if backend == "ddp" else 1e-4), step
+        assert resumed[step] == pytest.approx(value, rel=1e-5 if backend in ("ddp", "fsdp2") else 1e-4), step
 
 
 @pytest.mark.slow

@@ -227,7 +227,7 @@ def test_the_whole_model_compiles_with_its_loss_into_one_graph_and_trains_alike(
         torch._dynamo.reset()
 
 
-def test_train_compile_takes_the_whole_model_under_ddp_and_each_block_under_deepspeed():
+def test_train_compile_takes_the_whole_model_under_ddp_and_each_block_under_deepspeed_and_fsdp2():
     from training.parallel.backends import backend_class
     from training.run.build import compile_scope
 
@@ -241,6 +241,10 @@ def test_train_compile_takes_the_whole_model_under_ddp_and_each_block_under_deep
     assert compile_scope(cfg("train.compile=false", "train.compile_scope=model"), ddp) is None
     assert deepspeed.check(cfg("train.compile=true", "train.compile_scope=model"))[0].startswith(
         "train.compile_scope=model: DeepSpeed")
+    fsdp2 = backend_class("fsdp2")
+    assert compile_scope(cfg("train.compile=true"), fsdp2) == "blocks"
+    assert fsdp2.check(cfg("train.compile=true", "train.compile_scope=model"))[0].startswith(
+        "train.compile_scope=model: FSDP2")
     backend = DDP(None, D.DistEnv(), None, "fp32")
     backend.setup(_small_model(), lambda m: None)
     backend.compile()  # the training forwards through a compiled wrapper; evaluation and sampling keep the model
@@ -349,6 +353,20 @@ def test_describe_gives_the_global_batch_of_the_plan(pretrain_shards):
     assert proc.returncode == 0, proc.stderr
     assert ("batch: 16 samples (≤ 128 tokens each) per micro-step x 2 micro-steps x 4 processes = 128 samples per "
             "optimizer step") in proc.stdout
+    state = next(line for line in proc.stdout.splitlines() if line.startswith("state per rank on 4 processes"))
+    assert "ddp " in state and "(this run)" in state.split("; ")[0] and "deepspeed ZeRO-3" in state and "fsdp2" in state
+    from training.config import Config
+    from training.parallel.backends import BACKENDS
+
+    cfg, n = Config(), 4  # 1,000 weights, 600 trained, 4,800 bytes of optimizer state (AdamW's two moments)
+    assert BACKENDS["ddp"].state_bytes(cfg, 1000, 600, 4800, n, "fp32") == (4000, 2400, 4800)  # whole everywhere
+    assert BACKENDS["fsdp2"].state_bytes(cfg, 1000, 600, 4800, n, "bf16") == (1000, 600, 1200)  # fp32 shards
+    cfg.dist.backend = "deepspeed"
+    for stage, expected in ((0, (4000, 2400, 4800)), (1, (4000, 2400, 1200)), (2, (4000, 600, 1200)),
+                            (3, (1000, 600, 1200))):
+        cfg.dist.zero_stage = stage
+        assert BACKENDS["deepspeed"].state_bytes(cfg, 1000, 600, 4800, n, "fp32") == expected, stage
+    assert BACKENDS["deepspeed"].state_bytes(cfg, 1000, 600, 4800, n, "bf16") == (500, 300, 1800)  # + fp32 masters
     under_a_launcher = subprocess.run([sys.executable, "-m", "training.describe", "--config", TINY_CONFIG,
                                        f"data.path={pretrain_shards}"], capture_output=True, text=True, cwd=REPO,
                                       env={**os.environ, "WORLD_SIZE": "3", "RANK": "0"})

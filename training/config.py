@@ -63,7 +63,7 @@ class TrainConfig:
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     compile_scope: str = "auto"  # what train.compile compiles: auto (the backend's choice: ddp the whole model with
-                                 # its loss, deepspeed each block) | model | blocks (each block in place: evaluation's
+                                 # its loss, deepspeed and fsdp2 each block) | model | blocks (each block in place: evaluation's
                                  # and sampling's forwards too)
     activation_checkpointing: str = "none"  # none | full | every_n: blocks that recompute their activations in the
                                             # backward instead of keeping them (memory for time)
@@ -82,11 +82,13 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "ddp"         # none | ddp | deepspeed (parallel/backends.py)
+    backend: str = "ddp"         # none | ddp | deepspeed | fsdp2 (parallel/backends.py)
     zero_stage: int = 0          # deepspeed: 0 (data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ weights)
     offload_optimizer: bool = False  # deepspeed: optimizer states and step on the CPU (ZeRO 1-3)
     offload_params: bool = False     # deepspeed: weights on the CPU between uses (ZeRO 3)
     deepspeed_config: str | None = None  # deepspeed: a JSON template (configs/deepspeed/); batch sizes come from here
+    reshard_after_forward: bool = True  # fsdp2: release a block's gathered weights after its forward (gathered again
+                                        # for its backward): memory of one block, not all, at one more gather each
     timeout_s: int = 600         # a collective waiting longer than this fails instead of hanging
 
 
@@ -214,7 +216,7 @@ CHOICES = {
     "train.schedule": ("cosine", "constant", "wsd", "range_test"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "dist.backend": ("none", "ddp", "deepspeed"),
+    "dist.backend": ("none", "ddp", "deepspeed", "fsdp2"),
     "train.attention": ("auto", "sdpa", "flex"),
     "train.compile_scope": ("auto", "model", "blocks"),
     "train.optimizer": ("adamw", "muon"),

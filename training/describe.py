@@ -21,9 +21,11 @@ from .config import Config, data_sources, load_config
 from .data.order import BatchPlan, SampleOrder
 from .data.packing import PackingPlan
 from .models import lora
+from .models.optim import optimizer_state_bytes
 from .models.transformer import Transformer
+from .parallel.backends import BACKENDS
 from .parallel.env import DistEnv
-from .run.build import check, open_data, starting_point
+from .run.build import check, open_data, resolve_precision, starting_point
 from .stages.registry import stage_for_kind
 
 
@@ -56,7 +58,31 @@ def describe(cfg: Config, processes: int = 1) -> str:
         f"schedule: {t.max_steps:,} steps, lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup), "
         f"precision {t.precision}, checkpoints every {t.ckpt_every}",
         *([lora_line(model, cfg.lora)] if lora.enabled(cfg.lora) else []),
+        state_line(cfg, model, processes),
     ])
+
+
+def state_line(cfg: Config, model: Transformer, processes: int) -> str:
+    """Per rank, the bytes of parameters, gradients and optimizer state under each backend (their own rules:
+    Backend.state_bytes); activations and a sharded backend's gathered weights come on top."""
+    if lora.enabled(cfg.lora):
+        with torch.device("meta"):
+            model = lora.apply(Transformer(model.cfg), cfg.lora)
+    weights = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = optimizer_state_bytes(model, cfg.train)
+    precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    parts = []
+    for backend in dict.fromkeys(BACKENDS.values()):
+        sizes = backend.state_bytes(cfg, weights, trained, optimizer, processes, precision)
+        parts.append(f"{backend.label(cfg)} {' + '.join(gib(b) for b in sizes)} = {gib(sum(sizes))}"
+                     + (" (this run)" if BACKENDS[cfg.dist.backend] is backend else ""))
+    return (f"state per rank on {processes} process{'es' if processes != 1 else ''} (parameters + gradients + "
+            f"optimizer, {precision}): " + "; ".join(parts))
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def start_line(cfg: Config, start) -> str:

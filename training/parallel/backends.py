@@ -8,8 +8,9 @@ import torch
 from .base import Backend
 from .ddp import DDP
 from .deepspeed import DeepSpeed
+from .fsdp2 import FSDP2
 
-BACKENDS: dict[str, type[Backend]] = {"none": DDP, "ddp": DDP, "deepspeed": DeepSpeed}
+BACKENDS: dict[str, type[Backend]] = {"none": DDP, "ddp": DDP, "deepspeed": DeepSpeed, "fsdp2": FSDP2}
 
 
 def backend_class(name: str) -> type[Backend]:

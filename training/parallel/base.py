@@ -73,6 +73,31 @@ class Backend(ABC):
         them, as the parameter is."""
         return None
 
+    @property
+    def compute_precision(self) -> str:
+        """How forwards compute: fp32, bf16 under autocast (fp32 weights), or bf16 weights (DeepSpeed bf16)."""
+        if self.precision != "bf16":
+            return "fp32"
+        return "bf16" if next(self.model.parameters()).dtype == torch.bfloat16 else "bf16-autocast"
+
+    @staticmethod
+    def label(cfg: Config) -> str:
+        """The backend as describe names it."""
+        return "ddp"
+
+    @staticmethod
+    def state_bytes(cfg: Config, weights: int, trained: int, optimizer: int, processes: int,
+                    precision: str) -> tuple[int, int, int]:
+        """Per rank, the bytes of (parameters, gradients, optimizer state) of a model of `weights` parameters, of
+        which `trained` train with `optimizer` bytes of optimizer state in all, on `processes` processes: whole on
+        every rank, in fp32 (bf16 is autocast's, over fp32 weights)."""
+        return 4 * weights, 4 * trained, optimizer
+
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that only runs forwards beside the trained one (a DPO/KTO/GRPO reference), held as this backend
+        holds the trained one; whole on every rank by default."""
+        return model
+
     def compile(self, **options) -> None:
         """train.compile of the whole model: the training forwards (and their loss) through a compiled wrapper of
         train_model (torch.compile's options: tests trace with backend="aot_eager"); evaluation and sampling keep

@@ -282,6 +282,11 @@ def consolidated_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
+def stage_shown(cfg: Config) -> int:
+    """The ZeRO stage describe shows: this config's, or 3 (the one that shards all) when it names another backend."""
+    return cfg.dist.zero_stage if cfg.dist.backend == "deepspeed" else 3
+
+
 class DeepSpeed(Backend):
     """The engine steps, clips and accumulates (it knows its accumulation boundaries); the loop keeps the rest."""
     name = "deepspeed"
@@ -352,6 +357,22 @@ class DeepSpeed(Backend):
 
     def load(self, directory: str, saved) -> None:
         load_engine(self.engine, self.universal or directory, universal=self.universal is not None)
+
+    @staticmethod
+    def label(cfg: Config) -> str:
+        return f"deepspeed ZeRO-{stage_shown(cfg)}"
+
+    @staticmethod
+    def state_bytes(cfg, weights, trained, optimizer, processes, precision):
+        """ZeRO's stage (this config's, or 3 when it names another backend) partitions the optimizer state (1),
+        the gradients too (2), the weights too (3). Under bf16 the weights and gradients are bf16 (DeepSpeed
+        accumulates in the weights' dtype unless a template's data_types says otherwise) and the optimizer keeps
+        fp32 master copies of the trained ones."""
+        stage, width = stage_shown(cfg), 2 if precision == "bf16" else 4
+        params, grads = width * weights, width * trained
+        state = optimizer + (4 * trained if precision == "bf16" else 0)
+        return (params // processes if stage >= 3 else params, grads // processes if stage >= 2 else grads,
+                state // processes if stage >= 1 else state)
 
     def identity(self) -> dict:
         return {"dist.backend": self.name, "dist.zero_stage": self.cfg.dist.zero_stage}

@@ -67,10 +67,8 @@ class Run:
 
     @property
     def compute_precision(self) -> str:
-        """How forwards compute: fp32, bf16 under autocast (fp32 weights), or bf16 weights (DeepSpeed bf16)."""
-        if self.backend.precision != "bf16":
-            return "fp32"
-        return "bf16" if next(self.model.parameters()).dtype == torch.bfloat16 else "bf16-autocast"
+        """How forwards compute (the backend's word: a precomputed reference is kept per precision)."""
+        return self.backend.compute_precision
 
 
 def check(stage: Stage, cfg: Config) -> None:

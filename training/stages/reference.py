@@ -150,12 +150,12 @@ def pinned_reference(out_dir: str, init_from: dict, env: D.DistEnv, fresh: bool)
 
 
 def reference_model(run, weights_dir: str) -> Transformer:
-    """The pinned starting weights, in the policy's dtype: DeepSpeed bf16 casts the policy's parameters (not its
-    buffers, the rotary tables) to bf16."""
+    """The pinned starting weights, in the policy's dtype (DeepSpeed bf16 casts the policy's parameters, not its
+    buffers, the rotary tables, to bf16), held as the backend holds the policy (FSDP2: sharded)."""
     policy = run.model
     model = loaded_model(weights_dir, policy.cfg, run.env.device, next(policy.parameters()).dtype)
     model.attention_impl = policy.attention_impl
-    return model.eval().requires_grad_(False)
+    return run.backend.frozen(model.eval().requires_grad_(False))
 
 
 def make_reference(stage: ReferenceStage, run):

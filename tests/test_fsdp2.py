@@ -1,0 +1,107 @@
+"""dist.backend=fsdp2 (FSDP2, DCP checkpoints) against DDP on two gloo processes; its resume on another number of
+processes is in test_resume.py with the other backends'."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import CHAT, DPO_CONFIG, losses, private_copy, run_command, run_training, val_losses
+
+from training.checkpoint.weights import load_weights
+from training.config import load_config
+from training.models.transformer import Transformer
+
+STEPS = ["train.max_steps=6", "train.grad_accum=2", "train.precision=fp32", "train.eval_every=3",
+         "train.optimizer=muon"]
+
+
+@pytest.mark.slow
+def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights(pretrain_shards, tmp_path):
+    """With Muon (each sharded matrix gathered whole, orthogonalised on every rank alike, its shard kept) the same
+    losses, gradient norms (before clipping) and validation losses as DDP's Muon within 1e-5, with the shipped
+    evaluation and its sample on (sharded forwards on every rank in lockstep); the checkpoint is a DCP directory,
+    each rank's shard file and rank 0's metadata checksummed, whose consolidated weights are DDP's and which
+    training.generate reads."""
+    runs = {}
+    for backend in ("ddp", "fsdp2"):
+        runs[backend] = tmp_path / backend
+        run_training(f"data.path={pretrain_shards}", *STEPS, f"dist.backend={backend}", f"out_dir={runs[backend]}",
+                     nproc=2)
+    for key in ("loss", "grad_norm"):
+        ours, ddp = losses(runs["fsdp2"], key), losses(runs["ddp"], key)
+        assert sorted(ours) == list(range(1, 7))
+        for step, value in ddp.items():
+            assert ours[step] == pytest.approx(value, rel=1e-5), (key, step)
+    assert val_losses(runs["fsdp2"]) == pytest.approx(val_losses(runs["ddp"]), rel=1e-5)
+    step = runs["fsdp2"] / "checkpoints" / "step-6"
+    assert set(json.loads((step / "checksums.json").read_text())) >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert not (step / "model.pt").exists()
+    reference = torch.load(runs["ddp"] / "checkpoints" / "step-6" / "model.pt", weights_only=True)
+    model = Transformer(load_config(str(runs["fsdp2"] / "config.yaml")).model)
+    load_weights(str(step), model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
+    proc = run_command("-m", "training.generate", "--checkpoint", runs["fsdp2"], "--prompt", "HAMLET:",
+                       "--max-new-tokens", "8", "--greedy")
+    assert proc.returncode == 0 and proc.stdout.startswith("HAMLET:"), proc.stderr
+
+
+@pytest.mark.slow
+def test_dpo_with_a_sharded_reference_live_and_precomputed_gives_the_ddp_losses(chat_shards, sft_run, tmp_path):
+    """Every weight trains (no LoRA), so the pinned starting weights are a model of their own, sharded as the policy
+    is and gathered block by block in every reference forward; computed live at every step and once before the
+    run (dpo.precompute_ref), both give DDP's live losses and reward margins."""
+    common = [f"data.path={private_copy(chat_shards['dpo'], tmp_path / 'dpo-shards')}", f"init_from={sft_run}",
+              "train.max_steps=3", "train.grad_accum=2", "train.precision=fp32", "train.eval_samples=17", *CHAT]
+    runs = {"ddp": [], "fsdp2": ["dist.backend=fsdp2"],
+            "fsdp2-precomputed": ["dist.backend=fsdp2", "dpo.precompute_ref=true"]}
+    for name, extra in runs.items():
+        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage="dpo", config=DPO_CONFIG)
+    assert losses(tmp_path / "ddp", "rewards/margins")[3] != 0
+    for name in ("fsdp2", "fsdp2-precomputed"):
+        for key in ("loss", "rewards/margins", "val_loss"):
+            ddp, ours = losses(tmp_path / "ddp", key), losses(tmp_path / name, key)
+            assert sorted(ours) == sorted(ddp) and ddp
+            for step, value in ddp.items():
+                assert ours[step] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key, step)
+
+
+@pytest.mark.slow
+def test_a_kill_9_while_fsdp2_writes_a_checkpoint_resumes_from_the_last_complete_one_exactly(pretrain_shards,
+                                                                                              tmp_path):
+    """Every rank dies (kill -9) after writing its shards of step 4's checkpoint, before the checkpoint is complete:
+    the rerun resumes from step 2 and its curve is the uninterrupted run's."""
+    common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.ckpt_every=2", "dist.backend=fsdp2",
+              "train.eval_every=0"]
+    run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
+    out = tmp_path / "killed"
+    proc = run_training(*common, f"out_dir={out}", nproc=2, hooks="die-in-save@4", check=False)
+    assert proc.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step-2\n"
+    assert (out / "checkpoints" / "step-4.tmp").is_dir()  # what the ranks wrote before they died
+    proc = run_training(*common, f"out_dir={out}", nproc=2)
+    assert proc.stdout.startswith("step 3:")  # from step 2's checkpoint
+    assert losses(out) == losses(tmp_path / "straight") and not (out / "checkpoints" / "step-4.tmp").exists()
+
+
+@pytest.mark.slow
+def test_bf16_weights_gathered_from_fp32_shards_track_ddp_autocast_and_dpo_starts_at_zero_log_ratios(
+        pretrain_shards, chat_shards, sft_run, tmp_path):
+    """train.precision=bf16: FSDP2 computes with bf16 weights gathered from its fp32 shards (the rotary tables fp32),
+    DDP with autocast over fp32 weights; their losses stay within 1e-3 of each other. DPO's reference is sharded
+    under the same policy, live or precomputed (its cache named for this precision, apart from autocast's): the
+    log-ratios are 0 before the first update."""
+    common = [f"data.path={pretrain_shards}", "train.max_steps=4", "train.grad_accum=2", "train.precision=bf16",
+              "train.eval_every=0"]
+    for backend in ("ddp", "fsdp2"):
+        run_training(*common, f"dist.backend={backend}", f"out_dir={tmp_path / backend}", nproc=2)
+    assert losses(tmp_path / "fsdp2") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-3)
+    dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
+    common = [f"data.path={dpo}", f"init_from={sft_run}", "train.max_steps=1", "train.precision=bf16",
+              "dist.backend=fsdp2", "train.eval_every=0", *CHAT]
+    for name, extra in (("live", []), ("pre", ["dpo.precompute_ref=true"])):
+        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage="dpo", config=DPO_CONFIG)
+        first = {k: losses(tmp_path / name, k)[1] for k in ("loss", "rewards/chosen", "rewards/margins")}
+        assert first == {"loss": pytest.approx(math.log(2), abs=1e-6), "rewards/chosen": 0, "rewards/margins": 0}, name
+    assert [f for f in os.listdir(dpo) if f.startswith("ref_logps-")][0].endswith("-bf16-mixed.npy")

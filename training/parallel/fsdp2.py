@@ -1,0 +1,188 @@
+"""dist.backend=fsdp2: PyTorch's fully sharded data parallelism (torch.distributed.fsdp.fully_shard, parameters as
+DTensors). Each block, and the root with the embedding, final norm and output layer, is sharded over the ranks:
+every rank holds 1/N of each parameter, its gradient and its optimizer state; a block's parameters are gathered
+for its forward and its backward and released after (dist.reshard_after_forward), its gradients reduce-scattered
+once per optimizer step. Under train.precision=bf16 the gathered parameters compute in bf16 and the gradients are
+reduced in fp32 (MixedPrecisionPolicy): the sharded fp32 parameters are the optimizer's master weights.
+torch.distributed's FSDP, DTensor and DCP modules are imported where they are used: 0.55 s of start-up (most of
+it DTensor's) that commands which never shard would otherwise pay.
+
+A checkpoint is a torch.distributed.checkpoint (DCP) directory: each rank writes its shards, rank 0 the metadata;
+it loads on any number of processes, each rank reading the pieces of its own shards (no conversion step).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+
+import torch
+
+from preprocess.errors import UserError
+
+from ..config import Config
+from .base import Backend
+from .ddp import skips_on_device
+
+METADATA = ".metadata"  # DCP's index of a checkpoint: what it holds, in which file at which offset
+
+
+def write_error(e, directory: str, needed: int) -> Exception:
+    """DCP's failure to write, as the store reports a failed write: the first rank's OSError naming the checkpoint
+    directory (a full disk also reaches DCP's writers as torch.save's RuntimeError, its errno lost: told by the
+    space left), else the first rank's error."""
+    errors = [exc for exc, _ in e.failures.values()]
+    os_error = next((x for x in errors if isinstance(x, OSError)), None)
+    if os_error is not None:
+        return OSError(os_error.errno, os_error.strerror, directory)
+    if shutil.disk_usage(directory).free < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+    rank, (first, _) = next(iter(e.failures.items()))
+    return RuntimeError(f"rank {rank} failed to write its part of the checkpoint ({type(first).__name__}: {first})")
+
+
+def local_bytes(state) -> int:
+    """The bytes of this rank's shards in a (nested) state dict: what it writes of a checkpoint."""
+    if isinstance(state, dict):
+        return sum(local_bytes(v) for v in state.values())
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+class FSDP2(Backend):
+    name = "fsdp2"
+    group_always = True  # fully_shard shards over a device mesh, a process group even for one process
+    compile_scope = "blocks"  # each block compiled before it is sharded; the gathering hooks stay outside
+
+    @staticmethod
+    def label(cfg: Config) -> str:
+        return "fsdp2"
+
+    @staticmethod
+    def check(cfg: Config) -> list[str]:
+        if cfg.train.compile and cfg.train.compile_scope == "model":
+            return ["train.compile_scope=model: FSDP2 gathers each block's weights in hooks around it, which a "
+                    "whole-model graph would trace through; use train.compile_scope=blocks (or auto)"]
+        if cfg.train.float8:
+            return ["train.float8=true: not with dist.backend=fsdp2 yet (untested together); use dist.backend=ddp"]
+        if cfg.dist.offload_optimizer or cfg.dist.offload_params:
+            return ["dist.offload_optimizer, dist.offload_params: not under dist.backend=fsdp2, which keeps every shard "
+                    "on the run's device"]
+        return []
+
+    @staticmethod
+    def state_bytes(cfg, weights, trained, optimizer, processes, precision):
+        """Each a shard of 1/processes, in fp32 (the sharded weights are the masters; bf16 only while gathered)."""
+        return 4 * weights // processes, 4 * trained // processes, optimizer // processes
+
+    @property
+    def compute_precision(self) -> str:
+        return "bf16-mixed" if self.precision == "bf16" else "fp32"  # bf16 weights gathered from fp32 shards
+
+    def setup(self, model, make_optimizer, resume_from=None, saved=None) -> None:
+        from torch.distributed.device_mesh import init_device_mesh  # (start-up: see the module's docstring)
+
+        # the mesh on the run's device: fully_shard's default is the machine's accelerator, even for a CPU run
+        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        self.model = self.train_model = self.shard(model, self.cfg.dist.reshard_after_forward)
+        self.optimizer = make_optimizer(model)
+
+    def shard(self, model, reshard_after_forward: bool):
+        """Each block, then the root (embedding, final norm, output layer), sharded over the ranks in place. The
+        blocks' inputs are not cast to bf16 (the rotary tables stay fp32, as under autocast); the root keeps its
+        weights gathered from its forward to its backward, FSDP2's own rule for the root."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (start-up: the module's docstring)
+
+        bf16 = self.precision == "bf16"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                      reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+        for layer in model.layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        return fully_shard(model, mesh=self.mesh, mp_policy=policy)
+
+    def frozen(self, model):
+        """Sharded as the trained model is, each block's weights gathered for its forward and released after."""
+        return self.shard(model, reshard_after_forward=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Each micro-step's gradients are reduce-scattered into the shards as its backward ends, so that no rank
+        holds a whole gradient between micro-steps (FSDP2's set_requires_gradient_sync(False) would keep them
+        whole until the last: DDP's memory, for fewer collectives)."""
+        loss.backward()
+
+    def step(self, max_norm: float, loss: torch.Tensor):
+        """As DDP's: clip_grad_norm_ over the sharded gradients gives the norm of the whole gradient (a DTensor,
+        made whole here); a non-finite one skips the update, on the device with fused AdamW."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+        if skips_on_device(self.optimizer):
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            applied = finite
+        else:
+            applied = bool(finite)
+            if applied:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, applied
+
+    def optimizers(self) -> tuple:
+        """The optimizers DCP's state-dict helpers take: Muon's combined one is two (models/optim.py)."""
+        return tuple(getattr(self.optimizer, "optimizers", (self.optimizer,)))
+
+    def state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict  # (start-up: the module's docstring)
+
+        model, optimizer = get_state_dict(self.model, self.optimizers())
+        return {"model": model, "optimizer": optimizer}
+
+    def save(self, directory: str) -> list[str]:
+        import torch.distributed.checkpoint as dcp  # (start-up: the module's docstring)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        state = self.state()
+        try:
+            dcp.save(state, checkpoint_id=directory)
+        except CheckpointException as e:  # every rank's failures, on every rank; a BaseException
+            raise write_error(e, directory, local_bytes(state)) from None
+        mine = [n for n in os.listdir(directory) if n.startswith(f"__{self.env.rank}_") and n.endswith(".distcp")]
+        return [os.path.join(directory, n) for n in mine + ([METADATA] if self.env.is_main else [])]
+
+    def load(self, directory: str, saved) -> None:
+        import torch.distributed.checkpoint as dcp  # (start-up: the module's docstring)
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self.state()
+        try:
+            dcp.load(state, checkpoint_id=directory)
+        except CheckpointException as e:  # a BaseException: one line, the first rank's
+            rank, (first, _) = next(iter(e.failures.items()))
+            raise UserError(f"{directory}: rank {rank} could not read its part of the checkpoint "
+                            f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''})") from None
+        set_state_dict(self.model, self.optimizers(), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(strict=True))
+
+    @staticmethod
+    def owns(directory: str) -> bool:
+        return os.path.isfile(os.path.join(directory, METADATA))
+
+    @staticmethod
+    def consolidate(directory: str) -> dict[str, torch.Tensor]:
+        """The model's tensors, whole, read in this one process (no process group)."""
+        import torch.distributed.checkpoint as dcp  # (start-up: the module's docstring)
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        metadata = dcp.FileSystemReader(directory).read_metadata()
+        model = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+                 for key, m in metadata.state_dict_metadata.items()
+                 if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        if not model:
+            raise UserError(f"{directory}: a DCP checkpoint without model weights")
+        dcp.load({"model": model}, checkpoint_id=directory, no_dist=True)
+        return {k: v.float() for k, v in model.items()}
