@@ -124,6 +124,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py --variants
 	$(PY) bench/output_memory.py
 	$(PY) bench/host_reads.py
+	$(PY) bench/fsdp2.py
 	$(PY) bench/dpo.py
 	$(PY) bench/packing.py
 	$(PY) bench/sampling.py
