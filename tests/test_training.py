@@ -59,7 +59,7 @@ def test_config_mistakes_are_one_line_errors_naming_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", TINY_CONFIG, "dist.backend=nccl"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1
-    assert proc.stderr == f"error: {TINY_CONFIG} with overrides: dist.backend: 'nccl' is not one of none, ddp, deepspeed\n"
+    assert proc.stderr == f"error: {TINY_CONFIG} with overrides: dist.backend: 'nccl' is not one of none, ddp, deepspeed, fsdp2\n"
 
 
 def test_the_model_file_knows_nothing_of_distribution():
