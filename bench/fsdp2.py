@@ -1,6 +1,6 @@
 """Memory and step time per rank of the three backends on the 350M preset, two processes, one run each.
 
-    python bench/fsdp2.py [--steps 2] [--seq-len 128]
+    python bench/fsdp2.py [--steps 3] [--seq-len 128]
 
 Each backend trains the 350M preset (`configs/pretrain/350m.yaml`, fp32 on CPU, compile off, micro-batch 1, no
 accumulation, no evaluation or checkpoint) for --steps steps on two processes, as `torchrun -m training.pretrain`
@@ -25,6 +25,7 @@ import tempfile
 import torch
 from train import REPO, make_shards
 
+VOCAB = 4000  # make_shards' tokenizer
 BACKENDS = {"ddp": [], "deepspeed ZeRO-3": ["dist.backend=deepspeed", "dist.zero_stage=3"],
             "fsdp2": ["dist.backend=fsdp2"]}
 
@@ -63,19 +64,18 @@ def run(name: str, overrides: list[str], shards: str, work: str, args) -> dict:
             "peak_rss": rss}
 
 
-def state(name: str, processes: int = 2) -> tuple[int, int, int]:
+def state(name: str, processes: int = 2) -> tuple[tuple[int, int, int], int]:
+    """(per-rank parameter, gradient, optimizer bytes as describe counts them, the model's parameters)."""
     from training.config import load_config
-    from training.models.optim import optimizer_state_bytes
+    from training.describe import state_sizes
     from training.models.transformer import Transformer
     from training.parallel.backends import BACKENDS as CLASSES
 
-    cfg = load_config(os.path.join(REPO, "configs", "pretrain", "350m.yaml"), ["model.vocab_size=4000",
+    cfg = load_config(os.path.join(REPO, "configs", "pretrain", "350m.yaml"), [f"model.vocab_size={VOCAB}",
                                                                              *BACKENDS[name]])
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    n = sum(p.numel() for p in model.parameters())
-    cls = CLASSES[cfg.dist.backend]
-    return cls.state_bytes(cfg, n, n, optimizer_state_bytes(model, cfg.train), processes, "fp32")
+    return state_sizes(cfg, model, processes, "fp32")[CLASSES[cfg.dist.backend]], model.num_params()
 
 
 def main() -> None:
@@ -94,15 +94,18 @@ def main() -> None:
         shards = make_shards(os.path.join(work, "data"))
         results = {name: run(name, overrides, shards, work, args) for name, overrides in BACKENDS.items()}
     gib = 2 ** 30
-    ddp = sum(state("ddp"))
-    print(f"350M preset (vocabulary 4,000), 2 processes, {args.steps} steps of 1 x {args.seq_len} tokens, fp32 on CPU "
-          f"({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}")
-    print("| backend | parameters + gradients + optimizer per rank, GiB | × ddp | peak RSS per rank, GiB | step, s |")
-    print("|---|---:|---:|---:|---:|")
+    ddp, parameters = state("ddp")
+    print(f"350M preset ({parameters / 1e6:.1f} M parameters with a {VOCAB:,}-token vocabulary), 2 processes, "
+          f"{args.steps} steps of 1 x {args.seq_len} tokens, fp32 on CPU ({platform.machine()}, {os.cpu_count()} "
+          f"cores), torch {torch.__version__}")
+    print("| backend | parameters + gradients + optimizer per rank (by each backend's account), GiB | × ddp | "
+          "peak RSS per rank, GiB | × ddp | step, s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        sizes = state(name)
+        sizes = state(name)[0]
         print(f"| {name} | {' + '.join(f'{b / gib:.2f}' for b in sizes)} = {sum(sizes) / gib:.2f} | "
-              f"{sum(sizes) / ddp:.2f} | {r['peak_rss'] / gib:.2f} | {r['step_s']:.2f} |")
+              f"{sum(sizes) / sum(ddp):.2f} | {r['peak_rss'] / gib:.2f} | "
+              f"{r['peak_rss'] / results['ddp']['peak_rss']:.2f} | {r['step_s']:.2f} |")
 
 
 if __name__ == "__main__":

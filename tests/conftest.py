@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import random
 import shlex
@@ -521,3 +522,16 @@ def grpo_args(prompt_shards, sft_run, *more) -> list[str]:
             "grpo.max_new_tokens=12", f"grpo.rewards=[{REWARDS}:vowel_share]", "train.lr=1e-3", "train.max_steps=4",
             "train.eval_every=2", "train.eval_samples=6", "train.ckpt_every=2", "log.every=1", "dist.timeout_s=120",
             *more]
+
+
+def dpo_starts_at_zero_log_ratios(backend: list[str], chat_shards, sft_run, tmp_path) -> str:
+    """One bf16 DPO step on two processes under `backend`'s overrides, the reference live and then precomputed:
+    before the first update the policy is the reference, so the log-ratios must be 0 (they are not when the
+    reference computes in another precision than the policy). The reference cache's file name."""
+    dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
+    common = [f"data.path={dpo}", f"init_from={sft_run}", "train.max_steps=1", "train.precision=bf16", *backend, *CHAT]
+    for name, extra in (("live", []), ("pre", ["dpo.precompute_ref=true"])):
+        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage="dpo", config=DPO_CONFIG)
+        first = {k: losses(tmp_path / name, k)[1] for k in ("loss", "rewards/chosen", "rewards/margins")}
+        assert first == {"loss": pytest.approx(math.log(2), abs=1e-6), "rewards/chosen": 0, "rewards/margins": 0}, name
+    return next(f for f in os.listdir(dpo) if f.startswith("ref_logps-"))

@@ -4,7 +4,6 @@ the deepspeed launcher."""
 import glob
 import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from conftest import (
     REPO,
     SFT_CONFIG,
     TINY_CONFIG,
+    dpo_starts_at_zero_log_ratios,
     free_port,
     grpo_args,
     kill_after_first_checkpoint,
@@ -238,15 +238,9 @@ def test_zero3_and_fsdp2_with_the_shipped_evaluation_and_sampling_on_give_the_dd
 def test_dpo_under_deepspeed_bf16_starts_with_zero_log_ratios(chat_shards, sft_run, tmp_path):
     """DeepSpeed bf16 casts the policy's weights to bf16: the reference must compute in that precision too, or
     the log-ratios are not 0 before the first update."""
-    dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
-    common = [f"data.path={dpo}", f"init_from={sft_run}", "train.max_steps=1", "train.precision=bf16",
-              "dist.backend=deepspeed", "dist.zero_stage=2", *CHAT]
-    for name, extra in (("live", []), ("pre", ["dpo.precompute_ref=true"])):
-        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage="dpo", config=DPO_CONFIG)
-        first = {k: losses(tmp_path / name, k)[1] for k in ("loss", "rewards/chosen", "rewards/margins")}
-        assert first == {"loss": pytest.approx(math.log(2), abs=1e-6), "rewards/chosen": 0, "rewards/margins": 0}, name
-    # the cache of a bf16 run is its own: its name says the precision
-    assert [f for f in os.listdir(dpo) if f.startswith("ref_logps-")][0].endswith("-bf16.npy")
+    cache = dpo_starts_at_zero_log_ratios(["dist.backend=deepspeed", "dist.zero_stage=2"], chat_shards, sft_run,
+                                          tmp_path)
+    assert cache.endswith("-bf16.npy")  # the cache of a bf16 run is its own: its name says the precision
 
 
 @pytest.mark.slow

@@ -2,12 +2,10 @@
 processes is in test_resume.py with the other backends'."""
 
 import json
-import math
-import os
 
 import pytest
 import torch
-from conftest import CHAT, DPO_CONFIG, losses, private_copy, run_command, run_training, val_losses
+from conftest import CHAT, DPO_CONFIG, dpo_starts_at_zero_log_ratios, losses, private_copy, run_command, run_training, val_losses
 
 from training.checkpoint.weights import load_weights
 from training.config import load_config
@@ -73,8 +71,7 @@ def test_a_kill_9_while_fsdp2_writes_a_checkpoint_resumes_from_the_last_complete
                                                                                               tmp_path):
     """Every rank dies (kill -9) after writing its shards of step 4's checkpoint, before the checkpoint is complete:
     the rerun resumes from step 2 and its curve is the uninterrupted run's."""
-    common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.ckpt_every=2", "dist.backend=fsdp2",
-              "train.eval_every=0"]
+    common = [f"data.path={pretrain_shards}", "train.max_steps=6", "train.ckpt_every=2", "dist.backend=fsdp2"]
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=2)
     out = tmp_path / "killed"
     proc = run_training(*common, f"out_dir={out}", nproc=2, hooks="die-in-save@4", check=False)
@@ -92,16 +89,9 @@ def test_bf16_weights_gathered_from_fp32_shards_track_ddp_autocast_and_dpo_start
     DDP with autocast over fp32 weights; their losses stay within 1e-3 of each other. DPO's reference is sharded
     under the same policy, live or precomputed (its cache named for this precision, apart from autocast's): the
     log-ratios are 0 before the first update."""
-    common = [f"data.path={pretrain_shards}", "train.max_steps=4", "train.grad_accum=2", "train.precision=bf16",
-              "train.eval_every=0"]
+    common = [f"data.path={pretrain_shards}", "train.max_steps=4", "train.grad_accum=2", "train.precision=bf16"]
     for backend in ("ddp", "fsdp2"):
         run_training(*common, f"dist.backend={backend}", f"out_dir={tmp_path / backend}", nproc=2)
     assert losses(tmp_path / "fsdp2") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-3)
-    dpo = private_copy(chat_shards["dpo"], tmp_path / "dpo-shards")
-    common = [f"data.path={dpo}", f"init_from={sft_run}", "train.max_steps=1", "train.precision=bf16",
-              "dist.backend=fsdp2", "train.eval_every=0", *CHAT]
-    for name, extra in (("live", []), ("pre", ["dpo.precompute_ref=true"])):
-        run_training(*common, *extra, f"out_dir={tmp_path / name}", nproc=2, stage="dpo", config=DPO_CONFIG)
-        first = {k: losses(tmp_path / name, k)[1] for k in ("loss", "rewards/chosen", "rewards/margins")}
-        assert first == {"loss": pytest.approx(math.log(2), abs=1e-6), "rewards/chosen": 0, "rewards/margins": 0}, name
-    assert [f for f in os.listdir(dpo) if f.startswith("ref_logps-")][0].endswith("-bf16-mixed.npy")
+    assert dpo_starts_at_zero_log_ratios(["dist.backend=fsdp2"], chat_shards, sft_run, tmp_path).endswith(
+        "-bf16-mixed.npy")

@@ -62,19 +62,25 @@ def describe(cfg: Config, processes: int = 1) -> str:
     ])
 
 
-def state_line(cfg: Config, model: Transformer, processes: int) -> str:
-    """Per rank, the bytes of parameters, gradients and optimizer state under each backend (their own rules:
-    Backend.state_bytes); activations and a sharded backend's gathered weights come on top."""
+def state_sizes(cfg: Config, model: Transformer, processes: int, precision: str) -> dict:
+    """{backend class: per-rank bytes of (parameters, gradients, optimizer state)}, by each backend's own rules
+    (Backend.state_bytes), for `model` (a meta one will do) as the config trains it."""
     if lora.enabled(cfg.lora):
         with torch.device("meta"):
             model = lora.apply(Transformer(model.cfg), cfg.lora)
     weights = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = optimizer_state_bytes(model, cfg.train)
+    return {backend: backend.state_bytes(cfg, weights, trained, optimizer, processes, precision)
+            for backend in dict.fromkeys(BACKENDS.values())}
+
+
+def state_line(cfg: Config, model: Transformer, processes: int) -> str:
+    """Per rank, the bytes of parameters, gradients and optimizer state under each backend; activations and a
+    sharded backend's gathered weights come on top."""
     precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     parts = []
-    for backend in dict.fromkeys(BACKENDS.values()):
-        sizes = backend.state_bytes(cfg, weights, trained, optimizer, processes, precision)
+    for backend, sizes in state_sizes(cfg, model, processes, precision).items():
         parts.append(f"{backend.label(cfg)} {' + '.join(gib(b) for b in sizes)} = {gib(sum(sizes))}"
                      + (" (this run)" if BACKENDS[cfg.dist.backend] is backend else ""))
     return (f"state per rank on {processes} process{'es' if processes != 1 else ''} (parameters + gradients + "

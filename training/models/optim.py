@@ -90,7 +90,7 @@ def like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A whole tensor sharded as parameter p is, each rank keeping its own shard of it (no communication)."""
     if not hasattr(p, "device_mesh"):
         return t
-    from torch.distributed.tensor import distribute_tensor  # only where a parameter is one: 0.55 s of start-up
+    from torch.distributed.tensor import distribute_tensor  # only where one is: start-up (docs/architecture.md)
 
     return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
 

@@ -23,6 +23,26 @@ def skips_on_device(optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
+def clip_and_apply(model, optimizer, max_norm: float, loss: torch.Tensor):
+    """Backend.step for an optimizer the backend drives itself (DDP, FSDP2). Clipped and applied on the device,
+    nothing read back, when the optimizer skips non-finite updates itself (fused AdamW: its found_inf, as a
+    GradScaler sets it); else the decision reads the norm and the loss. Over sharded gradients (DTensors)
+    clip_grad_norm_ gives the norm of the whole gradient, made a plain tensor here."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+    if skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        applied = finite
+    else:
+        applied = bool(finite)
+        if applied:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, applied
+
+
 # DDP's broadcast_buffers (torch 2.11) became forward_sync_buffers, the old name deprecated with a warning by 2.13;
 # the new one still syncs the buffers once at construction, which for our identical rotary tables changes nothing
 NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
@@ -55,20 +75,7 @@ class DDP(Backend):
         loss.backward()
 
     def step(self, max_norm: float, loss: torch.Tensor):
-        """Clipped and applied on the device, nothing read back, when the optimizer skips non-finite updates itself
-        (fused AdamW: its found_inf, as a GradScaler sets it); else the decision reads the norm and the loss."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
-        if skips_on_device(self.optimizer):
-            self.optimizer.found_inf = (~finite).float()
-            self.optimizer.step()
-            applied = finite
-        else:
-            applied = bool(finite)
-            if applied:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, applied
+        return clip_and_apply(self.model, self.optimizer, max_norm, loss)
 
     def save(self, directory: str) -> list[str]:
         if not self.env.is_main:

@@ -4,8 +4,8 @@ every rank holds 1/N of each parameter, its gradient and its optimizer state; a 
 for its forward and its backward and released after (dist.reshard_after_forward), its gradients reduce-scattered
 once per optimizer step. Under train.precision=bf16 the gathered parameters compute in bf16 and the gradients are
 reduced in fp32 (MixedPrecisionPolicy): the sharded fp32 parameters are the optimizer's master weights.
-torch.distributed's FSDP, DTensor and DCP modules are imported where they are used: 0.55 s of start-up (most of
-it DTensor's) that commands which never shard would otherwise pay.
+torch.distributed's FSDP, DTensor and DCP modules are imported where they are used: their start-up cost
+(docs/architecture.md, with the command that measures it) is not paid by commands that never shard.
 
 A checkpoint is a torch.distributed.checkpoint (DCP) directory: each rank writes its shards, rank 0 the metadata;
 it loads on any number of processes, each rank reading the pieces of its own shards (no conversion step).
@@ -14,7 +14,6 @@ it loads on any number of processes, each rank reading the pieces of its own sha
 from __future__ import annotations
 
 import errno
-import math
 import os
 import shutil
 
@@ -24,7 +23,8 @@ from preprocess.errors import UserError
 
 from ..config import Config
 from .base import Backend
-from .ddp import skips_on_device
+from .ddp import clip_and_apply
+from .env import first_line
 
 METADATA = ".metadata"  # DCP's index of a checkpoint: what it holds, in which file at which offset
 
@@ -115,21 +115,7 @@ class FSDP2(Backend):
         loss.backward()
 
     def step(self, max_norm: float, loss: torch.Tensor):
-        """As DDP's: clip_grad_norm_ over the sharded gradients gives the norm of the whole gradient (a DTensor,
-        made whole here); a non-finite one skips the update, on the device with fused AdamW."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
-        grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
-        if skips_on_device(self.optimizer):
-            self.optimizer.found_inf = (~finite).float()
-            self.optimizer.step()
-            applied = finite
-        else:
-            applied = bool(finite)
-            if applied:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, applied
+        return clip_and_apply(self.model, self.optimizer, max_norm, loss)
 
     def optimizers(self) -> tuple:
         """The optimizers DCP's state-dict helpers take: Muon's combined one is two (models/optim.py)."""
@@ -164,7 +150,7 @@ class FSDP2(Backend):
         except CheckpointException as e:  # a BaseException: one line, the first rank's
             rank, (first, _) = next(iter(e.failures.items()))
             raise UserError(f"{directory}: rank {rank} could not read its part of the checkpoint "
-                            f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''})") from None
+                            f"({type(first).__name__}: {first_line(first)})") from None
         set_state_dict(self.model, self.optimizers(), model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=StateDictOptions(strict=True))
 
