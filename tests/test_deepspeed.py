@@ -215,8 +215,8 @@ def test_zero3_and_fsdp2_with_the_shipped_evaluation_and_sampling_on_give_the_dd
         common += [f"init_from={sft_run}", "train.eval_samples=17", *CHAT, "data.seq_len=58", "lora.rank=4",
                    "dpo.precompute_ref=true"]
     sharded = {"zero3": zero3, "fsdp2": ["dist.backend=fsdp2"]}
-    if stage in ("pretrain", "sft") and not packed or orpo:  # FSDP2 here where the case adds to test_fsdp2.py's
-        del sharded["fsdp2"]  # (packing, LoRA's adapters-off references, KTO, GRPO): the suite's time is counted
+    if stage in ("pretrain", "sft", "dpo") and not packed:  # FSDP2 here where the case adds to test_fsdp2.py's
+        del sharded["fsdp2"]  # (packing, LoRA's adapters-off reference live (KTO) and GRPO): the suite's time counts
     for name, extra in (("ddp", []), *sharded.items()):
         own = [f"data.path={private_copy(chat_shards['dpo'], tmp_path / f'dpo-{name}')}"] if stage == "dpo" and \
             not orpo else []

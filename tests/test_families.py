@@ -356,6 +356,7 @@ import torch
 from training.checkpoint.weights import model_config, starting_model
 from training.config import Config
 from training.data.order import BatchPlan
+from training.models.optim import adamw_for
 from training.models.transformer import rope_tables
 from training.parallel import env as D
 from training.parallel.deepspeed import DeepSpeed
@@ -369,13 +370,18 @@ assert all(hasattr(p, "ds_tensor") and p.dtype == torch.bfloat16 for p in model.
 assert model.rope_cos.dtype == model.rope_local_cos.dtype == torch.float32
 assert torch.equal(model.rope_cos, rope_tables(model.cfg)[0])
 assert torch.equal(model.rope_local_cos, rope_tables(model.cfg, local=True)[0])
+# weight decay by each parameter's whole shape: a partition's own is flat
+decay, no_decay = adamw_for(list(model.parameters()), cfg.train, torch.device("cpu")).param_groups
+assert [p.ds_shape for p in no_decay["params"]] == [p.ds_shape for p in model.parameters() if len(p.ds_shape) < 2]
+assert len(decay["params"]) > len(no_decay["params"]) > 0 and decay["weight_decay"] > 0
 print("partitioned in bf16, rotary tables in fp32")
 """
 
 
 def test_zero3_builds_an_imported_model_partitioned_in_bf16_with_fp32_rotary_tables(saved, tmp_path):
     """deepspeed.zero.Init makes every float tensor in the training dtype, the rotary tables too: they are computed
-    again once it is left (in bf16, positions past 256 would round)."""
+    again once it is left (in bf16, positions past 256 would round). Each parameter there is a flat partition: weight
+    decay still goes by its whole shape (it once took every matrix for a norm gain, and decayed nothing)."""
     from conftest import free_port
 
     script = tmp_path / "build.py"

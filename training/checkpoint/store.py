@@ -83,10 +83,11 @@ def fit(model: torch.nn.Module, state: dict, where: str) -> None:
         raise UserError(f"{where} does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
 
 
-def load_file(path: str):
-    """torch.load(weights_only=True) of a checkpoint file; a missing or unreadable one is one line naming it."""
+def load_file(path: str, mmap: bool = False):
+    """torch.load(weights_only=True) of a checkpoint file; a missing or unreadable one is one line naming it. mmap:
+    its tensors memory-mapped, each read from the file only where it is used."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except Exception as e:

@@ -22,9 +22,10 @@ from preprocess.tokenizer import TextTokenizer, tokenizer_file
 
 from ..config import config_from_yaml
 from ..models import hf, lora
+from ..models.storage import held, write
 from ..models.transformer import ModelConfig, Transformer
-from ..parallel import env as D
 from ..parallel.backends import consolidated_state_dict
+from .rng import seed_rng
 from .state import STATE
 from .store import MODEL, damage, fit, latest, load_file, save_file
 
@@ -133,17 +134,49 @@ def loaded_model(ckpt_dir: str, cfg: ModelConfig | None = None, device="cpu", dt
     return model
 
 
-def starting_model(ckpt_dir: str, cfg: ModelConfig, backend) -> Transformer:
-    """The model a fresh fine-tuning run starts from: a transformers directory's weights filled into the model as
-    the backend builds it (ZeRO-3: partitioned as it is made, each rank reading only its share of every tensor); a
-    checkpoint of ours, loaded whole (a LoRA run's adapters are merged into it)."""
-    if hf.is_hf_dir(ckpt_dir):
-        model = backend.empty_model(lambda: Transformer(cfg))
-        # every rank learns of any rank's refusal (a rank holding none of a missing tensor would not see it, and
-        # would wait for the others in the backend's first collective)
-        D.on_every_rank(backend.env, lambda: hf.load_into(ckpt_dir, model, backend.storage))
-        return model
-    return loaded_model(ckpt_dir, cfg, backend.env.device)
+@torch.no_grad()
+def fill(model: Transformer, weights: str | None, seed: int, storage=None) -> None:
+    """The starting values of a model built on the meta device and given storage as its backend holds it (whole,
+    sharded or partitioned), each process writing only the elements it holds (storage: the backend's, see
+    models/storage.py). The base weights come from `weights` (a transformers directory read in row blocks; a
+    checkpoint of ours memory-mapped, so that only the pages of the rows held are read) or, without, are the random
+    initialisation a whole model built after seed_rng(seed) gets, drawn again one parameter at a time; LoRA's
+    adapters get lora.init_adapters'. Beside its own share a process holds at most one whole parameter; only a LoRA
+    run's checkpoint, whose adapters are merged into the weights, is read whole."""
+    base = {lora.base_name(name): p for name, p in model.named_parameters() if not lora.is_adapter(name)}
+    stores = {name: held(p, storage) for name, p in base.items()}  # each with the whole parameter's shape
+    if weights is None:
+        seed_rng(seed)
+        for name, store in stores.items():
+            values = torch.empty(store[2])
+            model.init_parameter(name, values)
+            write(store, values)
+    elif hf.is_hf_dir(weights):
+        hf.load_into(weights, model, storage, base)
+    else:
+        path = model_file(weights)
+        state = load_file(path, mmap=True)
+        if lora.is_adapted_state(state):
+            state = loaded_model(weights, model.cfg).state_dict()
+        tied = {"output.weight"} if model.cfg.tie_embeddings else set()
+        missing, unexpected = sorted(set(base) - set(state)), sorted(set(state) - set(base) - tied)
+        if missing or unexpected:
+            raise UserError(f"{path} does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+        for name, store in stores.items():
+            if tuple(state[name].shape) != store[2]:
+                raise UserError(f"{path}: tensor {name!r} has shape {list(state[name].shape)}, this model's is "
+                                f"{list(store[2])}")
+            write(store, state[name])
+    lora.init_adapters(model, seed, storage)
+
+
+def starting_model(weights: str | None, cfg: ModelConfig, backend, seed: int = 0, adapt=None) -> Transformer:
+    """The model a fresh run starts from, held as `backend` holds it (built on the meta device; ZeRO-3: partitioned as
+    it is made; FSDP2: sharded), each process filling in only what it holds (fill): the weights of `weights`, or
+    without them the random initialisation of `seed`. adapt(model): what changes the model's modules before it is
+    filled (LoRA's adapters)."""
+    return backend.initial_model(lambda: Transformer(cfg), adapt or (lambda model: None),
+                                 lambda model, storage: fill(model, weights, seed, storage))
 
 
 def load_for_inference(checkpoint: str, device: str = "auto") -> tuple[Transformer, TextTokenizer]:

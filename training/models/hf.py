@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 
 from preprocess.errors import UserError
 
+from .storage import held
 from .transformer import ModelConfig, MoEConfig
 
 CONFIG = "config.json"
@@ -644,24 +645,19 @@ def placements(name: str, cfg: ModelConfig, ours_of: dict[str, tuple[str, int]])
     return None
 
 
-def whole(param: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
-    """Where a parameter's values live, for load_into: (this process's elements, flat; the first one's index in the
-    whole parameter, flattened; the whole parameter's shape). Here: all of them."""
-    return param.data.view(-1), 0, tuple(param.shape)
-
-
 @torch.no_grad()
-def load_into(path: str, model: torch.nn.Module, storage=None) -> None:
-    """Fill `model` (built for this directory's config: on the meta device then given storage with to_empty, or
-    partitioned by ZeRO-3 as it was built) from the directory's safetensors files, one tensor at a time and large
+def load_into(path: str, model: torch.nn.Module, storage=None, params: dict | None = None) -> None:
+    """Fill `model` (built for this directory's config: on the meta device then given storage with to_empty, sharded
+    by FSDP2, or partitioned by ZeRO-3 as it was built) from the directory's safetensors files, one tensor at a time and large
     ones in row blocks, each process reading only the rows it holds (the query/key projections, reordered, and
     stacked experts are read whole): no copy of the weights is held beside the model's own. storage(param): where
-    a process holds a share of a parameter (a backend's, see whole); None, or a storage that answers None: all of
+    a process holds a share of a parameter (a backend's, see models/storage.py); None, or a storage that answers None: all of
     it. Every element a process holds must be filled exactly once, and every stored tensor must have a place: a
-    directory that does not fit is refused by the tensor's name."""
+    directory that does not fit is refused by the tensor's name. params: the parameters to fill by our name
+    (default: the model's; a model with LoRA's adapters passes its base weights, checkpoint.weights.fill)."""
     cfg = model.cfg
-    stores = {name: (storage and storage(p)) or whole(p)  # a tied head is the embedding's
-              for name, p in model.named_parameters()}
+    stores = {name: held(p, storage)  # a tied head is the embedding's
+              for name, p in (params or dict(model.named_parameters())).items()}
     theirs_of = tensor_names(cfg)
     ours_of = {theirs: (ours, heads) for ours, (theirs, heads) in theirs_of.items()}
     filled = dict.fromkeys(stores, 0)
@@ -689,7 +685,7 @@ def load_into(path: str, model: torch.nn.Module, storage=None) -> None:
 
 
 def copy_tensor(f, name: str, store: tuple, expert: int | None, value, file: str) -> int:
-    """The stored tensor `name` of an open safetensors file into its place (`store`, as whole() gives it; `expert`:
+    """The stored tensor `name` of an open safetensors file into its place (`store`, as storage.held gives it; `expert`:
     the tensor is that expert's part of a stacked parameter), cast to the parameter's dtype, through `value` when it
     is computed from the stored one, else straight from the file in row blocks — only the rows this process holds.
     Returns how many elements were written here."""

@@ -9,14 +9,18 @@ plain model (generate, init_from, export_hf) gets the adapters merged into the w
 from __future__ import annotations
 
 import contextlib
+import math
+import zlib
 
 import torch
 
 from preprocess.errors import UserError
 
+from .storage import held, write
 from .transformer import OutputLayer
 
 ADAPTER_KEY = ".lora_A."  # in the state-dict names of adapted layers
+BASE_LAYER = ".base_layer"  # what peft inserts in the names of an adapted layer's own weights
 
 
 def enabled(cfg) -> bool:
@@ -42,6 +46,32 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets))
     inject_adapter_in_model(config, model)
     return model
+
+
+def is_adapter(name: str) -> bool:
+    return ADAPTER_KEY in name or ".lora_B." in name
+
+
+def base_name(name: str) -> str:
+    """A base weight's name as the plain model names it (peft's wrapper left out)."""
+    return name.replace(BASE_LAYER, "")
+
+
+@torch.no_grad()
+def init_adapters(model: torch.nn.Module, seed: int, storage=None) -> None:
+    """The adapters' starting values, the same however the model is held (whole or sharded) and whatever was drawn
+    before: each A drawn as nn.Linear draws its weight (Kaiming-uniform, as peft does) from a generator of its own,
+    seeded by the run's seed and its name; each B zero, so that the adapted model starts as the base. Written
+    through the backend's storage: each process its own elements."""
+    for name, p in model.named_parameters():
+        if not is_adapter(name):
+            continue
+        store = held(p, storage)
+        values = torch.zeros(store[2])
+        if ADAPTER_KEY in name:
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            torch.nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        write(store, values)
 
 
 def _adapted_layers(model: torch.nn.Module):

@@ -95,9 +95,15 @@ def like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
 
 
+def whole_dim(p: torch.Tensor) -> int:
+    """The dimensions of the whole parameter: a ZeRO-3 partition made inside deepspeed.zero.Init is a flat tensor,
+    its shape kept in ds_shape (a DTensor answers for the whole already)."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def adamw_for(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in params if p.dim() >= 2]        # matmuls and embeddings
-    no_decay = [p for p in params if p.dim() < 2]      # norm gains
+    decay = [p for p in params if whole_dim(p) >= 2]        # matmuls and embeddings
+    no_decay = [p for p in params if whole_dim(p) < 2]      # norm gains
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused_adamw(device))
 

@@ -452,10 +452,13 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size must be set (0 is resolved from the tokenizer before building)")
         self.cfg = cfg
         self.attention_impl = "sdpa"  # how packed rows are masked: sdpa (a boolean mask) | flex (FlexAttention)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
-        self.output = OutputLayer(cfg.dim, cfg.vocab_size, bias=False)
+        # the layers' own initialisations are drawn and forgotten: reset_parameters draws from where the caller's
+        # generator stood, as a model built on the meta device draws when it is filled (checkpoint.weights.fill)
+        with torch.random.fork_rng(devices=[]):
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+            self.output = OutputLayer(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         for name in self.rope_names():
@@ -490,17 +493,24 @@ class Transformer(nn.Module):
         return self
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
+        """The random initialisation: each parameter in turn, drawn from torch's global generator in the order of
+        named_parameters (a sharded model replays the same draws a parameter at a time: checkpoint.weights.fill)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.zeros_(p) if self.cfg.norm_plus_one else nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif name.endswith(("wo.weight", "w2.weight", "feed_forward.w2")):  # residual outputs: GPT-2's depth scaling
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+            self.init_parameter(name, p)
         self.reset_buffers()
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """The initial values of the parameter `name` (as named_parameters names it), written into `p`."""
+        std = self.cfg.init_std
+        if name.endswith("norm.weight"):
+            nn.init.zeros_(p) if self.cfg.norm_plus_one else nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif name.endswith(("wo.weight", "w2.weight", "feed_forward.w2")):  # residual outputs: GPT-2's depth scaling
+            nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
+        else:
+            nn.init.normal_(p, std=std)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 segments: torch.Tensor | None = None, pad: torch.Tensor | None = None,

@@ -5,8 +5,8 @@ of them names a backend (parallel/backends.py maps dist.backend to a class).
 A backend is made, set up once with the built model and a way to make its optimizer, then used step by step:
 
     backend = BACKENDS[cfg.dist.backend](cfg, env, plan, precision)
-    model = backend.empty_model(build)                         # a fresh run from a transformers directory: its
-    hf.load_into(path, model, backend.storage)                 # weights filled in as the backend holds them
+    model = backend.initial_model(build, adapt, fill)          # built on the meta device, held as the backend holds
+                                                               # it, each process writing the values it holds
     backend.setup(model, make_optimizer, resume_from, saved)   # wraps; the optimizer is made on what it wraps
     backend.load(resume_from, saved)                           # a resumed run: model and optimizer state
     for each step:
@@ -31,7 +31,7 @@ import torch
 
 from ..config import Config
 from ..data.order import BatchPlan
-from .env import DistEnv
+from .env import DistEnv, on_every_rank
 
 
 class Backend(ABC):
@@ -54,14 +54,24 @@ class Backend(ABC):
     @abstractmethod
     def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], object],
               resume_from: str | None = None, saved=None) -> None:
-        """Wrap the built model (on its device, with its starting weights) and make the optimizer over what it
-        trains. resume_from and saved (its TrainState): the checkpoint load() will read, for a backend that must
-        prepare before wrapping (a conversion for another number of processes)."""
+        """Wrap the model initial_model built (on its device, with its starting weights; FSDP2's already sharded)
+        and make the optimizer over what it trains. resume_from and saved (its TrainState): the checkpoint load()
+        will read, for a backend that must prepare before wrapping (a conversion for another number of processes)."""
+
+    def initial_model(self, build: Callable[[], torch.nn.Module], adapt: Callable[[torch.nn.Module], None],
+                      fill: Callable[[torch.nn.Module, Callable], None]) -> torch.nn.Module:
+        """The model a run trains, with its starting values, held as this backend holds it: build() makes it without
+        values (on the meta device; ZeRO-3: partitioned inside zero.Init), adapt(model) adds what changes its modules
+        (LoRA's adapters), fill(model, storage) writes each process's values (checkpoint.weights.fill). A failure on
+        one rank stops every rank."""
+        model = self.empty_model(build)
+        adapt(model)
+        on_every_rank(self.env, lambda: fill(model, self.storage))
+        return model
 
     def empty_model(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        """The model build() makes, with storage for its weights but no initial values, for starting weights to be
-        filled in (checkpoint.weights.starting_model): built on the meta device, then given storage on this
-        process's device. A backend that partitions parameters builds it partitioned."""
+        """The model build() makes, with storage for its weights but no values: built on the meta device, then given
+        storage on this process's device. A backend that partitions parameters builds it partitioned."""
         with torch.device("meta"):
             model = build()
         return model.materialize(self.env.device)
@@ -93,10 +103,15 @@ class Backend(ABC):
         every rank, in fp32 (bf16 is autocast's, over fp32 weights)."""
         return 4 * weights, 4 * trained, optimizer
 
-    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A model that only runs forwards beside the trained one (a DPO/KTO/GRPO reference), held as this backend
-        holds the trained one; whole on every rank by default."""
-        return model
+    def frozen_model(self, build: Callable[[], torch.nn.Module], fill: Callable[[torch.nn.Module, Callable], None],
+                     dtype: torch.dtype) -> torch.nn.Module:
+        """A model that only runs forwards beside the trained one (a DPO, KTO or GRPO reference), its parameters in
+        `dtype` (the policy's), held as this backend holds the trained one; whole on every rank by default."""
+        with torch.device("meta"):
+            model = build()
+        model.materialize(self.env.device, dtype)
+        on_every_rank(self.env, lambda: fill(model, None))
+        return model.eval().requires_grad_(False)
 
     def compile(self, **options) -> None:
         """train.compile of the whole model: the training forwards (and their loss) through a compiled wrapper of

@@ -14,6 +14,8 @@ it loads on any number of processes, each rank reading the pieces of its own sha
 from __future__ import annotations
 
 import errno
+import functools
+import math
 import os
 import shutil
 
@@ -24,7 +26,7 @@ from preprocess.errors import UserError
 from ..config import Config
 from .base import Backend
 from .ddp import clip_and_apply
-from .env import first_line
+from .env import first_line, on_every_rank
 
 METADATA = ".metadata"  # DCP's index of a checkpoint: what it holds, in which file at which offset
 
@@ -56,7 +58,7 @@ def local_bytes(state) -> int:
 class FSDP2(Backend):
     name = "fsdp2"
     group_always = True  # fully_shard shards over a device mesh, a process group even for one process
-    compile_scope = "blocks"  # each block compiled before it is sharded; the gathering hooks stay outside
+    compile_scope = "blocks"  # each block compiled in place, once sharded; dynamo leaves FSDP2's hooks out
 
     @staticmethod
     def label(cfg: Config) -> str:
@@ -83,13 +85,50 @@ class FSDP2(Backend):
     def compute_precision(self) -> str:
         return "bf16-mixed" if self.precision == "bf16" else "fp32"  # bf16 weights gathered from fp32 shards
 
+    def initial_model(self, build, adapt, fill):
+        """Built on the meta device (LoRA's adapters too), sharded, then given storage for this rank's shards alone,
+        which fill writes: no rank holds the whole model (checkpoint.weights.fill: at most one whole parameter)."""
+        return self.sharded(build, adapt, fill, self.cfg.dist.reshard_after_forward)
+
+    def frozen_model(self, build, fill, dtype):
+        """Sharded as the trained model is (its fp32 shards gathered in bf16 under train.precision=bf16, as the
+        policy's), each block's weights gathered for its forward and released after."""
+        return self.sharded(build, lambda model: None, fill, True).eval().requires_grad_(False)
+
+    def sharded(self, build, adapt, fill, reshard_after_forward: bool):
+        with torch.device("meta"):
+            model = build()
+        adapt(model)
+        self.shard(model, reshard_after_forward)
+        model.materialize(self.env.device)
+        on_every_rank(self.env, lambda: fill(model, self.storage))
+        return model
+
+    @staticmethod
+    def storage(param):
+        """A parameter's shard on this rank: FSDP2 splits dim 0 as torch.chunk does, ceil(rows / ranks) rows to each
+        rank in turn (the last ones fewer or none); the shard's rows are contiguous in the whole, flattened."""
+        if not hasattr(param, "to_local"):
+            return None
+        local, rows = param.to_local(), param.shape[0]
+        first = min(rows, param.device_mesh.get_local_rank() * -(-rows // param.device_mesh.size()))
+        return local.view(-1), first * math.prod(param.shape[1:]), tuple(param.shape)
+
     def setup(self, model, make_optimizer, resume_from=None, saved=None) -> None:
+        from torch.distributed.fsdp import FSDPModule  # (start-up: the module's docstring)
+
+        if not isinstance(model, FSDPModule):  # each rank would train a model of its own
+            raise TypeError("dist.backend=fsdp2 trains the model its initial_model built and sharded")
+        self.model = self.train_model = model
+        self.optimizer = make_optimizer(model)
+
+    @functools.cached_property
+    def mesh(self):
+        """The ranks' 1-D mesh on the run's device (fully_shard's default is the machine's accelerator, even for a
+        CPU run)."""
         from torch.distributed.device_mesh import init_device_mesh  # (start-up: see the module's docstring)
 
-        # the mesh on the run's device: fully_shard's default is the machine's accelerator, even for a CPU run
-        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
-        self.model = self.train_model = self.shard(model, self.cfg.dist.reshard_after_forward)
-        self.optimizer = make_optimizer(model)
+        return init_device_mesh(self.env.device.type, (self.env.world_size,))
 
     def shard(self, model, reshard_after_forward: bool):
         """Each block, then the root (embedding, final norm, output layer), sharded over the ranks in place. The
@@ -103,10 +142,6 @@ class FSDP2(Backend):
         for layer in model.layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         return fully_shard(model, mesh=self.mesh, mp_policy=policy)
-
-    def frozen(self, model):
-        """Sharded as the trained model is, each block's weights gathered for its forward and released after."""
-        return self.shard(model, reshard_after_forward=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Each micro-step's gradients are reduce-scattered into the shards as its backward ends, so that no rank

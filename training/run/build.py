@@ -240,19 +240,19 @@ def verify_sources(sources: list[ShardDir], env: D.DistEnv) -> None:
 # -------------------------------------------------------------------------------------------------- model
 
 def build_model(cfg: Config, start: StartingPoint, backend, precision: str, pinned: str | None = None) -> Transformer:
-    """The model on its device: the same initial weights (and adapters) on every rank, the starting weights of a
-    fresh fine-tuning run loaded (from the stage's pinned copy of them, if it keeps one), LoRA applied, activation
-    checkpointing, the experts' matmul and compilation chosen."""
+    """The model on its device, held as the backend holds it: the same initial weights (and adapters) on every rank,
+    the starting weights of a fresh fine-tuning run filled in (from the stage's pinned copy of them, if it keeps
+    one), LoRA applied, activation checkpointing, the experts' matmul and compilation chosen. A resumed run's
+    weights are the checkpoint's, loaded by the backend later: its random ones are drawn all the same."""
     device = backend.env.device
-    seed_rng(cfg.seed)
-    if start.init_from and not start.saved:  # no random weights first: the starting ones fill the model directly
-        model = starting_model(pinned or start.init_from["path"], cfg.model, backend)
-    else:
-        model = Transformer(cfg.model)
-    model.attention_impl = resolve_attention(cfg.train.attention, device)
-    if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
-        lora.apply(model, cfg.lora)
-    model.to(device)
+    weights = (pinned or start.init_from["path"]) if start.init_from and not start.saved else None
+
+    def adapt(model: Transformer) -> None:
+        model.attention_impl = resolve_attention(cfg.train.attention, device)
+        if lora.enabled(cfg.lora):  # only the adapters train: the optimizer sees nothing else
+            lora.apply(model, cfg.lora)
+
+    model = starting_model(weights, cfg.model, backend, cfg.seed, adapt)
     if cfg.train.float8:
         float8.convert(model, device)
     model.checkpoint_activations(cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_every)

@@ -27,7 +27,7 @@ import torch
 from preprocess.errors import UserError
 from preprocess.fileio import atomic_write
 
-from ..checkpoint.weights import loaded_model, pin, weights_fingerprint
+from ..checkpoint.weights import fill, pin, weights_fingerprint
 from ..data.batch import Batch, ExampleBatches
 from ..models import lora
 from ..models.transformer import Transformer
@@ -153,9 +153,14 @@ def reference_model(run, weights_dir: str) -> Transformer:
     """The pinned starting weights, in the policy's dtype (DeepSpeed bf16 casts the policy's parameters, not its
     buffers, the rotary tables, to bf16), held as the backend holds the policy (FSDP2: sharded)."""
     policy = run.model
-    model = loaded_model(weights_dir, policy.cfg, run.env.device, next(policy.parameters()).dtype)
-    model.attention_impl = policy.attention_impl
-    return run.backend.frozen(model.eval().requires_grad_(False))
+
+    def build() -> Transformer:
+        model = Transformer(policy.cfg)
+        model.attention_impl = policy.attention_impl
+        return model
+
+    return run.backend.frozen_model(build, lambda model, storage: fill(model, weights_dir, run.cfg.seed, storage),
+                                    next(policy.parameters()).dtype)
 
 
 def make_reference(stage: ReferenceStage, run):
