@@ -11,6 +11,7 @@ from conftest import (
     CHAT,
     DPO_CONFIG,
     REPO,
+    SFT_CONFIG,
     dpo_starts_at_zero_log_ratios,
     losses,
     private_copy,
@@ -30,14 +31,16 @@ STEPS = ["train.max_steps=6", "train.grad_accum=2", "train.precision=fp32", "tra
 
 @pytest.mark.slow
 def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights_and_resumes_exactly_after_a_kill_9_mid_save(
-        pretrain_shards, tmp_path):
+        pretrain_shards, chat_shards, zero3, tmp_path):
     """With Muon (each sharded matrix gathered whole, orthogonalised on every rank alike, its shard kept) the same
     losses, gradient norms (before clipping) and validation losses as DDP's Muon within 1e-5, with the shipped
     evaluation and its sample on (sharded forwards on every rank in lockstep); the model was built on the meta
     device and each rank drew its shards of DDP's initial weights. The checkpoint is a DCP directory, each rank's
     shard file and rank 0's metadata checksummed, whose consolidated weights are DDP's and which training.generate
     reads. Then every rank of the same run dies (kill -9) after writing its shards of step 4's checkpoint, before
-    the checkpoint is complete: the rerun resumes from step 2 and its curve is the uninterrupted run's."""
+    the checkpoint is complete: the rerun resumes from step 2 and its curve is the uninterrupted run's. Last, the
+    checkpoint starts SFT under DDP and ZeRO-3 (init_from) from the model DDP's own checkpoint starts DDP's SFT
+    from: the same validation loss before the first step (the starting logits) and the same first loss."""
     runs = {}
     for backend in ("ddp", "fsdp2"):
         runs[backend] = tmp_path / backend
@@ -69,6 +72,18 @@ def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights_and_resumes_exac
     assert proc.stdout.startswith("step 3:")  # from step 2's checkpoint
     assert losses(out) == losses(runs["fsdp2"]) and not (out / "checkpoints" / "step-4.tmp").exists()
     assert val_losses(out) == val_losses(runs["fsdp2"])
+
+    sft = [f"data.path={chat_shards['sft']}", "train.max_steps=1", "train.precision=fp32", *CHAT]
+    one = ["train.grad_accum=2"]  # one process, the global batch of two
+    starts = {"ddp from ddp": (runs["ddp"], one, 1), "ddp from fsdp2": (runs["fsdp2"], one, 1),
+              "zero3 from fsdp2": (runs["fsdp2"], zero3, 2)}
+    for name, (start, backend, nproc) in starts.items():
+        run_training(*sft, f"init_from={start}", *backend, f"out_dir={tmp_path / name}", nproc=nproc, stage="sft",
+                     config=SFT_CONFIG)
+    for name in ("ddp from fsdp2", "zero3 from fsdp2"):
+        for key in ("val_loss", "loss"):
+            ours, theirs = losses(tmp_path / name, key), losses(tmp_path / "ddp from ddp", key)
+            assert sorted(ours) == sorted(theirs) and ours == pytest.approx(theirs, rel=1e-5), (name, key)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ The store never names a backend: it asks the run's backend to save into a direct
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -74,6 +75,19 @@ def save_file(obj, path: str) -> None:
             raise
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_failure(e: BaseException, directory: str, needed: int) -> OSError | None:
+    """What a library's failed checkpoint write stands for, as an OSError naming `directory`: its own OSError, or
+    torch.save's RuntimeError for a failed write (its errno lost; a full disk among them), told by the space left:
+    ENOSPC when under `needed` bytes are free there, else EIO. None: `e` is no failed write."""
+    if isinstance(e, OSError):
+        return OSError(e.errno, e.strerror, directory)
+    if not isinstance(e, RuntimeError) or not any(m in str(e) for m in ("write", "unexpected pos", "cannot be opened")):
+        return None
+    if shutil.disk_usage(directory).free < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+    return OSError(errno.EIO, f"the checkpoint could not be written ({str(e).splitlines()[0][:120]})", directory)
 
 
 def fit(model: torch.nn.Module, state: dict, where: str) -> None:

@@ -13,7 +13,6 @@ after prepare_environment (its accelerator is fixed when it is first imported).
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import json
 import math
@@ -26,7 +25,7 @@ import torch
 
 from preprocess.errors import UserError
 
-from ..checkpoint.store import checksum_problems, seal
+from ..checkpoint.store import checksum_problems, seal, write_failure
 from ..config import Config
 from ..data.order import BatchPlan
 from . import env as D
@@ -183,14 +182,7 @@ def save_engine(engine, root: str, tmp_name: str) -> None:
     if not failures:
         return
     e = failures[0]
-    if isinstance(e, RuntimeError):  # torch.save reports a failed write (a full disk) only as a RuntimeError
-        if not any(m in str(e) for m in ("write", "unexpected pos", "cannot be opened")):
-            raise e
-        full = shutil.disk_usage(root).free < 64 * 2**20
-        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
-                      f"DeepSpeed could not write its checkpoint ({str(e).splitlines()[0][:120]})",
-                      os.path.join(root, tmp_name)) from None
-    raise e
+    raise write_failure(e, os.path.join(root, tmp_name), 64 * 2**20) or e
 
 
 def load_engine(engine, ckpt_dir: str, universal: bool = False) -> None:

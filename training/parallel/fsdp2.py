@@ -13,16 +13,15 @@ it loads on any number of processes, each rank reading the pieces of its own sha
 
 from __future__ import annotations
 
-import errno
 import functools
 import math
 import os
-import shutil
 
 import torch
 
 from preprocess.errors import UserError
 
+from ..checkpoint.store import write_failure
 from ..config import Config
 from .base import Backend
 from .ddp import clip_and_apply
@@ -32,15 +31,12 @@ METADATA = ".metadata"  # DCP's index of a checkpoint: what it holds, in which f
 
 
 def write_error(e, directory: str, needed: int) -> Exception:
-    """DCP's failure to write, as the store reports a failed write: the first rank's OSError naming the checkpoint
-    directory (a full disk also reaches DCP's writers as torch.save's RuntimeError, its errno lost: told by the
-    space left), else the first rank's error."""
-    errors = [exc for exc, _ in e.failures.values()]
-    os_error = next((x for x in errors if isinstance(x, OSError)), None)
-    if os_error is not None:
-        return OSError(os_error.errno, os_error.strerror, directory)
-    if shutil.disk_usage(directory).free < needed:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+    """DCP's failure to write, as the store reports a failed write: the first rank's failed write as an OSError
+    naming the checkpoint directory (checkpoint.store.write_failure), else the first rank's error."""
+    for exc, _ in e.failures.values():
+        failure = write_failure(exc, directory, needed)
+        if failure is not None:
+            return failure
     rank, (first, _) = next(iter(e.failures.items()))
     return RuntimeError(f"rank {rank} failed to write its part of the checkpoint ({type(first).__name__}: {first})")
 
