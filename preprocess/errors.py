@@ -15,15 +15,27 @@ def environment_error(e: OSError) -> str:
     return f"{where}{e.strerror or e}{hint}"
 
 
+REPORTED: list[BaseException] = []  # see held()
+
+
+def held(e: BaseException) -> BaseException:
+    """An error already reported, kept until the process ends instead of released: its traceback's frames may hold
+    a training run's last reference to a process group (a DDP reducer's), and freeing that group joins gloo's
+    worker threads while this thread holds the GIL one of them waits for — a rank that never exits. The training
+    commands end with os._exit (training/parallel/env.py's exit_process), which frees nothing."""
+    REPORTED.append(e)
+    return e
+
+
 def exit_code(action, who: str = "") -> int:
     """Run a command's action; a user mistake or a problem of the environment becomes one line and exit 1."""
     try:
         action()
     except UserError as e:
-        print(f"error{who}: {e}", file=sys.stderr)
+        print(f"error{who}: {held(e)}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: the environment, not a bug
-        print(f"error{who}: {environment_error(e)}", file=sys.stderr)
+        print(f"error{who}: {environment_error(held(e))}", file=sys.stderr)
         return 1
     return 0
 

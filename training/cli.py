@@ -10,7 +10,7 @@ import sys
 
 import torch.distributed as dist
 
-from preprocess.errors import exit_code
+from preprocess.errors import exit_code, held
 from preprocess.ranks import ranks_from_env
 
 from .config import load_config
@@ -51,12 +51,12 @@ def run_reporting(action) -> int:
         return exit_code(action, who)
     except Stopped as e:
         if rank == 0:
-            print(e, file=sys.stderr)
+            print(held(e), file=sys.stderr)
         return 128 + e.signum
     except RuntimeError as e:  # a peer died or a collective timed out: say so instead of a C++ trace
         if not (isinstance(e, dist.DistError) or any(m in str(e) for m in COMMUNICATION_ERRORS)):
             raise
-        first = str(e).strip().splitlines()[0]
+        first = str(held(e)).strip().splitlines()[0]
         print(f"error{who}: lost contact with another process: it died, or a collective waited longer than "
               f"dist.timeout_s ({first[:160]})", file=sys.stderr)
         return 1
