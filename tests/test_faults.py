@@ -321,8 +321,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(pretrain_
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
         common, nproc = [*common, "dist.backend=deepspeed", "dist.zero_stage=2"], 2
-    elif backend == "fsdp2":  # each rank writes its shards (DCP)
-        common, nproc = [*common, "dist.backend=fsdp2"], 2
+    elif backend == "fsdp2":  # each rank writes its shards (DCP), in the background: the full disk is met while
+        # steps 5 and 6 train, and said at step 6's save
+        common, nproc = [*common, "dist.backend=fsdp2", "train.async_checkpoint=true"], 2
     run_training(*common, f"out_dir={tmp_path / 'straight'}", nproc=nproc)
     one = sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "straight" / "checkpoints" / "step-2" / "**"),
                                                     recursive=True) if os.path.isfile(p))

@@ -30,15 +30,17 @@ STEPS = ["train.max_steps=6", "train.grad_accum=2", "train.precision=fp32", "tra
 
 
 @pytest.mark.slow
-def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights_and_resumes_exactly_after_a_kill_9_mid_save(
+def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights_and_resumes_exactly_after_kill_9_mid_saves(
         pretrain_shards, chat_shards, zero3, tmp_path):
     """With Muon (each sharded matrix gathered whole, orthogonalised on every rank alike, its shard kept) the same
     losses, gradient norms (before clipping) and validation losses as DDP's Muon within 1e-5, with the shipped
     evaluation and its sample on (sharded forwards on every rank in lockstep); the model was built on the meta
     device and each rank drew its shards of DDP's initial weights. The checkpoint is a DCP directory, each rank's
     shard file and rank 0's metadata checksummed, whose consolidated weights are DDP's and which training.generate
-    reads. Then every rank of the same run dies (kill -9) after writing its shards of step 4's checkpoint, before
-    the checkpoint is complete: the rerun resumes from step 2 and its curve is the uninterrupted run's. Last, the
+    reads. Then every rank of the same run dies (kill -9) after writing its shards of a checkpoint, before it is
+    complete: step 4's written in the background (train.async_checkpoint: while steps 5 and 6 train), then, resumed
+    from step 2 (itself written while steps 3 and 4 trained), step 6's in the loop's thread; resumed from step 4,
+    the run ends where the uninterrupted one did with the same curve. Last, the
     checkpoint starts SFT under DDP and ZeRO-3 (init_from) from the model DDP's own checkpoint starts DDP's SFT
     from: the same validation loss before the first step (the starting logits) and the same first loss."""
     runs = {}
@@ -65,13 +67,18 @@ def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights_and_resumes_exac
     assert proc.returncode == 0 and proc.stdout.startswith("HAMLET:"), proc.stderr
 
     out, common = tmp_path / "killed", [f"data.path={pretrain_shards}", *STEPS, "dist.backend=fsdp2"]
-    proc = run_training(*common, f"out_dir={out}", nproc=2, hooks="die-in-save@4", check=False)
-    assert proc.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step-2\n"
-    assert (out / "checkpoints" / "step-4.tmp").is_dir()  # what the ranks wrote before they died
-    proc = run_training(*common, f"out_dir={out}", nproc=2)
-    assert proc.stdout.startswith("step 3:")  # from step 2's checkpoint
-    assert losses(out) == losses(runs["fsdp2"]) and not (out / "checkpoints" / "step-4.tmp").exists()
-    assert val_losses(out) == val_losses(runs["fsdp2"])
+    ckpts, background = out / "checkpoints", "train.async_checkpoint=true"
+    proc = run_training(*common, background, f"out_dir={out}", nproc=2, hooks="die-in-save@4", check=False)
+    assert proc.returncode != 0 and (ckpts / "latest").read_text() == "step-2\n"  # written while steps 3, 4 trained
+    assert (ckpts / "step-4.tmp").is_dir()  # what the ranks' writing threads wrote before they died
+    proc = run_training(*common, f"out_dir={out}", nproc=2, hooks="die-in-save@6", check=False)  # in the loop's thread
+    assert proc.stdout.startswith("step 3:") and proc.returncode != 0  # from step 2's checkpoint
+    assert (ckpts / "latest").read_text() == "step-4\n" and (ckpts / "step-6.tmp").is_dir()
+    proc = run_training(*common, background, f"out_dir={out}", nproc=2)
+    assert proc.stdout.startswith("step 5:")
+    assert losses(out) == losses(runs["fsdp2"]) and val_losses(out) == val_losses(runs["fsdp2"])
+    assert (ckpts / "latest").read_text() == "step-6\n" and not list(ckpts.glob("*.tmp"))
+    assert sorted(losses(out, "time/checkpoint")) == [2, 4, 6]  # each by the run that wrote it
 
     sft = [f"data.path={chat_shards['sft']}", "train.max_steps=1", "train.precision=fp32", *CHAT]
     one = ["train.grad_accum=2"]  # one process, the global batch of two

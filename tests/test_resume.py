@@ -33,7 +33,8 @@ from preprocess.__main__ import main as preprocess_main
 
 STOPPED = 128 + signal.SIGTERM  # exit code of a run stopped by a preemption notice (its checkpoint is written)
 BACKENDS = {"ddp": [], "zero2": ["dist.backend=deepspeed", "dist.zero_stage=2"], "zero3": None,  # zero3: the fixture
-            "fsdp2": ["dist.backend=fsdp2"]}
+            # FSDP2's checkpoints written in the background, the one at a stop signal complete before the exit
+            "fsdp2": ["dist.backend=fsdp2", "train.async_checkpoint=true"]}
 
 
 def state(run_dir, step: int) -> dict:

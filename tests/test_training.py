@@ -252,6 +252,18 @@ def test_train_compile_takes_the_whole_model_under_ddp_and_each_block_under_deep
     assert backend.train_model._orig_mod is backend.model
 
 
+def test_async_checkpoint_is_refused_in_one_line_where_the_backend_saves_only_between_steps():
+    from training.run.build import check
+    from training.stages.pretrain import Pretrain
+
+    for backend in ("ddp", "deepspeed"):
+        cfg = load_config(TINY_CONFIG, ["data.path=unused", f"dist.backend={backend}", "train.async_checkpoint=true"])
+        with pytest.raises(UserError, match=f"^train.async_checkpoint=true: dist.backend={backend} writes"):
+            check(Pretrain(cfg), cfg)
+    cfg = load_config(TINY_CONFIG, ["data.path=unused", "dist.backend=fsdp2", "train.async_checkpoint=true"])
+    check(Pretrain(cfg), cfg)
+
+
 def test_read_ahead_pins_what_every_stage_reads_for_a_gpu(monkeypatch):
     """For a GPU the reader pins each micro-batch's tensors, whatever the stage's batch: a Batch, KTO's labelled
     batch with the KL rows it holds, GRPO's prompts (no tensor: as they are). Without a GPU, pin_memory is a stub

@@ -71,6 +71,8 @@ class TrainConfig:
     device: str = "auto"         # auto | cpu | cuda
     ckpt_every: int = 500
     keep_checkpoints: int = 3    # newest checkpoints kept; 0 keeps all
+    async_checkpoint: bool = False  # a checkpoint written while the next steps train (a copy of the state in host
+                                    # memory until then); `latest` once it is complete. dist.backend=fsdp2
     eval_every: int = 200        # 0 disables evaluation
     eval_samples: int = 512      # validation samples per evaluation, split over the ranks (same set for any count)
     sample_prompt: str | None = None  # text continued at every evaluation (none: no sample)

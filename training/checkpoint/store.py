@@ -14,6 +14,7 @@ The store never names a backend: it asks the run's backend to save into a direct
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -22,6 +23,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -109,27 +111,38 @@ def load_file(path: str, mmap: bool = False):
 
 
 def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: str, tokenizer_path: str, keep: int,
-         rank_files=None) -> str:
+         rank_files=None, background: Background | None = None) -> str | Future:
     """Every rank calls this. `backend.save(tmp)` writes the model and optimizer and returns the files this rank
     wrote, which it fsyncs (on its own machine: another's fsync would not flush this one's cache); rank_files(tmp)
-    writes this rank's own files (its RNG state) and returns them. Rank 0 writes the shared files."""
-    root = checkpoints_dir(out_dir)
-    final = os.path.join(root, f"step-{state.step}")
+    writes this rank's own files (its RNG state) and returns them. Rank 0 writes the shared files. Returns the
+    checkpoint's directory once it is in charge.
+
+    background (train.async_checkpoint): the backend only copies its state here (start_save); its writing and the
+    rest (fsyncs, checksums, the rename, `latest`, pruning) go on in background's thread, their collectives on its
+    group. Returns the Future of the directory."""
+    root, name = checkpoints_dir(out_dir), f"step-{state.step}"  # the state moves on while a background write goes on
+    final = os.path.join(root, name)
     tmp = final + ".tmp"
+    group = background.group if background else None
+    backend_files = []  # this rank's wait for what the backend wrote
 
     def make_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
 
-    def write_share() -> None:
+    def start_share() -> None:
         try:
             own, held = rank_files(tmp) if rank_files else [], None
-        except OSError as e:  # raised after the backend's save: its collectives must run on every rank
+        except OSError as e:  # raised once the backend's save started: its collectives run on every rank
             own, held = [], e
-        written = [*own, *backend.save(tmp)]
+        if background is None:
+            written = backend.save(tmp)
+            backend_files.append(lambda: written)
+        else:
+            backend_files.append(backend.start_save(tmp, group))
         if held is not None:
             raise held
-        for path in written:
+        for path in own:
             fsync_path(path)
         if env.is_main:
             for path in tokenizer_files(tokenizer_path):
@@ -141,23 +154,94 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
         _write_checksums(tmp, checksums)
         if os.path.exists(final):  # this step was saved before, by a run that then lost its later steps
             shutil.rmtree(final)
-        remove_companions(root, os.path.basename(final))  # derived from that earlier save
+        remove_companions(root, name)  # derived from that earlier save
         os.replace(tmp, final)
-        atomic_write(os.path.join(root, LATEST), f"step-{state.step}\n".encode())
+        atomic_write(os.path.join(root, LATEST), f"{name}\n".encode())
         fsync_path(root)
         _prune(root, keep)
 
+    def finish() -> str:
+        """Every rank's share written and fsynced, then the checksums and rank 0's rename: in charge."""
+        try:
+            D.on_every_rank(env, lambda: [fsync_path(path) for path in backend_files[0]()] and None, group)
+            checksums = {k: v for part in D.on_every_rank(env, lambda: _hash_share(tmp, env), group)
+                         for k, v in part.items()}
+            if background is None:
+                D.from_rank0(env, lambda: put_in_charge(checksums))
+            else:  # from_rank0's calls are counted in the order the loop's thread makes them: not from this one
+                D.on_every_rank(env, lambda: put_in_charge(checksums) if env.is_main else None, group)
+        except Exception:  # the previous checkpoint stays in charge, and this one's space is given back
+            if env.is_main:
+                discard(tmp)
+            raise
+        D.barrier(env, group)
+        return final
+
     D.from_rank0(env, make_tmp)
     try:  # a full disk on any rank stops every rank with its line, once all have stopped writing
-        D.on_every_rank(env, write_share)
-        checksums = {k: v for part in D.on_every_rank(env, lambda: _hash_share(tmp, env)) for k, v in part.items()}
-        D.from_rank0(env, lambda: put_in_charge(checksums))
-    except Exception:  # the previous checkpoint stays in charge, and this one's space is given back
+        D.on_every_rank(env, start_share)
+    except Exception:
+        if backend_files and background is not None:  # what the backend still writes into tmp
+            with contextlib.suppress(Exception):
+                backend_files[0]()
         if env.is_main:
             discard(tmp)
         raise
-    D.barrier(env)
-    return final
+    if background is None:
+        return finish()
+    return background.writer.submit(finish)
+
+
+class Background:
+    """The thread that writes checkpoints while training goes on (train.async_checkpoint), one at a time, and the
+    gloo group of its collectives: its own, which the training's never meet."""
+
+    def __init__(self):
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.group = D.gloo_group("checkpoints written while training goes on")
+
+
+class Checkpoints:
+    """Where a run's checkpoints go: out_dir/checkpoints. save() writes one in the loop's thread, in charge when it
+    returns; in_background (train.async_checkpoint): it returns once the backend has copied its state, and the
+    checkpoint is written while the next steps train — one at a time (the next save waits for the one in
+    flight), `latest` only once it is complete. A failed write in the background stops the run at the next save
+    or at its end (wait)."""
+
+    def __init__(self, env: D.DistEnv, out_dir: str, backend, config_yaml: str, tokenizer_path: str, keep: int,
+                 rank_files, in_background: bool):
+        self.env, self.out_dir, self.backend, self.config_yaml = env, out_dir, backend, config_yaml
+        self.tokenizer_path, self.keep, self.rank_files = tokenizer_path, keep, rank_files
+        self.background = Background() if in_background else None
+        self.pending: Future | None = None
+
+    def save(self, state: TrainState, complete: bool = False) -> None:
+        """complete: return only once the checkpoint is in charge (the run's last)."""
+        self.wait()
+        written = save(self.env, self.out_dir, state, self.backend, self.config_yaml, self.tokenizer_path, self.keep,
+                       self.rank_files, self.background)
+        self.pending = written if self.background else None
+        if complete:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the checkpoint in flight, if any, is in charge; its failure raised here."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """At the run's end however it ended, before out_dir's lock is released: the checkpoint in flight written
+        (a failure only said: the run is ending with an error of its own), the thread ended."""
+        try:
+            self.wait()
+        except Exception as e:
+            if self.env.is_main:
+                print(f"warning: the checkpoint written in the background was not completed ({D.first_line(e)}); "
+                      f"the previous one stays in charge", file=sys.stderr, flush=True)
+        finally:
+            if self.background is not None:
+                self.background.writer.shutdown()
 
 
 def discard(tmp: str, patience_s: float = 10.0) -> None:

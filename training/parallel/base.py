@@ -18,6 +18,7 @@ A backend is made, set up once with the built model and a way to make its optimi
         norm, applied = backend.step(max_norm, loss)           # clip, apply unless not finite, zero the gradients
                                                                # (on the device: the loop reads them back later)
         backend.save(tmp_dir) -> files this rank wrote         # the store fsyncs and checksums them
+        (or backend.start_save(tmp_dir, group) -> wait for them: the state copied now, written while training goes on)
     backend.close()
 """
 
@@ -39,6 +40,7 @@ class Backend(ABC):
     group_always = False             # wants a process group even for one process
     compile_scope = "model"          # what train.compile_scope=auto compiles: the training forward whole (with its
                                      # loss, through the wrapper) or each block in place
+    saves_in_background = False      # has start_save (train.async_checkpoint)
 
     def __init__(self, cfg: Config, env: DistEnv, plan: BatchPlan, precision: str):
         self.cfg, self.env, self.plan, self.precision = cfg, env, plan, precision
@@ -140,6 +142,12 @@ class Backend(ABC):
     @abstractmethod
     def save(self, directory: str) -> list[str]:
         """Write the model and optimizer state into `directory` (every rank calls it); the files this rank wrote."""
+
+    def start_save(self, directory: str, group) -> Callable[[], list[str]]:
+        """save(), but only a copy of the state taken now (every rank calls it); the writing goes on in the background
+        while training does, its collectives on `group` (a gloo group of the checkpoints' own, never the training's).
+        Returns what waits for the write to end: the files this rank wrote."""
+        raise NotImplementedError(f"dist.backend={self.name} writes its checkpoints only in the loop's thread")
 
     @abstractmethod
     def load(self, directory: str, saved) -> None:

@@ -165,21 +165,28 @@ def host_sums(env: DistEnv, values: list[float]) -> list[float]:
 
 def host_group():
     """The gloo group of host_sums, beside the default group whatever its backend (NCCL on GPUs; on CPUs, where the
-    tests run it, gloo too): made at its first use, which every rank reaches at the same point of the loop. gloo
-    finds its interface by the host's name, not by the default route; where NCCL is told its interface by a plain
-    NCCL_SOCKET_IFNAME, gloo takes the same unless GLOO_SOCKET_IFNAME says otherwise."""
+    tests run it, gloo too): made at its first use, which every rank reaches at the same point of the loop."""
     global _host_group
     if _host_group is None:
-        nccl = os.environ.get("NCCL_SOCKET_IFNAME", "")
-        if nccl and not nccl.startswith(("^", "=")):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", nccl)
-        try:
-            _host_group = dist.new_group(backend="gloo", timeout=_timeout)
-        except RuntimeError as e:  # DistBackendError and gloo's connection errors among them
-            raise UserError(f"gloo (each step's counts and stop flags, summed on the host) could not connect the "
-                            f"ranks ({first_line(e)}): set GLOO_SOCKET_IFNAME to the network interface they reach "
-                            f"each other on (e.g. ib0, eth1)") from e
+        _host_group = gloo_group("each step's counts and stop flags, summed on the host", _timeout)
     return _host_group
+
+
+def gloo_group(purpose: str, timeout: timedelta | None = None):
+    """A new gloo group of every rank (every rank makes it at the same point of the run), its collectives waiting up
+    to `timeout` (dist.timeout_s when None); None without a process group. gloo finds its interface
+    by the host's name, not by the default route; where NCCL is told its interface by a plain NCCL_SOCKET_IFNAME,
+    gloo takes the same unless GLOO_SOCKET_IFNAME says otherwise."""
+    if not dist.is_initialized():
+        return None
+    nccl = os.environ.get("NCCL_SOCKET_IFNAME", "")
+    if nccl and not nccl.startswith(("^", "=")):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", nccl)
+    try:
+        return dist.new_group(backend="gloo", timeout=timeout or _timeout)
+    except RuntimeError as e:  # DistBackendError and gloo's connection errors among them
+        raise UserError(f"gloo ({purpose}) could not connect the ranks ({first_line(e)}): set GLOO_SOCKET_IFNAME "
+                        f"to the network interface they reach each other on (e.g. ib0, eth1)") from e
 
 
 def all_reduce_min(env: DistEnv, value: int) -> int:
@@ -223,11 +230,12 @@ def from_rank0(env: DistEnv, work):
     return result
 
 
-def on_every_rank(env: DistEnv, work) -> list:
+def on_every_rank(env: DistEnv, work, group=None) -> list:
     """work() on every rank (each writing or hashing its share of a checkpoint): every rank's result, on every
-    rank. Where it fails on any rank (a full disk, a vanished file, a bug), every rank stops at once — the failing
-    one with its own error, the others with the first failing rank's line — instead of the others meeting a rank
-    that has left in their next collective ("lost contact")."""
+    rank, gathered over `group` (the default group's when None). Where it fails on any rank (a full disk, a
+    vanished file, a bug), every rank stops at once — the failing one with its own error, the others with the first
+    failing rank's line — instead of the others meeting a rank that has left in their next collective ("lost
+    contact")."""
     result = failure = error = None
     try:
         result = work()
@@ -240,7 +248,7 @@ def on_every_rank(env: DistEnv, work) -> list:
     outcomes = [(result, error)]
     if env.distributed:
         outcomes = [None] * env.world_size
-        dist.all_gather_object(outcomes, (result, error))
+        dist.all_gather_object(outcomes, (result, error), group=group)
     if failure is not None:
         raise failure
     first = next((e for _, e in outcomes if e is not None), None)
@@ -253,6 +261,6 @@ def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
-def barrier(env: DistEnv) -> None:
+def barrier(env: DistEnv, group=None) -> None:
     if env.distributed:
-        dist.barrier()
+        dist.barrier(group=group)

@@ -13,6 +13,7 @@ it loads on any number of processes, each rank reading the pieces of its own sha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -28,6 +29,18 @@ from .ddp import clip_and_apply
 from .env import first_line, on_every_rank
 
 METADATA = ".metadata"  # DCP's index of a checkpoint: what it holds, in which file at which offset
+
+
+@contextlib.contextmanager
+def writing(directory: str, needed: int):
+    """DCP's failure to write a checkpoint (every rank's failures, on every rank; a BaseException) as the store
+    reports a failed write (write_error)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # (start-up: the module's docstring)
+
+    try:
+        yield
+    except CheckpointException as e:
+        raise write_error(e, directory, needed) from None
 
 
 def write_error(e, directory: str, needed: int) -> Exception:
@@ -54,6 +67,7 @@ def local_bytes(state) -> int:
 class FSDP2(Backend):
     name = "fsdp2"
     group_always = True  # fully_shard shards over a device mesh, a process group even for one process
+    saves_in_background = True  # DCP's async_save
     compile_scope = "blocks"  # each block compiled in place, once sharded; dynamo leaves FSDP2's hooks out
 
     @staticmethod
@@ -160,13 +174,30 @@ class FSDP2(Backend):
 
     def save(self, directory: str) -> list[str]:
         import torch.distributed.checkpoint as dcp  # (start-up: the module's docstring)
-        from torch.distributed.checkpoint.api import CheckpointException
 
         state = self.state()
-        try:
+        with writing(directory, local_bytes(state)):
             dcp.save(state, checkpoint_id=directory)
-        except CheckpointException as e:  # every rank's failures, on every rank; a BaseException
-            raise write_error(e, directory, local_bytes(state)) from None
+        return self.files(directory)
+
+    def start_save(self, directory: str, group):
+        """DCP's async_save: this rank's shards (and its optimizer state) copied to CPU memory now, written by a
+        thread of DCP's while training goes on (a copy of the shards in host memory until then)."""
+        import torch.distributed.checkpoint as dcp  # (start-up: the module's docstring)
+
+        state = self.state()
+        needed = local_bytes(state)
+        future = dcp.async_save(state, checkpoint_id=directory, process_group=group)
+        del state  # the copy is DCP's now
+
+        def written() -> list[str]:
+            with writing(directory, needed):
+                future.result()
+            return self.files(directory)
+        return written
+
+    def files(self, directory: str) -> list[str]:
+        """What this rank wrote of a DCP checkpoint: its shard files, and rank 0 the metadata."""
         mine = [n for n in os.listdir(directory) if n.startswith(f"__{self.env.rank}_") and n.endswith(".distcp")]
         return [os.path.join(directory, n) for n in mine + ([METADATA] if self.env.is_main else [])]
 

@@ -22,9 +22,9 @@ from preprocess.errors import UserError
 from preprocess.fileio import file_sha256
 from preprocess.tokenizer import tokenizer_file
 
-from ..checkpoint.rng import restore_rng, seed_rng
+from ..checkpoint.rng import restore_rng, save_rng, seed_rng
 from ..checkpoint.state import TrainState, check_identity, run_identity, saved_run
-from ..checkpoint.store import latest
+from ..checkpoint.store import Checkpoints, latest
 from ..checkpoint.weights import model_config, resolve, starting_model, weights_fingerprint
 from ..config import Config, data_sources
 from ..data.order import BatchPlan
@@ -58,6 +58,7 @@ class Run:
     config_yaml: str
     hooks: Hooks
     data: Any = None
+    checkpoints: Checkpoints | None = None
     log: MetricsLog | None = None
 
     @property
@@ -74,7 +75,11 @@ class Run:
 def check(stage: Stage, cfg: Config) -> None:
     """What the stage and the backend refuse of the config: before any process group or out_dir exists."""
     stage.check()
-    problems = backend_class(cfg.dist.backend).check(cfg)
+    backend = backend_class(cfg.dist.backend)
+    problems = backend.check(cfg)
+    if cfg.train.async_checkpoint and not backend.saves_in_background:
+        problems.append(f"train.async_checkpoint=true: dist.backend={cfg.dist.backend} writes its checkpoints only "
+                        f"between steps; use dist.backend=fsdp2 or train.async_checkpoint=false")
     if problems:
         raise UserError(problems[0])
 
@@ -125,6 +130,9 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     r.data = stage.make_data(r)
     if start.saved and start.saved.packing_cursor and r.data.packing is not None:
         r.data.packing.start_at(start.saved.packing_cursor)
+    r.checkpoints = Checkpoints(env, cfg.out_dir, backend, config_yaml, tokenizer_file(cfg.out_dir),
+                                cfg.train.keep_checkpoints, lambda tmp: [save_rng(tmp, env)],
+                                cfg.train.async_checkpoint)
     r.log = MetricsLog(cfg, env, model, stage.name, state.step)  # last: nothing after it can fail and leave it open
     return r
 

@@ -13,14 +13,12 @@ import ctypes
 import functools
 import math
 import sys
+import time
 
 import torch
 
 from preprocess.errors import UserError
-from preprocess.tokenizer import tokenizer_file
 
-from ..checkpoint import store
-from ..checkpoint.rng import save_rng
 from ..checkpoint.state import TrainState
 from ..config import Config
 from ..models.optim import lr_at
@@ -63,6 +61,7 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, saves: bool = Tru
     finally:
         try:
             if r is not None:
+                r.checkpoints.close()  # one still written in the background, before the lock is released
                 r.log.close(exit_code)  # also after an error: TensorBoard's buffered events, W&B's run state
         finally:
             if lock is not None:
@@ -83,6 +82,7 @@ def train(r: Run, saves: bool = True) -> None:
     reader = StepReader(r.data, r.plan.grad_accum, env.device, ahead)
     try:
         steps(r, saves, stop, reader)
+        r.checkpoints.wait()
     finally:
         reader.close()
     stop.restore()
@@ -144,9 +144,10 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
             if r.data.packing is not None:
                 reader.settle()  # the packing plan is the reader's while it reads
                 state.packing_cursor = r.data.packing.cursor(state.consumed_samples)
-            with r.log.paused():
-                store.save(env, cfg.out_dir, state, backend, r.config_yaml, tokenizer_file(cfg.out_dir),
-                           cfg.train.keep_checkpoints, rank_files=lambda tmp: [save_rng(tmp, env)])
+            held = time.perf_counter()
+            with r.log.paused():  # the run's last checkpoint is complete before it ends
+                r.checkpoints.save(state, complete=done == cfg.train.max_steps or bool(signum))
+            r.log.checkpoint(done, time.perf_counter() - held)
         if signum and (done < cfg.train.max_steps or not saves):  # saving nothing, the caller must hear of it
             results.settle()
             raise Stopped(signum, done, saves)

@@ -124,6 +124,12 @@ class MetricsLog:
         else:
             print(message, flush=True)
 
+    def checkpoint(self, step: int, seconds: float) -> None:
+        """How long the loop waited for the checkpoint of `step`: the whole write, or (train.async_checkpoint) the
+        copy of the state and the wait for the previous checkpoint still being written."""
+        if self.env.is_main:
+            self._write({"step": step, "time/checkpoint": seconds})
+
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
