@@ -264,6 +264,16 @@ def test_async_checkpoint_is_refused_in_one_line_where_the_backend_saves_only_be
     check(Pretrain(cfg), cfg)
 
 
+def test_a_resume_forgets_a_metrics_line_cut_short_by_a_full_disk(tmp_path):
+    from training.run.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 2, "time/checkpoint": 0.1}\n'
+                    '{"step": 3, "loss": 1.8}\n{"step": 2, "lo')
+    MetricsLog.truncate(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 2, "time/checkpoint": 0.1}\n'
+
+
 def test_read_ahead_pins_what_every_stage_reads_for_a_gpu(monkeypatch):
     """For a GPU the reader pins each micro-batch's tensors, whatever the stage's batch: a Batch, KTO's labelled
     batch with the KL rows it holds, GRPO's prompts (no tensor: as they are). Without a GPU, pin_memory is a stub

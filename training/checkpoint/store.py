@@ -194,11 +194,18 @@ def save(env: D.DistEnv, out_dir: str, state: TrainState, backend, config_yaml: 
 
 class Background:
     """The thread that writes checkpoints while training goes on (train.async_checkpoint), one at a time, and the
-    gloo group of its collectives: its own, which the training's never meet."""
+    gloo group of its collectives: its own, which the training's never meet. They wait up to PATIENCE, as the
+    store's ranks wait for rank 0 in the loop's thread (from_rank0): rank 0 may take long to prune, and what waits
+    is not the training."""
 
     def __init__(self):
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self.group = D.gloo_group("checkpoints written while training goes on")
+        self.group = D.gloo_group("checkpoints written while training goes on", D.PATIENCE)
+
+    def close(self) -> None:
+        self.writer.shutdown()
+        if self.group is not None:
+            torch.distributed.destroy_process_group(self.group)
 
 
 class Checkpoints:
@@ -212,12 +219,14 @@ class Checkpoints:
                  rank_files, in_background: bool):
         self.env, self.out_dir, self.backend, self.config_yaml = env, out_dir, backend, config_yaml
         self.tokenizer_path, self.keep, self.rank_files = tokenizer_path, keep, rank_files
-        self.background = Background() if in_background else None
+        self.in_background, self.background = in_background, None
         self.pending: Future | None = None
 
     def save(self, state: TrainState, complete: bool = False) -> None:
         """complete: return only once the checkpoint is in charge (the run's last)."""
         self.wait()
+        if self.in_background and self.background is None:  # at the first save, which every rank reaches
+            self.background = Background()
         written = save(self.env, self.out_dir, state, self.backend, self.config_yaml, self.tokenizer_path, self.keep,
                        self.rank_files, self.background)
         self.pending = written if self.background else None
@@ -241,7 +250,8 @@ class Checkpoints:
                       f"the previous one stays in charge", file=sys.stderr, flush=True)
         finally:
             if self.background is not None:
-                self.background.writer.shutdown()
+                self.background.close()
+                self.background = None
 
 
 def discard(tmp: str, patience_s: float = 10.0) -> None:

@@ -181,13 +181,16 @@ class FSDP2(Backend):
         return self.files(directory)
 
     def start_save(self, directory: str, group):
-        """DCP's async_save: this rank's shards (and its optimizer state) copied to CPU memory now, written by a
-        thread of DCP's while training goes on (a copy of the shards in host memory until then)."""
+        """DCP's async_save: this rank's shards and its optimizer state copied to host memory now (not pinned), and
+        written from there by a thread of DCP's while training goes on."""
         import torch.distributed.checkpoint as dcp  # (start-up: the module's docstring)
 
         state = self.state()
         needed = local_bytes(state)
-        future = dcp.async_save(state, checkpoint_id=directory, process_group=group)
+        # per_thread_copy_ahead=0: the copy is in host memory already; DCP's default would, on a GPU machine, copy
+        # it again through a CUDA stream taken in its own thread, whose device is GPU 0 on every rank
+        writer = dcp.FileSystemWriter(directory, per_thread_copy_ahead=0)
+        future = dcp.async_save(state, storage_writer=writer, process_group=group)
         del state  # the copy is DCP's now
 
         def written() -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 
 import torch
@@ -35,6 +36,7 @@ class MetricsLog:
         self.tb = self.bar = self.wandb = None
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
         self.logged_step = start_step
+        self.unwritten = 0  # metrics.jsonl lines that could not be written
         if env.is_main:
             if cfg.log.wandb:
                 self.wandb = start_wandb(require_wandb(), cfg, stage)
@@ -51,8 +53,14 @@ class MetricsLog:
         its evaluation at step 0 included."""
         if not os.path.isfile(path):
             return
+        def step_of(line: str) -> int | None:  # None: a line cut short by a full disk or a kill
+            try:
+                return json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                return None
+
         with open(path) as f:
-            kept = [line for line in f if step and line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in f if step and (at := step_of(line)) is not None and at <= step]
         atomic_write(path, "".join(kept).encode())
 
     def count_tokens(self, tokens: int) -> int:
@@ -131,8 +139,14 @@ class MetricsLog:
             self._write({"step": step, "time/checkpoint": seconds})
 
     def _write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as e:  # rank 0's alone: a full disk stops every rank at the next checkpoint instead
+            if not self.unwritten:
+                print(f"warning: {self.path}: {e.strerror}; lines are missing from step {record['step']} on (a "
+                      f"resume from a checkpoint writes its later steps again)", file=sys.stderr, flush=True)
+            self.unwritten += 1
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
             for key, value in scalars.items():
