@@ -313,6 +313,40 @@ def test_a_rank_that_fails_to_write_its_share_of_a_checkpoint_stops_every_rank_w
 
 
 @pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs needs root")
+def test_a_full_disk_under_metrics_jsonl_is_a_warning_and_leaves_no_half_line(tmp_path, capsys):
+    """Rank 0 alone writes metrics.jsonl: a full disk there (a checkpoint being written in the background may fill it
+    for a moment) must not end rank 0 alone. The line is not written, none is left half-written for the next to
+    join, and the warning names the file; any other error still raises."""
+    import torch
+
+    from training.config import load_config
+    from training.models.transformer import Transformer
+    from training.parallel.env import DistEnv
+    from training.run.metrics import MetricsLog
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(disk)], check=True)
+    try:
+        cfg = load_config(TINY_CONFIG, ["data.path=unused", f"out_dir={disk}", "model.vocab_size=64",
+                                        "log.tensorboard=false", "log.progress=false"])
+        with torch.device("meta"):
+            log = MetricsLog(cfg, DistEnv(), Transformer(cfg.model), "pretrain", 0)
+        metrics = disk / "metrics.jsonl"
+        metrics.write_text("x" * 4000 + "\n")  # room for 95 more bytes, then the disk is full
+        log.checkpoint(3, 0.25)
+        written = "x" * 4000 + "\n" + '{"step": 3, "time/checkpoint": 0.25}\n'
+        assert metrics.read_text() == written
+        log.eval_step(4, {"val_loss": 1.0 / 3}, "a sample long enough not to fit in what is left of the disk" * 2)
+        assert metrics.read_text() == written  # the part of the line that fitted removed again
+        assert "metrics.jsonl: No space left on device at step 4" in capsys.readouterr().err
+        log.close()
+        assert "the lines of 1 records (steps 4–4) were not written" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs needs root")
 @pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow),
                                      pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(pretrain_shards, tmp_path, backend):

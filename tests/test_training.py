@@ -264,12 +264,12 @@ def test_async_checkpoint_is_refused_in_one_line_where_the_backend_saves_only_be
     check(Pretrain(cfg), cfg)
 
 
-def test_a_resume_forgets_a_metrics_line_cut_short_by_a_full_disk(tmp_path):
+def test_a_resume_forgets_metrics_lines_cut_short_by_a_full_disk_or_a_kill(tmp_path):
     from training.run.metrics import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 2, "time/checkpoint": 0.1}\n'
-                    '{"step": 3, "loss": 1.8}\n{"step": 2, "lo')
+                    '{"step": 3, "loss": 1.8}\n{"step": 2, "lo{"step": 2, "loss": 1.7}\n{"step": 1, "loss": 1.7}')
     MetricsLog.truncate(str(path), 2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 2, "time/checkpoint": 0.1}\n'
 

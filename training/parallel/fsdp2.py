@@ -184,18 +184,25 @@ class FSDP2(Backend):
         """DCP's async_save: this rank's shards and its optimizer state copied to host memory now (not pinned), and
         written from there by a thread of DCP's while training goes on."""
         import torch.distributed.checkpoint as dcp  # (start-up: the module's docstring)
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         state = self.state()
         needed = local_bytes(state)
-        # per_thread_copy_ahead=0: the copy is in host memory already; DCP's default would, on a GPU machine, copy
-        # it again through a CUDA stream taken in its own thread, whose device is GPU 0 on every rank
+        # the copy, made once (the writer's own stager copies a DTensor twice), then written from host memory:
+        # per_thread_copy_ahead=0, since DCP's default would, on a GPU machine, copy it again through a CUDA stream
+        # taken in its own thread, whose device is GPU 0 on every rank
+        stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                              use_async_staging=False, use_non_blocking_copy=False))
         writer = dcp.FileSystemWriter(directory, per_thread_copy_ahead=0)
-        future = dcp.async_save(state, storage_writer=writer, process_group=group)
+        future = dcp.async_save(state, storage_writer=writer, process_group=group, async_stager=stager)
         del state  # the copy is DCP's now
 
         def written() -> list[str]:
-            with writing(directory, needed):
-                future.result()
+            try:
+                with writing(directory, needed):
+                    future.result()
+            finally:
+                stager.close()
             return self.files(directory)
         return written
 

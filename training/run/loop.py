@@ -61,8 +61,10 @@ def run(stage: Stage, cfg: Config, hooks: Hooks | None = None, saves: bool = Tru
     finally:
         try:
             if r is not None:
-                r.checkpoints.close()  # one still written in the background, before the lock is released
-                r.log.close(exit_code)  # also after an error: TensorBoard's buffered events, W&B's run state
+                try:
+                    r.checkpoints.close()  # one still written in the background, before the lock is released
+                finally:
+                    r.log.close(exit_code)  # also after an error: TensorBoard's buffered events, W&B's run state
         finally:
             if lock is not None:
                 lock.release()

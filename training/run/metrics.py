@@ -4,6 +4,7 @@ by rank 0, with throughput timed without the pauses (evaluation, checkpoints).""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ class MetricsLog:
         self.tb = self.bar = self.wandb = None
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
         self.logged_step = start_step
-        self.unwritten = 0  # metrics.jsonl lines that could not be written
+        self.unwritten: dict[str, list[int]] = {}  # steps whose lines a full disk kept out of metrics.jsonl or tensorboard/
         if env.is_main:
             if cfg.log.wandb:
                 self.wandb = start_wandb(require_wandb(), cfg, stage)
@@ -53,6 +54,7 @@ class MetricsLog:
         its evaluation at step 0 included."""
         if not os.path.isfile(path):
             return
+
         def step_of(line: str) -> int | None:  # None: a line cut short by a full disk or a kill
             try:
                 return json.loads(line)["step"]
@@ -60,7 +62,7 @@ class MetricsLog:
                 return None
 
         with open(path) as f:
-            kept = [line for line in f if step and (at := step_of(line)) is not None and at <= step]
+            kept = [line for line in f if step and line.endswith("\n") and (at := step_of(line)) is not None and at <= step]
         atomic_write(path, "".join(kept).encode())
 
     def count_tokens(self, tokens: int) -> int:
@@ -123,7 +125,11 @@ class MetricsLog:
         if sample is not None:
             record["sample"] = sample
             if self.tb is not None:
-                self.tb.add_text("sample", sample, step)
+                try:
+                    self.tb.add_text("sample", sample, step)
+                except OSError as e:
+                    self._not_written(e, step, "tensorboard/")
+                    self.tb = None
         self._write(record)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k)
         message = f"step {step}: {shown}" + (f"\n{sample}" if sample else "")
@@ -139,30 +145,68 @@ class MetricsLog:
             self._write({"step": step, "time/checkpoint": seconds})
 
     def _write(self, record: dict) -> None:
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        except OSError as e:  # rank 0's alone: a full disk stops every rank at the next checkpoint instead
-            if not self.unwritten:
-                print(f"warning: {self.path}: {e.strerror}; lines are missing from step {record['step']} on (a "
-                      f"resume from a checkpoint writes its later steps again)", file=sys.stderr, flush=True)
-            self.unwritten += 1
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        try:
+            append_line(self.path, json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as e:
+            self._not_written(e, record["step"], "metrics.jsonl")
         if self.tb is not None:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, record["step"])
+            try:
+                for key, value in scalars.items():
+                    self.tb.add_scalar(key, value, record["step"])
+            except OSError as e:  # its writer's thread failed: every later call would fail the same way
+                self._not_written(e, record["step"], "tensorboard/")
+                with contextlib.suppress(OSError):
+                    self.tb.close()
+                self.tb = None
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
+
+    def _not_written(self, e: OSError, step: int, what: str) -> None:
+        """A full disk (rank 0's alone) is a warning, not an end: a checkpoint being written in the background
+        (train.async_checkpoint) may fill it until the store gives that space back, and a checkpoint that fails
+        to write stops every rank with its line. Any other error is raised."""
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise e
+        if what not in self.unwritten:
+            print(f"warning: {os.path.join(self.cfg.out_dir, what)}: {os.strerror(e.errno)} at step {step}; what "
+                  f"could not be written there is lost (a resume from an earlier checkpoint writes its steps again)",
+                  file=sys.stderr, flush=True)
+        self.unwritten.setdefault(what, []).append(step)
 
     def close(self, exit_code: int = 0) -> None:
         """Once, at the end of the run, whatever ended it (exit_code: the process's, for W&B's run state)."""
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError as e:
+                self._not_written(e, self.logged_step, "tensorboard/")
+        for what, steps in self.unwritten.items():
+            print(f"warning: {os.path.join(self.cfg.out_dir, what)}: the lines of {len(steps)} records (steps "
+                  f"{steps[0]}–{steps[-1]}) were not written: the disk was full", file=sys.stderr, flush=True)
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)
         self.bar = self.tb = self.wandb = None
+
+
+def append_line(path: str, line: str) -> None:
+    """One line at the end of a file; a write that fails leaves the file as it was (no half line for the next to
+    join). Unbuffered: a buffer would write its rest again as the file closes."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        rest = memoryview(line.encode())
+        try:
+            while rest:
+                rest = rest[os.write(fd, rest):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # shrinking needs no space
+            raise
+    finally:
+        os.close(fd)
 
 
 def require_wandb():
