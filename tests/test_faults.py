@@ -339,9 +339,16 @@ def test_a_full_disk_under_metrics_jsonl_is_a_warning_and_leaves_no_half_line(tm
         assert metrics.read_text() == written
         log.eval_step(4, {"val_loss": 1.0 / 3}, "a sample long enough not to fit in what is left of the disk" * 2)
         assert metrics.read_text() == written  # the part of the line that fitted removed again
-        assert "metrics.jsonl: No space left on device at step 4" in capsys.readouterr().err
+        log.eval_step(5, {"val_loss": 0.25}, "and this one neither" * 5)
+        assert metrics.read_text() == written
+        warned = capsys.readouterr().err
+        assert warned.count("warning") == 1 and "metrics.jsonl: No space left on device at step 4;" in warned
         log.close()
-        assert "the lines of 1 records (steps 4–4) were not written" in capsys.readouterr().err
+        assert "metrics.jsonl: 2 records not written (steps 4–5): the disk was full" in capsys.readouterr().err
+        metrics.unlink()
+        metrics.mkdir()  # not a full disk: raised as before
+        with pytest.raises(IsADirectoryError):
+            log.checkpoint(6, 0.25)
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 

@@ -194,7 +194,11 @@ class FSDP2(Backend):
         stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
                                               use_async_staging=False, use_non_blocking_copy=False))
         writer = dcp.FileSystemWriter(directory, per_thread_copy_ahead=0)
-        future = dcp.async_save(state, storage_writer=writer, process_group=group, async_stager=stager)
+        try:
+            future = dcp.async_save(state, storage_writer=writer, process_group=group, async_stager=stager)
+        except BaseException:
+            stager.close()  # it keeps what it copied until closed
+            raise
         del state  # the copy is DCP's now
 
         def written() -> list[str]:

@@ -37,7 +37,7 @@ class MetricsLog:
         self.tb = self.bar = self.wandb = None
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
         self.logged_step = start_step
-        self.unwritten: dict[str, list[int]] = {}  # steps whose lines a full disk kept out of metrics.jsonl or tensorboard/
+        self.unwritten: list[int] = []  # steps of the records a full disk kept out of metrics.jsonl
         if env.is_main:
             if cfg.log.wandb:
                 self.wandb = start_wandb(require_wandb(), cfg, stage)
@@ -55,15 +55,16 @@ class MetricsLog:
         if not os.path.isfile(path):
             return
 
-        def step_of(line: str) -> int | None:  # None: a line cut short by a full disk or a kill
+        def step_of(line: bytes) -> int | None:  # None: a line cut short by a full disk or a kill
             try:
                 return json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # a cut multi-byte character among them
                 return None
 
-        with open(path) as f:
-            kept = [line for line in f if step and line.endswith("\n") and (at := step_of(line)) is not None and at <= step]
-        atomic_write(path, "".join(kept).encode())
+        with open(path, "rb") as f:
+            kept = [line for line in f if step and line.endswith(b"\n") and (at := step_of(line)) is not None
+                    and at <= step]
+        atomic_write(path, b"".join(kept))
 
     def count_tokens(self, tokens: int) -> int:
         """Tokens of this step over all ranks (padding included: every position the model computes)."""
@@ -128,8 +129,7 @@ class MetricsLog:
                 try:
                     self.tb.add_text("sample", sample, step)
                 except OSError as e:
-                    self._not_written(e, step, "tensorboard/")
-                    self.tb = None
+                    self._drop_tensorboard(e, step)
         self._write(record)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k)
         message = f"step {step}: {shown}" + (f"\n{sample}" if sample else "")
@@ -149,30 +149,28 @@ class MetricsLog:
         try:
             append_line(self.path, json.dumps(record, ensure_ascii=False) + "\n")
         except OSError as e:
-            self._not_written(e, record["step"], "metrics.jsonl")
+            full_disk(e)
+            if not self.unwritten:
+                print(f"warning: {self.path}: {os.strerror(e.errno)} at step {record['step']}; its records are lost "
+                      f"until there is space again (a resume from an earlier checkpoint writes its steps again)",
+                      file=sys.stderr, flush=True)
+            self.unwritten.append(record["step"])
         if self.tb is not None:
             try:
                 for key, value in scalars.items():
                     self.tb.add_scalar(key, value, record["step"])
             except OSError as e:  # its writer's thread failed: every later call would fail the same way
-                self._not_written(e, record["step"], "tensorboard/")
-                with contextlib.suppress(OSError):
-                    self.tb.close()
-                self.tb = None
+                self._drop_tensorboard(e, record["step"])
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
 
-    def _not_written(self, e: OSError, step: int, what: str) -> None:
-        """A full disk (rank 0's alone) is a warning, not an end: a checkpoint being written in the background
-        (train.async_checkpoint) may fill it until the store gives that space back, and a checkpoint that fails
-        to write stops every rank with its line. Any other error is raised."""
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise e
-        if what not in self.unwritten:
-            print(f"warning: {os.path.join(self.cfg.out_dir, what)}: {os.strerror(e.errno)} at step {step}; what "
-                  f"could not be written there is lost (a resume from an earlier checkpoint writes its steps again)",
-                  file=sys.stderr, flush=True)
-        self.unwritten.setdefault(what, []).append(step)
+    def _drop_tensorboard(self, e: OSError, step: int) -> None:
+        full_disk(e)
+        print(f"warning: {os.path.join(self.cfg.out_dir, 'tensorboard')}: {os.strerror(e.errno)} (noticed at step "
+              f"{step}); no further TensorBoard events are written in this run", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            self.tb.close()
+        self.tb = None
 
     def close(self, exit_code: int = 0) -> None:
         """Once, at the end of the run, whatever ended it (exit_code: the process's, for W&B's run state)."""
@@ -182,13 +180,22 @@ class MetricsLog:
             try:
                 self.tb.close()
             except OSError as e:
-                self._not_written(e, self.logged_step, "tensorboard/")
-        for what, steps in self.unwritten.items():
-            print(f"warning: {os.path.join(self.cfg.out_dir, what)}: the lines of {len(steps)} records (steps "
-                  f"{steps[0]}–{steps[-1]}) were not written: the disk was full", file=sys.stderr, flush=True)
+                self._drop_tensorboard(e, self.logged_step)
+        if self.unwritten:
+            count = len(self.unwritten)
+            print(f"warning: {self.path}: {count} record{'s' * (count != 1)} not written (steps {self.unwritten[0]}–"
+                  f"{self.unwritten[-1]}): the disk was full", file=sys.stderr, flush=True)
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)
         self.bar = self.tb = self.wandb = None
+
+
+def full_disk(e: OSError) -> None:
+    """Rank 0's logs on a full disk (ENOSPC, EDQUOT) warn, not end the run: rank 0 would stop alone, and a
+    checkpoint written in the background (train.async_checkpoint) may fill the disk until the store gives that
+    space back; a checkpoint that fails to write stops every rank with its line. Any other error is raised."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise e
 
 
 def append_line(path: str, line: str) -> None:
