@@ -134,8 +134,7 @@ def bare(config: str, shards: str, steps: int, overrides: list[str], fused: bool
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(device)
     if cfg.train.compile:
-        for layer in model.layers:
-            layer.compile()
+        model.compile_blocks()
     fused = device.type == "cuda" if fused is None else fused  # as training/models/optim.py chooses, unless asked
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=fused)
     plan = BatchPlan.of(cfg.train)

@@ -10,6 +10,9 @@ HOOKS is a comma-separated list ('-' for none):
   die-in-save@4  kill -9 of every rank while it writes the checkpoint of step 4: after its backend wrote the
                model and optimizer into step-4.tmp, before the checkpoint is complete (train.async_checkpoint: in
                the thread that writes it, while the loop trains the next steps)
+  compiled=FILE  train.compile's blocks traced by aot_eager (forward and backward as inductor traces them, without
+               its code generation); each rank writes to FILE.rank-R.json how many compiled block forwards each
+               step ran (evaluation and sampling count to the step they follow)
   reads=FILE   each rank writes to FILE.rank-R.json what it read back from the device at each step (HostReads),
                with fused AdamW as on a GPU (its update skips a non-finite step on the device by itself)
 """
@@ -23,6 +26,7 @@ import sys
 import torch
 
 from training.cli import stage_main
+from training.models.transformer import Transformer
 from training.parallel.backends import BACKENDS
 from training.parallel.env import ranks_from_env
 from training.run.hooks import Hooks
@@ -92,10 +96,34 @@ def dying_in_background_save(start_save, step: int):
     return start_save_then_die
 
 
+class CompiledCalls:
+    """train.compile's blocks through aot_eager, each call of a compiled graph counted to the step running."""
+
+    def __init__(self, file: str):
+        self.file, self.step, self.calls = file, 0, {}
+
+    def backend(self, graph, inputs):
+        compiled = torch._dynamo.lookup_backend("aot_eager")(graph, inputs)
+
+        def counted(*args):
+            self.calls[self.step] = self.calls.get(self.step, 0) + 1
+            return compiled(*args)
+        return counted
+
+    def install(self) -> None:
+        compile_blocks = Transformer.compile_blocks
+        Transformer.compile_blocks = lambda model: compile_blocks(model, backend=self.backend)
+        atexit.register(self.write)
+
+    def write(self) -> None:
+        with open(self.file, "w") as f:
+            json.dump(self.calls, f)
+
+
 class TestHooks(Hooks):
     def __init__(self, spec: str):
         self.nan, self.stop, self.picks_file, self.reads_file, self.reads = set(), None, None, None, None
-        self.die_in_save = None
+        self.die_in_save = self.compiled = None
         for item in filter(None, spec.split(",")):
             if item.startswith("nan@"):
                 self.nan = {int(s) for s in item[4:].split("+")}
@@ -105,6 +133,8 @@ class TestHooks(Hooks):
                 self.picks_file = f"{item[6:]}.rank-{ranks_from_env()[0]}.jsonl"
             elif item.startswith("die-in-save@"):
                 self.die_in_save = int(item[len("die-in-save@"):])
+            elif item.startswith("compiled="):
+                self.compiled = CompiledCalls(f"{item[9:]}.rank-{ranks_from_env()[0]}.json")
             elif item.startswith("reads="):
                 self.reads_file, self.reads = f"{item[6:]}.rank-{ranks_from_env()[0]}.json", HostReads()
             elif item != "-":
@@ -113,6 +143,8 @@ class TestHooks(Hooks):
     def on_picks(self, step, micro, picks):
         if self.reads:
             self.reads.step = step
+        if self.compiled:
+            self.compiled.step = step
         if self.picks_file:
             with open(self.picks_file, "a") as f:
                 f.write(json.dumps({"step": step, "rank": ranks_from_env()[0], "micro": micro, "picks": picks}) + "\n")
@@ -128,6 +160,8 @@ class TestHooks(Hooks):
             for backend in set(BACKENDS.values()):
                 backend.save = dying_in_save(backend.save, self.die_in_save)
                 backend.start_save = dying_in_background_save(backend.start_save, self.die_in_save)
+        if self.compiled:
+            self.compiled.install()
         if not self.reads:
             return stage_main(stage, argv, hooks=self)
         torch.optim.AdamW = FusedAdamW

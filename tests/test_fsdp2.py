@@ -34,7 +34,8 @@ def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights_and_resumes_exac
         pretrain_shards, chat_shards, zero3, tmp_path):
     """With Muon (each sharded matrix gathered whole, orthogonalised on every rank alike, its shard kept) the same
     losses, gradient norms (before clipping) and validation losses as DDP's Muon within 1e-5, with the shipped
-    evaluation and its sample on (sharded forwards on every rank in lockstep); the model was built on the meta
+    evaluation and its sample on (sharded forwards on every rank in lockstep) and train.compile's blocks (traced by
+    aot_eager: inductor's code generation takes minutes on a CPU), which sampling leaves compiled; the model was built on the meta
     device and each rank drew its shards of DDP's initial weights. The checkpoint is a DCP directory, each rank's
     shard file and rank 0's metadata checksummed, whose consolidated weights are DDP's and which training.generate
     reads. Then every rank of the same run dies (kill -9) after writing its shards of a checkpoint, before it is
@@ -43,11 +44,14 @@ def test_fsdp2_with_muon_gives_the_ddp_losses_norms_and_weights_and_resumes_exac
     the run ends where the uninterrupted one did with the same curve. Last, the
     checkpoint starts SFT under DDP and ZeRO-3 (init_from) from the model DDP's own checkpoint starts DDP's SFT
     from: the same validation loss before the first step (the starting logits) and the same first loss."""
-    runs = {}
-    for backend in ("ddp", "fsdp2"):
+    runs, compiled = {}, tmp_path / "compiled"
+    for backend, extra in (("ddp", []), ("fsdp2", ["train.compile=true"])):
         runs[backend] = tmp_path / backend
         run_training(f"data.path={pretrain_shards}", *STEPS, f"dist.backend={backend}", f"out_dir={runs[backend]}",
-                     nproc=2)
+                     *extra, nproc=2, hooks=f"compiled={compiled}" if extra else None)
+    for rank in (0, 1):  # each block compiled, its training forwards too after every sample (2 blocks, 2 micro-steps)
+        calls = json.loads(compiled.with_suffix(f".rank-{rank}.json").read_text())
+        assert all(calls.get(str(step), 0) >= 4 for step in range(1, 7)), calls
     for key in ("loss", "grad_norm"):
         ours, ddp = losses(runs["fsdp2"], key), losses(runs["ddp"], key)
         assert sorted(ours) == list(range(1, 7))

@@ -19,6 +19,7 @@ from training.config import TrainConfig, load_config
 from training.data.batch import Batch
 from training.data.order import BatchPlan, KeyedPermutation, SampleOrder
 from training.data.sources import ShardSource
+from training.models.decoding import generate
 from training.models.optim import lr_at
 from training.models.transformer import KVCache, ModelConfig, MoEConfig, Transformer
 from training.parallel import env as D
@@ -250,6 +251,37 @@ def test_train_compile_takes_the_whole_model_under_ddp_and_each_block_under_deep
     backend.compile()  # the training forwards through a compiled wrapper; evaluation and sampling keep the model
     assert isinstance(backend.train_model, torch._dynamo.eval_frame.OptimizedModule)
     assert backend.train_model._orig_mod is backend.model
+
+
+def test_compiled_blocks_stay_compiled_for_training_after_sampling_and_decode_eagerly():
+    """train.compile per block (DeepSpeed's and FSDP2's scope) with sampling on: decoding 12 tokens with the KV cache
+    must not enter the compiled code, whose one code object (shared by every block) would otherwise be recompiled
+    per position until dynamo's limit (8) and then run eager for training too. Counts the calls of each compiled
+    graph (a backend that wraps eager's)."""
+    calls = []
+
+    def counting(graph, inputs):
+        def run(*args):
+            calls.append(1)
+            return graph.forward(*args)
+        return run
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=40))
+    tokens = torch.randint(0, 97, (2, 16))
+    eager = model(tokens).detach()
+    model.compile_blocks(backend=counting)
+    try:
+        model(tokens).square().mean().backward()
+        assert len(calls) == 2  # each block's graph
+        decoded = generate(model, [5, 6, 7], 12, greedy=True)
+        assert len(decoded) == 12 and len(calls) == 2
+        del calls[:]
+        out = model(tokens)
+        assert len(calls) == 2
+        torch.testing.assert_close(out.detach(), eager, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_async_checkpoint_is_refused_in_one_line_where_the_backend_saves_only_between_steps():

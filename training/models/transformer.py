@@ -416,9 +416,15 @@ class Block(nn.Module):
         self.checkpointed = False  # activations recomputed in the backward instead of kept (checkpoint_activations)
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
-        if self.checkpointed and torch.is_grad_enabled() and cache is None:
+        if cache is not None:  # decoding: never compiled (each token's position would be a new graph)
+            return self.compute(x, cos, sin, cache, layer, mask)
+        return self.whole_sequence(x, cos, sin, layer, mask)
+
+    def whole_sequence(self, x, cos, sin, layer, mask):
+        """A forward over whole rows (training, evaluation): what Transformer.compile_blocks compiles."""
+        if self.checkpointed and torch.is_grad_enabled():
             return checkpoint(self.compute, x, cos, sin, None, layer, mask, use_reentrant=False)
-        return self.compute(x, cos, sin, cache, layer, mask)
+        return self.compute(x, cos, sin, None, layer, mask)
 
     def compute(self, x, cos, sin, cache, layer, mask):
         h = self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
@@ -577,6 +583,14 @@ class Transformer(nn.Module):
         step = {"none": 0, "full": 1, "every_n": every}[mode]
         for i, block in enumerate(self.layers):
             block.checkpointed = bool(step) and i % step == 0
+
+    def compile_blocks(self, **options) -> None:
+        """train.compile per block: each block's forward over whole rows, in place (torch.compile's options: tests
+        count the compiled calls). Decoding with the KV cache stays eager: its growing positions would recompile
+        the one code object all blocks share until dynamo's recompile limit, after which every block, training's
+        too, runs eager. FSDP2's gathers, hooked around each block, stay outside the graph."""
+        for block in self.layers:
+            block.whole_sequence = torch.compile(block.whole_sequence, **options)
 
     def choose_expert_matmul(self, device_type: str, dtype: torch.dtype, compiled: bool) -> None:
         """Whether MoE blocks use torch's grouped matmul or one matmul per expert: decided once, outside any compiled

@@ -267,8 +267,7 @@ def build_model(cfg: Config, start: StartingPoint, backend, precision: str, pinn
     model.choose_expert_matmul(device.type, torch.bfloat16 if precision == "bf16" else torch.float32,
                                cfg.train.compile)
     if compile_scope(cfg, backend) == "blocks":
-        for layer in model.layers:
-            layer.compile()
+        model.compile_blocks()
     return model
 
 
