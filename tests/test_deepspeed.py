@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -21,6 +20,7 @@ from conftest import (
     REPO,
     SFT_CONFIG,
     TINY_CONFIG,
+    Forked,
     dpo_starts_at_zero_log_ratios,
     free_port,
     grpo_args,
@@ -264,10 +264,11 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly(chat_sh
                "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint\n"
                "open(sys.argv[3], 'w').close()\n"
                "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\nmodel_file(sys.argv[1])\n")
+    (tmp_path / "convert.py").write_text(convert)  # a script: forked (conftest.Forked), two processes of their own
     for i in range(3):
         step = shutil.copytree(tmp_path / "pre" / "checkpoints" / "step-2", tmp_path / f"step-2-copy{i}")
         go, ready = tmp_path / f"go{i}", [tmp_path / f"ready{i}-{j}" for j in range(2)]
-        jobs = [subprocess.Popen([sys.executable, "-c", convert, str(step), str(go), str(r)], cwd=REPO) for r in ready]
+        jobs = [Forked([tmp_path / "convert.py", step, go, r]) for r in ready]
         deadline = time.time() + 300
         while not all(r.exists() for r in ready) and time.time() < deadline:
             assert all(job.poll() is None for job in jobs), "a converter ended before the release"

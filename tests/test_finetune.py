@@ -164,6 +164,8 @@ def test_the_tang_recipe_runs_on_a_reduced_corpus(tmp_path):
                            # the recipe's sample at every evaluation and its rpo_alpha stay on (Makefile)
                            "SFT_STEPS=train.max_steps=50 train.eval_samples=32",
                            "DPO_STEPS=train.max_steps=10 train.eval_samples=32",
+                           # each iterative round one pass over its pairs, not four (4 steps of 32 pairs, not 16)
+                           "ROUND_EPOCHS=1",
                            # GRPO: 2 steps of 2 titles x 4 poems, an evaluation (its table) before and after
                            "GRPO_STEPS=train.max_steps=2 train.micro_batch_size=2 grpo.prompts_per_step=2 "
                            "grpo.generations=4 "
