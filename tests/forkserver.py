@@ -6,7 +6,8 @@ commands. `python -X importtime -m training.pretrain --help 2>&1 | sort -t'|' -k
 A forked command is a process of its own, as `python -m training.X` is: its own pid, environment, working
 directory, sys.path, stdin/stdout/stderr, signal handlers, random seeds and exit status (a command ended by a
 signal too); it runs the module as __main__ (runpy), so the code path from the entry point on is the command's
-own. What differs: the imports happened before the fork, and str hashing shares the server's seed. Several ranks
+own. What differs: the imports happened before the fork (DeepSpeed's too, on a CPU build of torch: its
+accelerator is the CPU's), and str hashing shares the server's seed. Several ranks
 (RANK, WORLD_SIZE, ... in their environments) are several forks, as srun starts them. Real processes are still
 started where the launcher or the interpreter is what a test is about: torchrun (test_lr_find.py and
 test_launch.py), Slurm, MPI, DeepSpeed's launcher, the no-network test, the commands' entry points in a fresh
@@ -28,6 +29,7 @@ import ctypes
 import importlib.util
 import io
 import json
+import logging
 import os
 import random
 import runpy
@@ -61,14 +63,8 @@ def serve(path: str) -> None:
     import training.models.decoding  # noqa: F401
     import training.models.tokenizer_export  # noqa: F401
 
-    if importlib.util.find_spec("deepspeed"):  # as a DeepSpeed run on CPU imports it (training.parallel.deepspeed):
-        from training.parallel.deepspeed import prepare_environment  # 2 s a rank otherwise, 1.3 s of it the
-
-        prepare_environment(torch.device("cpu"))  # Muon module that ZeRO's optimizer check imports
-        import deepspeed  # noqa: F401
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-
     torch.set_num_threads(1)  # no OpenMP pool here, whatever runs (see above); each fork sets its own count
+    import_deepspeed_for_cpu()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -88,6 +84,25 @@ def serve(path: str) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     shutil.rmtree(os.environ["FORKSERVER_DIR"], ignore_errors=True)  # its owner was killed before it could
+
+
+def import_deepspeed_for_cpu() -> None:
+    """DeepSpeed as a DeepSpeed run on a CPU imports it (training.parallel.deepspeed.deepspeed_on): 2 s a rank
+    otherwise, 1.3 s of it the Muon module that ZeRO's optimizer check imports. Its accelerator is fixed at import,
+    so not where torch is built for CUDA (a GPU host's runs must choose theirs); nor where it fails to import (its
+    tests say why, the rest go on)."""
+    import torch
+
+    if torch.version.cuda is not None or importlib.util.find_spec("deepspeed") is None:
+        return
+    from training.parallel.deepspeed import prepare_environment
+
+    prepare_environment(torch.device("cpu"))
+    try:
+        import deepspeed  # noqa: F401
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except Exception as e:  # whatever a broken install raises
+        print(f"forkserver: deepspeed not imported beforehand: {e}", file=sys.stderr)
 
 
 def peek(conn: socket.socket) -> bool:
@@ -168,6 +183,16 @@ def reap(waiting: dict) -> None:
                 traceback.print_exc()
 
 
+def own_streams(server_streams: tuple) -> None:
+    """Log handlers that a module imported in the server made (DeepSpeed's) write to this fork's sys.stdout and
+    sys.stderr, not to the server's objects (whose buffers an exit by os._exit would drop)."""
+    mine = dict(zip(server_streams, (sys.stdout, sys.stderr), strict=True))
+    for logger in [logging.root, *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and handler.stream in mine:
+                handler.setStream(mine[handler.stream])
+
+
 def status_file(pid: int) -> str:
     return os.path.join(os.environ["FORKSERVER_DIR"], f"{pid}.exit")
 
@@ -191,12 +216,13 @@ def run(request: dict, fds: list[int], base_path: list[str]) -> None:
         os.chdir(request["cwd"])
         if not set(entries(env.get("PYTHONPATH"))) <= set(entries(os.pathsep.join(sys.path))):
             os.execve(sys.executable, [sys.executable, *request["argv"]], env)  # other modules than those imported
-        sys.stdin = open(0, closefd=False)
+        sys.stdin, server_streams = open(0, closefd=False), (sys.stdout, sys.stderr)
         if env.get("PYTHONUNBUFFERED"):  # every write reaches the file at once, as the interpreter does it
             sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
         else:
             sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)
         sys.stderr = open(2, "w", closefd=False, buffering=1, errors="backslashreplace")
+        own_streams(server_streams)
         os.environ.clear()
         os.environ.update(env)
         import numpy as np

@@ -274,7 +274,7 @@ def test_sft_and_dpo_from_a_deepspeed_run_on_two_processes_start_cleanly(chat_sh
             assert all(job.poll() is None for job in jobs), "a converter ended before the release"
             time.sleep(0.01)
         go.touch()
-        assert [job.wait(timeout=300) for job in jobs] == [0, 0]
+        assert [job.wait(timeout=300) for job in jobs] == [0, 0], [job.output() for job in jobs]
         assert sorted(os.listdir(step)) == sorted([*os.listdir(tmp_path / "pre" / "checkpoints" / "step-2"),
                                                    "model.pt"])
         assert torch.load(step / "model.pt", weights_only=True).keys()

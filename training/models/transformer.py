@@ -587,8 +587,9 @@ class Transformer(nn.Module):
     def compile_blocks(self, **options) -> None:
         """train.compile per block: each block's forward over whole rows, in place (torch.compile's options: tests
         count the compiled calls). Decoding with the KV cache stays eager: its growing positions would recompile
-        the one code object all blocks share until dynamo's recompile limit, after which every block, training's
-        too, runs eager. FSDP2's gathers, hooked around each block, stay outside the graph."""
+        the one code object all blocks share up to dynamo's recompile limit, after which whatever was not compiled
+        yet runs eager (training's forward, in a run that samples at step 0). FSDP2's gathers, hooked around each
+        block, stay outside the graph."""
         for block in self.layers:
             block.whole_sequence = torch.compile(block.whole_sequence, **options)
 

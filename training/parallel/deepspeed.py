@@ -283,7 +283,7 @@ class DeepSpeed(Backend):
     """The engine steps, clips and accumulates (it knows its accumulation boundaries); the loop keeps the rest."""
     name = "deepspeed"
     group_always = True  # DeepSpeed wants a process group even for one process
-    compile_scope = "blocks"  # ZeRO's gathering hooks around each module stay outside the compiled graphs
+    compile_scope = "blocks"  # not the whole model: ZeRO gathers in hooks around each module (graph breaks)
 
     def __init__(self, cfg: Config, env: D.DistEnv, plan: BatchPlan, precision: str):
         super().__init__(cfg, env, plan, precision)
