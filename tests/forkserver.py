@@ -87,8 +87,11 @@ def serve(path: str) -> None:
 
 
 def import_deepspeed_for_cpu() -> None:
-    """DeepSpeed as a DeepSpeed run on a CPU imports it (training.parallel.deepspeed.deepspeed_on): 2 s a rank
-    otherwise, 1.3 s of it the Muon module that ZeRO's optimizer check imports. Its accelerator is fixed at import,
+    """DeepSpeed as a DeepSpeed run on a CPU imports it (training.parallel.deepspeed.deepspeed_on), with the Muon
+    module that ZeRO's optimizer check imports (torch._inductor with it); what that costs each rank:
+        python -X importtime -c "import torch, training.parallel.deepspeed as d; d.prepare_environment(
+            torch.device('cpu')); import deepspeed, deepspeed.runtime.zero.muon.muon_optimizer" 2>&1 | sort -t'|' -k2 -n | tail
+    Its accelerator is fixed at import,
     so not where torch is built for CUDA (a GPU host's runs must choose theirs); nor where it fails to import (its
     tests say why, the rest go on)."""
     import torch
