@@ -129,6 +129,7 @@ bench: $(STAMP)
 	$(PY) bench/packing.py
 	$(PY) bench/sampling.py
 	$(PY) bench/grpo.py
+	$(PY) bench/import_memory.py
 
 # The wheels a bare GPU machine without network lacks for bench/device.sh (Python 3.12, x86_64; see
 # docs/benchmarks.md), into .device-bundle/: the same versions as this checkout's environment uses.

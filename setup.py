@@ -9,7 +9,7 @@ setup(
     install_requires=[
         # A range, so that the CUDA build a cluster already has is kept; the Makefile installs the exact CPU build
         # first on machines without one (left to pip alone, a plain install pulls a multi-GB CUDA build). 2.11:
-        # the oldest release the test suite has passed on (docs/architecture.md: supported versions).
+        # the oldest release the test suite has passed on (docs/training.md: supported versions).
         "torch>=2.11,<3",
         "numpy>=1.26",
         "sentencepiece>=0.2.0",

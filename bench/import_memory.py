@@ -5,8 +5,9 @@ rope scaling) with random weights saved as bf16 shards.
     python bench/import_memory.py [--processes 2] [--shard-size 1GB] [--out bench_out/import]
 
 Each process does what every rank of a run does before its first step: the model's config from config.json,
-then the weights into fp32 parameters. `streamed` is a DDP rank (checkpoint.weights.starting_model: the model
-built on the meta device and filled tensor by tensor, large ones in row blocks); `zero3` a ZeRO-3 rank (the model
+then the weights into fp32 parameters. `streamed` is a DDP rank (checkpoint.weights.starting_model through the DDP
+backend, as a run calls it: the model built on the meta device and filled tensor by tensor, large ones in row
+blocks); `zero3` a ZeRO-3 rank (the model
 built partitioned inside deepspeed.zero.Init, each rank filling only its share of every tensor); `whole` is the way
 before both, the baseline: a randomly initialised model, then every file read whole, converted to fp32 and loaded.
 The processes of one way run at once, as a node's ranks do (they share the page cache). Peak RSS is each process's
@@ -59,15 +60,13 @@ def import_once(path: str, way: str) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from training.checkpoint.weights import loaded_model, model_config
+    from training.checkpoint.weights import model_config
     from training.models import hf
     from training.models.transformer import Transformer
 
     start = time.perf_counter()
-    if way == "zero3":
-        model = zero3_model(path)
-    elif way == "streamed":
-        model = loaded_model(path)
+    if way in ("zero3", "streamed"):
+        model = rank_model(path, way)
     else:
         model = Transformer(model_config(path))
         stored = {}
@@ -86,18 +85,25 @@ def import_once(path: str, way: str) -> dict:
             "params": params}
 
 
-def zero3_model(path: str):
-    """What a rank of a ZeRO-3 run does: the DeepSpeed backend builds the model partitioned, each rank fills its
-    share (checkpoint.weights.starting_model)."""
+def rank_model(path: str, way: str):
+    """What a rank of a run does (checkpoint.weights.starting_model): the DDP backend builds the model on the meta
+    device and fills it whole; the DeepSpeed backend under ZeRO-3 builds it partitioned, each rank filling its
+    share."""
     import dataclasses
 
     from training.checkpoint.weights import model_config, starting_model
     from training.config import Config
     from training.data.order import BatchPlan
     from training.parallel import env as D
-    from training.parallel.deepspeed import DeepSpeed
+    from training.parallel.ddp import DDP
 
     cfg = Config()
+    if way == "streamed":  # one process's build: a DDP rank builds alone, before any collective
+        env = D.init("ddp", "cpu", 600)
+        backend = DDP(cfg, env, BatchPlan.of(cfg.train, env.world_size, env.rank), "fp32")
+        return starting_model(path, model_config(path), backend)
+    from training.parallel.deepspeed import DeepSpeed  # an optional dependency
+
     cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, backend="deepspeed", zero_stage=3))
     env = D.init("deepspeed", "cpu", 600, group_always=True)
     backend = DeepSpeed(cfg, env, BatchPlan.of(cfg.train, env.world_size, env.rank), "fp32")

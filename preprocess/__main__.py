@@ -14,6 +14,7 @@ from .encoders import ENCODERS, Encoder, choose_encoder
 from .errors import UserError, exit_code
 from .formats import pretrain_text
 from .group import job_group
+from .hf_tokenizer import markers_as_text, read_spec
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
 from .shards import KINDS, ShardJob, begun_date, encoder_sample, read_manifest, verify
@@ -202,6 +203,11 @@ def _run_shards(args, group):
         job.encoder, note = choose_encoder(args.encoder, tokenizer, sample)
     if note and group.rank == 0:
         print(note, file=sys.stderr)
+    if tokenizer.kind == "hf" and (markers := markers_as_text(read_spec(tokenizer.path))) and group.rank == 0:
+        print(f"note: {len(markers)} added tokens of {tokenizer.path} that are not special ({', '.join(markers[:3])}"
+              f"{', ...' if len(markers) > 3 else ''}) are written as the bytes of text that spells them, where the "
+              "model's tokenizer would give their ids: text never makes a token that marks something "
+              "(docs/preprocessing.md)")
     Encoder(tokenizer, job.encoder)  # every rank can run the chosen encoder (gigatoken may be missing on one)
     os.makedirs(args.out, exist_ok=True)
     manifest, stats = build_shards(job, plan, args.workers, group=group)

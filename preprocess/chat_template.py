@@ -33,7 +33,7 @@ import numpy as np
 from .chat import ChatTemplate, Turn
 from .errors import UserError
 from .fileio import atomic_write
-from .hf_tokenizer import CONFIG, SAVED, find_file, load_reference, read_spec
+from .hf_tokenizer import CONFIG, SAVED, find_file, is_textual, load_reference, read_spec
 from .readers import Bad
 from .tokenizer import TokenizerInfo
 
@@ -180,7 +180,7 @@ class ModelTemplate:
         added = read_spec(self.path).get("added_tokens", [])
         literals = literal_text(env, self.source)
         self.control = [t["content"] for t in added if t.get("special") or
-                        (t["content"] in literals and not t["content"].isspace())]
+                        (t["content"] in literals and not is_textual(t))]
         longest_first = "|".join(map(re.escape, sorted(self.control, key=len, reverse=True))) or "(?!)"
         self.control_re = re.compile(longest_first)
         every_added = "|".join(map(re.escape, sorted((t["content"] for t in added), key=len, reverse=True))) or "(?!)"

@@ -1,10 +1,12 @@
 """Hugging Face tokenizer.json files with BPE — byte-level (GPT-2, Llama 3, SmolLM, Qwen) or sentencepiece-style with
 byte fallback (Mistral, Gemma: spaces as "▁", bytes without a piece as <0xNN>): what shards need of them.
 
-Text never becomes a control token: every added token (the special <|endoftext|>, <|begin_of_text|>, ..., and
-those marked non-special, such as Qwen's <|fim_prefix|> or <tool_call>) is taken out of what `tokenizers` would
-match in the text, as sentencepiece never produces a control symbol from text; such text is encoded as the
-bytes it is. Encoding adds nothing either (no BOS from the post-processor); shards append eos themselves.
+Text never becomes a control token: every added token that marks something (the special <|endoftext|>,
+<|begin_of_text|>, ..., and those marked non-special, such as Qwen's <|fim_prefix|> or <tool_call>) is taken out of
+what `tokenizers` would match in the text, as sentencepiece never produces a control symbol from text; such text is
+encoded as the bytes it is. Added tokens that are ordinary text (Gemma's runs of spaces, tabs and newlines: not
+special, nothing but whitespace) stay: the model's tokenizer produces them from that text, and so do shards. Encoding adds
+nothing either (no BOS from the post-processor); shards append eos themselves.
 
 The end-of-sequence token may be named by a tokenizer_config.json next to the file, which is therefore copied
 wherever the tokenizer.json is (shard directories, runs, checkpoints).
@@ -27,6 +29,9 @@ SAVED = "shardlm_chat_template.json"  # the template and options chat shards wer
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece of a sentencepiece-style vocabulary
 # when tokenizer_config.json does not say, the first of these that is a special token is the end of a document
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+# what else ends a model's reply where its vocabulary has it as a special token (Llama 3's generation_config lists
+# <|end_of_text|>, <|eom_id|> and <|eot_id|>; Gemma's <eos> and <end_of_turn>)
+END_NAMES = (*EOS_NAMES, "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
 
 
 def find_file(path: str) -> str:
@@ -49,12 +54,6 @@ def read_spec(path: str) -> dict:
         raise UserError(f"{path}: only BPE tokenizer.json files are supported, byte-level (GPT-2, Llama 3, Qwen) or "
                         f"sentencepiece-style with byte fallback (Mistral); this one is {model.get('type')}, neither "
                         "byte-level nor with byte_fallback")
-    # text never becomes an added token here: one that ordinary text must produce (Gemma's whitespace runs) would
-    # give other ids than the model's own tokenizer
-    if textual := next((t["content"] for t in spec.get("added_tokens", []) if not t.get("special")
-                        and (t["content"].isspace() or not t["content"].startswith("<"))), None):
-        raise UserError(f"{path}: its added token {textual!r} is ordinary text the tokenizer must produce from text, "
-                        "which shards do not do yet (Gemma's tokenizer has such tokens)")
     return spec
 
 
@@ -88,9 +87,28 @@ def special_tokens(spec: dict) -> dict[str, int]:
     return {t["content"]: int(t["id"]) for t in spec.get("added_tokens", []) if t.get("special")}
 
 
+def is_textual(token: dict) -> bool:
+    """An added token that is ordinary text the tokenizer produces from text: not special, and nothing but
+    whitespace (Gemma's runs of spaces, tabs and newlines; "▁" is a space in a sentencepiece-style vocabulary).
+    Any other added token marks something and is never produced from text here (<tool_call>, [INST], ...)."""
+    content = token["content"]
+    return not token.get("special") and bool(content) and all(c.isspace() or c == "\u2581" for c in content)
+
+
+def markers_as_text(spec: dict) -> list[str]:
+    """Non-special added tokens that are no whitespace: the model's own tokenizer makes them from text that spells
+    them (Qwen's <tool_call>, Gemma's <table>), shards never do (they stay the text's bytes)."""
+    return [t["content"] for t in spec.get("added_tokens", []) if not t.get("special") and not is_textual(t)]
+
+
 def added_tokens(spec: dict) -> dict[str, int]:
-    """Every added token, special or not: none of them is ever produced from text here."""
-    return {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
+    """Every added token that marks something (special or not): none of them is ever produced from text here."""
+    return {t["content"]: int(t["id"]) for t in spec.get("added_tokens", []) if not is_textual(t)}
+
+
+def textual_tokens(spec: dict) -> dict[str, int]:
+    """The added tokens that are ordinary text, produced from it as the model's tokenizer does."""
+    return {t["content"]: int(t["id"]) for t in spec.get("added_tokens", []) if is_textual(t)}
 
 
 def without_pieces(spec: dict, contents: set[str]) -> dict:
@@ -128,6 +146,12 @@ def special_ids(path: str) -> dict[str, int]:
     if (bos := _config_token(path, "bos_token")) in specials:
         ids["bos"] = specials[bos]
     return ids
+
+
+def end_ids(path: str) -> list[int]:
+    """The special tokens among END_NAMES this tokenizer has: ids a reply may end at."""
+    specials = special_tokens(read_spec(path))
+    return [specials[n] for n in END_NAMES if n in specials]
 
 
 def vocab_size(path: str) -> int:
@@ -187,6 +211,8 @@ def token_bytes(path: str) -> np.ndarray:
             sizes[i] = sum(1 if c in decoder else len(c.encode()) for c in piece)
         else:
             sizes[i] = 1 if BYTE_PIECE.fullmatch(piece) else len(piece.replace("\u2581", " ").encode())
+    for text, i in textual_tokens(spec).items():  # matched in the text: its own bytes ("▁" a space if sentencepiece-style)
+        sizes[i] = len(text.encode() if byte_level else text.replace("\u2581", " ").encode())
     return sizes
 
 

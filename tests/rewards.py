@@ -40,9 +40,11 @@ def fails_on_rank_1(text):
     return float(len(text) % 2)
 
 
-def leading_number(completion, answer):
-    """1 when the completion starts with the answer's number (an arithmetic prompt's exact answer)."""
-    import re
-
-    found = re.match(r"\s*(\d+)", completion)
-    return float(found is not None and found.group(1) == answer)
+def bad_when_odd(completion, *, prompt, completion_tokens, stopped, name):
+    """No number for a text of an odd number of characters (grpo.skip_bad_rewards counts it); else 0, or 1e6 when
+    a keyword is not what the contract gives (the record's prompt and fields, the token count, whether it stopped)."""
+    if len(completion) % 2:
+        return "many"
+    given = (isinstance(prompt, (str, list)) and isinstance(completion_tokens, int) and isinstance(stopped, bool)
+             and isinstance(name, str) and name.isupper())
+    return 0.0 if given else 1e6

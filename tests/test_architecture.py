@@ -14,7 +14,7 @@ import tokenize
 from conftest import REPO
 
 TRAINING = os.path.join(REPO, "training")
-COMMANDS = {"pretrain", "sft", "dpo", "kto", "describe", "generate", "sample", "pairs", "report", "export_hf",
+COMMANDS = {"pretrain", "sft", "dpo", "kto", "grpo", "describe", "generate", "sample", "pairs", "report", "export_hf",
             "lr_find", "cli", "config"}
 # what each room may import of training/ besides itself (docs/architecture.md, "What each room may import")
 MAY_IMPORT = {
@@ -144,7 +144,7 @@ def code_tokens(path: str):
 
 
 def test_only_the_deepspeed_backend_names_deepspeed_and_only_stages_name_a_stage():
-    stage_names = {"pretrain", "sft", "dpo", "kto"}
+    stage_names = {"pretrain", "sft", "dpo", "kto", "grpo"}
     deepspeed, stages = [], []
     for path in glob.glob(os.path.join(TRAINING, "**", "*.py"), recursive=True):
         relative = os.path.relpath(path, TRAINING)

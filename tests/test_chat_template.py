@@ -118,6 +118,23 @@ def test_sft_shards_are_transformers_rendering_and_the_mask_is_the_assistants_te
         assert replies == ["White." + end, "Black." + end]
 
 
+def test_a_reply_ends_at_every_end_the_model_has(model_tokenizer):
+    """generate --chat, training.sample --chat and GRPO stop, and the export's generation_config.json lists, the
+    template's end of turn, eos and the vocabulary's other ends: Llama 3.1's <|end_of_text|> (and <|eom_id|>, after
+    a tool call, where the vocabulary has it: not this file's), as its own generation_config.json does; Qwen3's
+    <|endoftext|>."""
+    from preprocess.tokenizer import load_tokenizer
+    from training.models.decoding import reply_end_ids, tokenizer_template
+
+    name, folder, reference = model_tokenizer
+    info = load_tokenizer(os.path.join(folder, "tokenizer.json"))
+    ends = reply_end_ids(info, tokenizer_template(info))
+    names = {"llama3_1": ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"], "qwen3": ["<|im_end|>", "<|endoftext|>"]}
+    assert ends[0] == reference.convert_tokens_to_ids(END[name]) and reference.eos_token_id in ends
+    has = [i for i in reference.convert_tokens_to_ids(names[name]) if i is not None]
+    assert len(has) >= 2 and sorted(ends) == sorted(has)
+
+
 def test_preference_and_kto_shards_mask_the_completions_after_the_generation_prompt(model_tokenizer, tmp_path):
     name, folder, reference = model_tokenizer
     records = json.load(open(shared_data("llms_from_scratch", "instruction-data-with-preference.json"),

@@ -110,6 +110,10 @@ def test_precomputed_reference_log_probs_give_the_live_reference_losses(chat_sha
     again = run_training(*common, f"out_dir={tmp_path / 'again'}", "dpo.precompute_ref=true", "train.grad_accum=2",
                          stage="dpo", config=DPO_CONFIG)
     assert "reference log-probs of" not in again.stdout  # reused, not recomputed
+    # the live reference's forwards are timed as the stage's preparing (time/prepare), not as waiting for data: far
+    # more of it than the precomputed run's, which looks its log-probs up
+    live, looked_up = (sum(losses(tmp_path / run, "time/prepare").values()) for run in ("live", "again"))
+    assert live > 3 * looked_up, (live, looked_up)
 
 
 def test_dpo_needs_a_starting_checkpoint(chat_shards, tmp_path):

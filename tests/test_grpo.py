@@ -2,6 +2,7 @@
 and runs: the same samples, rewards and losses on 1 process with accumulation and on 2 processes, an exact
 resume after kill -9, ZeRO-3 (tests/test_deepspeed.py), a reward that rises on an arithmetic task."""
 
+import importlib.util
 import json
 import os
 from collections import defaultdict
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     GRPO_CONFIG,
+    REPO,
     REWARDS,
     grpo_args,
     kill_after_first_checkpoint,
@@ -24,9 +26,8 @@ from preprocess.errors import UserError
 from training.stages.grpo import Reward
 from training.stages.losses import GRPO_LOSSES, group_advantages, grpo_loss, grpo_units
 
-trl = pytest.importorskip("trl", reason="TRL is the reference for the loss formulas (pip install trl)")
-
 ROWS, WIDTH = 6, 9
+TRL = "TRL is the reference for the loss and advantage formulas (pip install trl)"  # those tests alone skip
 
 
 def tensors(seed: int):
@@ -68,6 +69,7 @@ def trl_loss(loss_type: str, logps, old, ref, advantages, mask, *, beta: float, 
 @pytest.mark.parametrize("loss_type", sorted(GRPO_LOSSES))
 @pytest.mark.parametrize("beta, epsilon, epsilon_high", [(0.0, 0.2, 0.2), (0.04, 0.2, 0.28), (0.5, 0.1, 0.3)])
 def test_each_loss_and_option_equals_trls_grpo_trainer(loss_type, beta, epsilon, epsilon_high):
+    pytest.importorskip("trl", reason=TRL)
     for seed in range(3):
         logps, old, ref, advantages, mask = tensors(seed)
         ours, metrics = grpo_loss(loss_type, logps, old, advantages, mask, epsilon=epsilon,
@@ -96,6 +98,7 @@ def test_the_gradient_at_ratio_one_is_the_advantage_weighted_policy_gradient():
 
 
 def test_advantages_equal_trls_formula_with_its_nanstd():
+    pytest.importorskip("trl", reason=TRL)
     from trl.trainer.utils import nanstd
 
     g = torch.Generator().manual_seed(0)
@@ -122,6 +125,9 @@ def test_a_reward_gets_the_keywords_it_names_and_bad_values_are_one_line():
     assert Reward(f"{REWARDS}:exact_answer", 1.0)("42", keywords, "p.jsonl:3") == 1.0
     assert Reward(f"{REWARDS}:exact_answer", 1.0)("41", keywords, "p.jsonl:3") == 0.0
     assert Reward(f"{REWARDS}:vowel_share", 1.0)("aab", keywords, "p.jsonl:3") == pytest.approx(2 / 3)
+    shipped = Reward(os.path.join(REPO, "recipes", "arithmetic.py") + ":exact_answer", 1.0)  # the recipe's
+    assert [shipped(t, keywords, "p.jsonl:3") for t in ("42", " 42.", "42, done", "421", "42.5", "4")] == \
+        [1, 1, 1, 0, 0, 0]
     assert Reward(f"{REWARDS}:no_reward", 1.0)("x", keywords, "p.jsonl:3") is None
     for name, said in (("raises", "raised ZeroDivisionError"), ("not_a_number", "returned 'many'"),
                        ("infinite", "returned inf")):
@@ -251,6 +257,29 @@ def test_a_bad_reward_stops_every_rank_with_one_line_and_equal_rewards_skip_step
            "advantage: 8 of 8 groups had equal rewards); the weights are those of step 0" in proc.stderr
 
 
+def test_weighted_rewards_by_module_or_file_skipped_bad_values_batch_scaling_and_truncation_masking(
+        prompt_shards, sft_run, tmp_path):
+    """The options the other runs leave at their defaults, in one run: rewards named as module:function (a builtin)
+    and file.py:function with weights, the keywords a reward names, grpo.skip_bad_rewards (a reward without a number
+    for some completions: counted, the run goes on), scale_rewards=batch, and grpo.mask_truncated with completions
+    of 3 tokens, nearly all cut off: a step whose completions all were is skipped, saying so."""
+    proc = run_training(*grpo_args(prompt_shards, sft_run, "train.max_steps=2", "grpo.max_new_tokens=3",
+                                   f"grpo.rewards=[{REWARDS}:vowel_share, builtins:len, {REWARDS}:bad_when_odd]",
+                                   "grpo.reward_weights=[1.0, 0.01, 0.5]", "grpo.skip_bad_rewards=true",
+                                   "grpo.scale_rewards=batch", "grpo.mask_truncated=true", "grpo.max_empty_steps=3",
+                                   f"out_dir={tmp_path / 'options'}"), stage="grpo", config=GRPO_CONFIG)
+    assert proc.stderr.count("grpo.skip_bad_rewards: counted as no reward") >= 1
+    train = [r for r in records(tmp_path / "options") if "reward" in r and "val_reward" not in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["rewards/bad"] > 0 and r["rewards/bad_when_odd/mean"] == 0  # none gave 1e6: keywords as named
+        # the total is the weighted sum (bad_when_odd adds 0 where it scored); len counts characters
+        assert r["reward"] == pytest.approx(r["rewards/vowel_share/mean"] + 0.01 * r["rewards/len/mean"], rel=1e-6)
+        if r["completions/truncated"] == 1:  # every completion cut off: nothing left to learn from
+            assert r.get("skipped") and "were cut off (grpo.mask_truncated)" in proc.stderr
+    assert any(r["completions/truncated"] == 1 for r in train)  # (both steps, at this seed)
+
+
 def test_sampling_in_lockstep_never_runs_past_the_context():
     """Another rank's completions going on for max_new_tokens steps keep this rank's forwards going: a prompt as
     long as the room allows (data.seq_len - max_new_tokens + 1 tokens, data.seq_len = the model's context) still
@@ -308,15 +337,13 @@ def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
     first 10's (measured: 0.099 → 0.214 at this seed; +0.048 to +0.090 at seeds 1-7; with lr 0: -0.010, and a
     10-step mean of ~1,280 completions varies by ~0.01). A sign error, a wrong advantage or no update leaves it
     flat or lower."""
-    import random
-
     from conftest import FAST, TINY_CONFIG
 
-    rng = random.Random(0)
-    sums = [(a, b) for a in range(10) for b in range(10) if a + b < 10]
-    corpus = write_jsonl(tmp_path / "sums.jsonl", [{"text": "{}+{}={}".format(*p, sum(p))}
-                                                   for p in (rng.choice(sums) for _ in range(20000))])
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in sums])
+    recipe = os.path.join(REPO, "recipes", "arithmetic.py")  # the shipped reward and its data
+    spec = importlib.util.spec_from_file_location("arithmetic", recipe)
+    arithmetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arithmetic)
+    corpus, prompts = arithmetic.write(str(tmp_path / "data"), digits=1, seed=0, documents=20000)
     for kind, src, out in (("pretrain", corpus, "pre"), ("prompts", prompts, "prompts")):
         assert preprocess_main(["shards", "--kind", kind, "--input", src, "--tokenizer", tokenizer_model,
                                 "--out", str(tmp_path / out), "--max-len", "16"]) == 0
@@ -326,7 +353,7 @@ def test_the_reward_rises_on_an_arithmetic_task(tokenizer_model, tmp_path):
     run_training(f"data.path={tmp_path / 'prompts'}", f"init_from={tmp_path / 'pretrained'}", "data.seq_len=16",
                  # every prompt trains; the shipped evaluations run with no validation prompt (they report nothing)
                  "data.val_fraction=0", "grpo.max_new_tokens=2", "grpo.generations=8",
-                 f"grpo.rewards=[{REWARDS}:leading_number]", "train.micro_batch_size=16", "grpo.prompts_per_step=16",
+                 f"grpo.rewards=[{recipe}:exact_answer]", "train.micro_batch_size=16", "grpo.prompts_per_step=16",
                  "train.max_steps=60", "train.lr=3e-3", "train.warmup_steps=2", "log.every=1",
                  "grpo.max_empty_steps=60", f"out_dir={tmp_path / 'grpo'}", stage="grpo", config=GRPO_CONFIG)
     rewards = [r["reward"] for r in records(tmp_path / "grpo") if "reward" in r]

@@ -147,3 +147,40 @@ def test_continued_pretraining_of_a_transformers_llama_with_its_tokenizer_json_e
     # and the export is itself a starting point for the same shards (its tokenizer.json has their sha256)
     run_training(f"data.path={tmp_path / 'shards'}", f"init_from={tmp_path / 'hf'}", "train.max_steps=1",
                  f"out_dir={tmp_path / 'again'}")
+
+
+def test_added_tokens_that_are_ordinary_text_are_produced_from_text_as_the_models_tokenizer_does(
+        tokenizer_model, tmp_path):
+    """Gemma's tokenizer.json adds runs of whitespace as non-special tokens, which its tokenizer produces from text:
+    shards give exactly the `tokenizers` library's ids of the whole file on text holding them (a sentencepiece-style
+    file here, ours with such tokens added), a <marker> or [INST] among the non-special added tokens still stays text, the
+    bytes per token add up to the text's, and verify and show work on the result."""
+    from tokenizers import Tokenizer
+
+    from preprocess import hf_tokenizer
+    from training.models.tokenizer_export import hf_tokenizer as exported
+
+    folder = tmp_path / "tokenizer"
+    exported(tokenizer_model).save_pretrained(folder)
+    spec = json.load(open(folder / "tokenizer.json"))
+    top = max(spec["model"]["vocab"].values()) + 1
+    textual = ["\n\n\n", "\t\t", "    "]
+    spec["added_tokens"] += [{"id": top + i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": False} for i, c in enumerate([*textual, "<marker>", "[INST]"])]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    texts = ["def f():\n\t\treturn 1\n\n\n\nclass A:\n    x = 2", "a <marker> and [INST] stay text\n\n\n", *MIXED_TEXTS]
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    run_cli("shards", "--input", src, "--tokenizer", folder, "--out", tmp_path / "out")
+    model = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    sizes = hf_tokenizer.token_bytes(str(folder / "tokenizer.json"))
+    docs = shard_documents(str(tmp_path / "out"))
+    for ids, text in zip(docs, texts, strict=True):
+        theirs = model.encode(text, add_special_tokens=False).ids
+        if "<marker>" in text:  # theirs makes the markers; ours keeps them text
+            assert {top + 3, top + 4} <= set(theirs) and not {top + 3, top + 4} & set(ids[:-1].tolist())
+        else:
+            assert ids[:-1].tolist() == theirs
+        assert int(sizes[ids[:-1]].sum()) == len(text.encode("utf-8"))
+    assert {top, top + 1, top + 2} <= set(np.concatenate(docs).tolist())  # each run came out as its added token
+    run_cli("verify", tmp_path / "out")
+    assert "\\t\\treturn" in run_cli("show", tmp_path / "out", "--doc", 0).stdout

@@ -208,8 +208,17 @@ def test_no_packed_example_attends_to_another(chat_shards):
     assert not torch.equal(model(packed.inputs)[others], unmasked[others])
 
 
-def test_flex_attention_gives_the_boolean_mask_result(chat_shards):
-    """FlexAttention has no backward on CPU (torch 2.13): its forward is compared here, training uses it on CUDA."""
+def test_flex_attention_gives_the_boolean_mask_result(chat_shards, monkeypatch):
+    """FlexAttention has no backward on CPU (torch 2.13): its forward is compared here, training uses it on CUDA.
+    Our part is the mask (which positions of a packed row see which); FlexAttention runs here uncompiled, its
+    reference path, which computes what its kernels do (compiled for the CPU, it took a minute of the suite; the
+    compiled kernels run in bench/gpu.py on a GPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from training.models import transformer
+
+    monkeypatch.setattr(transformer, "flex_attention", lambda: flex_attention)
+    monkeypatch.setattr(transformer, "flex_block_mask", lambda: create_block_mask)
     _, packed = _sft_batches(chat_shards, [(0, j) for j in range(3, 40, 3)])
     model = tiny_model().eval()
     with torch.no_grad():

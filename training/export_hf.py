@@ -2,9 +2,10 @@
 (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3, Mixtral, Qwen2-MoE), or for a model trained from scratch the
 first family that computes it (Llama; Mixtral or Qwen2-MoE for model.moe).
 
-    python -m training.export_hf --checkpoint RUN_OR_CKPT_DIR --out DIR [--dtype float32|bfloat16|float16]
+    python -m training.export_hf --checkpoint RUN_OR_CKPT_DIR --out DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 
-DIR gets config.json, generation_config.json, model.safetensors (sharded above 5 GB), tokenizer.json and its
+DIR gets config.json, generation_config.json, model.safetensors (sharded above --max-shard-size, as transformers'
+save_pretrained shards, with model.safetensors.index.json), tokenizer.json and its
 configs (with the chat template), and our tokenizer.model, so DIR is also a valid init_from. Before DIR appears,
 the export is loaded back with transformers and its logits and token ids are checked against ours.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -41,10 +43,12 @@ from .checkpoint.store import load_file as load_checkpoint_file
 from .checkpoint.weights import loaded_model, model_config, model_file, resolve
 from .config import config_from_yaml
 from .models import hf, lora
+from .models.decoding import reply_end_ids
 from .models.tokenizer_export import hf_json_tokenizer, hf_tokenizer
 from .models.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", **{name: name for name in DTYPES}}
 # texts whose ids the exported tokenizer must reproduce: words, whitespace runs, tabs, CRLF, digits, CJK, emoji
 CHECK_TEXTS = ["Before we proceed any further, hear me speak.\n\nAll:\n\tSpeak, speak.",
                "    return a + b  \r\n", "1234 and 3.14", "床前明月光，疑是地上霜。", "café 🚀 — «½»"]
@@ -65,7 +69,8 @@ def start_export(checkpoint: str, out: str, needs: str = "hf"):
     return transformers, resolve(checkpoint)
 
 
-def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = True) -> dict:
+def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = True, max_shard_size: str = "5GB") -> dict:
+    dtype = DTYPE_NAMES[dtype]  # bf16 or bfloat16
     transformers, source = start_export(checkpoint, out)
     cfg = model_config(source)
     family = hf.family_of(cfg)
@@ -87,15 +92,15 @@ def export(checkpoint: str, out: str, dtype: str = "float32", verify: bool = Tru
         raise RuntimeError(f"weight mapping incomplete (missing {missing[:3]}, unexpected {unexpected[:3]})")
     hf_model.tie_weights()
     template = chat_template_of(info)
-    end = [i for i in (template.end_ids() if template else []) if i != info.eos_id]  # every end of a turn
+    end = reply_end_ids(info, template) if template else [info.eos_id]  # eos first: every end of a reply
     hf_model.generation_config = transformers.GenerationConfig(
-        bos_token_id=info.special_ids.get("bos"), eos_token_id=[info.eos_id, *end],
+        bos_token_id=info.special_ids.get("bos"), eos_token_id=[info.eos_id, *(i for i in end if i != info.eos_id)],
         pad_token_id=info.special_ids.get("pad"),
         # ids past the tokenizer's vocabulary pad the embedding to a round size: never generated (as ours)
         suppress_tokens=list(range(info.vocab_size, cfg.vocab_size)) or None)
 
     def write(tmp: str) -> dict:
-        hf_model.save_pretrained(tmp, max_shard_size="5GB")
+        hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
         companions = tokenizer_files(sp_path)
         if info.kind == "hf" and len(companions) > 1:  # a model's tokenizer: its files byte for byte
             for path in companions:
@@ -298,11 +303,17 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="a new directory")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="of the stored weights (default float32)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="float32",
+                   help="of the stored weights (default float32; bf16 = bfloat16)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="files of at most this size, as transformers' save_pretrained (default 5GB)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the export back with transformers")
     p.add_argument("--adapter-only", action="store_true", help="a LoRA run's adapters as a PEFT adapter directory")
     p.add_argument("--base", help="with --adapter-only: the transformers export of the run's base (its init_from)")
     args = p.parse_args(argv)
+    args.dtype = DTYPE_NAMES[args.dtype]  # the name it prints
+    if not re.fullmatch(r"\d+([KMG]B|[KMG]iB)", args.max_shard_size):  # what transformers reads, bytes not bits
+        p.error(f"--max-shard-size {args.max_shard_size!r}: a whole number and KB, MB, GB, KiB, MiB or GiB (5GB)")
     if args.adapter_only and not args.base:
         p.error("--adapter-only needs --base (the export of the LoRA run's init_from)")
     if args.adapter_only and (args.dtype != "float32" or args.no_verify):
@@ -320,7 +331,7 @@ def main(argv=None) -> int:
         return exit_code(run_adapter)
 
     def run():
-        r = export(args.checkpoint, args.out, args.dtype, not args.no_verify)
+        r = export(args.checkpoint, args.out, args.dtype, not args.no_verify, args.max_shard_size)
         size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
         step = f"step {r['step']} of " if r["step"] is not None else ""
         checked = (f"; transformers reproduces our logits (largest difference {r['max_logit_diff']:.1e}) and our token "

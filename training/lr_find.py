@@ -138,7 +138,7 @@ def finite_or_none(values: list[float]) -> list[float | None]:
 
 
 def figure():
-    import matplotlib  # a measured start-up cost (1.3 s with pyplot), paid only where a plot is drawn
+    import matplotlib  # a start-up cost (docs/architecture.md), paid only where a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -30,6 +30,7 @@ PANELS = [  # (title, metric keys drawn in it; "key/" stands for every key it be
     ("GRPO reward", ["reward", "val_reward"]),
     ("GRPO completions", ["completions/mean_length", "completions/max_length"]),
     ("GRPO sampling and scoring per step (s)", ["time/sampling", "time/scoring"]),
+    ("a step's time (s): preparing (reference, sampling) and training", ["time/prepare", "time/training"]),
 ]
 
 
@@ -99,7 +100,7 @@ def short_names(paths: list[str]) -> dict[str, str]:
 
 
 def plot(runs: dict[str, dict], path: str) -> None:
-    import matplotlib  # a measured start-up cost (1.3 s with pyplot), paid only where a plot is drawn
+    import matplotlib  # a start-up cost (docs/architecture.md), paid only where a plot is drawn
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt

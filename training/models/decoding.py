@@ -10,6 +10,7 @@ import hashlib
 
 import torch
 
+from preprocess import hf_tokenizer
 from preprocess.chat import Turn
 from preprocess.chat_template import template_for
 from preprocess.errors import UserError
@@ -126,7 +127,14 @@ def chat_prompt(sp, turns) -> tuple[list[int], list[int]]:
     """(the ids that ask for the assistant's reply after `turns` (preprocess.chat.Turn), the ids that end the
     reply), with the tokenizer's chat template: its model's (a tokenizer.json's), or ours (<|end|>)."""
     template = tokenizer_template(sp.info)
-    return template.prompt_ids(turns, sp.encode), template.end_ids()
+    return template.prompt_ids(turns, sp.encode), reply_end_ids(sp.info, template)
+
+
+def reply_end_ids(info, template) -> list[int]:
+    """Every id a reply ends at: the end of turn the template writes after a reply, the tokenizer's eos, and the
+    other ends of a model's vocabulary (Llama 3's <|eom_id|> after a tool call and <|end_of_text|>)."""
+    named = hf_tokenizer.end_ids(info.path) if info.kind == "hf" else []
+    return list(dict.fromkeys([*template.end_ids(), info.eos_id, *named]))
 
 
 _templates: dict[tuple[str, str], object] = {}

@@ -290,6 +290,16 @@ class OutputLayer(nn.Linear):
     computed a chunk of rows at a time, no (positions, vocabulary) tensor kept). A module of its own, so that a
     backend that gathers a module's weights around its forward (ZeRO-3) gathers them for the log-probs too."""
 
+    @classmethod
+    def tied_to(cls, embedding: nn.Embedding) -> OutputLayer:
+        """The projection whose weight is the embedding's, made without a weight of its own first."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = embedding.embedding_dim, embedding.num_embeddings
+        layer.weight = embedding.weight
+        layer.register_parameter("bias", None)
+        return layer
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, temperature: float = 1.0,
                 summed: bool = False) -> torch.Tensor:
         if targets is None:
@@ -464,9 +474,9 @@ class Transformer(nn.Module):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
-            self.output = OutputLayer(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+            # tied: no weight of its own is ever made (under ZeRO-3's zero.Init it would be, whole, then partitioned)
+            self.output = OutputLayer.tied_to(self.tok_embeddings) if cfg.tie_embeddings else \
+                OutputLayer(cfg.dim, cfg.vocab_size, bias=False)
         for name in self.rope_names():
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.reset_parameters()

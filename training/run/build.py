@@ -133,7 +133,7 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     r.checkpoints = Checkpoints(env, cfg.out_dir, backend, config_yaml, tokenizer_file(cfg.out_dir),
                                 cfg.train.keep_checkpoints, lambda tmp: [save_rng(tmp, env)],
                                 cfg.train.async_checkpoint)
-    r.log = MetricsLog(cfg, env, model, stage.name, state.step)  # last: nothing after it can fail and leave it open
+    r.log = MetricsLog(cfg, env, model, stage.name, state.step, stage.prepares)  # last: nothing after it can fail and leave it open
     return r
 
 

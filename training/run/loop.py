@@ -114,7 +114,8 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
                     batches.append(batch)
                 if step + reuse < cfg.train.max_steps:  # the next cycle's, while this one computes
                     reader.read_ahead(state.consumed_samples + r.plan.global_batch)
-            batches = r.stage.prepare(r.model, batches, env, r.autocast)
+            with r.log.preparing():
+                batches = r.stage.prepare(r.model, batches, env, r.autocast)
         units, tokens, real = global_counts(r.stage, batches, env)
         loss_sum, metric_sums = accumulate(r.stage, backend, batches, env, units, real, r.autocast,
                                            functools.partial(r.hooks.loss, done))

@@ -29,20 +29,23 @@ class MetricsLog:
     """metrics.jsonl, TensorBoard, Weights & Biases (optional) and the progress bar, all on rank 0; throughput
     timed without the pauses."""
 
-    def __init__(self, cfg: Config, env: D.DistEnv, model: Transformer, stage: str, start_step: int):
+    def __init__(self, cfg: Config, env: D.DistEnv, model: Transformer, stage: str, start_step: int,
+                 prepares: bool = False):
         self.cfg, self.env = cfg, env
+        self.prepares = prepares  # a stage with work before its losses: its steps' time split in two
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.peak = gpu_peak_flops(env.device)
         self.tb = self.bar = self.wandb = None
         self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0.0, 0.0
+        self.prepare_time = 0.0
         self.logged_step = start_step
         self.unwritten: list[int] = []  # steps of the records a full disk kept out of metrics.jsonl
         if env.is_main:
             if cfg.log.wandb:
                 self.wandb = start_wandb(require_wandb(), cfg, stage)
             if cfg.log.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # 0.6 s of start-up, paid by runs that log to it
+                from torch.utils.tensorboard import SummaryWriter  # a start-up cost (docs/architecture.md), paid here only
 
                 self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=start_step + 1)
             if cfg.log.progress:
@@ -75,6 +78,11 @@ class MetricsLog:
         """Time the loop waits for its batches (reading and assembling samples): its share of the step time."""
         return self._timed("data_time")
 
+    def preparing(self):
+        """Time a stage prepares its batches (DPO and KTO's reference forwards, GRPO's sampling and scoring):
+        compute, not data wait; logged as time/prepare beside time/training, the rest of the step."""
+        return self._timed("prepare_time")
+
     def paused(self):
         """Time spent inside (evaluation, checkpoints) does not count against throughput."""
         return self._timed("paused_time")
@@ -97,11 +105,15 @@ class MetricsLog:
             rate, data_share = self.interval_tokens / elapsed, self.data_time / elapsed
             # tokens_per_sec counts every position computed (padding too, as MFU must); padding_share (in means)
             # is the share of those that was padding: useful tokens/s = tokens_per_sec * (1 - padding_share)
-            record.update({"tokens_per_sec": rate, "data_wait_share": data_share,
-                           "time/step": elapsed / max(step - self.logged_step, 1)})
+            steps = max(step - self.logged_step, 1)
+            record.update({"tokens_per_sec": rate, "data_wait_share": data_share, "time/step": elapsed / steps})
+            if self.prepares:
+                record.update({"time/prepare": self.prepare_time / steps,
+                               "time/training": (elapsed - self.data_time - self.prepare_time) / steps})
             if self.peak:
                 record["mfu"] = rate * self.flops_per_token / (self.peak * self.env.world_size)
             self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0, 0
+            self.prepare_time = 0.0
             self.logged_step = step
         if not self.env.is_main:
             return

@@ -37,7 +37,7 @@ from ..data.batch import IGNORE, Batch, ExampleBatches
 from ..data.order import BatchPlan
 from ..data.packing import best_fit
 from ..models import lora
-from ..models.decoding import sample_batch, sample_seed, tokenizer_template
+from ..models.decoding import reply_end_ids, sample_batch, sample_seed, tokenizer_template
 from ..parallel import env as D
 from .losses import group_advantages, grpo_loss, grpo_units, sequence_tokens
 from .reference import ReferenceStage, reference_model
@@ -226,7 +226,8 @@ class GRPO(ReferenceStage):
         """What ends a completion: eos, and after a chat prompt also the chat template's end of turn (found when
         first needed: plain prompts need no template)."""
         if chat not in self.stops:
-            self.stops[chat] = frozenset([*tokenizer_template(self.tokenizer.info).end_ids(), self.tokenizer.eos_id])
+            info = self.tokenizer.info
+            self.stops[chat] = frozenset(reply_end_ids(info, tokenizer_template(info)))
         return self.stops[chat]
 
     def completion_text(self, ids: list[int], stopped: bool) -> str:
