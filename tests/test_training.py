@@ -898,3 +898,19 @@ def test_our_muon_is_torchs_update_in_bf16_and_orthogonalises_stacked_experts_on
         assert torch.allclose(stacked[e], Muon.orthogonalise(grads[e], 5, torch.float32), atol=1e-6)
     singular = torch.linalg.svdvals(stacked)
     assert singular.min() > 0.5 and singular.max() < 1.3
+
+
+def test_a_tied_output_layer_is_an_output_layer_without_a_weight_of_its_own():
+    """OutputLayer.tied_to makes the projection as nn.Linear would, but for the weight, which is the embedding's
+    (never one of its own: under ZeRO-3's zero.Init that would be made whole): the same attributes, so a torch
+    whose nn.Linear gains one shows here."""
+    from torch import nn
+
+    from training.models.transformer import OutputLayer
+
+    embedding = nn.Embedding(11, 4)
+    tied, plain = OutputLayer.tied_to(embedding), OutputLayer(4, 11, bias=False)
+    assert vars(tied).keys() == vars(plain).keys() and repr(tied) == repr(plain)
+    assert tied.weight is embedding.weight and [n for n, _ in tied.named_parameters()] == ["weight"]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(tied(x), x @ embedding.weight.T)

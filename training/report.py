@@ -30,7 +30,7 @@ PANELS = [  # (title, metric keys drawn in it; "key/" stands for every key it be
     ("GRPO reward", ["reward", "val_reward"]),
     ("GRPO completions", ["completions/mean_length", "completions/max_length"]),
     ("GRPO sampling and scoring per step (s)", ["time/sampling", "time/scoring"]),
-    ("a step's time (s): preparing (reference, sampling) and training", ["time/prepare", "time/training"]),
+    ("a step's host time (s): preparing (reference, sampling) and training", ["time/prepare", "time/training"]),
 ]
 
 
