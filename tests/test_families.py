@@ -192,9 +192,10 @@ def qwen2_with_its_tokenizer(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_an_imported_model_exports_back_as_its_family(saved, model_type, chat_shards, tmp_path, request):
-    """Two full-parameter SFT steps from the imported directory on chat shards, then export_hf: the same model_type,
-    and transformers' logits and token ids on the export are ours (export_hf checks both before the directory
-    appears). Qwen2 exports with Qwen's own tokenizer only (docs/training.md), which our chat shards are not
+    """Two full-parameter SFT steps from the imported directory on chat shards (two, not ten: what an export must
+    map back is weights an update changed, tied ones included; more steps add time, not coverage), then export_hf:
+    the same model_type, and transformers' logits and token ids on the export are ours (export_hf checks both
+    before the directory appears). Qwen2 exports with Qwen's own tokenizer only (docs/training.md), which our chat shards are not
     written in: its imported directory is exported as it is. Llama's through the command line, in bf16 and
     sharded."""
     from training.export_hf import export
