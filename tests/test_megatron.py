@@ -1,0 +1,70 @@
+"""Megatron indexed datasets (preprocess/megatron.py) against megatron-core's own IndexedDataset and
+IndexedDatasetBuilder (a test-only dependency, installed without its dependencies: its indexed_dataset needs only
+numpy and torch)."""
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from preprocess import megatron
+from preprocess.errors import UserError
+
+core = pytest.importorskip("megatron.core.datasets.indexed_dataset",
+                           reason="megatron-core is the reference reader and writer (pip install --no-deps megatron-core)")
+
+
+def documents(seed=0, count=50, vocab=60000):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, rng.integers(1, 200)).astype(np.uint16) for _ in range(count)] + \
+        [np.zeros(0, np.uint16)]  # an empty document too
+
+
+def test_megatron_core_reads_what_we_write(tmp_path):
+    docs = documents()
+    megatron.write(str(tmp_path / "ours"), docs, np.uint16)
+    theirs = core.IndexedDataset(str(tmp_path / "ours"))
+    assert len(theirs) == len(docs) and list(theirs.document_indices) == list(range(len(docs) + 1))
+    for i, doc in enumerate(docs):
+        assert np.array_equal(theirs[i], doc) and theirs[i].dtype == np.uint16
+
+
+def test_we_read_what_megatron_cores_builder_writes_documents_of_several_sequences_too(tmp_path):
+    docs = documents(1)
+    builder = core.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.int32)
+    for doc in docs:  # split into sentences as --split-sentences would: a document of several sequences
+        cut = len(doc) // 2
+        builder.add_document(doc.astype(np.int32), [cut, len(doc) - cut] if cut else [len(doc)])
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    index = megatron.read_index(str(tmp_path / "theirs"))
+    assert index.dtype == np.int32 and len(index.documents) == len(docs) + 1
+    tokens, ends = index.tokens(), index.document_ends()
+    starts = np.concatenate([[0], ends[:-1]])
+    for doc, start, end in zip(docs, starts, ends, strict=True):
+        assert np.array_equal(tokens[start:end], doc)
+
+
+def test_a_damaged_dataset_is_one_line_naming_the_file(tmp_path):
+    megatron.write(str(tmp_path / "d"), documents(2, 10), np.uint16)
+    idx, bin_path = tmp_path / "d.idx", tmp_path / "d.bin"
+    good_idx, good_bin = idx.read_bytes(), bin_path.read_bytes()
+
+    def refusal():
+        with pytest.raises(UserError) as e:
+            megatron.read_index(str(tmp_path / "d"))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    idx.write_bytes(good_idx[:-9])
+    assert refusal().startswith(f"{idx}: cut short")
+    idx.write_bytes(good_idx[:9] + struct.pack("<QB", 1, 9) + good_idx[18:])
+    assert refusal() == f"{idx}: unknown dtype code 9 (known: 1, 2, 3, 4, 5, 6, 7, 8)"
+    idx.write_bytes(b"NOTANIDX!" + good_idx[9:])
+    assert refusal() == f"{idx}: not a Megatron index (no MMIDIDX header)"
+    idx.write_bytes(good_idx)
+    bin_path.write_bytes(good_bin[:-2])
+    assert refusal().startswith(f"{bin_path}: {len(good_bin) - 2:,} bytes, shorter than the {len(good_bin):,}")
+    bin_path.write_bytes(good_bin)
+    os.remove(bin_path)
+    assert refusal() == f"{bin_path}: not found (a Megatron dataset is PREFIX.bin and PREFIX.idx)"
