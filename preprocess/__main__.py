@@ -8,7 +8,9 @@ import os
 import sys
 import time
 
-from . import dedup
+import numpy as np
+
+from . import dedup, megatron
 from .chat_template import ModelTemplate
 from .encoders import ENCODERS, Encoder, choose_encoder
 from .errors import UserError, exit_code
@@ -17,7 +19,7 @@ from .group import job_group
 from .hf_tokenizer import markers_as_text, read_spec
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
-from .shards import KINDS, ShardJob, begun_date, encoder_sample, read_manifest, verify
+from .shards import KINDS, ShardJob, begun_date, encoder_sample, read_manifest, verify, verify_shard
 from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
 
 
@@ -100,6 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     v = sub.add_parser("verify", help="re-hash every shard and check ids, offsets and eos")
     v.add_argument("dir", metavar="DIR")
     v.add_argument("--workers", type=int, default=default_workers())
+
+    x = sub.add_parser("export", help="write pretraining shards in another trainer's format (Megatron's)")
+    x.add_argument("dir", metavar="DIR")
+    x.add_argument("--format", choices=["megatron"], required=True,
+                   help="megatron: PREFIX.bin and PREFIX.idx, an indexed dataset Megatron-LM and Megatron-Core read")
+    x.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
 
     w = sub.add_parser("show", help="print one document of a shard directory as ids and as text")
     w.add_argument("dir", metavar="DIR")
@@ -298,13 +306,40 @@ def decode_showing_controls(tok, ids: list[int]) -> str:
     return "".join(out)
 
 
+def cmd_export(args) -> None:
+    """Each document (its eos included, as Megatron's --append-eod writes it) as one sequence of PREFIX.bin, shard by
+    shard, every shard verified first (sha256, offsets, ids, eos): nothing damaged is passed on."""
+    manifest = read_manifest(args.dir)
+    if manifest["kind"] != "pretrain":
+        raise UserError(f"{args.dir}: holds {manifest['kind']} shards; a Megatron dataset keeps no loss mask or "
+                        "record, so only pretrain shards are exported")
+    tok = manifest["tokenizer"]
+    dtype = np.dtype(manifest["dtype"])
+    out_dtype = np.uint16 if dtype == np.uint16 else np.int32  # Megatron has no uint32: ids stay below 2**31
+
+    def documents():
+        for shard in manifest["shards"]:
+            if problems := verify_shard(args.dir, shard, manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"]):
+                raise UserError(f"{args.dir}: {problems[0]}; nothing was exported")
+            tokens = np.load(os.path.join(args.dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
+            offsets = np.load(os.path.join(args.dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
+            yield from np.split(tokens, offsets[:-1]) if len(offsets) else []
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    bin_path, idx_path = megatron.write(args.out, documents(), out_dtype)
+    t = manifest["totals"]
+    print(f"export: {t['documents']:,} documents, {t['tokens']:,} tokens ({np.dtype(out_dtype)}) → {bin_path}, "
+          f"{idx_path} (Megatron indexed dataset; each document with its eos, id {tok['special_ids']['eos']})")
+
+
 def _counts(counts: dict) -> str:
     return ", ".join(f"{REASONS.get(k, k)}: {v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = {"tokenizer": cmd_tokenizer, "shards": cmd_shards, "verify": cmd_verify, "show": cmd_show}[args.command]
+    command = {"tokenizer": cmd_tokenizer, "shards": cmd_shards, "verify": cmd_verify, "show": cmd_show,
+               "export": cmd_export}[args.command]
     try:
         return exit_code(lambda: command(args))
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ is several, read here as one document of their concatenation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -120,15 +121,20 @@ def write(prefix: str, documents, dtype) -> tuple[str, str]:
     if dtype not in TOKEN_CODES:
         raise UserError(f"{prefix}: cannot write {dtype} ids in a Megatron dataset")
     lengths = []
-    with open(prefix + ".bin.tmp", "wb") as f:
-        for doc in documents:
-            doc = np.asarray(doc)
-            if doc.size and (doc.min() < 0 or doc.max() > np.iinfo(dtype).max):
-                raise UserError(f"{prefix}.bin: an id out of {dtype}'s range")
-            f.write(doc.astype(dtype, copy=False).tobytes())
-            lengths.append(len(doc))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(prefix + ".bin.tmp", "wb") as f:
+            for doc in documents:
+                doc = np.asarray(doc)
+                if doc.size and (doc.min() < 0 or doc.max() > np.iinfo(dtype).max):
+                    raise UserError(f"{prefix}.bin: an id out of {dtype}'s range")
+                f.write(doc.astype(dtype, copy=False).tobytes())
+                lengths.append(len(doc))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a damaged source, a full disk, an interrupt: no half file is left behind
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(prefix + ".bin.tmp")
+        raise
     count = len(lengths)
     lengths = np.array(lengths, dtype=np.int32)
     pointers = np.concatenate([[0], np.cumsum(lengths.astype(np.int64) * dtype.itemsize)[:-1]]).astype(np.int64) \

@@ -68,3 +68,30 @@ def test_a_damaged_dataset_is_one_line_naming_the_file(tmp_path):
     bin_path.write_bytes(good_bin)
     os.remove(bin_path)
     assert refusal() == f"{bin_path}: not found (a Megatron dataset is PREFIX.bin and PREFIX.idx)"
+
+
+def test_our_shards_exported_are_read_by_megatron_core_document_for_document(pretrain_shards, chat_shards, tmp_path):
+    """`preprocess export --format megatron`: megatron-core reads every document of our pretraining shards, eos
+    included, in order; a kind with a loss mask, or a damaged shard, is one line and writes nothing."""
+    import shutil
+
+    from conftest import run_cli, shard_documents
+
+    proc = run_cli("export", pretrain_shards, "--format", "megatron", "--out", tmp_path / "out" / "corpus")
+    assert "Megatron indexed dataset" in proc.stdout
+    theirs = core.IndexedDataset(str(tmp_path / "out" / "corpus"))
+    ours = shard_documents(pretrain_shards)
+    assert len(theirs) == len(ours) > 1
+    for i, doc in enumerate(ours):
+        assert np.array_equal(theirs[i], doc)
+    proc = run_cli("export", chat_shards["sft"], "--format", "megatron", "--out", tmp_path / "sft", check=False)
+    assert proc.returncode == 1 and "holds sft shards; a Megatron dataset keeps no loss mask" in proc.stderr
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pretrain_shards, damaged)
+    tokens = sorted(damaged.glob("shard-*.tokens.npy"))[-1]
+    data = bytearray(tokens.read_bytes())
+    data[-1] ^= 1
+    tokens.write_bytes(bytes(data))
+    proc = run_cli("export", damaged, "--format", "megatron", "--out", tmp_path / "bad", check=False)
+    assert proc.returncode == 1 and "sha256 differs from the manifest" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not list(tmp_path.glob("bad.*"))
