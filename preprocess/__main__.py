@@ -317,16 +317,19 @@ def cmd_export(args) -> None:
     dtype = np.dtype(manifest["dtype"])
     out_dtype = np.uint16 if dtype == np.uint16 else np.int32  # Megatron has no uint32: ids stay below 2**31
 
-    def documents():
+    if not manifest["totals"]["documents"]:
+        raise UserError(f"{args.dir}: holds no document; an empty Megatron dataset cannot be memory-mapped")
+
+    def pieces():  # a shard at a time: its tokens, and its documents' lengths
         for shard in manifest["shards"]:
             if problems := verify_shard(args.dir, shard, manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"]):
                 raise UserError(f"{args.dir}: {problems[0]}; nothing was exported")
             tokens = np.load(os.path.join(args.dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
             offsets = np.load(os.path.join(args.dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
-            yield from np.split(tokens, offsets[:-1]) if len(offsets) else []
+            yield tokens, np.diff(offsets, prepend=0)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    bin_path, idx_path = megatron.write(args.out, documents(), out_dtype)
+    bin_path, idx_path = megatron.write(args.out, pieces(), out_dtype)
     t = manifest["totals"]
     print(f"export: {t['documents']:,} documents, {t['tokens']:,} tokens ({np.dtype(out_dtype)}) → {bin_path}, "
           f"{idx_path} (Megatron indexed dataset; each document with its eos, id {tok['special_ids']['eos']})")

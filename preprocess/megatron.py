@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import UserError
+from .fileio import fsync_path
 
 HEADER = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -33,6 +35,7 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.
 TOKEN_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int16): 3, np.dtype(np.int32): 4, np.dtype(np.int64): 5,
                np.dtype(np.uint16): 8}
 FIXED = len(HEADER) + 8 + 1 + 8 + 8  # the bytes before the arrays
+CHUNK = 1 << 24  # elements of the index's arrays handled at a time: constant memory whatever the corpus
 
 
 @dataclass
@@ -56,8 +59,8 @@ class MegatronIndex:
     def document_ends(self) -> np.ndarray:
         """The end (exclusive, in elements) of every document in PREFIX.bin, when the sequences lie back to back
         in order (as every writer lays them out); int64[D]."""
-        ends = np.cumsum(self.lengths, dtype=np.int64)
-        return ends[self.documents[1:] - 1] if len(self.documents) > 1 else np.zeros(0, np.int64)
+        ends = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])  # before each sequence, and the end
+        return ends[self.documents[1:]]  # a document of no sequence ends where the one before it did
 
 
 def read_index(prefix: str) -> MegatronIndex:
@@ -96,56 +99,89 @@ def read_index(prefix: str) -> MegatronIndex:
         np.zeros(0, np.int64)
     documents = np.memmap(idx, np.int64, "r", FIXED + 12 * sequences, (entries,)) if entries else \
         np.zeros(0, np.int64)
-    if entries < 1 or documents[0] != 0 or documents[-1] != sequences or np.any(np.diff(documents) < 0):
-        raise UserError(f"{idx}: its document index does not run from 0 to the {sequences:,} sequences in order")
-    if (lengths < 0).any():
-        raise UserError(f"{idx}: a negative sequence length (sequence {int(np.argmax(lengths < 0))})")
-    expected = np.concatenate([[0], np.cumsum(lengths.astype(np.int64) * dtype.itemsize)[:-1]]) if sequences else \
-        np.zeros(0, np.int64)
-    if not np.array_equal(pointers, expected):
-        at = int(np.argmax(pointers != expected))
-        raise UserError(f"{idx}: sequence {at} starts at byte {int(pointers[at]):,} of {bin_path}, not right after "
-                        f"the one before ({int(expected[at]):,}); only back-to-back sequences are read")
-    total = int(lengths.astype(np.int64).sum()) * dtype.itemsize
-    if os.path.getsize(bin_path) < total:
-        raise UserError(f"{bin_path}: {os.path.getsize(bin_path):,} bytes, shorter than the {total:,} its index "
-                        "says; the file is cut short")
+    if entries < 1 or documents[0] != 0 or documents[-1] != sequences:
+        raise UserError(f"{idx}: its document index does not run from 0 to the {sequences:,} sequences")
+    carry, last = 0, 0
+    for at in range(0, max(sequences, entries), CHUNK):  # a chunk at a time: constant memory for any corpus
+        block = np.asarray(documents[at:at + CHUNK])
+        if len(block) and (block[0] < last or (np.diff(block) < 0).any()):
+            raise UserError(f"{idx}: its document index goes back (near entry {at:,})")
+        last = int(block[-1]) if len(block) else last
+        sizes = np.asarray(lengths[at:at + CHUNK]).astype(np.int64)
+        if (sizes < 0).any():
+            raise UserError(f"{idx}: a negative sequence length (sequence {at + int(np.argmax(sizes < 0)):,})")
+        ends = np.cumsum(sizes) * dtype.itemsize + carry
+        expected = np.concatenate([[carry], ends[:-1]]) if len(sizes) else ends
+        given = np.asarray(pointers[at:at + CHUNK])
+        if not np.array_equal(given, expected):
+            bad = at + int(np.argmax(given != expected))
+            raise UserError(f"{idx}: sequence {bad:,} starts at byte {int(pointers[bad]):,} of {bin_path}, not right "
+                            "after the one before; only back-to-back sequences are read")
+        carry = int(ends[-1]) if len(sizes) else carry
+    if os.path.getsize(bin_path) != carry:
+        raise UserError(f"{bin_path}: {os.path.getsize(bin_path):,} bytes, its index says {carry:,}; the file is cut "
+                        "short or does not belong to this index")
     return MegatronIndex(prefix, dtype, lengths, pointers, documents)
 
 
-def write(prefix: str, documents, dtype) -> tuple[str, str]:
-    """PREFIX.bin and PREFIX.idx from `documents` (1-D arrays of ids, one sequence per document) in `dtype`, as
-    Megatron's IndexedDatasetBuilder writes them; (bin, idx). Each file is written under a temporary name and
-    renamed into place."""
+def write(prefix: str, pieces, dtype) -> tuple[str, str]:
+    """PREFIX.bin and PREFIX.idx from `pieces`: (ids, document lengths) pairs, the ids of consecutive documents back
+    to back (a shard's tokens and the differences of its offsets), one sequence per document, in `dtype`, as
+    Megatron's IndexedDatasetBuilder writes them; (bin, idx). Memory stays bounded by a piece and CHUNK: lengths
+    and pointers go through temporary files. Both files are written under temporary names; an old PREFIX.idx is
+    removed before the new PREFIX.bin takes its name, so a reader never pairs a new .bin with an old .idx."""
     dtype = np.dtype(dtype)
     if dtype not in TOKEN_CODES:
         raise UserError(f"{prefix}: cannot write {dtype} ids in a Megatron dataset")
-    lengths = []
+    folder = os.path.dirname(os.path.abspath(prefix))
+    temporary = []
+
+    def scratch(suffix: str):
+        fd, path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(prefix) + ".", suffix=suffix)
+        temporary.append(path)
+        return os.fdopen(fd, "w+b"), path
+
     try:
-        with open(prefix + ".bin.tmp", "wb") as f:
-            for doc in documents:
-                doc = np.asarray(doc)
-                if doc.size and (doc.min() < 0 or doc.max() > np.iinfo(dtype).max):
+        data, data_path = scratch(".bin.tmp")
+        lengths, _ = scratch(".lengths.tmp")
+        count = 0
+        with data, lengths:
+            for ids, sizes in pieces:
+                ids, sizes = np.asarray(ids), np.asarray(sizes, dtype=np.int64)
+                if int(sizes.sum()) != len(ids) or (sizes < 0).any():
+                    raise ValueError("document lengths that do not add up to the ids given")
+                if len(ids) and (int(ids.min()) < 0 or int(ids.max()) > np.iinfo(dtype).max):
                     raise UserError(f"{prefix}.bin: an id out of {dtype}'s range")
-                f.write(doc.astype(dtype, copy=False).tobytes())
-                lengths.append(len(doc))
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a damaged source, a full disk, an interrupt: no half file is left behind
+                data.write(ids.astype(dtype, copy=False).tobytes())
+                lengths.write(sizes.astype(np.int32).tobytes())
+                count += len(sizes)
+            data.flush()
+            os.fsync(data.fileno())
+            lengths.flush()
+            index, index_path = scratch(".idx.tmp")
+            with index:
+                index.write(HEADER + struct.pack("<QBQQ", VERSION, TOKEN_CODES[dtype], count, count + 1))
+                lengths.seek(0)
+                for block in iter(lambda: lengths.read(4 * CHUNK), b""):  # sequence lengths
+                    index.write(block)
+                lengths.seek(0)
+                carry = 0
+                for block in iter(lambda: lengths.read(4 * CHUNK), b""):  # pointers: bytes before each sequence
+                    ends = np.cumsum(np.frombuffer(block, np.int32), dtype=np.int64) * dtype.itemsize + carry
+                    index.write(np.concatenate([[carry], ends[:-1]]).astype(np.int64).tobytes())
+                    carry = int(ends[-1])
+                for at in range(0, count + 1, CHUNK):  # document index: document d is sequence d
+                    index.write(np.arange(at, min(count + 1, at + CHUNK), dtype=np.int64).tobytes())
+                index.flush()
+                os.fsync(index.fileno())
         with contextlib.suppress(FileNotFoundError):
-            os.remove(prefix + ".bin.tmp")
-        raise
-    count = len(lengths)
-    lengths = np.array(lengths, dtype=np.int32)
-    pointers = np.concatenate([[0], np.cumsum(lengths.astype(np.int64) * dtype.itemsize)[:-1]]).astype(np.int64) \
-        if count else np.zeros(0, np.int64)
-    with open(prefix + ".idx.tmp", "wb") as f:
-        f.write(HEADER + struct.pack("<QBQQ", VERSION, TOKEN_CODES[dtype], count, count + 1))
-        f.write(lengths.tobytes())
-        f.write(pointers.tobytes())
-        f.write(np.arange(count + 1, dtype=np.int64).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(prefix + ".bin.tmp", prefix + ".bin")
-    os.replace(prefix + ".idx.tmp", prefix + ".idx")
+            os.remove(prefix + ".idx")
+        os.replace(data_path, prefix + ".bin")
+        os.replace(index_path, prefix + ".idx")
+        fsync_path(folder)
+    finally:
+        for path in temporary:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
     return prefix + ".bin", prefix + ".idx"
+

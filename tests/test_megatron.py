@@ -11,8 +11,16 @@ import pytest
 from preprocess import megatron
 from preprocess.errors import UserError
 
-core = pytest.importorskip("megatron.core.datasets.indexed_dataset",
-                           reason="megatron-core is the reference reader and writer (pip install --no-deps megatron-core)")
+REFERENCE = "megatron-core is the reference reader and writer (pip install --no-deps megatron-core)"
+
+
+def reference():
+    """megatron-core's indexed_dataset, or a skip of the test that needs it (the others run without it)."""
+    return pytest.importorskip("megatron.core.datasets.indexed_dataset", reason=REFERENCE)
+
+
+def write(prefix, docs, dtype):
+    return megatron.write(str(prefix), [(np.concatenate(docs), [len(d) for d in docs])], dtype)
 
 
 def documents(seed=0, count=50, vocab=60000):
@@ -22,8 +30,9 @@ def documents(seed=0, count=50, vocab=60000):
 
 
 def test_megatron_core_reads_what_we_write(tmp_path):
+    core = reference()
     docs = documents()
-    megatron.write(str(tmp_path / "ours"), docs, np.uint16)
+    write(tmp_path / "ours", docs, np.uint16)
     theirs = core.IndexedDataset(str(tmp_path / "ours"))
     assert len(theirs) == len(docs) and list(theirs.document_indices) == list(range(len(docs) + 1))
     for i, doc in enumerate(docs):
@@ -31,11 +40,16 @@ def test_megatron_core_reads_what_we_write(tmp_path):
 
 
 def test_we_read_what_megatron_cores_builder_writes_documents_of_several_sequences_too(tmp_path):
+    """Documents of several sequences (split sentences), and of none (end_document twice)."""
+    core = reference()
     docs = documents(1)
     builder = core.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.int32)
-    for doc in docs:  # split into sentences as --split-sentences would: a document of several sequences
+    for i, doc in enumerate(docs):  # split into sentences as --split-sentences would: several sequences
         cut = len(doc) // 2
         builder.add_document(doc.astype(np.int32), [cut, len(doc) - cut] if cut else [len(doc)])
+        if i == 2:
+            builder.end_document()  # a document of no sequence
+    docs = [*docs[:3], np.zeros(0, np.int32), *docs[3:]]
     builder.finalize(str(tmp_path / "theirs.idx"))
     index = megatron.read_index(str(tmp_path / "theirs"))
     assert index.dtype == np.int32 and len(index.documents) == len(docs) + 1
@@ -46,7 +60,7 @@ def test_we_read_what_megatron_cores_builder_writes_documents_of_several_sequenc
 
 
 def test_a_damaged_dataset_is_one_line_naming_the_file(tmp_path):
-    megatron.write(str(tmp_path / "d"), documents(2, 10), np.uint16)
+    write(tmp_path / "d", documents(2, 10), np.uint16)
     idx, bin_path = tmp_path / "d.idx", tmp_path / "d.bin"
     good_idx, good_bin = idx.read_bytes(), bin_path.read_bytes()
 
@@ -64,8 +78,18 @@ def test_a_damaged_dataset_is_one_line_naming_the_file(tmp_path):
     assert refusal() == f"{idx}: not a Megatron index (no MMIDIDX header)"
     idx.write_bytes(good_idx)
     bin_path.write_bytes(good_bin[:-2])
-    assert refusal().startswith(f"{bin_path}: {len(good_bin) - 2:,} bytes, shorter than the {len(good_bin):,}")
+    assert refusal().startswith(f"{bin_path}: {len(good_bin) - 2:,} bytes, its index says {len(good_bin):,}")
+    bin_path.write_bytes(good_bin + b"\0\0")  # another dataset's .bin beside this index
+    assert refusal().startswith(f"{bin_path}: {len(good_bin) + 2:,} bytes, its index says {len(good_bin):,}")
     bin_path.write_bytes(good_bin)
+    pointer = megatron.FIXED + 4 * 11 + 8  # the second of the 11 sequences' pointers
+    idx.write_bytes(good_idx[:pointer] + struct.pack("<q", 2) + good_idx[pointer + 8:])
+    assert "sequence 1 starts at byte 2 " in refusal()
+    idx.write_bytes(good_idx[:9] + struct.pack("<Q", 2) + good_idx[17:])
+    assert refusal() == f"{idx}: index version 2, only version 1 is known"
+    idx.write_bytes(good_idx + b"\1" * 10)
+    assert "bytes past its arrays" in refusal()
+    idx.write_bytes(good_idx)
     os.remove(bin_path)
     assert refusal() == f"{bin_path}: not found (a Megatron dataset is PREFIX.bin and PREFIX.idx)"
 
@@ -77,6 +101,7 @@ def test_our_shards_exported_are_read_by_megatron_core_document_for_document(pre
 
     from conftest import run_cli, shard_documents
 
+    core = reference()
     proc = run_cli("export", pretrain_shards, "--format", "megatron", "--out", tmp_path / "out" / "corpus")
     assert "Megatron indexed dataset" in proc.stdout
     theirs = core.IndexedDataset(str(tmp_path / "out" / "corpus"))
