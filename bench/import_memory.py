@@ -7,9 +7,9 @@ rope scaling) with random weights saved as bf16 shards.
 Each process does what every rank of a run does before its first step: the model's config from config.json,
 then the weights into fp32 parameters. `streamed` is a DDP rank (checkpoint.weights.starting_model through the DDP
 backend, as a run calls it: the model built on the meta device and filled tensor by tensor, large ones in row
-blocks); `zero3` a ZeRO-3 rank (the model
-built partitioned inside deepspeed.zero.Init, each rank filling only its share of every tensor); `whole` is the way
-before both, the baseline: a randomly initialised model, then every file read whole, converted to fp32 and loaded.
+blocks); `zero3` a ZeRO-3 rank (the model built partitioned inside deepspeed.zero.Init, each rank filling only its
+share of every tensor); `whole` is the way before both, the baseline: a randomly initialised model, then every
+file read whole, converted to fp32 and loaded.
 The processes of one way run at once, as a node's ranks do (they share the page cache). Peak RSS is each process's
 ru_maxrss; the goals are set in peak RSS / the model's size in fp32 (its training dtype) for DDP, and / (the model
 / processes + the largest file) for ZeRO-3.
