@@ -1,4 +1,4 @@
-"""python -m preprocess {tokenizer,shards,verify} — see README.md for the tour."""
+"""python -m preprocess {tokenizer,shards,verify,show,export,import} — see README.md for the tour."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import dedup, megatron
+from . import dedup, importing, megatron
 from .chat_template import ModelTemplate
 from .encoders import ENCODERS, Encoder, choose_encoder
 from .errors import UserError, exit_code
@@ -19,7 +19,7 @@ from .group import job_group
 from .hf_tokenizer import markers_as_text, read_spec
 from .parallel import MiB, auto_unit_bytes, build_shards, make_plan
 from .readers import REASONS, TXT_DOC_MODES, Bad, SegmentReader, expand_inputs, plan_segments
-from .shards import KINDS, ShardJob, begun_date, encoder_sample, read_manifest, verify, verify_shard
+from .shards import KINDS, ShardJob, begun_date, encoder_sample, eos_ends_documents, read_manifest, shard_array, verify, verify_shard
 from .tokenizer import load_tokenizer, sample_documents, train_tokenizer
 
 
@@ -108,6 +108,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     x.add_argument("--format", choices=["megatron"], required=True,
                    help="megatron: PREFIX.bin and PREFIX.idx, an indexed dataset Megatron-LM and Megatron-Core read")
     x.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+
+    i = sub.add_parser("import", help="read another trainer's token files (Megatron, nanoGPT) as pretraining shards, "
+                       "linked, not copied")
+    i.add_argument("input", metavar="IN", help="megatron: PREFIX of PREFIX.bin and PREFIX.idx; nanogpt: a .bin file of "
+                   "uint16 ids (train.bin)")
+    i.add_argument("--format", choices=importing.FORMATS, required=True)
+    i.add_argument("--tokenizer", required=True, metavar="FILE",
+                   help="the tokenizer the ids were made with: a sentencepiece model or a tokenizer.json")
+    i.add_argument("--out", required=True, metavar="DIR")
+    i.add_argument("--eot", type=int, default=None,
+                   help="nanogpt: the id after which each document ends (default: the tokenizer's eos)")
+    i.add_argument("--workers", type=int, default=default_workers(), help="processes hashing the token file")
+    i.add_argument("--trust-tokenizer", action="store_true",
+                   help="import even when a sample of documents decoded and encoded again does not give back its ids")
 
     w = sub.add_parser("show", help="print one document of a shard directory as ids and as text")
     w.add_argument("dir", metavar="DIR")
@@ -252,12 +266,13 @@ def cmd_verify(args) -> None:
             print(f"{args.dir}: {p}", file=sys.stderr)
         raise UserError(f"{args.dir}: {len(problems)} problem(s) found")
     t = manifest["totals"]
+    ends = "offsets and eos consistent" if eos_ends_documents(manifest) else \
+        "offsets consistent (imported documents without eos at their end)"
     print(f"verify: {t['shards']:,} shards, {t['documents']:,} documents, {t['tokens']:,} tokens: all sha256 match, "
-          f"ids < {manifest['tokenizer']['vocab_size']}, offsets and eos consistent")
+          f"ids < {manifest['tokenizer']['vocab_size']}, {ends}")
 
 
 def cmd_show(args) -> None:
-    import numpy as np
 
     from .tokenizer import TextTokenizer
 
@@ -269,8 +284,7 @@ def cmd_show(args) -> None:
         index -= shard["documents"]
     else:
         raise UserError(f"{args.dir}: --doc {args.doc} is out of range ({manifest['totals']['documents']} documents)")
-    tokens = np.load(os.path.join(args.dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
-    offsets = np.load(os.path.join(args.dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
+    tokens, offsets = (shard_array(args.dir, shard["files"][key]) for key in ("tokens", "offsets"))
     start = int(offsets[index - 1]) if index else 0
     end = min(int(offsets[index]), start + args.max_tokens)
     ids = tokens[start:end].tolist()
@@ -280,14 +294,13 @@ def cmd_show(args) -> None:
     print(f"  pieces: {[tok.piece(i) for i in ids]}")
     print(f"  text:   {decode_showing_controls(tok, ids)!r}")
     if "mask" in shard["files"]:
-        mask = np.load(os.path.join(args.dir, shard["files"]["mask"]["path"]), mmap_mode="r")[start:end].tolist()
+        mask = shard_array(args.dir, shard["files"]["mask"])[start:end].tolist()
         print(f"  mask:   {mask}")
         learned = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
         label = {1: ", desirable", 2: ", undesirable"}.get(max(mask, default=0), "") if manifest["kind"] == "kto" else ""
         print(f"  learned (mask {max(mask, default=1) or 1}{label}): {learned!r}")
     if "fields" in shard["files"]:
-        ends = np.load(os.path.join(args.dir, shard["files"]["field_ends"]["path"]), mmap_mode="r")
-        fields = np.load(os.path.join(args.dir, shard["files"]["fields"]["path"]), mmap_mode="r")
+        ends, fields = (shard_array(args.dir, shard["files"][key]) for key in ("field_ends", "fields"))
         line = bytes(fields[int(ends[index - 1]) if index else 0:int(ends[index])]).decode()
         print(f"  record: {line.strip()}")
 
@@ -322,10 +335,9 @@ def cmd_export(args) -> None:
 
     def pieces():  # a shard at a time: its tokens, and its documents' lengths
         for shard in manifest["shards"]:
-            if problems := verify_shard(args.dir, shard, manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"]):
+            if problems := verify_shard(args.dir, shard, manifest):
                 raise UserError(f"{args.dir}: {problems[0]}; nothing was exported")
-            tokens = np.load(os.path.join(args.dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
-            offsets = np.load(os.path.join(args.dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
+            tokens, offsets = (shard_array(args.dir, shard["files"][key]) for key in ("tokens", "offsets"))
             yield tokens, np.diff(offsets, prepend=0)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -335,6 +347,26 @@ def cmd_export(args) -> None:
           f"{idx_path} (Megatron indexed dataset; each document with its eos, id {tok['special_ids']['eos']})")
 
 
+def cmd_import(args) -> None:
+    start = time.perf_counter()
+    manifest, done = importing.import_corpus(args.format, args.input, load_tokenizer(args.tokenizer), args.out,
+                                             eot=args.eot, workers=args.workers, trust_tokenizer=args.trust_tokenizer)
+    t, imported = manifest["totals"], manifest["imported"]
+    if done:
+        print(f"import: {args.out} already holds {args.input} ({t['documents']:,} documents); nothing to do")
+        return
+    check = imported["tokenizer_round_trip"]
+    print(f"import: {t['documents']:,} documents, {t['tokens']:,} tokens ({manifest['dtype']}) in {t['shards']:,} "
+          f"shards, {imported['link']} link to {manifest['shards'][0]['sources'][0]['path']}, not copied; ids < "
+          f"{manifest['tokenizer']['vocab_size']:,}; the tokenizer gave back {check['identical']} of "
+          f"{check['documents']} sampled documents; {time.perf_counter() - start:.1f} s → {args.out}")
+    if t["skipped"]:
+        print(f"  skipped {t['skipped']:,} empty documents ({manifest['skipped_examples']['empty'][0]})")
+    if not imported["eos_ends_documents"]:
+        print(f"  {imported['documents_without_eos']:,} documents do not end with eos "
+              f"({manifest['tokenizer']['special_ids']['eos']}): the model will not learn to stop after them")
+
+
 def _counts(counts: dict) -> str:
     return ", ".join(f"{REASONS.get(k, k)}: {v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
@@ -342,7 +374,7 @@ def _counts(counts: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = {"tokenizer": cmd_tokenizer, "shards": cmd_shards, "verify": cmd_verify, "show": cmd_show,
-               "export": cmd_export}[args.command]
+               "export": cmd_export, "import": cmd_import}[args.command]
     try:
         return exit_code(lambda: command(args))
     except KeyboardInterrupt:

@@ -37,11 +37,15 @@ def numbered_lines(path: str) -> list[tuple[int, str]]:
     return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str, offset: int = 0, length: int | None = None) -> str:
+    """sha256 of a file, or of `length` bytes of it from `offset` (a shard's range of an imported file)."""
     h = hashlib.sha256()
+    left = float("inf") if length is None else length
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+        f.seek(offset)
+        while left > 0 and (block := f.read(int(min(1 << 22, left)))):
             h.update(block)
+            left -= len(block)
     return h.hexdigest()
 
 

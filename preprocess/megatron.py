@@ -56,11 +56,21 @@ class MegatronIndex:
         """PREFIX.bin as one memory-mapped array of its elements (sequences back to back, as written)."""
         return np.memmap(self.bin_path, dtype=self.dtype, mode="r")
 
-    def document_ends(self) -> np.ndarray:
-        """The end (exclusive, in elements) of every document in PREFIX.bin, when the sequences lie back to back
-        in order (as every writer lays them out); int64[D]."""
-        ends = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])  # before each sequence, and the end
-        return ends[self.documents[1:]]  # a document of no sequence ends where the one before it did
+    def document_ends(self):
+        """The end (exclusive, in elements) of every document in PREFIX.bin, in order, as int64 arrays of at most
+        about CHUNK entries each: the sequences lie back to back (read_index checked), so a document ends where its
+        last sequence does, and a document of no sequence where the one before it did. Constant memory for any
+        corpus: the lengths are summed a chunk at a time."""
+        sequences, entries = len(self.lengths), len(self.documents)
+        done, carry = 1, 0  # document index entries resolved (entry 0 is the start), elements before the chunk
+        for at in range(0, sequences, CHUNK):
+            ends = carry + np.cumsum(self.lengths[at:at + CHUNK], dtype=np.int64)  # of sequences at, at + 1, ...
+            upto = int(np.searchsorted(self.documents, at + len(ends), side="right"))
+            last = np.asarray(self.documents[done:upto]) - at - 1  # each document's last sequence, in this chunk
+            yield np.where(last < 0, carry, ends[np.maximum(last, 0)])
+            done, carry = upto, int(ends[-1])
+        if done < entries:  # documents after the last sequence: of none
+            yield np.full(entries - done, carry, np.int64)
 
 
 def read_index(prefix: str) -> MegatronIndex:

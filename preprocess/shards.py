@@ -365,22 +365,43 @@ def read_manifest(out_dir: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ verify
 
-def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id: int, mask_max: int = 1) -> list[str]:
-    """Problems with one shard: missing, truncated or changed files, bad offsets, out-of-range ids, mask values
-    above mask_max (kto: 2, the label of an undesirable completion)."""
-    problems = []
-    for meta in shard["files"].values():
-        path = os.path.join(out_dir, meta["path"])
-        if not os.path.isfile(path):
-            problems.append(f"{meta['path']}: missing")
-        elif (size := os.path.getsize(path)) != meta["bytes"]:
-            problems.append(f"{meta['path']}: {size} bytes, manifest says {meta['bytes']} (truncated or overwritten)")
-        elif file_sha256(path) != meta["sha256"]:
-            problems.append(f"{meta['path']}: sha256 differs from the manifest (file changed)")
+def shard_array(out_dir: str, meta: dict) -> np.ndarray:
+    """A shard file, memory-mapped read-only: an .npy file, or (imported, with "offset" and "dtype") a byte range of
+    another trainer's raw token file."""
+    path = os.path.join(out_dir, meta["path"])
+    if "offset" not in meta:
+        return np.load(path, mmap_mode="r")
+    dtype = np.dtype(meta["dtype"])
+    count = meta["bytes"] // dtype.itemsize
+    return np.memmap(path, dtype, "r", meta["offset"], (count,)) if count else np.zeros(0, dtype)
+
+
+def file_problem(out_dir: str, meta: dict) -> str | None:
+    """What a cheap look finds wrong with a shard file: missing, or not of the size the manifest records (an
+    imported range: its whole file's)."""
+    path = os.path.join(out_dir, meta["path"])
+    want = meta.get("file_bytes", meta["bytes"])
+    if not os.path.isfile(path):
+        return f"{meta['path']}: missing"
+    if (size := os.path.getsize(path)) != want:
+        return f"{meta['path']}: {size} bytes, manifest says {want} (truncated or overwritten)"
+    return None
+
+
+def verify_shard(out_dir: str, shard: dict, manifest: dict) -> list[str]:
+    """Problems with one shard: missing, truncated or changed files, bad offsets, out-of-range ids, documents not
+    ending with eos (unless the manifest says an imported corpus has such), mask values above the kind's (kto: 2,
+    the label of an undesirable completion)."""
+    dtype, tok = manifest["dtype"], manifest["tokenizer"]
+    vocab_size, eos_id = tok["vocab_size"], tok["special_ids"]["eos"]
+    problems = [p for meta in shard["files"].values() if (p := file_problem(out_dir, meta))]
+    problems += [f"{meta['path']}: sha256 differs from the manifest (file changed)" for meta in shard["files"].values()
+                 if not problems and file_sha256(os.path.join(out_dir, meta["path"]), meta.get("offset", 0),
+                                                 meta["bytes"]) != meta["sha256"]]
     if problems:
         return problems
-    tokens = np.load(os.path.join(out_dir, shard["files"]["tokens"]["path"]), mmap_mode="r")
-    offsets = np.load(os.path.join(out_dir, shard["files"]["offsets"]["path"]), mmap_mode="r")
+    tokens = shard_array(out_dir, shard["files"]["tokens"])
+    offsets = shard_array(out_dir, shard["files"]["offsets"])
     name = shard["name"]
     if tokens.dtype != np.dtype(dtype) or tokens.ndim != 1 or len(tokens) != shard["tokens"]:
         problems.append(f"{name}: tokens are {tokens.dtype}{list(tokens.shape)}, manifest says {dtype}[{shard['tokens']}]")
@@ -388,27 +409,33 @@ def verify_shard(out_dir: str, shard: dict, dtype: str, vocab_size: int, eos_id:
         problems.append(f"{name}: offsets are {offsets.dtype}[{len(offsets)}], manifest says int64[{shard['documents']}]")
     elif len(offsets) and (offsets[-1] != len(tokens) or np.any(np.diff(offsets) <= 0) or offsets[0] <= 0):
         problems.append(f"{name}: document offsets are not increasing up to the token count")
-    elif len(tokens) and (top := int(tokens.max())) >= vocab_size:
-        problems.append(f"{name}: token id {top} is outside the vocabulary (size {vocab_size})")
-    elif len(offsets) and np.any(tokens[offsets - 1] != eos_id):
+    elif len(tokens) and ((top := int(tokens.max())) >= vocab_size or int(tokens.min()) < 0):
+        problems.append(f"{name}: token id {top if top >= vocab_size else int(tokens.min())} is outside the "
+                        f"vocabulary (size {vocab_size})")
+    elif eos_ends_documents(manifest) and len(offsets) and np.any(tokens[offsets - 1] != eos_id):
         problems.append(f"{name}: a document does not end with eos ({eos_id})")
     elif "field_ends" in shard["files"] and not fields_match(out_dir, shard):
         problems.append(f"{name}: the fields do not hold one record per document")
     elif "mask" in shard["files"]:
-        mask = np.load(os.path.join(out_dir, shard["files"]["mask"]["path"]), mmap_mode="r")
+        mask = shard_array(out_dir, shard["files"]["mask"])
+        top = mask_max(manifest["kind"])
         if mask.dtype != np.uint8 or mask.shape != tokens.shape:
             problems.append(f"{name}: mask is {mask.dtype}[{len(mask)}], expected uint8[{len(tokens)}]")
-        elif len(mask) and int(mask.max()) > mask_max:
-            values = ", ".join(map(str, range(mask_max))) + f" and {mask_max}"
+        elif len(mask) and int(mask.max()) > top:
+            values = ", ".join(map(str, range(top))) + f" and {top}"
             problems.append(f"{name}: mask holds values other than {values}")
     return problems
+
+
+def eos_ends_documents(manifest: dict) -> bool:
+    """Every document ends with eos: always in shards written here; in an imported corpus only when it did there."""
+    return manifest.get("imported", {}).get("eos_ends_documents", True)
 
 
 def fields_match(out_dir: str, shard: dict) -> bool:
     """A prompts shard's records: one per document, ending where the fields end."""
     files = shard["files"]
-    ends = np.load(os.path.join(out_dir, files["field_ends"]["path"]), mmap_mode="r")
-    fields = np.load(os.path.join(out_dir, files["fields"]["path"]), mmap_mode="r")
+    ends, fields = shard_array(out_dir, files["field_ends"]), shard_array(out_dir, files["fields"])
     return len(ends) == shard["documents"] and (not len(ends) or (int(ends[-1]) == len(fields)
                                                                   and bool(np.all(np.diff(ends) > 0))))
 
@@ -426,8 +453,7 @@ def verify(out_dir: str, workers: int = 1, progress=None) -> tuple[dict, list[st
         problems.append(f"{tok['file']}: missing")
     elif file_sha256(tok_path) != tok["sha256"]:
         problems.append(f"{tok['file']}: sha256 differs from the manifest")
-    args = [(out_dir, s, manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"], mask_max(manifest["kind"]))
-            for s in manifest["shards"]]
+    args = [(out_dir, s, manifest) for s in manifest["shards"]]
     if workers > 1 and len(args) > 1:
         import multiprocessing as mp
         with mp.get_context("fork").Pool(min(workers, len(args))) as pool:

@@ -17,7 +17,7 @@ import numpy as np
 
 from preprocess.errors import UserError
 from preprocess.hf_tokenizer import SAVED
-from preprocess.shards import mask_max, read_manifest, verify_shard
+from preprocess.shards import file_problem, read_manifest, shard_array, verify_shard
 
 
 class ShardDir:
@@ -32,12 +32,8 @@ class ShardDir:
         self.shards = self.manifest["shards"]
         for shard in self.shards:
             for meta in shard["files"].values():
-                file = os.path.join(path, meta["path"])
-                if not os.path.isfile(file):
-                    raise UserError(f"{file}: missing (listed in {path}/manifest.json)")
-                if os.path.getsize(file) != meta["bytes"]:
-                    raise UserError(f"{file}: {os.path.getsize(file)} bytes, manifest says {meta['bytes']}; "
-                                    f"run `python -m preprocess verify {path}`")
+                if problem := file_problem(path, meta):
+                    raise UserError(f"{path}/{problem}; run `python -m preprocess verify {path}`")
         self.starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self.shards])]).astype(np.int64)
         self.docs_before = np.concatenate([[0], np.cumsum([s["documents"] for s in self.shards])]).astype(np.int64)
         self.total_tokens = int(self.starts[-1])
@@ -45,7 +41,7 @@ class ShardDir:
         self._maps = functools.lru_cache(maxsize=128)(self._open)
 
     def _open(self, i: int, key: str) -> np.ndarray:
-        return np.load(os.path.join(self.path, self.shards[i]["files"][key]["path"]), mmap_mode="r")
+        return shard_array(self.path, self.shards[i]["files"][key])
 
     def read(self, start: int, length: int, key: str = "tokens") -> np.ndarray:
         """Positions [start, start + length) of the directory's tokens (or mask), across shard boundaries."""
@@ -84,10 +80,7 @@ class ShardDir:
 
     def verify(self, rank: int, world: int) -> list[str]:
         """Re-hash this rank's share of the shards."""
-        tok = self.manifest["tokenizer"]
-        return [f"{self.path}: {p}" for s in self.shards[rank::world]
-                for p in verify_shard(self.path, s, self.manifest["dtype"], tok["vocab_size"], tok["special_ids"]["eos"],
-                                           mask_max(self.manifest["kind"]))]
+        return [f"{self.path}: {p}" for s in self.shards[rank::world] for p in verify_shard(self.path, s, self.manifest)]
 
 
 class ShardSource(ShardDir):
