@@ -538,7 +538,7 @@ def _small_model() -> Transformer:
 
 def _accumulate(stage, backend, batches, env):
     """One step's gradients, as the loop takes them: the global batch's counts first, then the micro-batches."""
-    units, _, real = global_counts(stage, batches, env)
+    units, _, real, _ = global_counts(stage, batches, env, np.zeros(1))
     return accumulate(stage, backend, batches, env, units, real)
 
 

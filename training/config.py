@@ -24,6 +24,10 @@ from .stages.losses import GRPO_LOSSES, PREFERENCE_LOSSES
 class DataConfig:
     path: Any = MISSING          # a shard directory, a list of them (equal weights), {directory: weight} or
                                  # {name: {path: directory, weight: w}}
+    schedule: Any = None         # the mixture of data.path's sources changing over training: a list of stages,
+                                 # {until_step: N, weights: {source: w}} (the last may leave until_step out), a
+                                 # stage with anneal: true going linearly from the previous stage's weights to its
+                                 # own (docs/training.md#mixtures-that-change-over-training)
     seq_len: int = 256           # positions per sample or row; a pretraining sample reads seq_len + 1 tokens
     val_fraction: float = 0.01   # the last share of every dataset's samples: evaluated, never trained on
     verify: bool = True          # before a fresh run's first step, re-hash the shards (each rank its share)
@@ -314,6 +318,56 @@ def data_sources(cfg: DataConfig) -> list[tuple[str, str, float]]:
     total = sum(w for _, w in pairs)
     names = named or source_names([p for p, _ in pairs])
     return [(n, p, w / total) for n, (p, w) in zip(names, pairs, strict=True)]
+
+
+@dataclass(frozen=True)
+class MixStage:
+    """A stage of data.schedule: the sources' weights (summing to 1, in data.path's order) until a step (None: to
+    the end), reached by a linear anneal from the previous stage's weights when `anneal`."""
+    until_step: int | None
+    weights: tuple[float, ...]
+    anneal: bool = False
+
+
+def data_schedule(cfg: DataConfig) -> list[MixStage] | None:
+    """data.schedule checked against data.path's sources (named as val_loss/<name> names them, or by their path):
+    None without one. Each problem is one line naming the stage and the key."""
+    if cfg.schedule is None:
+        return None
+    sources = data_sources(cfg)
+    if len({w for _, _, w in sources}) > 1:
+        raise UserError("data.schedule: data.path gives the sources weights too; give them once, in the schedule")
+    index = {**{path: i for i, (_, path, _) in enumerate(sources)}, **{n: i for i, (n, _, _) in enumerate(sources)}}
+    stages = cfg.schedule
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise UserError(f"data.schedule: expected a list of {{until_step: N, weights: {{source: w}}}}; got {stages!r}")
+    out, last = [], 0
+    for i, stage in enumerate(stages):
+        where = f"data.schedule[{i}]"
+        if not isinstance(stage, dict) or set(stage) - {"until_step", "weights", "anneal"} or "weights" not in stage:
+            raise UserError(f"{where}: expected {{until_step: N, weights: {{source: w}}, anneal: false}}; got {stage!r}")
+        until, anneal, weights = stage.get("until_step"), stage.get("anneal", False), stage["weights"]
+        if until is None and i < len(stages) - 1:
+            raise UserError(f"{where}: until_step is missing (only the last stage may run to the end)")
+        if until is not None and (not isinstance(until, int) or isinstance(until, bool) or until <= last):
+            raise UserError(f"{where}.until_step: {until!r} is not a step after {last} (the stage before's end)")
+        if not isinstance(anneal, bool) or (anneal and (i == 0 or until is None)):
+            raise UserError(f"{where}.anneal: {anneal!r}: an anneal is true or false, and needs a stage before it "
+                            "and an until_step")
+        if not isinstance(weights, dict) or not weights or \
+                not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values()):
+            raise UserError(f"{where}.weights: expected {{source: weight >= 0}}; got {weights!r}")
+        if unknown := [str(k) for k in weights if str(k) not in index]:
+            raise UserError(f"{where}.weights: {unknown[0]} is not a source of data.path (they are: "
+                            f"{', '.join(n for n, _, _ in sources)})")
+        vector = [0.0] * len(sources)
+        for key, w in weights.items():
+            vector[index[str(key)]] += float(w)
+        if not sum(vector) > 0:
+            raise UserError(f"{where}.weights: every weight is 0")
+        out.append(MixStage(until, tuple(w / sum(vector) for w in vector), anneal))
+        last = until if until is not None else last
+    return out
 
 
 def source_names(paths: list[str]) -> list[str]:

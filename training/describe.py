@@ -17,15 +17,15 @@ from preprocess.errors import exit_code
 from preprocess.ranks import ranks_from_env
 from preprocess.shards import read_manifest
 
-from .config import Config, data_sources, load_config
-from .data.order import BatchPlan, SampleOrder
+from .config import Config, MixStage, data_schedule, data_sources, load_config
+from .data.order import BatchPlan, Mixture, SampleOrder
 from .data.packing import PackingPlan
 from .models import lora
 from .models.optim import optimizer_state_bytes
 from .models.transformer import Transformer
 from .parallel.backends import BACKENDS
 from .parallel.env import DistEnv
-from .run.build import check, open_data, resolve_precision, starting_point
+from .run.build import check, data_mixture, open_data, resolve_precision, starting_point, step_position
 from .stages.registry import stage_for_kind
 
 
@@ -34,16 +34,17 @@ def describe(cfg: Config, processes: int = 1) -> str:
     kind = read_manifest(path)["kind"]
     stage = stage_for_kind(kind, f"data.path {path}")(cfg)
     check(stage, cfg)
-    sources, _, weights = open_data(stage, cfg, DistEnv(), announce=False)  # the packing line counts them
+    sources, names, weights = open_data(stage, cfg, DistEnv(), announce=False)  # the packing line counts them
     start = starting_point(cfg, sources[0])
     m, t = start.model_cfg, cfg.train
     with torch.device("meta"):
         model = Transformer(m)
     plan = stage.batch_plan(processes)
     unit = stage.unit
+    mixture = data_mixture(cfg, weights, plan, stage)
     packing = []
     if cfg.data.packing and stage.packs and stage.packs_examples:
-        packing, unit = [packing_line(cfg, sources, weights, plan, unit)], "rows"
+        packing, unit = [packing_line(cfg, sources, mixture, plan, unit)], "rows"
     vocab = sources[0].tokenizer["vocab_size"]
     return "\n".join([
         f"{stage.name}: {start_line(cfg, start)}",
@@ -54,6 +55,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
         f"compute: {model.flops_per_token(cfg.data.seq_len) / 1e6:.1f} MFLOP per trained token",
         plan.describe(cfg.data.seq_len, unit),
         *packing,
+        *mixture_lines(cfg, stage, plan, sources, names, mixture, stage.unit),
         *stage.describe_batch(plan),
         f"schedule: {t.max_steps:,} steps, lr {t.lr:g} ({t.schedule}, {t.warmup_steps} warmup), "
         f"precision {t.precision}, checkpoints every {t.ckpt_every}",
@@ -99,9 +101,48 @@ def start_line(cfg: Config, start) -> str:
     return f"a fresh model of the config's shape, into {cfg.out_dir}"
 
 
-def packing_line(cfg: Config, sources, weights: list[float], plan: BatchPlan, unit: str) -> str:
+def mixture_lines(cfg: Config, stage, plan: BatchPlan, sources, names: list[str], mixture: Mixture,
+                  unit: str) -> list[str]:
+    """With several sources, or a schedule: per stage of the run (one without data.schedule), each source's weight,
+    the samples and tokens it contributes and how many times the run will then have read it (epochs). Counted on
+    the training order itself, in its units (with packing: the rows' positions hold several examples)."""
+    schedule = data_schedule(cfg.data) or [MixStage(None, mixture.weights[0])]
+    if len(sources) < 2 and len(schedule) < 2:
+        return []
+    order = SampleOrder([s.n_train for s in sources], mixture, cfg.seed)
+    spans, begin = [], 0  # (first step, end step, stage) of the run, the last stage's weights held to the end
+    for i, mix in enumerate(schedule):
+        end = cfg.train.max_steps if i == len(schedule) - 1 and mix.until_step is None else mix.until_step
+        spans.append((begin, min(end, cfg.train.max_steps), i))
+        begin = end
+    if begin < cfg.train.max_steps:
+        spans.append((begin, cfg.train.max_steps, None))
+    lines = [f"data mixture{' (data.schedule)' if len(schedule) > 1 else ''}: {unit} and tokens each source "
+             "contributes, and the epochs of it read by the end of each stage"]
+    for first, end, i in spans:
+        if end <= first:
+            break
+        before, upto = (order.counts(step_position(x, plan, stage)) for x in (first, end))
+        held = schedule[-1] if i is None else schedule[i]
+        anneal = i is not None and held.anneal
+        parts = []
+        for k, (name, source) in enumerate(zip(names, sources, strict=True)):
+            start = f"{100 * schedule[i - 1].weights[k]:.0f}% → " if anneal else ""
+            n = int(upto[k] - before[k])
+            parts.append(f"{name} {start}{100 * held.weights[k]:.0f}%: {n:,} {unit}, "
+                         f"{amount(n * source.positions_per_sample)} tokens, {upto[k] / source.n_train:.2f} epochs")
+        what = " (linear anneal)" if anneal else " (the last stage's weights)" if i is None else ""
+        lines.append(f"  steps {first:,}–{end:,}{what}: " + "; ".join(parts))
+    return lines
+
+
+def amount(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def packing_line(cfg: Config, sources, mixture: Mixture, plan: BatchPlan, unit: str) -> str:
     """How many examples a packed row holds, measured on the run's own first windows (sources opened packed)."""
-    order = SampleOrder([s.n_train for s in sources], weights, cfg.seed)  # the training order's picks
+    order = SampleOrder([s.n_train for s in sources], mixture, cfg.seed)  # the training order's picks
     windows = 4
     per_row, filled = PackingPlan(order.picks, [s.lengths for s in sources], cfg.data.seq_len,
                                   cfg.data.pack_window, cfg.seed).stats(windows)

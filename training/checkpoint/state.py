@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from preprocess.errors import UserError
 
 from ..config import Config, config_from_yaml
-from ..data.order import BatchPlan
+from ..data.order import BatchPlan, Mixture
 from ..models.transformer import ModelConfig, MoEConfig
 
 STATE = "state.json"
@@ -62,7 +62,8 @@ class TrainState:
         return BatchPlan(self.micro_batch, self.grad_accum, self.world_size)
 
 
-def run_identity(stage: str, cfg: Config, sources, model_cfg, backend: dict, stage_settings: dict) -> dict:
+def run_identity(stage: str, cfg: Config, sources, mixture: Mixture, model_cfg, backend: dict,
+                 stage_settings: dict) -> dict:
     """The settings that give a run its meaning, as flat {key: value} (JSON types), compared on resume: the run's
     own, its backend's (how it saves) and its stage's (e.g. a loss and its options)."""
     identity = {
@@ -70,6 +71,7 @@ def run_identity(stage: str, cfg: Config, sources, model_cfg, backend: dict, sta
         "seed": cfg.seed,
         "data": [{"path": os.path.abspath(s.path), "weight": round(w, 12), "content": s.fingerprint}
                  for s, w in sources],
+        "data.mixture": mixture_json(mixture),  # compared only as far as the run has read (check_identity)
         "data.seq_len": cfg.data.seq_len,
         "data.val_fraction": cfg.data.val_fraction,
         "data.packing": cfg.data.packing_window(),  # what the position counts: rows of which packing, or examples
@@ -104,20 +106,36 @@ RECORDED_LATER = {"data.packing": 0, "data.document_mask": False, "dpo.loss": "s
                   **{f"model.{f.name}": default(f) for f in dataclasses.fields(ModelConfig) if f.name in FAMILY_SWITCHES}}
 
 
-def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None) -> None:
+def mixture_json(mixture: Mixture) -> list:
+    return [[start, [round(w, 12) for w in weights]] for start, weights in zip(mixture.starts, mixture.weights,
+                                                                                strict=True)]
+
+
+def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init_from: dict | None = None,
+                   consumed: int = 0) -> None:
     """One line naming the first setting that differs from the checkpoint's, old → new, and the way out.
-    init_from may name the starting run another way: its run directory or the checkpoint the run started from."""
+    init_from may name the starting run another way: its run directory or the checkpoint the run started from.
+    The data mixture is compared over the `consumed` positions read: a schedule may change where it is ahead."""
     saved = {**RECORDED_LATER, **saved}
     for key, new in current.items():
         if key not in saved:  # a checkpoint from before this setting was recorded
             continue
         old = saved[key]
+        if key == "data.mixture":
+            old, new = ([piece for piece in m if piece[0] < consumed] for m in (old, new))
+            if old != new:
+                raise UserError(f"{ckpt_dir} read {consumed:,} samples of its data mixed as {_describe_mixture(old)}; "
+                                f"this run's data.path/data.schedule mixes them as {_describe_mixture(new)}; the "
+                                f"schedule may change only after that point — put it back, or start a new run in "
+                                f"another out_dir (not {out_dir})")
+            continue
         if key == "init_from" and old and new and init_from:
             started = os.path.realpath(init_from["path"])
             if new in (old, started) or started.startswith(new.rstrip("/") + os.sep):
                 continue
-        if key == "data":
-            same = [(d["content"], d["weight"]) for d in old] == [(d["content"], d["weight"]) for d in new]
+        if key == "data":  # the weights too, for a checkpoint from before data.mixture took them over
+            fields = ("content",) if "data.mixture" in saved else ("content", "weight")
+            same = [[d[f] for f in fields] for d in old] == [[d[f] for f in fields] for d in new]
             if same:
                 continue
             old, new = _describe_data(old), _describe_data(new)
@@ -126,6 +144,11 @@ def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init
         name = "data.path (directories, weights or their contents)" if key == "data" else key
         raise UserError(f"{ckpt_dir} was trained with {name} {old}, this run has {new}; resuming would change "
                         f"what the run means — put it back, or start a new run in another out_dir (not {out_dir})")
+
+
+def _describe_mixture(pieces: list) -> str:
+    return "; ".join(f"from sample {start:,}: {', '.join(f'{w:g}' for w in weights)}" for start, weights in pieces[:4]) \
+        + (f"; … ({len(pieces)} pieces)" if len(pieces) > 4 else "")
 
 
 def _describe_data(data: list[dict]) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PERIOD = 10_000  # mixing pattern length: weights are honoured to 1/PERIOD
+ANNEAL_PIECES = 50  # constant-weight pieces of a linear anneal at most: within 1% of its line
 
 
 class KeyedPermutation:
@@ -52,37 +53,127 @@ class KeyedPermutation:
         return x.astype(np.int64)
 
 
-class SampleOrder:
-    """Global sample index → (source, sample) for weighted mixing of sources, every source reshuffled each
-    epoch. Sources are interleaved by a fixed pattern of PERIOD slots built by largest deficit, so any prefix of
-    the order holds each source in proportion to its weight."""
+class Pattern:
+    """One mixture's interleaving of the sources: PERIOD slots built by largest deficit, so any prefix of it holds
+    each source in proportion to its weight (to 1/PERIOD)."""
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int):
-        self.sizes, self.seed = sizes, seed
-        quotas = np.floor(np.array(weights) * PERIOD).astype(np.int64)
-        quotas[np.argsort(-(np.array(weights) * PERIOD - quotas))[: PERIOD - quotas.sum()]] += 1
-        pattern, taken = np.empty(PERIOD, np.int64), np.zeros(len(sizes))
+    def __init__(self, weights: tuple[float, ...]):
+        weights = np.array(weights, dtype=np.float64)
+        quotas = np.floor(weights * PERIOD).astype(np.int64)
+        quotas[np.argsort(-(weights * PERIOD - quotas))[: PERIOD - quotas.sum()]] += 1
+        pattern, taken = np.empty(PERIOD, np.int64), np.zeros(len(weights))
         for i in range(PERIOD):
             s = int(np.argmax(quotas * (i + 1) / PERIOD - taken))
             pattern[i] = s
             taken[s] += 1
         self.quotas, self.pattern = quotas, pattern
-        self.before = np.zeros((PERIOD, len(sizes)), np.int64)  # samples of each source before slot i
+        self.before = np.zeros((PERIOD, len(weights)), np.int64)  # samples of each source before slot i
         np.add.at(self.before, (np.arange(1, PERIOD), pattern[:-1]), 1)
         self.before = np.cumsum(self.before, axis=0)
+
+    def counts(self, n: int) -> np.ndarray:
+        """Samples of each source among the pattern's first n positions (repeated past PERIOD)."""
+        return (n // PERIOD) * self.quotas + self.before[n % PERIOD]
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The sources' weights over the global order: piece i, from position starts[i] (the first at 0) to the next
+    piece's start, mixes them by weights[i]. One piece: a constant mixture; several: data.schedule's stages, a
+    linear anneal as short pieces of constant weights."""
+    starts: tuple[int, ...]
+    weights: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def constant(cls, weights) -> Mixture:
+        return cls((0,), (tuple(float(w) for w in weights),))
+
+    @classmethod
+    def scheduled(cls, stages, position) -> Mixture:
+        """data.schedule's stages (config.MixStage) as pieces of the global order; position(step): where in it that
+        step starts reading. An anneal is ANNEAL_PIECES pieces at most, each of whole steps, mixed by the line's
+        weights at its middle."""
+        starts, weights, begin, previous = [], [], 0, None
+        for stage in stages:
+            if stage.anneal:
+                steps = stage.until_step - begin
+                n = min(steps, ANNEAL_PIECES)
+                for i in range(n):
+                    a, b = begin + i * steps // n, begin + (i + 1) * steps // n
+                    t = ((a + b) / 2 - begin) / steps
+                    starts.append(position(a))
+                    weights.append(tuple(p + t * (q - p) for p, q in zip(previous, stage.weights, strict=True)))
+            else:
+                starts.append(position(begin))
+                weights.append(stage.weights)
+            begin, previous = stage.until_step, stage.weights
+        pieces: list[tuple[int, tuple[float, ...]]] = []
+        for start, w in zip(starts, weights, strict=True):
+            if pieces and pieces[-1][0] == start:  # a piece no step reads (steps that share a batch, GRPO's)
+                pieces.pop()
+            if not pieces or pieces[-1][1] != w:
+                pieces.append((start, w))
+        return cls(tuple(p for p, _ in pieces), tuple(w for _, w in pieces))
+
+    def before(self, position: int) -> Mixture:
+        """The pieces that decide positions [0, position): what a resume must find unchanged."""
+        kept = sum(1 for start in self.starts if start < position)
+        return Mixture(self.starts[:kept], self.weights[:kept])
+
+
+class SampleOrder:
+    """Global sample index → (source, sample) for weighted mixing of sources, every source reshuffled each epoch.
+    Each piece of the mixture interleaves the sources by its Pattern; a source's samples run on from piece to
+    piece (its count before a piece is known from the pieces before it, in O(pieces)), so the order is a function
+    of (seed, position) alone, and a stage boundary never repeats or skips a sample of any source."""
+
+    def __init__(self, sizes: list[int], weights, seed: int):
+        """weights: one per source, or a Mixture."""
+        self.sizes, self.seed = sizes, seed
+        self.mixture = weights if isinstance(weights, Mixture) else Mixture.constant(weights)
+        self.starts = np.array(self.mixture.starts, np.int64)
+        self._patterns: dict[tuple[float, ...], Pattern] = {}
+        self._counts = [np.zeros(len(sizes), np.int64)]  # each source's samples before piece i, as far as known
         self._perms: dict[tuple[int, int], KeyedPermutation] = {}
+
+    def pattern(self, piece: int) -> Pattern:
+        weights = self.mixture.weights[piece]
+        if weights not in self._patterns:
+            self._patterns[weights] = Pattern(weights)
+        return self._patterns[weights]
+
+    def counts_before(self, piece: int) -> np.ndarray:
+        while len(self._counts) <= piece:
+            i = len(self._counts) - 1
+            self._counts.append(self._counts[i] + self.pattern(i).counts(int(self.starts[i + 1] - self.starts[i])))
+        return self._counts[piece]
+
+    def counts(self, position: int) -> np.ndarray:
+        """Samples of each source among the order's first `position` positions."""
+        piece = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return self.counts_before(piece) + self.pattern(piece).counts(position - int(self.starts[piece]))
 
     def picks(self, positions: np.ndarray) -> list[tuple[int, int]]:
         """(source, sample) of each global position."""
         source, sample = self(positions)
         return [(int(s), int(j)) for s, j in zip(source, sample, strict=True)]
 
+    def _sources_and_counts(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The source of each position, and how many samples of that source the order held before it."""
+        source, k = np.empty_like(g), np.empty_like(g)
+        piece = np.searchsorted(self.starts, g, side="right") - 1
+        for p in np.unique(piece):
+            at = piece == p
+            pattern = self.pattern(int(p))
+            period, slot = np.divmod(g[at] - self.starts[p], PERIOD)
+            source[at] = pattern.pattern[slot]
+            k[at] = (self.counts_before(int(p))[source[at]] + period * pattern.quotas[source[at]]
+                     + pattern.before[slot, source[at]])
+        return source, k
+
     def __call__(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        g = np.asarray(g, dtype=np.int64)
-        period, slot = np.divmod(g, PERIOD)
-        source = self.pattern[slot]
-        k = period * self.quotas[source] + self.before[slot, source]  # source's own running count
-        sample = np.empty_like(g)
+        source, k = self._sources_and_counts(np.asarray(g, dtype=np.int64))
+        sample = np.empty_like(k)
         for s in np.unique(source):
             sel = source == s
             epoch, i = np.divmod(k[sel], self.sizes[s])

@@ -97,6 +97,10 @@ class ShardSource(ShardDir):
             raise UserError(f"{path}: {self.total_tokens:,} tokens make no training sample of data.seq_len={seq_len} "
                             f"(+1) after holding out data.val_fraction={val_fraction}")
 
+    @property
+    def positions_per_sample(self) -> float:
+        return float(self.seq_len)
+
     def sample(self, j: int) -> np.ndarray:
         """Sample j (train: 0..n_train-1, validation: n_train..n_train+n_val-1)."""
         return self.read(j * self.seq_len, self.seq_len + 1)
@@ -136,6 +140,11 @@ class ExampleSource(ShardDir):
         if self.n_train < 1:
             raise UserError(f"{path}: no training example of at most data.seq_len={seq_len} positions "
                             f"({self.too_long:,} longer ones left out)")
+
+    @property
+    def positions_per_sample(self) -> float:
+        """Of a training example, on average."""
+        return float(np.mean(self.lengths[:self.n_train]))
 
     def example(self, j: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(tokens, mask) of each document of example j (train: 0..n_train-1, then validation); a kind without a

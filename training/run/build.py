@@ -26,8 +26,8 @@ from ..checkpoint.rng import restore_rng, save_rng, seed_rng
 from ..checkpoint.state import TrainState, check_identity, run_identity, saved_run
 from ..checkpoint.store import Checkpoints, latest
 from ..checkpoint.weights import model_config, resolve, starting_model, weights_fingerprint
-from ..config import Config, data_sources
-from ..data.order import BatchPlan
+from ..config import Config, data_schedule, data_sources
+from ..data.order import BatchPlan, Mixture
 from ..data.sources import ShardDir, open_sources
 from ..models import float8, lora
 from ..models.optim import make_optimizer
@@ -52,7 +52,7 @@ class Run:
     resumed: bool                         # from a checkpoint of out_dir
     sources: list[ShardDir]
     names: list[str]                      # of the sources, for val_loss/<name>
-    weights: list[float]
+    mixture: Mixture                      # the sources' weights over the global order (data.schedule's stages)
     backend: Backend                      # owns the model, its wrapper and the optimizer
     autocast: Any
     config_yaml: str
@@ -97,10 +97,12 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
         torch.backends.cudnn.allow_tf32 = True        # train.precision=fp32 asked by name keeps them exact
     plan = stage.batch_plan(env.world_size, env.rank)
     backend = backend_class(cfg.dist.backend)(cfg, env, plan, precision)
-    identity = run_identity(stage.name, cfg, list(zip(sources, weights, strict=True)), start.model_cfg,
+    mixture = data_mixture(cfg, weights, plan, stage)
+    identity = run_identity(stage.name, cfg, list(zip(sources, weights, strict=True)), mixture, start.model_cfg,
                             backend.identity(), stage.identity())
     if start.saved:
-        check_identity(start.saved.identity, identity, start.checkpoint, cfg.out_dir, start.saved.init_from)
+        check_identity(start.saved.identity, identity, start.checkpoint, cfg.out_dir, start.saved.init_from,
+                       start.saved.consumed_samples)
         announce_resume(start.saved, plan, env)
     elif cfg.data.verify:
         verify_sources(sources, env)
@@ -125,7 +127,7 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
         seed_rng(cfg.seed + 1 + env.rank)  # per-rank randomness (dropout) from here on
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     config_yaml = open(os.path.join(cfg.out_dir, "config.yaml")).read()
-    r = Run(stage, cfg, env, plan, state, start.saved is not None, sources, names, weights, backend, autocast,
+    r = Run(stage, cfg, env, plan, state, start.saved is not None, sources, names, mixture, backend, autocast,
             config_yaml, hooks)
     r.data = stage.make_data(r)
     if start.saved and start.saved.packing_cursor and r.data.packing is not None:
@@ -133,7 +135,8 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     r.checkpoints = Checkpoints(env, cfg.out_dir, backend, config_yaml, tokenizer_file(cfg.out_dir),
                                 cfg.train.keep_checkpoints, lambda tmp: [save_rng(tmp, env)],
                                 cfg.train.async_checkpoint)
-    r.log = MetricsLog(cfg, env, model, stage.name, state.step, stage.prepares)  # last: nothing after it can fail and leave it open
+    # last: nothing after it can fail and leave it open
+    r.log = MetricsLog(cfg, env, model, stage.name, state.step, stage.prepares, names)
     return r
 
 
@@ -151,6 +154,20 @@ def open_data(stage: Stage, cfg: Config, env: D.DistEnv, announce: bool = True) 
             print(f"data: {source.too_long:,} examples of {source.path} do not fit {said}{shared} and are left out",
                   flush=True)
     return sources, list(names), list(weights)
+
+
+def step_position(step: int, plan: BatchPlan, stage: Stage) -> int:
+    """Where in the global order step `step` starts reading: ceil(step / steps_per_batch) x the global batch (a
+    stage may train several steps on one batch)."""
+    return -(-step // stage.steps_per_batch) * plan.global_batch
+
+
+def data_mixture(cfg: Config, weights: list[float], plan: BatchPlan, stage: Stage) -> Mixture:
+    """data.path's weights, or data.schedule's stages placed in the global order."""
+    schedule = data_schedule(cfg.data)
+    if schedule is None:
+        return Mixture.constant(weights)
+    return Mixture.scheduled(schedule, lambda step: step_position(step, plan, stage))
 
 
 # ------------------------------------------------------------------------------------------- starting point

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 
+import numpy as np
 import torch
 
 from preprocess.errors import UserError
@@ -106,17 +107,20 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
         lr = lr_at(step, cfg.train)  # a function of the step alone, whatever the batch (docs/training.md: resuming)
         backend.set_lr(lr)
         fresh = batches is None or step % reuse == 0  # checkpoints fall between cycles: a resume starts one
+        mixture = np.zeros(len(r.sources))  # samples of each source this step reads
         if fresh:
             with r.log.data_wait():
                 batches = []
                 for m, (picks, batch) in enumerate(reader.read(state.consumed_samples)):
                     r.hooks.on_picks(done, m, picks)
                     batches.append(batch)
+                    mixture += np.bincount([s for s, _ in picks], minlength=len(mixture))
                 if step + reuse < cfg.train.max_steps:  # the next cycle's, while this one computes
                     reader.read_ahead(state.consumed_samples + r.plan.global_batch)
             with r.log.preparing():
                 batches = r.stage.prepare(r.model, batches, env, r.autocast)
-        units, tokens, real = global_counts(r.stage, batches, env)
+        units, tokens, real, mixture = global_counts(r.stage, batches, env, mixture)
+        r.log.count_mixture(mixture)
         loss_sum, metric_sums = accumulate(r.stage, backend, batches, env, units, real, r.autocast,
                                            functools.partial(r.hooks.loss, done))
         paired, totals = global_sums(env, {"loss": loss_sum, **metric_sums})  # all ranks agree; on the device
@@ -211,12 +215,14 @@ def read_back(rows: list[list]) -> list[list]:
     return out
 
 
-def global_counts(stage: Stage, batches: list, env: D.DistEnv) -> tuple[float, int, int]:
-    """(units, positions computed, positions that held a token rather than padding) of the global batch: read
-    from the batches before they move to the device, and added up over the processes on the host."""
+def global_counts(stage: Stage, batches: list, env: D.DistEnv, mixture: np.ndarray) -> tuple[float, int, int,
+                                                                                         np.ndarray]:
+    """(units, positions computed, positions that held a token rather than padding, samples of each source) of
+    the global batch: read from the batches and their picks before they move to the device, and added up over the
+    processes on the host."""
     local = [sum(c) for c in zip(*[(stage.units(b), b.inputs.numel(), b.real_tokens) for b in batches], strict=True)]
-    units, tokens, real = D.host_sums(env, local)
-    return units, int(tokens), int(real)
+    units, tokens, real, *picked = D.host_sums(env, local + list(mixture))
+    return units, int(tokens), int(real), np.array(picked)
 
 
 def accumulate(stage: Stage, backend: Backend, batches: list, env: D.DistEnv, units: float, real: int,

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -30,9 +31,11 @@ class MetricsLog:
     timed without the pauses."""
 
     def __init__(self, cfg: Config, env: D.DistEnv, model: Transformer, stage: str, start_step: int,
-                 prepares: bool = False):
+                 prepares: bool = False, sources: list[str] = ()):
         self.cfg, self.env = cfg, env
         self.prepares = prepares  # a stage with work before its losses: its steps' time split in two
+        self.sources = list(sources)  # their names: with several, the realised mixture is logged (mixture/<name>)
+        self.mixture = np.zeros(len(self.sources))
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.peak = gpu_peak_flops(env.device)
@@ -74,6 +77,10 @@ class MetricsLog:
         self.interval_tokens += tokens
         return tokens
 
+    def count_mixture(self, picks: np.ndarray) -> None:
+        """Samples (examples, pairs) of each source this step read, over all ranks."""
+        self.mixture += picks
+
     def data_wait(self):
         """Time the loop waits for its batches (reading and assembling samples): its share of the step time."""
         return self._timed("data_time")
@@ -112,6 +119,10 @@ class MetricsLog:
                                "time/training": (elapsed - self.data_time - self.prepare_time) / steps})
             if self.peak:
                 record["mfu"] = rate * self.flops_per_token / (self.peak * self.env.world_size)
+            if len(self.sources) > 1 and self.mixture.sum():  # each source's share of what the interval read
+                record.update({f"mixture/{n}": float(c / self.mixture.sum()) for n, c in zip(self.sources, self.mixture,
+                                                                                          strict=True)})
+                self.mixture[:] = 0
             self.interval_tokens, self.interval_start, self.paused_time, self.data_time = 0, time.perf_counter(), 0, 0
             self.prepare_time = 0.0
             self.logged_step = step

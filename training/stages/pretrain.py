@@ -56,7 +56,7 @@ class Pretrain(Stage):
         super().check()
 
     def make_data(self, run) -> PretrainData:
-        return PretrainData(run.sources, run.weights, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
+        return PretrainData(run.sources, run.mixture, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
                             document_mask=self.cfg.data.document_mask)
 
     def loss(self, model, batch):

@@ -104,7 +104,7 @@ class ReferenceStage(Stage):
         return self.pinned
 
     def batches(self, run, pack_window: int = 0) -> ExampleBatches:
-        return self.batch_class(run.sources, run.weights, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
+        return self.batch_class(run.sources, run.mixture, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
                                 seq_len=self.cfg.data.seq_len, pack_window=pack_window)
 
     def make_data(self, run) -> ExampleBatches:

@@ -19,7 +19,7 @@ class SFT(Stage):
 
     def make_data(self, run) -> ExampleBatches:
         data = self.cfg.data
-        return ExampleBatches(run.sources, run.weights, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
+        return ExampleBatches(run.sources, run.mixture, self.cfg.seed, run.plan, run.model.cfg.vocab_size,
                               seq_len=data.seq_len, pack_window=data.packing_window())
 
     def loss(self, model, batch):
