@@ -30,9 +30,10 @@ setup(
         "lora": ["peft>=0.17"],
         "dedup": ["datasketch>=1.6"],  # preprocess shards --dedup near
         "float8": ["torchao>=0.13"],  # train.float8 on GPUs with float8 matmuls
+        "eval": ["lm-eval==0.4.13"],  # training.evaluate: the harness's tasks on our checkpoints
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3", "psutil>=5.9", "py-spy>=0.3", "ruff>=0.6",
                 "mpich", "mpi4py>=4", "deepspeed==0.19.8", "transformers>=5.0", "peft>=0.17", "gigatoken>=0.10",
-                "datasketch>=1.6", "torchao>=0.13",
+                "datasketch>=1.6", "torchao>=0.13", "lm-eval==0.4.13",
                 # the reference for the preference losses' formulas (tests only; its loss code is internal, so
                 # the exact version the parity tests were written against)
                 "trl==1.16.0"],

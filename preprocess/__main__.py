@@ -343,8 +343,10 @@ def cmd_export(args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     bin_path, idx_path = megatron.write(args.out, pieces(), out_dtype)
     t = manifest["totals"]
+    ends = f"each document with its eos, id {tok['special_ids']['eos']}" if eos_ends_documents(manifest) else \
+        "documents as imported, some without eos"
     print(f"export: {t['documents']:,} documents, {t['tokens']:,} tokens ({np.dtype(out_dtype)}) → {bin_path}, "
-          f"{idx_path} (Megatron indexed dataset; each document with its eos, id {tok['special_ids']['eos']})")
+          f"{idx_path} (Megatron indexed dataset; {ends})")
 
 
 def cmd_import(args) -> None:
@@ -358,8 +360,9 @@ def cmd_import(args) -> None:
     check = imported["tokenizer_round_trip"]
     print(f"import: {t['documents']:,} documents, {t['tokens']:,} tokens ({manifest['dtype']}) in {t['shards']:,} "
           f"shards, {imported['link']} link to {manifest['shards'][0]['sources'][0]['path']}, not copied; ids < "
-          f"{manifest['tokenizer']['vocab_size']:,}; the tokenizer gave back {check['identical']} of "
-          f"{check['documents']} sampled documents; {time.perf_counter() - start:.1f} s → {args.out}")
+          f"{manifest['tokenizer']['vocab_size']:,}; decoded and encoded again, the tokenizer gave back "
+          f"{100 * check['given_back'] / max(1, check['ids']):.1f}% of {check['ids']:,} sampled ids; "
+          f"{time.perf_counter() - start:.1f} s → {args.out}")
     if t["skipped"]:
         print(f"  skipped {t['skipped']:,} empty documents ({manifest['skipped_examples']['empty'][0]})")
     if not imported["eos_ends_documents"]:

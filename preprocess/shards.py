@@ -34,6 +34,7 @@ from .tokenizer import TokenizerInfo
 
 FORMAT = "shardlm.shards"
 FORMAT_VERSION = 1
+IMPORTED_VERSION = 2  # a directory over another trainer's token file (preprocess import): ranges of a raw file
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"  # plan and per-unit records of an unfinished run; removed when the manifest is written
 KINDS = tuple(KIND_CLASSES)
@@ -358,8 +359,8 @@ def read_manifest(out_dir: str) -> dict:
         raise UserError(f"{path}: not found (is {out_dir} a shard directory?)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in (FORMAT_VERSION, IMPORTED_VERSION):
+        raise UserError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} (or v{IMPORTED_VERSION}: imported) manifest")
     return manifest
 
 
@@ -453,7 +454,8 @@ def verify(out_dir: str, workers: int = 1, progress=None) -> tuple[dict, list[st
         problems.append(f"{tok['file']}: missing")
     elif file_sha256(tok_path) != tok["sha256"]:
         problems.append(f"{tok['file']}: sha256 differs from the manifest")
-    args = [(out_dir, s, manifest) for s in manifest["shards"]]
+    settings = {k: v for k, v in manifest.items() if k != "shards"}  # what each shard's check needs, not every shard
+    args = [(out_dir, s, settings) for s in manifest["shards"]]
     if workers > 1 and len(args) > 1:
         import multiprocessing as mp
         with mp.get_context("fork").Pool(min(workers, len(args))) as pool:

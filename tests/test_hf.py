@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -258,3 +259,71 @@ def test_continued_pretraining_of_a_transformers_llama_exports_back(llama_style_
             config["rope_parameters"]["rope_theta"]) == (False, 1, 96, 500000.0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.decode(tokenizer("  Two households, both alike")["input_ids"]) == "  Two households, both alike"
+
+
+GENERATE_TASK = """task: cloze_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 6, do_sample: false}}
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
+"""
+
+
+def test_the_harness_scores_our_checkpoint_as_it_scores_the_export(sft_run, exported, tmp_path):
+    """lm-evaluation-harness on the checkpoint (training.evaluate's model class) and on its transformers export
+    (`--model hf`, fp32): the shipped example tasks (recipes/eval_tasks.py, on two plays the run never saw: a
+    cloze's log-likelihoods, rolling perplexities in windows of the model's context) and a greedy generation task
+    give every example the same scores (1e-4) and the same text. training.evaluate on 2 processes (torchrun)
+    gives the 1-process results."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra")
+    from conftest import python, run_process
+    from lm_eval.tasks import TaskManager
+
+    from training.checkpoint.weights import load_for_inference
+    from training.harness import ShardlmLM, run_tasks
+    from training.report import summary
+
+    recipe = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes", "eval_tasks.py")
+    tasks = tmp_path / "tasks"
+    subprocess.run([sys.executable, recipe, "--out", tasks, "--plays", *shakespeare_plays()[8:10]], check=True)
+    (tasks / "cloze_generate.yaml").write_text(GENERATE_TASK.format(data=json.dumps(str(tasks / "shakespeare_cloze.jsonl"))))
+    names = ["shakespeare_cloze", "shakespeare_perplexity", "cloze_generate"]
+    model, tokenizer = load_for_inference(sft_run, "cpu")
+    ours = run_tasks(ShardlmLM(model, tokenizer, batch_size=8), names, [str(tasks)], limit=24, num_fewshot=None)
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported},dtype=float32", tasks=names,
+                                     task_manager=manager, limit=24, log_samples=True, bootstrap_iters=0, batch_size=8,
+                                     device="cpu")
+    for name in names:
+        mine, hf = (sorted(r["samples"][name], key=lambda s: s["doc_id"]) for r in (ours, theirs))
+        assert len(mine) == len(hf) == 24
+        for a, b in zip(mine, hf, strict=True):
+            if name == "cloze_generate":
+                assert a["resps"] == b["resps"], (a["doc"], a["resps"], b["resps"])
+                continue
+            (score_a, *greedy_a), (score_b, *greedy_b) = (np.atleast_1d(s["resps"][0][0]).tolist() for s in (a, b))
+            assert score_a == pytest.approx(score_b, abs=1e-4, rel=1e-5) and greedy_a == greedy_b, a["doc"]
+    assert ours["results"]["shakespeare_perplexity"]["bits_per_byte,none"] == pytest.approx(
+        theirs["results"]["shakespeare_perplexity"]["bits_per_byte,none"], rel=1e-5)
+
+    out = tmp_path / "two.json"
+    proc = run_process([*python(2), "-m", "training.evaluate", "--checkpoint", sft_run, "--include", str(tasks),
+                        "--tasks", ",".join(names), "--limit", "24", "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "|shakespeare_perplexity|" in proc.stdout and os.path.isfile(tmp_path / "two.md")
+    two = json.loads(out.read_text())
+    for name in names:
+        for metric, value in ours["results"][name].items():
+            if isinstance(value, float):
+                assert two["results"][name][metric] == pytest.approx(value, rel=1e-6), (name, metric)
+    (tmp_path / "run" / "evaluations").mkdir(parents=True)  # where training.evaluate writes for a run's checkpoint
+    shutil.copy(tmp_path / "two.md", tmp_path / "run" / "evaluations" / "step-3.md")
+    report = "\n".join(summary(str(tmp_path / "run"), {}))
+    assert "### lm-evaluation-harness: step-3" in report and "|shakespeare_perplexity|" in report

@@ -10,6 +10,7 @@ rewards, margins and accuracy) and report.md. Given several runs, also compare.p
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -86,6 +87,11 @@ def summary(run_dir: str, series: dict) -> list[str]:
     if "rewards/margins" in series:
         lines.append(f"- DPO: reward margin {last('rewards/margins'):.3f}, accuracy {last('rewards/accuracies'):.2f} "
                      f"(chosen {last('rewards/chosen'):.3f}, rejected {last('rewards/rejected'):.3f})")
+    if mixture := sorted(k for k in series if k.startswith("mixture/")):
+        lines.append("- data mixture, the last logged interval: " + ", ".join(
+            f"{k.removeprefix('mixture/')} {100 * last(k):.1f}%" for k in mixture))
+    for table in sorted(glob.glob(os.path.join(run_dir, "evaluations", "*.md"))):  # training.evaluate's
+        lines += ["", f"### lm-evaluation-harness: {os.path.basename(table)[:-3]}", "", open(table).read().strip()]
     return lines + [""]
 
 

@@ -1,0 +1,97 @@
+"""EleutherAI's lm-evaluation-harness on a run, a checkpoint or a transformers directory, without exporting it.
+
+    python -m training.evaluate --checkpoint RUN_OR_DIR --tasks T1,T2 [--include DIR] [--limit N]
+                                [--num-fewshot K] [--batch-size B] [--seed S] [--out FILE]
+    torchrun --nproc_per_node N -m training.evaluate ...
+
+Tasks are the harness's (by name, or a group) and those of the YAML files under each --include directory: a task
+whose `dataset_path: json` points at local files (`dataset_kwargs: {data_files: ...}`) needs no network
+(recipes/eval_tasks.py writes two). Every process loads the whole model and scores its share of the requests;
+rank 0 writes the harness's results with every example's scores to OUT (default: the run's
+evaluations/step-N.TASKS.json) and its table beside it (.md), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from preprocess.errors import UserError, exit_code
+from preprocess.fileio import atomic_write
+
+from .checkpoint.weights import load_for_inference, resolve
+from .parallel import env as D
+
+
+def default_out(checkpoint: str, tasks: list[str]) -> str:
+    """RUN/evaluations/step-N.TASKS.json for a run's checkpoint; elsewhere --out is needed."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    if os.path.basename(parent) != "checkpoints":
+        raise UserError(f"{checkpoint}: not a checkpoint of a run; give --out FILE for its results")
+    name = f"{os.path.basename(checkpoint)}.{'+'.join(tasks)}.json"
+    return os.path.join(os.path.dirname(parent), "evaluations", name)
+
+
+def run_evaluate(args) -> str | None:
+    try:
+        from lm_eval.utils import handle_non_serializable, make_table  # lm-eval: the optional extra "eval"
+
+        import training.harness as harness  # our model class, a subclass of lm-eval's: only with the extra
+    except ImportError as e:
+        raise UserError(f"lm-evaluation-harness is not installed ({e}); pip install -e '.[eval]'") from None
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    env = D.init("ddp", args.device, 86_400)
+    try:
+        checkpoint = D.from_rank0(env, lambda: resolve(args.checkpoint))
+        out = args.out or D.from_rank0(env, lambda: default_out(checkpoint, tasks))
+        harness.task_paths(args.include)
+        model, tokenizer = load_for_inference(checkpoint, str(env.device))
+        lm = harness.ShardlmLM(model, tokenizer, args.batch_size, env.rank, env.world_size, args.seed)
+        results = harness.run_tasks(lm, tasks, args.include, args.limit, args.num_fewshot, args.seed)
+        if not env.is_main:
+            return None
+        results["shardlm"] = {"checkpoint": checkpoint, "processes": env.world_size}
+        table = make_table(results)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        atomic_write(out, json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False).encode())
+        atomic_write(os.path.splitext(out)[0] + ".md", table.encode())
+        return f"{table}\n{out}"
+    finally:
+        D.shutdown(env)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run (its latest checkpoint), a checkpoint or a transformers "
+                   "model directory")
+    p.add_argument("--tasks", required=True, help="comma-separated task (or group) names")
+    p.add_argument("--include", action="append", default=[], metavar="DIR",
+                   help="a directory of task YAML files (repeatable)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="examples per task (a fraction below 1: that share of them)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="requests scored (or continued) together")
+    p.add_argument("--seed", type=int, default=0, help="of the few-shot examples' choice and of sampled generations")
+    p.add_argument("--out", default=None, help="the results' JSON file (default: RUN/evaluations/step-N.TASKS.json)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--verbose", action="store_true", help="the harness's own log lines")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    logging.getLogger("lm_eval").setLevel(logging.INFO if args.verbose else logging.WARNING)
+
+    def run() -> None:
+        line = run_evaluate(args)
+        if line:
+            print(line)
+
+    return D.run_command(lambda: exit_code(run))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
