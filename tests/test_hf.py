@@ -276,45 +276,70 @@ metric_list:
 """
 
 
-def test_the_harness_scores_our_checkpoint_as_it_scores_the_export(sft_run, exported, tmp_path):
+def same_examples(ours: dict, theirs: dict, names: list[str], count: int) -> None:
+    """Every example's scores (1e-4) and generated text alike in two harness results."""
+    for name in names:
+        mine, hf = (sorted(r["samples"][name], key=lambda s: s["doc_id"]) for r in (ours, theirs))
+        assert len(mine) == len(hf) == count
+        for a, b in zip(mine, hf, strict=True):
+            if "exact_match" in a["metrics"]:
+                assert a["resps"] == b["resps"], (a["doc"], a["resps"], b["resps"])
+                continue
+            (score_a, *greedy_a), (score_b, *greedy_b) = (np.atleast_1d(s["resps"][0][0]).tolist() for s in (a, b))
+            assert score_a == pytest.approx(score_b, abs=1e-4, rel=1e-5) and greedy_a == greedy_b, a["doc"]
+
+
+@pytest.fixture(scope="module")
+def eval_tasks(tmp_path_factory) -> str:
+    """recipes/eval_tasks.py's tasks on two plays the runs never saw, and a greedy generation task on its cloze."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra")
+    tasks = tmp_path_factory.mktemp("eval_tasks")
+    recipe = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes", "eval_tasks.py")
+    subprocess.run([sys.executable, recipe, "--out", tasks, "--plays", *shakespeare_plays()[8:10]], check=True)
+    data = json.dumps(str(tasks / "shakespeare_cloze.jsonl"))
+    (tasks / "cloze_generate.yaml").write_text(GENERATE_TASK.format(data=data))
+    return str(tasks)
+
+
+EVAL_TASKS = ["shakespeare_cloze", "shakespeare_perplexity", "cloze_generate"]
+
+
+def test_the_harness_scores_our_checkpoint_as_it_scores_the_export(sft_run, exported, eval_tasks, tmp_path):
     """lm-evaluation-harness on the checkpoint (training.evaluate's model class) and on its transformers export
     (`--model hf`, fp32): the shipped example tasks (recipes/eval_tasks.py, on two plays the run never saw: a
     cloze's log-likelihoods, rolling perplexities in windows of the model's context) and a greedy generation task
     give every example the same scores (1e-4) and the same text. training.evaluate on 2 processes (torchrun)
     gives the 1-process results."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra")
+    import lm_eval
     from conftest import python, run_process
     from lm_eval.tasks import TaskManager
 
     from training.checkpoint.weights import load_for_inference
-    from training.harness import ShardlmLM, run_tasks
     from training.report import summary
+    from training.run.harness import ShardlmLM, Tasks
 
-    recipe = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes", "eval_tasks.py")
-    tasks = tmp_path / "tasks"
-    subprocess.run([sys.executable, recipe, "--out", tasks, "--plays", *shakespeare_plays()[8:10]], check=True)
-    (tasks / "cloze_generate.yaml").write_text(GENERATE_TASK.format(data=json.dumps(str(tasks / "shakespeare_cloze.jsonl"))))
-    names = ["shakespeare_cloze", "shakespeare_perplexity", "cloze_generate"]
+    names, tasks = EVAL_TASKS, eval_tasks
     model, tokenizer = load_for_inference(sft_run, "cpu")
-    ours = run_tasks(ShardlmLM(model, tokenizer, batch_size=8), names, [str(tasks)], limit=24, num_fewshot=None)
-    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    ours = Tasks(names, [tasks]).run(ShardlmLM(model, tokenizer, batch_size=8), limit=24, num_fewshot=None)
+    manager = TaskManager(include_path=tasks, include_defaults=False)
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported},dtype=float32", tasks=names,
                                      task_manager=manager, limit=24, log_samples=True, bootstrap_iters=0, batch_size=8,
                                      device="cpu")
-    for name in names:
-        mine, hf = (sorted(r["samples"][name], key=lambda s: s["doc_id"]) for r in (ours, theirs))
-        assert len(mine) == len(hf) == 24
-        for a, b in zip(mine, hf, strict=True):
-            if name == "cloze_generate":
-                assert a["resps"] == b["resps"], (a["doc"], a["resps"], b["resps"])
-                continue
-            (score_a, *greedy_a), (score_b, *greedy_b) = (np.atleast_1d(s["resps"][0][0]).tolist() for s in (a, b))
-            assert score_a == pytest.approx(score_b, abs=1e-4, rel=1e-5) and greedy_a == greedy_b, a["doc"]
+    same_examples(ours, theirs, names, 24)
+    # in the model's chat template (shardlm's own, exported as a jinja template): the same again
+    chat = ["shakespeare_cloze", "cloze_generate"]
+    ours_chat = Tasks(chat, [tasks]).score(model, tokenizer, rank=0, world=1, batch_size=8, limit=8, num_fewshot=None,
+                                           chat=True)
+    theirs_chat = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported},dtype=float32", tasks=chat,
+                                          task_manager=manager, limit=8, log_samples=True, bootstrap_iters=0,
+                                          batch_size=8, device="cpu", apply_chat_template=True)
+    assert ours_chat["samples"]["shakespeare_cloze"][0]["arguments"][0][0].startswith("<|user|>")
+    same_examples(ours_chat, theirs_chat, chat, 8)
     assert ours["results"]["shakespeare_perplexity"]["bits_per_byte,none"] == pytest.approx(
         theirs["results"]["shakespeare_perplexity"]["bits_per_byte,none"], rel=1e-5)
 
     out = tmp_path / "two.json"
-    proc = run_process([*python(2), "-m", "training.evaluate", "--checkpoint", sft_run, "--include", str(tasks),
+    proc = run_process([*python(2), "-m", "training.evaluate", "--checkpoint", sft_run, "--include", tasks,
                         "--tasks", ",".join(names), "--limit", "24", "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|shakespeare_perplexity|" in proc.stdout and os.path.isfile(tmp_path / "two.md")
@@ -327,3 +352,28 @@ def test_the_harness_scores_our_checkpoint_as_it_scores_the_export(sft_run, expo
     shutil.copy(tmp_path / "two.md", tmp_path / "run" / "evaluations" / "step-3.md")
     report = "\n".join(summary(str(tmp_path / "run"), {}))
     assert "### lm-evaluation-harness: step-3" in report and "|shakespeare_perplexity|" in report
+
+
+def test_the_harness_inside_a_sharded_run_scores_as_training_evaluate_on_its_checkpoint(pretrain_shards, eval_tasks,
+                                                                                          tmp_path):
+    """eval.tasks in a 2-process FSDP2 run (every forward gathers the sharded weights: both ranks score their
+    shares in lockstep, fillers where one has fewer requests, generation until both are done) logs
+    eval/<task>/<metric> at eval.every and at the end, with the shipped evaluation and sample on, and its scores
+    at the end are training.evaluate's on the run's last checkpoint (one process, the whole model)."""
+    from training.checkpoint.weights import load_for_inference
+    from training.run.harness import Tasks
+
+    out = tmp_path / "run"
+    run_training(f"data.path={pretrain_shards}", "train.max_steps=4", "train.eval_every=4", "dist.backend=fsdp2",
+                 f"eval.tasks=[{','.join(EVAL_TASKS)}]", f"eval.include=[{eval_tasks}]", "eval.every=2",
+                 "eval.limit=6", f"out_dir={out}", nproc=2)
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval/shakespeare_cloze/acc" in line]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert {"eval/shakespeare_perplexity/bits_per_byte", "eval/cloze_generate/exact_match"} <= set(logged[-1])
+    assert os.path.isfile(out / "evaluations" / f"step-4.{'+'.join(EVAL_TASKS)}.json")
+    model, tokenizer = load_for_inference(str(out), "cpu")
+    alone = Tasks.metrics(Tasks(EVAL_TASKS, [eval_tasks]).score(model, tokenizer, rank=0, world=1, batch_size=8,
+                                                                 limit=6, num_fewshot=None, seed=1337))
+    assert len(alone) >= 6
+    for key, value in alone.items():
+        assert logged[-1][key] == pytest.approx(value, rel=1e-4), key

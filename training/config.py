@@ -204,6 +204,18 @@ class GRPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    """lm-evaluation-harness inside a run (docs/training.md#evaluating-with-lm-evaluation-harness)."""
+    tasks: list[str] = field(default_factory=list)    # the harness's task names, or those of include's YAML files
+    every: int = 0                                     # steps between them (0: train.eval_every's), and at the end
+    include: list[str] = field(default_factory=list)  # directories of task YAML files (local data: no network)
+    limit: float | None = None                         # examples per task (below 1: that share of them)
+    num_fewshot: int | None = None
+    chat: bool = False                                 # each request a user turn in the model's chat template
+    batch_size: int = 8                                # requests scored (or continued) together
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"
     seed: int = 1337
@@ -216,6 +228,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -273,6 +286,8 @@ def validate(cfg: Config) -> list[str]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
+    if cfg.eval.every < 0 or cfg.eval.batch_size < 1:
+        problems.append("eval.every: must be 0 (train.eval_every's steps) or positive; eval.batch_size at least 1")
     if not 0 <= cfg.data.val_fraction < 1:
         problems.append("data.val_fraction: must be in [0, 1)")
     if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.init_from:  # init_from's context is checked when read

@@ -1,7 +1,7 @@
 """EleutherAI's lm-evaluation-harness on a run, a checkpoint or a transformers directory, without exporting it.
 
     python -m training.evaluate --checkpoint RUN_OR_DIR --tasks T1,T2 [--include DIR] [--limit N]
-                                [--num-fewshot K] [--batch-size B] [--seed S] [--out FILE]
+                                [--num-fewshot K] [--apply-chat-template] [--batch-size B] [--seed S] [--out FILE]
     torchrun --nproc_per_node N -m training.evaluate ...
 
 Tasks are the harness's (by name, or a group) and those of the YAML files under each --include directory: a task
@@ -14,13 +14,10 @@ evaluations/step-N.TASKS.json) and its table beside it (.md), and prints the tab
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 
 from preprocess.errors import UserError, exit_code
-from preprocess.fileio import atomic_write
 
 from .checkpoint.weights import load_for_inference, resolve
 from .parallel import env as D
@@ -37,9 +34,7 @@ def default_out(checkpoint: str, tasks: list[str]) -> str:
 
 def run_evaluate(args) -> str | None:
     try:
-        from lm_eval.utils import handle_non_serializable, make_table  # lm-eval: the optional extra "eval"
-
-        import training.harness as harness  # our model class, a subclass of lm-eval's: only with the extra
+        import training.run.harness as harness  # our model class, a subclass of lm-eval's: the optional extra "eval"
     except ImportError as e:
         raise UserError(f"lm-evaluation-harness is not installed ({e}); pip install -e '.[eval]'") from None
 
@@ -48,18 +43,17 @@ def run_evaluate(args) -> str | None:
     try:
         checkpoint = D.from_rank0(env, lambda: resolve(args.checkpoint))
         out = args.out or D.from_rank0(env, lambda: default_out(checkpoint, tasks))
-        harness.task_paths(args.include)
+        if not args.verbose:
+            harness.quiet()
+        found = harness.Tasks(tasks, args.include)
         model, tokenizer = load_for_inference(checkpoint, str(env.device))
-        lm = harness.ShardlmLM(model, tokenizer, args.batch_size, env.rank, env.world_size, args.seed)
-        results = harness.run_tasks(lm, tasks, args.include, args.limit, args.num_fewshot, args.seed)
+        results = found.score(model, tokenizer, rank=env.rank, world=env.world_size, batch_size=args.batch_size,
+                              limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,
+                              chat=args.apply_chat_template)
         if not env.is_main:
             return None
         results["shardlm"] = {"checkpoint": checkpoint, "processes": env.world_size}
-        table = make_table(results)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        atomic_write(out, json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False).encode())
-        atomic_write(os.path.splitext(out)[0] + ".md", table.encode())
-        return f"{table}\n{out}"
+        return f"{found.save(results, out)}\n{out}"
     finally:
         D.shutdown(env)
 
@@ -75,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=float, default=None,
                    help="examples per task (a fraction below 1: that share of them)")
     p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="each request as a user turn in the model's chat template (few-shot examples as earlier turns)")
     p.add_argument("--batch-size", type=int, default=8, help="requests scored (or continued) together")
     p.add_argument("--seed", type=int, default=0, help="of the few-shot examples' choice and of sampled generations")
     p.add_argument("--out", default=None, help="the results' JSON file (default: RUN/evaluations/step-N.TASKS.json)")
@@ -83,7 +79,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
-    logging.getLogger("lm_eval").setLevel(logging.INFO if args.verbose else logging.WARNING)
 
     def run() -> None:
         line = run_evaluate(args)

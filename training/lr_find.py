@@ -193,7 +193,7 @@ def sweep_overrides(args, out: str) -> list[str]:
     return [f"out_dir={out}", "train.schedule=range_test", f"train.lr={args.max_lr}",
             f"train.min_lr_ratio={args.min_lr / args.max_lr}", "train.warmup_steps=0", f"train.max_steps={args.steps}",
             "train.eval_every=0", "log.every=1",
-            f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null"]
+            f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null", "eval.tasks=[]"]
 
 
 def fixed_overrides(args, cfg, out: str, lr: float) -> list[str]:
@@ -201,7 +201,7 @@ def fixed_overrides(args, cfg, out: str, lr: float) -> list[str]:
     warmup = round(cfg.train.warmup_steps * args.steps / max(1, cfg.train.max_steps))
     return [f"out_dir={out}", f"train.lr={lr}", f"train.max_steps={args.steps}", f"train.warmup_steps={warmup}",
             f"train.eval_every={args.steps if cfg.data.val_fraction else 0}", "log.every=1",
-            f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null"]
+            f"train.max_nonfinite_steps={args.steps + 1}", "train.sample_prompt=null", "eval.tasks=[]"]
 
 
 def records(out: str, key: str) -> list[dict]:

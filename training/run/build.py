@@ -37,6 +37,7 @@ from ..parallel.backends import backend_class
 from ..parallel.base import Backend
 from ..stages.base import Stage
 from . import rundir
+from .evaluation import harness_tasks
 from .hooks import Hooks
 from .metrics import MetricsLog, require_wandb
 
@@ -58,6 +59,7 @@ class Run:
     config_yaml: str
     hooks: Hooks
     data: Any = None
+    tasks: Any = None                     # eval.tasks found (run/harness.py's Tasks), or None
     checkpoints: Checkpoints | None = None
     log: MetricsLog | None = None
 
@@ -87,6 +89,7 @@ def check(stage: Stage, cfg: Config) -> None:
 def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     """Data, starting point, model, backend and train state of a fresh or resumed run."""
     sources, names, weights = open_data(stage, cfg, env)
+    tasks = harness_tasks(cfg)  # before any work: lm-eval missing or an unknown task is one line
     start = starting_point(cfg, sources[0], env)
     cfg = dataclasses.replace(cfg, model=start.model_cfg)
     precision = resolve_precision(cfg.train.precision, env.device)
@@ -129,7 +132,7 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     config_yaml = open(os.path.join(cfg.out_dir, "config.yaml")).read()
     r = Run(stage, cfg, env, plan, state, start.saved is not None, sources, names, mixture, backend, autocast,
             config_yaml, hooks)
-    r.data = stage.make_data(r)
+    r.data, r.tasks = stage.make_data(r), tasks
     if start.saved and start.saved.packing_cursor and r.data.packing is not None:
         r.data.packing.start_at(start.saved.packing_cursor)
     r.checkpoints = Checkpoints(env, cfg.out_dir, backend, config_yaml, tokenizer_file(cfg.out_dir),

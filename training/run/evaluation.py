@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from preprocess.chat import Turn
+from preprocess.errors import UserError
 from preprocess.tokenizer import TextTokenizer, token_bytes, tokenizer_file
 
 from ..data.batch import IGNORE
@@ -56,6 +57,46 @@ def evaluate(run, step: int) -> None:
         values.update({f"val_{k}": v for k, v in stage.evaluation_metrics().items()})
         if values:
             run.log.eval_step(step, values, sample)
+
+
+def harness_tasks(cfg):
+    """eval.tasks, found before the first step: lm-eval missing or an unknown task is one line now, not at the first
+    evaluation. None without tasks."""
+    if not cfg.eval.tasks:
+        return None
+    try:
+        import training.run.harness as harness  # lm-eval is the optional extra "eval"
+    except ImportError as e:
+        raise UserError(f"eval.tasks: lm-evaluation-harness is not installed ({e}); pip install -e '.[eval]'") from None
+    harness.quiet()
+    return harness.Tasks(cfg.eval.tasks, cfg.eval.include, ("eval.tasks", "eval.include"))
+
+
+def harness_due(cfg, step: int) -> bool:
+    every = cfg.eval.every or cfg.train.eval_every
+    return bool(cfg.eval.tasks) and ((every and step % every == 0) or step == cfg.train.max_steps)
+
+
+@torch.no_grad()
+def harness_evaluation(run, step: int) -> None:
+    """eval.tasks at `step` on the model as it trains (the bare module, eval mode, under the run's autocast), every
+    rank scoring its share in lockstep; eval/<task>/<metric> logged, and rank 0 writes the harness's results to
+    evaluations/step-N.TASKS.json. The run's random generators are left alone."""
+    cfg, env, model = run.cfg, run.env, run.model
+    with run.log.paused():
+        model.eval()
+        try:
+            with run.autocast:
+                results = run.tasks.score(model, text_tokenizer(tokenizer_file(cfg.out_dir)), rank=env.rank,
+                                          world=env.world_size, batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
+                                          num_fewshot=cfg.eval.num_fewshot, seed=cfg.seed, reseed=False,
+                                          chat=cfg.eval.chat)
+        finally:
+            model.train()
+        if env.is_main:
+            name = f"step-{step}.{'+'.join(cfg.eval.tasks)}.json"
+            run.tasks.save(results, os.path.join(cfg.out_dir, "evaluations", name))
+            run.log.eval_step(step, run.tasks.metrics(results), None)
 
 
 def validation_metrics(sums: torch.Tensor, names: list[str], token_loss: bool) -> dict[str, float]:

@@ -29,7 +29,7 @@ from ..parallel.base import Backend
 from ..stages.base import Stage
 from . import rundir
 from .build import Run, build, check
-from .evaluation import evaluate
+from .evaluation import evaluate, harness_due, harness_evaluation
 from .hooks import Hooks
 from .reader import StepReader
 from .signals import Stopped, StopSignal
@@ -141,6 +141,9 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
         if evaluates:
             reader.settle()  # evaluation reads the data too
             evaluate(r, step=done)
+        if harness_due(cfg, done):
+            reader.settle()
+            harness_evaluation(r, done)
         if not cycle_ends:
             continue
         # every rank stops at the same step boundary (several processes: a host-side exchange at each, which

@@ -142,7 +142,7 @@ class MetricsLog:
                   "tokens/s", flush=True)
 
     def eval_step(self, step: int, values: dict[str, float], sample: str | None) -> None:
-        """values: val_loss and its kin (val_loss/<source>, val_bpb)."""
+        """values: val_loss and its kin (val_loss/<source>, val_bpb), or the harness's eval/<task>/<metric>."""
         if not self.env.is_main:
             return
         record = {"step": step, **values}
@@ -154,7 +154,8 @@ class MetricsLog:
                 except OSError as e:
                     self._drop_tensorboard(e, step)
         self._write(record)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k)
+        top = [k for k in values if "/" not in k] or list(values)  # val_loss, else (the harness's) every value
+        shown = ", ".join(f"{k} {values[k]:.4f}" for k in top)
         message = f"step {step}: {shown}" + (f"\n{sample}" if sample else "")
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message)
