@@ -1,4 +1,4 @@
-"""Two small lm-evaluation-harness tasks on data the demos use, as local files (no hub, no network):
+"""Three small lm-evaluation-harness tasks on data the demos use, as local files (no hub, no network):
 
     python recipes/eval_tasks.py --out evals [--plays PLAY.md ...] [--poems TANG_DIR]
     python -m training.evaluate --checkpoint RUN --include evals --tasks shakespeare_cloze,shakespeare_perplexity

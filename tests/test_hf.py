@@ -298,10 +298,14 @@ def eval_tasks(tmp_path_factory) -> str:
     subprocess.run([sys.executable, recipe, "--out", tasks, "--plays", *shakespeare_plays()[8:10]], check=True)
     data = json.dumps(str(tasks / "shakespeare_cloze.jsonl"))
     (tasks / "cloze_generate.yaml").write_text(GENERATE_TASK.format(data=data))
+    sampled = GENERATE_TASK.format(data=data).replace("cloze_generate", SAMPLED).replace(
+        "max_gen_toks: 6, do_sample: false", "max_gen_toks: 4, do_sample: true, temperature: 1.0")
+    (tasks / f"{SAMPLED}.yaml").write_text(sampled)
     return str(tasks)
 
 
 EVAL_TASKS = ["shakespeare_cloze", "shakespeare_perplexity", "cloze_generate"]
+SAMPLED = "cloze_sample"  # generations drawn at temperature 1: the same on any number of processes
 
 
 def test_the_harness_scores_our_checkpoint_as_it_scores_the_export(sft_run, exported, eval_tasks, tmp_path):
@@ -320,7 +324,9 @@ def test_the_harness_scores_our_checkpoint_as_it_scores_the_export(sft_run, expo
 
     names, tasks = EVAL_TASKS, eval_tasks
     model, tokenizer = load_for_inference(sft_run, "cpu")
-    ours = Tasks(names, [tasks]).run(ShardlmLM(model, tokenizer, batch_size=8), limit=24, num_fewshot=None)
+    # with a sampled task beside the greedy one: each request decoded by its own settings
+    ours = Tasks([*names, SAMPLED], [tasks]).run(ShardlmLM(model, tokenizer, batch_size=8), limit=24, num_fewshot=None)
+    assert ours["samples"][SAMPLED][0]["resps"] != ours["samples"]["cloze_generate"][0]["resps"]
     manager = TaskManager(include_path=tasks, include_defaults=False)
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported},dtype=float32", tasks=names,
                                      task_manager=manager, limit=24, log_samples=True, bootstrap_iters=0, batch_size=8,
@@ -340,40 +346,49 @@ def test_the_harness_scores_our_checkpoint_as_it_scores_the_export(sft_run, expo
 
     out = tmp_path / "two.json"
     proc = run_process([*python(2), "-m", "training.evaluate", "--checkpoint", sft_run, "--include", tasks,
-                        "--tasks", ",".join(names), "--limit", "24", "--out", str(out)], timeout=300)
+                        "--tasks", ",".join([*names, SAMPLED]), "--limit", "24", "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "|shakespeare_perplexity|" in proc.stdout and os.path.isfile(tmp_path / "two.md")
     two = json.loads(out.read_text())
-    for name in names:
+    assert [s["resps"] for s in sorted(two["samples"][SAMPLED], key=lambda s: s["doc_id"])] == \
+        [s["resps"] for s in sorted(ours["samples"][SAMPLED], key=lambda s: s["doc_id"])]
+    for name in [*names, SAMPLED]:
         for metric, value in ours["results"][name].items():
             if isinstance(value, float):
                 assert two["results"][name][metric] == pytest.approx(value, rel=1e-6), (name, metric)
     (tmp_path / "run" / "evaluations").mkdir(parents=True)  # where training.evaluate writes for a run's checkpoint
-    shutil.copy(tmp_path / "two.md", tmp_path / "run" / "evaluations" / "step-3.md")
+    for step in (3, 12):  # the run's evaluations at two steps: the report shows the latest
+        shutil.copy(tmp_path / "two.md", tmp_path / "run" / "evaluations" / f"step-{step}.cloze.md")
     report = "\n".join(summary(str(tmp_path / "run"), {}))
-    assert "### lm-evaluation-harness: step-3" in report and "|shakespeare_perplexity|" in report
+    assert "### lm-evaluation-harness: step-12.cloze" in report and "|shakespeare_perplexity|" in report
+    assert "step-3.cloze" not in report
 
 
 def test_the_harness_inside_a_sharded_run_scores_as_training_evaluate_on_its_checkpoint(pretrain_shards, eval_tasks,
                                                                                           tmp_path):
     """eval.tasks in a 2-process FSDP2 run (every forward gathers the sharded weights: both ranks score their
-    shares in lockstep, fillers where one has fewer requests, generation until both are done) logs
-    eval/<task>/<metric> at eval.every and at the end, with the shipped evaluation and sample on, and its scores
-    at the end are training.evaluate's on the run's last checkpoint (one process, the whole model)."""
+    shares in lockstep — 5 examples a task, so one rank has fewer and runs fillers; generation tasks of 6 and 4
+    new tokens — and generate until both are done) logs eval/<task>/<metric> at eval.every and at the end, with the
+    shipped evaluation and sample on; its scores at the end are training.evaluate's on the run's last checkpoint
+    (one process, the whole model), and its losses are a run's without eval.tasks: the evaluation disturbs
+    nothing the training draws."""
     from training.checkpoint.weights import load_for_inference
     from training.run.harness import Tasks
 
+    names = [*EVAL_TASKS, SAMPLED]
+    common = [f"data.path={pretrain_shards}", "train.max_steps=4", "train.eval_every=4", "dist.backend=fsdp2"]
+    run_training(*common, f"eval.tasks=[{','.join(names)}]", f"eval.include=[{eval_tasks}]", "eval.every=2",
+                 "eval.limit=5", f"out_dir={tmp_path / 'run'}", nproc=2)
+    run_training(*common, f"out_dir={tmp_path / 'plain'}", nproc=2)
     out = tmp_path / "run"
-    run_training(f"data.path={pretrain_shards}", "train.max_steps=4", "train.eval_every=4", "dist.backend=fsdp2",
-                 f"eval.tasks=[{','.join(EVAL_TASKS)}]", f"eval.include=[{eval_tasks}]", "eval.every=2",
-                 "eval.limit=6", f"out_dir={out}", nproc=2)
+    assert losses(out) == losses(tmp_path / "plain") and len(losses(out)) == 4
     logged = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval/shakespeare_cloze/acc" in line]
     assert [r["step"] for r in logged] == [2, 4]
-    assert {"eval/shakespeare_perplexity/bits_per_byte", "eval/cloze_generate/exact_match"} <= set(logged[-1])
-    assert os.path.isfile(out / "evaluations" / f"step-4.{'+'.join(EVAL_TASKS)}.json")
+    assert {"eval/shakespeare_perplexity/bits_per_byte", f"eval/{SAMPLED}/exact_match"} <= set(logged[-1])
+    assert os.path.isfile(out / "evaluations" / f"step-4.{'+'.join(names)}.json")
     model, tokenizer = load_for_inference(str(out), "cpu")
-    alone = Tasks.metrics(Tasks(EVAL_TASKS, [eval_tasks]).score(model, tokenizer, rank=0, world=1, batch_size=8,
-                                                                 limit=6, num_fewshot=None, seed=1337))
-    assert len(alone) >= 6
+    alone = Tasks.metrics(Tasks(names, [eval_tasks]).score(model, tokenizer, rank=0, world=1, batch_size=8, limit=5,
+                                                           num_fewshot=None, seed=1337))
+    assert len(alone) >= 7
     for key, value in alone.items():
         assert logged[-1][key] == pytest.approx(value, rel=1e-4), key

@@ -103,8 +103,12 @@ def test_across_stage_boundaries_one_by_four_is_two_by_two_and_a_resume_is_exact
     assert shares[0] == shares[1] and [shares[0][s] for s in (1, 2, 3, 7, 8)] == [1, 1, 1, 0.5, 0.5]
     assert 1 > shares[0][4] > shares[0][5] > shares[0][6] > 0.25
 
+    wider = run_training(data, f"data.schedule=[{stages}]", "train.max_steps=9", "train.micro_batch_size=8",
+                         f"out_dir={tmp_path / 'two'}", check=False)
+    assert wider.returncode == 1 and "resume with the checkpoint's global batch of 16 (this run's is 8)" in wider.stderr
     earlier = f"data.schedule=[{stages.replace('until_step: 3', 'until_step: 2')}]"
-    proc = run_training(data, earlier, "train.max_steps=9", f"out_dir={tmp_path / 'two'}", check=False)
+    proc = run_training(data, earlier, "train.max_steps=9", "train.grad_accum=4", f"out_dir={tmp_path / 'two'}",
+                        check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "read 128 samples of its data mixed as from sample 0: 1, 0; from sample 48:" in proc.stderr
     assert "the schedule may change only after that point" in proc.stderr
@@ -112,3 +116,13 @@ def test_across_stage_boundaries_one_by_four_is_two_by_two_and_a_resume_is_exact
     described = describe(load_config(TINY_CONFIG, [data, f"data.schedule=[{stages}]", "train.max_steps=8",
                                                    "train.micro_batch_size=8"]))
     assert "  steps 3–6 (linear anneal): a 100% → 25%: " in described and "  steps 6–8: a 50%: 8 samples" in described
+
+
+def test_a_schedule_is_refused_with_packing(chat_shards):
+    """With packing a step reads rows of several examples, while the stages are placed in the examples' order."""
+    from conftest import SFT_CONFIG
+
+    cfg = load_config(SFT_CONFIG, [f"data.path={chat_shards['sft']}", "data.packing=true",
+                                   "data.schedule=[{weights: {sft: 1}}]", "init_from=null"])
+    with pytest.raises(UserError, match="^data.schedule: not with data.packing"):
+        describe(cfg)

@@ -286,8 +286,12 @@ def validate(cfg: Config) -> list[str]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             problems.append(f"{key}: must be at least 1")
-    if cfg.eval.every < 0 or cfg.eval.batch_size < 1:
-        problems.append("eval.every: must be 0 (train.eval_every's steps) or positive; eval.batch_size at least 1")
+    if cfg.eval.every < 0:
+        problems.append("eval.every: must be 0 (train.eval_every's steps) or positive")
+    if cfg.eval.batch_size < 1:
+        problems.append("eval.batch_size: must be at least 1")
+    if cfg.eval.limit is not None and not cfg.eval.limit > 0:
+        problems.append("eval.limit: examples per task (at least 1), or a share of them (above 0 and below 1)")
     if not 0 <= cfg.data.val_fraction < 1:
         problems.append("data.val_fraction: must be in [0, 1)")
     if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.init_from:  # init_from's context is checked when read

@@ -8,7 +8,7 @@ Tasks are the harness's (by name, or a group) and those of the YAML files under 
 whose `dataset_path: json` points at local files (`dataset_kwargs: {data_files: ...}`) needs no network
 (recipes/eval_tasks.py writes two). Every process loads the whole model and scores its share of the requests;
 rank 0 writes the harness's results with every example's scores to OUT (default: the run's
-evaluations/step-N.TASKS.json) and its table beside it (.md), and prints the table.
+evaluations/evaluate-step-N.TASKS.json) and its table beside it (.md), and prints the table.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from .parallel import env as D
 
 def default_out(checkpoint: str, tasks: list[str]) -> str:
     """RUN/evaluations/step-N.TASKS.json for a run's checkpoint; elsewhere --out is needed."""
-    parent = os.path.dirname(os.path.abspath(checkpoint))
+    checkpoint = os.path.abspath(checkpoint)
+    parent = os.path.dirname(checkpoint)
     if os.path.basename(parent) != "checkpoints":
         raise UserError(f"{checkpoint}: not a checkpoint of a run; give --out FILE for its results")
-    name = f"{os.path.basename(checkpoint)}.{'+'.join(tasks)}.json"
+    name = f"evaluate-{os.path.basename(checkpoint)}.{'+'.join(tasks)}.json"  # beside the run's own step-N.*
     return os.path.join(os.path.dirname(parent), "evaluations", name)
 
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                    help="each request as a user turn in the model's chat template (few-shot examples as earlier turns)")
     p.add_argument("--batch-size", type=int, default=8, help="requests scored (or continued) together")
     p.add_argument("--seed", type=int, default=0, help="of the few-shot examples' choice and of sampled generations")
-    p.add_argument("--out", default=None, help="the results' JSON file (default: RUN/evaluations/step-N.TASKS.json)")
+    p.add_argument("--out", default=None, help="the results' JSON file (default: RUN/evaluations/evaluate-step-N.TASKS.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--verbose", action="store_true", help="the harness's own log lines")
     args = p.parse_args(argv)

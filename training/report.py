@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 from preprocess.errors import UserError, exit_code
@@ -90,9 +91,22 @@ def summary(run_dir: str, series: dict) -> list[str]:
     if mixture := sorted(k for k in series if k.startswith("mixture/")):
         lines.append("- data mixture, the last logged interval: " + ", ".join(
             f"{k.removeprefix('mixture/')} {100 * last(k):.1f}%" for k in mixture))
-    for table in sorted(glob.glob(os.path.join(run_dir, "evaluations", "*.md"))):  # training.evaluate's
+    for table in latest_tables(os.path.join(run_dir, "evaluations")):
         lines += ["", f"### lm-evaluation-harness: {os.path.basename(table)[:-3]}", "", open(table).read().strip()]
     return lines + [""]
+
+
+def latest_tables(folder: str) -> list[str]:
+    """The harness's tables of a run (evaluations/: in-run step-N.TASKS.md, training.evaluate's
+    evaluate-step-N.TASKS.md): the latest step's of each kind and task set."""
+    latest: dict[tuple[str, str], tuple[int, str]] = {}
+    for path in glob.glob(os.path.join(folder, "*.md")):
+        m = re.match(r"(.*?)step-(\d+)\.(.*)\.md$", os.path.basename(path))
+        kind = (m[1], m[3]) if m else (os.path.basename(path), "")
+        step = int(m[2]) if m else 0
+        if kind not in latest or step > latest[kind][0]:
+            latest[kind] = (step, path)
+    return [path for _, path in sorted(latest.values())]
 
 
 def short_names(paths: list[str]) -> dict[str, str]:

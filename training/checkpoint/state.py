@@ -116,6 +116,8 @@ def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init
     """One line naming the first setting that differs from the checkpoint's, old → new, and the way out.
     init_from may name the starting run another way: its run directory or the checkpoint the run started from.
     The data mixture is compared over the `consumed` positions read: a schedule may change where it is ahead."""
+    if "data.mixture" not in saved and "data" in saved:  # from before data.mixture: its weights, from the start
+        saved = {**saved, "data.mixture": [[0, [round(d["weight"], 12) for d in saved["data"]]]]}
     saved = {**RECORDED_LATER, **saved}
     for key, new in current.items():
         if key not in saved:  # a checkpoint from before this setting was recorded
@@ -133,9 +135,8 @@ def check_identity(saved: dict, current: dict, ckpt_dir: str, out_dir: str, init
             started = os.path.realpath(init_from["path"])
             if new in (old, started) or started.startswith(new.rstrip("/") + os.sep):
                 continue
-        if key == "data":  # the weights too, for a checkpoint from before data.mixture took them over
-            fields = ("content",) if "data.mixture" in saved else ("content", "weight")
-            same = [[d[f] for f in fields] for d in old] == [[d[f] for f in fields] for d in new]
+        if key == "data":  # their weights are data.mixture's to compare
+            same = [d["content"] for d in old] == [d["content"] for d in new]
             if same:
                 continue
             old, new = _describe_data(old), _describe_data(new)

@@ -115,11 +115,6 @@ class Mixture:
                 pieces.append((start, w))
         return cls(tuple(p for p, _ in pieces), tuple(w for _, w in pieces))
 
-    def before(self, position: int) -> Mixture:
-        """The pieces that decide positions [0, position): what a resume must find unchanged."""
-        kept = sum(1 for start in self.starts if start < position)
-        return Mixture(self.starts[:kept], self.weights[:kept])
-
 
 class SampleOrder:
     """Global sample index → (source, sample) for weighted mixing of sources, every source reshuffled each epoch.

@@ -89,7 +89,7 @@ def check(stage: Stage, cfg: Config) -> None:
 def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
     """Data, starting point, model, backend and train state of a fresh or resumed run."""
     sources, names, weights = open_data(stage, cfg, env)
-    tasks = harness_tasks(cfg)  # before any work: lm-eval missing or an unknown task is one line
+    tasks = harness_tasks(cfg, env)  # before any work: lm-eval missing, an unknown task is one line
     start = starting_point(cfg, sources[0], env)
     cfg = dataclasses.replace(cfg, model=start.model_cfg)
     precision = resolve_precision(cfg.train.precision, env.device)
@@ -100,7 +100,7 @@ def build(stage: Stage, cfg: Config, env: D.DistEnv, hooks: Hooks) -> Run:
         torch.backends.cudnn.allow_tf32 = True        # train.precision=fp32 asked by name keeps them exact
     plan = stage.batch_plan(env.world_size, env.rank)
     backend = backend_class(cfg.dist.backend)(cfg, env, plan, precision)
-    mixture = data_mixture(cfg, weights, plan, stage)
+    mixture = data_mixture(cfg, weights, plan, stage, start.saved)
     identity = run_identity(stage.name, cfg, list(zip(sources, weights, strict=True)), mixture, start.model_cfg,
                             backend.identity(), stage.identity())
     if start.saved:
@@ -165,11 +165,20 @@ def step_position(step: int, plan: BatchPlan, stage: Stage) -> int:
     return -(-step // stage.steps_per_batch) * plan.global_batch
 
 
-def data_mixture(cfg: Config, weights: list[float], plan: BatchPlan, stage: Stage) -> Mixture:
-    """data.path's weights, or data.schedule's stages placed in the global order."""
+def data_mixture(cfg: Config, weights: list[float], plan: BatchPlan, stage: Stage, saved: TrainState | None = None
+                 ) -> Mixture:
+    """data.path's weights, or data.schedule's stages placed in the global order. A schedule places its stages by
+    the global batch, so a resume keeps it; with packing the order's positions are examples while a step reads
+    rows of several, so a schedule is refused there."""
     schedule = data_schedule(cfg.data)
     if schedule is None:
         return Mixture.constant(weights)
+    if cfg.data.packing_window() and stage.packs and stage.packs_examples:
+        raise UserError("data.schedule: not with data.packing (a step reads packed rows, the stages are placed in "
+                        "the examples' order); pack without a schedule, or schedule without packing")
+    if saved is not None and saved.plan().global_batch != plan.global_batch:
+        raise UserError(f"data.schedule places its stages at step x the global batch: resume with the checkpoint's "
+                        f"global batch of {saved.plan().global_batch:,} (this run's is {plan.global_batch:,})")
     return Mixture.scheduled(schedule, lambda step: step_position(step, plan, stage))
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 
 from preprocess.chat import Turn
-from preprocess.errors import UserError
+from preprocess.errors import UserError, environment_error
 from preprocess.tokenizer import TextTokenizer, token_bytes, tokenizer_file
 
 from ..data.batch import IGNORE
@@ -59,17 +60,25 @@ def evaluate(run, step: int) -> None:
             run.log.eval_step(step, values, sample)
 
 
-def harness_tasks(cfg):
-    """eval.tasks, found before the first step: lm-eval missing or an unknown task is one line now, not at the first
-    evaluation. None without tasks."""
+def harness_tasks(cfg, env):
+    """eval.tasks, found and their data loaded on every rank before the first step: lm-eval missing, an unknown
+    task or data that cannot be read is one line, on every rank if on any. None without tasks."""
     if not cfg.eval.tasks:
         return None
+    tasks, problem = None, None
     try:
-        import training.run.harness as harness  # lm-eval is the optional extra "eval"
-    except ImportError as e:
-        raise UserError(f"eval.tasks: lm-evaluation-harness is not installed ({e}); pip install -e '.[eval]'") from None
-    harness.quiet()
-    return harness.Tasks(cfg.eval.tasks, cfg.eval.include, ("eval.tasks", "eval.include"))
+        try:
+            import training.run.harness as harness  # lm-eval is the optional extra "eval"
+        except ImportError as e:
+            raise UserError(f"eval.tasks: lm-evaluation-harness is not installed ({e}); pip install -e '.[eval]'") \
+                from None
+        harness.quiet()
+        tasks = harness.Tasks(cfg.eval.tasks, cfg.eval.include, ("eval.tasks", "eval.include"))
+    except UserError as e:
+        problem = str(e)
+    if int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device))):
+        raise UserError(problem or "eval.tasks: another rank could not load the tasks (its line is above)")
+    return tasks
 
 
 def harness_due(cfg, step: int) -> bool:
@@ -80,8 +89,9 @@ def harness_due(cfg, step: int) -> bool:
 @torch.no_grad()
 def harness_evaluation(run, step: int) -> None:
     """eval.tasks at `step` on the model as it trains (the bare module, eval mode, under the run's autocast), every
-    rank scoring its share in lockstep; eval/<task>/<metric> logged, and rank 0 writes the harness's results to
-    evaluations/step-N.TASKS.json. The run's random generators are left alone."""
+    rank given every request and scoring its share in lockstep; eval/<task>/<metric> logged, and rank 0 writes the
+    harness's results to evaluations/step-N.TASKS.json. The run's random generators are left alone. A task that
+    fails (its template refuses a chat, a full disk) fails alike on every rank, which say so and train on."""
     cfg, env, model = run.cfg, run.env, run.model
     with run.log.paused():
         model.eval()
@@ -91,12 +101,16 @@ def harness_evaluation(run, step: int) -> None:
                                           world=env.world_size, batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
                                           num_fewshot=cfg.eval.num_fewshot, seed=cfg.seed, reseed=False,
                                           chat=cfg.eval.chat)
+            if env.is_main:
+                run.log.eval_step(step, run.tasks.metrics(results), None)
+                name = f"step-{step}.{'+'.join(cfg.eval.tasks)}.json"
+                run.tasks.save(results, os.path.join(cfg.out_dir, "evaluations", name))
+        except (UserError, OSError) as e:
+            if env.is_main:
+                why = str(e) if isinstance(e, UserError) else environment_error(e)
+                print(f"warning: eval.tasks at step {step}: {why}; training goes on", file=sys.stderr, flush=True)
         finally:
             model.train()
-        if env.is_main:
-            name = f"step-{step}.{'+'.join(cfg.eval.tasks)}.json"
-            run.tasks.save(results, os.path.join(cfg.out_dir, "evaluations", name))
-            run.log.eval_step(step, run.tasks.metrics(results), None)
 
 
 def validation_metrics(sums: torch.Tensor, names: list[str], token_loss: bool) -> dict[str, float]:

@@ -5,10 +5,10 @@ The harness's own TemplateLM does what transformers' models do before the model 
 continuation split at the same tokens, an empty context conditioned on the tokenizer's bos (else eos), rolling
 windows for perplexities cut by its own helpers — so a task scores our checkpoint as `lm_eval --model hf` scores
 its export. What is ours: the forwards (the output layer run only at the positions scored), batches of
-requests of similar length, greedy or sampled generation with our KV cache, and several processes, each
-scoring its share of the requests (the harness splits them and gathers the metrics through this class). With
-several processes every one runs as many forwards as the others (filler batches where it has fewer, generation
-until every process is done): a sharded model (ZeRO-3, FSDP2) gathers its weights in each forward.
+requests of similar length, greedy or sampled generation with our KV cache, and several processes: each is given
+every request, scores every world-th one and gathers the others' scores, so the harness runs alike everywhere.
+Every process runs as many forwards as the others (filler batches where it has fewer, generation until every
+process is done): a sharded model (ZeRO-3, FSDP2) gathers its weights in each forward.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 
 import datasets
@@ -23,7 +24,8 @@ import lm_eval
 import torch
 import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
-from lm_eval.tasks import TaskManager
+from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.tasks import TaskManager, get_task_dict
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 
 from preprocess.chat_template import ModelTemplate
@@ -53,7 +55,11 @@ class ChatText:
         if isinstance(turns, Bad):
             raise UserError(f"a task's chat history cannot be rendered ({turns.detail or turns.reason})")
         if isinstance(self.template, ModelTemplate):
-            return self.template.render(self.template.messages(turns), True)
+            try:
+                return self.template.render(self.template.messages(turns), True)
+            except Exception as e:  # the template refuses these turns (its raise_exception)
+                raise UserError(f"{self.template.where}: the chat template refused a task's chat history "
+                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         return "".join(f"{self.symbols[t.role]}{t.text}{self.end}" for t in turns) + self.symbols["assistant"]
 
     def encode(self, text: str) -> list[int]:
@@ -67,14 +73,17 @@ class ChatText:
 
 class ShardlmLM(TemplateLM):
     """lm_eval's model interface on a Transformer (eval mode, its weights whole on this process) and its
-    TextTokenizer. rank/world: this process's share of the requests (the harness pads the shares to one count)."""
+    TextTokenizer. rank/world: this process's share of the requests, scored by it alone."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, rank: int = 0, world: int = 1, seed: int = 0,
                  chat: bool = False):
         super().__init__()
         self.model, self.tok, self.batch_size, self.seed = model, tokenizer, batch_size, seed
         self.chat = ChatText(tokenizer) if chat else None
-        self._rank, self._world_size = rank, world
+        # every process is given every request and scores its share (shard::shards), then the shares are gathered:
+        # the harness sees one process (rank 0 of 1), so every process runs its methods alike, with the same
+        # collectives, whatever share of a task's examples it would otherwise have had (none, for some)
+        self.shard, self.shards = rank, world
         self._device = next(model.parameters()).device
         special = tokenizer.info.special_ids
         self._prefix = special.get("bos", special["eos"])
@@ -124,35 +133,40 @@ class ShardlmLM(TemplateLM):
     def tok_decode(self, ids) -> str:
         return self.tok.decode(ids)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or QUIET[0])
+
     # ---------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of log p(continuation), whether greedy decoding gives it) of each (key, context ids, continuation
-        ids), the context cut from the left to the model's context; requests of similar length batched, rows
-        padded after their tokens (causal: nothing real attends to the padding)."""
+        ids), the context cut from the left to the model's context: this process's share (every world-th request),
+        requests of similar length batched, rows padded after their tokens (causal: nothing real attends to the
+        padding); every process's results, gathered."""
         rows = []
         for _, context, continuation in requests:
+            if len(continuation) > self.max_length:
+                raise UserError(f"a continuation of {len(continuation):,} tokens is longer than the model's context "
+                                f"({self.max_length:,})")
             whole = (context + continuation)[-(self.max_length + 1):]
             rows.append((whole[:-1], len(continuation), continuation))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        results: list[tuple[float, bool] | None] = [None] * len(rows)
-        for at in range(0, self.most(len(order)), self.batch_size):
-            batch = [rows[i] for i in order[at:at + self.batch_size]] or [([self.tok.eos_id], 1, [self.tok.eos_id])]
+        mine = sorted(range(self.shard, len(rows), self.shards), key=lambda i: -len(rows[i][0]))
+        results: dict[int, tuple[float, bool]] = {}
+        for at in range(0, self.most(len(mine)), self.batch_size):
+            batch = [rows[i] for i in mine[at:at + self.batch_size]] or [([self.tok.eos_id], 1, [self.tok.eos_id])]
             width = max(len(inputs) for inputs, _, _ in batch)
             tokens = torch.full((len(batch), width), self.tok.eos_id, dtype=torch.long)
             keep = torch.zeros((len(batch), width), dtype=torch.bool)
             for r, (inputs, n, _) in enumerate(batch):
                 tokens[r, :len(inputs)] = torch.tensor(inputs)
                 keep[r, len(inputs) - n:len(inputs)] = True
-            logits = self.model(tokens.to(self.device), keep=keep.to(self.device)).float()
-            logps = torch.log_softmax(logits, dim=-1)
+            logps = torch.log_softmax(self.model(tokens.to(self.device), keep=keep.to(self.device)).float(), dim=-1)
             start = 0
-            for r, (_, n, continuation) in enumerate(batch[:len(order) - at]):  # a filler batch's: none
+            for i, (_, n, continuation) in zip(mine[at:at + self.batch_size], batch, strict=False):  # a filler: none
                 piece, target = logps[start:start + n], torch.tensor(continuation, device=self.device)
                 start += n
-                results[order[at + r]] = (float(piece.gather(1, target[:, None]).sum()),
-                                          bool((piece.argmax(-1) == target).all()))
-        return results
+                results[i] = (float(piece.gather(1, target[:, None]).sum()), bool((piece.argmax(-1) == target).all()))
+        return self.gathered(results, len(rows))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The log-likelihood of each whole string, in windows of the model's context, each predicting tokens that
@@ -170,41 +184,42 @@ class ShardlmLM(TemplateLM):
             at += n
         return out
 
+    @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Each context continued (greedy, or sampled when do_sample) until eos or max_gen_toks, then cut at the
-        first of its `until` strings, as the harness's transformers models cut; batched, left-padded."""
-        out = []
-        for at in range(0, self.most(len(requests)), self.batch_size):
-            batch = requests[at:at + self.batch_size]
-            prompts, stops, seeds, limits, untils, greedy, temperature = [], [], [], [], [], True, 1.0
-            for i, req in enumerate(batch):
-                context, kwargs = req.args
-                kwargs = dict(kwargs)
-                until = kwargs.pop("until", None) or []
-                untils.append([until] if isinstance(until, str) else list(until))
-                limit = int(kwargs.pop("max_gen_toks", 256))
-                limits.append(limit)
-                prompts.append(self.tok_encode(context)[-(self.max_length - limit):] if limit < self.max_length
-                               else self.tok_encode(context)[-1:])
-                greedy = greedy and not kwargs.get("do_sample", False) and not kwargs.get("temperature", 0.0)
-                temperature = float(kwargs.get("temperature", 1.0) or 1.0)
-                stops.append(self.stops)
-                seeds.append(sample_seed(self.seed, at + i, self.rank))
-            ids, _ = sample_batch(self.model, prompts, stops, seeds, self.most(max(limits, default=1)),
-                                  greedy=greedy, temperature=temperature, vocab_limit=self.tok.vocab_size,
-                                  lockstep=self.lockstep if self.world_size > 1 else None)
-            for new, limit, until in zip(ids, limits, untils, strict=True):
-                text = self.tok_decode(new[:limit])
-                for stop in until:
-                    if stop and stop in text:
-                        text = text[:text.index(stop)]
-                out.append(text)
-        return out
+        """Each context continued until one of the model's ends or the request's max_gen_toks, greedy or sampled
+        as its settings say (the harness's own reading of them), then cut at its `until` strings; requests of the
+        same settings batched, left-padded, the context cut to leave room for max_gen_toks. A sampled request's
+        randomness comes from (seed, its index) alone: the same text on any number of processes."""
+        settings = [normalize_gen_kwargs(req.args[1], 256) for req in requests]
+        groups: dict[str, list[int]] = {}
+        for i, kwargs in enumerate(settings):
+            groups.setdefault(json.dumps(kwargs, sort_keys=True, default=str), []).append(i)
+        texts: dict[int, str] = {}
+        for members in groups.values():  # the same groups, in the same order, on every process
+            kwargs = dict(settings[members[0]])
+            until, limit = kwargs.pop("until"), kwargs.pop("max_gen_toks")
+            if limit >= self.max_length:
+                raise UserError(f"a task asks for {limit:,} new tokens (max_gen_toks), as many as the model's context "
+                                f"({self.max_length:,}) or more")
+            sampled, temperature = bool(kwargs.get("do_sample")), float(kwargs.get("temperature") or 1.0)
+            mine = members[self.shard::self.shards]
+            for at in range(0, self.most(len(mine)), self.batch_size):
+                batch = mine[at:at + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - limit):] for i in batch]
+                ids, _ = sample_batch(self.model, prompts, [self.stops] * len(batch),
+                                      [sample_seed(self.seed, i) for i in batch], limit, greedy=not sampled,
+                                      temperature=temperature, top_k=int(kwargs.get("top_k") or 0),
+                                      top_p=float(kwargs.get("top_p") or 1.0), vocab_limit=self.tok.vocab_size,
+                                      lockstep=self.lockstep if self.shards > 1 else None)
+                for i, new in zip(batch, ids, strict=True):
+                    texts[i] = postprocess_generated_text(self.tok_decode(new), until, None)
+        return self.gathered(texts, len(requests))
 
     # ---------------------------------------------------------------------------------------- processes
-    def most(self, count: int, op=None) -> int:
-        """The largest `count` of any process: how many requests' batches (or new tokens) each one runs."""
-        if self.world_size == 1:
+    def most(self, count: int) -> int:
+        """The largest `count` of any process: how many batches each one runs (a sharded model's forwards gather
+        its weights from every process)."""
+        if self.shards == 1:
             return count
         t = torch.tensor([count], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -216,29 +231,23 @@ class ShardlmLM(TemplateLM):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t[0]), bool(t[1])
 
-    def all_gather(self, tensor):
-        if self.world_size == 1:
-            return tensor
-        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor)
-        return torch.stack(parts)
+    def gathered(self, mine: dict[int, object], count: int) -> list:
+        """Every process's results, by request index, on every process."""
+        if self.shards > 1:
+            parts: list = [None] * self.shards
+            dist.all_gather_object(parts, mine)
+            mine = {i: value for part in parts for i, value in part.items()}
+        return [mine[i] for i in range(count)]
 
-    def gather_object(self, obj, dst=0):
-        if self.world_size == 1:
-            return [obj]
-        parts = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj, parts, dst=dst)
-        return parts
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
+QUIET = [False]  # set by quiet(): our model class's progress bars off too
 
 
 def quiet() -> None:
-    """The harness's info lines and the datasets library's progress bars off (inside a run, in its log)."""
+    """The harness's info lines and progress bars, and the datasets library's, off (inside a run, in its log)."""
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     datasets.disable_progress_bars()
+    QUIET[0] = True
 
 
 class Tasks:
@@ -257,6 +266,11 @@ class Tasks:
         if unknown := [t for t in names if t not in manager.all_tasks]:
             where = f"{', '.join(include)} and lm-eval's own tasks" if include else "lm-eval's own tasks"
             raise UserError(f"{keys[0]}: {unknown[0]} is not a task (looked in {where})")
+        try:  # their data, loaded once here: a file or dataset that cannot be read is one line now, not later
+            get_task_dict(list(names), manager)
+        except Exception as e:  # the harness's and the datasets library's errors, of every kind
+            raise UserError(f"{keys[0]}: the tasks' data cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
         self.names, self.manager = list(names), manager
 
     def score(self, model, tokenizer, *, rank: int, world: int, batch_size: int, limit: float | None,
@@ -272,10 +286,15 @@ class Tasks:
         reseed=False leaves the process's random generators alone (inside a run: its dropout, its data); the few-shot
         examples' choice has a generator of its own."""
         seeds = {k: seed if reseed else None for k in ("random_seed", "numpy_random_seed", "torch_random_seed")}
-        return lm_eval.simple_evaluate(model=lm, tasks=self.names, num_fewshot=num_fewshot, limit=limit,
-                                       task_manager=self.manager, log_samples=True, fewshot_random_seed=seed,
-                                       bootstrap_iters=0, apply_chat_template=lm.chat is not None,
-                                       fewshot_as_multiturn=lm.chat is not None and bool(num_fewshot), **seeds)
+        state = random.getstate()  # the harness draws from Python's generator (its task ids) even when not seeding
+        try:
+            return lm_eval.simple_evaluate(model=lm, tasks=self.names, num_fewshot=num_fewshot, limit=limit,
+                                           task_manager=self.manager, log_samples=True, fewshot_random_seed=seed,
+                                           bootstrap_iters=0, apply_chat_template=lm.chat is not None,
+                                           fewshot_as_multiturn=lm.chat is not None, **seeds)
+        finally:
+            if not reseed:
+                random.setstate(state)
 
     @staticmethod
     def metrics(results: dict) -> dict[str, float]:

@@ -141,9 +141,6 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
         if evaluates:
             reader.settle()  # evaluation reads the data too
             evaluate(r, step=done)
-        if harness_due(cfg, done):
-            reader.settle()
-            harness_evaluation(r, done)
         if not cycle_ends:
             continue
         # every rank stops at the same step boundary (several processes: a host-side exchange at each, which
@@ -158,6 +155,9 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
             with r.log.paused():  # the run's last checkpoint is complete before it ends
                 r.checkpoints.save(state, complete=done == cfg.train.max_steps or bool(signum))
             r.log.checkpoint(done, time.perf_counter() - held)
+        if harness_due(cfg, done) and not signum:  # after the checkpoint: a long evaluation never delays a save
+            reader.settle()
+            harness_evaluation(r, done)
         if signum and (done < cfg.train.max_steps or not saves):  # saving nothing, the caller must hear of it
             results.settle()
             raise Stopped(signum, done, saves)
