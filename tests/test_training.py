@@ -16,7 +16,7 @@ from hooked_run import CompiledCalls
 
 from preprocess.__main__ import main as preprocess_main
 from preprocess.errors import UserError
-from training.config import TrainConfig, load_config
+from training.config import Config, TrainConfig, load_config
 from training.data.batch import Batch
 from training.data.order import BatchPlan, KeyedPermutation, SampleOrder
 from training.data.sources import ShardSource
@@ -916,3 +916,16 @@ def test_a_tied_output_layer_is_an_output_layer_without_a_weight_of_its_own():
     assert tied.weight is embedding.weight and [n for n, _ in tied.named_parameters()] == ["weight"]
     x = torch.randn(2, 4)
     torch.testing.assert_close(tied(x), x @ embedding.weight.T)
+
+
+def test_the_harness_is_due_at_the_end_of_a_cycle_holding_a_due_step():
+    """eval.every=5 with GRPO's cycles of 2 steps (the loop evaluates only at a cycle's end): at 6, 10, 16 and the
+    last step, none dropped; without cycles at 5, 10, 15, 20."""
+    from training.run.evaluation import harness_due
+
+    cfg = Config()
+    cfg.eval.tasks, cfg.eval.every, cfg.train.max_steps = ["task"], 5, 20
+    assert [s for s in range(2, 21, 2) if harness_due(cfg, s, 2)] == [6, 10, 16, 20]
+    assert [s for s in range(1, 21) if harness_due(cfg, s)] == [5, 10, 15, 20]
+    cfg.eval.tasks = []
+    assert not any(harness_due(cfg, s) for s in range(1, 21))

@@ -41,7 +41,7 @@ def describe(cfg: Config, processes: int = 1) -> str:
         model = Transformer(m)
     plan = stage.batch_plan(processes)
     unit = stage.unit
-    mixture = data_mixture(cfg, weights, plan, stage)
+    mixture = data_mixture(cfg, weights, plan, stage, start.saved)  # what a resume would refuse, refused here too
     packing = []
     if cfg.data.packing and stage.packs and stage.packs_examples:
         packing, unit = [packing_line(cfg, sources, mixture, plan, unit)], "rows"

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from preprocess.errors import UserError, exit_code
 
 from .checkpoint.weights import load_for_inference, resolve
@@ -46,7 +48,13 @@ def run_evaluate(args) -> str | None:
         out = args.out or D.from_rank0(env, lambda: default_out(checkpoint, tasks))
         if not args.verbose:
             harness.quiet()
-        found = harness.Tasks(tasks, args.include)
+        found = problem = None
+        try:  # on every rank, agreed: one that cannot load a task's data must not leave the others waiting
+            found = harness.Tasks(tasks, args.include)
+        except UserError as e:
+            problem = str(e)
+        if D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device)):
+            raise UserError(problem or "another rank could not load the tasks (its line is above)")
         model, tokenizer = load_for_inference(checkpoint, str(env.device))
         results = found.score(model, tokenizer, rank=env.rank, world=env.world_size, batch_size=args.batch_size,
                               limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,

@@ -81,23 +81,28 @@ def harness_tasks(cfg, env):
     return tasks
 
 
-def harness_due(cfg, step: int) -> bool:
+def harness_due(cfg, step: int, steps: int = 1) -> bool:
+    """Whether eval.tasks are due at one of the `steps` steps ending at `step` (a GRPO cycle, which the loop
+    evaluates at its end)."""
     every = cfg.eval.every or cfg.train.eval_every
-    return bool(cfg.eval.tasks) and ((every and step % every == 0) or step == cfg.train.max_steps)
+    return bool(cfg.eval.tasks) and (step == cfg.train.max_steps or bool(every) and any(
+        s % every == 0 for s in range(step - steps + 1, step + 1)))
 
 
 @torch.no_grad()
 def harness_evaluation(run, step: int) -> None:
     """eval.tasks at `step` on the model as it trains (the bare module, eval mode, under the run's autocast), every
     rank given every request and scoring its share in lockstep; eval/<task>/<metric> logged, and rank 0 writes the
-    harness's results to evaluations/step-N.TASKS.json. The run's random generators are left alone. A task that
-    fails (its template refuses a chat, a full disk) fails alike on every rank, which say so and train on."""
+    harness's results to evaluations/step-N.TASKS.json. The run's random generators are left alone. On one process
+    a task that fails (its template refuses a chat, a full disk) is a warning and training goes on; on several it
+    stops the run, since one rank may have failed alone."""
     cfg, env, model = run.cfg, run.env, run.model
     with run.log.paused():
         model.eval()
         try:
-            with run.autocast:
-                results = run.tasks.score(model, text_tokenizer(tokenizer_file(cfg.out_dir)), rank=env.rank,
+            with run.autocast:  # the tokenizer first: read on every rank before any collective of the harness
+                tokenizer = text_tokenizer(tokenizer_file(cfg.out_dir))
+                results = run.tasks.score(model, tokenizer, rank=env.rank,
                                           world=env.world_size, batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
                                           num_fewshot=cfg.eval.num_fewshot, seed=cfg.seed, reseed=False,
                                           chat=cfg.eval.chat)
@@ -106,9 +111,10 @@ def harness_evaluation(run, step: int) -> None:
                 name = f"step-{step}.{'+'.join(cfg.eval.tasks)}.json"
                 run.tasks.save(results, os.path.join(cfg.out_dir, "evaluations", name))
         except (UserError, OSError) as e:
-            if env.is_main:
-                why = str(e) if isinstance(e, UserError) else environment_error(e)
-                print(f"warning: eval.tasks at step {step}: {why}; training goes on", file=sys.stderr, flush=True)
+            if env.distributed:  # this rank may have failed alone (a dataset read): going on would pair its next
+                raise            # collectives with the others' evaluation; the run stops, with the line
+            why = str(e) if isinstance(e, UserError) else environment_error(e)
+            print(f"warning: eval.tasks at step {step}: {why}; training goes on", file=sys.stderr, flush=True)
         finally:
             model.train()
 

@@ -201,14 +201,16 @@ class ShardlmLM(TemplateLM):
             if limit >= self.max_length:
                 raise UserError(f"a task asks for {limit:,} new tokens (max_gen_toks), as many as the model's context "
                                 f"({self.max_length:,}) or more")
-            sampled, temperature = bool(kwargs.get("do_sample")), float(kwargs.get("temperature") or 1.0)
+            temperature = float(kwargs.get("temperature") or 0.0)
+            sampled = bool(kwargs.get("do_sample")) and temperature > 0  # temperature 0: greedy
             mine = members[self.shard::self.shards]
             for at in range(0, self.most(len(mine)), self.batch_size):
                 batch = mine[at:at + self.batch_size]
-                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - limit):] for i in batch]
+                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - limit):] or [self.prefix_token_id]
+                           for i in batch]  # an empty context: conditioned on bos (else eos), as log-likelihoods are
                 ids, _ = sample_batch(self.model, prompts, [self.stops] * len(batch),
                                       [sample_seed(self.seed, i) for i in batch], limit, greedy=not sampled,
-                                      temperature=temperature, top_k=int(kwargs.get("top_k") or 0),
+                                      temperature=temperature or 1.0, top_k=int(kwargs.get("top_k") or 0),
                                       top_p=float(kwargs.get("top_p") or 1.0), vocab_limit=self.tok.vocab_size,
                                       lockstep=self.lockstep if self.shards > 1 else None)
                 for i, new in zip(batch, ids, strict=True):

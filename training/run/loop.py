@@ -155,7 +155,7 @@ def steps(r: Run, saves: bool, stop: StopSignal, reader: StepReader) -> None:
             with r.log.paused():  # the run's last checkpoint is complete before it ends
                 r.checkpoints.save(state, complete=done == cfg.train.max_steps or bool(signum))
             r.log.checkpoint(done, time.perf_counter() - held)
-        if harness_due(cfg, done) and not signum:  # after the checkpoint: a long evaluation never delays a save
+        if harness_due(cfg, done, reuse) and not signum:  # after the checkpoint: a long evaluation never delays a save
             reader.settle()
             harness_evaluation(r, done)
         if signum and (done < cfg.train.max_steps or not saves):  # saving nothing, the caller must hear of it
