@@ -33,50 +33,24 @@ from tang import is_five_character, keep, load_poems  # noqa: E402
 
 MAX_DOCS = 400  # per task: seconds on a CPU for the tiny models
 
-SHAKESPEARE = """task: shakespeare_cloze
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-  - {{metric: perplexity, aggregation: perplexity, higher_is_better: false}}
-"""
+# what each task adds to the common keys (task_yaml): how a document becomes requests, and the metrics
+SHAKESPEARE = {"output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{target}}",
+               "metric_list": [("acc", "mean", True), ("perplexity", "perplexity", False)]}
+PERPLEXITY = {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+              "metric_list": [("word_perplexity", "weighted_perplexity", False),
+                              ("byte_perplexity", "weighted_perplexity", False),
+                              ("bits_per_byte", "bits_per_byte", False)]}
+TANG = {"output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label", "target_delimiter": "", "metric_list": [("acc", "mean", True),
+                                                                         ("acc_norm", "mean", True)]}
 
-PERPLEXITY = """task: shakespeare_perplexity
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - {{metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}}
-  - {{metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}}
-  - {{metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}}
-"""
 
-TANG = """task: tang_next_line
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
-"""
+def task_yaml(name: str, data: str, spec: dict) -> str:
+    """A task of lm-eval on a local JSONL file, one key a line (JSON values are YAML)."""
+    keys = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": data}},
+            "test_split": "test", **spec,
+            "metric_list": [{"metric": m, "aggregation": a, "higher_is_better": h} for m, a, h in spec["metric_list"]]}
+    return "".join(f"{key}: {json.dumps(value, ensure_ascii=False)}\n" for key, value in keys.items())
 
 
 def verse_lines(path: str) -> list[str]:
@@ -134,12 +108,12 @@ def packaged_plays() -> list[str]:
     return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "plays", "*", "*.md")))
 
 
-def write_task(out: str, name: str, template: str, docs: list[dict]) -> None:
+def write_task(out: str, name: str, spec: dict, docs: list[dict]) -> None:
     data = os.path.abspath(os.path.join(out, f"{name}.jsonl"))
     with open(data, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
     with open(os.path.join(out, f"{name}.yaml"), "w", encoding="utf-8") as f:
-        f.write(template.format(data=json.dumps(data)))
+        f.write(task_yaml(name, data, spec))
     print(f"eval_tasks: {name}: {len(docs)} examples → {data}")
 
 

@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 from preprocess.errors import UserError, exit_code
 
 from .checkpoint.weights import load_for_inference, resolve
@@ -53,8 +51,7 @@ def run_evaluate(args) -> str | None:
             found = harness.Tasks(tasks, args.include)
         except UserError as e:
             problem = str(e)
-        if D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device)):
-            raise UserError(problem or "another rank could not load the tasks (its line is above)")
+        D.raise_if_any(env, problem, "another rank could not load the tasks (its line is above)")
         model, tokenizer = load_for_inference(checkpoint, str(env.device))
         results = found.score(model, tokenizer, rank=env.rank, world=env.world_size, batch_size=args.batch_size,
                               limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,

@@ -153,6 +153,13 @@ def all_reduce_sum(env: DistEnv, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def raise_if_any(env: DistEnv, problem: str | None, elsewhere: str) -> None:
+    """Every rank stops when any had a problem — its own line, or `elsewhere` on a rank that had none — agreed
+    before the work that would follow, so that no rank goes on into collectives the others never reach."""
+    if int(all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device))):
+        raise UserError(problem or elsewhere)
+
+
 def host_sums(env: DistEnv, values: list[float]) -> list[float]:
     """Each value summed over the ranks, where the host holds them: through gloo, so neither a copy to the GPU nor
     a read back from it waits for the work queued there."""

@@ -76,8 +76,7 @@ def harness_tasks(cfg, env):
         tasks = harness.Tasks(cfg.eval.tasks, cfg.eval.include, ("eval.tasks", "eval.include"))
     except UserError as e:
         problem = str(e)
-    if int(D.all_reduce_sum(env, torch.tensor(int(problem is not None), device=env.device))):
-        raise UserError(problem or "eval.tasks: another rank could not load the tasks (its line is above)")
+    D.raise_if_any(env, problem, "eval.tasks: another rank could not load the tasks (its line is above)")
     return tasks
 
 
